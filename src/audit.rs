@@ -1,0 +1,103 @@
+//! The append-only audit log: one entry per API mutation and per step attempt.
+//!
+//! Postgres enforces append-only (a trigger rejects UPDATE, DELETE and TRUNCATE). Entries for a
+//! step attempt are keyed by (job, step, attempt, action), so writing one twice stores it once:
+//! a worker that retries a commit whose acknowledgement was lost cannot duplicate history.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+/// One audit entry to append. `detail` must never hold a secret value.
+#[derive(Debug, Clone, Default)]
+pub struct AuditEntry {
+    pub actor: String,
+    pub request_id: Option<String>,
+    pub repository: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub step: Option<String>,
+    pub attempt: Option<i32>,
+    pub action: String,
+    pub outcome: String,
+    pub detail: serde_json::Value,
+    pub upstream_request_id: Option<String>,
+}
+
+/// Appends an entry; a duplicate step attempt is ignored. Returns whether a row was written.
+pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool, sqlx::Error> {
+    let detail = if entry.detail.is_null() { serde_json::json!({}) } else { entry.detail.clone() };
+    let result = sqlx::query(
+        "INSERT INTO audit_events
+            (actor, request_id, repository, job_id, step, attempt, action, outcome, detail, upstream_request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (job_id, step, attempt, action)
+            WHERE job_id IS NOT NULL AND step IS NOT NULL AND attempt IS NOT NULL
+         DO NOTHING",
+    )
+    .bind(&entry.actor)
+    .bind(&entry.request_id)
+    .bind(&entry.repository)
+    .bind(entry.job_id)
+    .bind(&entry.step)
+    .bind(entry.attempt)
+    .bind(&entry.action)
+    .bind(&entry.outcome)
+    .bind(detail)
+    .bind(&entry.upstream_request_id)
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// An audit entry as read back.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub request_id: Option<String>,
+    pub repository: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub step: Option<String>,
+    pub attempt: Option<i32>,
+    pub action: String,
+    pub outcome: String,
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+    pub upstream_request_id: Option<String>,
+}
+
+/// Filters for listing; `after` is the cursor (the last id of the previous page).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub repository: Option<String>,
+    pub actor: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub since: Option<DateTime<Utc>>,
+    pub after: Option<i64>,
+    pub limit: i64,
+}
+
+pub async fn list(db: impl PgExecutor<'_>, filter: &AuditFilter) -> Result<Vec<AuditEvent>, sqlx::Error> {
+    sqlx::query_as::<_, AuditEvent>(
+        "SELECT id, at, actor, request_id, repository, job_id, step, attempt, action, outcome, detail,
+                upstream_request_id
+           FROM audit_events
+          WHERE ($1::text IS NULL OR repository = $1)
+            AND ($2::text IS NULL OR actor = $2)
+            AND ($3::uuid IS NULL OR job_id = $3)
+            AND ($4::timestamptz IS NULL OR at >= $4)
+            AND ($5::bigint IS NULL OR id > $5)
+          ORDER BY id
+          LIMIT $6",
+    )
+    .bind(&filter.repository)
+    .bind(&filter.actor)
+    .bind(filter.job_id)
+    .bind(filter.since)
+    .bind(filter.after)
+    .bind(filter.limit)
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,249 @@
+//! Command line and configuration: every flag is also an environment variable, secrets are held
+//! in `secrecy` types, and a bad value stops the process with exit code 2 and one line that names
+//! the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+
+use crate::auth::{AuthConfig, AuthSettings, Role};
+use crate::domain::DEFAULT_BUCKET_PATTERN;
+
+#[derive(Debug, Parser)]
+#[command(name = "backup-provisioner", version, about = "Provisions pgBackRest S3 repositories for PGO PostgresClusters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Emit logs as JSON lines (for log shippers) instead of human-readable text.
+    #[arg(long, env = "BP_LOG_JSON", global = true, default_value_t = false)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API and (unless --workers 0) job workers in one process.
+    Serve(ServeArgs),
+    /// Run job workers only.
+    Worker(WorkerArgs),
+    /// Apply database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Mint an HS256 token for simple installs and curl.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Postgres connection string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: SecretString,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub worker: WorkerSettingsArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub worker: WorkerSettingsArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Address the API listens on.
+    #[arg(long, env = "BP_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+    /// Shared secret for HS256 tokens (simple installs). Exclusive with BP_OIDC_ISSUER.
+    #[arg(long, env = "BP_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<SecretString>,
+    /// OIDC issuer whose JWKS signs RS256/ES256 tokens (e.g. ZITADEL).
+    #[arg(long, env = "BP_OIDC_ISSUER")]
+    pub oidc_issuer: Option<url::Url>,
+    /// Expected `aud` claim.
+    #[arg(long, env = "BP_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Claim that carries roles: an array of names or an object whose keys are names.
+    #[arg(long, env = "BP_JWT_ROLES_CLAIM", default_value = "roles")]
+    pub jwt_roles_claim: String,
+    /// Comma-separated origins allowed by CORS (the internal portal).
+    #[arg(long, env = "BP_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Comma-separated namespaces a repository may target (empty: any).
+    #[arg(long, env = "BP_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespaces: Vec<String>,
+    /// Regular expression every bucket name must match.
+    #[arg(long, env = "BP_BUCKET_NAME_PATTERN", default_value = DEFAULT_BUCKET_PATTERN)]
+    pub bucket_name_pattern: String,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "BP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Requests taking longer are answered 503 (must exceed the 30 s long-poll maximum).
+    #[arg(long, env = "BP_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettingsArgs {
+    /// Concurrent jobs in this process (0: API only).
+    #[arg(long, env = "BP_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+    /// 32 bytes, base64: encrypts access-key secrets at rest until they reach the Secret.
+    #[arg(long, env = "BP_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<SecretString>,
+    /// How long a claimed job is leased before another worker may rescue it.
+    #[arg(long, env = "BP_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub job_lease: Duration,
+    /// Fallback polling interval when no notification arrives.
+    #[arg(long, env = "BP_POLL_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Attempts before a retryable failure becomes final.
+    #[arg(long, env = "BP_JOB_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: i32,
+    /// First retry delay; doubles per attempt (with jitter), capped at 10 minutes.
+    #[arg(long, env = "BP_RETRY_BASE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry_base: Duration,
+    /// On SIGTERM, how long in-flight steps may run before their leases are released.
+    #[arg(long, env = "BP_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Overrides AWS_ENDPOINT_URL for S3 and IAM (emulators, S3-compatible stores).
+    #[arg(long, env = "BP_AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// How long the credential check waits for IAM's eventual consistency.
+    #[arg(long, env = "BP_CREDENTIAL_CHECK_BUDGET", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub credential_check_budget: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Token subject (who is acting; recorded in the audit log).
+    #[arg(long)]
+    pub sub: String,
+    /// Role: viewer, operator or admin (repeatable).
+    #[arg(long, required = true)]
+    pub role: Vec<Role>,
+    /// Lifetime, e.g. 1h, 30m.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[arg(long, env = "BP_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: SecretString,
+    #[arg(long, env = "BP_JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    pub jwt_audience: String,
+}
+
+/// Audience of HS256 tokens when BP_JWT_AUDIENCE is not set.
+pub const DEFAULT_AUDIENCE: &str = "backup-provisioner";
+
+/// A configuration value that cannot be used; printed as one line before exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {variable}: {message}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(variable: &'static str, message: impl Into<String>) -> Self {
+        ConfigError { variable, message: message.into() }
+    }
+}
+
+impl HttpArgs {
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        let settings = match (&self.jwt_hs256_secret, &self.oidc_issuer) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "BP_JWT_HS256_SECRET",
+                    "set either BP_JWT_HS256_SECRET or BP_OIDC_ISSUER, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "BP_JWT_HS256_SECRET",
+                    "missing: set BP_JWT_HS256_SECRET (shared secret) or BP_OIDC_ISSUER (OIDC)",
+                ));
+            }
+            (Some(secret), None) => {
+                check_hs256_secret(secret)?;
+                AuthSettings::Hs256 {
+                    secret: secret.clone(),
+                    audience: self.jwt_audience.clone().unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
+                }
+            }
+            (None, Some(issuer)) => AuthSettings::Oidc {
+                issuer: issuer.clone(),
+                audience: self.jwt_audience.clone(),
+                jwks_refetch_floor: Duration::from_secs(30),
+            },
+        };
+        Ok(AuthConfig { settings, roles_claim: self.jwt_roles_claim.clone() })
+    }
+
+    pub fn bucket_pattern(&self) -> Result<regex::Regex, ConfigError> {
+        regex::Regex::new(&self.bucket_name_pattern)
+            .map_err(|e| ConfigError::new("BP_BUCKET_NAME_PATTERN", format!("not a valid regular expression: {e}")))
+    }
+
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.request_timeout <= Duration::from_secs(31) {
+            return Err(ConfigError::new("BP_REQUEST_TIMEOUT", "must be longer than 31s (long polls wait up to 30s)"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::new("BP_MAX_BODY_BYTES", "must be greater than 0"));
+        }
+        for origin in &self.cors_origins {
+            if origin.parse::<axum::http::HeaderValue>().is_err() || url::Url::parse(origin).is_err() {
+                return Err(ConfigError::new("BP_CORS_ORIGINS", format!("'{origin}' is not an origin like https://portal.example.com")));
+            }
+        }
+        for namespace in &self.allowed_namespaces {
+            crate::domain::Namespace::parse(namespace, &[])
+                .map_err(|e| ConfigError::new("BP_ALLOWED_NAMESPACES", e.to_string()))?;
+        }
+        self.bucket_pattern()?;
+        Ok(())
+    }
+}
+
+fn check_hs256_secret(secret: &SecretString) -> Result<(), ConfigError> {
+    use secrecy::ExposeSecret;
+    if secret.expose_secret().len() < 32 {
+        return Err(ConfigError::new("BP_JWT_HS256_SECRET", "must be at least 32 characters"));
+    }
+    Ok(())
+}
+
+impl WorkerSettingsArgs {
+    pub fn encryption_key(&self) -> Result<crate::crypto::EncryptionKey, ConfigError> {
+        use secrecy::ExposeSecret;
+        let raw = self.encryption_key.as_ref().ok_or_else(|| {
+            ConfigError::new("BP_ENCRYPTION_KEY", "missing: workers need 32 random bytes, base64 (openssl rand -base64 32)")
+        })?;
+        crate::crypto::EncryptionKey::from_base64(raw.expose_secret())
+            .map_err(|e| ConfigError::new("BP_ENCRYPTION_KEY", e.to_string()))
+    }
+
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.max_attempts < 1 {
+            return Err(ConfigError::new("BP_JOB_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if self.job_lease < Duration::from_secs(1) {
+            return Err(ConfigError::new("BP_JOB_LEASE", "must be at least 1s"));
+        }
+        if self.workers > 0 {
+            self.encryption_key()?;
+        }
+        Ok(())
+    }
+}

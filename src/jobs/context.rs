@@ -1,0 +1,226 @@
+//! What a running job sees: its row, a fenced connection to record progress, and steps.
+//!
+//! A step is a named unit of work whose output persists. When a job runs again (a retry, or a
+//! rescue after a crash) a step that already succeeded returns its stored output without running.
+//! Every step write is fenced by the job's lease token, and every attempt leaves one audit entry.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::JobError;
+use super::queue::{self, Job};
+use crate::audit::{self, AuditEntry};
+
+/// A test and fault-injection hook called at named points (see [`JobContext::checkpoint`]).
+/// Unset in production; tests use it to SIGKILL a worker at an exact point.
+pub type CheckpointHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+static CHECKPOINT_HOOK: std::sync::OnceLock<CheckpointHook> = std::sync::OnceLock::new();
+
+/// Installs the process-wide checkpoint hook (once; later calls are ignored).
+pub fn set_checkpoint_hook(hook: CheckpointHook) {
+    let _ = CHECKPOINT_HOOK.set(hook);
+}
+
+/// A step that finished: its output (stored, returned on re-runs) and its audit record.
+pub struct StepDone<T> {
+    pub output: T,
+    pub outcome: &'static str,
+    pub detail: serde_json::Value,
+    pub upstream_request_id: Option<String>,
+}
+
+impl<T> StepDone<T> {
+    pub fn new(output: T, outcome: &'static str, detail: serde_json::Value) -> Self {
+        StepDone { output, outcome, detail, upstream_request_id: None }
+    }
+}
+
+pub struct JobContext {
+    pool: PgPool,
+    job: Job,
+    token: Uuid,
+    /// Fires when the lease is lost or the process must stop; long steps should watch it.
+    pub stop: CancellationToken,
+}
+
+impl JobContext {
+    pub(crate) fn new(pool: PgPool, job: Job, stop: CancellationToken) -> Self {
+        let token = job.lease_token.expect("a claimed job has a lease token");
+        JobContext { pool, job, token, stop }
+    }
+
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, JobError> {
+        serde_json::from_value(self.job.payload.clone())
+            .map_err(|e| JobError::Permanent(format!("job payload does not match its kind: {e}")))
+    }
+
+    /// Calls the checkpoint hook, if one is installed, with `"{step}:{point}"`.
+    pub fn checkpoint(&self, step: &str, point: &str) {
+        if let Some(hook) = CHECKPOINT_HOOK.get() {
+            hook(&format!("{step}:{point}"));
+        }
+    }
+
+    /// Runs `work` as the step `name` unless it already succeeded, in which case its stored
+    /// output is returned and `work` is dropped without being polled.
+    pub async fn step<T, F>(&self, name: &str, position: i32, work: F) -> Result<T, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = Result<StepDone<T>, JobError>>,
+    {
+        if let Some(output) = self.completed_output(name).await? {
+            return Ok(output);
+        }
+        let attempt = self.start_step(name, position).await?;
+        match work.await {
+            Ok(done) => {
+                self.checkpoint(name, "before-record");
+                let mut tx = self.fenced_tx().await?;
+                self.finish_step(&mut tx, name, attempt, &done).await?;
+                tx.commit().await?;
+                Ok(done.output)
+            }
+            Err(err) => {
+                self.fail_step(name, attempt, &err).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// The stored output of a step that already succeeded in an earlier attempt.
+    pub async fn completed_output<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, JobError> {
+        let output: Option<Option<serde_json::Value>> = sqlx::query_scalar(
+            "SELECT output FROM job_steps WHERE job_id = $1 AND step = $2 AND state = 'succeeded'",
+        )
+        .bind(self.job.id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match output {
+            Some(value) => serde_json::from_value(value.unwrap_or(serde_json::Value::Null))
+                .map(Some)
+                .map_err(|e| JobError::Permanent(format!("stored output of step {name} is unreadable: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Marks a step running and counts the attempt; stops here if a cancel was requested.
+    /// Returns the attempt number.
+    pub async fn start_step(&self, name: &str, position: i32) -> Result<i32, JobError> {
+        let mut tx = self.fenced_tx().await?;
+        let attempt: i32 = sqlx::query_scalar(
+            "INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
+             VALUES ($1, $2, $3, 'running', 1, now())
+             ON CONFLICT (job_id, step) DO UPDATE
+                SET state = 'running', attempts = job_steps.attempts + 1, started_at = now(),
+                    finished_at = NULL
+             RETURNING attempts",
+        )
+        .bind(self.job.id)
+        .bind(name)
+        .bind(position)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(attempt)
+    }
+
+    /// Opens a transaction that holds the job's lease (row lock) or fails with `LeaseLost`;
+    /// fails with `Cancelled` when a cancel was requested.
+    pub async fn fenced_tx(&self) -> Result<Transaction<'static, Postgres>, JobError> {
+        let mut tx = self.pool.begin().await?;
+        match queue::hold_lease(&mut tx, self.job.id, self.token).await? {
+            None => Err(JobError::LeaseLost),
+            Some(true) => Err(JobError::Cancelled),
+            Some(false) => Ok(tx),
+        }
+    }
+
+    /// Records a step's success and its audit entry inside `tx` (which must come from
+    /// [`Self::fenced_tx`]); callers add their own writes to the same transaction.
+    pub async fn finish_step<T: Serialize>(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        name: &str,
+        attempt: i32,
+        done: &StepDone<T>,
+    ) -> Result<(), JobError> {
+        let output = serde_json::to_value(&done.output)
+            .map_err(|e| JobError::Permanent(format!("step {name} output is not serializable: {e}")))?;
+        sqlx::query(
+            "UPDATE job_steps SET state = 'succeeded', output = $3, last_error = NULL, finished_at = now()
+              WHERE job_id = $1 AND step = $2",
+        )
+        .bind(self.job.id)
+        .bind(name)
+        .bind(output)
+        .execute(&mut **tx)
+        .await?;
+        let entry = self.audit_entry(name, attempt, done.outcome, done.detail.clone(), done.upstream_request_id.clone());
+        audit::record(&mut **tx, &entry).await?;
+        Ok(())
+    }
+
+    /// Records a failed step attempt (fenced) and its audit entry.
+    pub async fn fail_step(&self, name: &str, attempt: i32, err: &JobError) -> Result<(), JobError> {
+        if matches!(err, JobError::LeaseLost) {
+            return Ok(());
+        }
+        let mut tx = match self.fenced_tx().await {
+            Ok(tx) => tx,
+            Err(JobError::Cancelled) => self.pool.begin().await?,
+            Err(other) => return Err(other),
+        };
+        let message = err.to_string();
+        sqlx::query(
+            "UPDATE job_steps SET state = 'failed', last_error = $3, finished_at = now()
+              WHERE job_id = $1 AND step = $2",
+        )
+        .bind(self.job.id)
+        .bind(name)
+        .bind(&message)
+        .execute(&mut *tx)
+        .await?;
+        let detail = serde_json::json!({ "error": message, "retryable": matches!(err, JobError::Retryable(_)) });
+        audit::record(&mut *tx, &self.audit_entry(name, attempt, "failed", detail, None)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn audit_entry(
+        &self,
+        step: &str,
+        attempt: i32,
+        outcome: &str,
+        detail: serde_json::Value,
+        upstream_request_id: Option<String>,
+    ) -> AuditEntry {
+        AuditEntry {
+            actor: self.job.created_by.clone(),
+            request_id: None,
+            repository: self.job.payload.get("repository").and_then(|v| v.as_str()).map(str::to_owned),
+            job_id: Some(self.job.id),
+            step: Some(step.to_owned()),
+            attempt: Some(attempt),
+            action: format!("{}.{step}", self.job.kind),
+            outcome: outcome.to_owned(),
+            detail,
+            upstream_request_id,
+        }
+    }
+}

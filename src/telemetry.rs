@@ -1,0 +1,121 @@
+//! Logging and Prometheus metrics.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
+
+/// Initialises logging once per process (`RUST_LOG` filters, default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub kind: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: String,
+    pub outcome: String,
+}
+
+/// The service's metrics. Job counts by state and queue lag are gauges refreshed from Postgres
+/// at scrape time, so every replica reports the same truth.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<HttpLabels, Histogram>,
+    pub job_duration: Family<JobLabels, Histogram>,
+    pub step_duration: Family<StepLabels, Histogram>,
+    pub jobs_by_state: Family<StateLabels, Gauge>,
+    pub queue_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let metrics = Metrics {
+            registry: Mutex::new(Registry::with_prefix("backup_provisioner")),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(seconds_histogram),
+            job_duration: Family::new_with_constructor(seconds_histogram),
+            step_duration: Family::new_with_constructor(seconds_histogram),
+            jobs_by_state: Family::default(),
+            queue_lag_seconds: Gauge::default(),
+        };
+        {
+            let mut r = metrics.registry.lock().expect("metrics registry");
+            r.register("http_requests", "HTTP requests by route and status", metrics.http_requests.clone());
+            r.register("http_request_duration_seconds", "HTTP request latency", metrics.http_duration.clone());
+            r.register("job_duration_seconds", "Duration of job attempts", metrics.job_duration.clone());
+            r.register("step_duration_seconds", "Duration of job step attempts", metrics.step_duration.clone());
+            r.register("jobs", "Jobs by state", metrics.jobs_by_state.clone());
+            r.register("queue_lag_seconds", "Age of the oldest runnable queued job", metrics.queue_lag_seconds.clone());
+        }
+        metrics
+    }
+
+    pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let labels = HttpLabels { method: method.to_owned(), route: route.to_owned(), status };
+        self.http_requests.get_or_create(&labels).inc();
+        self.http_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_job(&self, kind: &str, outcome: &str, elapsed: Duration) {
+        let labels = JobLabels { kind: kind.to_owned(), outcome: outcome.to_owned() };
+        self.job_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_step(&self, step: &str, outcome: &str, elapsed: Duration) {
+        let labels = StepLabels { step: step.to_owned(), outcome: outcome.to_owned() };
+        self.step_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_job_states(&self, counts: &[(String, i64)], lag_seconds: f64) {
+        for state in ["queued", "running", "succeeded", "failed", "cancelled"] {
+            let n = counts.iter().find(|(s, _)| s == state).map(|(_, n)| *n).unwrap_or(0);
+            self.jobs_by_state.get_or_create(&StateLabels { state: state.to_owned() }).set(n);
+        }
+        self.queue_lag_seconds.set(lag_seconds);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("metrics registry");
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,1 @@
+//! Test harness: launchers for moto and the Kubernetes emulator, and `spawn_app`.
