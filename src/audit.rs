@@ -51,7 +51,7 @@ pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool,
 }
 
 /// An audit entry as read back.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AuditEvent {
     pub id: i64,
     pub at: DateTime<Utc>,

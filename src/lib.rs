@@ -17,5 +17,6 @@ pub mod domain;
 pub mod http;
 pub mod jobs;
 pub mod provision;
+pub mod repository;
 pub mod startup;
 pub mod telemetry;

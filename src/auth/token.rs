@@ -43,10 +43,16 @@ pub(crate) struct CheckedHeader {
 
 /// Strips an optional `Bearer ` prefix and surrounding whitespace.
 pub(crate) fn normalise(bearer_token: &str) -> Result<&str, AuthError> {
-    let mut token = bearer_token.trim();
-    if token.len() >= 7 && token[..7].eq_ignore_ascii_case("bearer ") {
-        token = token[7..].trim_start();
-    }
+    let trimmed = bearer_token.trim();
+    let token = match (trimmed.get(..6), trimmed.get(6..)) {
+        (Some(scheme), Some(rest))
+            if scheme.eq_ignore_ascii_case("bearer")
+                && rest.chars().next().is_none_or(char::is_whitespace) =>
+        {
+            rest.trim_start()
+        }
+        _ => trimmed,
+    };
     if token.is_empty() {
         return Err(AuthError::MissingToken);
     }

@@ -4,6 +4,8 @@
 //! retry can help. The job engine maps `Retryable` to a backoff retry and `Permanent` to an
 //! immediate failure whose message tells the operator what to fix.
 
+pub mod aws;
+
 use serde::Serialize;
 
 /// A failed call to AWS or Kubernetes, classified for the retry policy.

@@ -111,7 +111,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: NewJob<'_>) -> Result<Uuid, s
 pub async fn claim(pool: &PgPool, kinds: &[&str], worker: &str, lease: Duration) -> Result<Option<Job>, sqlx::Error> {
     let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
     let mut tx = pool.begin().await?;
-    let job = sqlx::query_as::<_, Job>(&format!(
+    let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs
             SET state = 'running', attempts = attempts + 1, lease_token = gen_random_uuid(),
                 lease_expires_at = now() + make_interval(secs => $3), locked_by = $2,
@@ -122,7 +122,7 @@ pub async fn claim(pool: &PgPool, kinds: &[&str], worker: &str, lease: Duration)
                        FOR UPDATE SKIP LOCKED
                        LIMIT 1)
         RETURNING {JOB_COLUMNS}"
-    ))
+    )))
     .bind(&kinds)
     .bind(worker)
     .bind(lease.as_secs_f64())
@@ -337,7 +337,7 @@ pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error>
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as::<_, Job>(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")))
         .bind(id)
         .fetch_optional(db)
         .await

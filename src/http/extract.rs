@@ -1,0 +1,99 @@
+//! Extractors whose rejections are problem+json: JSON bodies, query strings, the caller's
+//! identity (bearer JWT) and the request id.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::{ApiError, AppState, REQUEST_ID};
+use crate::auth::{Principal, Role};
+
+/// `Json<T>` whose rejections (wrong content type, bad syntax, unknown fields, too large) are
+/// precise problem+json 4xx responses.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(value))
+    }
+}
+
+/// `Query<T>` with problem+json rejections.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Query(value) = axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(value))
+    }
+}
+
+/// The authenticated caller. Handlers then demand a role with [`Caller::require`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub request_id: Option<String>,
+}
+
+impl Caller {
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.principal.has(role) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this action needs the role '{role}'; the token for '{}' has: {}",
+                self.principal.subject,
+                if self.principal.roles.is_empty() {
+                    "no roles".to_owned()
+                } else {
+                    self.principal.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
+                }
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
+        let token = bearer_token(parts)?;
+        let principal = state.auth.authenticate(token).await.map_err(|e| {
+            if e.is_unavailable() {
+                ApiError::Unavailable(format!("cannot verify tokens right now: {e}"))
+            } else {
+                ApiError::Unauthorized(e.to_string())
+            }
+        })?;
+        let caller = Caller { principal, request_id: request_id(parts) };
+        parts.extensions.insert(caller.clone());
+        Ok(caller)
+    }
+}
+
+fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
+    let value = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("missing Authorization header: send 'Authorization: Bearer <JWT>'".into()))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("Authorization header is not valid text".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(ApiError::Unauthorized("Authorization header must be 'Bearer <JWT>'".into())),
+    }
+}
+
+pub fn request_id(parts: &Parts) -> Option<String> {
+    parts.headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}

@@ -1,0 +1,384 @@
+//! `/v1/jobs/{id}`: progress (with long polling), cancel, retry, and the job's audit events.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use super::extract::{ApiQuery, Caller};
+use super::{ApiError, AppState, Problem};
+use crate::audit::{self, AuditEntry, AuditEvent, AuditFilter};
+use crate::auth::Role;
+use crate::jobs::queue::{self, CancelOutcome, Job, JobState, RetryOutcome};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(retry_job))
+        .routes(routes!(job_events))
+}
+
+/// A job in a repository view.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobSummary {
+    pub id: Uuid,
+    pub kind: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    pub attempts: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl From<Job> for JobSummary {
+    fn from(job: Job) -> Self {
+        JobSummary { id: job.id, kind: job.kind, state: job.state, attempts: job.attempts, last_error: job.last_error }
+    }
+}
+
+impl JobSummary {
+    pub async fn load(db: &PgPool, id: Uuid) -> Result<JobSummary, ApiError> {
+        let job = queue::get(db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+        Ok(job.into())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StepView {
+    pub name: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `skipped`.
+    pub state: String,
+    pub attempts: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: Uuid,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When a queued job becomes runnable (the next retry).
+    pub run_at: DateTime<Utc>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub steps: Vec<StepView>,
+}
+
+async fn load_view(db: &PgPool, id: Uuid) -> Result<Option<JobView>, ApiError> {
+    let Some(job) = queue::get(db, id).await? else { return Ok(None) };
+    let steps = queue::steps(db, id).await?;
+    Ok(Some(JobView {
+        id: job.id,
+        kind: job.kind.clone(),
+        repository: job.payload.get("repository").and_then(|v| v.as_str()).map(str::to_owned),
+        state: job.state.clone(),
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        cancel_requested: job.cancel_requested,
+        last_error: job.last_error.clone(),
+        run_at: job.run_at,
+        created_by: job.created_by.clone(),
+        created_at: job.created_at,
+        started_at: job.started_at,
+        finished_at: job.finished_at,
+        steps: steps
+            .into_iter()
+            .map(|s| StepView {
+                duration_ms: s.started_at.zip(s.finished_at).map(|(a, b)| (b - a).num_milliseconds()),
+                name: s.step,
+                state: s.state,
+                attempts: s.attempts,
+                started_at: s.started_at,
+                finished_at: s.finished_at,
+                last_error: s.last_error,
+            })
+            .collect(),
+    }))
+}
+
+/// Job state changes, fanned out from one LISTEN connection to every long-polling request.
+#[derive(Clone)]
+pub struct JobEvents {
+    sender: broadcast::Sender<Uuid>,
+}
+
+impl JobEvents {
+    /// Starts listening on `bp_job_state`; reconnects after errors until `stop` fires.
+    pub fn start(db: PgPool, stop: CancellationToken) -> Self {
+        let (sender, _) = broadcast::channel(1024);
+        let events = JobEvents { sender: sender.clone() };
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Err(e) = forward(&db, &sender, &stop).await {
+                    tracing::warn!(error = %e, "job state listener failed; reconnecting");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        });
+        events
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.sender.subscribe()
+    }
+}
+
+async fn forward(db: &PgPool, sender: &broadcast::Sender<Uuid>, stop: &CancellationToken) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(db).await?;
+    listener.listen("bp_job_state").await?;
+    loop {
+        let note = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            note = listener.recv() => note?,
+        };
+        if let Ok(id) = note.payload().parse::<Uuid>() {
+            let _ = sender.send(id);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Long poll: return as soon as the job ends, or after this long (max 30s), e.g. `30s`.
+    pub wait: Option<String>,
+}
+
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+fn parse_wait(wait: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(raw) = wait else { return Ok(Duration::ZERO) };
+    let parsed = humantime::parse_duration(raw)
+        .map_err(|_| ApiError::BadRequest(format!("wait must be a duration like 30s or 500ms (got '{raw}')")))?;
+    if parsed > MAX_WAIT {
+        return Err(ApiError::BadRequest(format!("wait must be at most 30s (got '{raw}')")));
+    }
+    Ok(parsed)
+}
+
+/// Get a job's state and per-step progress; `?wait=30s` long-polls until it ends.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"), WaitQuery),
+    responses(
+        (status = 200, body = JobView),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
+) -> Result<axum::Json<JobView>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let wait = parse_wait(query.wait.as_deref())?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = state.job_events.subscribe();
+    loop {
+        let view = load_view(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+        let ended = JobState::parse(&view.state).is_some_and(JobState::is_terminal);
+        if ended || tokio::time::Instant::now() >= deadline {
+            return Ok(axum::Json(view));
+        }
+        wait_for_change(&mut changes, id, deadline).await;
+    }
+}
+
+/// Waits until `id` changes state, the deadline passes, or notifications were lost (lagged).
+async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, id: Uuid, deadline: tokio::time::Instant) {
+    loop {
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Ok(Ok(changed)) if changed != id => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Cancel a job: a queued job is cancelled at once, a running one at its next step boundary.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "Cancelled or cancel requested", body = JobView),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job already ended", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
+    caller.require(Role::Operator)?;
+    let outcome = match queue::cancel(&state.db, id).await? {
+        CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
+        CancelOutcome::AlreadyFinished(s) => {
+            return Err(ApiError::Conflict(format!("job {id} already ended ({}); nothing to cancel", state_name(s))));
+        }
+        CancelOutcome::Cancelled => "cancelled",
+        CancelOutcome::Requested => "cancel-requested",
+    };
+    record_job_action(&state, &caller, id, "job.cancel", outcome).await?;
+    let view = load_view(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    Ok((axum::http::StatusCode::ACCEPTED, axum::Json(view)))
+}
+
+/// Retry a failed or cancelled job; completed steps are not redone.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "Queued again", body = JobView),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not failed/cancelled, or the repository has another active job", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn retry_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
+    caller.require(Role::Operator)?;
+    match queue::retry(&state.db, id).await? {
+        RetryOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
+        RetryOutcome::NotRetryable(s) => {
+            return Err(ApiError::Conflict(format!(
+                "job {id} is {}; only failed or cancelled jobs can be retried",
+                state_name(s)
+            )));
+        }
+        RetryOutcome::Conflict => {
+            return Err(ApiError::Conflict(format!("the repository of job {id} already has an active job")));
+        }
+        RetryOutcome::Queued => {}
+    }
+    record_job_action(&state, &caller, id, "job.retry", "queued").await?;
+    let view = load_view(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    Ok((axum::http::StatusCode::ACCEPTED, axum::Json(view)))
+}
+
+fn state_name(state: JobState) -> String {
+    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+async fn record_job_action(state: &AppState, caller: &Caller, id: Uuid, action: &str, outcome: &str) -> Result<(), ApiError> {
+    let job = queue::get(&state.db, id).await?;
+    let entry = AuditEntry {
+        actor: caller.principal.subject.clone(),
+        request_id: caller.request_id.clone(),
+        repository: job.and_then(|j| j.payload.get("repository").and_then(|v| v.as_str()).map(str::to_owned)),
+        job_id: Some(id),
+        action: action.into(),
+        outcome: outcome.into(),
+        ..Default::default()
+    };
+    audit::record(&state.db, &entry).await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Opaque cursor from the previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditEvent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The audit events of one job, oldest first.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"), PageQuery),
+    responses(
+        (status = 200, body = AuditPage),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn job_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> Result<axum::Json<AuditPage>, ApiError> {
+    caller.require(Role::Viewer)?;
+    if queue::get(&state.db, id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no job {id}")));
+    }
+    let filter = AuditFilter { job_id: Some(id), ..Default::default() };
+    audit_page(&state, filter, query.cursor.as_deref(), query.limit).await.map(axum::Json)
+}
+
+/// One page of audit events; the cursor is the last event id of the previous page.
+pub async fn audit_page(
+    state: &AppState,
+    mut filter: AuditFilter,
+    cursor: Option<&str>,
+    limit: Option<i64>,
+) -> Result<AuditPage, ApiError> {
+    let limit = super::repositories::page_limit(limit)?;
+    filter.after = cursor
+        .map(|c| {
+            super::repositories::decode_cursor(c)?
+                .parse::<i64>()
+                .map_err(|_| ApiError::BadRequest("cursor is not one this server issued".into()))
+        })
+        .transpose()?;
+    filter.limit = limit + 1;
+    let mut items = audit::list(&state.db, &filter).await?;
+    let next_cursor = (items.len() as i64 > limit).then(|| {
+        items.truncate(limit as usize);
+        super::repositories::encode_cursor(&items.last().expect("a full page").id.to_string())
+    });
+    Ok(AuditPage { items, next_cursor })
+}

@@ -1,0 +1,545 @@
+//! Runbook step "Create the Bucket": the bucket exists in the requested region with the
+//! runbook's settings (ACLs disabled, all public access blocked, SSE-S3 with a bucket key,
+//! versioning and object lock off) and our tags.
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::create_bucket::CreateBucketError;
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, BucketVersioningStatus, CreateBucketConfiguration, ObjectLockEnabled,
+    ObjectOwnership, OwnershipControls, OwnershipControlsRule, PublicAccessBlockConfiguration,
+    ServerSideEncryption, ServerSideEncryptionByDefault, ServerSideEncryptionConfiguration,
+    ServerSideEncryptionRule, Tag, Tagging,
+};
+use serde_json::{Value, json};
+
+use crate::cloud::aws::{classify, error_request_id, output_request_id, response_header};
+use crate::cloud::{CloudError, Outcome, StepReport};
+
+/// Tag marking resources this service manages.
+pub const MANAGED_BY_KEY: &str = "managed-by";
+pub const MANAGED_BY_VALUE: &str = "backup-provisioner";
+/// Tag naming the repository a resource belongs to.
+pub const REPOSITORY_TAG_KEY: &str = "backup-provisioner/repository";
+
+const S3: &str = "s3";
+
+/// `arn:aws:s3:::<bucket>`.
+pub fn arn(bucket: &str) -> String {
+    format!("arn:aws:s3:::{bucket}")
+}
+
+/// Ensures the bucket exists in `region` with the runbook's settings and our tags.
+///
+/// `s3` must be a client for `region` (see `AwsClients::s3_for_region`). Versioning or object
+/// lock found enabled on an existing bucket is reported under `differences` and left as is
+/// (neither can be undone safely).
+pub async fn ensure(
+    s3: &Client,
+    bucket: &str,
+    region: &str,
+    repository: &str,
+) -> Result<StepReport, CloudError> {
+    let mut run = Run::default();
+
+    let created = match head(s3, bucket, region).await? {
+        true => {
+            check_location(s3, bucket, region).await?;
+            false
+        }
+        false => create(s3, bucket, region, &mut run).await?,
+    };
+
+    ensure_ownership(s3, bucket, &mut run).await?;
+    ensure_public_access_block(s3, bucket, &mut run).await?;
+    ensure_encryption(s3, bucket, &mut run).await?;
+    check_versioning(s3, bucket, &mut run).await?;
+    check_object_lock(s3, bucket, &mut run).await?;
+    ensure_tags(s3, bucket, repository, &mut run).await?;
+
+    let outcome = if created {
+        Outcome::Created
+    } else if run.changed {
+        Outcome::Updated
+    } else {
+        Outcome::AlreadyPresent
+    };
+    let mut report = StepReport::new(
+        outcome,
+        json!({
+            "bucket": bucket,
+            "region": region,
+            "arn": arn(bucket),
+            "repository": repository,
+            "differences": run.differences,
+        }),
+    );
+    report.upstream_request_id = run.request_id;
+    Ok(report)
+}
+
+/// Whether the bucket holds at least one object (ListObjectsV2, max-keys 1).
+pub async fn has_objects(s3: &Client, bucket: &str) -> Result<bool, CloudError> {
+    let out = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .max_keys(1)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "ListObjectsV2", e))?;
+    Ok(out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty())
+}
+
+/// Maps a CreateBucket failure to a [`CloudError`] whose message names the bucket.
+pub fn create_error(bucket: &str, region: &str, err: SdkError<CreateBucketError>) -> CloudError {
+    let message = match err.code() {
+        Some("BucketAlreadyExists") => Some(format!(
+            "bucket name {bucket} is owned by another AWS account; choose another bucket name"
+        )),
+        Some("InvalidBucketName") => Some(format!(
+            "{bucket:?} is not a valid S3 bucket name; use 3-63 characters of lowercase \
+             letters, digits, dots and hyphens, starting and ending with a letter or digit"
+        )),
+        Some("IllegalLocationConstraintException") | Some("InvalidLocationConstraint") => {
+            Some(format!(
+                "bucket {bucket} cannot be created in region {region:?}: the region is invalid \
+                 or does not match the S3 endpoint used"
+            ))
+        }
+        _ => None,
+    };
+    match message {
+        Some(message) => CloudError::Permanent {
+            service: S3,
+            operation: "CreateBucket",
+            message,
+            request_id: error_request_id(&err),
+        },
+        None => classify(S3, "CreateBucket", err),
+    }
+}
+
+/// Normalises a `GetBucketLocation` answer to a region name.
+pub fn location_to_region(location: Option<&str>) -> String {
+    match location {
+        None | Some("") => "us-east-1".to_owned(),
+        Some("EU") => "eu-west-1".to_owned(),
+        Some(region) => region.to_owned(),
+    }
+}
+
+#[derive(Default)]
+struct Run {
+    differences: Vec<Value>,
+    changed: bool,
+    request_id: Option<String>,
+}
+
+impl Run {
+    fn repaired(&mut self, setting: &str, found: Value, expected: Value, request_id: Option<String>) {
+        self.differences.push(json!({
+            "setting": setting,
+            "found": found,
+            "expected": expected,
+            "action": "repaired",
+        }));
+        self.changed = true;
+        if request_id.is_some() {
+            self.request_id = request_id;
+        }
+    }
+
+    fn left_unchanged(&mut self, setting: &str, found: Value, expected: Value, why: &str) {
+        self.differences.push(json!({
+            "setting": setting,
+            "found": found,
+            "expected": expected,
+            "action": "left unchanged",
+            "reason": why,
+        }));
+    }
+}
+
+/// `true` if the bucket exists and we can access it, `false` if it does not exist.
+async fn head(s3: &Client, bucket: &str, region: &str) -> Result<bool, CloudError> {
+    match s3.head_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(true),
+        Err(err) => {
+            let status = crate::cloud::aws::http_status(&err);
+            if err.as_service_error().is_some_and(|e| e.is_not_found()) || status == Some(404) {
+                return Ok(false);
+            }
+            let request_id = error_request_id(&err);
+            match status {
+                Some(301) | Some(400) if response_header(&err, "x-amz-bucket-region").is_some() => {
+                    let found = response_header(&err, "x-amz-bucket-region").unwrap_or_default();
+                    Err(wrong_region(bucket, found, region, request_id, "HeadBucket"))
+                }
+                Some(403) => Err(CloudError::Permanent {
+                    service: S3,
+                    operation: "HeadBucket",
+                    message: format!(
+                        "bucket {bucket} exists but is not accessible to the provisioner: it is \
+                         owned by another AWS account (choose another bucket name) or the \
+                         provisioner lacks s3:ListBucket on it"
+                    ),
+                    request_id,
+                }),
+                _ => Err(classify(S3, "HeadBucket", err)),
+            }
+        }
+    }
+}
+
+fn wrong_region(
+    bucket: &str,
+    found: &str,
+    requested: &str,
+    request_id: Option<String>,
+    operation: &'static str,
+) -> CloudError {
+    CloudError::Permanent {
+        service: S3,
+        operation,
+        message: format!(
+            "bucket {bucket} already exists in region {found}, not in the requested region \
+             {requested}; request region {found} or choose another bucket name"
+        ),
+        request_id,
+    }
+}
+
+async fn check_location(s3: &Client, bucket: &str, region: &str) -> Result<(), CloudError> {
+    let out = s3
+        .get_bucket_location()
+        .bucket(bucket)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "GetBucketLocation", e))?;
+    let found = location_to_region(out.location_constraint().map(|l| l.as_str()));
+    if found != region {
+        return Err(wrong_region(
+            bucket,
+            &found,
+            region,
+            output_request_id(&out),
+            "GetBucketLocation",
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the bucket; `Ok(false)` when it turned out to exist already (ours, same region).
+async fn create(s3: &Client, bucket: &str, region: &str, run: &mut Run) -> Result<bool, CloudError> {
+    let mut request = s3.create_bucket().bucket(bucket);
+    if region != "us-east-1" {
+        request = request.create_bucket_configuration(
+            CreateBucketConfiguration::builder()
+                .location_constraint(BucketLocationConstraint::from(region))
+                .build(),
+        );
+    }
+    match request.send().await {
+        Ok(out) => {
+            run.request_id = output_request_id(&out);
+            Ok(true)
+        }
+        Err(err) if err.code() == Some("BucketAlreadyOwnedByYou") => {
+            check_location(s3, bucket, region).await?;
+            Ok(false)
+        }
+        Err(err) => Err(create_error(bucket, region, err)),
+    }
+}
+
+fn is_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>, codes: &[&str]) -> bool {
+    err.code().is_some_and(|code| codes.contains(&code))
+}
+
+async fn ensure_ownership(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
+    let found: Vec<String> = match s3.get_bucket_ownership_controls().bucket(bucket).send().await {
+        Ok(out) => out
+            .ownership_controls()
+            .map(|c| {
+                c.rules()
+                    .iter()
+                    .map(|r| r.object_ownership().as_str().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Err(err) if is_code(&err, &["OwnershipControlsNotFoundError"]) => Vec::new(),
+        Err(err) => return Err(classify(S3, "GetBucketOwnershipControls", err)),
+    };
+    let expected = ObjectOwnership::BucketOwnerEnforced.as_str();
+    if found.len() == 1 && found[0] == expected {
+        return Ok(());
+    }
+    let rule = OwnershipControlsRule::builder()
+        .object_ownership(ObjectOwnership::BucketOwnerEnforced)
+        .build()
+        .map_err(|e| build_error("PutBucketOwnershipControls", e))?;
+    let controls = OwnershipControls::builder()
+        .rules(rule)
+        .build()
+        .map_err(|e| build_error("PutBucketOwnershipControls", e))?;
+    let out = s3
+        .put_bucket_ownership_controls()
+        .bucket(bucket)
+        .ownership_controls(controls)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "PutBucketOwnershipControls", e))?;
+    run.repaired(
+        "object_ownership",
+        if found.is_empty() { Value::Null } else { json!(found) },
+        json!(expected),
+        output_request_id(&out),
+    );
+    Ok(())
+}
+
+async fn ensure_public_access_block(
+    s3: &Client,
+    bucket: &str,
+    run: &mut Run,
+) -> Result<(), CloudError> {
+    let found = match s3.get_public_access_block().bucket(bucket).send().await {
+        Ok(out) => out.public_access_block_configuration().map(|c| {
+            [
+                c.block_public_acls(),
+                c.ignore_public_acls(),
+                c.block_public_policy(),
+                c.restrict_public_buckets(),
+            ]
+        }),
+        Err(err) if is_code(&err, &["NoSuchPublicAccessBlockConfiguration"]) => None,
+        Err(err) => return Err(classify(S3, "GetPublicAccessBlock", err)),
+    };
+    if found.is_some_and(|flags| flags.iter().all(|f| *f == Some(true))) {
+        return Ok(());
+    }
+    let out = s3
+        .put_public_access_block()
+        .bucket(bucket)
+        .public_access_block_configuration(
+            PublicAccessBlockConfiguration::builder()
+                .block_public_acls(true)
+                .ignore_public_acls(true)
+                .block_public_policy(true)
+                .restrict_public_buckets(true)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| classify(S3, "PutPublicAccessBlock", e))?;
+    let flags_json = |flags: [Option<bool>; 4]| {
+        json!({
+            "block_public_acls": flags[0].unwrap_or(false),
+            "ignore_public_acls": flags[1].unwrap_or(false),
+            "block_public_policy": flags[2].unwrap_or(false),
+            "restrict_public_buckets": flags[3].unwrap_or(false),
+        })
+    };
+    run.repaired(
+        "public_access_block",
+        found.map(flags_json).unwrap_or(Value::Null),
+        flags_json([Some(true); 4]),
+        output_request_id(&out),
+    );
+    Ok(())
+}
+
+async fn ensure_encryption(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
+    let found: Vec<Value> = match s3.get_bucket_encryption().bucket(bucket).send().await {
+        Ok(out) => out
+            .server_side_encryption_configuration()
+            .map(|c| {
+                c.rules()
+                    .iter()
+                    .map(|r| {
+                        let default = r.apply_server_side_encryption_by_default();
+                        json!({
+                            "sse_algorithm": default.map(|d| d.sse_algorithm().as_str()),
+                            "kms_master_key_id": default.and_then(|d| d.kms_master_key_id()),
+                            "bucket_key_enabled": r.bucket_key_enabled().unwrap_or(false),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Err(err) if is_code(&err, &["ServerSideEncryptionConfigurationNotFoundError"]) => {
+            Vec::new()
+        }
+        Err(err) => return Err(classify(S3, "GetBucketEncryption", err)),
+    };
+    let expected = json!({
+        "sse_algorithm": ServerSideEncryption::Aes256.as_str(),
+        "kms_master_key_id": null,
+        "bucket_key_enabled": true,
+    });
+    if found.len() == 1 && found[0] == expected {
+        return Ok(());
+    }
+    let by_default = ServerSideEncryptionByDefault::builder()
+        .sse_algorithm(ServerSideEncryption::Aes256)
+        .build()
+        .map_err(|e| build_error("PutBucketEncryption", e))?;
+    let configuration = ServerSideEncryptionConfiguration::builder()
+        .rules(
+            ServerSideEncryptionRule::builder()
+                .apply_server_side_encryption_by_default(by_default)
+                .bucket_key_enabled(true)
+                .build(),
+        )
+        .build()
+        .map_err(|e| build_error("PutBucketEncryption", e))?;
+    let out = s3
+        .put_bucket_encryption()
+        .bucket(bucket)
+        .server_side_encryption_configuration(configuration)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "PutBucketEncryption", e))?;
+    run.repaired(
+        "default_encryption",
+        if found.is_empty() { Value::Null } else { json!(found) },
+        expected,
+        output_request_id(&out),
+    );
+    Ok(())
+}
+
+async fn check_versioning(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
+    let out = s3
+        .get_bucket_versioning()
+        .bucket(bucket)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "GetBucketVersioning", e))?;
+    match out.status() {
+        None => {}
+        Some(status @ (BucketVersioningStatus::Enabled | BucketVersioningStatus::Suspended)) => run
+            .left_unchanged(
+                "versioning",
+                json!(status.as_str()),
+                json!("Disabled"),
+                "versioning cannot be turned off once enabled; suspending it is an operator \
+                 decision",
+            ),
+        Some(other) => run.left_unchanged(
+            "versioning",
+            json!(other.as_str()),
+            json!("Disabled"),
+            "unknown versioning status",
+        ),
+    }
+    Ok(())
+}
+
+async fn check_object_lock(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
+    let enabled = match s3.get_object_lock_configuration().bucket(bucket).send().await {
+        Ok(out) => out
+            .object_lock_configuration()
+            .and_then(|c| c.object_lock_enabled())
+            .is_some_and(|e| *e == ObjectLockEnabled::Enabled),
+        Err(err) if is_code(&err, &["ObjectLockConfigurationNotFoundError"]) => false,
+        Err(err) => return Err(classify(S3, "GetObjectLockConfiguration", err)),
+    };
+    if enabled {
+        run.left_unchanged(
+            "object_lock",
+            json!("Enabled"),
+            json!("Disabled"),
+            "object lock cannot be disabled on a bucket; recreate the bucket to remove it",
+        );
+    }
+    Ok(())
+}
+
+async fn ensure_tags(
+    s3: &Client,
+    bucket: &str,
+    repository: &str,
+    run: &mut Run,
+) -> Result<(), CloudError> {
+    let mut tags: Vec<(String, String)> = match s3.get_bucket_tagging().bucket(bucket).send().await
+    {
+        Ok(out) => out
+            .tag_set()
+            .iter()
+            .map(|t| (t.key().to_owned(), t.value().to_owned()))
+            .collect(),
+        Err(err) if is_code(&err, &["NoSuchTagSet"]) => Vec::new(),
+        Err(err) => return Err(classify(S3, "GetBucketTagging", err)),
+    };
+    let wanted = [
+        (MANAGED_BY_KEY, MANAGED_BY_VALUE),
+        (REPOSITORY_TAG_KEY, repository),
+    ];
+    let mut found = serde_json::Map::new();
+    let mut changed = false;
+    for (key, value) in wanted {
+        match tags.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) if v == value => {}
+            Some((_, v)) => {
+                found.insert(key.to_owned(), json!(v.clone()));
+                *v = value.to_owned();
+                changed = true;
+            }
+            None => {
+                found.insert(key.to_owned(), Value::Null);
+                tags.push((key.to_owned(), value.to_owned()));
+                changed = true;
+            }
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    let tag_set = tags
+        .iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| build_error("PutBucketTagging", e))?;
+    let tagging = Tagging::builder()
+        .set_tag_set(Some(tag_set))
+        .build()
+        .map_err(|e| build_error("PutBucketTagging", e))?;
+    let out = s3
+        .put_bucket_tagging()
+        .bucket(bucket)
+        .tagging(tagging)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "PutBucketTagging", e))?;
+    let expected: serde_json::Map<String, Value> = wanted
+        .iter()
+        .filter(|(k, _)| found.contains_key(*k))
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    run.repaired(
+        "tags",
+        Value::Object(found),
+        Value::Object(expected),
+        output_request_id(&out),
+    );
+    Ok(())
+}
+
+fn build_error(operation: &'static str, err: aws_sdk_s3::error::BuildError) -> CloudError {
+    CloudError::permanent(S3, operation, format!("could not build the request: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        assert_eq!(location_to_region(None), "us-east-1");
+        assert_eq!(location_to_region(Some("")), "us-east-1");
+        assert_eq!(location_to_region(Some("EU")), "eu-west-1");
+        assert_eq!(location_to_region(Some("eu-west-1")), "eu-west-1");
+        assert_eq!(arn("b"), "arn:aws:s3:::b");
+    }
+}

@@ -1,0 +1,167 @@
+//! Credential check before `ready`: the new access key can write, read back and delete an
+//! object in the bucket. IAM is eventually consistent, so a brand-new key may be rejected for a
+//! few seconds; rejections are retried with exponential backoff within a time budget.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::primitives::ByteStream;
+use serde_json::json;
+
+use crate::cloud::aws::{CREDENTIAL_REJECTED_CODES, classify, http_status};
+use crate::cloud::{CloudError, Outcome, StepReport};
+
+/// Prefix of probe objects; the full key is `backup-provisioner/probe-<uuid>`.
+pub const PROBE_PREFIX: &str = "backup-provisioner/probe-";
+
+const S3: &str = "s3";
+
+/// Why one attempt failed.
+enum AttemptError {
+    /// The key was not (yet) accepted: worth retrying within the budget.
+    Rejected { operation: &'static str, error: CloudError, code: String },
+    /// Any other failure.
+    Other(CloudError),
+}
+
+/// Puts, gets (comparing bytes) and deletes a small probe object with `client_with_new_key`.
+/// AccessDenied / InvalidAccessKeyId / SignatureDoesNotMatch (and other retryable errors) are
+/// retried with exponential backoff starting at `initial_backoff` until `budget` is spent; then
+/// the result is a permanent error saying the key does not work.
+pub async fn verify(
+    client_with_new_key: &Client,
+    bucket: &str,
+    budget: Duration,
+    initial_backoff: Duration,
+) -> Result<StepReport, CloudError> {
+    let started = Instant::now();
+    let deadline = started + budget;
+    let mut backoff = initial_backoff.max(Duration::from_millis(1));
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let key = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4());
+        let last = match attempt(client_with_new_key, bucket, &key).await {
+            Ok(request_id) => {
+                let mut report = StepReport::new(
+                    Outcome::Created,
+                    json!({
+                        "bucket": bucket,
+                        "probe_key": key,
+                        "attempts": attempts,
+                        "elapsed_ms": started.elapsed().as_millis() as u64,
+                        "checked": ["PutObject", "GetObject", "DeleteObject"],
+                    }),
+                );
+                report.upstream_request_id = request_id;
+                return Ok(report);
+            }
+            Err(AttemptError::Other(error)) if !error.is_retryable() => return Err(error),
+            Err(other) => other,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(give_up(bucket, last, attempts, started.elapsed()));
+        }
+        tracing::debug!(attempts, ?backoff, "credential check not passing yet; retrying");
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = backoff.saturating_mul(2);
+    }
+}
+
+fn give_up(bucket: &str, last: AttemptError, attempts: u32, elapsed: Duration) -> CloudError {
+    match last {
+        AttemptError::Rejected {
+            operation,
+            error,
+            code,
+        } => CloudError::Permanent {
+            service: S3,
+            operation,
+            message: format!(
+                "the new access key is still rejected by S3 ({code}) after {attempts} attempts \
+                 over {:.1}s; check that policy {bucket} grants access to bucket {bucket}, is \
+                 attached to group {bucket}, and that the key's user is a member of that group",
+                elapsed.as_secs_f64()
+            ),
+            request_id: error.request_id().map(str::to_owned),
+        },
+        AttemptError::Other(error) => error,
+    }
+}
+
+/// One put/get/delete round; returns the request id of the delete.
+async fn attempt(s3: &Client, bucket: &str, key: &str) -> Result<Option<String>, AttemptError> {
+    let body = format!("backup-provisioner credential check {key}\n").into_bytes();
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .map_err(|e| rejected_or_other("PutObject", e))?;
+    let got = s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| rejected_or_other("GetObject", e))?;
+    let bytes = got
+        .body
+        .collect()
+        .await
+        .map_err(|e| {
+            AttemptError::Other(CloudError::retryable(
+                S3,
+                "GetObject",
+                format!("reading the probe object failed: {e}"),
+            ))
+        })?
+        .into_bytes();
+    if bytes.as_ref() != body.as_slice() {
+        return Err(AttemptError::Other(CloudError::permanent(
+            S3,
+            "GetObject",
+            format!(
+                "the probe object {key} read back differs from what was written ({} bytes \
+                 instead of {}); check for a proxy or object transformation on bucket {bucket}",
+                bytes.len(),
+                body.len()
+            ),
+        )));
+    }
+    let deleted = s3
+        .delete_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| rejected_or_other("DeleteObject", e))?;
+    Ok(crate::cloud::aws::output_request_id(&deleted))
+}
+
+fn rejected_or_other<E>(
+    operation: &'static str,
+    err: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> AttemptError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let code = err.code().map(str::to_owned);
+    let rejected = match code.as_deref() {
+        Some("AccessDenied") => true,
+        Some(code) => CREDENTIAL_REJECTED_CODES.contains(&code),
+        None => http_status(&err) == Some(403),
+    };
+    if rejected {
+        AttemptError::Rejected {
+            operation,
+            code: code.unwrap_or_else(|| "HTTP 403".to_owned()),
+            error: classify(S3, operation, err),
+        }
+    } else {
+        AttemptError::Other(classify(S3, operation, err))
+    }
+}

@@ -1,0 +1,342 @@
+//! Runbook step "Create an IAM Policy": a customer managed policy named after the bucket whose
+//! default version grants full access to that bucket only.
+
+use aws_sdk_iam::Client;
+use aws_sdk_iam::error::ProvideErrorMetadata;
+use aws_sdk_iam::types::{Policy, PolicyScopeType, PolicyVersion};
+use percent_encoding::percent_decode_str;
+use serde_json::{Value, json};
+
+use crate::cloud::aws::{classify, output_request_id};
+use crate::cloud::{CloudError, Outcome, StepReport};
+
+/// The runbook's policy description, verbatim.
+pub const DESCRIPTION: &str =
+    "Read and write access to a specific bucket for pgrest operating within a pgo PostgresCluster.";
+
+/// IAM keeps at most this many versions of a managed policy.
+pub const MAX_VERSIONS: usize = 5;
+
+const IAM: &str = "iam";
+const PATH: &str = "/";
+
+/// The runbook's policy document for `bucket`.
+pub fn document(bucket: &str) -> Value {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListAllMyBuckets"],
+                "Resource": "arn:aws:s3:::*"
+            },
+            {
+                "Effect": "Allow",
+                "Action": "s3:*",
+                "Resource": [
+                    format!("arn:aws:s3:::{bucket}"),
+                    format!("arn:aws:s3:::{bucket}/*")
+                ]
+            }
+        ]
+    })
+}
+
+/// Parses a policy document as IAM returns it: URL-encoded JSON (AWS) or plain JSON (moto).
+pub fn parse_document(raw: &str) -> Option<Value> {
+    serde_json::from_str(raw).ok().or_else(|| {
+        let decoded = percent_decode_str(raw).decode_utf8().ok()?;
+        serde_json::from_str(&decoded).ok()
+    })
+}
+
+/// Whether two policy documents grant the same thing: a single string equals a one-element
+/// array, and the order of actions, resources and statements does not matter.
+pub fn documents_equivalent(a: &Value, b: &Value) -> bool {
+    normalize(a) == normalize(b)
+}
+
+fn normalize(document: &Value) -> Value {
+    let Value::Object(map) = document else {
+        return document.clone();
+    };
+    let mut out = serde_json::Map::new();
+    for (key, value) in map {
+        let value = if key == "Statement" {
+            let statements = match value {
+                Value::Array(items) => items.clone(),
+                single => vec![single.clone()],
+            };
+            let mut normalized: Vec<Value> = statements.iter().map(normalize_statement).collect();
+            normalized.sort_by_key(|s| s.to_string());
+            Value::Array(normalized)
+        } else {
+            value.clone()
+        };
+        out.insert(key.clone(), value);
+    }
+    Value::Object(out)
+}
+
+fn normalize_statement(statement: &Value) -> Value {
+    let Value::Object(map) = statement else {
+        return statement.clone();
+    };
+    let mut out = serde_json::Map::new();
+    for (key, value) in map {
+        let value = match key.as_str() {
+            "Action" | "NotAction" | "Resource" | "NotResource" => string_set(value),
+            _ => value.clone(),
+        };
+        out.insert(key.clone(), value);
+    }
+    Value::Object(out)
+}
+
+fn string_set(value: &Value) -> Value {
+    let mut items: Vec<Value> = match value {
+        Value::Array(items) => items.clone(),
+        single => vec![single.clone()],
+    };
+    items.sort_by_key(|v| v.to_string());
+    items.dedup();
+    Value::Array(items)
+}
+
+/// Ensures the policy exists with the runbook's document as its default version. Returns the
+/// report and the policy ARN.
+pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), CloudError> {
+    let expected = document(bucket);
+    let Some(existing) = find(iam, bucket).await? else {
+        let out = iam
+            .create_policy()
+            .policy_name(bucket)
+            .path(PATH)
+            .description(DESCRIPTION)
+            .policy_document(expected.to_string())
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "CreatePolicy", e))?;
+        let policy = out.policy().ok_or_else(|| {
+            CloudError::retryable(IAM, "CreatePolicy", "the response carried no policy")
+        })?;
+        let policy_arn = policy.arn().unwrap_or_default().to_owned();
+        let mut report = StepReport::new(
+            Outcome::Created,
+            json!({
+                "policy_name": bucket,
+                "policy_arn": policy_arn,
+                "default_version_id": policy.default_version_id(),
+                "differences": [],
+            }),
+        );
+        report.upstream_request_id = output_request_id(&out);
+        return Ok((report, policy_arn));
+    };
+
+    let policy_arn = existing
+        .arn()
+        .ok_or_else(|| CloudError::retryable(IAM, "ListPolicies", "a policy without an ARN"))?
+        .to_owned();
+    let mut differences = Vec::new();
+    if existing.path() != Some(PATH) {
+        differences.push(json!({
+            "setting": "path",
+            "found": existing.path(),
+            "expected": PATH,
+            "action": "left unchanged",
+            "reason": "IAM policy paths are immutable",
+        }));
+    }
+
+    // ListPolicies does not return descriptions; GetPolicy does.
+    let got = iam
+        .get_policy()
+        .policy_arn(&policy_arn)
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "GetPolicy", e))?;
+    let policy = got.policy().unwrap_or(&existing);
+    if policy.description() != Some(DESCRIPTION) {
+        differences.push(json!({
+            "setting": "description",
+            "found": policy.description(),
+            "expected": DESCRIPTION,
+            "action": "left unchanged",
+            "reason": "IAM policy descriptions are immutable; delete and recreate the policy \
+                       to change it",
+        }));
+    }
+
+    let default_version_id = policy
+        .default_version_id()
+        .or(existing.default_version_id())
+        .ok_or_else(|| CloudError::retryable(IAM, "GetPolicy", "the policy has no default version"))?
+        .to_owned();
+    let version = iam
+        .get_policy_version()
+        .policy_arn(&policy_arn)
+        .version_id(&default_version_id)
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "GetPolicyVersion", e))?;
+    let found = version
+        .policy_version()
+        .and_then(PolicyVersion::document)
+        .and_then(parse_document);
+    if found.as_ref().is_some_and(|doc| documents_equivalent(doc, &expected)) {
+        let report = StepReport::new(
+            Outcome::AlreadyPresent,
+            json!({
+                "policy_name": bucket,
+                "policy_arn": policy_arn,
+                "default_version_id": default_version_id,
+                "differences": differences,
+            }),
+        );
+        return Ok((report, policy_arn));
+    }
+
+    // The default version differs: add a new default version, making room first.
+    let versions = list_versions(iam, &policy_arn).await?;
+    let mut deleted_version = None;
+    if versions.len() >= MAX_VERSIONS {
+        let oldest = versions
+            .iter()
+            .filter(|v| !v.is_default_version())
+            .min_by_key(|v| {
+                (
+                    v.create_date().map(|d| (d.secs(), d.subsec_nanos())),
+                    version_number(v.version_id()),
+                )
+            })
+            .and_then(|v| v.version_id())
+            .map(str::to_owned);
+        if let Some(oldest) = oldest {
+            match iam
+                .delete_policy_version()
+                .policy_arn(&policy_arn)
+                .version_id(&oldest)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(err) if err.code() == Some("NoSuchEntity") => {}
+                Err(err) => return Err(classify(IAM, "DeletePolicyVersion", err)),
+            }
+            deleted_version = Some(oldest);
+        }
+    }
+    let created = iam
+        .create_policy_version()
+        .policy_arn(&policy_arn)
+        .policy_document(expected.to_string())
+        .set_as_default(true)
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "CreatePolicyVersion", e))?;
+    let new_version_id = created
+        .policy_version()
+        .and_then(|v| v.version_id())
+        .map(str::to_owned);
+    differences.push(json!({
+        "setting": "document",
+        "found": found,
+        "found_version_id": default_version_id,
+        "expected": expected,
+        "action": "repaired",
+        "new_version_id": new_version_id,
+        "deleted_version_id": deleted_version,
+    }));
+    let mut report = StepReport::new(
+        Outcome::Updated,
+        json!({
+            "policy_name": bucket,
+            "policy_arn": policy_arn,
+            "default_version_id": new_version_id,
+            "differences": differences,
+        }),
+    );
+    report.upstream_request_id = output_request_id(&created);
+    Ok((report, policy_arn))
+}
+
+/// Finds the customer managed policy named `name` (names are unique per account, whatever the
+/// path). Uses ListPolicies with `Scope=Local`, so it works for users and roles alike without
+/// knowing the account id.
+pub async fn find(iam: &Client, name: &str) -> Result<Option<Policy>, CloudError> {
+    let mut marker: Option<String> = None;
+    loop {
+        let out = iam
+            .list_policies()
+            .scope(PolicyScopeType::Local)
+            .max_items(1000)
+            .set_marker(marker.take())
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "ListPolicies", e))?;
+        if let Some(policy) = out.policies().iter().find(|p| p.policy_name() == Some(name)) {
+            return Ok(Some(policy.clone()));
+        }
+        match out.marker() {
+            Some(next) if out.is_truncated() => marker = Some(next.to_owned()),
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// All versions of a policy (paginated).
+pub async fn list_versions(iam: &Client, policy_arn: &str) -> Result<Vec<PolicyVersion>, CloudError> {
+    let mut versions = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let out = iam
+            .list_policy_versions()
+            .policy_arn(policy_arn)
+            .set_marker(marker.take())
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "ListPolicyVersions", e))?;
+        versions.extend(out.versions().iter().cloned());
+        match out.marker() {
+            Some(next) if out.is_truncated() => marker = Some(next.to_owned()),
+            _ => return Ok(versions),
+        }
+    }
+}
+
+fn version_number(id: Option<&str>) -> u64 {
+    id.and_then(|id| id.trim_start_matches(['v', 'V']).parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equivalence_ignores_shape_and_order() {
+        let expected = document("b");
+        let reordered = json!({
+            "Statement": [
+                {"Resource": ["arn:aws:s3:::b/*", "arn:aws:s3:::b"], "Action": ["s3:*"], "Effect": "Allow"},
+                {"Effect": "Allow", "Resource": ["arn:aws:s3:::*"],
+                 "Action": ["s3:ListAllMyBuckets", "s3:GetBucketLocation"]}
+            ],
+            "Version": "2012-10-17"
+        });
+        assert!(documents_equivalent(&expected, &reordered));
+        assert!(!documents_equivalent(&expected, &document("c")));
+    }
+
+    #[test]
+    fn parses_url_encoded_documents() {
+        let plain = document("b").to_string();
+        let encoded: String =
+            percent_encoding::utf8_percent_encode(&plain, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        assert_eq!(parse_document(&encoded), Some(document("b")));
+        assert_eq!(parse_document(&plain), Some(document("b")));
+        assert_eq!(parse_document("%%%"), None);
+    }
+}

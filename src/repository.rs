@@ -1,0 +1,195 @@
+//! Backup repositories in Postgres: the desired state a client asked for, the state of its
+//! provisioning, and the identifiers of the resources made for it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::domain::{BucketName, Labels, Namespace, Region, RepositoryName};
+
+/// A validated request for a repository: what must exist.
+#[derive(Debug, Clone)]
+pub struct DesiredRepository {
+    pub name: RepositoryName,
+    pub namespace: Namespace,
+    pub bucket: BucketName,
+    pub region: Region,
+    pub labels: Labels,
+    pub options: RepositoryOptions,
+}
+
+/// Switches that change how provisioning treats what it finds, not what it makes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct RepositoryOptions {
+    /// Make a new cipher pass even though the bucket already holds objects.
+    #[serde(default)]
+    pub allow_new_cipher_pass: bool,
+    /// Take over a Secret of the same name that backup-provisioner did not create.
+    #[serde(default)]
+    pub adopt_existing_secret: bool,
+}
+
+/// Identifiers of what provisioning made, filled in step by step. Never secret values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Resources {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket_arn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_arn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RepositoryRow {
+    pub id: Uuid,
+    pub name: String,
+    pub namespace: String,
+    pub bucket: String,
+    pub region: String,
+    pub labels: sqlx::types::Json<BTreeMap<String, String>>,
+    pub options: sqlx::types::Json<RepositoryOptions>,
+    pub state: String,
+    pub resources: sqlx::types::Json<Resources>,
+    pub last_error: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl RepositoryRow {
+    /// Fields whose stored value differs from `desired` (empty when the desired state matches).
+    pub fn differences(&self, desired: &DesiredRepository) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        if self.namespace != desired.namespace.as_str() {
+            fields.push("namespace");
+        }
+        if self.bucket != desired.bucket.as_str() {
+            fields.push("bucket");
+        }
+        if self.region != desired.region.as_str() {
+            fields.push("region");
+        }
+        if self.labels.0 != *desired.labels.as_map() {
+            fields.push("labels");
+        }
+        fields
+    }
+}
+
+const COLUMNS: &str = "id, name, namespace, bucket, region, labels, options, state, resources, last_error, \
+                       created_by, created_at, updated_at";
+
+/// Inserts the repository unless one of that name exists. Returns the new id, or None.
+pub async fn insert_if_absent(
+    conn: &mut PgConnection,
+    desired: &DesiredRepository,
+    created_by: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO backup_repositories (id, name, namespace, bucket, region, labels, options, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (name) DO NOTHING
+         RETURNING id",
+    )
+    .bind(Uuid::new_v4())
+    .bind(desired.name.as_str())
+    .bind(desired.namespace.as_str())
+    .bind(desired.bucket.as_str())
+    .bind(desired.region.as_str())
+    .bind(sqlx::types::Json(desired.labels.as_map()))
+    .bind(sqlx::types::Json(&desired.options))
+    .bind(created_by)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn by_name(db: impl PgExecutor<'_>, name: &str) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM backup_repositories WHERE name = $1")))
+        .bind(name)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn by_id(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM backup_repositories WHERE id = $1")))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn by_bucket(db: impl PgExecutor<'_>, bucket: &str) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM backup_repositories WHERE bucket = $1")))
+        .bind(bucket)
+        .fetch_optional(db)
+        .await
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<String>,
+    pub namespace: Option<String>,
+    /// Cursor: list names after this one.
+    pub after: Option<String>,
+    pub limit: i64,
+}
+
+pub async fn list(db: impl PgExecutor<'_>, filter: &ListFilter) -> Result<Vec<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM backup_repositories
+          WHERE ($1::text IS NULL OR state = $1)
+            AND ($2::text IS NULL OR namespace = $2)
+            AND ($3::text IS NULL OR name > $3)
+          ORDER BY name
+          LIMIT $4"
+    )))
+    .bind(&filter.state)
+    .bind(&filter.namespace)
+    .bind(&filter.after)
+    .bind(filter.limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Merges newly known identifiers into the repository's resources.
+pub async fn merge_resources(db: impl PgExecutor<'_>, id: Uuid, patch: &Resources) -> Result<(), sqlx::Error> {
+    let patch = serde_json::to_value(patch).unwrap_or_default();
+    sqlx::query("UPDATE backup_repositories SET resources = resources || $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(patch)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The latest job of each repository in `ids` (for list views).
+pub async fn latest_jobs(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<crate::jobs::Job>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT DISTINCT ON (repository_id) id, kind, repository_id, payload, state, attempts, max_attempts,
+                run_at, lease_token, lease_expires_at, cancel_requested, last_error, created_by, created_at,
+                started_at, finished_at
+           FROM jobs WHERE repository_id = ANY($1)
+          ORDER BY repository_id, created_at DESC",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}

@@ -1,0 +1,255 @@
+//! moto (AWS emulator) launcher: `Moto::shared()` for one server per test binary (tests use
+//! unique bucket names), `Moto::start()` / `Moto::with_iam_auth(n)` for a private server.
+//!
+//! Children are spawned from one long-lived thread with `PR_SET_PDEATHSIG`, so a moto server
+//! never outlives the test process (statics are not dropped at exit).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use backup_provisioner::cloud::aws::{self, AwsClients, AwsSettings, CallCounter};
+
+/// Credentials moto accepts when IAM authorization is not enforced.
+pub const TEST_ACCESS_KEY_ID: &str = "test";
+pub const TEST_SECRET_ACCESS_KEY: &str = "test";
+
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running moto server; killed on drop.
+pub struct Moto {
+    pub endpoint: String,
+    pub port: u16,
+    child: Mutex<Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Moto {
+    /// The moto server shared by every test of this binary (started on first use).
+    pub fn shared() -> &'static Moto {
+        static SHARED: OnceLock<Moto> = OnceLock::new();
+        SHARED.get_or_init(Moto::start)
+    }
+
+    /// A private moto server without IAM authorization.
+    pub fn start() -> Moto {
+        Self::launch(None)
+    }
+
+    /// A private moto server that enforces IAM authorization after the first
+    /// `initial_no_auth_count` requests (`INITIAL_NO_AUTH_ACTION_COUNT`).
+    pub fn with_iam_auth(initial_no_auth_count: u32) -> Moto {
+        Self::launch(Some(initial_no_auth_count))
+    }
+
+    /// Path of `.venv/bin/moto_server` (installed by `scripts/install-deps.sh`).
+    pub fn binary() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
+    }
+
+    fn launch(initial_no_auth_count: Option<u32>) -> Moto {
+        let binary = Self::binary();
+        assert!(
+            binary.exists(),
+            "{} is missing: run scripts/install-deps.sh",
+            binary.display()
+        );
+        let deadline = Instant::now() + START_DEADLINE;
+        let mut last_error = String::new();
+        while Instant::now() < deadline {
+            let port = free_port();
+            let log = tempfile::Builder::new()
+                .prefix("moto-")
+                .suffix(".log")
+                .tempfile()
+                .expect("moto log file");
+            let mut command = Command::new(&binary);
+            command
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .env("PYTHONUNBUFFERED", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log.reopen().expect("moto log file"));
+            match initial_no_auth_count {
+                Some(n) => command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string()),
+                None => command.env_remove("INITIAL_NO_AUTH_ACTION_COUNT"),
+            };
+            let mut child = spawn_tied_to_process(command)
+                .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+            match wait_ready(&mut child, port, deadline) {
+                Ok(()) => {
+                    return Moto {
+                        endpoint: format!("http://127.0.0.1:{port}"),
+                        port,
+                        child: Mutex::new(child),
+                        log,
+                    };
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    last_error = format!("{e}\n--- moto log ---\n{output}");
+                    // Port taken by someone else in between: try another one.
+                }
+            }
+        }
+        panic!("moto did not start within {START_DEADLINE:?}: {last_error}");
+    }
+
+    /// The moto log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Settings pointing the service at this server.
+    pub fn settings(&self, region: &str) -> AwsSettings {
+        AwsSettings {
+            endpoint_url: Some(self.endpoint.clone()),
+            region: Some(region.to_owned()),
+        }
+    }
+
+    /// SDK clients for this server with the static `test`/`test` credentials (never process env).
+    pub async fn clients(&self, region: &str, counter: Option<CallCounter>) -> AwsClients {
+        self.clients_as(region, counter, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY)
+            .await
+    }
+
+    /// SDK clients for this server signing with the given access key.
+    pub async fn clients_as(
+        &self,
+        region: &str,
+        counter: Option<CallCounter>,
+        access_key_id: &str,
+        secret: &str,
+    ) -> AwsClients {
+        let credentials = aws_sdk_s3::config::Credentials::new(
+            access_key_id,
+            secret,
+            None,
+            None,
+            "moto-test",
+        );
+        aws::clients_with_credentials(&self.settings(region), counter, credentials).await
+    }
+
+    /// Wipes all emulated state (`POST /moto-api/reset`). Only for private servers.
+    pub async fn reset(&self) {
+        self.post("/moto-api/reset", "application/json", "").await;
+    }
+
+    /// Re-arms `INITIAL_NO_AUTH_ACTION_COUNT` (`POST /moto-api/reset-auth`).
+    pub async fn reset_auth(&self, initial_no_auth_count: u32) {
+        self.post(
+            "/moto-api/reset-auth",
+            "text/plain",
+            &initial_no_auth_count.to_string(),
+        )
+        .await;
+    }
+
+    async fn post(&self, path: &str, content_type: &str, body: &str) {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.endpoint))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert!(
+            response.status().is_success(),
+            "POST {path}: {}",
+            response.status()
+        );
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+/// Polls `GET /moto-api/` until moto answers, the child exits, or the deadline passes.
+fn wait_ready(child: &mut Child, port: u16, deadline: Instant) -> Result<(), String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("moto exited early with {status}"));
+        }
+        if probe(addr) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err("moto did not answer before the deadline".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP request to moto's dashboard API; true when an HTTP response comes back.
+fn probe(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!(
+        "GET /moto-api/data.json HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `command` from a thread that lives as long as the process, with the child asking the
+/// kernel for SIGKILL when that thread (i.e. the process) dies.
+fn spawn_tied_to_process(command: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("moto-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+                    unsafe {
+                        command.pre_exec(|| {
+                            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                                .map_err(std::io::Error::from)?;
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("moto spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    sender
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((command, reply_tx))
+        .expect("moto spawner thread alive");
+    reply_rx.recv().expect("moto spawner reply")
+}
