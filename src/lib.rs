@@ -20,3 +20,9 @@ pub mod provision;
 pub mod repository;
 pub mod startup;
 pub mod telemetry;
+
+/// Selects aws-lc-rs as the process-wide rustls provider (reqwest, kube and sqlx share it).
+/// Safe to call more than once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -9,6 +9,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    backup_provisioner::install_crypto_provider();
     let cli = Cli::parse();
     telemetry::init_tracing(cli.log_json);
     match run(cli.command).await {

@@ -91,7 +91,7 @@ enum Mode {
         issuers: [String; 1],
         audience: String,
     },
-    Oidc(oidc::OidcVerifier),
+    Oidc(Box<oidc::OidcVerifier>),
 }
 
 impl std::fmt::Debug for Mode {
@@ -111,6 +111,14 @@ impl Authenticator {
     /// identity provider cannot be reached now, a warning is logged and the keys are fetched on
     /// the first request instead: start-up does not fail.
     pub async fn new(config: AuthConfig) -> Result<Self, AuthError> {
+        Self::build(config, oidc::JWKS_MAX_AGE).await
+    }
+
+    /// [`Authenticator::new`] with another maximum age of the cached key set.
+    pub(crate) async fn build(
+        config: AuthConfig,
+        jwks_max_age: Duration,
+    ) -> Result<Self, AuthError> {
         if config.roles_claim.trim().is_empty() {
             return Err(AuthError::Config("the roles claim name is empty".into()));
         }
@@ -131,9 +139,10 @@ impl Authenticator {
                 audience,
                 jwks_refetch_floor,
             } => {
-                let verifier = oidc::OidcVerifier::new(issuer, audience, jwks_refetch_floor)?;
+                let verifier =
+                    oidc::OidcVerifier::new(issuer, audience, jwks_refetch_floor, jwks_max_age)?;
                 verifier.preload().await;
-                Mode::Oidc(verifier)
+                Mode::Oidc(Box::new(verifier))
             }
         };
         Ok(Self {

@@ -91,6 +91,8 @@ pub(crate) struct OidcVerifier {
     pub(crate) issuer_display: String,
     pub(crate) audience: Option<String>,
     floor: Duration,
+    /// [`JWKS_MAX_AGE`], shorter in tests.
+    max_age: Duration,
     http: reqwest::Client,
     keys: RwLock<Arc<KeySet>>,
     fetch: tokio::sync::Mutex<FetchState>,
@@ -111,6 +113,7 @@ impl OidcVerifier {
         issuer: Url,
         audience: Option<String>,
         floor: Duration,
+        max_age: Duration,
     ) -> Result<Self, AuthError> {
         match issuer.scheme() {
             "https" => {}
@@ -164,6 +167,7 @@ impl OidcVerifier {
             issuer_display,
             audience,
             floor,
+            max_age,
             http,
             keys: RwLock::new(Arc::new(KeySet::default())),
             fetch: tokio::sync::Mutex::new(FetchState::default()),
@@ -206,7 +210,7 @@ impl OidcVerifier {
         let mut set = self.snapshot();
         if set
             .fetched_at
-            .is_some_and(|at| at.elapsed() >= JWKS_MAX_AGE)
+            .is_some_and(|at| at.elapsed() >= self.max_age)
         {
             set = self.refresh_stale().await;
         }
@@ -248,7 +252,7 @@ impl OidcVerifier {
             && self
                 .snapshot()
                 .fetched_at
-                .is_some_and(|at| at.elapsed() >= JWKS_MAX_AGE)
+                .is_some_and(|at| at.elapsed() >= self.max_age)
         {
             state.last_attempt = Some(Instant::now());
             if let Err(err) = self.fetch_keys(&mut state).await {

@@ -1179,3 +1179,31 @@ async fn debug_output_does_not_leak_the_secret() {
     };
     assert!(!format!("{config:?}").contains("0123456789abcdef"));
 }
+
+#[tokio::test]
+async fn oidc_over_age_key_set_is_refreshed_and_kept_when_the_idp_is_down() {
+    let idp = Idp::start(jwks_of(&["rsa-a"])).await;
+    // Maximum age zero: every request finds the cached set over age.
+    let auth = Authenticator::build(idp.config(None, FLOOR_NONE), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(idp.jwks_hits(), 1);
+    let token_a = sign(Algorithm::RS256, Some("rsa-a"), &rsa_a(), &idp.claims());
+    auth.authenticate(&token_a).await.unwrap();
+    assert_eq!(
+        idp.jwks_hits(),
+        2,
+        "an over-age set is refetched before use"
+    );
+
+    // The IdP is down: the refresh fails and the cached keys stay in use.
+    idp.set_up(false);
+    auth.authenticate(&token_a).await.unwrap();
+    assert_eq!(idp.jwks_hits(), 3);
+
+    // Back up, with key A withdrawn: the refresh drops it.
+    idp.set_up(true);
+    idp.set_jwks(jwks_of(&["rsa-b"]));
+    let err = auth.authenticate(&token_a).await.unwrap_err();
+    assert!(matches!(err, AuthError::UnknownKeyId), "{err:?}");
+}

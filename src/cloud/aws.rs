@@ -385,6 +385,11 @@ pub fn response_header<'a, E, R: 'static>(err: &'a SdkError<E, R>, name: &str) -
     raw_response(err).and_then(|raw| raw.headers().get(name))
 }
 
+/// The body of the response behind an SDK error, when it was read into memory.
+pub fn response_body<E, R: 'static>(err: &SdkError<E, R>) -> Option<&[u8]> {
+    raw_response(err).and_then(|raw| raw.body().bytes())
+}
+
 fn raw_response<E, R: 'static>(err: &SdkError<E, R>) -> Option<&HttpResponse> {
     let raw: &dyn Any = match err {
         SdkError::ServiceError(ctx) => ctx.raw(),

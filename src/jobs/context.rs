@@ -102,6 +102,41 @@ impl JobContext {
         }
     }
 
+    /// Like [`Self::step`], for steps that must commit their own writes together with their
+    /// success: `work` gets the attempt number and must call [`Self::finish_step`] in a
+    /// [`Self::fenced_tx`] before returning. Failures are recorded here.
+    pub async fn step_manual<T, F, Fut>(&self, name: &str, position: i32, work: F) -> Result<T, JobError>
+    where
+        T: DeserializeOwned,
+        F: FnOnce(i32) -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+    {
+        if let Some(output) = self.completed_output(name).await? {
+            return Ok(output);
+        }
+        let attempt = self.start_step(name, position).await?;
+        match work(attempt).await {
+            Ok(output) => Ok(output),
+            Err(err) => {
+                self.fail_step(name, attempt, &err).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Makes succeeded steps run again on the next attempt (their inputs went stale).
+    pub async fn reset_steps(&self, names: &[&str]) -> Result<(), JobError> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut tx = self.fenced_tx().await?;
+        sqlx::query("UPDATE job_steps SET state = 'pending', output = NULL WHERE job_id = $1 AND step = ANY($2)")
+            .bind(self.job.id)
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The stored output of a step that already succeeded in an earlier attempt.
     pub async fn completed_output<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, JobError> {
         let output: Option<Option<serde_json::Value>> = sqlx::query_scalar(

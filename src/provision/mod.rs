@@ -3,6 +3,9 @@
 //! `../shared/runbook-postgrescluster-backups.md` order: bucket, IAM policy, IAM group, IAM user,
 //! access key, cipher pass, Kubernetes Secret; plus a credential check before `ready`.
 
+pub mod cipher_pass;
+pub mod job;
+pub mod sealed;
 pub mod wiring;
 
 use serde::{Deserialize, Serialize};
@@ -31,11 +34,27 @@ pub mod group;
 pub mod policy;
 pub mod user;
 
-/// The job kinds this service runs, with their AWS and Kubernetes clients built from
-/// configuration.
+/// The job kinds this service runs, with AWS clients from the standard credential chain
+/// (`AWS_*`, profiles, web identity) and Kubernetes from `KUBECONFIG` or in-cluster config.
 pub async fn registry(
     worker: &crate::config::WorkerSettingsArgs,
 ) -> Result<crate::jobs::Registry, crate::startup::StartupError> {
-    let _ = worker;
-    Ok(crate::jobs::Registry::new())
+    use crate::config::ConfigError;
+    if worker.workers == 0 {
+        return Ok(crate::jobs::Registry::new());
+    }
+    let encryption_key = worker.encryption_key()?;
+    let settings = crate::cloud::aws::AwsSettings { endpoint_url: worker.aws_endpoint_url.clone(), region: None };
+    let aws = crate::cloud::aws::clients(&settings, None).await;
+    let kube = crate::cloud::kube::client_from_env()
+        .await
+        .map_err(|e| ConfigError::new("KUBECONFIG", format!("no usable Kubernetes configuration: {e}")))?;
+    let provisioner = job::Provisioner {
+        aws,
+        kube,
+        encryption_key,
+        credential_check_budget: worker.credential_check_budget,
+        credential_check_backoff: std::time::Duration::from_millis(500),
+    };
+    Ok(crate::jobs::Registry::new().register(provisioner))
 }

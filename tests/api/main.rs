@@ -2,3 +2,5 @@
 //! (Postgres, moto, the Kubernetes emulator, pgBackRest) through real clients.
 
 mod support;
+mod smoke;
+mod aws_steps;

@@ -1,1 +1,4 @@
 //! Test harness: launchers for moto and the Kubernetes emulator, and `spawn_app`.
+#![allow(dead_code)]
+pub mod app;
+pub mod moto;

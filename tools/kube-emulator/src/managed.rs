@@ -14,6 +14,9 @@ use serde_json::{Map, Value, json};
 pub type FieldPath = Vec<String>;
 pub type FieldSet = BTreeSet<FieldPath>;
 
+/// `(manager, field path)` pairs an apply conflicts on.
+pub type Conflicts = Vec<(String, String)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
     Apply,
@@ -217,7 +220,7 @@ pub fn apply(
     manager: &str,
     force: bool,
     now: &str,
-) -> Result<(Value, Vec<ManagedEntry>), Vec<(String, String)>> {
+) -> Result<(Value, Vec<ManagedEntry>), Conflicts> {
     let applied = leaves(config);
     let Some((current, current_entries)) = current else {
         let mut entries = Vec::new();

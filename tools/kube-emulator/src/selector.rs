@@ -49,13 +49,12 @@ fn split_top_level(text: &str) -> Vec<String> {
 }
 
 fn parse_error(term: &str, why: impl std::fmt::Display) -> ApiError {
-    ApiError::bad_request(format!(
-        "unable to parse requirement: {why} (in {term:?})"
-    ))
+    ApiError::bad_request(format!("unable to parse requirement: {why} (in {term:?})"))
 }
 
 fn check_key(term: &str, key: &str) -> Result<(), ApiError> {
-    validate::label_key(key).map_err(|e| parse_error(term, format!("invalid label key {key:?}: {e}")))
+    validate::label_key(key)
+        .map_err(|e| parse_error(term, format!("invalid label key {key:?}: {e}")))
 }
 
 fn check_value(term: &str, value: &str) -> Result<(), ApiError> {
@@ -114,23 +113,30 @@ impl LabelSelector {
                 check_value(term, v)?;
                 Requirement::NotEquals(key.to_string(), v.to_string())
             } else if let Some(v) = rest.strip_prefix('>') {
-                let n = v
-                    .trim()
-                    .parse::<i64>()
-                    .map_err(|_| parse_error(term, "for 'Gt', 'Lt' operators, the value must be an integer"))?;
+                let n = v.trim().parse::<i64>().map_err(|_| {
+                    parse_error(
+                        term,
+                        "for 'Gt', 'Lt' operators, the value must be an integer",
+                    )
+                })?;
                 Requirement::GreaterThan(key.to_string(), n)
             } else if let Some(v) = rest.strip_prefix('<') {
-                let n = v
-                    .trim()
-                    .parse::<i64>()
-                    .map_err(|_| parse_error(term, "for 'Gt', 'Lt' operators, the value must be an integer"))?;
+                let n = v.trim().parse::<i64>().map_err(|_| {
+                    parse_error(
+                        term,
+                        "for 'Gt', 'Lt' operators, the value must be an integer",
+                    )
+                })?;
                 Requirement::LessThan(key.to_string(), n)
             } else if let Some(v) = rest.strip_prefix("notin") {
                 Requirement::NotIn(key.to_string(), parse_set(term, v)?)
             } else if let Some(v) = rest.strip_prefix("in") {
                 Requirement::In(key.to_string(), parse_set(term, v)?)
             } else {
-                return Err(parse_error(term, format!("found {rest:?}, expected an operator")));
+                return Err(parse_error(
+                    term,
+                    format!("found {rest:?}, expected an operator"),
+                ));
             };
             requirements.push(requirement);
         }
@@ -243,7 +249,11 @@ mod tests {
             ("n>5", false),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&l), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&l),
+                want,
+                "{sel}"
+            );
         }
     }
 
@@ -257,10 +267,28 @@ mod tests {
 
     #[test]
     fn field_selector() {
-        let obj = serde_json::json!({"metadata": {"name": "a", "namespace": "ns"}, "type": "Opaque"});
-        assert!(FieldSelector::parse(Kind::Secret, "metadata.name=a").unwrap().matches(&obj));
-        assert!(!FieldSelector::parse(Kind::Secret, "metadata.name!=a").unwrap().matches(&obj));
-        assert!(FieldSelector::parse(Kind::Secret, "type==Opaque,metadata.namespace=ns").unwrap().matches(&obj));
-        assert_eq!(FieldSelector::parse(Kind::Secret, "spec.x=1").unwrap_err().code, 400);
+        let obj =
+            serde_json::json!({"metadata": {"name": "a", "namespace": "ns"}, "type": "Opaque"});
+        assert!(
+            FieldSelector::parse(Kind::Secret, "metadata.name=a")
+                .unwrap()
+                .matches(&obj)
+        );
+        assert!(
+            !FieldSelector::parse(Kind::Secret, "metadata.name!=a")
+                .unwrap()
+                .matches(&obj)
+        );
+        assert!(
+            FieldSelector::parse(Kind::Secret, "type==Opaque,metadata.namespace=ns")
+                .unwrap()
+                .matches(&obj)
+        );
+        assert_eq!(
+            FieldSelector::parse(Kind::Secret, "spec.x=1")
+                .unwrap_err()
+                .code,
+            400
+        );
     }
 }

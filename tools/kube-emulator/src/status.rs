@@ -112,7 +112,10 @@ impl ApiError {
         let mut parts = Vec::new();
         for (manager, fields) in &by_manager {
             if fields.len() == 1 {
-                parts.push(format!("conflict with \"{manager}\" using v1: {}", fields[0]));
+                parts.push(format!(
+                    "conflict with \"{manager}\" using v1: {}",
+                    fields[0]
+                ));
             } else {
                 let list: Vec<String> = fields.iter().map(|f| format!("- {f}")).collect();
                 parts.push(format!(
@@ -223,13 +226,25 @@ impl ApiError {
     /// The status an injected fault answers with.
     pub fn for_code(code: u16) -> Self {
         let (reason, message) = match code {
-            429 => ("TooManyRequests", "Too many requests, please try again later."),
+            429 => (
+                "TooManyRequests",
+                "Too many requests, please try again later.",
+            ),
             500 => ("InternalError", "Internal error occurred: injected fault"),
-            503 => ("ServiceUnavailable", "The server is currently unable to handle the request"),
-            504 => ("Timeout", "Timeout: request did not complete within the allotted timeout"),
+            503 => (
+                "ServiceUnavailable",
+                "The server is currently unable to handle the request",
+            ),
+            504 => (
+                "Timeout",
+                "Timeout: request did not complete within the allotted timeout",
+            ),
             401 => ("Unauthorized", "Unauthorized"),
             403 => ("Forbidden", "forbidden: injected fault"),
-            404 => ("NotFound", "the server could not find the requested resource"),
+            404 => (
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
             409 => ("Conflict", "Operation cannot be fulfilled: injected fault"),
             422 => ("Invalid", "injected fault: is invalid"),
             _ => ("", "injected fault"),

@@ -1,0 +1,366 @@
+//! The provisioning job: runs the runbook's steps in order (the bucket alongside the IAM chain),
+//! each as a persisted, idempotent [`JobContext`] step, and records what it made.
+//!
+//! Credential safety rules, in the order they bite:
+//! - an existing Secret that we do not manage stops the job before anything is changed;
+//! - a cipher pass found anywhere (the Secret, or sealed in Postgres) is reused, never replaced;
+//! - an access key's secret is sealed in the same transaction that records the key step's
+//!   success, and that transaction holds the job's lease across the CreateAccessKey call, so no
+//!   other worker can create a key for this repository at the same time;
+//! - keys we cannot use (no secret held, not referenced by the Secret) are deleted before a new
+//!   one is made, so the user never needs more than IAM's two keys.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::secret::{self, ExistingSecret, S3Conf};
+use super::{
+    JOB_KIND, ProvisionPayload, access_key, bucket, cipher_pass, credential_check, group, policy, sealed, user,
+};
+use crate::cloud::aws::AwsClients;
+use crate::cloud::StepReport;
+use crate::crypto::EncryptionKey;
+use crate::jobs::{JobContext, JobError, JobHandler, StepDone};
+use crate::repository::{self, Resources, SecretRef};
+
+/// What the provisioning job needs from the outside world.
+pub struct Provisioner {
+    pub aws: AwsClients,
+    pub kube: kube::Client,
+    pub encryption_key: EncryptionKey,
+    /// How long the credential check waits for IAM's eventual consistency.
+    pub credential_check_budget: Duration,
+    pub credential_check_backoff: Duration,
+}
+
+// Step names (stored in job_steps; never rename) and their display order.
+const BUCKET: (&str, i32) = ("bucket", 1);
+const POLICY: (&str, i32) = ("policy", 2);
+const GROUP: (&str, i32) = ("group", 3);
+const USER: (&str, i32) = ("user", 4);
+const CIPHER_PASS: (&str, i32) = ("cipher_pass", 5);
+const ACCESS_KEY: (&str, i32) = ("access_key", 6);
+const KEY_DESCRIPTION: (&str, i32) = ("access_key_description", 7);
+const CREDENTIAL_CHECK: (&str, i32) = ("credential_check", 8);
+const SECRET: (&str, i32) = ("secret", 9);
+
+/// Where the access key's secret comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeySource {
+    /// Made by this job; its secret is sealed in Postgres until the Secret holds it.
+    Created,
+    /// Made by an earlier attempt; its secret is still sealed in Postgres.
+    Held,
+    /// Referenced by the existing Secret, which holds its secret.
+    Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyOutput {
+    pub access_key_id: String,
+    pub source: KeySource,
+}
+
+#[async_trait::async_trait]
+impl JobHandler for Provisioner {
+    fn kind(&self) -> &'static str {
+        JOB_KIND
+    }
+
+    async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
+        let p: ProvisionPayload = ctx.payload()?;
+        let existing = secret::read(&self.kube, &p.namespace, &p.bucket).await?;
+        refuse_unmanaged_secret(existing.as_ref(), &p)?;
+        let s3 = self.aws.s3_for_region(&p.region);
+        let (_, policy_arn) = tokio::try_join!(self.bucket_step(ctx, &s3, &p), self.policy_step(ctx, &p))?;
+        self.group_step(ctx, &p, &policy_arn).await?;
+        self.user_step(ctx, &p).await?;
+        self.cipher_pass_step(ctx, &s3, &p, existing.as_ref()).await?;
+        let key = self.access_key_step(ctx, &p, existing.as_ref()).await?;
+        self.key_description_step(ctx, &p, &key).await?;
+        let conf = self.s3_conf(ctx, &p, existing.as_ref(), &key).await?;
+        self.credential_check_step(ctx, &p, &key, &conf).await?;
+        self.secret_step(ctx, &p, &conf).await
+    }
+}
+
+fn refuse_unmanaged_secret(existing: Option<&ExistingSecret>, p: &ProvisionPayload) -> Result<(), JobError> {
+    match existing {
+        Some(s) if !s.managed_by_us && !p.adopt_existing_secret => Err(JobError::Permanent(format!(
+            "Secret {}/{} exists and is not managed by backup-provisioner; it was left untouched. \
+             Remove it, or create the repository with \"adopt_existing_secret\": true to take it over \
+             (its cipher pass is kept)",
+            p.namespace, p.bucket
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn done<T>(output: T, report: StepReport) -> StepDone<T> {
+    StepDone {
+        output,
+        outcome: report.outcome.as_str(),
+        detail: report.detail,
+        upstream_request_id: report.upstream_request_id,
+    }
+}
+
+impl Provisioner {
+    async fn remember(&self, ctx: &JobContext, p: &ProvisionPayload, patch: Resources) -> Result<(), JobError> {
+        repository::merge_resources(ctx.pool(), p.repository_id, &patch).await?;
+        Ok(())
+    }
+
+    async fn bucket_step(&self, ctx: &JobContext, s3: &aws_sdk_s3::Client, p: &ProvisionPayload) -> Result<String, JobError> {
+        let arn: String = ctx
+            .step(BUCKET.0, BUCKET.1, async {
+                let report = bucket::ensure(s3, &p.bucket, &p.region, &p.repository).await?;
+                Ok(done(bucket::arn(&p.bucket), report))
+            })
+            .await?;
+        self.remember(ctx, p, Resources { bucket_arn: Some(arn.clone()), ..Default::default() }).await?;
+        Ok(arn)
+    }
+
+    async fn policy_step(&self, ctx: &JobContext, p: &ProvisionPayload) -> Result<String, JobError> {
+        let arn: String = ctx
+            .step(POLICY.0, POLICY.1, async {
+                let (report, arn) = policy::ensure(&self.aws.iam, &p.bucket).await?;
+                Ok(done(arn, report))
+            })
+            .await?;
+        self.remember(ctx, p, Resources { policy_arn: Some(arn.clone()), ..Default::default() }).await?;
+        Ok(arn)
+    }
+
+    async fn group_step(&self, ctx: &JobContext, p: &ProvisionPayload, policy_arn: &str) -> Result<(), JobError> {
+        let name: String = ctx
+            .step(GROUP.0, GROUP.1, async {
+                let report = group::ensure(&self.aws.iam, &p.bucket, policy_arn).await?;
+                Ok(done(p.bucket.clone(), report))
+            })
+            .await?;
+        self.remember(ctx, p, Resources { group: Some(name), ..Default::default() }).await
+    }
+
+    async fn user_step(&self, ctx: &JobContext, p: &ProvisionPayload) -> Result<(), JobError> {
+        let name: String = ctx
+            .step(USER.0, USER.1, async {
+                let report = user::ensure(&self.aws.iam, &p.bucket, &p.repository).await?;
+                Ok(done(p.bucket.clone(), report))
+            })
+            .await?;
+        self.remember(ctx, p, Resources { user: Some(name), ..Default::default() }).await
+    }
+
+    /// Settles which cipher pass the Secret will hold (see [`cipher_pass::decide`]); a newly
+    /// generated one is sealed in the same transaction as the step's success.
+    async fn cipher_pass_step(
+        &self,
+        ctx: &JobContext,
+        s3: &aws_sdk_s3::Client,
+        p: &ProvisionPayload,
+        existing: Option<&ExistingSecret>,
+    ) -> Result<cipher_pass::Source, JobError> {
+        ctx.step_manual(CIPHER_PASS.0, CIPHER_PASS.1, |attempt| async move {
+            let held = self.held(ctx, p, sealed::Kind::CipherPass).await?;
+            let in_secret = existing.and_then(|s| s.conf.as_ref()).is_some();
+            let bucket_has_objects = || bucket::has_objects(s3, &p.bucket);
+            let decision = cipher_pass::decide(in_secret, held.is_some(), p, bucket_has_objects).await?;
+            let mut tx = ctx.fenced_tx().await?;
+            if let cipher_pass::Decision::Generate(pass) = &decision {
+                let secret = SecretString::from(pass.expose().to_owned());
+                sealed::put(&mut tx, &self.encryption_key, p.repository_id, sealed::Kind::CipherPass, "cipher-pass", &secret)
+                    .await?;
+            }
+            ctx.checkpoint(CIPHER_PASS.0, "before-record");
+            let source = decision.source();
+            let report = StepReport::new(decision.outcome(), json!({ "source": source }));
+            ctx.finish_step(&mut tx, CIPHER_PASS.0, attempt, &done(source, report)).await?;
+            tx.commit().await?;
+            Ok(source)
+        })
+        .await
+    }
+
+    async fn held(&self, ctx: &JobContext, p: &ProvisionPayload, kind: sealed::Kind) -> Result<Option<sealed::Held>, JobError> {
+        Ok(sealed::get(ctx.pool(), &self.encryption_key, p.repository_id, kind).await?)
+    }
+
+    async fn access_key_step(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        existing: Option<&ExistingSecret>,
+    ) -> Result<KeyOutput, JobError> {
+        let key: KeyOutput = ctx
+            .step_manual(ACCESS_KEY.0, ACCESS_KEY.1, |attempt| self.reconcile_access_key(ctx, p, existing, attempt))
+            .await?;
+        self.remember(ctx, p, Resources { access_key_id: Some(key.access_key_id.clone()), ..Default::default() })
+            .await?;
+        Ok(key)
+    }
+
+    /// Keeps the one key whose secret we have (sealed, or in the Secret), deletes the rest, and
+    /// creates a key only when none is usable.
+    async fn reconcile_access_key(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        existing: Option<&ExistingSecret>,
+        attempt: i32,
+    ) -> Result<KeyOutput, JobError> {
+        let iam = &self.aws.iam;
+        let keys = access_key::list(iam, &p.bucket).await?;
+        let in_iam = |id: &str| keys.iter().any(|k| k.id == id);
+        let held = self.held(ctx, p, sealed::Kind::AccessKey).await?.filter(|h| in_iam(&h.key_id));
+        let referenced = existing
+            .and_then(|s| s.conf.as_ref())
+            .map(|c| c.access_key_id.clone())
+            .filter(|id| in_iam(id));
+        let keep = match (held, referenced) {
+            (Some(h), _) => Some(KeyOutput { access_key_id: h.key_id, source: KeySource::Held }),
+            (None, Some(id)) => Some(KeyOutput { access_key_id: id, source: KeySource::Secret }),
+            (None, None) => None,
+        };
+        let mut deleted = Vec::new();
+        for unusable in keys.iter().filter(|k| Some(&k.id) != keep.as_ref().map(|k| &k.access_key_id)) {
+            access_key::delete(iam, &p.bucket, &unusable.id).await?;
+            access_key::remove_description_tag(iam, &p.bucket, &unusable.id).await?;
+            deleted.push(unusable.id.clone());
+        }
+        if keep.is_none() {
+            sealed::forget(ctx.pool(), p.repository_id, sealed::Kind::AccessKey).await?;
+        }
+        let detail = |id: &str, source: KeySource| json!({ "access_key_id": id, "source": source, "deleted": deleted });
+        let mut tx = ctx.fenced_tx().await?;
+        let (output, report) = match keep {
+            Some(key) => {
+                let report = StepReport::new(
+                    if deleted.is_empty() { crate::cloud::Outcome::AlreadyPresent } else { crate::cloud::Outcome::Updated },
+                    detail(&key.access_key_id, key.source),
+                );
+                (key, report)
+            }
+            None => {
+                // The fenced transaction holds the job's row lock across this call: no other
+                // worker can claim or rescue the job until the key's secret is sealed.
+                let new = access_key::create(iam, &p.bucket).await?;
+                ctx.checkpoint(ACCESS_KEY.0, "before-record");
+                sealed::put(&mut tx, &self.encryption_key, p.repository_id, sealed::Kind::AccessKey, &new.id, &new.secret)
+                    .await?;
+                let mut report = StepReport::new(crate::cloud::Outcome::Created, detail(&new.id, KeySource::Created));
+                report.upstream_request_id = new.request_id.clone();
+                (KeyOutput { access_key_id: new.id.clone(), source: KeySource::Created }, report)
+            }
+        };
+        ctx.finish_step(&mut tx, ACCESS_KEY.0, attempt, &done(output.clone(), report)).await?;
+        tx.commit().await?;
+        Ok(output)
+    }
+
+    async fn key_description_step(&self, ctx: &JobContext, p: &ProvisionPayload, key: &KeyOutput) -> Result<(), JobError> {
+        ctx.step(KEY_DESCRIPTION.0, KEY_DESCRIPTION.1, async {
+            let report = access_key::ensure_description_tag(&self.aws.iam, &p.bucket, &key.access_key_id).await?;
+            Ok(done((), report))
+        })
+        .await
+    }
+
+    /// The Secret's content: the cipher pass and key secret from wherever we hold them.
+    async fn s3_conf(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        existing: Option<&ExistingSecret>,
+        key: &KeyOutput,
+    ) -> Result<S3Conf, JobError> {
+        let current = existing.and_then(|s| s.conf.as_ref());
+        let cipher_pass = match (current, self.held(ctx, p, sealed::Kind::CipherPass).await?) {
+            (Some(conf), _) => conf.cipher_pass.clone(),
+            (None, Some(held)) => held.secret,
+            (None, None) => {
+                return Err(JobError::Permanent(format!(
+                    "the cipher pass for {} is no longer available: the Secret {}/{} disappeared after it was read. \
+                     Restore the Secret (backups are encrypted with its cipher pass), then retry",
+                    p.repository, p.namespace, p.bucket
+                )));
+            }
+        };
+        let secret_access_key = match self.held(ctx, p, sealed::Kind::AccessKey).await? {
+            Some(held) if held.key_id == key.access_key_id => held.secret,
+            _ => match current {
+                Some(conf) if conf.access_key_id == key.access_key_id => conf.secret_access_key.clone(),
+                _ => {
+                    // The key's secret is gone (e.g. the Secret changed meanwhile): make a new key.
+                    ctx.reset_steps(&[ACCESS_KEY.0, KEY_DESCRIPTION.0, CREDENTIAL_CHECK.0]).await?;
+                    return Err(JobError::Retryable(format!(
+                        "no secret is held for access key {}; a new key will be made on the next attempt",
+                        key.access_key_id
+                    )));
+                }
+            },
+        };
+        Ok(S3Conf { cipher_pass, access_key_id: key.access_key_id.clone(), secret_access_key })
+    }
+
+    /// Proves the key works before the repository is `ready`: a new key writes, reads and
+    /// deletes a probe object; a key already in the Secret is checked read-only, so a re-run of
+    /// a ready repository makes no mutating call.
+    async fn credential_check_step(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        key: &KeyOutput,
+        conf: &S3Conf,
+    ) -> Result<(), JobError> {
+        ctx.step(CREDENTIAL_CHECK.0, CREDENTIAL_CHECK.1, async {
+            let client = self.aws.s3_with_static_credentials(
+                &p.region,
+                &conf.access_key_id,
+                conf.secret_access_key.expose_secret(),
+            );
+            let budget = self.credential_check_budget;
+            let backoff = self.credential_check_backoff;
+            let report = match key.source {
+                KeySource::Secret => credential_check::verify_read_only(&client, &p.bucket, budget, backoff).await?,
+                KeySource::Created | KeySource::Held => {
+                    credential_check::verify(&client, &p.bucket, budget, backoff).await?
+                }
+            };
+            Ok(done((), report))
+        })
+        .await
+    }
+
+    /// Writes the Secret, reads it back, and wipes the sealed material in the same transaction
+    /// that records success.
+    async fn secret_step(&self, ctx: &JobContext, p: &ProvisionPayload, conf: &S3Conf) -> Result<(), JobError> {
+        let secret_ref: SecretRef = ctx
+            .step_manual(SECRET.0, SECRET.1, |attempt| async move {
+                let report = secret::apply(&self.kube, &p.namespace, &p.bucket, conf, p.adopt_existing_secret).await?;
+                ctx.checkpoint(SECRET.0, "before-record");
+                let mut tx = ctx.fenced_tx().await?;
+                sealed::wipe(&mut *tx, p.repository_id).await?;
+                let output = SecretRef { namespace: p.namespace.clone(), name: p.bucket.clone() };
+                ctx.finish_step(&mut tx, SECRET.0, attempt, &done(output.clone(), report)).await?;
+                tx.commit().await?;
+                Ok(output)
+            })
+            .await?;
+        self.remember(ctx, p, Resources { secret: Some(secret_ref), ..Default::default() }).await
+    }
+}
+
+impl From<sealed::SealedError> for JobError {
+    fn from(err: sealed::SealedError) -> Self {
+        match err {
+            sealed::SealedError::Database(e) => JobError::Database(e),
+            other => JobError::Permanent(other.to_string()),
+        }
+    }
+}
