@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP API and (unless --workers 0) job workers in one process.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run job workers only.
     Worker(WorkerArgs),
     /// Apply database migrations and exit.

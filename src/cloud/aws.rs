@@ -17,7 +17,6 @@ use aws_sdk_s3::config::{ConfigBag, Credentials, Intercept, Region, RuntimeCompo
 use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::RequestId;
 use aws_smithy_types::config_bag::{Storable, StoreReplace};
-use secrecy::{ExposeSecret, SecretString};
 
 use super::CloudError;
 
@@ -103,7 +102,9 @@ impl AwsClients {
             iam = iam.interceptor(counter.interceptor("iam"));
         }
         let mut clients = AwsClients {
-            s3: aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk_config).build()),
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&sdk_config).build(),
+            ),
             iam: aws_sdk_iam::Client::from_conf(iam.build()),
             sdk_config,
             counter,
@@ -124,11 +125,11 @@ impl AwsClients {
         &self,
         region: &str,
         access_key_id: &str,
-        secret: &SecretString,
+        secret: &str,
     ) -> aws_sdk_s3::Client {
         let credentials = Credentials::new(
             access_key_id,
-            secret.expose_secret(),
+            secret,
             None,
             None,
             "backup-provisioner-new-key",
@@ -203,7 +204,10 @@ impl CallCounter {
 
     /// Records one call; used by the interceptor, public for other clients.
     pub fn record(&self, service: &str, operation: &str) {
-        *self.lock().entry(format!("{service}:{operation}")).or_default() += 1;
+        *self
+            .lock()
+            .entry(format!("{service}:{operation}"))
+            .or_default() += 1;
     }
 
     /// Whether an operation name (`CreateUser`, or `iam:CreateUser`) changes state. Anything not
@@ -223,7 +227,9 @@ impl CallCounter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
-        self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn interceptor(&self, service: &'static str) -> CountingInterceptor {
@@ -418,7 +424,11 @@ pub fn output_request_id<T: RequestId>(output: &T) -> Option<String> {
 /// failures are [`CloudError::Retryable`]; everything a retry cannot fix is
 /// [`CloudError::Permanent`] with a message that says what to fix. The upstream request id is
 /// kept.
-pub fn classify<E, R>(service: &'static str, operation: &'static str, err: SdkError<E, R>) -> CloudError
+pub fn classify<E, R>(
+    service: &'static str,
+    operation: &'static str,
+    err: SdkError<E, R>,
+) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: fmt::Debug + 'static,
@@ -460,10 +470,18 @@ where
             status.map(|s| format!(" (HTTP {s})")).unwrap_or_default(),
             DisplayErrorContext(&err)
         )),
-        SdkError::ServiceError(_) => {
-            classify_code(service, operation, err.code(), status, err.message(), request_id.clone())
-        }
-        _ => permanent(format!("unexpected AWS SDK error: {}", DisplayErrorContext(&err))),
+        SdkError::ServiceError(_) => classify_code(
+            service,
+            operation,
+            err.code(),
+            status,
+            err.message(),
+            request_id.clone(),
+        ),
+        _ => permanent(format!(
+            "unexpected AWS SDK error: {}",
+            DisplayErrorContext(&err)
+        )),
     }
 }
 
@@ -548,10 +566,14 @@ pub fn classify_code(
             // IAM is eventually consistent; a resource created moments ago can be missing.
             retryable("the resource was not found (not yet visible or deleted concurrently)")
         }
-        "ValidationError" | "InvalidInput" | "InvalidParameterValue" | "InvalidArgument"
-        | "InvalidRequest" | "MalformedXML" | "InvalidParameterCombination" => permanent(
-            "AWS rejected the request as invalid; check the names and settings supplied"
-                .to_owned(),
+        "ValidationError"
+        | "InvalidInput"
+        | "InvalidParameterValue"
+        | "InvalidArgument"
+        | "InvalidRequest"
+        | "MalformedXML"
+        | "InvalidParameterCombination" => permanent(
+            "AWS rejected the request as invalid; check the names and settings supplied".to_owned(),
         ),
         _ => match status {
             Some(s) if s >= 500 => retryable("AWS server error; retry later"),
@@ -591,10 +613,20 @@ mod tests {
 
     #[test]
     fn mutating_split() {
-        for op in ["CreateUser", "PutBucketTagging", "iam:UntagUser", "AttachGroupPolicy"] {
+        for op in [
+            "CreateUser",
+            "PutBucketTagging",
+            "iam:UntagUser",
+            "AttachGroupPolicy",
+        ] {
             assert!(CallCounter::is_mutating(op), "{op}");
         }
-        for op in ["GetUser", "s3:HeadBucket", "ListPolicies", "GetBucketLocation"] {
+        for op in [
+            "GetUser",
+            "s3:HeadBucket",
+            "ListPolicies",
+            "GetBucketLocation",
+        ] {
             assert!(!CallCounter::is_mutating(op), "{op}");
         }
     }

@@ -129,7 +129,7 @@ pub async fn claim(pool: &PgPool, kinds: &[&str], worker: &str, lease: Duration)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(job) = &job {
-        set_subject_state(&mut *tx, job.id, "provisioning").await?;
+        set_subject_state(&mut tx, job.id, "provisioning").await?;
     }
     tx.commit().await?;
     Ok(job)
@@ -201,8 +201,8 @@ pub async fn finish(pool: &PgPool, id: Uuid, token: Uuid, finish: Finish<'_>) ->
         "queued" => "provisioning",
         other => other,
     };
-    set_subject_state(&mut *tx, id, subject_state).await?;
-    set_subject_error(&mut *tx, id, error).await?;
+    set_subject_state(&mut tx, id, subject_state).await?;
+    set_subject_error(&mut tx, id, error).await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -243,7 +243,7 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
     .await?;
     for (id, state) in &rescued {
         let subject = if state == "failed" { "failed" } else { "provisioning" };
-        set_subject_state(&mut *tx, *id, subject).await?;
+        set_subject_state(&mut tx, *id, subject).await?;
     }
     tx.commit().await?;
     Ok(rescued.into_iter().map(|(id, _)| id).collect())
@@ -276,7 +276,7 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Erro
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            set_subject_state(&mut *tx, id, "cancelled").await?;
+            set_subject_state(&mut tx, id, "cancelled").await?;
             CancelOutcome::Cancelled
         }
         JobState::Running => {
@@ -331,7 +331,7 @@ pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error>
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    set_subject_state(&mut *tx, id, "pending").await?;
+    set_subject_state(&mut tx, id, "pending").await?;
     tx.commit().await?;
     Ok(RetryOutcome::Queued)
 }

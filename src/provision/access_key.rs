@@ -157,7 +157,10 @@ pub async fn ensure_description_tag(
 ) -> Result<StepReport, CloudError> {
     let (value, truncated) = description_tag_value();
     let current = list_tags(iam, user).await?;
-    let found = current.iter().find(|(k, _)| k == key_id).map(|(_, v)| v.clone());
+    let found = current
+        .iter()
+        .find(|(k, _)| k == key_id)
+        .map(|(_, v)| v.clone());
     let mut detail = json!({
         "user_name": user,
         "access_key_id": key_id,

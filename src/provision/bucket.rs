@@ -136,7 +136,13 @@ struct Run {
 }
 
 impl Run {
-    fn repaired(&mut self, setting: &str, found: Value, expected: Value, request_id: Option<String>) {
+    fn repaired(
+        &mut self,
+        setting: &str,
+        found: Value,
+        expected: Value,
+        request_id: Option<String>,
+    ) {
         self.differences.push(json!({
             "setting": setting,
             "found": found,
@@ -173,7 +179,13 @@ async fn head(s3: &Client, bucket: &str, region: &str) -> Result<bool, CloudErro
             match status {
                 Some(301) | Some(400) if response_header(&err, "x-amz-bucket-region").is_some() => {
                     let found = response_header(&err, "x-amz-bucket-region").unwrap_or_default();
-                    Err(wrong_region(bucket, found, region, request_id, "HeadBucket"))
+                    Err(wrong_region(
+                        bucket,
+                        found,
+                        region,
+                        request_id,
+                        "HeadBucket",
+                    ))
                 }
                 Some(403) => Err(CloudError::Permanent {
                     service: S3,
@@ -230,7 +242,12 @@ async fn check_location(s3: &Client, bucket: &str, region: &str) -> Result<(), C
 }
 
 /// Creates the bucket; `Ok(false)` when it turned out to exist already (ours, same region).
-async fn create(s3: &Client, bucket: &str, region: &str, run: &mut Run) -> Result<bool, CloudError> {
+async fn create(
+    s3: &Client,
+    bucket: &str,
+    region: &str,
+    run: &mut Run,
+) -> Result<bool, CloudError> {
     let mut request = s3.create_bucket().bucket(bucket);
     if region != "us-east-1" {
         request = request.create_bucket_configuration(
@@ -257,7 +274,12 @@ fn is_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>, codes: &[&str]) -> 
 }
 
 async fn ensure_ownership(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
-    let found: Vec<String> = match s3.get_bucket_ownership_controls().bucket(bucket).send().await {
+    let found: Vec<String> = match s3
+        .get_bucket_ownership_controls()
+        .bucket(bucket)
+        .send()
+        .await
+    {
         Ok(out) => out
             .ownership_controls()
             .map(|c| {
@@ -291,7 +313,11 @@ async fn ensure_ownership(s3: &Client, bucket: &str, run: &mut Run) -> Result<()
         .map_err(|e| classify(S3, "PutBucketOwnershipControls", e))?;
     run.repaired(
         "object_ownership",
-        if found.is_empty() { Value::Null } else { json!(found) },
+        if found.is_empty() {
+            Value::Null
+        } else {
+            json!(found)
+        },
         json!(expected),
         output_request_id(&out),
     );
@@ -402,7 +428,11 @@ async fn ensure_encryption(s3: &Client, bucket: &str, run: &mut Run) -> Result<(
         .map_err(|e| classify(S3, "PutBucketEncryption", e))?;
     run.repaired(
         "default_encryption",
-        if found.is_empty() { Value::Null } else { json!(found) },
+        if found.is_empty() {
+            Value::Null
+        } else {
+            json!(found)
+        },
         expected,
         output_request_id(&out),
     );
@@ -459,7 +489,12 @@ async fn check_versioning(s3: &Client, bucket: &str, run: &mut Run) -> Result<()
 }
 
 async fn check_object_lock(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
-    let enabled = match s3.get_object_lock_configuration().bucket(bucket).send().await {
+    let enabled = match s3
+        .get_object_lock_configuration()
+        .bucket(bucket)
+        .send()
+        .await
+    {
         Ok(out) => out
             .object_lock_configuration()
             .and_then(|c| c.object_lock_enabled())

@@ -20,7 +20,11 @@ const S3: &str = "s3";
 /// Why one attempt failed.
 enum AttemptError {
     /// The key was not (yet) accepted: worth retrying within the budget.
-    Rejected { operation: &'static str, error: CloudError, code: String },
+    Rejected {
+        operation: &'static str,
+        error: CloudError,
+        code: String,
+    },
     /// Any other failure.
     Other(CloudError),
 }
@@ -36,27 +40,80 @@ pub async fn verify(
     initial_backoff: Duration,
 ) -> Result<StepReport, CloudError> {
     let started = Instant::now();
+    let mut probe_key = String::new();
+    let (attempts, request_id) = with_budget(bucket, budget, initial_backoff, || {
+        probe_key = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4());
+        attempt(client_with_new_key, bucket, probe_key.clone())
+    })
+    .await?;
+    let mut report = StepReport::new(
+        Outcome::Created,
+        json!({
+            "bucket": bucket,
+            "probe_key": probe_key,
+            "attempts": attempts,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "checked": ["PutObject", "GetObject", "DeleteObject"],
+        }),
+    );
+    report.upstream_request_id = request_id;
+    Ok(report)
+}
+
+/// Read-only variant for a key that is already in use (e.g. found in the Secret): lists the
+/// bucket (ListObjectsV2, max-keys 1) with the same retry rules as [`verify`]. Makes no mutating
+/// call, so a re-run of a ready repository stays read-only. Outcome `AlreadyPresent`.
+pub async fn verify_read_only(
+    client_with_key: &Client,
+    bucket: &str,
+    budget: Duration,
+    initial_backoff: Duration,
+) -> Result<StepReport, CloudError> {
+    let started = Instant::now();
+    let (attempts, request_id) = with_budget(bucket, budget, initial_backoff, || async {
+        let out = client_with_key
+            .list_objects_v2()
+            .bucket(bucket)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| rejected_or_other("ListObjectsV2", e))?;
+        Ok(crate::cloud::aws::output_request_id(&out))
+    })
+    .await?;
+    let mut report = StepReport::new(
+        Outcome::AlreadyPresent,
+        json!({
+            "bucket": bucket,
+            "attempts": attempts,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "checked": ["ListObjectsV2"],
+        }),
+    );
+    report.upstream_request_id = request_id;
+    Ok(report)
+}
+
+/// Runs `attempt` until it succeeds, fails with a non-retryable error, or `budget` is spent.
+/// Returns the number of attempts and the request id of the successful attempt.
+async fn with_budget<F, Fut>(
+    bucket: &str,
+    budget: Duration,
+    initial_backoff: Duration,
+    mut attempt: F,
+) -> Result<(u32, Option<String>), CloudError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<String>, AttemptError>>,
+{
+    let started = Instant::now();
     let deadline = started + budget;
     let mut backoff = initial_backoff.max(Duration::from_millis(1));
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let key = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4());
-        let last = match attempt(client_with_new_key, bucket, &key).await {
-            Ok(request_id) => {
-                let mut report = StepReport::new(
-                    Outcome::Created,
-                    json!({
-                        "bucket": bucket,
-                        "probe_key": key,
-                        "attempts": attempts,
-                        "elapsed_ms": started.elapsed().as_millis() as u64,
-                        "checked": ["PutObject", "GetObject", "DeleteObject"],
-                    }),
-                );
-                report.upstream_request_id = request_id;
-                return Ok(report);
-            }
+        let last = match attempt().await {
+            Ok(request_id) => return Ok((attempts, request_id)),
             Err(AttemptError::Other(error)) if !error.is_retryable() => return Err(error),
             Err(other) => other,
         };
@@ -64,7 +121,11 @@ pub async fn verify(
         if now >= deadline {
             return Err(give_up(bucket, last, attempts, started.elapsed()));
         }
-        tracing::debug!(attempts, ?backoff, "credential check not passing yet; retrying");
+        tracing::debug!(
+            attempts,
+            ?backoff,
+            "credential check not passing yet; retrying"
+        );
         tokio::time::sleep(backoff.min(deadline - now)).await;
         backoff = backoff.saturating_mul(2);
     }
@@ -92,7 +153,8 @@ fn give_up(bucket: &str, last: AttemptError, attempts: u32, elapsed: Duration) -
 }
 
 /// One put/get/delete round; returns the request id of the delete.
-async fn attempt(s3: &Client, bucket: &str, key: &str) -> Result<Option<String>, AttemptError> {
+async fn attempt(s3: &Client, bucket: &str, key: String) -> Result<Option<String>, AttemptError> {
+    let key = key.as_str();
     let body = format!("backup-provisioner credential check {key}\n").into_bytes();
     s3.put_object()
         .bucket(bucket)

@@ -12,7 +12,11 @@ const IAM: &str = "iam";
 
 /// Ensures group `bucket` exists and has `policy_arn` attached. Other attached policies are
 /// reported under `differences` and left alone.
-pub async fn ensure(iam: &Client, bucket: &str, policy_arn: &str) -> Result<StepReport, CloudError> {
+pub async fn ensure(
+    iam: &Client,
+    bucket: &str,
+    policy_arn: &str,
+) -> Result<StepReport, CloudError> {
     let group = bucket;
     let mut request_id = None;
     let created = match iam.get_group().group_name(group).max_items(1).send().await {

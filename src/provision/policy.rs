@@ -171,7 +171,9 @@ pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), 
     let default_version_id = policy
         .default_version_id()
         .or(existing.default_version_id())
-        .ok_or_else(|| CloudError::retryable(IAM, "GetPolicy", "the policy has no default version"))?
+        .ok_or_else(|| {
+            CloudError::retryable(IAM, "GetPolicy", "the policy has no default version")
+        })?
         .to_owned();
     let version = iam
         .get_policy_version()
@@ -184,7 +186,10 @@ pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), 
         .policy_version()
         .and_then(PolicyVersion::document)
         .and_then(parse_document);
-    if found.as_ref().is_some_and(|doc| documents_equivalent(doc, &expected)) {
+    if found
+        .as_ref()
+        .is_some_and(|doc| documents_equivalent(doc, &expected))
+    {
         let report = StepReport::new(
             Outcome::AlreadyPresent,
             json!({
@@ -275,7 +280,11 @@ pub async fn find(iam: &Client, name: &str) -> Result<Option<Policy>, CloudError
             .send()
             .await
             .map_err(|e| classify(IAM, "ListPolicies", e))?;
-        if let Some(policy) = out.policies().iter().find(|p| p.policy_name() == Some(name)) {
+        if let Some(policy) = out
+            .policies()
+            .iter()
+            .find(|p| p.policy_name() == Some(name))
+        {
             return Ok(Some(policy.clone()));
         }
         match out.marker() {
@@ -286,7 +295,10 @@ pub async fn find(iam: &Client, name: &str) -> Result<Option<Policy>, CloudError
 }
 
 /// All versions of a policy (paginated).
-pub async fn list_versions(iam: &Client, policy_arn: &str) -> Result<Vec<PolicyVersion>, CloudError> {
+pub async fn list_versions(
+    iam: &Client,
+    policy_arn: &str,
+) -> Result<Vec<PolicyVersion>, CloudError> {
     let mut versions = Vec::new();
     let mut marker: Option<String> = None;
     loop {

@@ -14,7 +14,11 @@ const IAM: &str = "iam";
 
 /// Ensures user `bucket` exists with our tags, is in group `bucket`, and has no console
 /// password. Group membership requires the group step to have run.
-pub async fn ensure(iam: &Client, bucket: &str, repository: &str) -> Result<StepReport, CloudError> {
+pub async fn ensure(
+    iam: &Client,
+    bucket: &str,
+    repository: &str,
+) -> Result<StepReport, CloudError> {
     let user = bucket;
     let group = bucket;
     let wanted_tags = [
@@ -54,12 +58,17 @@ pub async fn ensure(iam: &Client, bucket: &str, repository: &str) -> Result<Step
             let found: serde_json::Map<String, Value> = missing
                 .iter()
                 .map(|(k, _)| {
-                    let value = current.iter().find(|(ck, _)| ck == k).map(|(_, v)| v.clone());
+                    let value = current
+                        .iter()
+                        .find(|(ck, _)| ck == k)
+                        .map(|(_, v)| v.clone());
                     ((*k).to_owned(), json!(value))
                 })
                 .collect();
-            let expected: serde_json::Map<String, Value> =
-                missing.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+            let expected: serde_json::Map<String, Value> = missing
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect();
             let out = iam
                 .tag_user()
                 .user_name(user)

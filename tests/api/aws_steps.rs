@@ -14,10 +14,8 @@ use aws_sdk_s3::types::{
 };
 use backup_provisioner::cloud::aws::{self, AwsClients, CallCounter};
 use backup_provisioner::cloud::{CloudError, Outcome};
-use backup_provisioner::provision::{
-    access_key, bucket, credential_check, group, policy, user,
-};
-use secrecy::{ExposeSecret, SecretString};
+use backup_provisioner::provision::{access_key, bucket, credential_check, group, policy, user};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
 use crate::support::moto::Moto;
@@ -85,27 +83,51 @@ fn expect_permanent(result: Result<impl std::fmt::Debug, CloudError>) -> String 
 }
 
 /// Reads every runbook setting of a bucket back and asserts it.
-async fn assert_runbook_bucket(s3: &aws_sdk_s3::Client, name: &str, region: &str, repository: &str) {
-    s3.head_bucket().bucket(name).send().await.expect("bucket exists");
+async fn assert_runbook_bucket(
+    s3: &aws_sdk_s3::Client,
+    name: &str,
+    region: &str,
+    repository: &str,
+) {
+    s3.head_bucket()
+        .bucket(name)
+        .send()
+        .await
+        .expect("bucket exists");
     let location = s3.get_bucket_location().bucket(name).send().await.unwrap();
     assert_eq!(
         bucket::location_to_region(location.location_constraint().map(|l| l.as_str())),
         region
     );
 
-    let ownership = s3.get_bucket_ownership_controls().bucket(name).send().await.unwrap();
+    let ownership = s3
+        .get_bucket_ownership_controls()
+        .bucket(name)
+        .send()
+        .await
+        .unwrap();
     let rules = ownership.ownership_controls().unwrap().rules();
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].object_ownership().as_str(), "BucketOwnerEnforced");
 
-    let pab = s3.get_public_access_block().bucket(name).send().await.unwrap();
+    let pab = s3
+        .get_public_access_block()
+        .bucket(name)
+        .send()
+        .await
+        .unwrap();
     let pab = pab.public_access_block_configuration().unwrap();
     assert_eq!(pab.block_public_acls(), Some(true));
     assert_eq!(pab.ignore_public_acls(), Some(true));
     assert_eq!(pab.block_public_policy(), Some(true));
     assert_eq!(pab.restrict_public_buckets(), Some(true));
 
-    let enc = s3.get_bucket_encryption().bucket(name).send().await.unwrap();
+    let enc = s3
+        .get_bucket_encryption()
+        .bucket(name)
+        .send()
+        .await
+        .unwrap();
     let rules = enc.server_side_encryption_configuration().unwrap().rules();
     assert_eq!(rules.len(), 1);
     let default = rules[0].apply_server_side_encryption_by_default().unwrap();
@@ -139,7 +161,10 @@ async fn assert_runbook_bucket(s3: &aws_sdk_s3::Client, name: &str, region: &str
     assert_eq!(
         tags,
         vec![
-            ("backup-provisioner/repository".to_owned(), repository.to_owned()),
+            (
+                "backup-provisioner/repository".to_owned(),
+                repository.to_owned()
+            ),
             ("managed-by".to_owned(), "backup-provisioner".to_owned()),
         ]
     );
@@ -214,12 +239,22 @@ async fn bucket_drift_is_repaired() {
         .send()
         .await
         .unwrap();
-    s3.delete_bucket_encryption().bucket(&name).send().await.unwrap();
+    s3.delete_bucket_encryption()
+        .bucket(&name)
+        .send()
+        .await
+        .unwrap();
     s3.put_bucket_tagging()
         .bucket(&name)
         .tagging(
             Tagging::builder()
-                .tag_set(Tag::builder().key("team").value("platform").build().unwrap())
+                .tag_set(
+                    Tag::builder()
+                        .key("team")
+                        .value("platform")
+                        .build()
+                        .unwrap(),
+                )
                 .tag_set(
                     Tag::builder()
                         .key("backup-provisioner/repository")
@@ -265,15 +300,31 @@ async fn bucket_drift_is_repaired() {
 
     // Our settings are back; the foreign tag survives next to ours.
     let tags = s3.get_bucket_tagging().bucket(&name).send().await.unwrap();
-    assert!(tags.tag_set().iter().any(|t| t.key() == "team" && t.value() == "platform"));
-    let enc = s3.get_bucket_encryption().bucket(&name).send().await.unwrap();
+    assert!(
+        tags.tag_set()
+            .iter()
+            .any(|t| t.key() == "team" && t.value() == "platform")
+    );
+    let enc = s3
+        .get_bucket_encryption()
+        .bucket(&name)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         enc.server_side_encryption_configuration().unwrap().rules()[0].bucket_key_enabled(),
         Some(true)
     );
-    let pab = s3.get_public_access_block().bucket(&name).send().await.unwrap();
+    let pab = s3
+        .get_public_access_block()
+        .bucket(&name)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
-        pab.public_access_block_configuration().unwrap().block_public_policy(),
+        pab.public_access_block_configuration()
+            .unwrap()
+            .block_public_policy(),
         Some(true)
     );
 }
@@ -326,20 +377,32 @@ async fn bucket_with_object_lock_is_reported_not_changed() {
         .unwrap();
     let report = bucket::ensure(&s3, &name, EU, "zitadel").await.unwrap();
     let found = differences(&report.detail);
-    assert!(found.contains(&"object_lock:left unchanged".to_owned()), "{found:?}");
+    assert!(
+        found.contains(&"object_lock:left unchanged".to_owned()),
+        "{found:?}"
+    );
     // Object lock implies versioning.
-    assert!(found.contains(&"versioning:left unchanged".to_owned()), "{found:?}");
+    assert!(
+        found.contains(&"versioning:left unchanged".to_owned()),
+        "{found:?}"
+    );
 }
 
 #[tokio::test]
 async fn bucket_in_another_region_is_a_permanent_error() {
     let env = Env::new(EU).await;
     let name = unique("elsewhere");
-    bucket::ensure(&env.s3(EU), &name, EU, "zitadel").await.unwrap();
+    bucket::ensure(&env.s3(EU), &name, EU, "zitadel")
+        .await
+        .unwrap();
 
     env.counter.reset();
-    let message = expect_permanent(bucket::ensure(&env.s3("us-west-2"), &name, "us-west-2", "zitadel").await);
-    assert!(message.contains("eu-west-1") && message.contains("us-west-2"), "{message}");
+    let message =
+        expect_permanent(bucket::ensure(&env.s3("us-west-2"), &name, "us-west-2", "zitadel").await);
+    assert!(
+        message.contains("eu-west-1") && message.contains("us-west-2"),
+        "{message}"
+    );
     env.assert_no_mutations("wrong region");
 }
 
@@ -396,7 +459,12 @@ async fn has_objects_sees_the_first_object() {
 
 async fn default_document(iam: &aws_sdk_iam::Client, arn: &str) -> (String, Value) {
     let policy = iam.get_policy().policy_arn(arn).send().await.unwrap();
-    let version_id = policy.policy().unwrap().default_version_id().unwrap().to_owned();
+    let version_id = policy
+        .policy()
+        .unwrap()
+        .default_version_id()
+        .unwrap()
+        .to_owned();
     let version = iam
         .get_policy_version()
         .policy_arn(arn)
@@ -405,7 +473,10 @@ async fn default_document(iam: &aws_sdk_iam::Client, arn: &str) -> (String, Valu
         .await
         .unwrap();
     let raw = version.policy_version().unwrap().document().unwrap();
-    (version_id, policy::parse_document(raw).expect("document parses"))
+    (
+        version_id,
+        policy::parse_document(raw).expect("document parses"),
+    )
 }
 
 async fn versions(iam: &aws_sdk_iam::Client, arn: &str) -> Vec<PolicyVersion> {
@@ -421,11 +492,19 @@ async fn policy_is_created_exactly_and_rerun_is_read_only() {
     assert!(arn.ends_with(&format!(":policy/{name}")), "{arn}");
     assert_eq!(report.detail["policy_arn"], json!(arn));
 
-    let got = env.iam().get_policy().policy_arn(&arn).send().await.unwrap();
+    let got = env
+        .iam()
+        .get_policy()
+        .policy_arn(&arn)
+        .send()
+        .await
+        .unwrap();
     let got = got.policy().unwrap();
     assert_eq!(
         got.description(),
-        Some("Read and write access to a specific bucket for pgrest operating within a pgo PostgresCluster.")
+        Some(
+            "Read and write access to a specific bucket for pgrest operating within a pgo PostgresCluster."
+        )
     );
     assert_eq!(got.path(), Some("/"));
     assert_eq!(got.policy_name(), Some(name.as_str()));
@@ -510,7 +589,10 @@ async fn policy_with_five_versions_drops_the_oldest_non_default() {
     env.counter.reset();
     let (report, _) = policy::ensure(env.iam(), &name).await.unwrap();
     assert_eq!(report.outcome, Outcome::Updated);
-    assert_eq!(report.detail["differences"][0]["deleted_version_id"], json!("v1"));
+    assert_eq!(
+        report.detail["differences"][0]["deleted_version_id"],
+        json!("v1")
+    );
     assert_eq!(
         env.counter.mutating().keys().cloned().collect::<Vec<_>>(),
         vec!["iam:CreatePolicyVersion", "iam:DeletePolicyVersion"]
@@ -542,8 +624,14 @@ async fn policy_description_difference_is_reported_not_fatal() {
     env.counter.reset();
     let (report, _) = policy::ensure(env.iam(), &name).await.unwrap();
     assert_eq!(report.outcome, Outcome::AlreadyPresent);
-    assert_eq!(differences(&report.detail), vec!["description:left unchanged"]);
-    assert_eq!(report.detail["differences"][0]["found"], json!("made by hand"));
+    assert_eq!(
+        differences(&report.detail),
+        vec!["description:left unchanged"]
+    );
+    assert_eq!(
+        report.detail["differences"][0]["found"],
+        json!("made by hand")
+    );
     env.assert_no_mutations("description difference");
 }
 
@@ -551,17 +639,34 @@ async fn policy_description_difference_is_reported_not_fatal() {
 // Group and user
 // ---------------------------------------------------------------------------------------------
 
-async fn assert_group_and_user(iam: &aws_sdk_iam::Client, name: &str, policy_arn: &str, repository: &str) {
-    assert_eq!(group::attached_policies(iam, name).await.unwrap(), vec![policy_arn.to_owned()]);
-    assert_eq!(user::groups_for_user(iam, name).await.unwrap(), vec![name.to_owned()]);
+async fn assert_group_and_user(
+    iam: &aws_sdk_iam::Client,
+    name: &str,
+    policy_arn: &str,
+    repository: &str,
+) {
+    assert_eq!(
+        group::attached_policies(iam, name).await.unwrap(),
+        vec![policy_arn.to_owned()]
+    );
+    assert_eq!(
+        user::groups_for_user(iam, name).await.unwrap(),
+        vec![name.to_owned()]
+    );
     let login = iam.get_login_profile().user_name(name).send().await;
-    assert_eq!(aws::error_code(&login.expect_err("no login profile")), Some("NoSuchEntity"));
+    assert_eq!(
+        aws::error_code(&login.expect_err("no login profile")),
+        Some("NoSuchEntity")
+    );
     let mut tags = user::list_tags(iam, name).await.unwrap();
     tags.sort();
     assert_eq!(
         tags,
         vec![
-            ("backup-provisioner/repository".to_owned(), repository.to_owned()),
+            (
+                "backup-provisioner/repository".to_owned(),
+                repository.to_owned()
+            ),
             ("managed-by".to_owned(), "backup-provisioner".to_owned()),
         ]
     );
@@ -599,9 +704,24 @@ async fn group_and_user_drift_is_repaired() {
     user::ensure(env.iam(), &name, "zitadel").await.unwrap();
 
     let iam = env.iam();
-    iam.detach_group_policy().group_name(&name).policy_arn(&arn).send().await.unwrap();
-    iam.remove_user_from_group().group_name(&name).user_name(&name).send().await.unwrap();
-    iam.untag_user().user_name(&name).tag_keys("managed-by").send().await.unwrap();
+    iam.detach_group_policy()
+        .group_name(&name)
+        .policy_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    iam.remove_user_from_group()
+        .group_name(&name)
+        .user_name(&name)
+        .send()
+        .await
+        .unwrap();
+    iam.untag_user()
+        .user_name(&name)
+        .tag_keys("managed-by")
+        .send()
+        .await
+        .unwrap();
     iam.create_login_profile()
         .user_name(&name)
         .password("Sup3r-secret-Passw0rd!")
@@ -616,9 +736,16 @@ async fn group_and_user_drift_is_repaired() {
     assert_eq!(u.outcome, Outcome::Updated);
     assert_eq!(
         differences(&u.detail),
-        vec!["tags:repaired", "group_membership:repaired", "login_profile:repaired"]
+        vec![
+            "tags:repaired",
+            "group_membership:repaired",
+            "login_profile:repaired"
+        ]
     );
-    assert!(!u.detail.to_string().contains("Sup3r"), "no secrets in the detail");
+    assert!(
+        !u.detail.to_string().contains("Sup3r"),
+        "no secrets in the detail"
+    );
     assert_group_and_user(iam, &name, &arn, "zitadel").await;
 }
 
@@ -645,17 +772,22 @@ async fn access_key_lifecycle_and_description_tag() {
     assert!(keys[0].is_active());
     assert!(keys[0].created.is_some());
 
-    let tagged = access_key::ensure_description_tag(iam, &name, &key.id).await.unwrap();
+    let tagged = access_key::ensure_description_tag(iam, &name, &key.id)
+        .await
+        .unwrap();
     assert_eq!(tagged.outcome, Outcome::Created);
     assert_eq!(tagged.detail["truncated"], json!(false));
     let tags = user::list_tags(iam, &name).await.unwrap();
     assert!(
-        tags.iter().any(|(k, v)| k == &key.id && v == access_key::DESCRIPTION),
+        tags.iter()
+            .any(|(k, v)| k == &key.id && v == access_key::DESCRIPTION),
         "{tags:?}"
     );
 
     env.counter.reset();
-    let again = access_key::ensure_description_tag(iam, &name, &key.id).await.unwrap();
+    let again = access_key::ensure_description_tag(iam, &name, &key.id)
+        .await
+        .unwrap();
     assert_eq!(again.outcome, Outcome::AlreadyPresent);
     access_key::list(iam, &name).await.unwrap();
     env.assert_no_mutations("second key tag run");
@@ -663,20 +795,38 @@ async fn access_key_lifecycle_and_description_tag() {
     // Two keys is IAM's limit: the third is a permanent error that says what to do.
     let second = access_key::create(iam, &name).await.unwrap();
     let message = expect_permanent(access_key::create(iam, &name).await);
-    assert!(message.contains("LimitExceeded") && message.contains("delete unused keys"), "{message}");
+    assert!(
+        message.contains("LimitExceeded") && message.contains("delete unused keys"),
+        "{message}"
+    );
 
     let deleted = access_key::delete(iam, &name, &key.id).await.unwrap();
     assert_eq!(deleted.outcome, Outcome::Deleted);
     let gone = access_key::delete(iam, &name, &key.id).await.unwrap();
     assert_eq!(gone.outcome, Outcome::AlreadyPresent);
     assert_eq!(gone.detail["already_absent"], json!(true));
-    let removed = access_key::remove_description_tag(iam, &name, &key.id).await.unwrap();
+    let removed = access_key::remove_description_tag(iam, &name, &key.id)
+        .await
+        .unwrap();
     assert_eq!(removed.outcome, Outcome::Deleted);
-    let removed = access_key::remove_description_tag(iam, &name, &key.id).await.unwrap();
+    let removed = access_key::remove_description_tag(iam, &name, &key.id)
+        .await
+        .unwrap();
     assert_eq!(removed.outcome, Outcome::AlreadyPresent);
-    let ids: Vec<String> = access_key::list(iam, &name).await.unwrap().into_iter().map(|k| k.id).collect();
+    let ids: Vec<String> = access_key::list(iam, &name)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
     assert_eq!(ids, vec![second.id.clone()]);
-    assert!(!user::list_tags(iam, &name).await.unwrap().iter().any(|(k, _)| k == &key.id));
+    assert!(
+        !user::list_tags(iam, &name)
+            .await
+            .unwrap()
+            .iter()
+            .any(|(k, _)| k == &key.id)
+    );
 }
 
 #[test]
@@ -713,13 +863,22 @@ async fn all_steps_second_run_makes_no_mutating_calls() {
     assert_eq!(outcomes, vec![Outcome::Created; 4]);
     assert!(access_key::list(env.iam(), &name).await.unwrap().is_empty());
     let key = access_key::create(env.iam(), &name).await.unwrap();
-    access_key::ensure_description_tag(env.iam(), &name, &key.id).await.unwrap();
-    let first = env.counter.clone().snapshot();
-    let (first_mut, first_reads) = (env.counter.mutating_count(), env.counter.read_count());
-    let checker = env.clients.s3_with_static_credentials(EU, &key.id, &key.secret);
-    let check = credential_check::verify(&checker, &name, Duration::from_secs(5), Duration::from_millis(20))
+    access_key::ensure_description_tag(env.iam(), &name, &key.id)
         .await
         .unwrap();
+    let first = env.counter.clone().snapshot();
+    let (first_mut, first_reads) = (env.counter.mutating_count(), env.counter.read_count());
+    let checker = env
+        .clients
+        .s3_with_static_credentials(EU, &key.id, key.secret.expose_secret());
+    let check = credential_check::verify(
+        &checker,
+        &name,
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap();
     assert_eq!(check.outcome, Outcome::Created);
     let with_check = env.counter.snapshot();
 
@@ -728,7 +887,9 @@ async fn all_steps_second_run_makes_no_mutating_calls() {
     let outcomes = idempotent_steps(&env, &s3, &name).await;
     assert_eq!(outcomes, vec![Outcome::AlreadyPresent; 4]);
     assert_eq!(access_key::list(env.iam(), &name).await.unwrap().len(), 1);
-    let tag = access_key::ensure_description_tag(env.iam(), &name, &key.id).await.unwrap();
+    let tag = access_key::ensure_description_tag(env.iam(), &name, &key.id)
+        .await
+        .unwrap();
     assert_eq!(tag.outcome, Outcome::AlreadyPresent);
     env.assert_no_mutations("second run of all steps");
     eprintln!(
@@ -755,7 +916,13 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
     let moto = Moto::with_iam_auth(3);
     moto.reset_auth(3).await;
     let bootstrap = moto.clients(US, None).await;
-    bootstrap.iam.create_user().user_name("admin").send().await.unwrap();
+    bootstrap
+        .iam
+        .create_user()
+        .user_name("admin")
+        .send()
+        .await
+        .unwrap();
     bootstrap
         .iam
         .put_user_policy()
@@ -769,7 +936,13 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
         .send()
         .await
         .unwrap();
-    let admin_key = bootstrap.iam.create_access_key().user_name("admin").send().await.unwrap();
+    let admin_key = bootstrap
+        .iam
+        .create_access_key()
+        .user_name("admin")
+        .send()
+        .await
+        .unwrap();
     let admin_key = admin_key.access_key().unwrap();
 
     // From here on every call is authorized against IAM policies.
@@ -778,7 +951,12 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
 
     let counter = CallCounter::new();
     let admin = moto
-        .clients_as(EU, Some(counter.clone()), admin_key.access_key_id(), admin_key.secret_access_key())
+        .clients_as(
+            EU,
+            Some(counter.clone()),
+            admin_key.access_key_id(),
+            admin_key.secret_access_key(),
+        )
         .await;
     let name = unique("auth");
     let s3 = admin.s3_for_region(EU);
@@ -788,41 +966,63 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
     user::ensure(&admin.iam, &name, "zitadel").await.unwrap();
     let key = access_key::create(&admin.iam, &name).await.unwrap();
 
-    let with_key = admin.s3_with_static_credentials(EU, &key.id, &key.secret);
-    let report = credential_check::verify(&with_key, &name, Duration::from_secs(10), Duration::from_millis(20))
-        .await
-        .unwrap();
+    let with_key = admin.s3_with_static_credentials(EU, &key.id, key.secret.expose_secret());
+    let report = credential_check::verify(
+        &with_key,
+        &name,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.outcome, Outcome::Created);
     let probe = report.detail["probe_key"].as_str().unwrap();
     assert!(probe.starts_with("backup-provisioner/probe-"), "{probe}");
-    assert!(!bucket::has_objects(&s3, &name).await.unwrap(), "probe object deleted");
-    assert!(!report.detail.to_string().contains(key.secret.expose_secret()));
+    assert!(
+        !bucket::has_objects(&s3, &name).await.unwrap(),
+        "probe object deleted"
+    );
+    assert!(
+        !report
+            .detail
+            .to_string()
+            .contains(key.secret.expose_secret())
+    );
 
     // The runbook key cannot touch another bucket.
     let other = unique("auth-other");
     bucket::ensure(&s3, &other, EU, "server").await.unwrap();
     let started = std::time::Instant::now();
-    let err = credential_check::verify(&with_key, &other, Duration::from_millis(300), Duration::from_millis(20))
-        .await
-        .expect_err("no access to another bucket");
+    let err = credential_check::verify(
+        &with_key,
+        &other,
+        Duration::from_millis(300),
+        Duration::from_millis(20),
+    )
+    .await
+    .expect_err("no access to another bucket");
     assert!(!err.is_retryable(), "{err:?}");
     assert!(err.to_string().contains("AccessDenied"), "{err}");
     assert!(started.elapsed() >= Duration::from_millis(300));
 
     // A bogus key is rejected until the budget is spent, then the error is permanent.
-    let bogus = admin.s3_with_static_credentials(
-        EU,
-        "AKIAIOSFODNN7BOGUS00",
-        &SecretString::from("not-a-real-secret".to_owned()),
-    );
+    let bogus = admin.s3_with_static_credentials(EU, "AKIAIOSFODNN7BOGUS00", "not-a-real-secret");
     let started = std::time::Instant::now();
-    let err = credential_check::verify(&bogus, &name, Duration::from_millis(300), Duration::from_millis(20))
-        .await
-        .expect_err("bogus key must fail");
+    let err = credential_check::verify(
+        &bogus,
+        &name,
+        Duration::from_millis(300),
+        Duration::from_millis(20),
+    )
+    .await
+    .expect_err("bogus key must fail");
     let elapsed = started.elapsed();
     assert!(!err.is_retryable(), "{err:?}");
     assert!(err.to_string().contains("still rejected"), "{err}");
-    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(10),
+        "{elapsed:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -833,7 +1033,10 @@ fn response(status: u16) -> HttpResponse {
     HttpResponse::new(status.try_into().unwrap(), SdkBody::empty())
 }
 
-fn iam_error(code: &str, status: u16) -> SdkError<aws_sdk_iam::operation::create_user::CreateUserError, HttpResponse> {
+fn iam_error(
+    code: &str,
+    status: u16,
+) -> SdkError<aws_sdk_iam::operation::create_user::CreateUserError, HttpResponse> {
     SdkError::service_error(
         aws_sdk_iam::operation::create_user::CreateUserError::generic(
             ErrorMetadata::builder()
@@ -878,7 +1081,11 @@ fn classify_client_errors_as_permanent_with_remedy() {
         ("InvalidBucketName", 400, "lowercase letters"),
         ("BucketAlreadyExists", 409, "choose another bucket name"),
         ("ValidationError", 400, "check the names"),
-        ("LimitExceeded", 409, "delete unused keys or policy versions"),
+        (
+            "LimitExceeded",
+            409,
+            "delete unused keys or policy versions",
+        ),
         ("MalformedPolicyDocument", 400, "fix the policy template"),
         ("InvalidAccessKeyId", 403, "credentials"),
     ];
@@ -888,7 +1095,10 @@ fn classify_client_errors_as_permanent_with_remedy() {
         assert_eq!(err.request_id(), Some("req-42"), "{code}");
         let text = err.to_string();
         assert!(text.starts_with("iam CreateUser: "), "{text}");
-        assert!(text.contains(remedy) && text.contains(code), "{code}: {text}");
+        assert!(
+            text.contains(remedy) && text.contains(code),
+            "{code}: {text}"
+        );
     }
 }
 
@@ -896,7 +1106,13 @@ fn classify_client_errors_as_permanent_with_remedy() {
 async fn classify_real_moto_responses() {
     let env = Env::new(EU).await;
     // NoSuchEntity from moto keeps its request id and is retryable (IAM eventual consistency).
-    let missing = env.iam().get_group().group_name(unique("missing")).send().await.unwrap_err();
+    let missing = env
+        .iam()
+        .get_group()
+        .group_name(unique("missing"))
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(aws::error_code(&missing), Some("NoSuchEntity"));
     let err = aws::classify("iam", "GetGroup", missing);
     assert!(err.is_retryable(), "{err:?}");
@@ -920,9 +1136,24 @@ async fn classify_real_moto_responses() {
 async fn call_counter_splits_mutating_from_reads() {
     let env = Env::new(EU).await;
     let name = unique("counter");
-    env.iam().create_group().group_name(&name).send().await.unwrap();
-    env.iam().get_group().group_name(&name).send().await.unwrap();
-    env.iam().get_group().group_name(&name).send().await.unwrap();
+    env.iam()
+        .create_group()
+        .group_name(&name)
+        .send()
+        .await
+        .unwrap();
+    env.iam()
+        .get_group()
+        .group_name(&name)
+        .send()
+        .await
+        .unwrap();
+    env.iam()
+        .get_group()
+        .group_name(&name)
+        .send()
+        .await
+        .unwrap();
     env.s3(EU).list_buckets().send().await.unwrap();
     let snapshot = env.counter.snapshot();
     assert_eq!(snapshot.get("iam:CreateGroup"), Some(&1));

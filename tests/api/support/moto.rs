@@ -129,13 +129,8 @@ impl Moto {
         access_key_id: &str,
         secret: &str,
     ) -> AwsClients {
-        let credentials = aws_sdk_s3::config::Credentials::new(
-            access_key_id,
-            secret,
-            None,
-            None,
-            "moto-test",
-        );
+        let credentials =
+            aws_sdk_s3::config::Credentials::new(access_key_id, secret, None, None, "moto-test");
         aws::clients_with_credentials(&self.settings(region), counter, credentials).await
     }
 
@@ -208,9 +203,8 @@ fn probe(addr: SocketAddr) -> bool {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = format!(
-        "GET /moto-api/data.json HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    );
+    let request =
+        format!("GET /moto-api/data.json HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).is_err() {
         return false;
     }

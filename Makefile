@@ -1,0 +1,34 @@
+# backup-provisioner: two set-up commands on a fresh Debian machine.
+#   make demo   install what is missing, start Postgres, moto and the Kubernetes emulator,
+#               run the service and provision two repositories end to end.
+#   make test   install and start what the tests need, then run every test.
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/backup-provisioner/target
+
+.PHONY: demo test deps build lint fmt openapi bench
+
+demo: deps
+	bash scripts/demo.sh
+
+test: deps
+	bash scripts/test.sh
+
+deps:
+	bash scripts/install-deps.sh
+
+build:
+	cargo build --workspace --all-targets
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+# Regenerates openapi/openapi.json from the code.
+openapi:
+	cargo run --quiet -- openapi > openapi/openapi.json
+
+bench: deps
+	cargo run --release --quiet -p backup-provisioner --example provision_bench

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against real Postgres, moto, the Kubernetes emulator and
+# pgBackRest. `make test` installs and starts those first (scripts/install-deps.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/target}"
+export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
+export RUST_BACKTRACE=1
+started=$(date +%s)
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
+echo "make test: $(( $(date +%s) - started ))s"
