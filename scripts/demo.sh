@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# `make demo`: run the service locally and provision the runbook's two repositories end to end.
+#
+# Starts moto (S3 + IAM) unless AWS_ENDPOINT_URL is set, the Kubernetes emulator unless
+# KUBECONFIG is set, and the service; creates `zitadel` and `holos-server` through the API,
+# follows both jobs to the end, then prints the bucket settings read back from S3 and the
+# Secrets' keys with values redacted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUN=$ROOT/.run
+mkdir -p "$RUN"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/target}"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url, what
+  for _ in $(seq 1 150); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.2; done
+  echo "demo: $2 did not come up at $1" >&2; exit 1
+}
+
+say "building"
+cargo build --quiet --workspace --bins
+BIN=$CARGO_TARGET_DIR/debug
+
+USING_MOTO=no
+if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ -z "${AWS_ACCESS_KEY_ID:-}" ] && [ -z "${AWS_PROFILE:-}" ]; then
+  USING_MOTO=yes
+  MOTO_PORT=$(free_port)
+  say "starting moto (S3 + IAM) on 127.0.0.1:$MOTO_PORT"
+  "$ROOT/.venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT" >"$RUN/moto.log" 2>&1 &
+  PIDS+=($!)
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT" AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo
+  export AWS_REGION=us-east-1
+  wait_http "$AWS_ENDPOINT_URL/moto-api/" "moto"
+fi
+
+USING_EMULATOR=no
+if [ -z "${KUBECONFIG:-}" ]; then
+  USING_EMULATOR=yes
+  KUBE_PORT=$(free_port)
+  say "starting the Kubernetes API emulator on 127.0.0.1:$KUBE_PORT"
+  "$BIN/kube-emulator" --listen "127.0.0.1:$KUBE_PORT" --namespace zitadel --namespace holos \
+    --token demo-token --kubeconfig-out "$RUN/kubeconfig" >"$RUN/kube-emulator.log" 2>&1 &
+  PIDS+=($!)
+  export KUBECONFIG=$RUN/kubeconfig
+  for _ in $(seq 1 100); do [ -s "$KUBECONFIG" ] && break; sleep 0.1; done
+fi
+
+DB=backup_provisioner_demo
+if [ "$USING_MOTO" = yes ]; then
+  # moto starts empty, so the demo starts from an empty database too.
+  psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" postgres
+fi
+psql -q -h 127.0.0.1 -U postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" postgres | grep -q 1 \
+  || psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB" postgres
+export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB"
+[ -s "$RUN/encryption-key" ] || openssl rand -base64 32 >"$RUN/encryption-key"
+[ -s "$RUN/jwt-secret" ] || openssl rand -hex 32 >"$RUN/jwt-secret"
+export BP_ENCRYPTION_KEY=$(cat "$RUN/encryption-key") BP_JWT_HS256_SECRET=$(cat "$RUN/jwt-secret")
+export BP_CREDENTIAL_CHECK_BUDGET=${BP_CREDENTIAL_CHECK_BUDGET:-2m} RUST_LOG=${RUST_LOG:-info}
+API_PORT=$(free_port)
+export BP_LISTEN_ADDR=127.0.0.1:$API_PORT
+API=http://$BP_LISTEN_ADDR
+
+say "starting backup-provisioner on $API (log: .run/service.log)"
+"$BIN/backup-provisioner" serve --workers 2 >"$RUN/service.log" 2>&1 &
+PIDS+=($!)
+wait_http "$API/readyz" "backup-provisioner"
+
+TOKEN=$("$BIN/backup-provisioner" token --sub demo@holos.run --role operator --ttl 1h)
+create() { # name namespace bucket
+  say "POST /v1/backup-repositories {name: $1, namespace: $2, bucket: $3}"
+  curl -sS -X POST "$API/v1/backup-repositories" -H "Authorization: Bearer $TOKEN" \
+    -H 'Content-Type: application/json' -H "Idempotency-Key: demo-$1" \
+    -d "{\"name\":\"$1\",\"namespace\":\"$2\",\"bucket\":\"$3\",\"region\":\"us-east-1\"}" \
+    -D "$RUN/$1.headers" -o "$RUN/$1.json"
+  head -1 "$RUN/$1.headers"; grep -i '^location' "$RUN/$1.headers" || true
+  jq -r '.job.id' "$RUN/$1.json"
+}
+follow() { # name job_id
+  local last=""
+  for _ in $(seq 1 60); do
+    local view; view=$(curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/jobs/$2?wait=2s")
+    local line; line=$(jq -r '"\(.state) attempt \(.attempts): " + ([.steps[] | "\(.name)=\(.state)"] | join(" "))' <<<"$view")
+    [ "$line" != "$last" ] && echo "  $1: $line" && last=$line
+    case $(jq -r .state <<<"$view") in succeeded|failed|cancelled) break ;; esac
+  done
+}
+JOB_Z=$(create zitadel zitadel holos-zitadel-backups | tee /dev/stderr | tail -1)
+JOB_H=$(create holos-server holos holos-server-backups | tee /dev/stderr | tail -1)
+say "following both jobs"
+follow zitadel "$JOB_Z"
+follow holos-server "$JOB_H"
+
+for name in zitadel holos-server; do
+  say "GET /v1/backup-repositories/$name"
+  curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/backup-repositories/$name" \
+    | jq '{name, namespace, bucket, region, state, last_error, resources, pgbackrest}'
+done
+
+say "bucket settings as read back from S3"
+"$ROOT/.venv/bin/python" "$ROOT/scripts/show_bucket.py" holos-zitadel-backups holos-server-backups
+
+say "Secrets in the management cluster (values redacted)"
+"$ROOT/.venv/bin/python" "$ROOT/scripts/show_secret.py" zitadel/holos-zitadel-backups holos/holos-server-backups
+
+say "audit log (last 12 entries)"
+curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/audit?limit=200" \
+  | jq -r '.items[-12:][] | "\(.at) \(.actor) \(.repository // "-") \(.action) \(.outcome)"'
+echo
+echo "demo: done (moto: $USING_MOTO, emulator: $USING_EMULATOR). Logs in .run/."

@@ -1,0 +1,48 @@
+"""Prints each Secret's type, labels and keys from the cluster in KUBECONFIG, values redacted.
+
+Uses the kubeconfig's current context with bearer-token auth (the demo's emulator); for a real
+cluster with other auth methods, `kubectl get secret -o yaml` shows the same.
+"""
+import base64
+import os
+import sys
+
+import requests
+import yaml
+
+
+def cluster():
+    with open(os.environ["KUBECONFIG"]) as f:
+        cfg = yaml.safe_load(f)
+    ctx = next(c["context"] for c in cfg["contexts"] if c["name"] == cfg["current-context"])
+    server = next(c["cluster"]["server"] for c in cfg["clusters"] if c["name"] == ctx["cluster"])
+    user = next(u["user"] for u in cfg["users"] if u["name"] == ctx["user"])
+    return server, {"Authorization": f"Bearer {user['token']}"} if user.get("token") else {}
+
+
+def redact(text):
+    lines = []
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        lines.append(f"{key}=<redacted, {len(value)} chars>" if sep else line)
+    return lines
+
+
+def main(refs):
+    server, headers = cluster()
+    for ref in refs:
+        ns, name = ref.split("/")
+        r = requests.get(f"{server}/api/v1/namespaces/{ns}/secrets/{name}", headers=headers, timeout=10)
+        if r.status_code != 200:
+            print(f"{ref}: {r.status_code} {r.json().get('message')}")
+            continue
+        s = r.json()
+        print(f"{ref}: type={s.get('type')} labels={s['metadata'].get('labels')}")
+        for key, value in (s.get("data") or {}).items():
+            print(f"  data key {key!r}:")
+            for line in redact(base64.b64decode(value).decode()):
+                print(f"    {line}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
