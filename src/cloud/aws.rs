@@ -101,17 +101,16 @@ impl AwsClients {
         if let Some(counter) = &counter {
             iam = iam.interceptor(counter.interceptor("iam"));
         }
-        let mut clients = AwsClients {
-            s3: aws_sdk_s3::Client::from_conf(
-                aws_sdk_s3::config::Builder::from(&sdk_config).build(),
-            ),
+        let s3 = aws_sdk_s3::Client::from_conf(
+            s3_builder(&sdk_config, path_style, counter.as_ref(), None).build(),
+        );
+        AwsClients {
+            s3,
             iam: aws_sdk_iam::Client::from_conf(iam.build()),
             sdk_config,
             counter,
             path_style,
-        };
-        clients.s3 = aws_sdk_s3::Client::from_conf(clients.s3_builder(None).build());
-        clients
+        }
     }
 
     /// An S3 client whose requests go to (and whose buckets are created in) `region`.
@@ -147,16 +146,29 @@ impl AwsClients {
     }
 
     fn s3_builder(&self, region: Option<&str>) -> aws_sdk_s3::config::Builder {
-        let mut builder =
-            aws_sdk_s3::config::Builder::from(&self.sdk_config).force_path_style(self.path_style);
-        if let Some(region) = region {
-            builder = builder.region(Region::new(region.to_owned()));
-        }
-        if let Some(counter) = &self.counter {
-            builder = builder.interceptor(counter.interceptor("s3"));
-        }
-        builder
+        s3_builder(
+            &self.sdk_config,
+            self.path_style,
+            self.counter.as_ref(),
+            region,
+        )
     }
+}
+
+fn s3_builder(
+    sdk_config: &SdkConfig,
+    path_style: bool,
+    counter: Option<&CallCounter>,
+    region: Option<&str>,
+) -> aws_sdk_s3::config::Builder {
+    let mut builder = aws_sdk_s3::config::Builder::from(sdk_config).force_path_style(path_style);
+    if let Some(region) = region {
+        builder = builder.region(Region::new(region.to_owned()));
+    }
+    if let Some(counter) = counter {
+        builder = builder.interceptor(counter.interceptor("s3"));
+    }
+    builder
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 //! immediate failure whose message tells the operator what to fix.
 
 pub mod aws;
+pub mod kube;
 
 use serde::Serialize;
 

@@ -90,7 +90,10 @@ impl JobContext {
         match work.await {
             Ok(done) => {
                 self.checkpoint(name, "before-record");
-                let mut tx = self.fenced_tx().await?;
+                // The work is done: record it even if a cancel arrived meanwhile (the job stops
+                // at the next step boundary, in start_step), so its output and audit entry are
+                // kept. Only a lost lease refuses the write.
+                let mut tx = self.leased_tx().await?;
                 self.finish_step(&mut tx, name, attempt, &done).await?;
                 tx.commit().await?;
                 Ok(done.output)
@@ -183,6 +186,15 @@ impl JobContext {
             None => Err(JobError::LeaseLost),
             Some(true) => Err(JobError::Cancelled),
             Some(false) => Ok(tx),
+        }
+    }
+
+    /// Like [`Self::fenced_tx`], but a requested cancel does not refuse the transaction.
+    async fn leased_tx(&self) -> Result<Transaction<'static, Postgres>, JobError> {
+        let mut tx = self.pool.begin().await?;
+        match queue::hold_lease(&mut tx, self.job.id, self.token).await? {
+            None => Err(JobError::LeaseLost),
+            Some(_) => Ok(tx),
         }
     }
 

@@ -112,7 +112,11 @@ pub fn create_error(bucket: &str, region: &str, err: SdkError<CreateBucketError>
         Some(message) => CloudError::Permanent {
             service: S3,
             operation: "CreateBucket",
-            message,
+            message: match (err.code(), err.message()) {
+                (Some(code), Some(said)) => format!("{message} [{code}: {said}]"),
+                (Some(code), None) => format!("{message} [{code}]"),
+                _ => message,
+            },
             request_id: error_request_id(&err),
         },
         None => classify(S3, "CreateBucket", err),

@@ -33,6 +33,7 @@ pub mod bucket;
 pub mod credential_check;
 pub mod group;
 pub mod policy;
+pub mod secret;
 pub mod user;
 
 /// The job kinds this service runs, with AWS clients from the standard credential chain

@@ -49,6 +49,19 @@ impl Env {
         &self.clients.iam
     }
 
+    fn assert_no_mutations_except(&self, allowed: &[&str]) {
+        let unexpected: Vec<String> = self
+            .counter
+            .mutating()
+            .into_keys()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "unexpected mutating calls {unexpected:?}"
+        );
+    }
+
     fn assert_no_mutations(&self, what: &str) {
         assert!(
             self.counter.mutating().is_empty(),
@@ -409,10 +422,15 @@ async fn bucket_in_another_region_is_a_permanent_error() {
 #[tokio::test]
 async fn bucket_name_errors_are_permanent() {
     let env = Env::new(EU).await;
-    // Through moto: an invalid name.
-    let result = bucket::ensure(&env.s3(EU), "Not_A_Valid_Bucket", EU, "zitadel").await;
+    // Through moto: an invalid name (moto checks the length only).
+    let result = bucket::ensure(&env.s3(EU), "ab", EU, "zitadel").await;
     let message = expect_permanent(result);
-    assert!(message.to_lowercase().contains("bucket"), "{message}");
+    assert!(
+        message.contains("\"ab\" is not a valid S3 bucket name")
+            && message.contains("InvalidBucketName"),
+        "{message}"
+    );
+    env.assert_no_mutations_except(&["s3:CreateBucket"]);
 
     // BucketAlreadyExists (another account) cannot be produced by a single-account moto.
     let err = SdkError::service_error(
@@ -912,59 +930,26 @@ async fn all_steps_second_run_makes_no_mutating_calls() {
 
 #[tokio::test]
 async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_key() {
-    // Three unchecked requests: create an admin user, give it `*`, make its key.
-    let moto = Moto::with_iam_auth(3);
-    moto.reset_auth(3).await;
-    let bootstrap = moto.clients(US, None).await;
-    bootstrap
-        .iam
-        .create_user()
-        .user_name("admin")
-        .send()
-        .await
-        .unwrap();
-    bootstrap
-        .iam
-        .put_user_policy()
-        .user_name("admin")
-        .policy_name("admin")
-        .policy_document(
-            json!({"Version": "2012-10-17",
-                   "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let admin_key = bootstrap
-        .iam
-        .create_access_key()
-        .user_name("admin")
-        .send()
-        .await
-        .unwrap();
-    let admin_key = admin_key.access_key().unwrap();
-
-    // From here on every call is authorized against IAM policies.
-    let denied = bootstrap.iam.list_users().send().await;
-    assert!(denied.is_err(), "moto must now enforce IAM auth");
-
+    // Provision with authorization off, then enforce it for every later request. (Under moto's
+    // IAM auth the Rust SDK cannot send IAM parameters containing spaces, such as the policy
+    // description: moto re-encodes the form body and the signature no longer matches.)
+    let moto = Moto::with_iam_auth(100_000);
     let counter = CallCounter::new();
-    let admin = moto
-        .clients_as(
-            EU,
-            Some(counter.clone()),
-            admin_key.access_key_id(),
-            admin_key.secret_access_key(),
-        )
-        .await;
+    let admin = moto.clients(EU, Some(counter.clone())).await;
     let name = unique("auth");
+    let other = unique("auth-other");
     let s3 = admin.s3_for_region(EU);
     bucket::ensure(&s3, &name, EU, "zitadel").await.unwrap();
+    bucket::ensure(&s3, &other, EU, "server").await.unwrap();
     let (_, arn) = policy::ensure(&admin.iam, &name).await.unwrap();
     group::ensure(&admin.iam, &name, &arn).await.unwrap();
     user::ensure(&admin.iam, &name, "zitadel").await.unwrap();
     let key = access_key::create(&admin.iam, &name).await.unwrap();
+    moto.reset_auth(0).await;
+
+    // From here on every call is authorized against IAM policies: `test` is nobody.
+    let denied = admin.iam.list_users().send().await;
+    assert!(denied.is_err(), "moto must now enforce IAM auth");
 
     let with_key = admin.s3_with_static_credentials(EU, &key.id, key.secret.expose_secret());
     let report = credential_check::verify(
@@ -979,7 +964,7 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
     let probe = report.detail["probe_key"].as_str().unwrap();
     assert!(probe.starts_with("backup-provisioner/probe-"), "{probe}");
     assert!(
-        !bucket::has_objects(&s3, &name).await.unwrap(),
+        !bucket::has_objects(&with_key, &name).await.unwrap(),
         "probe object deleted"
     );
     assert!(
@@ -989,9 +974,20 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
             .contains(key.secret.expose_secret())
     );
 
+    // A key already in use is checked without writing.
+    counter.reset();
+    let read_only = credential_check::verify_read_only(
+        &with_key,
+        &name,
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read_only.outcome, Outcome::AlreadyPresent);
+    assert!(counter.mutating().is_empty(), "{:?}", counter.mutating());
+
     // The runbook key cannot touch another bucket.
-    let other = unique("auth-other");
-    bucket::ensure(&s3, &other, EU, "server").await.unwrap();
     let started = std::time::Instant::now();
     let err = credential_check::verify(
         &with_key,
@@ -1018,11 +1014,24 @@ async fn credential_check_passes_with_new_key_and_fails_permanently_with_bogus_k
     .expect_err("bogus key must fail");
     let elapsed = started.elapsed();
     assert!(!err.is_retryable(), "{err:?}");
-    assert!(err.to_string().contains("still rejected"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("still rejected by S3 (InvalidAccessKeyId)"),
+        "{err}"
+    );
     assert!(
         elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(10),
         "{elapsed:?}"
     );
+    let err = credential_check::verify_read_only(
+        &bogus,
+        &name,
+        Duration::from_millis(100),
+        Duration::from_millis(20),
+    )
+    .await
+    .expect_err("bogus key must fail the read-only check too");
+    assert!(!err.is_retryable(), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1163,4 +1172,27 @@ async fn call_counter_splits_mutating_from_reads() {
     assert_eq!(env.counter.read_count(), 3);
     env.counter.reset();
     assert!(env.counter.snapshot().is_empty());
+}
+
+#[tokio::test]
+async fn private_moto_resets_and_stops_on_drop() {
+    let moto = Moto::start();
+    let clients = moto.clients(EU, None).await;
+    let s3 = clients.s3_for_region(EU);
+    let name = unique("reset");
+    bucket::ensure(&s3, &name, EU, "zitadel").await.unwrap();
+    moto.reset().await;
+    assert!(
+        s3.head_bucket().bucket(&name).send().await.is_err(),
+        "reset wipes buckets"
+    );
+    assert!(moto.log().contains("PUT /"), "moto's log is captured");
+
+    let port = moto.port;
+    drop(moto);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
+        "moto stopped"
+    );
 }

@@ -25,12 +25,18 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
         .unwrap_or("")
         .to_owned();
     let text = response.text().await.expect("response body");
-    assert_eq!(got, status, "{url}: expected status {status}, got {got}: {text}");
+    assert_eq!(
+        got, status,
+        "{url}: expected status {status}, got {got}: {text}"
+    );
     assert!(
         content_type.starts_with("application/problem+json"),
         "{url}: content-type of a {status} must be application/problem+json, got {content_type:?}: {text}"
     );
-    assert!(!request_id.is_empty(), "{url}: a {status} must carry an x-request-id header");
+    assert!(
+        !request_id.is_empty(),
+        "{url}: a {status} must carry an x-request-id header"
+    );
     let problem: Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{url}: problem body is not JSON ({e}): {text}"));
     for field in ["type", "title", "detail"] {
@@ -39,7 +45,11 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> Value {
             "{url}: problem lacks a non-empty '{field}': {problem}"
         );
     }
-    assert_eq!(problem["status"], json!(status), "{url}: problem status field: {problem}");
+    assert_eq!(
+        problem["status"],
+        json!(status),
+        "{url}: problem status field: {problem}"
+    );
     problem
 }
 

@@ -30,10 +30,25 @@ struct Captured {
 }
 
 async fn capture(response: Response) -> Captured {
-    let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
-    let (status, location, content_type, replayed) =
-        (response.status().as_u16(), header("location"), header("content-type"), header("idempotent-replayed"));
-    Captured { status, location, content_type, replayed, body: response.bytes().await.unwrap().to_vec() }
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (status, location, content_type, replayed) = (
+        response.status().as_u16(),
+        header("location"),
+        header("content-type"),
+        header("idempotent-replayed"),
+    );
+    Captured {
+        status,
+        location,
+        content_type,
+        replayed,
+        body: response.bytes().await.unwrap().to_vec(),
+    }
 }
 
 #[tokio::test]
@@ -49,10 +64,16 @@ async fn same_key_and_body_replays_the_first_response() {
 
     for _ in 0..2 {
         let again = capture(post_with_key(&app, &token, "key-1", &body).await).await;
-        assert_eq!(again.status, 202, "the replay repeats the first status, not the 200 a new request would get");
+        assert_eq!(
+            again.status, 202,
+            "the replay repeats the first status, not the 200 a new request would get"
+        );
         assert_eq!(again.location, first.location);
         assert_eq!(again.content_type, first.content_type);
-        assert_eq!(again.body, first.body, "the replay repeats the first body byte for byte");
+        assert_eq!(
+            again.body, first.body,
+            "the replay repeats the first body byte for byte"
+        );
         assert_eq!(again.replayed.as_deref(), Some("true"));
     }
     // The key may be sent as a structured-field string.
@@ -61,7 +82,10 @@ async fn same_key_and_body_replays_the_first_response() {
     assert_eq!(quoted.body, first.body);
 
     // Without the key the request is simply the same request again: 200.
-    assert_eq!(app.post_json(REPOSITORIES, &token, &body).await.status(), 200);
+    assert_eq!(
+        app.post_json(REPOSITORIES, &token, &body).await.status(),
+        200
+    );
     assert_eq!(count_rows(&app, "jobs").await, 1);
     assert_eq!(count_rows(&app, "backup_repositories").await, 1);
 
@@ -72,7 +96,12 @@ async fn same_key_and_body_replays_the_first_response() {
     let again_bad = capture(post_with_key(&app, &token, "key-bad", &bad).await).await;
     assert_eq!(again_bad.status, 422);
     assert_eq!(again_bad.body, first_bad.body);
-    assert!(again_bad.content_type.unwrap().starts_with("application/problem+json"));
+    assert!(
+        again_bad
+            .content_type
+            .unwrap()
+            .starts_with("application/problem+json")
+    );
     app.stop().await;
 }
 
@@ -80,12 +109,34 @@ async fn same_key_and_body_replays_the_first_response() {
 async fn same_key_with_a_different_body_is_422() {
     let app = spawn_app().await;
     let token = app.operator();
-    let first = post_with_key(&app, &token, "key-2", &json!({"name": "zitadel", "namespace": "zitadel"})).await;
+    let first = post_with_key(
+        &app,
+        &token,
+        "key-2",
+        &json!({"name": "zitadel", "namespace": "zitadel"}),
+    )
+    .await;
     assert_eq!(first.status(), 202);
-    let response = post_with_key(&app, &token, "key-2", &json!({"name": "holos", "namespace": "holos"})).await;
+    let response = post_with_key(
+        &app,
+        &token,
+        "key-2",
+        &json!({"name": "holos", "namespace": "holos"}),
+    )
+    .await;
     let problem = assert_problem(response, 422).await;
-    assert!(problem["detail"].as_str().unwrap().contains("Idempotency-Key"), "{problem}");
-    assert_eq!(count_rows(&app, "backup_repositories").await, 1, "the second request did not run");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"),
+        "{problem}"
+    );
+    assert_eq!(
+        count_rows(&app, "backup_repositories").await,
+        1,
+        "the second request did not run"
+    );
     // Another path with the same key is another request too.
     let response = app
         .client
@@ -104,10 +155,22 @@ async fn keys_are_scoped_to_the_caller() {
     let app = spawn_app().await;
     let alice = app.token("alice", &[backup_provisioner::auth::Role::Operator]);
     let bob = app.token("bob", &[backup_provisioner::auth::Role::Operator]);
-    let response = post_with_key(&app, &alice, "shared", &json!({"name": "zitadel", "namespace": "zitadel"})).await;
+    let response = post_with_key(
+        &app,
+        &alice,
+        "shared",
+        &json!({"name": "zitadel", "namespace": "zitadel"}),
+    )
+    .await;
     assert_eq!(response.status(), 202);
     // Bob's key of the same name is his own: his different request runs.
-    let response = post_with_key(&app, &bob, "shared", &json!({"name": "holos", "namespace": "holos"})).await;
+    let response = post_with_key(
+        &app,
+        &bob,
+        "shared",
+        &json!({"name": "holos", "namespace": "holos"}),
+    )
+    .await;
     assert_eq!(response.status(), 202);
     assert!(response.headers().get("idempotent-replayed").is_none());
     app.stop().await;
@@ -143,10 +206,26 @@ async fn same_key_while_the_first_is_in_flight_is_409() {
 
     let response = post_with_key(&app, &token, "in-flight", &body).await;
     let problem = assert_problem(response, 409).await;
-    assert!(problem["detail"].as_str().unwrap().contains("still being processed"), "{problem}");
-    assert_eq!(count_rows(&app, "backup_repositories").await, 0, "the request did not run");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("still being processed"),
+        "{problem}"
+    );
+    assert_eq!(
+        count_rows(&app, "backup_repositories").await,
+        0,
+        "the request did not run"
+    );
     // A different body under that key is still a 422, in flight or not.
-    let response = post_with_key(&app, &token, "in-flight", &json!({"name": "other", "namespace": "other"})).await;
+    let response = post_with_key(
+        &app,
+        &token,
+        "in-flight",
+        &json!({"name": "other", "namespace": "other"}),
+    )
+    .await;
     assert_problem(response, 422).await;
 
     // Once the first request finishes (its response stored) the key replays that response.
@@ -178,7 +257,10 @@ async fn an_expired_key_is_treated_as_new() {
     .fetch_one(&app.db)
     .await
     .unwrap();
-    assert!((hours - 24.0).abs() < 0.01, "keys expire after 24 hours, got {hours}");
+    assert!(
+        (hours - 24.0).abs() < 0.01,
+        "keys expire after 24 hours, got {hours}"
+    );
 
     sqlx::query("UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = 'old-key'")
         .execute(&app.db)
@@ -193,11 +275,23 @@ async fn an_expired_key_is_treated_as_new() {
         .execute(&app.db)
         .await
         .unwrap();
-    let other = post_with_key(&app, &token, "old-key", &json!({"name": "holos", "namespace": "holos"})).await;
+    let other = post_with_key(
+        &app,
+        &token,
+        "old-key",
+        &json!({"name": "holos", "namespace": "holos"}),
+    )
+    .await;
     assert_eq!(other.status(), 202);
     assert!(other.headers().get("idempotent-replayed").is_none());
     // And the renewed key replays the new response.
-    let replay = post_with_key(&app, &token, "old-key", &json!({"name": "holos", "namespace": "holos"})).await;
+    let replay = post_with_key(
+        &app,
+        &token,
+        "old-key",
+        &json!({"name": "holos", "namespace": "holos"}),
+    )
+    .await;
     assert_eq!(replay.status(), 202);
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     let fresh: bool = sqlx::query_scalar("SELECT expires_at > now() + interval '23 hours' FROM idempotency_keys WHERE key = 'old-key'")
@@ -221,6 +315,10 @@ async fn a_key_is_checked_only_after_authentication() {
         .await
         .unwrap();
     assert_problem(response, 401).await;
-    assert_eq!(count_rows(&app, "idempotency_keys").await, 0, "an unauthenticated request claims no key");
+    assert_eq!(
+        count_rows(&app, "idempotency_keys").await,
+        0,
+        "an unauthenticated request claims no key"
+    );
     app.stop().await;
 }

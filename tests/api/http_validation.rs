@@ -8,10 +8,11 @@ use serde_json::{Value, json};
 use crate::http_common::{REPOSITORIES, assert_problem, field_errors};
 use crate::support::app::{AppOptions, http_args, spawn_app, spawn_app_with};
 
-const PATTERN_MESSAGE: &str = "bucket name must match the configured pattern ^holos-[a-z0-9-]+-backups$";
-const REGION_MESSAGE: &str = "region must be an AWS region code like us-east-1, eu-central-2 or us-gov-west-1";
-const LABEL_NAME_RULE: &str =
-    "name must consist of letters, digits, '-', '_' and '.', and start and end with a letter or digit";
+const PATTERN_MESSAGE: &str =
+    "bucket name must match the configured pattern ^holos-[a-z0-9-]+-backups$";
+const REGION_MESSAGE: &str =
+    "region must be an AWS region code like us-east-1, eu-central-2 or us-gov-west-1";
+const LABEL_NAME_RULE: &str = "name must consist of letters, digits, '-', '_' and '.', and start and end with a letter or digit";
 
 fn with(overrides: Value) -> Value {
     let mut body = json!({"name": "zitadel", "namespace": "zitadel"});
@@ -25,12 +26,28 @@ fn with(overrides: Value) -> Value {
 fn bad_cases() -> Vec<(Value, Vec<(&'static str, String)>)> {
     let long63 = "a".repeat(63);
     let long64 = "a".repeat(64);
-    let bucket = |value: &str, message: &str| (with(json!({"bucket": value})), vec![("bucket", message.to_owned())]);
-    let namespace =
-        |value: &str, message: &str| (with(json!({"namespace": value})), vec![("namespace", message.to_owned())]);
-    let region = |value: &str| (with(json!({"region": value})), vec![("region", REGION_MESSAGE.to_owned())]);
-    let labels = |value: Value, message: String| (with(json!({"labels": value})), vec![("labels", message)]);
-    let many_labels: serde_json::Map<String, Value> = (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let bucket = |value: &str, message: &str| {
+        (
+            with(json!({"bucket": value})),
+            vec![("bucket", message.to_owned())],
+        )
+    };
+    let namespace = |value: &str, message: &str| {
+        (
+            with(json!({"namespace": value})),
+            vec![("namespace", message.to_owned())],
+        )
+    };
+    let region = |value: &str| {
+        (
+            with(json!({"region": value})),
+            vec![("region", REGION_MESSAGE.to_owned())],
+        )
+    };
+    let labels =
+        |value: Value, message: String| (with(json!({"labels": value})), vec![("labels", message)]);
+    let many_labels: serde_json::Map<String, Value> =
+        (0..33).map(|i| (format!("k{i}"), json!("v"))).collect();
     vec![
         // Buckets: the S3 naming rules, then the configured pattern.
         bucket("ab", "bucket name must be 3 to 63 characters long (got 2)"),
@@ -140,14 +157,29 @@ async fn bad_repository_requests_are_422_with_precise_field_errors() {
         let response = app.post_json(REPOSITORIES, &token, &body).await;
         let problem = assert_problem(response, 422).await;
         let got = field_errors(&problem);
-        let expected: Vec<(String, String)> = expected.into_iter().map(|(f, m)| (f.to_owned(), m)).collect();
+        let expected: Vec<(String, String)> = expected
+            .into_iter()
+            .map(|(f, m)| (f.to_owned(), m))
+            .collect();
         assert_eq!(got, expected, "request {body}: {problem}");
-        assert_eq!(problem["type"], "https://backup-provisioner.holos.run/problems/validation");
+        assert_eq!(
+            problem["type"],
+            "https://backup-provisioner.holos.run/problems/validation"
+        );
         for (_, message) in &expected {
-            assert!(problem["detail"].as_str().unwrap().contains(message.as_str()), "{problem}");
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains(message.as_str()),
+                "{problem}"
+            );
         }
     }
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_repositories").fetch_one(&app.db).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_repositories")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert_eq!(rows, 0, "no rejected request may write a repository");
     app.stop().await;
 }
@@ -159,15 +191,31 @@ async fn good_repository_requests_are_accepted() {
     let longest_bucket = format!("holos-{}-backups", "b".repeat(63 - 14));
     let longest_name = "n".repeat(49);
     let cases = [
-        (json!({"name": "zitadel", "namespace": "zitadel"}), "holos-zitadel-backups", "us-east-1"),
+        (
+            json!({"name": "zitadel", "namespace": "zitadel"}),
+            "holos-zitadel-backups",
+            "us-east-1",
+        ),
         (
             json!({"name": "holos-server", "namespace": "holos", "bucket": "holos-server-backups"}),
             "holos-server-backups",
             "us-east-1",
         ),
-        (json!({"name": "a", "namespace": "a", "region": "eu-central-2"}), "holos-a-backups", "eu-central-2"),
-        (json!({"name": "gov", "namespace": "x1-y2", "region": "us-gov-west-1"}), "holos-gov-backups", "us-gov-west-1"),
-        (json!({"name": "longest", "namespace": "n", "bucket": longest_bucket}), longest_bucket.as_str(), "us-east-1"),
+        (
+            json!({"name": "a", "namespace": "a", "region": "eu-central-2"}),
+            "holos-a-backups",
+            "eu-central-2",
+        ),
+        (
+            json!({"name": "gov", "namespace": "x1-y2", "region": "us-gov-west-1"}),
+            "holos-gov-backups",
+            "us-gov-west-1",
+        ),
+        (
+            json!({"name": "longest", "namespace": "n", "bucket": longest_bucket}),
+            longest_bucket.as_str(),
+            "us-east-1",
+        ),
         (
             json!({"name": longest_name, "namespace": "a".repeat(63)}),
             &*format!("holos-{longest_name}-backups"),
@@ -200,16 +248,35 @@ async fn good_repository_requests_are_accepted() {
 async fn allowed_namespaces_reject_every_other_namespace() {
     let mut http = http_args();
     http.allowed_namespaces = vec!["zitadel".into(), "holos".into()];
-    let app = spawn_app_with(AppOptions { http, ..AppOptions::default() }).await;
+    let app = spawn_app_with(AppOptions {
+        http,
+        ..AppOptions::default()
+    })
+    .await;
     let token = app.operator();
-    let response = app.post_json(REPOSITORIES, &token, &json!({"name": "other", "namespace": "other"})).await;
+    let response = app
+        .post_json(
+            REPOSITORIES,
+            &token,
+            &json!({"name": "other", "namespace": "other"}),
+        )
+        .await;
     let problem = assert_problem(response, 422).await;
     assert_eq!(
         field_errors(&problem),
-        vec![("namespace".to_owned(), "namespace 'other' is not in the allowed list: zitadel, holos".to_owned())]
+        vec![(
+            "namespace".to_owned(),
+            "namespace 'other' is not in the allowed list: zitadel, holos".to_owned()
+        )]
     );
     for (name, namespace) in [("zitadel", "zitadel"), ("holos-server", "holos")] {
-        let response = app.post_json(REPOSITORIES, &token, &json!({"name": name, "namespace": namespace})).await;
+        let response = app
+            .post_json(
+                REPOSITORIES,
+                &token,
+                &json!({"name": name, "namespace": namespace}),
+            )
+            .await;
         assert_eq!(response.status(), 202, "{namespace} is allowed");
     }
     app.stop().await;
@@ -220,19 +287,34 @@ async fn unknown_fields_and_wrong_types_are_422() {
     let app = spawn_app().await;
     let token = app.operator();
     let cases = [
-        (json!({"name": "zitadel", "namespace": "zitadel", "color": "blue"}), "unknown field `color`"),
-        (json!({"name": "zitadel", "namespace": "zitadel", "Bucket": "holos-x-backups"}), "unknown field `Bucket`"),
+        (
+            json!({"name": "zitadel", "namespace": "zitadel", "color": "blue"}),
+            "unknown field `color`",
+        ),
+        (
+            json!({"name": "zitadel", "namespace": "zitadel", "Bucket": "holos-x-backups"}),
+            "unknown field `Bucket`",
+        ),
         (json!({"name": "zitadel"}), "missing field `namespace`"),
         (json!({"name": 7, "namespace": "zitadel"}), "invalid type"),
-        (json!({"name": "zitadel", "namespace": "zitadel", "labels": {"a": 1}}), "invalid type"),
-        (json!({"name": "zitadel", "namespace": "zitadel", "labels": ["a"]}), "invalid type"),
+        (
+            json!({"name": "zitadel", "namespace": "zitadel", "labels": {"a": 1}}),
+            "invalid type",
+        ),
+        (
+            json!({"name": "zitadel", "namespace": "zitadel", "labels": ["a"]}),
+            "invalid type",
+        ),
         (json!("zitadel"), "invalid type"),
     ];
     for (body, needle) in cases {
         let response = app.post_json(REPOSITORIES, &token, &body).await;
         let problem = assert_problem(response, 422).await;
         let detail = problem["detail"].as_str().unwrap();
-        assert!(detail.contains(needle), "{body}: expected {needle:?} in {detail:?}");
+        assert!(
+            detail.contains(needle),
+            "{body}: expected {needle:?} in {detail:?}"
+        );
     }
     app.stop().await;
 }
@@ -241,7 +323,14 @@ async fn unknown_fields_and_wrong_types_are_422() {
 async fn malformed_json_is_400() {
     let app = spawn_app().await;
     let token = app.operator();
-    for body in ["{", "{\"name\": \"zitadel\",}", "not json", "{\"name\": \"zitadel\"} trailing", "\u{feff}{}", ""] {
+    for body in [
+        "{",
+        "{\"name\": \"zitadel\",}",
+        "not json",
+        "{\"name\": \"zitadel\", \"namespace\": \"zitadel\"} trailing",
+        "\u{feff}{}",
+        "",
+    ] {
         let response = app
             .client
             .post(app.url(REPOSITORIES))
@@ -252,7 +341,10 @@ async fn malformed_json_is_400() {
             .await
             .unwrap();
         let problem = assert_problem(response, 400).await;
-        assert!(problem["detail"].as_str().unwrap().contains("JSON"), "{body:?}: {problem}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains("JSON"),
+            "{body:?}: {problem}"
+        );
     }
     app.stop().await;
 }
@@ -262,13 +354,28 @@ async fn wrong_or_missing_content_type_is_415() {
     let app = spawn_app().await;
     let token = app.operator();
     let body = json!({"name": "zitadel", "namespace": "zitadel"}).to_string();
-    for content_type in [None, Some("text/plain"), Some("application/x-www-form-urlencoded"), Some("application/xml")] {
-        let mut request = app.client.post(app.url(REPOSITORIES)).bearer_auth(&token).body(body.clone());
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("application/xml"),
+    ] {
+        let mut request = app
+            .client
+            .post(app.url(REPOSITORIES))
+            .bearer_auth(&token)
+            .body(body.clone());
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
         let problem = assert_problem(request.send().await.unwrap(), 415).await;
-        assert!(problem["detail"].as_str().unwrap().contains("application/json"), "{content_type:?}: {problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"),
+            "{content_type:?}: {problem}"
+        );
     }
     // A JSON media type with parameters or a +json suffix is JSON.
     let response = app
@@ -289,7 +396,9 @@ async fn oversized_bodies_are_413() {
     let app = spawn_app().await;
     let token = app.operator();
     // The test limit is 16 KiB; a padded label set well over it.
-    let labels: serde_json::Map<String, Value> = (0..400).map(|i| (format!("key-{i:04}"), json!("v".repeat(40)))).collect();
+    let labels: serde_json::Map<String, Value> = (0..400)
+        .map(|i| (format!("key-{i:04}"), json!("v".repeat(40))))
+        .collect();
     let body = json!({"name": "zitadel", "namespace": "zitadel", "labels": labels});
     assert!(body.to_string().len() > 16 * 1024);
     let response = app.post_json(REPOSITORIES, &token, &body).await;
@@ -316,7 +425,10 @@ async fn oversized_bodies_are_413() {
         .await
         .unwrap();
     assert_problem(response, 413).await;
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_repositories").fetch_one(&app.db).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM backup_repositories")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
     assert_eq!(rows, 0);
     app.stop().await;
 }
@@ -326,8 +438,14 @@ async fn oversized_bodies_are_413() {
 async fn no_input_gives_a_5xx() {
     let app = spawn_app().await;
     let token = app.operator();
-    let created = crate::http_common::create_repository(&app, &token, &json!({"name": "zitadel", "namespace": "zitadel"})).await;
+    let created = crate::http_common::create_repository(
+        &app,
+        &token,
+        &json!({"name": "zitadel", "namespace": "zitadel"}),
+    )
+    .await;
     let job = crate::http_common::job_id(&created);
+    let mut failures: Vec<String> = Vec::new();
     let get_paths = [
         "/".to_owned(),
         "/v2".to_owned(),
@@ -376,7 +494,7 @@ async fn no_input_gives_a_5xx() {
     ];
     for path in &get_paths {
         let response = app.get(path, &token).await;
-        check_not_5xx(response, &format!("GET {path}")).await;
+        check_not_5xx(&mut failures, response, &format!("GET {path}")).await;
     }
     let bodyless_posts = [
         "/v1/jobs/not-a-uuid/cancel".to_owned(),
@@ -387,11 +505,23 @@ async fn no_input_gives_a_5xx() {
         "/healthz".to_owned(),
     ];
     for path in &bodyless_posts {
-        let response = app.client.post(app.url(path)).bearer_auth(&token).send().await.unwrap();
-        check_not_5xx(response, &format!("POST {path}")).await;
+        let response = app
+            .client
+            .post(app.url(path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        check_not_5xx(&mut failures, response, &format!("POST {path}")).await;
     }
     for method in [Method::PUT, Method::DELETE, Method::PATCH] {
-        let response = app.client.request(method.clone(), app.url(REPOSITORIES)).bearer_auth(&token).send().await.unwrap();
+        let response = app
+            .client
+            .request(method.clone(), app.url(REPOSITORIES))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         let problem = assert_problem(response, 405).await;
         assert!(!problem["detail"].as_str().unwrap().is_empty());
     }
@@ -413,7 +543,12 @@ async fn no_input_gives_a_5xx() {
             .send()
             .await
             .unwrap();
-        check_not_5xx(response, &format!("POST body {:?}", String::from_utf8_lossy(&body))).await;
+        check_not_5xx(
+            &mut failures,
+            response,
+            &format!("POST body {:?}", String::from_utf8_lossy(&body)),
+        )
+        .await;
     }
     for key in ["", "\"\"", &"k".repeat(300)] {
         let response = app
@@ -425,15 +560,21 @@ async fn no_input_gives_a_5xx() {
             .send()
             .await
             .unwrap();
-        check_not_5xx(response, &format!("Idempotency-Key {key:?}")).await;
+        check_not_5xx(&mut failures, response, &format!("Idempotency-Key {key:?}")).await;
     }
+    assert!(failures.is_empty(), "5xx answers:\n{}", failures.join("\n"));
     app.stop().await;
 }
 
-async fn check_not_5xx(response: reqwest::Response, what: &str) {
+/// Records a 5xx in `failures`; any 4xx must be a well-formed problem.
+async fn check_not_5xx(failures: &mut Vec<String>, response: reqwest::Response, what: &str) {
     let status = response.status().as_u16();
-    assert!(status < 500, "{what}: got {status}: {}", response.text().await.unwrap_or_default());
-    if status >= 400 {
+    if status >= 500 {
+        failures.push(format!(
+            "{what}: got {status}: {}",
+            response.text().await.unwrap_or_default()
+        ));
+    } else if status >= 400 {
         assert_problem(response, status).await;
     }
 }

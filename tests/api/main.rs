@@ -4,3 +4,13 @@
 mod support;
 mod smoke;
 mod aws_steps;
+mod job_queue;
+mod http_common;
+mod http_validation;
+mod http_repositories;
+mod http_idempotency;
+mod http_auth;
+mod http_jobs;
+mod audit_log;
+mod openapi_spec;
+mod kube_secret;

@@ -1,4 +1,6 @@
 //! Test harness: launchers for moto and the Kubernetes emulator, and `spawn_app`.
 #![allow(dead_code)]
 pub mod app;
+pub mod kube;
 pub mod moto;
+pub mod test_jobs;

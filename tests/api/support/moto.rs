@@ -26,7 +26,8 @@ pub struct Moto {
     pub endpoint: String,
     pub port: u16,
     child: Mutex<Child>,
-    log: tempfile::NamedTempFile,
+    /// moto's stderr, in an unlinked temporary file (nothing is left behind in /tmp).
+    log: std::fs::File,
 }
 
 impl Moto {
@@ -63,18 +64,14 @@ impl Moto {
         let mut last_error = String::new();
         while Instant::now() < deadline {
             let port = free_port();
-            let log = tempfile::Builder::new()
-                .prefix("moto-")
-                .suffix(".log")
-                .tempfile()
-                .expect("moto log file");
+            let log = tempfile::tempfile().expect("moto log file");
             let mut command = Command::new(&binary);
             command
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .env("PYTHONUNBUFFERED", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log.reopen().expect("moto log file"));
+                .stderr(log.try_clone().expect("moto log file"));
             match initial_no_auth_count {
                 Some(n) => command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string()),
                 None => command.env_remove("INITIAL_NO_AUTH_ACTION_COUNT"),
@@ -93,7 +90,7 @@ impl Moto {
                 Err(e) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    let output = read_log(&log);
                     last_error = format!("{e}\n--- moto log ---\n{output}");
                     // Port taken by someone else in between: try another one.
                 }
@@ -104,7 +101,7 @@ impl Moto {
 
     /// The moto log so far (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// Settings pointing the service at this server.
@@ -150,6 +147,7 @@ impl Moto {
     }
 
     async fn post(&self, path: &str, content_type: &str, body: &str) {
+        backup_provisioner::install_crypto_provider();
         let response = reqwest::Client::new()
             .post(format!("{}{path}", self.endpoint))
             .header(reqwest::header::CONTENT_TYPE, content_type)
@@ -171,6 +169,17 @@ impl Drop for Moto {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Reads the whole log with positioned reads (the child shares the file offset).
+fn read_log(log: &std::fs::File) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n @ 1..) = log.read_at(&mut buf, out.len() as u64) {
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn free_port() -> u16 {

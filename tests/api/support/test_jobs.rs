@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use backup_provisioner::jobs::queue::{self, Job, NewJob};
-use backup_provisioner::jobs::{JobContext, JobError, JobHandler, Registry, StepDone, WorkerConfig, WorkerPool};
+use backup_provisioner::jobs::{
+    JobContext, JobError, JobHandler, Registry, StepDone, WorkerConfig, WorkerPool,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -43,7 +45,10 @@ pub struct StepSpec {
 
 impl StepSpec {
     pub fn new(name: &str) -> Self {
-        StepSpec { name: name.to_owned(), ..Default::default() }
+        StepSpec {
+            name: name.to_owned(),
+            ..Default::default()
+        }
     }
 
     pub fn sleep_ms(mut self, ms: u64) -> Self {
@@ -83,20 +88,28 @@ pub struct TestJob {
 
 impl TestJob {
     pub fn new(worker: &str) -> Self {
-        TestJob { worker: worker.to_owned() }
+        TestJob {
+            worker: worker.to_owned(),
+        }
     }
 
     async fn run_steps(&self, ctx: &JobContext, payload: &TestPayload) -> Result<Value, JobError> {
         let mut outputs = serde_json::Map::new();
         for (position, spec) in payload.steps.iter().enumerate() {
-            let output: Value = ctx.step(&spec.name, position as i32, self.execute_step(ctx, spec)).await?;
+            let output: Value = ctx
+                .step(&spec.name, position as i32, self.execute_step(ctx, spec))
+                .await?;
             outputs.insert(spec.name.clone(), output);
         }
         Ok(Value::Object(outputs))
     }
 
     /// The body of one step; only polled when the step has not already succeeded.
-    async fn execute_step(&self, ctx: &JobContext, spec: &StepSpec) -> Result<StepDone<Value>, JobError> {
+    async fn execute_step(
+        &self,
+        ctx: &JobContext,
+        spec: &StepSpec,
+    ) -> Result<StepDone<Value>, JobError> {
         let db = ctx.pool();
         let job_id = ctx.job().id;
         let run_id: i64 = sqlx::query_scalar(
@@ -109,13 +122,14 @@ impl TestJob {
         .bind(ctx.job().attempts)
         .fetch_one(db)
         .await?;
-        let execution: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM test_job_step_runs WHERE job_id = $1 AND step = $2 AND id <= $3")
-                .bind(job_id)
-                .bind(&spec.name)
-                .bind(run_id)
-                .fetch_one(db)
-                .await?;
+        let execution: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM test_job_step_runs WHERE job_id = $1 AND step = $2 AND id <= $3",
+        )
+        .bind(job_id)
+        .bind(&spec.name)
+        .bind(run_id)
+        .fetch_one(db)
+        .await?;
 
         let result = self.step_behaviour(ctx, spec, execution).await;
         let outcome = match &result {
@@ -134,10 +148,19 @@ impl TestJob {
             "execution": execution,
             "nonce": Uuid::new_v4(),
         });
-        Ok(StepDone::new(output, "created", json!({ "execution": execution })))
+        Ok(StepDone::new(
+            output,
+            "created",
+            json!({ "execution": execution }),
+        ))
     }
 
-    async fn step_behaviour(&self, ctx: &JobContext, spec: &StepSpec, execution: i64) -> Result<(), JobError> {
+    async fn step_behaviour(
+        &self,
+        ctx: &JobContext,
+        spec: &StepSpec,
+        execution: i64,
+    ) -> Result<(), JobError> {
         if spec.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(spec.sleep_ms)).await;
         }
@@ -155,10 +178,16 @@ impl TestJob {
             }
         }
         if execution <= spec.fail_permanent_times {
-            return Err(JobError::Permanent(format!("step {} fails permanently (execution {execution})", spec.name)));
+            return Err(JobError::Permanent(format!(
+                "step {} fails permanently (execution {execution})",
+                spec.name
+            )));
         }
         if execution <= spec.fail_retryable_times {
-            return Err(JobError::Retryable(format!("step {} fails retryably (execution {execution})", spec.name)));
+            return Err(JobError::Retryable(format!(
+                "step {} fails retryably (execution {execution})",
+                spec.name
+            )));
         }
         Ok(())
     }
@@ -221,7 +250,10 @@ pub async fn install(db: &PgPool) {
         )",
         "CREATE TABLE IF NOT EXISTS test_job_flags (name text PRIMARY KEY)",
     ] {
-        sqlx::query(statement).execute(db).await.expect("create test job table");
+        sqlx::query(statement)
+            .execute(db)
+            .await
+            .expect("create test job table");
     }
 }
 
@@ -234,16 +266,25 @@ pub async fn set_flag(db: &PgPool, name: &str) {
 }
 
 async fn flag_is_set(db: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM test_job_flags WHERE name = $1)").bind(name).fetch_one(db).await
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM test_job_flags WHERE name = $1)")
+        .bind(name)
+        .fetch_one(db)
+        .await
 }
 
 pub fn payload(steps: Vec<StepSpec>, repository: Option<&str>) -> Value {
-    serde_json::to_value(TestPayload { steps, repository: repository.map(str::to_owned) }).unwrap()
+    serde_json::to_value(TestPayload {
+        steps,
+        repository: repository.map(str::to_owned),
+    })
+    .unwrap()
 }
 
 /// Enqueues a test job (autocommit) and returns its id.
 pub async fn enqueue(db: &PgPool, steps: Vec<StepSpec>, max_attempts: i32) -> Uuid {
-    enqueue_for(db, steps, max_attempts, None).await.expect("enqueue test job")
+    enqueue_for(db, steps, max_attempts, None)
+        .await
+        .expect("enqueue test job")
 }
 
 /// Enqueues a test job for a repository (`(id, name)`), in its own transaction.
@@ -293,11 +334,20 @@ pub async fn repository_state(db: &PgPool, id: Uuid) -> (String, Option<String>)
 }
 
 pub async fn job(db: &PgPool, id: Uuid) -> Job {
-    queue::get(db, id).await.expect("read job").expect("job exists")
+    queue::get(db, id)
+        .await
+        .expect("read job")
+        .expect("job exists")
 }
 
 /// Waits until the job satisfies `pred`, then returns it.
-pub async fn wait_for_job(db: &PgPool, id: Uuid, deadline: Duration, what: &str, pred: impl Fn(&Job) -> bool) -> Job {
+pub async fn wait_for_job(
+    db: &PgPool,
+    id: Uuid,
+    deadline: Duration,
+    what: &str,
+    pred: impl Fn(&Job) -> bool,
+) -> Job {
     eventually(deadline, what, || async {
         let job = job(db, id).await;
         pred(&job).then_some(job)
@@ -307,14 +357,29 @@ pub async fn wait_for_job(db: &PgPool, id: Uuid, deadline: Duration, what: &str,
 
 /// Waits until the job is in `state`.
 pub async fn wait_for_state(db: &PgPool, id: Uuid, state: &str, deadline: Duration) -> Job {
-    wait_for_job(db, id, deadline, &format!("job {id} to be {state}"), |job| job.state == state).await
+    wait_for_job(
+        db,
+        id,
+        deadline,
+        &format!("job {id} to be {state}"),
+        |job| job.state == state,
+    )
+    .await
 }
 
 /// Waits until some worker has started executing `step` of the job (at least `times` times).
-pub async fn wait_for_step_started(db: &PgPool, id: Uuid, step: &str, times: i64, deadline: Duration) {
-    eventually(deadline, &format!("step {step} of job {id} to start {times} time(s)"), || async {
-        (step_executions(db, id, step).await >= times).then_some(())
-    })
+pub async fn wait_for_step_started(
+    db: &PgPool,
+    id: Uuid,
+    step: &str,
+    times: i64,
+    deadline: Duration,
+) {
+    eventually(
+        deadline,
+        &format!("step {step} of job {id} to start {times} time(s)"),
+        || async { (step_executions(db, id, step).await >= times).then_some(()) },
+    )
     .await
 }
 
