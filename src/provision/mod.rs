@@ -4,7 +4,6 @@
 //! access key, cipher pass, Kubernetes Secret; plus a credential check before `ready`.
 
 pub mod cipher_pass;
-#[cfg(any())] // enabled once provision::secret and cloud::kube land
 pub mod job;
 pub mod sealed;
 pub mod wiring;
@@ -41,8 +40,6 @@ pub mod user;
 pub async fn registry(
     worker: &crate::config::WorkerSettingsArgs,
 ) -> Result<crate::jobs::Registry, crate::startup::StartupError> {
-    #[cfg(any())]
-    {
     use crate::config::ConfigError;
     if worker.workers == 0 {
         return Ok(crate::jobs::Registry::new());
@@ -61,7 +58,4 @@ pub async fn registry(
         credential_check_backoff: std::time::Duration::from_millis(500),
     };
     Ok(crate::jobs::Registry::new().register(provisioner))
-    }
-    let _ = worker;
-    Ok(crate::jobs::Registry::new())
 }
