@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_repository, list_repositories))
         .routes(routes!(get_repository))
+        .routes(routes!(reconcile_repository))
 }
 
 /// A request for a pgBackRest S3 repository.
@@ -214,29 +215,90 @@ async fn enqueue_provisioning(
         allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
         adopt_existing_secret: desired.options.adopt_existing_secret,
     };
+    let detail = serde_json::json!({
+        "namespace": payload.namespace, "bucket": payload.bucket, "region": payload.region,
+        "labels": desired.labels.as_map(), "options": desired.options,
+    });
+    enqueue_job(tx, &payload, caller, max_attempts, "repository.create", detail).await
+}
+
+/// Queues a provisioning job and records the API mutation in the audit log.
+async fn enqueue_job(
+    tx: &mut sqlx::PgConnection,
+    payload: &ProvisionPayload,
+    caller: &Caller,
+    max_attempts: i32,
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<Uuid, ApiError> {
     let job = NewJob {
         kind: provision::JOB_KIND,
-        repository_id: Some(repository_id),
-        payload: serde_json::to_value(&payload).map_err(|e| ApiError::Internal(e.to_string()))?,
+        repository_id: Some(payload.repository_id),
+        payload: serde_json::to_value(payload).map_err(|e| ApiError::Internal(e.to_string()))?,
         max_attempts,
         created_by: &caller.principal.subject,
     };
-    let job_id = queue::enqueue(&mut *tx, job).await?;
+    let job_id = match queue::enqueue(&mut *tx, job).await {
+        Err(e) if crate::db::violated_constraint(&e) == Some("jobs_one_active_per_repository") => {
+            return Err(ApiError::Conflict(format!(
+                "repository '{}' already has a queued or running job; follow it, or cancel it first",
+                payload.repository
+            )));
+        }
+        other => other?,
+    };
     let entry = AuditEntry {
         actor: caller.principal.subject.clone(),
         request_id: caller.request_id.clone(),
         repository: Some(payload.repository.clone()),
         job_id: Some(job_id),
-        action: "repository.create".into(),
+        action: action.into(),
         outcome: "created".into(),
-        detail: serde_json::json!({
-            "namespace": payload.namespace, "bucket": payload.bucket, "region": payload.region,
-            "labels": desired.labels.as_map(), "options": desired.options,
-        }),
+        detail,
         ..Default::default()
     };
     audit::record(&mut *tx, &entry).await?;
     Ok(job_id)
+}
+
+/// Run provisioning again for an existing repository: it converges to the runbook's state,
+/// repairing drift, and changes nothing when nothing drifted.
+#[utoipa::path(
+    post, path = "/v1/backup-repositories/{name}/reconcile", tag = "repositories",
+    params(("name" = String, Path, description = "Repository name")),
+    responses(
+        (status = 202, description = "Provisioning queued. `Location` names the job.", body = CreatedRepository),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn reconcile_repository(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    let row = repository::by_name(&state.db, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    let payload = ProvisionPayload {
+        repository: row.name.clone(),
+        repository_id: row.id,
+        namespace: row.namespace.clone(),
+        bucket: row.bucket.clone(),
+        region: row.region.clone(),
+        allow_new_cipher_pass: row.options.0.allow_new_cipher_pass,
+        adopt_existing_secret: row.options.0.adopt_existing_secret,
+    };
+    let mut tx = state.db.begin().await?;
+    let job_id = enqueue_job(&mut tx, &payload, &caller, state.policy.max_attempts, "repository.reconcile", serde_json::json!({})).await?;
+    tx.commit().await?;
+    let row = repository::by_id(&state.db, row.id).await?.ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    let job = JobSummary::load(&state.db, job_id).await?;
+    Ok(created_response(StatusCode::ACCEPTED, row, job))
 }
 
 async fn existing_repository(state: &AppState, desired: &DesiredRepository) -> Result<Response, ApiError> {

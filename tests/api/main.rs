@@ -14,3 +14,5 @@ mod http_jobs;
 mod audit_log;
 mod openapi_spec;
 mod kube_secret;
+mod pgbackrest_harness;
+mod provisioning;

@@ -4,3 +4,5 @@ pub mod app;
 pub mod kube;
 pub mod moto;
 pub mod test_jobs;
+pub mod pgbackrest;
+pub mod provisioning;

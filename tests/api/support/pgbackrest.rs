@@ -116,11 +116,7 @@ fn run_command(mut command: Command, deadline: Duration) -> Result<Run, CommandF
         ));
     };
     let spawned = match (out.try_clone(), err.try_clone()) {
-        (Ok(o), Ok(e)) => command
-            .stdin(Stdio::null())
-            .stdout(o)
-            .stderr(e)
-            .spawn(),
+        (Ok(o), Ok(e)) => command.stdin(Stdio::null()).stdout(o).stderr(e).spawn(),
         (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let mut child = match spawned {
@@ -161,7 +157,12 @@ fn run_command(mut command: Command, deadline: Duration) -> Result<Run, CommandF
             stdout,
             stderr,
         }),
-        Some(status) => Err(failure(format!("exited with {status}"), Some(status), stdout, stderr)),
+        Some(status) => Err(failure(
+            format!("exited with {status}"),
+            Some(status),
+            stdout,
+            stderr,
+        )),
         None => Err(failure(
             format!("killed at the {deadline:?} deadline"),
             None,
@@ -476,17 +477,16 @@ http {{
 /// Polls until a TLS handshake on `port` verifies against `ca_pem` (as 127.0.0.1), the child
 /// exits, or the deadline passes.
 fn wait_tls(child: &mut Child, port: u16, ca_pem: &[u8], deadline: Instant) -> anyhow::Result<()> {
-    let mut last = String::from("no attempt");
     loop {
         if let Some(status) = child.try_wait()? {
             bail!("nginx exited early with {status}");
         }
-        match tls_handshake(port, ca_pem) {
+        let last = match tls_handshake(port, ca_pem) {
             Ok(()) => return Ok(()),
-            Err(e) => last = format!("{e:#}"),
-        }
+            Err(e) => e,
+        };
         if Instant::now() >= deadline {
-            bail!("no TLS handshake before the deadline (last: {last})");
+            bail!("no TLS handshake before the deadline (last: {last:#})");
         }
         std::thread::sleep(POLL);
     }
@@ -544,7 +544,14 @@ impl PgCluster {
         initdb
             .arg("-D")
             .arg(&cluster.data_dir)
-            .args(["-U", "postgres", "-A", "trust", "--encoding=UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ])
             .args(["--no-sync", "--no-instructions"]);
         run_command(initdb, SHORT_COMMAND_DEADLINE)?;
         cluster.set("archive_mode", "on");
@@ -615,7 +622,11 @@ impl PgCluster {
         self.child = Some(child);
         let deadline = started + PG_START_DEADLINE;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 bail!(
                     "postgres exited during start-up with {status}\n--- log ---\n{}",
@@ -623,10 +634,14 @@ impl PgCluster {
                 );
             }
             let mut ready = as_postgres(format!("{PG_BIN}/pg_isready"), self.dir.path())?;
-            ready
-                .arg("-h")
-                .arg(&self.socket_dir)
-                .args(["-p", &self.port.to_string(), "-d", "postgres", "-t", "2"]);
+            ready.arg("-h").arg(&self.socket_dir).args([
+                "-p",
+                &self.port.to_string(),
+                "-d",
+                "postgres",
+                "-t",
+                "2",
+            ]);
             if run_command(ready, Duration::from_secs(5)).is_ok() {
                 return Ok(started.elapsed());
             }
@@ -715,7 +730,13 @@ pub struct S3Repo {
 impl S3Repo {
     /// The repository behind `proxy`, with the PostgresCluster layout
     /// `repo2-path=/pgbackrest/<namespace>/<name>/repo2`.
-    pub fn behind(proxy: &TlsProxy, bucket: &str, region: &str, namespace: &str, name: &str) -> S3Repo {
+    pub fn behind(
+        proxy: &TlsProxy,
+        bucket: &str,
+        region: &str,
+        namespace: &str,
+        name: &str,
+    ) -> S3Repo {
         S3Repo {
             bucket: bucket.to_owned(),
             region: region.to_owned(),
@@ -1039,7 +1060,14 @@ pub async fn round_trip_async(
     s3_endpoint: String,
 ) -> anyhow::Result<RoundTripReport> {
     tokio::task::spawn_blocking(move || {
-        round_trip(&s3_conf_text, &bucket, &region, &namespace, &name, &s3_endpoint)
+        round_trip(
+            &s3_conf_text,
+            &bucket,
+            &region,
+            &namespace,
+            &name,
+            &s3_endpoint,
+        )
     })
     .await
     .context("round trip task panicked")?
