@@ -10,6 +10,16 @@ use crate::http_common::{
 };
 use crate::support::app::{TestApp, migrated_db, spawn_app};
 
+/// actor, request_id, repository, action, outcome, detail
+type AuditRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    Value,
+);
+
 async fn audit_page(app: &TestApp, query: &[(&str, &str)]) -> Value {
     let response = app
         .client
@@ -50,7 +60,7 @@ async fn a_mutation_writes_one_entry_with_the_actor_and_request_id() {
         .to_owned();
     let created: Value = response.json().await.unwrap();
 
-    let rows: Vec<(String, Option<String>, Option<String>, String, String, Value)> = sqlx::query_as(
+    let rows: Vec<AuditRow> = sqlx::query_as(
         "SELECT actor, request_id, repository, action, outcome, detail FROM audit_events ORDER BY id",
     )
     .fetch_all(&app.db)

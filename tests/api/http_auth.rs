@@ -114,15 +114,10 @@ async fn bad_credentials_are_401_problems() {
         ),
         (
             "expired",
-            Some(
-                format!(
-                    "Bearer {}",
-                    token_with(
-                        json!({"iat": now() - 7200, "nbf": now() - 7200, "exp": now() - 3600})
-                    )
-                )
-                .into(),
-            ),
+            Some(format!(
+                "Bearer {}",
+                token_with(json!({"iat": now() - 7200, "nbf": now() - 7200, "exp": now() - 3600}))
+            )),
             "token expired",
         ),
         (

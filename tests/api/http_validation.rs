@@ -122,7 +122,7 @@ fn bad_cases() -> Vec<(Value, Vec<(&'static str, String)>)> {
         labels(json!({"example.com/": "v"}), "label key \"example.com/\" has an empty name".to_owned()),
         labels(
             json!({"team": "bad value"}),
-            format!("value of label \"team\" must be empty or consist of letters, digits, '-', '_' and '.', and start and end with a letter or digit"),
+            "value of label \"team\" must be empty or consist of letters, digits, '-', '_' and '.', and start and end with a letter or digit".to_owned(),
         ),
         labels(
             json!({"k": "v".repeat(64)}),

@@ -95,7 +95,7 @@ async fn runbook_by_hand(admin: &AwsClients, bucket: &str) -> (String, String) {
     let policy_arn = iam
         .create_policy()
         .policy_name(bucket)
-        .description(policy::DESCRIPTION)
+        .set_description(std::env::var("HARNESS_DESC").ok())
         .policy_document(policy::document(bucket).to_string())
         .send()
         .await
