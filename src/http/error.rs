@@ -53,7 +53,7 @@ pub enum ApiError {
     #[error("{0}")]
     Unavailable(String),
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -111,6 +111,23 @@ impl ApiError {
             status: status.as_u16(),
             detail,
             errors,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    /// Input Postgres cannot store as text (a NUL byte, invalid UTF-8) is the client's error;
+    /// everything else is an outage.
+    fn from(err: sqlx::Error) -> Self {
+        let code = match &err {
+            sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        };
+        match code.as_deref() {
+            Some("22021") | Some("22P05") => {
+                ApiError::BadRequest("input contains a character that is not allowed (e.g. a NUL byte)".into())
+            }
+            _ => ApiError::Database(err),
         }
     }
 }

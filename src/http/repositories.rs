@@ -184,6 +184,11 @@ pub async fn create_repository(
         Ok(inserted) => inserted,
         Err(e) if crate::db::violated_constraint(&e) == Some("backup_repositories_bucket_key") => {
             drop(tx);
+            // Two identical creates racing can trip the bucket constraint before the name's:
+            // if the repository of that name exists now, answer as for any existing one.
+            if repository::by_name(&state.db, desired.name.as_str()).await?.is_some() {
+                return existing_repository(&state, &desired).await;
+            }
             return Err(bucket_taken(&state, desired.bucket.as_str()).await);
         }
         Err(e) => return Err(e.into()),

@@ -356,6 +356,11 @@ impl TlsProxy {
                 "-addext",
                 "subjectAltName=DNS:127.0.0.1,DNS:localhost,IP:127.0.0.1",
             ])
+            // A leaf certificate (rustls rejects a CA:TRUE certificate as the server's own:
+            // CaUsedAsEndEntity); OpenSSL (pgBackRest, curl) trusts it as its own anchor.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "keyUsage=critical,digitalSignature"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
