@@ -135,6 +135,19 @@ pub async fn claim(pool: &PgPool, kinds: &[&str], worker: &str, lease: Duration)
     Ok(job)
 }
 
+/// How long until the earliest queued job of these kinds becomes runnable (a backoff ends).
+pub async fn next_due_in(pool: &PgPool, kinds: &[&str]) -> Result<Option<Duration>, sqlx::Error> {
+    let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+    let seconds: Option<f64> = sqlx::query_scalar(
+        "SELECT greatest(extract(epoch FROM min(run_at) - now()), 0)::float8
+           FROM jobs WHERE state = 'queued' AND kind = ANY($1)",
+    )
+    .bind(&kinds)
+    .fetch_one(pool)
+    .await?;
+    Ok(seconds.map(Duration::from_secs_f64))
+}
+
 /// Extends a lease. False means the lease is gone (rescued, cancelled or finished elsewhere).
 pub async fn heartbeat(pool: &PgPool, id: Uuid, token: Uuid, lease: Duration) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(

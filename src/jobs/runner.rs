@@ -76,9 +76,13 @@ impl WorkerPool {
         tracing::info!(worker = %this.config.worker_id, concurrency = this.config.concurrency, "workers started");
         loop {
             this.claim_while_possible(&slots, &job_stop, &mut running).await;
+            // A job in backoff becomes runnable without any NOTIFY: wake when it is due.
+            // With every slot busy, a finishing job wakes the loop instead.
+            let due = if slots.available_permits() == 0 { this.config.poll_interval } else { this.next_due().await };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => this.rescue().await,
+                _ = tokio::time::sleep(due) => {}
                 note = listener.try_recv() => if let Err(e) = note {
                     tracing::warn!(error = %e, "job notification listener failed; relying on polling");
                 },
@@ -111,6 +115,13 @@ impl WorkerPool {
                     break;
                 }
             }
+        }
+    }
+
+    async fn next_due(&self) -> Duration {
+        match queue::next_due_in(&self.pool, &self.registry.kinds()).await {
+            Ok(Some(due)) => due.max(Duration::from_millis(10)).min(self.config.poll_interval),
+            _ => self.config.poll_interval,
         }
     }
 

@@ -16,3 +16,5 @@ mod openapi_spec;
 mod kube_secret;
 mod pgbackrest_harness;
 mod provisioning;
+mod crash_safety;
+mod provisioning_cases;

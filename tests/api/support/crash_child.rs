@@ -101,9 +101,16 @@ pub fn spawn(entry_test: &str, spec: &ChildSpec) -> CrashChild {
     let log = tempfile::NamedTempFile::new().expect("child log file");
     let out = log.reopen().expect("child log file");
     let err = out.try_clone().expect("child log file");
-    let mut command = tokio::process::Command::new(std::env::current_exe().expect("test binary path"));
+    let mut command =
+        tokio::process::Command::new(std::env::current_exe().expect("test binary path"));
     command
-        .args([entry_test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            entry_test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .envs(spec.envs())
         .stdin(std::process::Stdio::null())
         .stdout(out)
@@ -118,7 +125,11 @@ pub fn spawn(entry_test: &str, spec: &ChildSpec) -> CrashChild {
         });
     }
     let child = command.spawn().expect("spawn the crash child");
-    CrashChild { child, log, kill_at: spec.kill_at.clone() }
+    CrashChild {
+        child,
+        log,
+        kill_at: spec.kill_at.clone(),
+    }
 }
 
 impl CrashChild {
@@ -149,7 +160,8 @@ impl CrashChild {
             self.log()
         );
         assert!(
-            self.log().contains(&format!("crash child: SIGKILL at {}", self.kill_at)),
+            self.log()
+                .contains(&format!("crash child: SIGKILL at {}", self.kill_at)),
             "the child died of SIGKILL, but not at its kill point; its output:\n{}",
             self.log()
         );
@@ -165,7 +177,10 @@ impl CrashChild {
 /// kill point.
 pub async fn run(spec: ChildSpec) {
     backup_provisioner::install_crypto_provider();
-    eprintln!("crash child {} started; will die at {}", spec.worker_id, spec.kill_at);
+    eprintln!(
+        "crash child {} started; will die at {}",
+        spec.worker_id, spec.kill_at
+    );
     let kill_at = spec.kill_at.clone();
     backup_provisioner::jobs::context::set_checkpoint_hook(Arc::new(move |point: &str| {
         eprintln!("crash child: checkpoint {point}");
@@ -182,17 +197,27 @@ pub async fn run(spec: ChildSpec) {
         .connect(&spec.database_url)
         .await
         .expect("child: connect to the test database");
-    let settings = AwsSettings { endpoint_url: Some(spec.moto_endpoint.clone()), region: Some(spec.region.clone()) };
-    let credentials =
-        aws_sdk_s3::config::Credentials::new(TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY, None, None, "crash-child");
+    let settings = AwsSettings {
+        endpoint_url: Some(spec.moto_endpoint.clone()),
+        region: Some(spec.region.clone()),
+    };
+    let credentials = aws_sdk_s3::config::Credentials::new(
+        TEST_ACCESS_KEY_ID,
+        TEST_SECRET_ACCESS_KEY,
+        None,
+        None,
+        "crash-child",
+    );
     let aws = aws::clients_with_credentials(&settings, None, credentials).await;
     let mut kube_config = kube::Config::new(spec.kube_url.parse().expect("child: emulator url"));
     kube_config.auth_info.token = Some(SecretString::from(spec.kube_token.clone()));
-    let kube = backup_provisioner::cloud::kube::client_from_config(kube_config).expect("child: kube client");
+    let kube = backup_provisioner::cloud::kube::client_from_config(kube_config)
+        .expect("child: kube client");
     let provisioner = Provisioner {
         aws,
         kube,
-        encryption_key: EncryptionKey::from_base64(&spec.encryption_key).expect("child: encryption key"),
+        encryption_key: EncryptionKey::from_base64(&spec.encryption_key)
+            .expect("child: encryption key"),
         credential_check_budget: Duration::from_secs(20),
         credential_check_backoff: Duration::from_millis(100),
     };
@@ -205,7 +230,10 @@ pub async fn run(spec: ChildSpec) {
         worker_id: spec.worker_id.clone(),
     };
     let shutdown = CancellationToken::new();
-    let pool = tokio::spawn(WorkerPool::new(db.clone(), Registry::new().register(provisioner), config).run(shutdown.clone()));
+    let pool = tokio::spawn(
+        WorkerPool::new(db.clone(), Registry::new().register(provisioner), config)
+            .run(shutdown.clone()),
+    );
 
     // Normally the hook kills this process. If the job ends instead (it failed, or the kill
     // point was never reached), say so and exit with a code the parent reports.
@@ -219,15 +247,24 @@ pub async fn run(spec: ChildSpec) {
                 .await
                 .unwrap_or_default();
         if let Some((state, error)) = ended.first() {
-            eprintln!("crash child: the job ended ({state}, {error:?}) without reaching {}", spec.kill_at);
+            eprintln!(
+                "crash child: the job ended ({state}, {error:?}) without reaching {}",
+                spec.kill_at
+            );
             std::process::exit(3);
         }
         if pool.is_finished() {
-            eprintln!("crash child: the worker pool stopped unexpectedly: {:?}", pool.await);
+            eprintln!(
+                "crash child: the worker pool stopped unexpectedly: {:?}",
+                pool.await
+            );
             std::process::exit(4);
         }
         if started.elapsed() > CHILD_LIFETIME_CAP {
-            eprintln!("crash child: never reached {} within {CHILD_LIFETIME_CAP:?}", spec.kill_at);
+            eprintln!(
+                "crash child: never reached {} within {CHILD_LIFETIME_CAP:?}",
+                spec.kill_at
+            );
             std::process::exit(5);
         }
     }

@@ -6,3 +6,5 @@ pub mod moto;
 pub mod test_jobs;
 pub mod pgbackrest;
 pub mod provisioning;
+pub mod crash_child;
+pub mod provisioning_custom;

@@ -95,7 +95,7 @@ impl fmt::Display for CommandFailure {
 impl std::error::Error for CommandFailure {}
 
 /// Runs `command` to completion with stdout/stderr captured in files (no pipe deadlocks),
-/// killing it at `deadline`.
+/// killing it at `deadline` (and terminating it if the test process dies).
 fn run_command(mut command: Command, deadline: Duration) -> Result<Run, CommandFailure> {
     let display = describe(&command);
     let started = Instant::now();
@@ -116,7 +116,11 @@ fn run_command(mut command: Command, deadline: Duration) -> Result<Run, CommandF
         ));
     };
     let spawned = match (out.try_clone(), err.try_clone()) {
-        (Ok(o), Ok(e)) => command.stdin(Stdio::null()).stdout(o).stderr(e).spawn(),
+        (Ok(o), Ok(e)) => {
+            command.stdin(Stdio::null()).stdout(o).stderr(e);
+            // SIGTERM if the test process dies: pgBackRest then stops cleanly.
+            spawn_tied(command, Signal::SIGTERM)
+        }
         (Err(e), _) | (_, Err(e)) => Err(e),
     };
     let mut child = match spawned {
