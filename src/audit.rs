@@ -26,7 +26,11 @@ pub struct AuditEntry {
 
 /// Appends an entry; a duplicate step attempt is ignored. Returns whether a row was written.
 pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool, sqlx::Error> {
-    let detail = if entry.detail.is_null() { serde_json::json!({}) } else { entry.detail.clone() };
+    let detail = if entry.detail.is_null() {
+        serde_json::json!({})
+    } else {
+        entry.detail.clone()
+    };
     let result = sqlx::query(
         "INSERT INTO audit_events
             (actor, request_id, repository, job_id, step, attempt, action, outcome, detail, upstream_request_id)
@@ -79,7 +83,10 @@ pub struct AuditFilter {
     pub limit: i64,
 }
 
-pub async fn list(db: impl PgExecutor<'_>, filter: &AuditFilter) -> Result<Vec<AuditEvent>, sqlx::Error> {
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditEvent>, sqlx::Error> {
     sqlx::query_as::<_, AuditEvent>(
         "SELECT id, at, actor, request_id, repository, job_id, step, attempt, action, outcome, detail,
                 upstream_request_id

@@ -12,7 +12,11 @@ use crate::auth::{AuthConfig, AuthSettings, Role};
 use crate::domain::DEFAULT_BUCKET_PATTERN;
 
 #[derive(Debug, Parser)]
-#[command(name = "backup-provisioner", version, about = "Provisions pgBackRest S3 repositories for PGO PostgresClusters")]
+#[command(
+    name = "backup-provisioner",
+    version,
+    about = "Provisions pgBackRest S3 repositories for PGO PostgresClusters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -155,7 +159,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(variable: &'static str, message: impl Into<String>) -> Self {
-        ConfigError { variable, message: message.into() }
+        ConfigError {
+            variable,
+            message: message.into(),
+        }
     }
 }
 
@@ -178,7 +185,10 @@ impl HttpArgs {
                 check_hs256_secret(secret)?;
                 AuthSettings::Hs256 {
                     secret: secret.clone(),
-                    audience: self.jwt_audience.clone().unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
+                    audience: self
+                        .jwt_audience
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
                 }
             }
             (None, Some(issuer)) => AuthSettings::Oidc {
@@ -187,24 +197,42 @@ impl HttpArgs {
                 jwks_refetch_floor: Duration::from_secs(30),
             },
         };
-        Ok(AuthConfig { settings, roles_claim: self.jwt_roles_claim.clone() })
+        Ok(AuthConfig {
+            settings,
+            roles_claim: self.jwt_roles_claim.clone(),
+        })
     }
 
     pub fn bucket_pattern(&self) -> Result<regex::Regex, ConfigError> {
-        regex::Regex::new(&self.bucket_name_pattern)
-            .map_err(|e| ConfigError::new("BP_BUCKET_NAME_PATTERN", format!("not a valid regular expression: {e}")))
+        regex::Regex::new(&self.bucket_name_pattern).map_err(|e| {
+            ConfigError::new(
+                "BP_BUCKET_NAME_PATTERN",
+                format!("not a valid regular expression: {e}"),
+            )
+        })
     }
 
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.request_timeout <= Duration::from_secs(31) {
-            return Err(ConfigError::new("BP_REQUEST_TIMEOUT", "must be longer than 31s (long polls wait up to 30s)"));
+            return Err(ConfigError::new(
+                "BP_REQUEST_TIMEOUT",
+                "must be longer than 31s (long polls wait up to 30s)",
+            ));
         }
         if self.max_body_bytes == 0 {
-            return Err(ConfigError::new("BP_MAX_BODY_BYTES", "must be greater than 0"));
+            return Err(ConfigError::new(
+                "BP_MAX_BODY_BYTES",
+                "must be greater than 0",
+            ));
         }
         for origin in &self.cors_origins {
-            if origin.parse::<axum::http::HeaderValue>().is_err() || url::Url::parse(origin).is_err() {
-                return Err(ConfigError::new("BP_CORS_ORIGINS", format!("'{origin}' is not an origin like https://portal.example.com")));
+            if origin.parse::<axum::http::HeaderValue>().is_err()
+                || url::Url::parse(origin).is_err()
+            {
+                return Err(ConfigError::new(
+                    "BP_CORS_ORIGINS",
+                    format!("'{origin}' is not an origin like https://portal.example.com"),
+                ));
             }
         }
         for namespace in &self.allowed_namespaces {
@@ -219,7 +247,10 @@ impl HttpArgs {
 fn check_hs256_secret(secret: &SecretString) -> Result<(), ConfigError> {
     use secrecy::ExposeSecret;
     if secret.expose_secret().len() < 32 {
-        return Err(ConfigError::new("BP_JWT_HS256_SECRET", "must be at least 32 characters"));
+        return Err(ConfigError::new(
+            "BP_JWT_HS256_SECRET",
+            "must be at least 32 characters",
+        ));
     }
     Ok(())
 }
@@ -228,7 +259,10 @@ impl WorkerSettingsArgs {
     pub fn encryption_key(&self) -> Result<crate::crypto::EncryptionKey, ConfigError> {
         use secrecy::ExposeSecret;
         let raw = self.encryption_key.as_ref().ok_or_else(|| {
-            ConfigError::new("BP_ENCRYPTION_KEY", "missing: workers need 32 random bytes, base64 (openssl rand -base64 32)")
+            ConfigError::new(
+                "BP_ENCRYPTION_KEY",
+                "missing: workers need 32 random bytes, base64 (openssl rand -base64 32)",
+            )
         })?;
         crate::crypto::EncryptionKey::from_base64(raw.expose_secret())
             .map_err(|e| ConfigError::new("BP_ENCRYPTION_KEY", e.to_string()))
@@ -236,7 +270,10 @@ impl WorkerSettingsArgs {
 
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.max_attempts < 1 {
-            return Err(ConfigError::new("BP_JOB_MAX_ATTEMPTS", "must be at least 1"));
+            return Err(ConfigError::new(
+                "BP_JOB_MAX_ATTEMPTS",
+                "must be at least 1",
+            ));
         }
         if self.job_lease < Duration::from_secs(1) {
             return Err(ConfigError::new("BP_JOB_LEASE", "must be at least 1s"));

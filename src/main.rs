@@ -32,8 +32,14 @@ async fn run(command: Command) -> Result<(), StartupError> {
             Ok(())
         }
         Command::Token(args) => {
-            let token = auth::mint_hs256(&args.jwt_hs256_secret, &args.sub, &args.role, args.ttl, &args.jwt_audience)
-                .map_err(|e| ConfigError::new("BP_JWT_HS256_SECRET", e.to_string()))?;
+            let token = auth::mint_hs256(
+                &args.jwt_hs256_secret,
+                &args.sub,
+                &args.role,
+                args.ttl,
+                &args.jwt_audience,
+            )
+            .map_err(|e| ConfigError::new("BP_JWT_HS256_SECRET", e.to_string()))?;
             println!("{token}");
             Ok(())
         }

@@ -119,25 +119,40 @@ pub async fn insert_if_absent(
     .await
 }
 
-pub async fn by_name(db: impl PgExecutor<'_>, name: &str) -> Result<Option<RepositoryRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM backup_repositories WHERE name = $1")))
-        .bind(name)
-        .fetch_optional(db)
-        .await
+pub async fn by_name(
+    db: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM backup_repositories WHERE name = $1"
+    )))
+    .bind(name)
+    .fetch_optional(db)
+    .await
 }
 
-pub async fn by_id(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<RepositoryRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM backup_repositories WHERE id = $1")))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+pub async fn by_id(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM backup_repositories WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
-pub async fn by_bucket(db: impl PgExecutor<'_>, bucket: &str) -> Result<Option<RepositoryRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM backup_repositories WHERE bucket = $1")))
-        .bind(bucket)
-        .fetch_optional(db)
-        .await
+pub async fn by_bucket(
+    db: impl PgExecutor<'_>,
+    bucket: &str,
+) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM backup_repositories WHERE bucket = $1"
+    )))
+    .bind(bucket)
+    .fetch_optional(db)
+    .await
 }
 
 #[derive(Debug, Clone, Default)]
@@ -149,7 +164,10 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
-pub async fn list(db: impl PgExecutor<'_>, filter: &ListFilter) -> Result<Vec<RepositoryRow>, sqlx::Error> {
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    filter: &ListFilter,
+) -> Result<Vec<RepositoryRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM backup_repositories
           WHERE ($1::text IS NULL OR state = $1)
@@ -167,7 +185,11 @@ pub async fn list(db: impl PgExecutor<'_>, filter: &ListFilter) -> Result<Vec<Re
 }
 
 /// Merges newly known identifiers into the repository's resources.
-pub async fn merge_resources(db: impl PgExecutor<'_>, id: Uuid, patch: &Resources) -> Result<(), sqlx::Error> {
+pub async fn merge_resources(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    patch: &Resources,
+) -> Result<(), sqlx::Error> {
     let patch = serde_json::to_value(patch).unwrap_or_default();
     sqlx::query("UPDATE backup_repositories SET resources = resources || $2, updated_at = now() WHERE id = $1")
         .bind(id)

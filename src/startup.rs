@@ -52,7 +52,14 @@ impl Application {
         crate::db::migrate(&db).await?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let mut app = Application { db: db.clone(), listener: None, state: None, limits: None, workers: None, shutdown };
+        let mut app = Application {
+            db: db.clone(),
+            listener: None,
+            state: None,
+            limits: None,
+            workers: None,
+            shutdown,
+        };
         if let Some(http) = http {
             app.build_http(http, worker, metrics.clone()).await?;
         }
@@ -70,7 +77,12 @@ impl Application {
         Ok(app)
     }
 
-    async fn build_http(&mut self, http: &HttpArgs, worker: &WorkerSettingsArgs, metrics: Arc<Metrics>) -> Result<(), StartupError> {
+    async fn build_http(
+        &mut self,
+        http: &HttpArgs,
+        worker: &WorkerSettingsArgs,
+        metrics: Arc<Metrics>,
+    ) -> Result<(), StartupError> {
         http.check()?;
         let auth = Authenticator::new(http.auth_config()?).await?;
         let policy = RequestPolicy {
@@ -79,7 +91,13 @@ impl Application {
             max_attempts: worker.max_attempts,
         };
         let job_events = http::jobs::JobEvents::start(self.db.clone(), self.shutdown.clone());
-        self.state = Some(AppState { db: self.db.clone(), auth, metrics, policy: Arc::new(policy), job_events });
+        self.state = Some(AppState {
+            db: self.db.clone(),
+            auth,
+            metrics,
+            policy: Arc::new(policy),
+            job_events,
+        });
         self.limits = Some(HttpLimits {
             max_body_bytes: http.max_body_bytes,
             request_timeout: http.request_timeout,
@@ -100,10 +118,14 @@ impl Application {
         let shutdown = self.shutdown.clone();
         let workers: Option<JoinHandle<Result<(), sqlx::Error>>> =
             self.workers.map(|w| tokio::spawn(w.run(shutdown.clone())));
-        if let (Some(listener), Some(state), Some(limits)) = (self.listener, self.state, self.limits) {
+        if let (Some(listener), Some(state), Some(limits)) =
+            (self.listener, self.state, self.limits)
+        {
             let app = http::router(state, &limits);
             let stop = shutdown.clone();
-            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await?;
         }
         if let Some(workers) = workers {
             match workers.await {

@@ -15,8 +15,14 @@ use tracing_subscriber::fmt::format::FmtSpan;
 /// Initialises logging once per process (`RUST_LOG` filters, default `info`).
 pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::NONE);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_span_events(FmtSpan::NONE);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,36 +84,80 @@ impl Metrics {
         };
         {
             let mut r = metrics.registry.lock().expect("metrics registry");
-            r.register("http_requests", "HTTP requests by route and status", metrics.http_requests.clone());
-            r.register("http_request_duration_seconds", "HTTP request latency", metrics.http_duration.clone());
-            r.register("job_duration_seconds", "Duration of job attempts", metrics.job_duration.clone());
-            r.register("step_duration_seconds", "Duration of job step attempts", metrics.step_duration.clone());
+            r.register(
+                "http_requests",
+                "HTTP requests by route and status",
+                metrics.http_requests.clone(),
+            );
+            r.register(
+                "http_request_duration_seconds",
+                "HTTP request latency",
+                metrics.http_duration.clone(),
+            );
+            r.register(
+                "job_duration_seconds",
+                "Duration of job attempts",
+                metrics.job_duration.clone(),
+            );
+            r.register(
+                "step_duration_seconds",
+                "Duration of job step attempts",
+                metrics.step_duration.clone(),
+            );
             r.register("jobs", "Jobs by state", metrics.jobs_by_state.clone());
-            r.register("queue_lag_seconds", "Age of the oldest runnable queued job", metrics.queue_lag_seconds.clone());
+            r.register(
+                "queue_lag_seconds",
+                "Age of the oldest runnable queued job",
+                metrics.queue_lag_seconds.clone(),
+            );
         }
         metrics
     }
 
     pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let labels = HttpLabels { method: method.to_owned(), route: route.to_owned(), status };
+        let labels = HttpLabels {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            status,
+        };
         self.http_requests.get_or_create(&labels).inc();
-        self.http_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        self.http_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_job(&self, kind: &str, outcome: &str, elapsed: Duration) {
-        let labels = JobLabels { kind: kind.to_owned(), outcome: outcome.to_owned() };
-        self.job_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        let labels = JobLabels {
+            kind: kind.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.job_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_step(&self, step: &str, outcome: &str, elapsed: Duration) {
-        let labels = StepLabels { step: step.to_owned(), outcome: outcome.to_owned() };
-        self.step_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        let labels = StepLabels {
+            step: step.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.step_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn set_job_states(&self, counts: &[(String, i64)], lag_seconds: f64) {
         for state in ["queued", "running", "succeeded", "failed", "cancelled"] {
-            let n = counts.iter().find(|(s, _)| s == state).map(|(_, n)| *n).unwrap_or(0);
-            self.jobs_by_state.get_or_create(&StateLabels { state: state.to_owned() }).set(n);
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            self.jobs_by_state
+                .get_or_create(&StateLabels {
+                    state: state.to_owned(),
+                })
+                .set(n);
         }
         self.queue_lag_seconds.set(lag_seconds);
     }
@@ -115,7 +165,8 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().expect("metrics registry");
-        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("encoding to a String cannot fail");
         out
     }
 }

@@ -43,12 +43,30 @@ impl CloudError {
         }
     }
 
-    pub fn permanent(service: &'static str, operation: &'static str, message: impl Into<String>) -> Self {
-        CloudError::Permanent { service, operation, message: message.into(), request_id: None }
+    pub fn permanent(
+        service: &'static str,
+        operation: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        CloudError::Permanent {
+            service,
+            operation,
+            message: message.into(),
+            request_id: None,
+        }
     }
 
-    pub fn retryable(service: &'static str, operation: &'static str, message: impl Into<String>) -> Self {
-        CloudError::Retryable { service, operation, message: message.into(), request_id: None }
+    pub fn retryable(
+        service: &'static str,
+        operation: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        CloudError::Retryable {
+            service,
+            operation,
+            message: message.into(),
+            request_id: None,
+        }
     }
 }
 
@@ -86,6 +104,10 @@ pub struct StepReport {
 
 impl StepReport {
     pub fn new(outcome: Outcome, detail: serde_json::Value) -> Self {
-        StepReport { outcome, detail, upstream_request_id: None }
+        StepReport {
+            outcome,
+            detail,
+            upstream_request_id: None,
+        }
     }
 }

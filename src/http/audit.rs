@@ -49,6 +49,13 @@ pub async fn list_audit(
     ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> Result<axum::Json<AuditPage>, ApiError> {
     caller.require(Role::Viewer)?;
-    let filter = AuditFilter { repository: query.repository, actor: query.actor, since: query.since, ..Default::default() };
-    audit_page(&state, filter, query.cursor.as_deref(), query.limit).await.map(axum::Json)
+    let filter = AuditFilter {
+        repository: query.repository,
+        actor: query.actor,
+        since: query.since,
+        ..Default::default()
+    };
+    audit_page(&state, filter, query.cursor.as_deref(), query.limit)
+        .await
+        .map(axum::Json)
 }

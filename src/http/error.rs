@@ -68,7 +68,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Validation(_) | ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(_) | ApiError::Unprocessable(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Unavailable(_) | ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -96,17 +98,28 @@ impl ApiError {
             // Never leak database or internal details to clients; they are logged instead.
             ApiError::Database(_) => "the database is unavailable; try again shortly".to_owned(),
             ApiError::Internal(_) => "an internal error occurred; it has been logged".to_owned(),
-            ApiError::Validation(errors) => errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+            ApiError::Validation(errors) => errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
             other => other.to_string(),
         };
         let errors = match self {
-            ApiError::Validation(errors) => {
-                errors.iter().map(|e| FieldError { field: e.field.clone(), message: e.message.clone() }).collect()
-            }
+            ApiError::Validation(errors) => errors
+                .iter()
+                .map(|e| FieldError {
+                    field: e.field.clone(),
+                    message: e.message.clone(),
+                })
+                .collect(),
             _ => Vec::new(),
         };
         Problem {
-            problem_type: format!("https://backup-provisioner.holos.run/problems/{}", self.slug()),
+            problem_type: format!(
+                "https://backup-provisioner.holos.run/problems/{}",
+                self.slug()
+            ),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail,
@@ -124,9 +137,9 @@ impl From<sqlx::Error> for ApiError {
             _ => None,
         };
         match code.as_deref() {
-            Some("22021") | Some("22P05") => {
-                ApiError::BadRequest("input contains a character that is not allowed (e.g. a NUL byte)".into())
-            }
+            Some("22021") | Some("22P05") => ApiError::BadRequest(
+                "input contains a character that is not allowed (e.g. a NUL byte)".into(),
+            ),
             _ => ApiError::Database(err),
         }
     }
@@ -141,10 +154,12 @@ impl From<ValidationError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::MissingJsonContentType(_) => {
-                ApiError::UnsupportedMediaType("request body must be JSON: set Content-Type: application/json".into())
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                "request body must be JSON: set Content-Type: application/json".into(),
+            ),
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::BadRequest(format!("malformed JSON: {}", e.body_text()))
             }
-            JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!("malformed JSON: {}", e.body_text())),
             JsonRejection::JsonDataError(e) => ApiError::Unprocessable(e.body_text()),
             JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::PayloadTooLarge("request body is larger than the configured limit".into())
@@ -180,7 +195,9 @@ impl IntoResponse for ApiError {
 pub fn problem_response(problem: Problem) -> Response {
     let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, Json(problem)).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     response
 }
 
@@ -223,7 +240,9 @@ fn default_detail(status: StatusCode) -> &'static str {
     match status {
         StatusCode::NOT_FOUND => "no such resource",
         StatusCode::METHOD_NOT_ALLOWED => "this method is not allowed on this resource",
-        StatusCode::REQUEST_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => "the request took too long; try again",
+        StatusCode::REQUEST_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => {
+            "the request took too long; try again"
+        }
         StatusCode::PAYLOAD_TOO_LARGE => "request body is larger than the configured limit",
         _ => "the request failed",
     }

@@ -29,7 +29,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::extract::Query(value) = axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        let axum::extract::Query(value) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
         Ok(ApiQuery(value))
     }
 }
@@ -52,7 +53,12 @@ impl Caller {
                 if self.principal.roles.is_empty() {
                     "no roles".to_owned()
                 } else {
-                    self.principal.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
+                    self.principal
+                        .roles
+                        .iter()
+                        .map(|r| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             )))
         }
@@ -62,7 +68,10 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         if let Some(caller) = parts.extensions.get::<Caller>() {
             return Ok(caller.clone());
         }
@@ -74,26 +83,40 @@ impl FromRequestParts<AppState> for Caller {
                 ApiError::Unauthorized(e.to_string())
             }
         })?;
-        let caller = Caller { principal, request_id: request_id(parts) };
+        let caller = Caller {
+            principal,
+            request_id: request_id(parts),
+        };
         parts.extensions.insert(caller.clone());
         Ok(caller)
     }
 }
 
 fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
-    let value = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::Unauthorized("missing Authorization header: send 'Authorization: Bearer <JWT>'".into()))?;
+    let value = parts.headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::Unauthorized(
+            "missing Authorization header: send 'Authorization: Bearer <JWT>'".into(),
+        )
+    })?;
     let value = value
         .to_str()
         .map_err(|_| ApiError::Unauthorized("Authorization header is not valid text".into()))?;
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
-        _ => Err(ApiError::Unauthorized("Authorization header must be 'Bearer <JWT>'".into())),
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(ApiError::Unauthorized(
+            "Authorization header must be 'Bearer <JWT>'".into(),
+        )),
     }
 }
 
 pub fn request_id(parts: &Parts) -> Option<String> {
-    parts.headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    parts
+        .headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }

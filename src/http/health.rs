@@ -8,7 +8,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::{ApiError, AppState, Problem};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(metrics))
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
 }
 
 /// The process is alive.
@@ -25,8 +28,13 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     match crate::db::migrations_applied(&state.db).await {
         Ok(true) => Ok("ready"),
-        Ok(false) => Err(ApiError::Unavailable("database migrations are not fully applied".into())),
-        Err(e) => Err(ApiError::Unavailable(format!("database unreachable: {}", short(&e)))),
+        Ok(false) => Err(ApiError::Unavailable(
+            "database migrations are not fully applied".into(),
+        )),
+        Err(e) => Err(ApiError::Unavailable(format!(
+            "database unreachable: {}",
+            short(&e)
+        ))),
     }
 }
 
@@ -47,7 +55,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }

@@ -35,30 +35,48 @@ async fn handle(state: AppState, request: Request, next: Next) -> Result<Respons
     let key = parse_key(request.headers())?;
     let (mut parts, body) = request.into_parts();
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
-    let body = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge("request body is larger than the configured limit".into()))?;
+    let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|_| {
+        ApiError::PayloadTooLarge("request body is larger than the configured limit".into())
+    })?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &body);
     let actor = caller.principal.subject.as_str();
     if let Some(response) = existing(&state, actor, &key, &fingerprint).await? {
         return Ok(response);
     }
-    if !claim(&state, actor, &key, &fingerprint, &parts.method, parts.uri.path()).await? {
+    if !claim(
+        &state,
+        actor,
+        &key,
+        &fingerprint,
+        &parts.method,
+        parts.uri.path(),
+    )
+    .await?
+    {
         // Another request claimed the key between our read and our insert.
         return existing(&state, actor, &key, &fingerprint)
             .await?
-            .ok_or_else(|| ApiError::Conflict("a request with this Idempotency-Key is still being processed".into()));
+            .ok_or_else(|| {
+                ApiError::Conflict(
+                    "a request with this Idempotency-Key is still being processed".into(),
+                )
+            });
     }
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
     store(&state, actor, &key, response).await
 }
 
 fn parse_key(headers: &HeaderMap) -> Result<String, ApiError> {
-    let raw = headers.get(IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let raw = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     // The draft defines the key as a structured-field string; accept it quoted or bare.
     let key = raw.trim().trim_matches('"');
     if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(ApiError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into()));
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ));
     }
     Ok(key.to_owned())
 }
@@ -84,7 +102,12 @@ struct StoredKey {
 
 /// The answer for a key already seen: a replay, a 422 or a 409. None when the key is new
 /// (or expired, or abandoned by a crashed request: such rows are removed here).
-async fn existing(state: &AppState, actor: &str, key: &str, fingerprint: &[u8]) -> Result<Option<Response>, ApiError> {
+async fn existing(
+    state: &AppState,
+    actor: &str,
+    key: &str,
+    fingerprint: &[u8],
+) -> Result<Option<Response>, ApiError> {
     let row: Option<StoredKey> = sqlx::query_as(
         "SELECT request_hash, response_status, response_headers, response_body,
                 (response_status IS NULL AND created_at < now() - make_interval(secs => $3)) AS abandoned
@@ -109,17 +132,30 @@ async fn existing(state: &AppState, actor: &str, key: &str, fingerprint: &[u8]) 
         return Ok(None);
     }
     let Some(status) = row.response_status else {
-        return Err(ApiError::Conflict("a request with this Idempotency-Key is still being processed".into()));
+        return Err(ApiError::Conflict(
+            "a request with this Idempotency-Key is still being processed".into(),
+        ));
     };
-    Ok(Some(replay(status, row.response_headers.map(|h| h.0).unwrap_or_default(), row.response_body)))
+    Ok(Some(replay(
+        status,
+        row.response_headers.map(|h| h.0).unwrap_or_default(),
+        row.response_body,
+    )))
 }
 
-async fn forget(state: &AppState, actor: &str, key: &str, condition: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM idempotency_keys WHERE actor = $1 AND key = $2 AND {condition}")))
-        .bind(actor)
-        .bind(key)
-        .execute(&state.db)
-        .await?;
+async fn forget(
+    state: &AppState,
+    actor: &str,
+    key: &str,
+    condition: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM idempotency_keys WHERE actor = $1 AND key = $2 AND {condition}"
+    )))
+    .bind(actor)
+    .bind(key)
+    .execute(&state.db)
+    .await?;
     Ok(())
 }
 
@@ -147,7 +183,12 @@ async fn claim(
 
 /// Stores a final response for replay. Server errors are not stored: the key is released so
 /// the client's retry runs the request again.
-async fn store(state: &AppState, actor: &str, key: &str, response: Response) -> Result<Response, ApiError> {
+async fn store(
+    state: &AppState,
+    actor: &str,
+    key: &str,
+    response: Response,
+) -> Result<Response, ApiError> {
     if response.status().is_server_error() {
         forget(state, actor, key, "response_status IS NULL").await?;
         return Ok(response);
@@ -158,7 +199,13 @@ async fn store(state: &AppState, actor: &str, key: &str, response: Response) -> 
         .map_err(|e| ApiError::Internal(format!("buffering response: {e}")))?;
     let headers: Vec<(String, String)> = REPLAYED_HEADERS
         .iter()
-        .filter_map(|name| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| (name.to_string(), v.to_owned())))
+        .filter_map(|name| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (name.to_string(), v.to_owned()))
+        })
         .collect();
     sqlx::query(
         "UPDATE idempotency_keys SET response_status = $3, response_headers = $4, response_body = $5
@@ -182,6 +229,9 @@ fn replay(status: i32, headers: Vec<(String, String)>, body: Option<Vec<u8>>) ->
             response.headers_mut().insert(name, value);
         }
     }
-    response.headers_mut().insert(HeaderName::from_static("idempotent-replayed"), HeaderValue::from_static("true"));
+    response.headers_mut().insert(
+        HeaderName::from_static("idempotent-replayed"),
+        HeaderValue::from_static("true"),
+    );
     response
 }

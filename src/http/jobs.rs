@@ -41,13 +41,21 @@ pub struct JobSummary {
 
 impl From<Job> for JobSummary {
     fn from(job: Job) -> Self {
-        JobSummary { id: job.id, kind: job.kind, state: job.state, attempts: job.attempts, last_error: job.last_error }
+        JobSummary {
+            id: job.id,
+            kind: job.kind,
+            state: job.state,
+            attempts: job.attempts,
+            last_error: job.last_error,
+        }
     }
 }
 
 impl JobSummary {
     pub async fn load(db: &PgPool, id: Uuid) -> Result<JobSummary, ApiError> {
-        let job = queue::get(db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+        let job = queue::get(db, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
         Ok(job.into())
     }
 }
@@ -92,12 +100,18 @@ pub struct JobView {
 }
 
 async fn load_view(db: &PgPool, id: Uuid) -> Result<Option<JobView>, ApiError> {
-    let Some(job) = queue::get(db, id).await? else { return Ok(None) };
+    let Some(job) = queue::get(db, id).await? else {
+        return Ok(None);
+    };
     let steps = queue::steps(db, id).await?;
     Ok(Some(JobView {
         id: job.id,
         kind: job.kind.clone(),
-        repository: job.payload.get("repository").and_then(|v| v.as_str()).map(str::to_owned),
+        repository: job
+            .payload
+            .get("repository")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
         state: job.state.clone(),
         attempts: job.attempts,
         max_attempts: job.max_attempts,
@@ -111,7 +125,10 @@ async fn load_view(db: &PgPool, id: Uuid) -> Result<Option<JobView>, ApiError> {
         steps: steps
             .into_iter()
             .map(|s| StepView {
-                duration_ms: s.started_at.zip(s.finished_at).map(|(a, b)| (b - a).num_milliseconds()),
+                duration_ms: s
+                    .started_at
+                    .zip(s.finished_at)
+                    .map(|(a, b)| (b - a).num_milliseconds()),
                 name: s.step,
                 state: s.state,
                 attempts: s.attempts,
@@ -133,7 +150,9 @@ impl JobEvents {
     /// Starts listening on `bp_job_state`; reconnects after errors until `stop` fires.
     pub fn start(db: PgPool, stop: CancellationToken) -> Self {
         let (sender, _) = broadcast::channel(1024);
-        let events = JobEvents { sender: sender.clone() };
+        let events = JobEvents {
+            sender: sender.clone(),
+        };
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 if let Err(e) = forward(&db, &sender, &stop).await {
@@ -153,7 +172,11 @@ impl JobEvents {
     }
 }
 
-async fn forward(db: &PgPool, sender: &broadcast::Sender<Uuid>, stop: &CancellationToken) -> Result<(), sqlx::Error> {
+async fn forward(
+    db: &PgPool,
+    sender: &broadcast::Sender<Uuid>,
+    stop: &CancellationToken,
+) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(db).await?;
     listener.listen("bp_job_state").await?;
     loop {
@@ -178,11 +201,18 @@ pub struct WaitQuery {
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
 fn parse_wait(wait: Option<&str>) -> Result<Duration, ApiError> {
-    let Some(raw) = wait else { return Ok(Duration::ZERO) };
-    let parsed = humantime::parse_duration(raw)
-        .map_err(|_| ApiError::BadRequest(format!("wait must be a duration like 30s or 500ms (got '{raw}')")))?;
+    let Some(raw) = wait else {
+        return Ok(Duration::ZERO);
+    };
+    let parsed = humantime::parse_duration(raw).map_err(|_| {
+        ApiError::BadRequest(format!(
+            "wait must be a duration like 30s or 500ms (got '{raw}')"
+        ))
+    })?;
     if parsed > MAX_WAIT {
-        return Err(ApiError::BadRequest(format!("wait must be at most 30s (got '{raw}')")));
+        return Err(ApiError::BadRequest(format!(
+            "wait must be at most 30s (got '{raw}')"
+        )));
     }
     Ok(parsed)
 }
@@ -210,7 +240,9 @@ pub async fn get_job(
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = state.job_events.subscribe();
     loop {
-        let view = load_view(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+        let view = load_view(&state.db, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
         let ended = JobState::parse(&view.state).is_some_and(JobState::is_terminal);
         if ended || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(view));
@@ -220,7 +252,11 @@ pub async fn get_job(
 }
 
 /// Waits until `id` changes state, the deadline passes, or notifications were lost (lagged).
-async fn wait_for_change(changes: &mut broadcast::Receiver<Uuid>, id: Uuid, deadline: tokio::time::Instant) {
+async fn wait_for_change(
+    changes: &mut broadcast::Receiver<Uuid>,
+    id: Uuid,
+    deadline: tokio::time::Instant,
+) {
     loop {
         match tokio::time::timeout_at(deadline, changes.recv()).await {
             Ok(Ok(changed)) if changed != id => continue,
@@ -251,13 +287,18 @@ pub async fn cancel_job(
     let outcome = match queue::cancel(&state.db, id).await? {
         CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
         CancelOutcome::AlreadyFinished(s) => {
-            return Err(ApiError::Conflict(format!("job {id} already ended ({}); nothing to cancel", state_name(s))));
+            return Err(ApiError::Conflict(format!(
+                "job {id} already ended ({}); nothing to cancel",
+                state_name(s)
+            )));
         }
         CancelOutcome::Cancelled => "cancelled",
         CancelOutcome::Requested => "cancel-requested",
     };
     record_job_action(&state, &caller, id, "job.cancel", outcome).await?;
-    let view = load_view(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let view = load_view(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(view)))
 }
 
@@ -289,25 +330,43 @@ pub async fn retry_job(
             )));
         }
         RetryOutcome::Conflict => {
-            return Err(ApiError::Conflict(format!("the repository of job {id} already has an active job")));
+            return Err(ApiError::Conflict(format!(
+                "the repository of job {id} already has an active job"
+            )));
         }
         RetryOutcome::Queued => {}
     }
     record_job_action(&state, &caller, id, "job.retry", "queued").await?;
-    let view = load_view(&state.db, id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let view = load_view(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     Ok((axum::http::StatusCode::ACCEPTED, axum::Json(view)))
 }
 
 fn state_name(state: JobState) -> String {
-    serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
-async fn record_job_action(state: &AppState, caller: &Caller, id: Uuid, action: &str, outcome: &str) -> Result<(), ApiError> {
+async fn record_job_action(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    action: &str,
+    outcome: &str,
+) -> Result<(), ApiError> {
     let job = queue::get(&state.db, id).await?;
     let entry = AuditEntry {
         actor: caller.principal.subject.clone(),
         request_id: caller.request_id.clone(),
-        repository: job.and_then(|j| j.payload.get("repository").and_then(|v| v.as_str()).map(str::to_owned)),
+        repository: job.and_then(|j| {
+            j.payload
+                .get("repository")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        }),
         job_id: Some(id),
         action: action.into(),
         outcome: outcome.into(),
@@ -355,8 +414,13 @@ pub async fn job_events(
     if queue::get(&state.db, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
-    let filter = AuditFilter { job_id: Some(id), ..Default::default() };
-    audit_page(&state, filter, query.cursor.as_deref(), query.limit).await.map(axum::Json)
+    let filter = AuditFilter {
+        job_id: Some(id),
+        ..Default::default()
+    };
+    audit_page(&state, filter, query.cursor.as_deref(), query.limit)
+        .await
+        .map(axum::Json)
 }
 
 /// One page of audit events; the cursor is the last event id of the previous page.

@@ -32,7 +32,12 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
     }
 }
@@ -48,11 +53,15 @@ pub fn spec() -> utoipa::openapi::OpenApi {
 
 /// Pretty JSON, exactly as committed in `openapi/openapi.json`.
 pub fn spec_json() -> String {
-    let mut text = spec().to_pretty_json().expect("the OpenAPI document serializes");
+    let mut text = spec()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
     text.push('\n');
     text
 }
 
-pub fn docs_router<S: Clone + Send + Sync + 'static>(spec: Arc<utoipa::openapi::OpenApi>) -> Router<S> {
+pub fn docs_router<S: Clone + Send + Sync + 'static>(
+    spec: Arc<utoipa::openapi::OpenApi>,
+) -> Router<S> {
     Router::from(SwaggerUi::new("/docs").url("/openapi.json", (*spec).clone()))
 }

@@ -17,7 +17,9 @@ use super::jobs::JobSummary;
 use super::{ApiError, AppState, Problem};
 use crate::audit::{self, AuditEntry};
 use crate::auth::Role;
-use crate::domain::{BucketName, DEFAULT_REGION, Labels, Region, RepositoryName, ValidationError, default_bucket_for};
+use crate::domain::{
+    BucketName, DEFAULT_REGION, Labels, Region, RepositoryName, ValidationError, default_bucket_for,
+};
 use crate::jobs::queue::{self, NewJob};
 use crate::provision::{self, ProvisionPayload};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow, Resources};
@@ -59,22 +61,34 @@ impl CreateRepository {
     /// Validates every field, collecting every violation (not just the first).
     pub fn validate(&self, state: &AppState) -> Result<DesiredRepository, ApiError> {
         let mut errors: Vec<ValidationError> = Vec::new();
-        let name = RepositoryName::parse(&self.name).map_err(|e| errors.push(e.with_field("name"))).ok();
-        let namespace = state.policy.namespace(&self.namespace).map_err(|e| errors.push(e.with_field("namespace"))).ok();
+        let name = RepositoryName::parse(&self.name)
+            .map_err(|e| errors.push(e.with_field("name")))
+            .ok();
+        let namespace = state
+            .policy
+            .namespace(&self.namespace)
+            .map_err(|e| errors.push(e.with_field("namespace")))
+            .ok();
         let bucket_input = match (&self.bucket, &name) {
             (Some(bucket), _) => Some(bucket.clone()),
             (None, Some(name)) => Some(default_bucket_for(name)),
             (None, None) => None,
         };
         let bucket = bucket_input.and_then(|b| {
-            BucketName::parse(&b, &state.policy.bucket_pattern).map_err(|e| errors.push(e.with_field("bucket"))).ok()
+            BucketName::parse(&b, &state.policy.bucket_pattern)
+                .map_err(|e| errors.push(e.with_field("bucket")))
+                .ok()
         });
         let region = Region::parse(self.region.as_deref().unwrap_or(DEFAULT_REGION))
             .map_err(|e| errors.push(e.with_field("region")))
             .ok();
-        let labels = Labels::parse(self.labels.clone()).map_err(|e| errors.push(e.with_field("labels"))).ok();
+        let labels = Labels::parse(self.labels.clone())
+            .map_err(|e| errors.push(e.with_field("labels")))
+            .ok();
         match (name, namespace, bucket, region, labels) {
-            (Some(name), Some(namespace), Some(bucket), Some(region), Some(labels)) if errors.is_empty() => {
+            (Some(name), Some(namespace), Some(bucket), Some(region), Some(labels))
+                if errors.is_empty() =>
+            {
                 Ok(DesiredRepository {
                     name,
                     namespace,
@@ -180,13 +194,18 @@ pub async fn create_repository(
     caller.require(Role::Operator)?;
     let desired = request.validate(&state)?;
     let mut tx = state.db.begin().await?;
-    let inserted = match repository::insert_if_absent(&mut tx, &desired, &caller.principal.subject).await {
+    let inserted = match repository::insert_if_absent(&mut tx, &desired, &caller.principal.subject)
+        .await
+    {
         Ok(inserted) => inserted,
         Err(e) if crate::db::violated_constraint(&e) == Some("backup_repositories_bucket_key") => {
             drop(tx);
             // Two identical creates racing can trip the bucket constraint before the name's:
             // if the repository of that name exists now, answer as for any existing one.
-            if repository::by_name(&state.db, desired.name.as_str()).await?.is_some() {
+            if repository::by_name(&state.db, desired.name.as_str())
+                .await?
+                .is_some()
+            {
                 return existing_repository(&state, &desired).await;
             }
             return Err(bucket_taken(&state, desired.bucket.as_str()).await);
@@ -197,9 +216,18 @@ pub async fn create_repository(
         drop(tx);
         return existing_repository(&state, &desired).await;
     };
-    let job_id = enqueue_provisioning(&mut tx, repository_id, &desired, &caller, state.policy.max_attempts).await?;
+    let job_id = enqueue_provisioning(
+        &mut tx,
+        repository_id,
+        &desired,
+        &caller,
+        state.policy.max_attempts,
+    )
+    .await?;
     tx.commit().await?;
-    let row = repository::by_id(&state.db, repository_id).await?.ok_or_else(|| ApiError::Internal("repository vanished".into()))?;
+    let row = repository::by_id(&state.db, repository_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal("repository vanished".into()))?;
     let job = JobSummary::load(&state.db, job_id).await?;
     Ok(created_response(StatusCode::ACCEPTED, row, job))
 }
@@ -224,7 +252,15 @@ async fn enqueue_provisioning(
         "namespace": payload.namespace, "bucket": payload.bucket, "region": payload.region,
         "labels": desired.labels.as_map(), "options": desired.options,
     });
-    enqueue_job(tx, &payload, caller, max_attempts, "repository.create", detail).await
+    enqueue_job(
+        tx,
+        &payload,
+        caller,
+        max_attempts,
+        "repository.create",
+        detail,
+    )
+    .await
 }
 
 /// Queues a provisioning job and records the API mutation in the audit log.
@@ -299,17 +335,32 @@ pub async fn reconcile_repository(
         adopt_existing_secret: row.options.0.adopt_existing_secret,
     };
     let mut tx = state.db.begin().await?;
-    let job_id = enqueue_job(&mut tx, &payload, &caller, state.policy.max_attempts, "repository.reconcile", serde_json::json!({})).await?;
+    let job_id = enqueue_job(
+        &mut tx,
+        &payload,
+        &caller,
+        state.policy.max_attempts,
+        "repository.reconcile",
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
-    let row = repository::by_id(&state.db, row.id).await?.ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    let row = repository::by_id(&state.db, row.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
     let job = JobSummary::load(&state.db, job_id).await?;
     Ok(created_response(StatusCode::ACCEPTED, row, job))
 }
 
-async fn existing_repository(state: &AppState, desired: &DesiredRepository) -> Result<Response, ApiError> {
+async fn existing_repository(
+    state: &AppState,
+    desired: &DesiredRepository,
+) -> Result<Response, ApiError> {
     let row = repository::by_name(&state.db, desired.name.as_str())
         .await?
-        .ok_or_else(|| ApiError::Conflict("the repository was deleted concurrently; retry".into()))?;
+        .ok_or_else(|| {
+            ApiError::Conflict("the repository was deleted concurrently; retry".into())
+        })?;
     let differences = row.differences(desired);
     if !differences.is_empty() {
         return Err(ApiError::Conflict(format!(
@@ -319,23 +370,31 @@ async fn existing_repository(state: &AppState, desired: &DesiredRepository) -> R
             if differences.len() == 1 { "s" } else { "" }
         )));
     }
-    let job = latest_job(state, row.id).await?.ok_or_else(|| ApiError::Internal("repository without a job".into()))?;
+    let job = latest_job(state, row.id)
+        .await?
+        .ok_or_else(|| ApiError::Internal("repository without a job".into()))?;
     Ok(created_response(StatusCode::OK, row, job))
 }
 
 async fn bucket_taken(state: &AppState, bucket: &str) -> ApiError {
     match repository::by_bucket(&state.db, bucket).await {
-        Ok(Some(other)) => {
-            ApiError::Conflict(format!("bucket '{bucket}' is already used by repository '{}'", other.name))
-        }
-        Ok(None) => ApiError::Conflict(format!("bucket '{bucket}' is already used by another repository")),
+        Ok(Some(other)) => ApiError::Conflict(format!(
+            "bucket '{bucket}' is already used by repository '{}'",
+            other.name
+        )),
+        Ok(None) => ApiError::Conflict(format!(
+            "bucket '{bucket}' is already used by another repository"
+        )),
         Err(e) => e.into(),
     }
 }
 
 fn created_response(status: StatusCode, row: RepositoryRow, job: JobSummary) -> Response {
     let location = format!("/v1/jobs/{}", job.id);
-    let body = CreatedRepository { repository: RepositoryView::new(row, Some(job.clone())), job };
+    let body = CreatedRepository {
+        repository: RepositoryView::new(row, Some(job.clone())),
+        job,
+    };
     let mut headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_str(&location) {
         headers.insert(header::LOCATION, value);
@@ -370,7 +429,8 @@ pub struct RepositoryPage {
     pub next_cursor: Option<String>,
 }
 
-pub const REPOSITORY_STATES: [&str; 5] = ["pending", "provisioning", "ready", "failed", "cancelled"];
+pub const REPOSITORY_STATES: [&str; 5] =
+    ["pending", "provisioning", "ready", "failed", "cancelled"];
 
 /// List backup repositories.
 #[utoipa::path(
@@ -392,7 +452,10 @@ pub async fn list_repositories(
     if let Some(s) = &query.state
         && !REPOSITORY_STATES.contains(&s.as_str())
     {
-        return Err(ApiError::BadRequest(format!("state must be one of {}", REPOSITORY_STATES.join(", "))));
+        return Err(ApiError::BadRequest(format!(
+            "state must be one of {}",
+            REPOSITORY_STATES.join(", ")
+        )));
     }
     let limit = page_limit(query.limit)?;
     let filter = repository::ListFilter {
@@ -411,7 +474,11 @@ pub async fn list_repositories(
     let items = rows
         .into_iter()
         .map(|row| {
-            let job = jobs.iter().find(|j| j.repository_id == Some(row.id)).cloned().map(JobSummary::from);
+            let job = jobs
+                .iter()
+                .find(|j| j.repository_id == Some(row.id))
+                .cloned()
+                .map(JobSummary::from);
             RepositoryView::new(row, job)
         })
         .collect();
@@ -445,7 +512,9 @@ pub async fn get_repository(
 pub fn page_limit(requested: Option<i64>) -> Result<i64, ApiError> {
     match requested.unwrap_or(50) {
         n @ 1..=200 => Ok(n),
-        n => Err(ApiError::BadRequest(format!("limit must be between 1 and 200 (got {n})"))),
+        n => Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and 200 (got {n})"
+        ))),
     }
 }
 

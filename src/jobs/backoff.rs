@@ -10,7 +10,8 @@ pub const MAX_DELAY: Duration = Duration::from_secs(600);
 /// The upper bound of the delay before attempt `attempt + 1` (attempt counts from 1).
 pub fn ceiling(base: Duration, attempt: i32) -> Duration {
     let exponent = attempt.clamp(1, 30) as u32 - 1;
-    base.saturating_mul(2u32.saturating_pow(exponent)).min(MAX_DELAY)
+    base.saturating_mul(2u32.saturating_pow(exponent))
+        .min(MAX_DELAY)
 }
 
 /// A delay drawn uniformly from [ceiling/2, ceiling]: half is guaranteed spacing, half jitter.
@@ -40,7 +41,11 @@ mod tests {
             let top = ceiling(base, attempt);
             for _ in 0..200 {
                 let d = delay(base, attempt);
-                assert!(d >= top / 2 && d <= top, "attempt {attempt}: {d:?} outside [{:?}, {top:?}]", top / 2);
+                assert!(
+                    d >= top / 2 && d <= top,
+                    "attempt {attempt}: {d:?} outside [{:?}, {top:?}]",
+                    top / 2
+                );
             }
         }
     }

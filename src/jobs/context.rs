@@ -38,7 +38,12 @@ pub struct StepDone<T> {
 
 impl<T> StepDone<T> {
     pub fn new(output: T, outcome: &'static str, detail: serde_json::Value) -> Self {
-        StepDone { output, outcome, detail, upstream_request_id: None }
+        StepDone {
+            output,
+            outcome,
+            detail,
+            upstream_request_id: None,
+        }
     }
 }
 
@@ -53,7 +58,12 @@ pub struct JobContext {
 impl JobContext {
     pub(crate) fn new(pool: PgPool, job: Job, stop: CancellationToken) -> Self {
         let token = job.lease_token.expect("a claimed job has a lease token");
-        JobContext { pool, job, token, stop }
+        JobContext {
+            pool,
+            job,
+            token,
+            stop,
+        }
     }
 
     pub fn job(&self) -> &Job {
@@ -108,7 +118,12 @@ impl JobContext {
     /// Like [`Self::step`], for steps that must commit their own writes together with their
     /// success: `work` gets the attempt number and must call [`Self::finish_step`] in a
     /// [`Self::fenced_tx`] before returning. Failures are recorded here.
-    pub async fn step_manual<T, F, Fut>(&self, name: &str, position: i32, work: F) -> Result<T, JobError>
+    pub async fn step_manual<T, F, Fut>(
+        &self,
+        name: &str,
+        position: i32,
+        work: F,
+    ) -> Result<T, JobError>
     where
         T: DeserializeOwned,
         F: FnOnce(i32) -> Fut,
@@ -141,7 +156,10 @@ impl JobContext {
     }
 
     /// The stored output of a step that already succeeded in an earlier attempt.
-    pub async fn completed_output<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, JobError> {
+    pub async fn completed_output<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, JobError> {
         let output: Option<Option<serde_json::Value>> = sqlx::query_scalar(
             "SELECT output FROM job_steps WHERE job_id = $1 AND step = $2 AND state = 'succeeded'",
         )
@@ -152,7 +170,9 @@ impl JobContext {
         match output {
             Some(value) => serde_json::from_value(value.unwrap_or(serde_json::Value::Null))
                 .map(Some)
-                .map_err(|e| JobError::Permanent(format!("stored output of step {name} is unreadable: {e}"))),
+                .map_err(|e| {
+                    JobError::Permanent(format!("stored output of step {name} is unreadable: {e}"))
+                }),
             None => Ok(None),
         }
     }
@@ -207,8 +227,9 @@ impl JobContext {
         attempt: i32,
         done: &StepDone<T>,
     ) -> Result<(), JobError> {
-        let output = serde_json::to_value(&done.output)
-            .map_err(|e| JobError::Permanent(format!("step {name} output is not serializable: {e}")))?;
+        let output = serde_json::to_value(&done.output).map_err(|e| {
+            JobError::Permanent(format!("step {name} output is not serializable: {e}"))
+        })?;
         sqlx::query(
             "UPDATE job_steps SET state = 'succeeded', output = $3, last_error = NULL, finished_at = now()
               WHERE job_id = $1 AND step = $2",
@@ -218,13 +239,24 @@ impl JobContext {
         .bind(output)
         .execute(&mut **tx)
         .await?;
-        let entry = self.audit_entry(name, attempt, done.outcome, done.detail.clone(), done.upstream_request_id.clone());
+        let entry = self.audit_entry(
+            name,
+            attempt,
+            done.outcome,
+            done.detail.clone(),
+            done.upstream_request_id.clone(),
+        );
         audit::record(&mut **tx, &entry).await?;
         Ok(())
     }
 
     /// Records a failed step attempt (fenced) and its audit entry.
-    pub async fn fail_step(&self, name: &str, attempt: i32, err: &JobError) -> Result<(), JobError> {
+    pub async fn fail_step(
+        &self,
+        name: &str,
+        attempt: i32,
+        err: &JobError,
+    ) -> Result<(), JobError> {
         if matches!(err, JobError::LeaseLost) {
             return Ok(());
         }
@@ -244,7 +276,11 @@ impl JobContext {
         .execute(&mut *tx)
         .await?;
         let detail = serde_json::json!({ "error": message, "retryable": matches!(err, JobError::Retryable(_)) });
-        audit::record(&mut *tx, &self.audit_entry(name, attempt, "failed", detail, None)).await?;
+        audit::record(
+            &mut *tx,
+            &self.audit_entry(name, attempt, "failed", detail, None),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -260,7 +296,12 @@ impl JobContext {
         AuditEntry {
             actor: self.job.created_by.clone(),
             request_id: None,
-            repository: self.job.payload.get("repository").and_then(|v| v.as_str()).map(str::to_owned),
+            repository: self
+                .job
+                .payload
+                .get("repository")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
             job_id: Some(self.job.id),
             step: Some(step.to_owned()),
             attempt: Some(attempt),

@@ -41,7 +41,11 @@ pub enum JobError {
 
 impl From<crate::cloud::CloudError> for JobError {
     fn from(err: crate::cloud::CloudError) -> Self {
-        if err.is_retryable() { JobError::Retryable(err.to_string()) } else { JobError::Permanent(err.to_string()) }
+        if err.is_retryable() {
+            JobError::Retryable(err.to_string())
+        } else {
+            JobError::Permanent(err.to_string())
+        }
     }
 }
 

@@ -33,7 +33,10 @@ impl JobState {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -108,7 +111,12 @@ pub async fn enqueue(conn: &mut PgConnection, job: NewJob<'_>) -> Result<Uuid, s
 }
 
 /// Claims the oldest runnable job of the given kinds, if any, with a fresh lease token.
-pub async fn claim(pool: &PgPool, kinds: &[&str], worker: &str, lease: Duration) -> Result<Option<Job>, sqlx::Error> {
+pub async fn claim(
+    pool: &PgPool,
+    kinds: &[&str],
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<Job>, sqlx::Error> {
     let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
     let mut tx = pool.begin().await?;
     let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
@@ -149,7 +157,12 @@ pub async fn next_due_in(pool: &PgPool, kinds: &[&str]) -> Result<Option<Duratio
 }
 
 /// Extends a lease. False means the lease is gone (rescued, cancelled or finished elsewhere).
-pub async fn heartbeat(pool: &PgPool, id: Uuid, token: Uuid, lease: Duration) -> Result<bool, sqlx::Error> {
+pub async fn heartbeat(
+    pool: &PgPool,
+    id: Uuid,
+    token: Uuid,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
           WHERE id = $1 AND lease_token = $2 AND state = 'running'",
@@ -163,7 +176,11 @@ pub async fn heartbeat(pool: &PgPool, id: Uuid, token: Uuid, lease: Duration) ->
 }
 
 /// Locks the job row if `token` still holds its lease: the fence every worker write passes.
-pub async fn hold_lease(conn: &mut PgConnection, id: Uuid, token: Uuid) -> Result<Option<bool>, sqlx::Error> {
+pub async fn hold_lease(
+    conn: &mut PgConnection,
+    id: Uuid,
+    token: Uuid,
+) -> Result<Option<bool>, sqlx::Error> {
     sqlx::query_scalar::<_, bool>(
         "SELECT cancel_requested FROM jobs
           WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
@@ -183,7 +200,12 @@ pub enum Finish<'a> {
 }
 
 /// Records the end of an attempt, fenced by the lease token. False: the lease was lost.
-pub async fn finish(pool: &PgPool, id: Uuid, token: Uuid, finish: Finish<'_>) -> Result<bool, sqlx::Error> {
+pub async fn finish(
+    pool: &PgPool,
+    id: Uuid,
+    token: Uuid,
+    finish: Finish<'_>,
+) -> Result<bool, sqlx::Error> {
     let (state, error, delay) = match finish {
         Finish::Succeeded => ("succeeded", None, Duration::ZERO),
         Finish::Retry { error, delay } => ("queued", Some(error), delay),
@@ -255,7 +277,11 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
     .fetch_all(&mut *tx)
     .await?;
     for (id, state) in &rescued {
-        let subject = if state == "failed" { "failed" } else { "provisioning" };
+        let subject = if state == "failed" {
+            "failed"
+        } else {
+            "provisioning"
+        };
         set_subject_state(&mut tx, *id, subject).await?;
     }
     tx.commit().await?;
@@ -276,10 +302,11 @@ pub enum CancelOutcome {
 
 pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some(state) = sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
+    let Some(state) =
+        sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
     else {
         return Ok(CancelOutcome::NotFound);
     };
@@ -293,7 +320,10 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Erro
             CancelOutcome::Cancelled
         }
         JobState::Running => {
-            sqlx::query("UPDATE jobs SET cancel_requested = true WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE jobs SET cancel_requested = true WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
             CancelOutcome::Requested
         }
         done => CancelOutcome::AlreadyFinished(done),
@@ -315,10 +345,11 @@ pub enum RetryOutcome {
 /// steps keep their outputs, so it resumes where it stopped.
 pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some(state) = sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
+    let Some(state) =
+        sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
     else {
         return Ok(RetryOutcome::NotFound);
     };
@@ -350,10 +381,12 @@ pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error>
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")))
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 pub async fn steps(db: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {
@@ -369,7 +402,9 @@ pub async fn steps(db: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<StepRow>, sq
 /// Counts of jobs by state (for /metrics) and the age of the oldest runnable job (queue lag).
 pub async fn stats(pool: &PgPool) -> Result<(Vec<(String, i64)>, f64), sqlx::Error> {
     let by_state: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state").fetch_all(pool).await?;
+        sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+            .fetch_all(pool)
+            .await?;
     let lag: Option<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - min(run_at))::float8 FROM jobs WHERE state = 'queued' AND run_at <= now()",
     )
@@ -378,7 +413,11 @@ pub async fn stats(pool: &PgPool) -> Result<(Vec<(String, i64)>, f64), sqlx::Err
     Ok((by_state, lag.unwrap_or(0.0).max(0.0)))
 }
 
-async fn set_subject_state(conn: &mut PgConnection, job_id: Uuid, state: &str) -> Result<(), sqlx::Error> {
+async fn set_subject_state(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    state: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE backup_repositories SET state = $2, updated_at = now()
           WHERE id = (SELECT repository_id FROM jobs WHERE id = $1)",
@@ -390,7 +429,11 @@ async fn set_subject_state(conn: &mut PgConnection, job_id: Uuid, state: &str) -
     Ok(())
 }
 
-async fn set_subject_error(conn: &mut PgConnection, job_id: Uuid, error: Option<&str>) -> Result<(), sqlx::Error> {
+async fn set_subject_error(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE backup_repositories SET last_error = $2
           WHERE id = (SELECT repository_id FROM jobs WHERE id = $1)",

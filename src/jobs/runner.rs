@@ -54,7 +54,12 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     pub fn new(pool: PgPool, registry: Registry, config: WorkerConfig) -> Self {
-        WorkerPool { pool, registry, config, metrics: None }
+        WorkerPool {
+            pool,
+            registry,
+            config,
+            metrics: None,
+        }
     }
 
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
@@ -75,10 +80,15 @@ impl WorkerPool {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(worker = %this.config.worker_id, concurrency = this.config.concurrency, "workers started");
         loop {
-            this.claim_while_possible(&slots, &job_stop, &mut running).await;
+            this.claim_while_possible(&slots, &job_stop, &mut running)
+                .await;
             // A job in backoff becomes runnable without any NOTIFY: wake when it is due.
             // With every slot busy, a finishing job wakes the loop instead.
-            let due = if slots.available_permits() == 0 { this.config.poll_interval } else { this.next_due().await };
+            let due = if slots.available_permits() == 0 {
+                this.config.poll_interval
+            } else {
+                this.next_due().await
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => this.rescue().await,
@@ -100,7 +110,14 @@ impl WorkerPool {
         running: &mut JoinSet<()>,
     ) {
         while let Ok(permit) = slots.clone().try_acquire_owned() {
-            match queue::claim(&self.pool, &self.registry.kinds(), &self.config.worker_id, self.config.lease).await {
+            match queue::claim(
+                &self.pool,
+                &self.registry.kinds(),
+                &self.config.worker_id,
+                self.config.lease,
+            )
+            .await
+            {
                 Ok(Some(job)) => {
                     let this = self.clone();
                     let stop = job_stop.child_token();
@@ -120,14 +137,18 @@ impl WorkerPool {
 
     async fn next_due(&self) -> Duration {
         match queue::next_due_in(&self.pool, &self.registry.kinds()).await {
-            Ok(Some(due)) => due.max(Duration::from_millis(10)).min(self.config.poll_interval),
+            Ok(Some(due)) => due
+                .max(Duration::from_millis(10))
+                .min(self.config.poll_interval),
             _ => self.config.poll_interval,
         }
     }
 
     async fn rescue(&self) {
         match queue::rescue_expired(&self.pool).await {
-            Ok(ids) if !ids.is_empty() => tracing::warn!(?ids, "re-queued jobs whose lease expired"),
+            Ok(ids) if !ids.is_empty() => {
+                tracing::warn!(?ids, "re-queued jobs whose lease expired")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "rescuing expired jobs failed"),
         }
@@ -139,7 +160,10 @@ impl WorkerPool {
         }
         tracing::info!(in_flight = running.len(), grace = ?self.config.shutdown_grace, "draining jobs");
         let all_done = async { while running.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.config.shutdown_grace, all_done).await.is_err() {
+        if tokio::time::timeout(self.config.shutdown_grace, all_done)
+            .await
+            .is_err()
+        {
             // Ask jobs to stop; each releases its own lease as it unwinds.
             job_stop.cancel();
             let release_deadline = Duration::from_secs(5);
@@ -152,10 +176,14 @@ impl WorkerPool {
 
     /// Runs one claimed job to the end of this attempt.
     async fn execute(&self, job: Job, stop: CancellationToken) {
-        let Some(handler) = self.registry.get(&job.kind) else { return };
+        let Some(handler) = self.registry.get(&job.kind) else {
+            return;
+        };
         let (id, token) = (job.id, job.lease_token.expect("claimed job has a token"));
         let span = tracing::info_span!("job", %id, kind = %job.kind, attempt = job.attempts);
-        self.execute_in_span(job, handler, stop, id, token).instrument(span).await;
+        self.execute_in_span(job, handler, stop, id, token)
+            .instrument(span)
+            .await;
     }
 
     async fn execute_in_span(
@@ -167,7 +195,13 @@ impl WorkerPool {
         token: Uuid,
     ) {
         let lease_lost = stop.child_token();
-        let heartbeat = tokio::spawn(heartbeat(self.pool.clone(), id, token, self.config.lease, lease_lost.clone()));
+        let heartbeat = tokio::spawn(heartbeat(
+            self.pool.clone(),
+            id,
+            token,
+            self.config.lease,
+            lease_lost.clone(),
+        ));
         let ctx = JobContext::new(self.pool.clone(), job.clone(), lease_lost.clone());
         let started = std::time::Instant::now();
         let result = tokio::select! {
@@ -187,7 +221,12 @@ impl WorkerPool {
         }
     }
 
-    async fn record_end(&self, job: &Job, token: Uuid, result: Result<(), JobError>) -> &'static str {
+    async fn record_end(
+        &self,
+        job: &Job,
+        token: Uuid,
+        result: Result<(), JobError>,
+    ) -> &'static str {
         let (finish, label) = match &result {
             Ok(()) => (Finish::Succeeded, "succeeded"),
             Err(JobError::Cancelled) => (Finish::Cancelled, "cancelled"),
@@ -195,16 +234,25 @@ impl WorkerPool {
                 tracing::warn!("lease lost; another worker owns the job now");
                 return "lease_lost";
             }
-            Err(JobError::Retryable(_) | JobError::Database(_)) if job.attempts < job.max_attempts => {
+            Err(JobError::Retryable(_) | JobError::Database(_))
+                if job.attempts < job.max_attempts =>
+            {
                 let delay = backoff::delay(self.config.retry_base, job.attempts);
                 tracing::warn!(error = %result.as_ref().unwrap_err(), ?delay, "attempt failed; will retry");
                 (Finish::Retry { error: "", delay }, "retry")
             }
             Err(_) => (Finish::Failed { error: "" }, "failed"),
         };
-        let message = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        let message = result
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         let finish = match finish {
-            Finish::Retry { delay, .. } => Finish::Retry { error: &message, delay },
+            Finish::Retry { delay, .. } => Finish::Retry {
+                error: &message,
+                delay,
+            },
             Finish::Failed { .. } => Finish::Failed { error: &message },
             other => other,
         };

@@ -96,27 +96,38 @@ mod tests {
 
     #[tokio::test]
     async fn a_pass_in_the_secret_wins_over_everything() {
-        let d = decide(true, true, &request(false), never_asked).await.unwrap();
+        let d = decide(true, true, &request(false), never_asked)
+            .await
+            .unwrap();
         assert_eq!(d.source(), Source::Secret);
     }
 
     #[tokio::test]
     async fn a_held_pass_is_reused() {
-        let d = decide(false, true, &request(false), never_asked).await.unwrap();
+        let d = decide(false, true, &request(false), never_asked)
+            .await
+            .unwrap();
         assert_eq!(d.source(), Source::Held);
     }
 
     #[tokio::test]
     async fn an_empty_bucket_gets_a_new_pass() {
-        let d = decide(false, false, &request(false), || async { Ok(false) }).await.unwrap();
+        let d = decide(false, false, &request(false), || async { Ok(false) })
+            .await
+            .unwrap();
         assert_eq!(d.source(), Source::Generated);
     }
 
     #[tokio::test]
     async fn objects_without_a_pass_fail_permanently_unless_allowed() {
-        let err = decide(false, false, &request(false), || async { Ok(true) }).await.err().unwrap();
+        let err = decide(false, false, &request(false), || async { Ok(true) })
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, JobError::Permanent(m) if m.contains("allow_new_cipher_pass")));
-        let d = decide(false, false, &request(true), || async { Ok(true) }).await.unwrap();
+        let d = decide(false, false, &request(true), || async { Ok(true) })
+            .await
+            .unwrap();
         assert_eq!(d.source(), Source::Generated);
     }
 }

@@ -18,10 +18,11 @@ use serde_json::json;
 
 use super::secret::{self, ExistingSecret, S3Conf};
 use super::{
-    JOB_KIND, ProvisionPayload, access_key, bucket, cipher_pass, credential_check, group, policy, sealed, user,
+    JOB_KIND, ProvisionPayload, access_key, bucket, cipher_pass, credential_check, group, policy,
+    sealed, user,
 };
-use crate::cloud::aws::AwsClients;
 use crate::cloud::StepReport;
+use crate::cloud::aws::AwsClients;
 use crate::crypto::EncryptionKey;
 use crate::jobs::{JobContext, JobError, JobHandler, StepDone};
 use crate::repository::{self, Resources, SecretRef};
@@ -76,10 +77,12 @@ impl JobHandler for Provisioner {
         let existing = secret::read(&self.kube, &p.namespace, &p.bucket).await?;
         refuse_unmanaged_secret(existing.as_ref(), &p)?;
         let s3 = self.aws.s3_for_region(&p.region);
-        let (_, policy_arn) = tokio::try_join!(self.bucket_step(ctx, &s3, &p), self.policy_step(ctx, &p))?;
+        let (_, policy_arn) =
+            tokio::try_join!(self.bucket_step(ctx, &s3, &p), self.policy_step(ctx, &p))?;
         self.group_step(ctx, &p, &policy_arn).await?;
         self.user_step(ctx, &p).await?;
-        self.cipher_pass_step(ctx, &s3, &p, existing.as_ref()).await?;
+        self.cipher_pass_step(ctx, &s3, &p, existing.as_ref())
+            .await?;
         let key = self.access_key_step(ctx, &p, existing.as_ref()).await?;
         self.key_description_step(ctx, &p, &key).await?;
         let conf = self.s3_conf(ctx, &p, existing.as_ref(), &key).await?;
@@ -88,14 +91,19 @@ impl JobHandler for Provisioner {
     }
 }
 
-fn refuse_unmanaged_secret(existing: Option<&ExistingSecret>, p: &ProvisionPayload) -> Result<(), JobError> {
+fn refuse_unmanaged_secret(
+    existing: Option<&ExistingSecret>,
+    p: &ProvisionPayload,
+) -> Result<(), JobError> {
     match existing {
-        Some(s) if !s.managed_by_us && !p.adopt_existing_secret => Err(JobError::Permanent(format!(
-            "Secret {}/{} exists and is not managed by backup-provisioner; it was left untouched. \
+        Some(s) if !s.managed_by_us && !p.adopt_existing_secret => {
+            Err(JobError::Permanent(format!(
+                "Secret {}/{} exists and is not managed by backup-provisioner; it was left untouched. \
              Remove it, or create the repository with \"adopt_existing_secret\": true to take it over \
              (its cipher pass is kept)",
-            p.namespace, p.bucket
-        ))),
+                p.namespace, p.bucket
+            )))
+        }
         _ => Ok(()),
     }
 }
@@ -110,41 +118,84 @@ fn done<T>(output: T, report: StepReport) -> StepDone<T> {
 }
 
 impl Provisioner {
-    async fn remember(&self, ctx: &JobContext, p: &ProvisionPayload, patch: Resources) -> Result<(), JobError> {
+    async fn remember(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        patch: Resources,
+    ) -> Result<(), JobError> {
         repository::merge_resources(ctx.pool(), p.repository_id, &patch).await?;
         Ok(())
     }
 
-    async fn bucket_step(&self, ctx: &JobContext, s3: &aws_sdk_s3::Client, p: &ProvisionPayload) -> Result<String, JobError> {
+    async fn bucket_step(
+        &self,
+        ctx: &JobContext,
+        s3: &aws_sdk_s3::Client,
+        p: &ProvisionPayload,
+    ) -> Result<String, JobError> {
         let arn: String = ctx
             .step(BUCKET.0, BUCKET.1, async {
                 let report = bucket::ensure(s3, &p.bucket, &p.region, &p.repository).await?;
                 Ok(done(bucket::arn(&p.bucket), report))
             })
             .await?;
-        self.remember(ctx, p, Resources { bucket_arn: Some(arn.clone()), ..Default::default() }).await?;
+        self.remember(
+            ctx,
+            p,
+            Resources {
+                bucket_arn: Some(arn.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(arn)
     }
 
-    async fn policy_step(&self, ctx: &JobContext, p: &ProvisionPayload) -> Result<String, JobError> {
+    async fn policy_step(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+    ) -> Result<String, JobError> {
         let arn: String = ctx
             .step(POLICY.0, POLICY.1, async {
                 let (report, arn) = policy::ensure(&self.aws.iam, &p.bucket).await?;
                 Ok(done(arn, report))
             })
             .await?;
-        self.remember(ctx, p, Resources { policy_arn: Some(arn.clone()), ..Default::default() }).await?;
+        self.remember(
+            ctx,
+            p,
+            Resources {
+                policy_arn: Some(arn.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(arn)
     }
 
-    async fn group_step(&self, ctx: &JobContext, p: &ProvisionPayload, policy_arn: &str) -> Result<(), JobError> {
+    async fn group_step(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        policy_arn: &str,
+    ) -> Result<(), JobError> {
         let name: String = ctx
             .step(GROUP.0, GROUP.1, async {
                 let report = group::ensure(&self.aws.iam, &p.bucket, policy_arn).await?;
                 Ok(done(p.bucket.clone(), report))
             })
             .await?;
-        self.remember(ctx, p, Resources { group: Some(name), ..Default::default() }).await
+        self.remember(
+            ctx,
+            p,
+            Resources {
+                group: Some(name),
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     async fn user_step(&self, ctx: &JobContext, p: &ProvisionPayload) -> Result<(), JobError> {
@@ -154,7 +205,15 @@ impl Provisioner {
                 Ok(done(p.bucket.clone(), report))
             })
             .await?;
-        self.remember(ctx, p, Resources { user: Some(name), ..Default::default() }).await
+        self.remember(
+            ctx,
+            p,
+            Resources {
+                user: Some(name),
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     /// Settles which cipher pass the Secret will hold (see [`cipher_pass::decide`]); a newly
@@ -170,24 +229,38 @@ impl Provisioner {
             let held = self.held(ctx, p, sealed::Kind::CipherPass).await?;
             let in_secret = existing.and_then(|s| s.conf.as_ref()).is_some();
             let bucket_has_objects = || bucket::has_objects(s3, &p.bucket);
-            let decision = cipher_pass::decide(in_secret, held.is_some(), p, bucket_has_objects).await?;
+            let decision =
+                cipher_pass::decide(in_secret, held.is_some(), p, bucket_has_objects).await?;
             let mut tx = ctx.fenced_tx().await?;
             if let cipher_pass::Decision::Generate(pass) = &decision {
                 let secret = SecretString::from(pass.expose().to_owned());
-                sealed::put(&mut tx, &self.encryption_key, p.repository_id, sealed::Kind::CipherPass, "cipher-pass", &secret)
-                    .await?;
+                sealed::put(
+                    &mut tx,
+                    &self.encryption_key,
+                    p.repository_id,
+                    sealed::Kind::CipherPass,
+                    "cipher-pass",
+                    &secret,
+                )
+                .await?;
             }
             ctx.checkpoint(CIPHER_PASS.0, "before-record");
             let source = decision.source();
             let report = StepReport::new(decision.outcome(), json!({ "source": source }));
-            ctx.finish_step(&mut tx, CIPHER_PASS.0, attempt, &done(source, report)).await?;
+            ctx.finish_step(&mut tx, CIPHER_PASS.0, attempt, &done(source, report))
+                .await?;
             tx.commit().await?;
             Ok(source)
         })
         .await
     }
 
-    async fn held(&self, ctx: &JobContext, p: &ProvisionPayload, kind: sealed::Kind) -> Result<Option<sealed::Held>, JobError> {
+    async fn held(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        kind: sealed::Kind,
+    ) -> Result<Option<sealed::Held>, JobError> {
         Ok(sealed::get(ctx.pool(), &self.encryption_key, p.repository_id, kind).await?)
     }
 
@@ -198,10 +271,19 @@ impl Provisioner {
         existing: Option<&ExistingSecret>,
     ) -> Result<KeyOutput, JobError> {
         let key: KeyOutput = ctx
-            .step_manual(ACCESS_KEY.0, ACCESS_KEY.1, |attempt| self.reconcile_access_key(ctx, p, existing, attempt))
+            .step_manual(ACCESS_KEY.0, ACCESS_KEY.1, |attempt| {
+                self.reconcile_access_key(ctx, p, existing, attempt)
+            })
             .await?;
-        self.remember(ctx, p, Resources { access_key_id: Some(key.access_key_id.clone()), ..Default::default() })
-            .await?;
+        self.remember(
+            ctx,
+            p,
+            Resources {
+                access_key_id: Some(key.access_key_id.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(key)
     }
 
@@ -217,18 +299,30 @@ impl Provisioner {
         let iam = &self.aws.iam;
         let keys = access_key::list(iam, &p.bucket).await?;
         let in_iam = |id: &str| keys.iter().any(|k| k.id == id);
-        let held = self.held(ctx, p, sealed::Kind::AccessKey).await?.filter(|h| in_iam(&h.key_id));
+        let held = self
+            .held(ctx, p, sealed::Kind::AccessKey)
+            .await?
+            .filter(|h| in_iam(&h.key_id));
         let referenced = existing
             .and_then(|s| s.conf.as_ref())
             .map(|c| c.access_key_id.clone())
             .filter(|id| in_iam(id));
         let keep = match (held, referenced) {
-            (Some(h), _) => Some(KeyOutput { access_key_id: h.key_id, source: KeySource::Held }),
-            (None, Some(id)) => Some(KeyOutput { access_key_id: id, source: KeySource::Secret }),
+            (Some(h), _) => Some(KeyOutput {
+                access_key_id: h.key_id,
+                source: KeySource::Held,
+            }),
+            (None, Some(id)) => Some(KeyOutput {
+                access_key_id: id,
+                source: KeySource::Secret,
+            }),
             (None, None) => None,
         };
         let mut deleted = Vec::new();
-        for unusable in keys.iter().filter(|k| Some(&k.id) != keep.as_ref().map(|k| &k.access_key_id)) {
+        for unusable in keys
+            .iter()
+            .filter(|k| Some(&k.id) != keep.as_ref().map(|k| &k.access_key_id))
+        {
             access_key::delete(iam, &p.bucket, &unusable.id).await?;
             access_key::remove_description_tag(iam, &p.bucket, &unusable.id).await?;
             deleted.push(unusable.id.clone());
@@ -241,7 +335,11 @@ impl Provisioner {
         let (output, report) = match keep {
             Some(key) => {
                 let report = StepReport::new(
-                    if deleted.is_empty() { crate::cloud::Outcome::AlreadyPresent } else { crate::cloud::Outcome::Updated },
+                    if deleted.is_empty() {
+                        crate::cloud::Outcome::AlreadyPresent
+                    } else {
+                        crate::cloud::Outcome::Updated
+                    },
                     detail(&key.access_key_id, key.source),
                 );
                 (key, report)
@@ -251,21 +349,50 @@ impl Provisioner {
                 // worker can claim or rescue the job until the key's secret is sealed.
                 let new = access_key::create(iam, &p.bucket).await?;
                 ctx.checkpoint(ACCESS_KEY.0, "before-record");
-                sealed::put(&mut tx, &self.encryption_key, p.repository_id, sealed::Kind::AccessKey, &new.id, &new.secret)
-                    .await?;
-                let mut report = StepReport::new(crate::cloud::Outcome::Created, detail(&new.id, KeySource::Created));
+                sealed::put(
+                    &mut tx,
+                    &self.encryption_key,
+                    p.repository_id,
+                    sealed::Kind::AccessKey,
+                    &new.id,
+                    &new.secret,
+                )
+                .await?;
+                let mut report = StepReport::new(
+                    crate::cloud::Outcome::Created,
+                    detail(&new.id, KeySource::Created),
+                );
                 report.upstream_request_id = new.request_id.clone();
-                (KeyOutput { access_key_id: new.id.clone(), source: KeySource::Created }, report)
+                (
+                    KeyOutput {
+                        access_key_id: new.id.clone(),
+                        source: KeySource::Created,
+                    },
+                    report,
+                )
             }
         };
-        ctx.finish_step(&mut tx, ACCESS_KEY.0, attempt, &done(output.clone(), report)).await?;
+        ctx.finish_step(
+            &mut tx,
+            ACCESS_KEY.0,
+            attempt,
+            &done(output.clone(), report),
+        )
+        .await?;
         tx.commit().await?;
         Ok(output)
     }
 
-    async fn key_description_step(&self, ctx: &JobContext, p: &ProvisionPayload, key: &KeyOutput) -> Result<(), JobError> {
+    async fn key_description_step(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        key: &KeyOutput,
+    ) -> Result<(), JobError> {
         ctx.step(KEY_DESCRIPTION.0, KEY_DESCRIPTION.1, async {
-            let report = access_key::ensure_description_tag(&self.aws.iam, &p.bucket, &key.access_key_id).await?;
+            let report =
+                access_key::ensure_description_tag(&self.aws.iam, &p.bucket, &key.access_key_id)
+                    .await?;
             Ok(done((), report))
         })
         .await
@@ -294,10 +421,13 @@ impl Provisioner {
         let secret_access_key = match self.held(ctx, p, sealed::Kind::AccessKey).await? {
             Some(held) if held.key_id == key.access_key_id => held.secret,
             _ => match current {
-                Some(conf) if conf.access_key_id == key.access_key_id => conf.secret_access_key.clone(),
+                Some(conf) if conf.access_key_id == key.access_key_id => {
+                    conf.secret_access_key.clone()
+                }
                 _ => {
                     // The key's secret is gone (e.g. the Secret changed meanwhile): make a new key.
-                    ctx.reset_steps(&[ACCESS_KEY.0, KEY_DESCRIPTION.0, CREDENTIAL_CHECK.0]).await?;
+                    ctx.reset_steps(&[ACCESS_KEY.0, KEY_DESCRIPTION.0, CREDENTIAL_CHECK.0])
+                        .await?;
                     return Err(JobError::Retryable(format!(
                         "no secret is held for access key {}; a new key will be made on the next attempt",
                         key.access_key_id
@@ -305,7 +435,11 @@ impl Provisioner {
                 }
             },
         };
-        Ok(S3Conf { cipher_pass, access_key_id: key.access_key_id.clone(), secret_access_key })
+        Ok(S3Conf {
+            cipher_pass,
+            access_key_id: key.access_key_id.clone(),
+            secret_access_key,
+        })
     }
 
     /// Proves the key works before the repository is `ready`: a new key writes, reads and
@@ -327,7 +461,9 @@ impl Provisioner {
             let budget = self.credential_check_budget;
             let backoff = self.credential_check_backoff;
             let report = match key.source {
-                KeySource::Secret => credential_check::verify_read_only(&client, &p.bucket, budget, backoff).await?,
+                KeySource::Secret => {
+                    credential_check::verify_read_only(&client, &p.bucket, budget, backoff).await?
+                }
                 KeySource::Created | KeySource::Held => {
                     credential_check::verify(&client, &p.bucket, budget, backoff).await?
                 }
@@ -339,20 +475,44 @@ impl Provisioner {
 
     /// Writes the Secret, reads it back, and wipes the sealed material in the same transaction
     /// that records success.
-    async fn secret_step(&self, ctx: &JobContext, p: &ProvisionPayload, conf: &S3Conf) -> Result<(), JobError> {
+    async fn secret_step(
+        &self,
+        ctx: &JobContext,
+        p: &ProvisionPayload,
+        conf: &S3Conf,
+    ) -> Result<(), JobError> {
         let secret_ref: SecretRef = ctx
             .step_manual(SECRET.0, SECRET.1, |attempt| async move {
-                let report = secret::apply(&self.kube, &p.namespace, &p.bucket, conf, p.adopt_existing_secret).await?;
+                let report = secret::apply(
+                    &self.kube,
+                    &p.namespace,
+                    &p.bucket,
+                    conf,
+                    p.adopt_existing_secret,
+                )
+                .await?;
                 ctx.checkpoint(SECRET.0, "before-record");
                 let mut tx = ctx.fenced_tx().await?;
                 sealed::wipe(&mut *tx, p.repository_id).await?;
-                let output = SecretRef { namespace: p.namespace.clone(), name: p.bucket.clone() };
-                ctx.finish_step(&mut tx, SECRET.0, attempt, &done(output.clone(), report)).await?;
+                let output = SecretRef {
+                    namespace: p.namespace.clone(),
+                    name: p.bucket.clone(),
+                };
+                ctx.finish_step(&mut tx, SECRET.0, attempt, &done(output.clone(), report))
+                    .await?;
                 tx.commit().await?;
                 Ok(output)
             })
             .await?;
-        self.remember(ctx, p, Resources { secret: Some(secret_ref), ..Default::default() }).await
+        self.remember(
+            ctx,
+            p,
+            Resources {
+                secret: Some(secret_ref),
+                ..Default::default()
+            },
+        )
+        .await
     }
 }
 

@@ -45,11 +45,17 @@ pub async fn registry(
         return Ok(crate::jobs::Registry::new());
     }
     let encryption_key = worker.encryption_key()?;
-    let settings = crate::cloud::aws::AwsSettings { endpoint_url: worker.aws_endpoint_url.clone(), region: None };
+    let settings = crate::cloud::aws::AwsSettings {
+        endpoint_url: worker.aws_endpoint_url.clone(),
+        region: None,
+    };
     let aws = crate::cloud::aws::clients(&settings, None).await;
-    let kube = crate::cloud::kube::client_from_env()
-        .await
-        .map_err(|e| ConfigError::new("KUBECONFIG", format!("no usable Kubernetes configuration: {e}")))?;
+    let kube = crate::cloud::kube::client_from_env().await.map_err(|e| {
+        ConfigError::new(
+            "KUBECONFIG",
+            format!("no usable Kubernetes configuration: {e}"),
+        )
+    })?;
     let provisioner = job::Provisioner {
         aws,
         kube,

@@ -25,7 +25,11 @@ impl Kind {
 }
 
 fn aad(repository_id: Uuid, kind: Kind, key_id: &str) -> Vec<u8> {
-    crypto::aad(&[repository_id.as_bytes(), kind.as_str().as_bytes(), key_id.as_bytes()])
+    crypto::aad(&[
+        repository_id.as_bytes(),
+        kind.as_str().as_bytes(),
+        key_id.as_bytes(),
+    ])
 }
 
 /// Stores (or replaces) the material of `kind` for a repository. Call it in the transaction
@@ -38,7 +42,10 @@ pub async fn put(
     key_id: &str,
     secret: &SecretString,
 ) -> Result<(), sqlx::Error> {
-    let sealed = key.seal(secret.expose_secret().as_bytes(), &aad(repository_id, kind, key_id));
+    let sealed = key.seal(
+        secret.expose_secret().as_bytes(),
+        &aad(repository_id, kind, key_id),
+    );
     sqlx::query(
         "INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext)
          VALUES ($1, $2, $3, $4, $5)
@@ -83,15 +90,24 @@ pub async fn get(
     .bind(kind.as_str())
     .fetch_optional(db)
     .await?;
-    let Some((key_id, nonce, ciphertext)) = row else { return Ok(None) };
+    let Some((key_id, nonce, ciphertext)) = row else {
+        return Ok(None);
+    };
     let secret = key
-        .open_string(&Sealed { nonce, ciphertext }, &aad(repository_id, kind, &key_id))
+        .open_string(
+            &Sealed { nonce, ciphertext },
+            &aad(repository_id, kind, &key_id),
+        )
         .map_err(|_| SealedError::Undecryptable(kind.as_str()))?;
     Ok(Some(Held { key_id, secret }))
 }
 
 /// Removes one kind of material (e.g. an access key we deleted in IAM).
-pub async fn forget(db: impl PgExecutor<'_>, repository_id: Uuid, kind: Kind) -> Result<(), sqlx::Error> {
+pub async fn forget(
+    db: impl PgExecutor<'_>,
+    repository_id: Uuid,
+    kind: Kind,
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM secret_material WHERE repository_id = $1 AND kind = $2")
         .bind(repository_id)
         .bind(kind.as_str())

@@ -45,6 +45,9 @@ impl Wiring {
                 "dataFrom": [ { "extract": { "key": secret_name } } ]
             }
         });
-        Wiring { pgbackrest, external_secret }
+        Wiring {
+            pgbackrest,
+            external_secret,
+        }
     }
 }

@@ -13,34 +13,70 @@ async fn first_provisioning_produces_the_runbooks_state() {
     let env = Env::start(&["zitadel"]).await;
     let name = unique_name("zt");
     let bucket = bucket_for(&name);
-    let job = env.provision(json!({"name": name, "namespace": "zitadel"})).await;
+    let job = env
+        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     let repo = env.repository(&name).await;
     assert_eq!(repo["state"], "ready");
 
     // Bucket settings, read back through the S3 API.
     let s3 = &env.admin.s3;
-    let ownership = s3.get_bucket_ownership_controls().bucket(&bucket).send().await.unwrap();
+    let ownership = s3
+        .get_bucket_ownership_controls()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
     let rule = &ownership.ownership_controls().unwrap().rules()[0];
     assert_eq!(rule.object_ownership().as_str(), "BucketOwnerEnforced");
-    let pab = s3.get_public_access_block().bucket(&bucket).send().await.unwrap();
+    let pab = s3
+        .get_public_access_block()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
     let pab = pab.public_access_block_configuration().unwrap();
     assert_eq!(
-        (pab.block_public_acls(), pab.ignore_public_acls(), pab.block_public_policy(), pab.restrict_public_buckets()),
+        (
+            pab.block_public_acls(),
+            pab.ignore_public_acls(),
+            pab.block_public_policy(),
+            pab.restrict_public_buckets()
+        ),
         (Some(true), Some(true), Some(true), Some(true))
     );
-    let enc = s3.get_bucket_encryption().bucket(&bucket).send().await.unwrap();
+    let enc = s3
+        .get_bucket_encryption()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
     let enc_rule = &enc.server_side_encryption_configuration().unwrap().rules()[0];
-    assert_eq!(enc_rule.apply_server_side_encryption_by_default().unwrap().sse_algorithm().as_str(), "AES256");
+    assert_eq!(
+        enc_rule
+            .apply_server_side_encryption_by_default()
+            .unwrap()
+            .sse_algorithm()
+            .as_str(),
+        "AES256"
+    );
     assert_eq!(enc_rule.bucket_key_enabled(), Some(true));
     // moto's GetBucketVersioning body does not parse in the SDK; the step's reader copes.
-    let versioning = backup_provisioner::provision::bucket::versioning_status(s3, &bucket).await.unwrap();
+    let versioning = backup_provisioner::provision::bucket::versioning_status(s3, &bucket)
+        .await
+        .unwrap();
     assert!(versioning.is_none(), "versioning must stay disabled");
 
     // IAM: policy (document and description), group attachment, user membership, no console.
     let iam = &env.admin.iam;
     let policy_arn = repo["resources"]["policy_arn"].as_str().unwrap();
-    let policy = iam.get_policy().policy_arn(policy_arn).send().await.unwrap();
+    let policy = iam
+        .get_policy()
+        .policy_arn(policy_arn)
+        .send()
+        .await
+        .unwrap();
     let policy = policy.policy().unwrap();
     assert_eq!(policy.policy_name(), Some(bucket.as_str()));
     assert_eq!(policy.description(), Some(POLICY_DESCRIPTION));
@@ -52,31 +88,83 @@ async fn first_provisioning_produces_the_runbooks_state() {
         .await
         .unwrap();
     let raw = version.policy_version().unwrap().document().unwrap();
-    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().unwrap();
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .unwrap();
     let document: serde_json::Value = serde_json::from_str(&decoded).unwrap();
-    assert_eq!(document, backup_provisioner::provision::policy::document(&bucket));
-    let attached = iam.list_attached_group_policies().group_name(&bucket).send().await.unwrap();
-    assert_eq!(attached.attached_policies()[0].policy_arn(), Some(policy_arn));
-    let groups = iam.list_groups_for_user().user_name(&bucket).send().await.unwrap();
-    assert_eq!(groups.groups().iter().map(|g| g.group_name()).collect::<Vec<_>>(), vec![bucket.as_str()]);
+    assert_eq!(
+        document,
+        backup_provisioner::provision::policy::document(&bucket)
+    );
+    let attached = iam
+        .list_attached_group_policies()
+        .group_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        attached.attached_policies()[0].policy_arn(),
+        Some(policy_arn)
+    );
+    let groups = iam
+        .list_groups_for_user()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        groups
+            .groups()
+            .iter()
+            .map(|g| g.group_name())
+            .collect::<Vec<_>>(),
+        vec![bucket.as_str()]
+    );
     let login = iam.get_login_profile().user_name(&bucket).send().await;
     assert!(login.is_err(), "the user must have no console access");
 
     // Exactly one active key: the one the Secret holds, with the runbook's description tag.
-    let keys = iam.list_access_keys().user_name(&bucket).send().await.unwrap();
+    let keys = iam
+        .list_access_keys()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
     let keys = keys.access_key_metadata();
     assert_eq!(keys.len(), 1);
     let key_id = keys[0].access_key_id().unwrap();
     assert_eq!(repo["resources"]["access_key_id"], key_id);
-    let tags = iam.list_user_tags().user_name(&bucket).send().await.unwrap();
-    let description = tags.tags().iter().find(|t| t.key() == key_id).map(|t| t.value().to_owned());
-    assert_eq!(description.as_deref(), Some(backup_provisioner::provision::access_key::DESCRIPTION));
+    let tags = iam
+        .list_user_tags()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let description = tags
+        .tags()
+        .iter()
+        .find(|t| t.key() == key_id)
+        .map(|t| t.value().to_owned());
+    assert_eq!(
+        description.as_deref(),
+        Some(backup_provisioner::provision::access_key::DESCRIPTION)
+    );
 
     // The Secret: exact s3.conf, labels, type, nothing else.
-    let secret = env.kube.emulator.get_secret("zitadel", &bucket).expect("secret");
+    let secret = env
+        .kube
+        .emulator
+        .get_secret("zitadel", &bucket)
+        .expect("secret");
     assert_eq!(secret["type"], "Opaque");
-    assert_eq!(secret["metadata"]["labels"]["holos.run/secret.name"], bucket.as_str());
-    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "backup-provisioner");
+    assert_eq!(
+        secret["metadata"]["labels"]["holos.run/secret.name"],
+        bucket.as_str()
+    );
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "backup-provisioner"
+    );
     assert_eq!(secret["data"].as_object().unwrap().len(), 1);
     let conf = env.s3_conf("zitadel", &bucket).unwrap();
     let pass = conf_value(&conf, "repo2-cipher-pass");
@@ -91,12 +179,26 @@ async fn first_provisioning_produces_the_runbooks_state() {
         )
     );
     // Wiring for the PostgresCluster, and no sealed material left behind.
-    assert_eq!(repo["pgbackrest"]["repos"][0]["s3"]["endpoint"], "s3.dualstack.us-east-1.amazonaws.com");
+    assert_eq!(
+        repo["pgbackrest"]["repos"][0]["s3"]["endpoint"],
+        "s3.dualstack.us-east-1.amazonaws.com"
+    );
     assert_eq!(repo["resources"]["secret"]["name"], bucket.as_str());
-    let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material").fetch_one(&env.app.db).await.unwrap();
-    assert_eq!(sealed, 0, "sealed material must be wiped once the Secret holds it");
+    let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
+        .fetch_one(&env.app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        sealed, 0,
+        "sealed material must be wiped once the Secret holds it"
+    );
     let mutating = env.counter.mutating();
-    eprintln!("first run AWS calls: {} mutating {:?}, {} reads", env.counter.mutating_count(), mutating, env.counter.read_count());
+    eprintln!(
+        "first run AWS calls: {} mutating {:?}, {} reads",
+        env.counter.mutating_count(),
+        mutating,
+        env.counter.read_count()
+    );
     env.app.stop().await;
 }
 
@@ -105,7 +207,9 @@ async fn rerunning_a_ready_repository_changes_nothing() {
     let env = Env::start(&["holos"]).await;
     let name = unique_name("hs");
     let bucket = bucket_for(&name);
-    let job = env.provision(json!({"name": name, "namespace": "holos"})).await;
+    let job = env
+        .provision(json!({"name": name, "namespace": "holos"}))
+        .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     let first_mutating = env.counter.mutating_count();
     let first_reads = env.counter.read_count();
@@ -115,7 +219,12 @@ async fn rerunning_a_ready_repository_changes_nothing() {
 
     let job = env.reconcile(&name).await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
-    assert_eq!(env.counter.mutating_count(), 0, "re-run mutated AWS: {:?}", env.counter.mutating());
+    assert_eq!(
+        env.counter.mutating_count(),
+        0,
+        "re-run mutated AWS: {:?}",
+        env.counter.mutating()
+    );
     assert_eq!(env.kube.mutating_count(), 0, "re-run mutated Kubernetes");
     assert_eq!(env.s3_conf("holos", &bucket).unwrap(), conf_before);
     assert_eq!(env.repository(&name).await["state"], "ready");

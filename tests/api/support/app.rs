@@ -18,7 +18,8 @@ pub const AUDIENCE: &str = "backup-provisioner";
 
 /// Server Postgres URL without a database name; tests make their own databases.
 pub fn postgres_base_url() -> String {
-    std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// A new, empty database (migrated by the Application, or by [`migrated_db`]).
@@ -29,17 +30,26 @@ pub async fn fresh_database() -> (PgPool, String) {
         .connect(&format!("{}/postgres", postgres_base_url()))
         .await
         .expect("connect to Postgres (is it running on 127.0.0.1:5432?)");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("create database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create database");
     admin.close().await;
     let url = format!("{}/{name}", postgres_base_url());
-    let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connect to test database");
+    let pool = PgPoolOptions::new()
+        .max_connections(20)
+        .connect(&url)
+        .await
+        .expect("connect to test database");
     (pool, url)
 }
 
 /// A fresh database with every migration applied.
 pub async fn migrated_db() -> (PgPool, String) {
     let (pool, url) = fresh_database().await;
-    backup_provisioner::db::migrate(&pool).await.expect("migrate");
+    backup_provisioner::db::migrate(&pool)
+        .await
+        .expect("migrate");
     (pool, url)
 }
 
@@ -89,7 +99,11 @@ pub struct AppOptions {
 
 impl Default for AppOptions {
     fn default() -> Self {
-        AppOptions { http: http_args(), worker: worker_args(0), registry: Registry::new() }
+        AppOptions {
+            http: http_args(),
+            worker: worker_args(0),
+            registry: Registry::new(),
+        }
     }
 }
 
@@ -105,15 +119,27 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
 
 /// Starts the Application against an existing database (e.g. a second replica).
 pub async fn spawn_app_on(db: PgPool, database_url: String, options: AppOptions) -> TestApp {
-    let app = Application::build(db.clone(), Some(&options.http), &options.worker, options.registry)
-        .await
-        .expect("build application");
+    let app = Application::build(
+        db.clone(),
+        Some(&options.http),
+        &options.worker,
+        options.registry,
+    )
+    .await
+    .expect("build application");
     let addr = app.local_addr().expect("bound");
     let shutdown = app.shutdown.clone();
     let server = tokio::spawn(async move {
         app.run_until_stopped().await.expect("server ran");
     });
-    TestApp { addr, db, database_url, client: reqwest::Client::new(), shutdown, server }
+    TestApp {
+        addr,
+        db,
+        database_url,
+        client: reqwest::Client::new(),
+        shutdown,
+        server,
+    }
 }
 
 impl TestApp {
@@ -122,8 +148,14 @@ impl TestApp {
     }
 
     pub fn token(&self, subject: &str, roles: &[Role]) -> String {
-        mint_hs256(&SecretString::from(HS256_SECRET), subject, roles, Duration::from_secs(600), AUDIENCE)
-            .expect("mint token")
+        mint_hs256(
+            &SecretString::from(HS256_SECRET),
+            subject,
+            roles,
+            Duration::from_secs(600),
+            AUDIENCE,
+        )
+        .expect("mint token")
     }
 
     pub fn operator(&self) -> String {
@@ -134,12 +166,28 @@ impl TestApp {
         self.token("viewer@test", &[Role::Viewer])
     }
 
-    pub async fn post_json(&self, path: &str, token: &str, body: &serde_json::Value) -> reqwest::Response {
-        self.client.post(self.url(path)).bearer_auth(token).json(body).send().await.expect("request")
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.client.get(self.url(path)).bearer_auth(token).send().await.expect("request")
+        self.client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
     }
 
     /// Long-polls a job until it ends or `deadline` passes; returns its last view.
@@ -147,10 +195,16 @@ impl TestApp {
         let token = self.viewer();
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            let view: serde_json::Value =
-                self.get(&format!("/v1/jobs/{job_id}?wait=5s"), &token).await.json().await.expect("job json");
+            let view: serde_json::Value = self
+                .get(&format!("/v1/jobs/{job_id}?wait=5s"), &token)
+                .await
+                .json()
+                .await
+                .expect("job json");
             let state = view["state"].as_str().unwrap_or_default().to_owned();
-            if ["succeeded", "failed", "cancelled"].contains(&state.as_str()) || tokio::time::Instant::now() >= until {
+            if ["succeeded", "failed", "cancelled"].contains(&state.as_str())
+                || tokio::time::Instant::now() >= until
+            {
                 return view;
             }
         }
@@ -173,7 +227,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < until, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
