@@ -159,9 +159,11 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(variable: &'static str, message: impl Into<String>) -> Self {
+        // One line, always: multi-line causes (a regex parser's caret diagram) are folded.
+        let message: String = message.into();
         ConfigError {
             variable,
-            message: message.into(),
+            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 }
@@ -240,6 +242,7 @@ impl HttpArgs {
                 .map_err(|e| ConfigError::new("BP_ALLOWED_NAMESPACES", e.to_string()))?;
         }
         self.bucket_pattern()?;
+        self.auth_config()?;
         Ok(())
     }
 }

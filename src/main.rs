@@ -51,6 +51,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
         }
         Command::Serve(args) => {
             args.http.check()?;
+            args.worker.check()?;
             let registry = provision::registry(&args.worker).await?;
             let pool = db::connect(&args.database.database_url).await?;
             let app = Application::build(pool, Some(&args.http), &args.worker, registry).await?;
@@ -61,6 +62,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
             app.run_until_stopped().await
         }
         Command::Worker(args) => {
+            args.worker.check()?;
             let registry = provision::registry(&args.worker).await?;
             let pool = db::connect(&args.database.database_url).await?;
             let app = Application::build(pool, None, &args.worker, registry).await?;

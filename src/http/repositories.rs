@@ -189,9 +189,11 @@ pub struct CreatedRepository {
 pub async fn create_repository(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(request): ApiJson<CreateRepository>,
+    body: Result<ApiJson<CreateRepository>, ApiError>,
 ) -> Result<Response, ApiError> {
+    // Authorization comes before body validation: a viewer learns nothing about the body.
     caller.require(Role::Operator)?;
+    let ApiJson(request) = body?;
     let desired = request.validate(&state)?;
     let mut tx = state.db.begin().await?;
     let inserted = match repository::insert_if_absent(&mut tx, &desired, &caller.principal.subject)

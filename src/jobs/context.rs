@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::JobError;
 use super::queue::{self, Job};
 use crate::audit::{self, AuditEntry};
+use crate::telemetry::Metrics;
 
 /// A test and fault-injection hook called at named points (see [`JobContext::checkpoint`]).
 /// Unset in production; tests use it to SIGKILL a worker at an exact point.
@@ -53,6 +54,7 @@ pub struct JobContext {
     token: Uuid,
     /// Fires when the lease is lost or the process must stop; long steps should watch it.
     pub stop: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl JobContext {
@@ -63,6 +65,22 @@ impl JobContext {
             job,
             token,
             stop,
+            metrics: None,
+        }
+    }
+
+    pub(crate) fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn observe_step(&self, step: &str, outcome: &str, seconds: Option<f64>) {
+        if let (Some(metrics), Some(seconds)) = (&self.metrics, seconds) {
+            metrics.observe_step(
+                step,
+                outcome,
+                std::time::Duration::from_secs_f64(seconds.max(0.0)),
+            );
         }
     }
 
@@ -230,15 +248,18 @@ impl JobContext {
         let output = serde_json::to_value(&done.output).map_err(|e| {
             JobError::Permanent(format!("step {name} output is not serializable: {e}"))
         })?;
-        sqlx::query(
+        let seconds: Option<f64> = sqlx::query_scalar(
             "UPDATE job_steps SET state = 'succeeded', output = $3, last_error = NULL, finished_at = now()
-              WHERE job_id = $1 AND step = $2",
+              WHERE job_id = $1 AND step = $2
+          RETURNING extract(epoch FROM finished_at - started_at)::float8",
         )
         .bind(self.job.id)
         .bind(name)
         .bind(output)
-        .execute(&mut **tx)
-        .await?;
+        .fetch_optional(&mut **tx)
+        .await?
+        .flatten();
+        self.observe_step(name, done.outcome, seconds);
         let entry = self.audit_entry(
             name,
             attempt,
@@ -266,15 +287,18 @@ impl JobContext {
             Err(other) => return Err(other),
         };
         let message = err.to_string();
-        sqlx::query(
+        let seconds: Option<f64> = sqlx::query_scalar(
             "UPDATE job_steps SET state = 'failed', last_error = $3, finished_at = now()
-              WHERE job_id = $1 AND step = $2",
+              WHERE job_id = $1 AND step = $2
+          RETURNING extract(epoch FROM finished_at - started_at)::float8",
         )
         .bind(self.job.id)
         .bind(name)
         .bind(&message)
-        .execute(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+        self.observe_step(name, "failed", seconds);
         let detail = serde_json::json!({ "error": message, "retryable": matches!(err, JobError::Retryable(_)) });
         audit::record(
             &mut *tx,

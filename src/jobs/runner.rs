@@ -202,7 +202,8 @@ impl WorkerPool {
             self.config.lease,
             lease_lost.clone(),
         ));
-        let ctx = JobContext::new(self.pool.clone(), job.clone(), lease_lost.clone());
+        let ctx = JobContext::new(self.pool.clone(), job.clone(), lease_lost.clone())
+            .with_metrics(self.metrics.clone());
         let started = std::time::Instant::now();
         let result = tokio::select! {
             result = handler.run(&ctx) => result,

@@ -18,3 +18,4 @@ mod pgbackrest_harness;
 mod provisioning;
 mod crash_safety;
 mod provisioning_cases;
+mod cli;
