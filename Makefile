@@ -30,5 +30,6 @@ fmt:
 openapi:
 	cargo run --quiet -- openapi > openapi/openapi.json
 
+# Release-mode benchmarks against Postgres, moto and the Kubernetes emulator (BENCHMARKS.md).
 bench: deps
-	cargo run --release --quiet -p backup-provisioner --example provision_bench
+	cargo bench --bench provisioning

@@ -37,7 +37,10 @@ fn new_pass() -> String {
 /// Asserts the job failed permanently (one attempt) and returns its `last_error`.
 fn permanent_failure(job: &Value) -> String {
     assert_eq!(job["state"], "failed", "job: {job:#}");
-    assert_eq!(job["attempts"], 1, "a permanent failure is not retried: {job:#}");
+    assert_eq!(
+        job["attempts"], 1,
+        "a permanent failure is not retried: {job:#}"
+    );
     let error = job["last_error"]
         .as_str()
         .unwrap_or_else(|| panic!("no last_error: {job:#}"))
@@ -526,4 +529,3 @@ fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
-

@@ -101,8 +101,7 @@ pub fn spawn(entry_test: &str, spec: &ChildSpec) -> CrashChild {
     let log = tempfile::NamedTempFile::new().expect("child log file");
     let out = log.reopen().expect("child log file");
     let err = out.try_clone().expect("child log file");
-    let mut command =
-        tokio::process::Command::new(std::env::current_exe().expect("test binary path"));
+    let mut command = tokio::process::Command::new(test_binary());
     command
         .args([
             entry_test,
@@ -117,7 +116,7 @@ pub fn spawn(entry_test: &str, spec: &ChildSpec) -> CrashChild {
         .stderr(err)
         .kill_on_drop(true);
     // SAFETY: only prctl between fork and exec (async-signal-safe). The child dies with the
-    // thread that spawned it (a runtime thread that outlives the test body).
+    // thread that spawned it, which lives as long as the test does.
     unsafe {
         command.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
@@ -132,14 +131,22 @@ pub fn spawn(entry_test: &str, spec: &ChildSpec) -> CrashChild {
     }
 }
 
+/// This very test binary. `/proc/self/exe` still names it when a concurrent build has replaced
+/// the file on disk since this process started (`current_exe` would then name the new build, or
+/// a path that no longer exists).
+fn test_binary() -> PathBuf {
+    let proc_exe = PathBuf::from("/proc/self/exe");
+    if proc_exe.exists() {
+        proc_exe
+    } else {
+        std::env::current_exe().expect("test binary path")
+    }
+}
+
 impl CrashChild {
     /// Everything the child wrote so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.log.path().to_owned()
     }
 
     /// Waits (at most `deadline`) for the child to die and asserts that SIGKILL killed it.

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use futures::StreamExt;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -1094,4 +1095,72 @@ pub fn s3_conf(cipher_pass: &str, access_key_id: &str, secret_access_key: &str) 
          repo3-s3-key={access_key_id}\n\
          repo3-s3-key-secret={secret_access_key}\n"
     )
+}
+
+// Assertions shared by the end-to-end tests.
+
+pub async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, region: &str) {
+    s3.create_bucket()
+        .bucket(bucket)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(region))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {bucket}: {e:?}"));
+}
+
+/// Every object under `prefix` with its first bytes (at most 8), fetched by the admin.
+pub async fn object_heads(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> Vec<(String, i64, Vec<u8>)> {
+    let mut keys = Vec::new();
+    let mut pages = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.expect("list objects");
+        for object in page.contents() {
+            keys.push((
+                object.key().expect("object key").to_owned(),
+                object.size().unwrap_or_default(),
+            ));
+        }
+    }
+    futures::stream::iter(keys)
+        .map(|(key, size)| async move {
+            if size == 0 {
+                return (key, size, Vec::new());
+            }
+            let object = s3
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .range("bytes=0-7")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("get {key}: {e:?}"));
+            let bytes = object
+                .body
+                .collect()
+                .await
+                .unwrap_or_else(|e| panic!("read {key}: {e:?}"))
+                .into_bytes();
+            (key, size, bytes[..bytes.len().min(8)].to_vec())
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }

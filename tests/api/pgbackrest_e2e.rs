@@ -1,0 +1,161 @@
+//! The proof: provision through the service's API, take `s3.conf` from the Secret it wrote, and
+//! let pgBackRest back up and restore a throwaway cluster into the bucket with nothing else.
+//!
+//! moto limitation: under enforced IAM authorization moto re-encodes IAM form bodies before
+//! checking signatures, so the service's calls whose parameters contain spaces (the runbook's
+//! policy description and access-key description) fail with SignatureDoesNotMatch. The service
+//! therefore provisions inside moto's unauthenticated budget; authorization is enforced
+//! (`reset-auth 0`) before pgBackRest runs, so every backup, restore and denial below is
+//! checked against the IAM policy the service created.
+
+use std::time::Instant;
+
+use aws_sdk_s3::primitives::ByteStream;
+use backup_provisioner::cloud::aws::{self, AwsClients};
+use serde_json::json;
+
+use crate::support::moto::Moto;
+use crate::support::pgbackrest::{create_bucket, object_heads, round_trip_async, tail};
+use crate::support::provisioning::{Env, bucket_for, conf_value, unique_name};
+
+const REGION: &str = "eu-west-1";
+const NAMESPACE: &str = "pgdemo";
+
+/// An admin identity (inline `*` policy) for the checks, made while moto is still open.
+async fn admin(moto: &Moto) -> AwsClients {
+    let open = moto.clients(REGION, None).await;
+    let name = unique_name("admin");
+    open.iam
+        .create_user()
+        .user_name(&name)
+        .send()
+        .await
+        .expect("admin user");
+    let policy = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]});
+    open.iam
+        .put_user_policy()
+        .user_name(&name)
+        .policy_name("admin")
+        .policy_document(policy.to_string())
+        .send()
+        .await
+        .expect("admin policy");
+    let key = open
+        .iam
+        .create_access_key()
+        .user_name(&name)
+        .send()
+        .await
+        .expect("admin key")
+        .access_key
+        .unwrap();
+    moto.clients_as(REGION, None, key.access_key_id(), key.secret_access_key())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
+    let started = Instant::now();
+    let moto = Moto::with_iam_auth(1_000_000);
+    let env = Env::start_on(&moto, &[NAMESPACE]).await;
+    let name = unique_name("pg");
+    let bucket = bucket_for(&name);
+    let job = env
+        .provision(json!({"name": name, "namespace": NAMESPACE, "region": REGION}))
+        .await;
+    assert_eq!(job["state"], "succeeded", "job: {job:#}");
+    let provisioned = started.elapsed();
+    let admin = admin(&moto).await;
+    moto.reset_auth(0).await;
+    let denied = moto
+        .clients(REGION, None)
+        .await
+        .iam
+        .list_users()
+        .send()
+        .await;
+    assert_eq!(
+        aws::http_status(&denied.expect_err("authorization is enforced")),
+        Some(403)
+    );
+
+    let conf = env
+        .s3_conf(NAMESPACE, &bucket)
+        .expect("the Secret holds s3.conf");
+    let report = round_trip_async(
+        conf.clone(),
+        bucket.clone(),
+        REGION.into(),
+        NAMESPACE.into(),
+        name.clone(),
+        moto.endpoint.clone(),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "round trip failed: {e:#}\n--- moto log ---\n{}",
+            tail(&moto.log(), 40)
+        )
+    });
+    assert_eq!(report.restored_marker, report.marker);
+    assert_eq!(
+        report.repo_path,
+        format!("/pgbackrest/{NAMESPACE}/{name}/repo2")
+    );
+    let repo = env.repository(&name).await;
+    assert_eq!(
+        repo["pgbackrest"]["global"]["repo2-path"],
+        report.repo_path.as_str()
+    );
+
+    // Every stored object is encrypted client-side with the Secret's cipher pass.
+    let s3 = admin.s3_for_region(REGION);
+    let stored: Vec<_> = object_heads(&s3, &bucket, "")
+        .await
+        .into_iter()
+        .filter(|(_, size, _)| *size > 0)
+        .collect();
+    assert!(
+        stored.len() > 10,
+        "expected a backup and WAL, found {} objects",
+        stored.len()
+    );
+    let plain: Vec<_> = stored
+        .iter()
+        .filter(|(_, _, head)| !head.starts_with(b"Salted__"))
+        .map(|(k, _, _)| k)
+        .collect();
+    assert!(
+        plain.is_empty(),
+        "objects not encrypted by pgBackRest: {plain:?}"
+    );
+
+    // The provisioned key is confined to its bucket.
+    let other = unique_name("other");
+    create_bucket(&s3, &bucket_for(&other), REGION).await;
+    let key = admin.s3_with_static_credentials(
+        REGION,
+        &conf_value(&conf, "repo2-s3-key"),
+        &conf_value(&conf, "repo2-s3-key-secret"),
+    );
+    let err = key
+        .list_objects_v2()
+        .bucket(bucket_for(&other))
+        .send()
+        .await
+        .expect_err("denied");
+    assert_eq!(aws::http_status(&err), Some(403), "{err:?}");
+    let err = key
+        .put_object()
+        .bucket(bucket_for(&other))
+        .key("x")
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await;
+    assert_eq!(aws::http_status(&err.expect_err("denied")), Some(403));
+    eprintln!(
+        "pgbackrest e2e: provisioning through the API {provisioned:.2?}; {report}; total {:.2?}",
+        started.elapsed()
+    );
+    env.app.stop().await;
+}
