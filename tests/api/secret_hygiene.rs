@@ -61,6 +61,7 @@ impl Service {
                 .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "debug")
                 .env("BP_LOG_JSON", if json_logs { "true" } else { "false" })
+                .envs(std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("PG")))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log file"))
                 .stderr(log);
@@ -236,23 +237,30 @@ fn leak_forms(label: &str, secret: &str) -> Vec<(String, String)> {
     forms
 }
 
-fn assert_clean(source: &str, text: &str, forms: &[(String, String)]) {
-    for (label, needle) in forms {
-        if let Some(at) = text.find(needle.as_str()) {
-            let start = text[..at]
-                .char_indices()
-                .rev()
-                .nth(200)
-                .map_or(0, |(i, _)| i);
-            let line_start = text[..at].rfind('\n').map_or(start, |i| i + 1).max(start);
-            let end = (at + needle.len() + 80).min(text.len());
-            let end = (end..=text.len())
-                .find(|i| text.is_char_boundary(*i))
-                .unwrap();
-            // Show where it leaked, with the secret itself masked.
-            let context = text[line_start..end].replace(needle.as_str(), "<LEAKED>");
-            panic!("{label} found in {source}: ...{context}...");
+/// The first leak of any form in `text`: its label and some context, with every form masked.
+fn find_leak(text: &str, forms: &[(String, String)]) -> Option<String> {
+    let (label, at) = forms
+        .iter()
+        .filter_map(|(label, needle)| text.find(needle.as_str()).map(|at| (label, at)))
+        .min_by_key(|(_, at)| *at)?;
+    let floor = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
         }
+        i
+    };
+    let start = floor(at.saturating_sub(200));
+    let start = text[start..at].rfind('\n').map_or(start, |i| start + i + 1);
+    let mut context = text[start..floor((at + 200).min(text.len()))].to_owned();
+    for (_, needle) in forms {
+        context = context.replace(needle.as_str(), "<LEAKED>");
+    }
+    Some(format!("{label}: ...{context}..."))
+}
+
+fn assert_clean(source: &str, text: &str, forms: &[(String, String)]) {
+    if let Some(leak) = find_leak(text, forms) {
+        panic!("found in {source}: {leak}");
     }
 }
 
@@ -452,9 +460,8 @@ async fn provision_and_check(json_logs: bool) {
     forms.push(("s3.conf (base64)".into(), conf_b64));
     // Positive control: the needles do match where the secrets legitimately are.
     let stored = serde_json::to_string(&kube.emulator.get_secret(NAMESPACE, &bucket)).unwrap();
-    let caught = std::panic::catch_unwind(|| assert_clean("the Secret itself", &stored, &forms));
     assert!(
-        caught.is_err(),
+        find_leak(&stored, &forms).is_some(),
         "the leak check must find s3.conf in the Secret"
     );
     assert_clean("the service log", &log, &forms);
