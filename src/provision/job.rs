@@ -21,8 +21,8 @@ use super::{
     JOB_KIND, ProvisionPayload, access_key, bucket, cipher_pass, credential_check, group, policy,
     sealed, user,
 };
-use crate::cloud::StepReport;
 use crate::cloud::aws::AwsClients;
+use crate::cloud::{Outcome, StepReport};
 use crate::crypto::EncryptionKey;
 use crate::jobs::{JobContext, JobError, JobHandler, StepDone};
 use crate::repository::{self, Resources, SecretRef};
@@ -105,6 +105,28 @@ fn refuse_unmanaged_secret(
             )))
         }
         _ => Ok(()),
+    }
+}
+
+/// The key to keep among the user's keys `in_iam`: the one whose secret is sealed in Postgres
+/// (made by an earlier attempt, not yet delivered), else the one the Secret references. A key
+/// we hold no secret for is useless: the caller deletes it.
+pub fn choose_key(
+    in_iam: &[&str],
+    held: Option<&str>,
+    referenced: Option<&str>,
+) -> Option<KeyOutput> {
+    let present = |id: &&str| in_iam.contains(id);
+    match (held.filter(present), referenced.filter(present)) {
+        (Some(id), _) => Some(KeyOutput {
+            access_key_id: id.to_owned(),
+            source: KeySource::Held,
+        }),
+        (None, Some(id)) => Some(KeyOutput {
+            access_key_id: id.to_owned(),
+            source: KeySource::Secret,
+        }),
+        (None, None) => None,
     }
 }
 
@@ -288,7 +310,10 @@ impl Provisioner {
     }
 
     /// Keeps the one key whose secret we have (sealed, or in the Secret), deletes the rest, and
-    /// creates a key only when none is usable.
+    /// creates a key only when none is usable. The whole reconciliation runs inside a fenced
+    /// transaction that holds the job's row lock: a worker that lost its lease cannot list,
+    /// delete or create keys, and no other worker can claim the job until the new key's secret
+    /// is sealed and the step's success recorded.
     async fn reconcile_access_key(
         &self,
         ctx: &JobContext,
@@ -296,82 +321,30 @@ impl Provisioner {
         existing: Option<&ExistingSecret>,
         attempt: i32,
     ) -> Result<KeyOutput, JobError> {
-        let iam = &self.aws.iam;
-        let keys = access_key::list(iam, &p.bucket).await?;
-        let in_iam = |id: &str| keys.iter().any(|k| k.id == id);
-        let held = self
-            .held(ctx, p, sealed::Kind::AccessKey)
-            .await?
-            .filter(|h| in_iam(&h.key_id));
+        let mut tx = ctx.fenced_tx().await?;
+        let keys = access_key::list(&self.aws.iam, &p.bucket).await?;
+        let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+        let held = self.held(ctx, p, sealed::Kind::AccessKey).await?;
         let referenced = existing
             .and_then(|s| s.conf.as_ref())
-            .map(|c| c.access_key_id.clone())
-            .filter(|id| in_iam(id));
-        let keep = match (held, referenced) {
-            (Some(h), _) => Some(KeyOutput {
-                access_key_id: h.key_id,
-                source: KeySource::Held,
-            }),
-            (None, Some(id)) => Some(KeyOutput {
-                access_key_id: id,
-                source: KeySource::Secret,
-            }),
-            (None, None) => None,
-        };
-        let mut deleted = Vec::new();
-        for unusable in keys
-            .iter()
-            .filter(|k| Some(&k.id) != keep.as_ref().map(|k| &k.access_key_id))
-        {
-            access_key::delete(iam, &p.bucket, &unusable.id).await?;
-            access_key::remove_description_tag(iam, &p.bucket, &unusable.id).await?;
-            deleted.push(unusable.id.clone());
-        }
-        if keep.is_none() {
-            sealed::forget(ctx.pool(), p.repository_id, sealed::Kind::AccessKey).await?;
-        }
-        let detail = |id: &str, source: KeySource| json!({ "access_key_id": id, "source": source, "deleted": deleted });
-        let mut tx = ctx.fenced_tx().await?;
-        let (output, report) = match keep {
+            .map(|c| c.access_key_id.as_str());
+        let keep = choose_key(&ids, held.as_ref().map(|h| h.key_id.as_str()), referenced);
+        let deleted = self.delete_keys_except(p, &ids, keep.as_ref()).await?;
+        let (output, mut report) = match keep {
             Some(key) => {
-                let report = StepReport::new(
-                    if deleted.is_empty() {
-                        crate::cloud::Outcome::AlreadyPresent
-                    } else {
-                        crate::cloud::Outcome::Updated
-                    },
-                    detail(&key.access_key_id, key.source),
-                );
-                (key, report)
+                let outcome = if deleted.is_empty() {
+                    Outcome::AlreadyPresent
+                } else {
+                    Outcome::Updated
+                };
+                (key, StepReport::new(outcome, json!({})))
             }
             None => {
-                // The fenced transaction holds the job's row lock across this call: no other
-                // worker can claim or rescue the job until the key's secret is sealed.
-                let new = access_key::create(iam, &p.bucket).await?;
-                ctx.checkpoint(ACCESS_KEY.0, "before-record");
-                sealed::put(
-                    &mut tx,
-                    &self.encryption_key,
-                    p.repository_id,
-                    sealed::Kind::AccessKey,
-                    &new.id,
-                    &new.secret,
-                )
-                .await?;
-                let mut report = StepReport::new(
-                    crate::cloud::Outcome::Created,
-                    detail(&new.id, KeySource::Created),
-                );
-                report.upstream_request_id = new.request_id.clone();
-                (
-                    KeyOutput {
-                        access_key_id: new.id.clone(),
-                        source: KeySource::Created,
-                    },
-                    report,
-                )
+                sealed::forget(&mut *tx, p.repository_id, sealed::Kind::AccessKey).await?;
+                self.create_sealed_key(ctx, &mut tx, p).await?
             }
         };
+        report.detail = json!({ "access_key_id": output.access_key_id, "source": output.source, "deleted": deleted });
         ctx.finish_step(
             &mut tx,
             ACCESS_KEY.0,
@@ -381,6 +354,54 @@ impl Provisioner {
         .await?;
         tx.commit().await?;
         Ok(output)
+    }
+
+    /// Deletes every key of the user except `keep` (and its description tag).
+    async fn delete_keys_except(
+        &self,
+        p: &ProvisionPayload,
+        ids: &[&str],
+        keep: Option<&KeyOutput>,
+    ) -> Result<Vec<String>, JobError> {
+        let mut deleted = Vec::new();
+        for id in ids
+            .iter()
+            .filter(|id| Some(**id) != keep.map(|k| k.access_key_id.as_str()))
+        {
+            access_key::delete(&self.aws.iam, &p.bucket, id).await?;
+            access_key::remove_description_tag(&self.aws.iam, &p.bucket, id).await?;
+            deleted.push((*id).to_owned());
+        }
+        Ok(deleted)
+    }
+
+    /// Creates a key and seals its secret in `tx` (committed with the step's success).
+    async fn create_sealed_key(
+        &self,
+        ctx: &JobContext,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        p: &ProvisionPayload,
+    ) -> Result<(KeyOutput, StepReport), JobError> {
+        let new = access_key::create(&self.aws.iam, &p.bucket).await?;
+        ctx.checkpoint(ACCESS_KEY.0, "before-record");
+        sealed::put(
+            tx,
+            &self.encryption_key,
+            p.repository_id,
+            sealed::Kind::AccessKey,
+            &new.id,
+            &new.secret,
+        )
+        .await?;
+        let mut report = StepReport::new(Outcome::Created, json!({}));
+        report.upstream_request_id = new.request_id.clone();
+        Ok((
+            KeyOutput {
+                access_key_id: new.id,
+                source: KeySource::Created,
+            },
+            report,
+        ))
     }
 
     async fn key_description_step(
@@ -522,5 +543,32 @@ impl From<sealed::SealedError> for JobError {
             sealed::SealedError::Database(e) => JobError::Database(e),
             other => JobError::Permanent(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_key_wins_then_the_referenced_one_then_none() {
+        let chosen = choose_key(&["AKIA1", "AKIA2"], Some("AKIA2"), Some("AKIA1")).unwrap();
+        assert_eq!(
+            (chosen.access_key_id.as_str(), chosen.source),
+            ("AKIA2", KeySource::Held)
+        );
+        let chosen = choose_key(&["AKIA1"], Some("AKIA9"), Some("AKIA1")).unwrap();
+        assert_eq!(
+            (chosen.access_key_id.as_str(), chosen.source),
+            ("AKIA1", KeySource::Secret)
+        );
+        assert!(
+            choose_key(&["AKIA1"], None, Some("AKIA9")).is_none(),
+            "a key gone from IAM is not kept"
+        );
+        assert!(
+            choose_key(&["AKIA1"], None, None).is_none(),
+            "an orphan we hold no secret for is not kept"
+        );
     }
 }
