@@ -15,17 +15,30 @@ fn binary(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn base_env() -> Vec<(&'static str, &'static str)> {
     vec![
-        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+        (
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        ),
         ("BP_JWT_HS256_SECRET", HS256_SECRET),
-        ("BP_ENCRYPTION_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
+        (
+            "BP_ENCRYPTION_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        ),
     ]
 }
 
 fn assert_config_error(output: &Output, variable: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "one line expected, got: {stderr}");
-    assert!(stderr.contains(variable), "the error must name {variable}: {stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one line expected, got: {stderr}"
+    );
+    assert!(
+        stderr.contains(variable),
+        "the error must name {variable}: {stderr}"
+    );
 }
 
 #[test]
@@ -35,7 +48,11 @@ fn bad_configuration_exits_2_naming_the_variable() {
         ("BP_ENCRYPTION_KEY", "not-base64!", "BP_ENCRYPTION_KEY"),
         ("BP_ENCRYPTION_KEY", "c2hvcnQ=", "BP_ENCRYPTION_KEY"),
         ("BP_JWT_HS256_SECRET", "short", "BP_JWT_HS256_SECRET"),
-        ("BP_ALLOWED_NAMESPACES", "Not_A_Namespace", "BP_ALLOWED_NAMESPACES"),
+        (
+            "BP_ALLOWED_NAMESPACES",
+            "Not_A_Namespace",
+            "BP_ALLOWED_NAMESPACES",
+        ),
         ("BP_CORS_ORIGINS", "not an origin", "BP_CORS_ORIGINS"),
     ];
     for (variable, value, named) in cases {
@@ -53,13 +70,22 @@ fn missing_settings_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
 
-    let env: Vec<_> = base_env().into_iter().filter(|(k, _)| *k != "BP_JWT_HS256_SECRET").collect();
+    let env: Vec<_> = base_env()
+        .into_iter()
+        .filter(|(k, _)| *k != "BP_JWT_HS256_SECRET")
+        .collect();
     assert_config_error(&binary(&["serve"], &env), "BP_JWT_HS256_SECRET");
 
-    let env: Vec<_> = base_env().into_iter().filter(|(k, _)| *k != "BP_ENCRYPTION_KEY").collect();
+    let env: Vec<_> = base_env()
+        .into_iter()
+        .filter(|(k, _)| *k != "BP_ENCRYPTION_KEY")
+        .collect();
     assert_config_error(&binary(&["worker"], &env), "BP_ENCRYPTION_KEY");
     // The API alone needs no encryption key.
-    let output = binary(&["serve", "--workers", "0", "--listen-addr", "999.0.0.1:1"], &env);
+    let output = binary(
+        &["serve", "--workers", "0", "--listen-addr", "999.0.0.1:1"],
+        &env,
+    );
     assert_ne!(output.status.code(), Some(0));
 }
 
@@ -67,22 +93,38 @@ fn missing_settings_exit_2() {
 fn openapi_command_prints_the_committed_spec() {
     let output = binary(&["openapi"], &[]);
     assert!(output.status.success());
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json")).unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .unwrap();
     assert_eq!(String::from_utf8(output.stdout).unwrap(), committed);
 }
 
 #[tokio::test]
 async fn token_command_mints_a_token_the_api_accepts() {
     let output = binary(
-        &["token", "--sub", "alice@example.com", "--role", "viewer", "--ttl", "5m"],
+        &[
+            "token",
+            "--sub",
+            "alice@example.com",
+            "--role",
+            "viewer",
+            "--ttl",
+            "5m",
+        ],
         &[("BP_JWT_HS256_SECRET", HS256_SECRET)],
     );
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let app = crate::support::app::spawn_app().await;
     let response = app.get("/v1/backup-repositories", &token).await;
     assert_eq!(response.status(), 200);
-    let forbidden = app.post_json("/v1/backup-repositories", &token, &serde_json::json!({})).await;
+    let forbidden = app
+        .post_json("/v1/backup-repositories", &token, &serde_json::json!({}))
+        .await;
     assert_eq!(forbidden.status(), 403);
     app.stop().await;
 }
