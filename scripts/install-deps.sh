@@ -17,15 +17,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-# nginx-light's package starts a default server on :80 we never use.
-if command -v systemctl >/dev/null 2>&1; then :; fi
+# nginx-light's package may start a default server on :80; the tests run their own nginx.
 pkill -f 'nginx: master process /usr/sbin/nginx' 2>/dev/null || true
 
-if [ ! -x .venv/bin/moto_server ] || ! cmp -s scripts/requirements-moto.txt .venv/requirements.installed; then
-  echo "install-deps: python venv with moto"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements-moto.txt
-  cp scripts/requirements-moto.txt .venv/requirements.installed
+# The virtualenv lives outside the clone (keyed by the pinned requirements), so fresh CI
+# clones reuse it; .venv in the repository is a symlink to it.
+VENV_HOME="${XDG_CACHE_HOME:-$HOME/.cache}/backup-provisioner/venv-$(sha256sum scripts/requirements-moto.txt | cut -c1-12)"
+if [ ! -x "$VENV_HOME/bin/moto_server" ]; then
+  echo "install-deps: python venv with moto in $VENV_HOME"
+  rm -rf "$VENV_HOME"
+  python3 -m venv "$VENV_HOME"
+  "$VENV_HOME/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-moto.txt
+fi
+if [ "$(readlink .venv 2>/dev/null)" != "$VENV_HOME" ]; then
+  rm -rf .venv
+  ln -s "$VENV_HOME" .venv
 fi
 
 # Postgres: the machine image runs it; a fresh Debian box may not.
