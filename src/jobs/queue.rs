@@ -300,17 +300,22 @@ pub enum CancelOutcome {
     NotFound,
 }
 
+/// Locks a job row for a state change by the API and returns its state.
+async fn lock_state(conn: &mut PgConnection, id: Uuid) -> Result<Option<JobState>, sqlx::Error> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(state.map(|s| JobState::parse(&s).unwrap_or(JobState::Failed)))
+}
+
 pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some(state) =
-        sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-    else {
+    let Some(state) = lock_state(&mut tx, id).await? else {
         return Ok(CancelOutcome::NotFound);
     };
-    let outcome = match JobState::parse(&state).unwrap_or(JobState::Failed) {
+    let outcome = match state {
         JobState::Queued => {
             sqlx::query("UPDATE jobs SET state = 'cancelled', cancel_requested = true, finished_at = now() WHERE id = $1")
                 .bind(id)
@@ -345,15 +350,9 @@ pub enum RetryOutcome {
 /// steps keep their outputs, so it resumes where it stopped.
 pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some(state) =
-        sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-    else {
+    let Some(state) = lock_state(&mut tx, id).await? else {
         return Ok(RetryOutcome::NotFound);
     };
-    let state = JobState::parse(&state).unwrap_or(JobState::Failed);
     if !matches!(state, JobState::Failed | JobState::Cancelled) {
         return Ok(RetryOutcome::NotRetryable(state));
     }
