@@ -11,10 +11,8 @@
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
 mod app;
-#[allow(dead_code)]
 #[path = "../tests/api/support/kube.rs"]
 mod kube;
-#[allow(dead_code)]
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
 #[allow(dead_code)]

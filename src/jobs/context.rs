@@ -203,7 +203,7 @@ impl JobContext {
             "INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
              VALUES ($1, $2, $3, 'running', 1, now())
              ON CONFLICT (job_id, step) DO UPDATE
-                SET state = 'running', attempts = job_steps.attempts + 1, started_at = now(),
+                SET state = 'running', attempts = job_steps.attempts + 1, started_at = clock_timestamp(),
                     finished_at = NULL
              RETURNING attempts",
         )
@@ -249,7 +249,7 @@ impl JobContext {
             JobError::Permanent(format!("step {name} output is not serializable: {e}"))
         })?;
         let seconds: Option<f64> = sqlx::query_scalar(
-            "UPDATE job_steps SET state = 'succeeded', output = $3, last_error = NULL, finished_at = now()
+            "UPDATE job_steps SET state = 'succeeded', output = $3, last_error = NULL, finished_at = clock_timestamp()
               WHERE job_id = $1 AND step = $2
           RETURNING extract(epoch FROM finished_at - started_at)::float8",
         )
@@ -288,7 +288,7 @@ impl JobContext {
         };
         let message = err.to_string();
         let seconds: Option<f64> = sqlx::query_scalar(
-            "UPDATE job_steps SET state = 'failed', last_error = $3, finished_at = now()
+            "UPDATE job_steps SET state = 'failed', last_error = $3, finished_at = clock_timestamp()
               WHERE job_id = $1 AND step = $2
           RETURNING extract(epoch FROM finished_at - started_at)::float8",
         )
