@@ -4,21 +4,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+
 need_apt=()
 command -v pgbackrest >/dev/null || need_apt+=(pgbackrest)
 command -v nginx >/dev/null || need_apt+=(nginx-light)
 command -v openssl >/dev/null || need_apt+=(openssl)
-command -v curl >/dev/null || need_apt+=(curl)
+command -v curl >/dev/null || need_apt+=(curl ca-certificates)
 command -v jq >/dev/null || need_apt+=(jq)
-command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
+command -v cc >/dev/null || need_apt+=(build-essential)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+installed_postgres=no
+if ! command -v pg_ctlcluster >/dev/null; then need_apt+=(postgresql); installed_postgres=yes; fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The tests run their own nginx; the package's default server on :80 is not wanted.
+  case " ${need_apt[*]} " in *" nginx-light "*) $SUDO service nginx stop >/dev/null 2>&1 || true ;; esac
 fi
-# nginx-light's package may start a default server on :80; the tests run their own nginx.
-pkill -f 'nginx: master process /usr/sbin/nginx' 2>/dev/null || true
+
+# Rust: the machine images ship a toolchain; a bare Debian gets rustup's stable one.
+if ! command -v cargo >/dev/null; then
+  echo "install-deps: installing the Rust toolchain with rustup"
+  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  echo "install-deps: run 'source \$HOME/.cargo/env' (or open a new shell) before make"
+fi
 
 # The virtualenv lives outside the clone (keyed by the pinned requirements), so fresh CI
 # clones reuse it; .venv in the repository is a symlink to it.
@@ -35,8 +49,17 @@ if [ "$(readlink .venv 2>/dev/null)" != "$VENV_HOME" ]; then
 fi
 
 # Postgres: the machine image runs it; a fresh Debian box may not.
+cluster_version=$(ls /etc/postgresql | sort -V | tail -1)
+if [ "$installed_postgres" = yes ]; then
+  # Tests connect as postgres over 127.0.0.1 without a password, as on the CI machines.
+  hba=/etc/postgresql/$cluster_version/main/pg_hba.conf
+  $SUDO sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+  $SUDO sed -i -E 's/^(local\s+all\s+postgres\s+)\S+/\1trust/' "$hba"
+fi
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-  echo "install-deps: starting PostgreSQL"
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+  echo "install-deps: starting PostgreSQL $cluster_version"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$cluster_version" main start
   for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+elif [ "$installed_postgres" = yes ]; then
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$cluster_version" main reload
 fi

@@ -146,6 +146,50 @@ pub struct TokenArgs {
     pub jwt_audience: String,
 }
 
+/// Turns a clap error about a flag's value (or a missing required flag) into one line naming
+/// the environment variable behind the flag; None for help, version and other errors.
+pub fn config_error_from_clap(err: &clap::Error) -> Option<ConfigError> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation | ErrorKind::MissingRequiredArgument
+    ) {
+        return None;
+    }
+    let arg = match err.get(ContextKind::InvalidArg)? {
+        ContextValue::String(s) => s.clone(),
+        ContextValue::Strings(v) => v.first()?.clone(),
+        _ => return None,
+    };
+    let long = arg.trim_start_matches("--").split([' ', '=']).next()?.to_owned();
+    let variable = env_for_flag(&long)?;
+    let message = match err.kind() {
+        ErrorKind::MissingRequiredArgument => "missing".to_owned(),
+        _ => {
+            let value = match err.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => v.clone(),
+                _ => String::new(),
+            };
+            let reason = std::error::Error::source(err).map(|e| e.to_string()).unwrap_or_else(|| "invalid value".into());
+            format!("invalid value '{value}': {reason}")
+        }
+    };
+    Some(ConfigError::new(variable, message))
+}
+
+/// The environment variable of a long flag, searched through every subcommand.
+fn env_for_flag(long: &str) -> Option<String> {
+    use clap::CommandFactory;
+    fn search(command: &clap::Command, long: &str) -> Option<String> {
+        command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .or_else(|| command.get_subcommands().find_map(|c| search(c, long)))
+    }
+    search(&Cli::command(), long)
+}
+
 /// Audience of HS256 tokens when BP_JWT_AUDIENCE is not set.
 pub const DEFAULT_AUDIENCE: &str = "backup-provisioner";
 
@@ -153,16 +197,16 @@ pub const DEFAULT_AUDIENCE: &str = "backup-provisioner";
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {variable}: {message}")]
 pub struct ConfigError {
-    pub variable: &'static str,
+    pub variable: String,
     pub message: String,
 }
 
 impl ConfigError {
-    pub fn new(variable: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(variable: impl Into<String>, message: impl Into<String>) -> Self {
         // One line, always: multi-line causes (a regex parser's caret diagram) are folded.
         let message: String = message.into();
         ConfigError {
-            variable,
+            variable: variable.into(),
             message: message.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
@@ -195,7 +239,10 @@ impl HttpArgs {
             }
             (None, Some(issuer)) => AuthSettings::Oidc {
                 issuer: issuer.clone(),
-                audience: self.jwt_audience.clone(),
+                // Without an audience any token the issuer mints for any application would do.
+                audience: Some(self.jwt_audience.clone().ok_or_else(|| {
+                    ConfigError::new("BP_JWT_AUDIENCE", "required with BP_OIDC_ISSUER: the client id or audience the IdP puts in `aud`")
+                })?),
                 jwks_refetch_floor: Duration::from_secs(30),
             },
         };

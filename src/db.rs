@@ -4,15 +4,24 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-pub async fn connect(database_url: &SecretString) -> Result<PgPool, sqlx::Error> {
+/// Parses DATABASE_URL without connecting, so a malformed URL is a configuration error.
+pub fn options(database_url: &SecretString) -> Result<PgConnectOptions, crate::config::ConfigError> {
+    database_url.expose_secret().parse::<PgConnectOptions>().map_err(|e| {
+        // The URL may hold a password: never echo it.
+        let reason = if matches!(e, sqlx::Error::Configuration(_)) { "not a valid postgres:// URL" } else { "unusable" };
+        crate::config::ConfigError::new("DATABASE_URL", reason)
+    })
+}
+
+pub async fn connect(options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(Duration::from_secs(5))
-        .connect(database_url.expose_secret())
+        .connect_with(options)
         .await
 }
 

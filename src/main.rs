@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use backup_provisioner::config::{Cli, Command, ConfigError};
+use backup_provisioner::config::{Cli, Command, ConfigError, config_error_from_clap};
 use backup_provisioner::startup::{Application, StartupError, shutdown_on_signals};
 use backup_provisioner::{auth, db, http, provision, telemetry};
 use clap::Parser;
@@ -10,7 +10,16 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     backup_provisioner::install_crypto_provider();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => match config_error_from_clap(&err) {
+            Some(config) => {
+                eprintln!("{config}");
+                return ExitCode::from(2);
+            }
+            None => err.exit(),
+        },
+    };
     telemetry::init_tracing(cli.log_json);
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,7 +53,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
             Ok(())
         }
         Command::Migrate(args) => {
-            let pool = db::connect(&args.database_url).await?;
+            let pool = db::connect(db::options(&args.database_url)?).await?;
             db::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(())
@@ -52,8 +61,9 @@ async fn run(command: Command) -> Result<(), StartupError> {
         Command::Serve(args) => {
             args.http.check()?;
             args.worker.check()?;
+            let database = db::options(&args.database.database_url)?;
             let registry = provision::registry(&args.worker).await?;
-            let pool = db::connect(&args.database.database_url).await?;
+            let pool = db::connect(database).await?;
             let app = Application::build(pool, Some(&args.http), &args.worker, registry).await?;
             if let Some(addr) = app.local_addr() {
                 tracing::info!(%addr, workers = args.worker.workers, "serving");
@@ -63,8 +73,9 @@ async fn run(command: Command) -> Result<(), StartupError> {
         }
         Command::Worker(args) => {
             args.worker.check()?;
+            let database = db::options(&args.database.database_url)?;
             let registry = provision::registry(&args.worker).await?;
-            let pool = db::connect(&args.database.database_url).await?;
+            let pool = db::connect(database).await?;
             let app = Application::build(pool, None, &args.worker, registry).await?;
             shutdown_on_signals(app.shutdown.clone());
             app.run_until_stopped().await

@@ -86,6 +86,7 @@ impl Application {
         http.check()?;
         let auth = Authenticator::new(http.auth_config()?).await?;
         let policy = RequestPolicy {
+            idempotency_abandon_after: http.request_timeout + std::time::Duration::from_secs(5),
             bucket_pattern: http.bucket_pattern()?,
             allowed_namespaces: http.allowed_namespaces.clone(),
             max_attempts: worker.max_attempts,

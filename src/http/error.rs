@@ -137,8 +137,11 @@ impl From<sqlx::Error> for ApiError {
             _ => None,
         };
         match code.as_deref() {
-            Some("22021") | Some("22P05") => ApiError::BadRequest(
-                "input contains a character that is not allowed (e.g. a NUL byte)".into(),
+            // Class 22 is "data exception": a NUL byte, invalid UTF-8, a timestamp or number out
+            // of range. Such input is the client's error, never an outage.
+            Some(code) if code.starts_with("22") => ApiError::BadRequest(
+                "a value in the request cannot be stored or compared (NUL byte, invalid text, or out of range)"
+                    .into(),
             ),
             _ => ApiError::Database(err),
         }

@@ -15,8 +15,6 @@ use super::{ApiError, AppState};
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-/// An in-flight key older than this is taken to belong to a crashed request and is reclaimed.
-const ABANDONED_AFTER_SECS: f64 = 120.0;
 
 /// Headers replayed with a stored response.
 const REPLAYED_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::LOCATION];
@@ -115,7 +113,7 @@ async fn existing(
     )
     .bind(actor)
     .bind(key)
-    .bind(ABANDONED_AFTER_SECS)
+    .bind(state.policy.idempotency_abandon_after.as_secs_f64())
     .fetch_optional(&state.db)
     .await?;
     let Some(row) = row else {

@@ -49,6 +49,9 @@ pub struct RequestPolicy {
     pub bucket_pattern: regex::Regex,
     pub allowed_namespaces: Vec<String>,
     pub max_attempts: i32,
+    /// A request still in flight after this long was dropped (timeout, crash): its
+    /// Idempotency-Key may be claimed again.
+    pub idempotency_abandon_after: Duration,
 }
 
 impl RequestPolicy {

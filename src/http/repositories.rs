@@ -208,7 +208,7 @@ pub async fn create_repository(
                 .await?
                 .is_some()
             {
-                return existing_repository(&state, &desired).await;
+                return existing_repository(&state, &desired, &caller).await;
             }
             return Err(bucket_taken(&state, desired.bucket.as_str()).await);
         }
@@ -216,7 +216,7 @@ pub async fn create_repository(
     };
     let Some(repository_id) = inserted else {
         drop(tx);
-        return existing_repository(&state, &desired).await;
+        return existing_repository(&state, &desired, &caller).await;
     };
     let job_id = enqueue_provisioning(
         &mut tx,
@@ -357,6 +357,7 @@ pub async fn reconcile_repository(
 async fn existing_repository(
     state: &AppState,
     desired: &DesiredRepository,
+    caller: &Caller,
 ) -> Result<Response, ApiError> {
     let row = repository::by_name(&state.db, desired.name.as_str())
         .await?
@@ -372,10 +373,43 @@ async fn existing_repository(
             if differences.len() == 1 { "s" } else { "" }
         )));
     }
+    if row.options.0 != desired.options {
+        return change_options(state, row, desired, caller).await;
+    }
     let job = latest_job(state, row.id)
         .await?
         .ok_or_else(|| ApiError::Internal("repository without a job".into()))?;
     Ok(created_response(StatusCode::OK, row, job))
+}
+
+/// The same repository with other safety switches (`allow_new_cipher_pass`,
+/// `adopt_existing_secret`): the remedy a failed job's message points at. The switches are
+/// stored and provisioning runs again with them.
+async fn change_options(
+    state: &AppState,
+    row: RepositoryRow,
+    desired: &DesiredRepository,
+    caller: &Caller,
+) -> Result<Response, ApiError> {
+    let mut tx = state.db.begin().await?;
+    repository::set_options(&mut *tx, row.id, &desired.options).await?;
+    let payload = ProvisionPayload {
+        repository: row.name.clone(),
+        repository_id: row.id,
+        namespace: row.namespace.clone(),
+        bucket: row.bucket.clone(),
+        region: row.region.clone(),
+        allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
+        adopt_existing_secret: desired.options.adopt_existing_secret,
+    };
+    let detail = serde_json::json!({ "options": desired.options, "previous_options": row.options.0 });
+    let job_id = enqueue_job(&mut tx, &payload, caller, state.policy.max_attempts, "repository.update-options", detail).await?;
+    tx.commit().await?;
+    let row = repository::by_id(&state.db, row.id)
+        .await?
+        .ok_or_else(|| ApiError::Internal("repository vanished".into()))?;
+    let job = JobSummary::load(&state.db, job_id).await?;
+    Ok(created_response(StatusCode::ACCEPTED, row, job))
 }
 
 async fn bucket_taken(state: &AppState, bucket: &str) -> ApiError {

@@ -201,7 +201,7 @@ impl JobContext {
         let mut tx = self.fenced_tx().await?;
         let attempt: i32 = sqlx::query_scalar(
             "INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
-             VALUES ($1, $2, $3, 'running', 1, now())
+             VALUES ($1, $2, $3, 'running', 1, clock_timestamp())
              ON CONFLICT (job_id, step) DO UPDATE
                 SET state = 'running', attempts = job_steps.attempts + 1, started_at = clock_timestamp(),
                     finished_at = NULL

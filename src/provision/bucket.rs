@@ -78,16 +78,21 @@ pub async fn ensure(
     Ok(report)
 }
 
-/// Whether the bucket holds at least one object (ListObjectsV2, max-keys 1).
+/// Whether the bucket holds at least one object (one ListObjectsV2 page).
+///
+/// Probe objects left by an interrupted credential check are not backups and do not count.
 pub async fn has_objects(s3: &Client, bucket: &str) -> Result<bool, CloudError> {
     let out = s3
         .list_objects_v2()
         .bucket(bucket)
-        .max_keys(1)
+        .max_keys(100)
         .send()
         .await
         .map_err(|e| classify(S3, "ListObjectsV2", e))?;
-    Ok(out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty())
+    let probe = super::credential_check::PROBE_PREFIX;
+    let real = out.contents().iter().any(|o| !o.key().unwrap_or_default().starts_with(probe));
+    // A full page of probes alone is implausible; treat it as data rather than guess.
+    Ok(real || out.is_truncated().unwrap_or(false))
 }
 
 /// Maps a CreateBucket failure to a [`CloudError`] whose message names the bucket.

@@ -249,7 +249,7 @@ impl Provisioner {
     ) -> Result<cipher_pass::Source, JobError> {
         ctx.step_manual(CIPHER_PASS.0, CIPHER_PASS.1, |attempt| async move {
             let held = self.held(ctx, p, sealed::Kind::CipherPass).await?;
-            let in_secret = existing.and_then(|s| s.conf.as_ref()).is_some();
+            let in_secret = existing.and_then(|s| s.cipher_pass.as_ref()).is_some();
             let bucket_has_objects = || bucket::has_objects(s3, &p.bucket);
             let decision =
                 cipher_pass::decide(in_secret, held.is_some(), p, bucket_has_objects).await?;
@@ -428,8 +428,9 @@ impl Provisioner {
         key: &KeyOutput,
     ) -> Result<S3Conf, JobError> {
         let current = existing.and_then(|s| s.conf.as_ref());
-        let cipher_pass = match (current, self.held(ctx, p, sealed::Kind::CipherPass).await?) {
-            (Some(conf), _) => conf.cipher_pass.clone(),
+        let in_secret = existing.and_then(|s| s.cipher_pass.clone());
+        let cipher_pass = match (in_secret, self.held(ctx, p, sealed::Kind::CipherPass).await?) {
+            (Some(pass), _) => pass,
             (None, Some(held)) => held.secret,
             (None, None) => {
                 return Err(JobError::Permanent(format!(

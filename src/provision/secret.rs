@@ -90,32 +90,7 @@ impl S3Conf {
     /// Reads the repo2 settings of an `s3.conf` (spacing around `=` and blank lines, comments
     /// and section headers are tolerated). Empty values count as missing.
     pub fn parse(text: &str) -> Result<S3Conf, S3ConfError> {
-        let mut cipher_pass = None;
-        let mut access_key_id = None;
-        let mut secret_access_key = None;
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty()
-                || line.starts_with('#')
-                || line.starts_with(';')
-                || line.starts_with('[')
-            {
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
-            let value = value.trim();
-            if value.is_empty() {
-                continue;
-            }
-            match key.trim() {
-                CIPHER_PASS => cipher_pass = Some(SecretString::from(value.to_owned())),
-                S3_KEY => access_key_id = Some(value.to_owned()),
-                S3_KEY_SECRET => secret_access_key = Some(SecretString::from(value.to_owned())),
-                _ => {}
-            }
-        }
+        let (cipher_pass, access_key_id, secret_access_key) = read_fields(text);
         match (cipher_pass, access_key_id, secret_access_key) {
             (Some(cipher_pass), Some(access_key_id), Some(secret_access_key)) => Ok(S3Conf {
                 cipher_pass,
@@ -136,6 +111,30 @@ impl S3Conf {
     }
 }
 
+/// The repo2 cipher pass, key id and key secret of an `s3.conf`, each if present and non-empty.
+fn read_fields(text: &str) -> (Option<SecretString>, Option<String>, Option<SecretString>) {
+    let (mut cipher_pass, mut access_key_id, mut secret_access_key) = (None, None, None);
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with(['#', ';', '[']) {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim();
+        if value.is_empty() {
+            continue;
+        }
+        match key.trim() {
+            CIPHER_PASS => cipher_pass = Some(SecretString::from(value.to_owned())),
+            S3_KEY => access_key_id = Some(value.to_owned()),
+            S3_KEY_SECRET => secret_access_key = Some(SecretString::from(value.to_owned())),
+            _ => {}
+        }
+    }
+    (cipher_pass, access_key_id, secret_access_key)
+}
+
 /// The Secret as found in the cluster.
 #[derive(Debug, Clone)]
 pub struct ExistingSecret {
@@ -143,6 +142,9 @@ pub struct ExistingSecret {
     pub managed_by_us: bool,
     /// Its `s3.conf`, when present and complete.
     pub conf: Option<S3Conf>,
+    /// The cipher pass in its `s3.conf`, even when the rest is incomplete: backups are
+    /// encrypted with it, so it is reused whenever a copy exists.
+    pub cipher_pass: Option<SecretString>,
     pub resource_version: Option<String>,
 }
 
@@ -164,11 +166,11 @@ fn is_managed_by_us(secret: &Secret) -> bool {
 }
 
 fn existing_from(secret: &Secret) -> ExistingSecret {
+    let text = s3_conf_bytes(secret).and_then(|b| std::str::from_utf8(b).ok());
     ExistingSecret {
         managed_by_us: is_managed_by_us(secret),
-        conf: s3_conf_bytes(secret)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|text| S3Conf::parse(text).ok()),
+        conf: text.and_then(|text| S3Conf::parse(text).ok()),
+        cipher_pass: text.and_then(|text| read_fields(text).0),
         resource_version: secret.metadata.resource_version.clone(),
     }
 }
@@ -435,6 +437,9 @@ mod tests {
 
     #[test]
     fn debug_is_redacted() {
+        let (pass, key, secret) = read_fields("[global]\nrepo2-cipher-pass=c1pherPASS\nrepo2-s3-key=\n");
+        assert_eq!(pass.map(|p| p.expose_secret().to_owned()).as_deref(), Some("c1pherPASS"));
+        assert!(key.is_none() && secret.is_none(), "an incomplete conf still yields its cipher pass");
         let shown = format!("{:?}", conf());
         assert!(!shown.contains("c1pherPASS"), "{shown}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
@@ -442,6 +447,7 @@ mod tests {
         let existing = ExistingSecret {
             managed_by_us: true,
             conf: Some(conf()),
+            cipher_pass: Some(conf().cipher_pass),
             resource_version: Some("1".into()),
         };
         let shown = format!("{existing:?}");

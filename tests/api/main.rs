@@ -9,6 +9,7 @@ mod http_auth;
 mod http_common;
 mod http_idempotency;
 mod http_jobs;
+mod http_oidc;
 mod http_repositories;
 mod http_validation;
 mod job_queue;

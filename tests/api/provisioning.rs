@@ -67,6 +67,33 @@ async fn first_provisioning_produces_the_runbooks_state() {
         .await
         .unwrap();
     assert!(versioning.is_none(), "versioning must stay disabled");
+    let lock = s3
+        .get_object_lock_configuration()
+        .bucket(&bucket)
+        .send()
+        .await;
+    let lock_enabled = lock.ok().and_then(|l| {
+        l.object_lock_configuration()
+            .and_then(|c| c.object_lock_enabled().cloned())
+    });
+    assert!(
+        lock_enabled.is_none(),
+        "object lock must stay off: {lock_enabled:?}"
+    );
+    let tags = s3
+        .get_bucket_tagging()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let tag = |k: &str| {
+        tags.tag_set()
+            .iter()
+            .find(|t| t.key() == k)
+            .map(|t| t.value().to_owned())
+    };
+    assert_eq!(tag("managed-by").as_deref(), Some("backup-provisioner"));
+    assert_eq!(tag("backup-provisioner/repository"), Some(name.clone()));
 
     // IAM: policy (document and description), group attachment, user membership, no console.
     let iam = &env.admin.iam;
@@ -121,7 +148,29 @@ async fn first_provisioning_produces_the_runbooks_state() {
         vec![bucket.as_str()]
     );
     let login = iam.get_login_profile().user_name(&bucket).send().await;
-    assert!(login.is_err(), "the user must have no console access");
+    let login = login.expect_err("the user must have no console access");
+    assert_eq!(
+        backup_provisioner::cloud::aws::error_code(&login),
+        Some("NoSuchEntity"),
+        "{login:?}"
+    );
+    let user_tags = iam
+        .list_user_tags()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let user_tag = |k: &str| {
+        user_tags
+            .tags()
+            .iter()
+            .find(|t| t.key() == k)
+            .map(|t| t.value().to_owned())
+    };
+    assert_eq!(
+        user_tag("managed-by").as_deref(),
+        Some("backup-provisioner")
+    );
 
     // Exactly one active key: the one the Secret holds, with the runbook's description tag.
     let keys = iam
@@ -132,6 +181,7 @@ async fn first_provisioning_produces_the_runbooks_state() {
         .unwrap();
     let keys = keys.access_key_metadata();
     assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].status().map(|s| s.as_str()), Some("Active"));
     let key_id = keys[0].access_key_id().unwrap();
     assert_eq!(repo["resources"]["access_key_id"], key_id);
     let tags = iam

@@ -39,8 +39,20 @@ use futures::StreamExt;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-/// PostgreSQL binaries (Debian `postgresql-15`).
-pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Directory of the PostgreSQL server binaries (Debian `postgresql-NN`).
+pub fn pg_bin() -> &'static str {
+    // The newest PostgreSQL server installed from Debian's packages.
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut versions: Vec<u32> = fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries (run scripts/install-deps.sh)")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        versions.sort_unstable();
+        let newest = versions.last().expect("a PostgreSQL version under /usr/lib/postgresql");
+        format!("/usr/lib/postgresql/{newest}/bin")
+    })
+}
 /// The stanza every harness configuration uses.
 pub const STANZA: &str = "demo";
 /// OS user that owns the clusters and runs pgBackRest.
@@ -264,7 +276,7 @@ fn as_postgres(program: impl AsRef<std::ffi::OsStr>, cwd: &Path) -> anyhow::Resu
     let mut command = Command::new(program);
     command
         .env_clear()
-        .env("PATH", format!("{PG_BIN}:/usr/local/bin:/usr/bin:/bin"))
+        .env("PATH", format!("{}:/usr/local/bin:/usr/bin:/bin", pg_bin()))
         .env("HOME", cwd)
         .env("LC_ALL", "C")
         .current_dir(cwd)
@@ -550,7 +562,7 @@ impl PgCluster {
     /// `archive_command` (WAL is kept until [`PgBackRest::enable_archiving`] sets one).
     pub fn init() -> anyhow::Result<PgCluster> {
         let mut cluster = Self::empty("pg-cluster-")?;
-        let mut initdb = as_postgres(format!("{PG_BIN}/initdb"), cluster.dir.path())?;
+        let mut initdb = as_postgres(format!("{}/initdb", pg_bin()), cluster.dir.path())?;
         initdb
             .arg("-D")
             .arg(&cluster.data_dir)
@@ -609,7 +621,7 @@ impl PgCluster {
             bail!("cluster already running");
         }
         let started = Instant::now();
-        let mut command = as_postgres(format!("{PG_BIN}/postgres"), self.dir.path())?;
+        let mut command = as_postgres(format!("{}/postgres", pg_bin()), self.dir.path())?;
         command
             .arg("-D")
             .arg(&self.data_dir)
@@ -643,7 +655,7 @@ impl PgCluster {
                     self.log()
                 );
             }
-            let mut ready = as_postgres(format!("{PG_BIN}/pg_isready"), self.dir.path())?;
+            let mut ready = as_postgres(format!("{}/pg_isready", pg_bin()), self.dir.path())?;
             ready.arg("-h").arg(&self.socket_dir).args([
                 "-p",
                 &self.port.to_string(),
@@ -682,7 +694,7 @@ impl PgCluster {
 
     /// Runs SQL through `psql` (unaligned, tuples only, stop on error); returns stdout trimmed.
     pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
-        let mut command = as_postgres(format!("{PG_BIN}/psql"), self.dir.path())?;
+        let mut command = as_postgres(format!("{}/psql", pg_bin()), self.dir.path())?;
         command
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
