@@ -169,12 +169,14 @@ pub struct CreatedRepository {
 ///
 /// The same request for an existing repository with the same desired state returns it (200)
 /// without queueing a duplicate; a different desired state is a 409 naming the differing fields.
+/// The same desired state with other safety switches (`allow_new_cipher_pass`,
+/// `adopt_existing_secret`) stores them and queues provisioning again (202).
 #[utoipa::path(
     post, path = "/v1/backup-repositories", tag = "repositories",
     request_body = CreateRepository,
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for a retried request (24 h)")),
     responses(
-        (status = 202, description = "Created; provisioning queued. `Location` names the job.", body = CreatedRepository),
+        (status = 202, description = "Created, or its safety switches changed; provisioning queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Already exists with this desired state", body = CreatedRepository),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),

@@ -65,6 +65,33 @@ fn bad_configuration_exits_2_naming_the_variable() {
 }
 
 #[test]
+fn values_clap_rejects_exit_2_naming_the_variable() {
+    for (variable, value) in [
+        ("BP_JOB_LEASE", "bogus"),
+        ("BP_WORKERS", "-1"),
+        ("BP_LISTEN_ADDR", "nope"),
+        ("BP_REQUEST_TIMEOUT", "soon"),
+        ("BP_OIDC_ISSUER", "not a url"),
+    ] {
+        let mut env = base_env();
+        env.push((variable, value));
+        assert_config_error(&binary(&["serve"], &env), variable);
+    }
+    let mut env = base_env();
+    env.retain(|(k, _)| *k != "DATABASE_URL");
+    env.push(("DATABASE_URL", "not a url"));
+    assert_config_error(&binary(&["migrate"], &env), "DATABASE_URL");
+}
+
+#[test]
+fn oidc_needs_an_audience() {
+    let mut env = base_env();
+    env.retain(|(k, _)| *k != "BP_JWT_HS256_SECRET");
+    env.push(("BP_OIDC_ISSUER", "https://issuer.example.com"));
+    assert_config_error(&binary(&["serve"], &env), "BP_JWT_AUDIENCE");
+}
+
+#[test]
 fn missing_settings_exit_2() {
     let output = binary(&["serve"], &[("BP_JWT_HS256_SECRET", HS256_SECRET)]);
     assert_eq!(output.status.code(), Some(2));

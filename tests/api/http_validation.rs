@@ -485,6 +485,8 @@ async fn no_input_gives_a_5xx() {
         "/v1/jobs/not-a-uuid/events".to_owned(),
         "/v1/audit?since=yesterday".to_owned(),
         "/v1/audit?since=99999-01-01T00:00:00Z".to_owned(),
+        "/v1/audit?since=-5000-01-01T00:00:00Z".to_owned(),
+        "/v1/audit?since=262143-12-31T23:59:59Z".to_owned(),
         "/v1/audit?actor=%00".to_owned(),
         "/v1/audit?repository=%00".to_owned(),
         "/v1/audit?limit=0".to_owned(),

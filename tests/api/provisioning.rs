@@ -284,3 +284,58 @@ async fn rerunning_a_ready_repository_changes_nothing() {
     );
     env.app.stop().await;
 }
+
+#[tokio::test]
+async fn a_failed_repository_is_repaired_by_posting_it_again_with_the_switch_its_error_names() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("rm");
+    let bucket = bucket_for(&name);
+    // Backups exist but no cipher pass: the job must refuse to start a new pass.
+    let s3 = &env.admin.s3;
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let body = aws_sdk_s3::primitives::ByteStream::from_static(b"Salted__old-backup");
+    s3.put_object()
+        .bucket(&bucket)
+        .key("backup/old")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let job = env
+        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .await;
+    assert_eq!(job["state"], "failed", "job: {job:#}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("allow_new_cipher_pass")
+    );
+
+    // The remedy the message names: the same request with the switch set.
+    let request = json!({"name": name, "namespace": "zitadel", "allow_new_cipher_pass": true});
+    let response = env
+        .app
+        .post_json("/v1/backup-repositories", &env.app.operator(), &request)
+        .await;
+    assert_eq!(response.status(), 202);
+    let created: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        created["repository"]["options"]["allow_new_cipher_pass"],
+        true
+    );
+    let job_id = created["job"]["id"].as_str().unwrap();
+    let job = env
+        .app
+        .wait_for_job(job_id, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(job["state"], "succeeded", "job: {job:#}");
+    assert_eq!(env.repository(&name).await["state"], "ready");
+    // Posting it once more changes nothing.
+    let again = env
+        .app
+        .post_json("/v1/backup-repositories", &env.app.operator(), &request)
+        .await;
+    assert_eq!(again.status(), 200);
+    env.app.stop().await;
+}
