@@ -27,7 +27,9 @@ cargo build --quiet --workspace --bins
 BIN=$CARGO_TARGET_DIR/debug
 
 USING_MOTO=no
-if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ -z "${AWS_ACCESS_KEY_ID:-}" ] && [ -z "${AWS_PROFILE:-}" ]; then
+# Real AWS only when asked for explicitly with AWS_ENDPOINT_URL: exported credentials alone
+# never send the demo to a real account.
+if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
   USING_MOTO=yes
   MOTO_PORT=$(free_port)
   say "starting moto (S3 + IAM) on 127.0.0.1:$MOTO_PORT"
@@ -81,14 +83,19 @@ create() { # name namespace bucket
   head -1 "$RUN/$1.headers"; grep -i '^location' "$RUN/$1.headers" || true
   jq -r '.job.id' "$RUN/$1.json"
 }
+FAILED=0
 follow() { # name job_id
   local last=""
   for _ in $(seq 1 60); do
     local view; view=$(curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/jobs/$2?wait=2s")
     local line; line=$(jq -r '"\(.state) attempt \(.attempts): " + ([.steps[] | "\(.name)=\(.state)"] | join(" "))' <<<"$view")
     [ "$line" != "$last" ] && echo "  $1: $line" && last=$line
-    case $(jq -r .state <<<"$view") in succeeded|failed|cancelled) break ;; esac
+    case $(jq -r .state <<<"$view") in
+      succeeded) return 0 ;;
+      failed|cancelled) echo "  $1: $(jq -r .last_error <<<"$view")"; FAILED=1; return 0 ;;
+    esac
   done
+  echo "  $1: still not finished"; FAILED=1
 }
 JOB_Z=$(create zitadel zitadel holos-zitadel-backups | tee /dev/stderr | tail -1)
 JOB_H=$(create holos-server holos holos-server-backups | tee /dev/stderr | tail -1)
@@ -113,3 +120,4 @@ curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/audit?limit=200" \
   | jq -r '.items[-12:][] | "\(.at) \(.actor) \(.repository // "-") \(.action) \(.outcome)"'
 echo
 echo "demo: done (moto: $USING_MOTO, emulator: $USING_EMULATOR). Logs in .run/."
+exit $FAILED

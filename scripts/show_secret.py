@@ -1,10 +1,13 @@
 """Prints each Secret's type, labels and keys from the cluster in KUBECONFIG, values redacted.
 
-Uses the kubeconfig's current context with bearer-token auth (the demo's emulator); for a real
-cluster with other auth methods, `kubectl get secret -o yaml` shows the same.
+Uses the kubeconfig's current context when it authenticates with a bearer token over the
+cluster's own CA (the demo's emulator); otherwise it asks kubectl, which supports every method.
 """
 import base64
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 import requests
@@ -28,15 +31,24 @@ def redact(text):
     return lines
 
 
+def fetch(server, headers, ns, name):
+    if headers and server.startswith("http://"):
+        r = requests.get(f"{server}/api/v1/namespaces/{ns}/secrets/{name}", headers=headers, timeout=10)
+        return r.json() if r.status_code == 200 else f"{r.status_code} {r.json().get('message')}"
+    if not shutil.which("kubectl"):
+        return "kubectl is needed to read Secrets from this cluster"
+    out = subprocess.run(["kubectl", "-n", ns, "get", "secret", name, "-o", "json"], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else out.stderr.strip()
+
+
 def main(refs):
     server, headers = cluster()
     for ref in refs:
         ns, name = ref.split("/")
-        r = requests.get(f"{server}/api/v1/namespaces/{ns}/secrets/{name}", headers=headers, timeout=10)
-        if r.status_code != 200:
-            print(f"{ref}: {r.status_code} {r.json().get('message')}")
+        s = fetch(server, headers, ns, name)
+        if isinstance(s, str):
+            print(f"{ref}: {s}")
             continue
-        s = r.json()
         print(f"{ref}: type={s.get('type')} labels={s['metadata'].get('labels')}")
         for key, value in (s.get("data") or {}).items():
             print(f"  data key {key!r}:")

@@ -7,6 +7,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/tar
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
 export RUST_BACKTRACE=1
 started=$(date +%s)
+# The README's first command, end to end, as a smoke test (its output goes to .run/demo.log).
+mkdir -p .run
+if ! bash scripts/demo.sh >.run/demo.log 2>&1; then
+  tail -40 .run/demo.log; echo "make test: make demo failed"; exit 1
+fi
+echo "make test: make demo provisioned both repositories ($(( $(date +%s) - started ))s)"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
