@@ -18,4 +18,3 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
-echo "make test: $(( $(date +%s) - started ))s"
