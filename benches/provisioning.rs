@@ -232,7 +232,8 @@ async fn queue_database(databases: &mut Vec<String>) -> PgPool {
     let (setup, url) = app::migrated_db().await;
     setup.close().await;
     databases.push(db_name(&url));
-    backup_provisioner::db::connect(&secrecy::SecretString::from(url))
+    let options = backup_provisioner::db::options(&secrecy::SecretString::from(url)).expect("url");
+    backup_provisioner::db::connect(options)
         .await
         .expect("connect")
 }

@@ -161,7 +161,11 @@ pub fn config_error_from_clap(err: &clap::Error) -> Option<ConfigError> {
         ContextValue::Strings(v) => v.first()?.clone(),
         _ => return None,
     };
-    let long = arg.trim_start_matches("--").split([' ', '=']).next()?.to_owned();
+    let long = arg
+        .trim_start_matches("--")
+        .split([' ', '='])
+        .next()?
+        .to_owned();
     let variable = env_for_flag(&long)?;
     let message = match err.kind() {
         ErrorKind::MissingRequiredArgument => "missing".to_owned(),
@@ -170,7 +174,9 @@ pub fn config_error_from_clap(err: &clap::Error) -> Option<ConfigError> {
                 Some(ContextValue::String(v)) => v.clone(),
                 _ => String::new(),
             };
-            let reason = std::error::Error::source(err).map(|e| e.to_string()).unwrap_or_else(|| "invalid value".into());
+            let reason = std::error::Error::source(err)
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "invalid value".into());
             format!("invalid value '{value}': {reason}")
         }
     };

@@ -9,12 +9,21 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Parses DATABASE_URL without connecting, so a malformed URL is a configuration error.
-pub fn options(database_url: &SecretString) -> Result<PgConnectOptions, crate::config::ConfigError> {
-    database_url.expose_secret().parse::<PgConnectOptions>().map_err(|e| {
-        // The URL may hold a password: never echo it.
-        let reason = if matches!(e, sqlx::Error::Configuration(_)) { "not a valid postgres:// URL" } else { "unusable" };
-        crate::config::ConfigError::new("DATABASE_URL", reason)
-    })
+pub fn options(
+    database_url: &SecretString,
+) -> Result<PgConnectOptions, crate::config::ConfigError> {
+    database_url
+        .expose_secret()
+        .parse::<PgConnectOptions>()
+        .map_err(|e| {
+            // The URL may hold a password: never echo it.
+            let reason = if matches!(e, sqlx::Error::Configuration(_)) {
+                "not a valid postgres:// URL"
+            } else {
+                "unusable"
+            };
+            crate::config::ConfigError::new("DATABASE_URL", reason)
+        })
 }
 
 pub async fn connect(options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {

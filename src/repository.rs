@@ -184,7 +184,11 @@ pub async fn list(
     .await
 }
 
-pub async fn set_options(db: impl PgExecutor<'_>, id: Uuid, options: &RepositoryOptions) -> Result<(), sqlx::Error> {
+pub async fn set_options(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    options: &RepositoryOptions,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE backup_repositories SET options = $2, updated_at = now() WHERE id = $1")
         .bind(id)
         .bind(sqlx::types::Json(options))

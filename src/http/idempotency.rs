@@ -15,7 +15,6 @@ use super::{ApiError, AppState};
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-
 /// Headers replayed with a stored response.
 const REPLAYED_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::LOCATION];
 

@@ -404,8 +404,17 @@ async fn change_options(
         allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
         adopt_existing_secret: desired.options.adopt_existing_secret,
     };
-    let detail = serde_json::json!({ "options": desired.options, "previous_options": row.options.0 });
-    let job_id = enqueue_job(&mut tx, &payload, caller, state.policy.max_attempts, "repository.update-options", detail).await?;
+    let detail =
+        serde_json::json!({ "options": desired.options, "previous_options": row.options.0 });
+    let job_id = enqueue_job(
+        &mut tx,
+        &payload,
+        caller,
+        state.policy.max_attempts,
+        "repository.update-options",
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     let row = repository::by_id(&state.db, row.id)
         .await?

@@ -90,7 +90,10 @@ pub async fn has_objects(s3: &Client, bucket: &str) -> Result<bool, CloudError> 
         .await
         .map_err(|e| classify(S3, "ListObjectsV2", e))?;
     let probe = super::credential_check::PROBE_PREFIX;
-    let real = out.contents().iter().any(|o| !o.key().unwrap_or_default().starts_with(probe));
+    let real = out
+        .contents()
+        .iter()
+        .any(|o| !o.key().unwrap_or_default().starts_with(probe));
     // A full page of probes alone is implausible; treat it as data rather than guess.
     Ok(real || out.is_truncated().unwrap_or(false))
 }

@@ -429,7 +429,10 @@ impl Provisioner {
     ) -> Result<S3Conf, JobError> {
         let current = existing.and_then(|s| s.conf.as_ref());
         let in_secret = existing.and_then(|s| s.cipher_pass.clone());
-        let cipher_pass = match (in_secret, self.held(ctx, p, sealed::Kind::CipherPass).await?) {
+        let cipher_pass = match (
+            in_secret,
+            self.held(ctx, p, sealed::Kind::CipherPass).await?,
+        ) {
             (Some(pass), _) => pass,
             (None, Some(held)) => held.secret,
             (None, None) => {

@@ -437,9 +437,16 @@ mod tests {
 
     #[test]
     fn debug_is_redacted() {
-        let (pass, key, secret) = read_fields("[global]\nrepo2-cipher-pass=c1pherPASS\nrepo2-s3-key=\n");
-        assert_eq!(pass.map(|p| p.expose_secret().to_owned()).as_deref(), Some("c1pherPASS"));
-        assert!(key.is_none() && secret.is_none(), "an incomplete conf still yields its cipher pass");
+        let (pass, key, secret) =
+            read_fields("[global]\nrepo2-cipher-pass=c1pherPASS\nrepo2-s3-key=\n");
+        assert_eq!(
+            pass.map(|p| p.expose_secret().to_owned()).as_deref(),
+            Some("c1pherPASS")
+        );
+        assert!(
+            key.is_none() && secret.is_none(),
+            "an incomplete conf still yields its cipher pass"
+        );
         let shown = format!("{:?}", conf());
         assert!(!shown.contains("c1pherPASS"), "{shown}");
         assert!(!shown.contains("s3cr3t"), "{shown}");

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::support::kube::KubeEmulator;
 use crate::support::moto::Moto;
 use crate::support::provisioning::{Env, bucket_for, conf_value, unique_name};
-use crate::support::provisioning_custom::{self, CustomMoto, REGION};
+use crate::support::provisioning_custom::{self, REGION};
 
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
@@ -348,10 +348,10 @@ async fn an_unmanaged_secret_is_refused_before_any_aws_call_unless_adopted() {
 /// moto's `x-moto-account-id` header.
 #[tokio::test]
 async fn a_bucket_owned_by_another_account_is_a_permanent_failure() {
-    let moto = CustomMoto::start(&[("MOTO_S3_ALLOW_CROSSACCOUNT_ACCESS", "false")]);
+    let moto = Moto::with_env(&[("MOTO_S3_ALLOW_CROSSACCOUNT_ACCESS", "false")]);
     let name = unique_name("oth");
     let bucket = bucket_for(&name);
-    let admin = moto.clients(None).await;
+    let admin = moto.clients(REGION, None).await;
     admin
         .s3
         .create_bucket()
@@ -377,7 +377,7 @@ async fn a_bucket_owned_by_another_account_is_a_permanent_failure() {
     create.expect_err("the name is taken");
 
     let counter = CallCounter::new();
-    let service_aws = moto.clients(Some(counter.clone())).await;
+    let service_aws = moto.clients(REGION, Some(counter.clone())).await;
     let kube = KubeEmulator::start(&["zitadel"]);
     let kube_client = kube.client();
     let env = provisioning_custom::start_env(kube, service_aws, kube_client, admin, counter).await;

@@ -39,13 +39,19 @@ impl Moto {
 
     /// A private moto server without IAM authorization.
     pub fn start() -> Moto {
-        Self::launch(None)
+        Self::launch(None, &[])
+    }
+
+    /// A private moto server started with extra environment variables (moto feature switches
+    /// such as `MOTO_S3_ALLOW_CROSSACCOUNT_ACCESS`).
+    pub fn with_env(env: &[(&str, &str)]) -> Moto {
+        Self::launch(None, env)
     }
 
     /// A private moto server that enforces IAM authorization after the first
     /// `initial_no_auth_count` requests (`INITIAL_NO_AUTH_ACTION_COUNT`).
     pub fn with_iam_auth(initial_no_auth_count: u32) -> Moto {
-        Self::launch(Some(initial_no_auth_count))
+        Self::launch(Some(initial_no_auth_count), &[])
     }
 
     /// Path of `.venv/bin/moto_server` (installed by `scripts/install-deps.sh`).
@@ -53,7 +59,7 @@ impl Moto {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
     }
 
-    fn launch(initial_no_auth_count: Option<u32>) -> Moto {
+    fn launch(initial_no_auth_count: Option<u32>, env: &[(&str, &str)]) -> Moto {
         let binary = Self::binary();
         assert!(
             binary.exists(),
@@ -71,7 +77,8 @@ impl Moto {
                 .env("PYTHONUNBUFFERED", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log.try_clone().expect("moto log file"));
+                .stderr(log.try_clone().expect("moto log file"))
+                .envs(env.iter().copied());
             match initial_no_auth_count {
                 Some(n) => command.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string()),
                 None => command.env_remove("INITIAL_NO_AUTH_ACTION_COUNT"),

@@ -49,7 +49,9 @@ pub fn pg_bin() -> &'static str {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
         versions.sort_unstable();
-        let newest = versions.last().expect("a PostgreSQL version under /usr/lib/postgresql");
+        let newest = versions
+            .last()
+            .expect("a PostgreSQL version under /usr/lib/postgresql");
         format!("/usr/lib/postgresql/{newest}/bin")
     })
 }
