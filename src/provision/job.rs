@@ -77,10 +77,18 @@ impl JobHandler for Provisioner {
         let existing = secret::read(&self.kube, &p.namespace, &p.bucket).await?;
         refuse_unmanaged_secret(existing.as_ref(), &p)?;
         let s3 = self.aws.s3_for_region(&p.region);
-        let (_, policy_arn) =
-            tokio::try_join!(self.bucket_step(ctx, &s3, &p), self.policy_step(ctx, &p))?;
-        self.group_step(ctx, &p, &policy_arn).await?;
-        self.user_step(ctx, &p).await?;
+        // The bucket and the IAM chain (policy, then group, then user) do not depend on each
+        // other: they run concurrently.
+        let iam_chain = async {
+            let policy_arn = self.policy_step(ctx, &p).await?;
+            self.group_step(ctx, &p, &policy_arn).await?;
+            self.user_step(ctx, &p).await
+        };
+        // join, not try_join: a failure on one side lets the other finish and record its step
+        // instead of abandoning it half-way.
+        let (bucket, iam) = tokio::join!(self.bucket_step(ctx, &s3, &p), iam_chain);
+        bucket?;
+        iam?;
         self.cipher_pass_step(ctx, &s3, &p, existing.as_ref())
             .await?;
         let key = self.access_key_step(ctx, &p, existing.as_ref()).await?;
