@@ -284,7 +284,8 @@ pub async fn cancel_job(
     Path(id): Path<Uuid>,
 ) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
     caller.require(Role::Operator)?;
-    let outcome = match queue::cancel(&state.db, id).await? {
+    let mut tx = state.db.begin().await?;
+    let outcome = match queue::cancel_in(&mut tx, id).await? {
         CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
         CancelOutcome::AlreadyFinished(s) => {
             return Err(ApiError::Conflict(format!(
@@ -295,7 +296,8 @@ pub async fn cancel_job(
         CancelOutcome::Cancelled => "cancelled",
         CancelOutcome::Requested => "cancel-requested",
     };
-    record_job_action(&state, &caller, id, "job.cancel", outcome).await?;
+    record_job_action(&mut tx, &caller, id, "job.cancel", outcome).await?;
+    tx.commit().await?;
     let view = load_view(&state.db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
@@ -321,7 +323,8 @@ pub async fn retry_job(
     Path(id): Path<Uuid>,
 ) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
     caller.require(Role::Operator)?;
-    match queue::retry(&state.db, id).await? {
+    let mut tx = state.db.begin().await?;
+    match queue::retry_in(&mut tx, id).await? {
         RetryOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
         RetryOutcome::NotRetryable(s) => {
             return Err(ApiError::Conflict(format!(
@@ -336,7 +339,8 @@ pub async fn retry_job(
         }
         RetryOutcome::Queued => {}
     }
-    record_job_action(&state, &caller, id, "job.retry", "queued").await?;
+    record_job_action(&mut tx, &caller, id, "job.retry", "queued").await?;
+    tx.commit().await?;
     let view = load_view(&state.db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
@@ -350,14 +354,15 @@ fn state_name(state: JobState) -> String {
         .unwrap_or_default()
 }
 
+/// Audits a cancel or retry in the transaction that changed the job.
 async fn record_job_action(
-    state: &AppState,
+    tx: &mut sqlx::PgConnection,
     caller: &Caller,
     id: Uuid,
     action: &str,
     outcome: &str,
 ) -> Result<(), ApiError> {
-    let job = queue::get(&state.db, id).await?;
+    let job = queue::get(&mut *tx, id).await?;
     let entry = AuditEntry {
         actor: caller.principal.subject.clone(),
         request_id: caller.request_id.clone(),
@@ -372,7 +377,7 @@ async fn record_job_action(
         outcome: outcome.into(),
         ..Default::default()
     };
-    audit::record(&state.db, &entry).await?;
+    audit::record(&mut *tx, &entry).await?;
     Ok(())
 }
 

@@ -312,7 +312,14 @@ async fn lock_state(conn: &mut PgConnection, id: Uuid) -> Result<Option<JobState
 
 pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some(state) = lock_state(&mut tx, id).await? else {
+    let outcome = cancel_in(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// [`cancel`] inside the caller's transaction (to audit the request in the same commit).
+pub async fn cancel_in(tx: &mut PgConnection, id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
+    let Some(state) = lock_state(tx, id).await? else {
         return Ok(CancelOutcome::NotFound);
     };
     let outcome = match state {
@@ -321,7 +328,7 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Erro
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            set_subject_state(&mut tx, id, "cancelled").await?;
+            set_subject_state(tx, id, "cancelled").await?;
             CancelOutcome::Cancelled
         }
         JobState::Running => {
@@ -333,7 +340,6 @@ pub async fn cancel(pool: &PgPool, id: Uuid) -> Result<CancelOutcome, sqlx::Erro
         }
         done => CancelOutcome::AlreadyFinished(done),
     };
-    tx.commit().await?;
     Ok(outcome)
 }
 
@@ -350,7 +356,16 @@ pub enum RetryOutcome {
 /// steps keep their outputs, so it resumes where it stopped.
 pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let Some(state) = lock_state(&mut tx, id).await? else {
+    let outcome = retry_in(&mut tx, id).await?;
+    if outcome == RetryOutcome::Queued {
+        tx.commit().await?;
+    }
+    Ok(outcome)
+}
+
+/// [`retry`] inside the caller's transaction; commit it only on `Queued`.
+pub async fn retry_in(tx: &mut PgConnection, id: Uuid) -> Result<RetryOutcome, sqlx::Error> {
+    let Some(state) = lock_state(tx, id).await? else {
         return Ok(RetryOutcome::NotFound);
     };
     if !matches!(state, JobState::Failed | JobState::Cancelled) {
@@ -374,8 +389,7 @@ pub async fn retry(pool: &PgPool, id: Uuid) -> Result<RetryOutcome, sqlx::Error>
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    set_subject_state(&mut tx, id, "pending").await?;
-    tx.commit().await?;
+    set_subject_state(tx, id, "pending").await?;
     Ok(RetryOutcome::Queued)
 }
 
