@@ -228,7 +228,7 @@ impl JobContext {
     }
 
     /// Like [`Self::fenced_tx`], but a requested cancel does not refuse the transaction.
-    async fn leased_tx(&self) -> Result<Transaction<'static, Postgres>, JobError> {
+    pub async fn leased_tx(&self) -> Result<Transaction<'static, Postgres>, JobError> {
         let mut tx = self.pool.begin().await?;
         match queue::hold_lease(&mut tx, self.job.id, self.token).await? {
             None => Err(JobError::LeaseLost),

@@ -154,7 +154,10 @@ impl Provisioner {
         p: &ProvisionPayload,
         patch: Resources,
     ) -> Result<(), JobError> {
-        repository::merge_resources(ctx.pool(), p.repository_id, &patch).await?;
+        // Fenced like every other write of the job: a worker that lost its lease stays quiet.
+        let mut tx = ctx.leased_tx().await?;
+        repository::merge_resources(&mut *tx, p.repository_id, &patch).await?;
+        tx.commit().await?;
         Ok(())
     }
 
