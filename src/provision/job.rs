@@ -87,8 +87,7 @@ impl JobHandler for Provisioner {
         // join, not try_join: a failure on one side lets the other finish and record its step
         // instead of abandoning it half-way.
         let (bucket, iam) = tokio::join!(self.bucket_step(ctx, &s3, &p), iam_chain);
-        bucket?;
-        iam?;
+        both(bucket.map(drop), iam)?;
         self.cipher_pass_step(ctx, &s3, &p, existing.as_ref())
             .await?;
         let key = self.access_key_step(ctx, &p, existing.as_ref()).await?;
@@ -96,6 +95,16 @@ impl JobHandler for Provisioner {
         let conf = self.s3_conf(ctx, &p, existing.as_ref(), &key).await?;
         self.credential_check_step(ctx, &p, &key, &conf).await?;
         self.secret_step(ctx, &p, &conf).await
+    }
+}
+
+/// Combines two concurrent branches: a permanent failure on either side wins (retrying cannot
+/// help), then any other failure.
+fn both(a: Result<(), JobError>, b: Result<(), JobError>) -> Result<(), JobError> {
+    match (a, b) {
+        (Err(e @ JobError::Permanent(_)), _) | (_, Err(e @ JobError::Permanent(_))) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
     }
 }
 
@@ -564,6 +573,25 @@ impl From<sealed::SealedError> for JobError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_permanent_failure_of_either_branch_wins() {
+        let permanent = || Err(JobError::Permanent("denied".into()));
+        let retryable = || Err(JobError::Retryable("throttled".into()));
+        assert!(matches!(
+            both(retryable(), permanent()),
+            Err(JobError::Permanent(_))
+        ));
+        assert!(matches!(
+            both(permanent(), retryable()),
+            Err(JobError::Permanent(_))
+        ));
+        assert!(matches!(
+            both(Ok(()), retryable()),
+            Err(JobError::Retryable(_))
+        ));
+        assert!(both(Ok(()), Ok(())).is_ok());
+    }
 
     #[test]
     fn a_held_key_wins_then_the_referenced_one_then_none() {
