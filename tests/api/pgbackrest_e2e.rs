@@ -1,28 +1,31 @@
-//! The proof: provision through the service's API, take `s3.conf` from the Secret it wrote, and
-//! let pgBackRest back up and restore a throwaway cluster into the bucket with nothing else.
+//! The proof: provision through the service's API against moto with IAM authorization
+//! enforced, take `s3.conf` from the Secret it wrote, and let pgBackRest back up and restore a
+//! throwaway cluster into the bucket with nothing else.
 //!
-//! moto limitation: under enforced IAM authorization moto re-encodes IAM form bodies before
-//! checking signatures, so the service's calls whose parameters contain spaces (the runbook's
-//! policy description and access-key description) fail with SignatureDoesNotMatch. The service
-//! therefore provisions inside moto's unauthenticated budget; authorization is enforced
-//! (`reset-auth 0`) before pgBackRest runs, so every backup, restore and denial below is
-//! checked against the IAM policy the service created.
+//! moto checks every request against IAM policies after its first three (unauthenticated)
+//! requests, which make the admin identity the service runs as. The service's IAM client sends
+//! spaces in form bodies as `+` (see `support::moto::iam_for_enforced_moto`) because moto
+//! re-encodes IAM bodies that way before checking signatures.
 
 use std::time::Instant;
 
 use aws_sdk_s3::primitives::ByteStream;
-use backup_provisioner::cloud::aws::{self, AwsClients};
+use backup_provisioner::cloud::aws::{self, AwsClients, CallCounter};
 use serde_json::json;
 
-use crate::support::moto::Moto;
+use crate::support::kube::KubeEmulator;
+use crate::support::moto::{Moto, iam_for_enforced_moto};
 use crate::support::pgbackrest::{create_bucket, object_heads, round_trip_async, tail};
-use crate::support::provisioning::{Env, bucket_for, conf_value, unique_name};
+use crate::support::provisioning::{bucket_for, conf_value, unique_name};
+use crate::support::provisioning_custom;
 
 const REGION: &str = "eu-west-1";
 const NAMESPACE: &str = "pgdemo";
+/// CreateUser, PutUserPolicy and CreateAccessKey for the admin; everything after is checked.
+const UNAUTHENTICATED_REQUESTS: u32 = 3;
 
-/// An admin identity (inline `*` policy) for the checks, made while moto is still open.
-async fn admin(moto: &Moto) -> AwsClients {
+/// The admin identity (inline `*` policy) the service runs as: (clients, key id, secret).
+async fn admin(moto: &Moto) -> (AwsClients, String, String) {
     let open = moto.clients(REGION, None).await;
     let name = unique_name("admin");
     open.iam
@@ -49,35 +52,51 @@ async fn admin(moto: &Moto) -> AwsClients {
         .expect("admin key")
         .access_key
         .unwrap();
-    moto.clients_as(REGION, None, key.access_key_id(), key.secret_access_key())
-        .await
+    let denied = open.iam.list_users().send().await;
+    assert_eq!(
+        aws::http_status(&denied.expect_err("authorization is enforced")),
+        Some(403)
+    );
+    let (id, secret) = (
+        key.access_key_id().to_owned(),
+        key.secret_access_key().to_owned(),
+    );
+    (
+        moto.clients_as(REGION, None, &id, &secret).await,
+        id,
+        secret,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
     let started = Instant::now();
-    let moto = Moto::with_iam_auth(1_000_000);
-    let env = Env::start_on(&moto, &[NAMESPACE]).await;
+    let moto = Moto::with_iam_auth(UNAUTHENTICATED_REQUESTS);
+    let (admin, admin_id, admin_secret) = admin(&moto).await;
+    let counter = CallCounter::new();
+    let mut service = moto
+        .clients_as(REGION, Some(counter.clone()), &admin_id, &admin_secret)
+        .await;
+    service.iam = iam_for_enforced_moto(&service.iam);
+    let kube = KubeEmulator::start(&[NAMESPACE]);
+    let kube_client = kube.client();
+    let admin_for_env = moto
+        .clients_as(REGION, None, &admin_id, &admin_secret)
+        .await;
+    let env =
+        provisioning_custom::start_env(kube, service, kube_client, admin_for_env, counter).await;
     let name = unique_name("pg");
     let bucket = bucket_for(&name);
     let job = env
         .provision(json!({"name": name, "namespace": NAMESPACE, "region": REGION}))
         .await;
-    assert_eq!(job["state"], "succeeded", "job: {job:#}");
-    let provisioned = started.elapsed();
-    let admin = admin(&moto).await;
-    moto.reset_auth(0).await;
-    let denied = moto
-        .clients(REGION, None)
-        .await
-        .iam
-        .list_users()
-        .send()
-        .await;
     assert_eq!(
-        aws::http_status(&denied.expect_err("authorization is enforced")),
-        Some(403)
+        job["state"],
+        "succeeded",
+        "job: {job:#}\n--- moto log ---\n{}",
+        tail(&moto.log(), 30)
     );
+    let provisioned = started.elapsed();
 
     let conf = env
         .s3_conf(NAMESPACE, &bucket)
