@@ -95,18 +95,18 @@ impl RepositoryRow {
 const COLUMNS: &str = "id, name, namespace, bucket, region, labels, options, state, resources, last_error, \
                        created_by, created_at, updated_at";
 
-/// Inserts the repository unless one of that name exists. Returns the new id, or None.
+/// Inserts the repository unless one of that name exists. Returns the new row, or None.
 pub async fn insert_if_absent(
     conn: &mut PgConnection,
     desired: &DesiredRepository,
     created_by: &str,
-) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar(
+) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO backup_repositories (id, name, namespace, bucket, region, labels, options, created_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (name) DO NOTHING
-         RETURNING id",
-    )
+         RETURNING {COLUMNS}"
+    )))
     .bind(Uuid::new_v4())
     .bind(desired.name.as_str())
     .bind(desired.namespace.as_str())

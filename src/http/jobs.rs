@@ -140,6 +140,12 @@ async fn load_view(db: &PgPool, id: Uuid) -> Result<Option<JobView>, ApiError> {
     }))
 }
 
+async fn view_or_404(db: &PgPool, id: Uuid) -> Result<JobView, ApiError> {
+    load_view(db, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
+}
+
 /// Job state changes, fanned out from one LISTEN connection to every long-polling request.
 #[derive(Clone)]
 pub struct JobEvents {
@@ -240,9 +246,7 @@ pub async fn get_job(
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = state.job_events.subscribe();
     loop {
-        let view = load_view(&state.db, id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+        let view = view_or_404(&state.db, id).await?;
         let ended = JobState::parse(&view.state).is_some_and(JobState::is_terminal);
         if ended || tokio::time::Instant::now() >= deadline {
             return Ok(axum::Json(view));
@@ -290,7 +294,7 @@ pub async fn cancel_job(
         CancelOutcome::AlreadyFinished(s) => {
             return Err(ApiError::Conflict(format!(
                 "job {id} already ended ({}); nothing to cancel",
-                state_name(s)
+                s.as_str()
             )));
         }
         CancelOutcome::Cancelled => "cancelled",
@@ -298,10 +302,10 @@ pub async fn cancel_job(
     };
     record_job_action(&mut tx, &caller, id, "job.cancel", outcome).await?;
     tx.commit().await?;
-    let view = load_view(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-    Ok((axum::http::StatusCode::ACCEPTED, axum::Json(view)))
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(view_or_404(&state.db, id).await?),
+    ))
 }
 
 /// Retry a failed or cancelled job; completed steps are not redone.
@@ -329,7 +333,7 @@ pub async fn retry_job(
         RetryOutcome::NotRetryable(s) => {
             return Err(ApiError::Conflict(format!(
                 "job {id} is {}; only failed or cancelled jobs can be retried",
-                state_name(s)
+                s.as_str()
             )));
         }
         RetryOutcome::Conflict => {
@@ -341,17 +345,10 @@ pub async fn retry_job(
     }
     record_job_action(&mut tx, &caller, id, "job.retry", "queued").await?;
     tx.commit().await?;
-    let view = load_view(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-    Ok((axum::http::StatusCode::ACCEPTED, axum::Json(view)))
-}
-
-fn state_name(state: JobState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(view_or_404(&state.db, id).await?),
+    ))
 }
 
 /// Audits a cancel or retry in the transaction that changed the job.

@@ -202,69 +202,73 @@ pub async fn create_repository(
         .await
     {
         Ok(inserted) => inserted,
+        // Two identical creates racing can trip the bucket constraint before the name's:
+        // answer from the repository of that name when there is one.
         Err(e) if crate::db::violated_constraint(&e) == Some("backup_repositories_bucket_key") => {
             drop(tx);
-            // Two identical creates racing can trip the bucket constraint before the name's:
-            // if the repository of that name exists now, answer as for any existing one.
-            if repository::by_name(&state.db, desired.name.as_str())
-                .await?
-                .is_some()
-            {
-                return existing_repository(&state, &desired, &caller).await;
-            }
-            return Err(bucket_taken(&state, desired.bucket.as_str()).await);
+            return match repository::by_name(&state.db, desired.name.as_str()).await? {
+                Some(row) => existing_repository(&state, row, &desired, &caller).await,
+                None => Err(bucket_taken(&state, desired.bucket.as_str()).await),
+            };
         }
         Err(e) => return Err(e.into()),
     };
-    let Some(repository_id) = inserted else {
+    let Some(row) = inserted else {
         drop(tx);
-        return existing_repository(&state, &desired, &caller).await;
+        let row = repository::by_name(&state.db, desired.name.as_str())
+            .await?
+            .ok_or_else(|| {
+                ApiError::Conflict("the repository was deleted concurrently; retry".into())
+            })?;
+        return existing_repository(&state, row, &desired, &caller).await;
     };
-    let job_id = enqueue_provisioning(
+    let detail = serde_json::json!({
+        "namespace": row.namespace, "bucket": row.bucket, "region": row.region,
+        "labels": desired.labels.as_map(), "options": desired.options,
+    });
+    let payload = provision_payload(&row, &desired.options);
+    queue_provisioning(&state, tx, &payload, &caller, "repository.create", detail).await
+}
+
+/// The job payload provisioning `row` with `options`.
+fn provision_payload(row: &RepositoryRow, options: &RepositoryOptions) -> ProvisionPayload {
+    ProvisionPayload {
+        repository: row.name.clone(),
+        repository_id: row.id,
+        namespace: row.namespace.clone(),
+        bucket: row.bucket.clone(),
+        region: row.region.clone(),
+        allow_new_cipher_pass: options.allow_new_cipher_pass,
+        adopt_existing_secret: options.adopt_existing_secret,
+    }
+}
+
+/// Queues provisioning in `tx` (audited as `action`), commits, and answers 202 with the
+/// repository as it now is and `Location` of the job.
+async fn queue_provisioning(
+    state: &AppState,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    payload: &ProvisionPayload,
+    caller: &Caller,
+    action: &str,
+    detail: serde_json::Value,
+) -> Result<Response, ApiError> {
+    let job_id = enqueue_job(
         &mut tx,
-        repository_id,
-        &desired,
-        &caller,
+        payload,
+        caller,
         state.policy.max_attempts,
+        action,
+        detail,
     )
     .await?;
     tx.commit().await?;
-    let row = repository::by_id(&state.db, repository_id)
+    // Re-read: enqueueing moved the repository's state.
+    let row = repository::by_id(&state.db, payload.repository_id)
         .await?
         .ok_or_else(|| ApiError::Internal("repository vanished".into()))?;
     let job = JobSummary::load(&state.db, job_id).await?;
     Ok(created_response(StatusCode::ACCEPTED, row, job))
-}
-
-async fn enqueue_provisioning(
-    tx: &mut sqlx::PgConnection,
-    repository_id: Uuid,
-    desired: &DesiredRepository,
-    caller: &Caller,
-    max_attempts: i32,
-) -> Result<Uuid, ApiError> {
-    let payload = ProvisionPayload {
-        repository: desired.name.as_str().to_owned(),
-        repository_id,
-        namespace: desired.namespace.as_str().to_owned(),
-        bucket: desired.bucket.as_str().to_owned(),
-        region: desired.region.as_str().to_owned(),
-        allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
-        adopt_existing_secret: desired.options.adopt_existing_secret,
-    };
-    let detail = serde_json::json!({
-        "namespace": payload.namespace, "bucket": payload.bucket, "region": payload.region,
-        "labels": desired.labels.as_map(), "options": desired.options,
-    });
-    enqueue_job(
-        tx,
-        &payload,
-        caller,
-        max_attempts,
-        "repository.create",
-        detail,
-    )
-    .await
 }
 
 /// Queues a provisioning job and records the API mutation in the audit log.
@@ -329,43 +333,25 @@ pub async fn reconcile_repository(
     let row = repository::by_name(&state.db, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
-    let payload = ProvisionPayload {
-        repository: row.name.clone(),
-        repository_id: row.id,
-        namespace: row.namespace.clone(),
-        bucket: row.bucket.clone(),
-        region: row.region.clone(),
-        allow_new_cipher_pass: row.options.0.allow_new_cipher_pass,
-        adopt_existing_secret: row.options.0.adopt_existing_secret,
-    };
-    let mut tx = state.db.begin().await?;
-    let job_id = enqueue_job(
-        &mut tx,
+    let payload = provision_payload(&row, &row.options.0);
+    let tx = state.db.begin().await?;
+    queue_provisioning(
+        &state,
+        tx,
         &payload,
         &caller,
-        state.policy.max_attempts,
         "repository.reconcile",
         serde_json::json!({}),
     )
-    .await?;
-    tx.commit().await?;
-    let row = repository::by_id(&state.db, row.id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
-    let job = JobSummary::load(&state.db, job_id).await?;
-    Ok(created_response(StatusCode::ACCEPTED, row, job))
+    .await
 }
 
 async fn existing_repository(
     state: &AppState,
+    row: RepositoryRow,
     desired: &DesiredRepository,
     caller: &Caller,
 ) -> Result<Response, ApiError> {
-    let row = repository::by_name(&state.db, desired.name.as_str())
-        .await?
-        .ok_or_else(|| {
-            ApiError::Conflict("the repository was deleted concurrently; retry".into())
-        })?;
     let differences = row.differences(desired);
     if !differences.is_empty() {
         return Err(ApiError::Conflict(format!(
@@ -395,32 +381,18 @@ async fn change_options(
 ) -> Result<Response, ApiError> {
     let mut tx = state.db.begin().await?;
     repository::set_options(&mut *tx, row.id, &desired.options).await?;
-    let payload = ProvisionPayload {
-        repository: row.name.clone(),
-        repository_id: row.id,
-        namespace: row.namespace.clone(),
-        bucket: row.bucket.clone(),
-        region: row.region.clone(),
-        allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
-        adopt_existing_secret: desired.options.adopt_existing_secret,
-    };
     let detail =
         serde_json::json!({ "options": desired.options, "previous_options": row.options.0 });
-    let job_id = enqueue_job(
-        &mut tx,
+    let payload = provision_payload(&row, &desired.options);
+    queue_provisioning(
+        state,
+        tx,
         &payload,
         caller,
-        state.policy.max_attempts,
         "repository.update-options",
         detail,
     )
-    .await?;
-    tx.commit().await?;
-    let row = repository::by_id(&state.db, row.id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("repository vanished".into()))?;
-    let job = JobSummary::load(&state.db, job_id).await?;
-    Ok(created_response(StatusCode::ACCEPTED, row, job))
+    .await
 }
 
 async fn bucket_taken(state: &AppState, bucket: &str) -> ApiError {
