@@ -274,7 +274,7 @@ async fn enqueue_batch(db: &PgPool, count: usize) -> Vec<Uuid> {
                 &mut tx,
                 NewJob {
                     kind: BENCH_KIND,
-                    repository_id: None,
+                    subject: None,
                     payload: json!({}),
                     max_attempts: 1,
                     created_by: "bench",
@@ -338,7 +338,7 @@ async fn queue_bench(databases: &mut Vec<String>) -> QueueResults {
             &mut tx,
             NewJob {
                 kind: BENCH_KIND,
-                repository_id: None,
+                subject: None,
                 payload: json!({}),
                 max_attempts: 1,
                 created_by: "bench",

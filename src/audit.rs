@@ -14,7 +14,8 @@ use uuid::Uuid;
 pub struct AuditEntry {
     pub actor: String,
     pub request_id: Option<String>,
-    pub repository: Option<String>,
+    /// The name of what the entry is about (a repository), stored as `repository`.
+    pub subject: Option<String>,
     pub job_id: Option<Uuid>,
     pub step: Option<String>,
     pub attempt: Option<i32>,
@@ -41,7 +42,7 @@ pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool,
     )
     .bind(&entry.actor)
     .bind(&entry.request_id)
-    .bind(&entry.repository)
+    .bind(&entry.subject)
     .bind(entry.job_id)
     .bind(&entry.step)
     .bind(entry.attempt)

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use backup_provisioner::config::{Cli, Command, ConfigError, config_error_from_clap};
-use backup_provisioner::startup::{Application, StartupError, shutdown_on_signals};
-use backup_provisioner::{auth, db, http, provision, telemetry};
+use backup_provisioner::startup::{self, StartupError};
+use backup_provisioner::{auth, db, http, telemetry};
 use clap::Parser;
 
 #[tokio::main]
@@ -58,27 +58,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Serve(args) => {
-            args.http.check()?;
-            args.worker.check()?;
-            let database = db::options(&args.database.database_url)?;
-            let registry = provision::registry(&args.worker).await?;
-            let pool = db::connect(database).await?;
-            let app = Application::build(pool, Some(&args.http), &args.worker, registry).await?;
-            if let Some(addr) = app.local_addr() {
-                tracing::info!(%addr, workers = args.worker.workers, "serving");
-            }
-            shutdown_on_signals(app.shutdown.clone());
-            app.run_until_stopped().await
-        }
-        Command::Worker(args) => {
-            args.worker.check()?;
-            let database = db::options(&args.database.database_url)?;
-            let registry = provision::registry(&args.worker).await?;
-            let pool = db::connect(database).await?;
-            let app = Application::build(pool, None, &args.worker, registry).await?;
-            shutdown_on_signals(app.shutdown.clone());
-            app.run_until_stopped().await
-        }
+        Command::Serve(args) => startup::run(&args.database, Some(&args.http), &args.worker).await,
+        Command::Worker(args) => startup::run(&args.database, None, &args.worker).await,
     }
 }

@@ -211,20 +211,3 @@ pub async fn merge_resources(
         .await?;
     Ok(())
 }
-
-/// The latest job of each repository in `ids` (for list views).
-pub async fn latest_jobs(
-    db: impl PgExecutor<'_>,
-    ids: &[Uuid],
-) -> Result<Vec<crate::jobs::Job>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT DISTINCT ON (repository_id) id, kind, repository_id, payload, state, attempts, max_attempts,
-                run_at, lease_token, lease_expires_at, cancel_requested, last_error, created_by, created_at,
-                started_at, finished_at
-           FROM jobs WHERE repository_id = ANY($1)
-          ORDER BY repository_id, created_at DESC",
-    )
-    .bind(ids)
-    .fetch_all(db)
-    .await
-}

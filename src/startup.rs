@@ -1,8 +1,10 @@
-//! Builds the running service: the HTTP server and/or the workers, sharing one pool.
-//! Tests build the same [`Application`] on port 0.
+//! The composition root: wires configuration, clients, job kinds, the HTTP server and the
+//! workers into a running service sharing one pool. Tests build the same [`Application`] on
+//! port 0 with job kinds of their own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -10,9 +12,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::config::{ConfigError, HttpArgs, WorkerSettingsArgs};
+use crate::cloud::aws::{self, AwsSettings};
+use crate::config::{ConfigError, DatabaseArgs, HttpArgs, WorkerSettingsArgs};
 use crate::http::{self, AppState, HttpLimits, RequestPolicy};
-use crate::jobs::{Registry, WorkerConfig, WorkerPool};
+use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
+use crate::provision::Provisioner;
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,18 +90,18 @@ impl Application {
         http.check()?;
         let auth = Authenticator::new(http.auth_config()?).await?;
         let policy = RequestPolicy {
-            idempotency_abandon_after: http.request_timeout + std::time::Duration::from_secs(5),
+            idempotency_abandon_after: http.request_timeout + Duration::from_secs(5),
             bucket_pattern: http.bucket_pattern()?,
             allowed_namespaces: http.allowed_namespaces.clone(),
             max_attempts: worker.max_attempts,
         };
-        let job_events = http::jobs::JobEvents::start(self.db.clone(), self.shutdown.clone());
+        let job_state_changes = JobStateChanges::start(self.db.clone(), self.shutdown.clone());
         self.state = Some(AppState {
             db: self.db.clone(),
             auth,
             metrics,
             policy: Arc::new(policy),
-            job_events,
+            job_state_changes,
         });
         self.limits = Some(HttpLimits {
             max_body_bytes: http.max_body_bytes,
@@ -136,6 +140,57 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// `serve` (API and workers) and `worker` (workers only, `http` is None): connects, builds the
+/// service with the job kinds from [`job_kinds`], and runs it until SIGTERM or SIGINT.
+pub async fn run(
+    database: &DatabaseArgs,
+    http: Option<&HttpArgs>,
+    worker: &WorkerSettingsArgs,
+) -> Result<(), StartupError> {
+    if let Some(http) = http {
+        http.check()?;
+    }
+    worker.check()?;
+    let options = crate::db::options(&database.database_url)?;
+    let registry = job_kinds(worker).await?;
+    let pool = crate::db::connect(options).await?;
+    let app = Application::build(pool, http, worker, registry).await?;
+    if let Some(addr) = app.local_addr() {
+        tracing::info!(%addr, workers = worker.workers, "serving");
+    }
+    shutdown_on_signals(app.shutdown.clone());
+    app.run_until_stopped().await
+}
+
+/// The job kinds this service runs, with AWS clients from the standard credential chain
+/// (`AWS_*`, profiles, web identity) and Kubernetes from `KUBECONFIG` or in-cluster config.
+/// Without workers there is nothing to run, and no client is made.
+pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupError> {
+    if worker.workers == 0 {
+        return Ok(Registry::new());
+    }
+    let encryption_key = worker.encryption_key()?;
+    let settings = AwsSettings {
+        endpoint_url: worker.aws_endpoint_url.clone(),
+        region: None,
+    };
+    let aws = aws::clients(&settings, None).await;
+    let kube = crate::cloud::kube::client_from_env().await.map_err(|e| {
+        ConfigError::new(
+            "KUBECONFIG",
+            format!("no usable Kubernetes configuration: {e}"),
+        )
+    })?;
+    let provisioner = Provisioner {
+        aws,
+        kube,
+        encryption_key,
+        credential_check_budget: worker.credential_check_budget,
+        credential_check_backoff: Duration::from_millis(500),
+    };
+    Ok(Registry::new().register(provisioner))
 }
 
 /// Fires `token` on SIGTERM or SIGINT.

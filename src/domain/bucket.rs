@@ -25,12 +25,40 @@ const RESERVED_SUFFIXES: [&str; 4] = ["-s3alias", "--ol-s3", ".mrap", "--x-s3"];
 /// A general purpose S3 bucket name that satisfies the S3 naming rules, the
 /// configured naming pattern, and whose derived IAM names (policy, group and
 /// user are all named after the bucket, as in the runbook) satisfy IAM limits.
+///
+/// Deserializing checks the S3 and IAM rules only: the naming pattern is a rule for new
+/// requests, checked by [`BucketName::parse`], not for values stored earlier (job payloads).
 #[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 #[schema(value_type = String, example = "holos-zitadel-backups")]
 pub struct BucketName(String);
+
+impl TryFrom<String> for BucketName {
+    type Error = ValidationError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        check_s3_rules(&value)?;
+        check_iam_names(&value)?;
+        Ok(Self(value))
+    }
+}
+
+impl From<BucketName> for String {
+    fn from(value: BucketName) -> Self {
+        value.0
+    }
+}
 
 impl BucketName {
     /// Parses `value` against the S3 bucket naming rules, then `pattern`
@@ -43,9 +71,7 @@ impl BucketName {
                 pattern.as_str()
             )));
         }
-        check_iam_name("user", IAM_USER_NAME_MAX, value)?;
-        check_iam_name("group", IAM_GROUP_NAME_MAX, value)?;
-        check_iam_name("policy", IAM_POLICY_NAME_MAX, value)?;
+        check_iam_names(value)?;
         Ok(Self(value.to_owned()))
     }
 
@@ -92,6 +118,13 @@ pub fn default_bucket_for(name: &RepositoryName) -> String {
 
 fn err(message: String) -> ValidationError {
     ValidationError::new(FIELD, message)
+}
+
+/// The IAM user, group and policy are all named after the bucket.
+fn check_iam_names(value: &str) -> Result<(), ValidationError> {
+    check_iam_name("user", IAM_USER_NAME_MAX, value)?;
+    check_iam_name("group", IAM_GROUP_NAME_MAX, value)?;
+    check_iam_name("policy", IAM_POLICY_NAME_MAX, value)
 }
 
 fn check_s3_rules(value: &str) -> Result<(), ValidationError> {

@@ -8,10 +8,22 @@ use super::{ValidationError, check_dns1123_label};
 pub const DNS1123_LABEL_MAX: usize = 63;
 
 /// A Kubernetes namespace the provisioner is allowed to write Secrets into.
+///
+/// Deserializing checks the syntax only: the allowed list is a rule for new requests, checked by
+/// [`Namespace::parse`], not for values stored earlier (job payloads).
 #[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 #[schema(value_type = String, example = "zitadel")]
 pub struct Namespace(String);
 
@@ -39,6 +51,20 @@ impl Namespace {
 
     pub fn into_string(self) -> String {
         self.0
+    }
+}
+
+impl TryFrom<String> for Namespace {
+    type Error = ValidationError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value, &[])
+    }
+}
+
+impl From<Namespace> for String {
+    fn from(value: Namespace) -> Self {
+        value.0
     }
 }
 

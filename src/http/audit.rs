@@ -2,14 +2,13 @@
 
 use axum::extract::State;
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use utoipa::IntoParams;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::extract::{ApiQuery, Caller};
-use super::jobs::{AuditPage, audit_page};
-use super::{ApiError, AppState, Problem};
-use crate::audit::AuditFilter;
+use super::{ApiError, AppState, Problem, pagination};
+use crate::audit::{self, AuditEvent, AuditFilter};
 use crate::auth::Role;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -58,4 +57,32 @@ pub async fn list_audit(
     audit_page(&state, filter, query.cursor.as_deref(), query.limit)
         .await
         .map(axum::Json)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditEvent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// One page of audit events; the cursor is the last event id of the previous page.
+pub async fn audit_page(
+    state: &AppState,
+    mut filter: AuditFilter,
+    cursor: Option<&str>,
+    limit: Option<i64>,
+) -> Result<AuditPage, ApiError> {
+    let limit = pagination::page_limit(limit)?;
+    filter.after = cursor.map(decode_event_cursor).transpose()?;
+    filter.limit = limit + 1;
+    let items = audit::list(&state.db, &filter).await?;
+    let (items, next_cursor) = pagination::split_page(items, limit, |event| event.id.to_string());
+    Ok(AuditPage { items, next_cursor })
+}
+
+fn decode_event_cursor(cursor: &str) -> Result<i64, ApiError> {
+    pagination::decode_cursor(cursor)?
+        .parse::<i64>()
+        .map_err(|_| ApiError::BadRequest("cursor is not one this server issued".into()))
 }

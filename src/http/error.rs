@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::domain::ValidationError;
+use crate::provision::request::RequestError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -144,6 +145,20 @@ impl From<sqlx::Error> for ApiError {
                     .into(),
             ),
             _ => ApiError::Database(err),
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(err: RequestError) -> Self {
+        match err {
+            RequestError::NotFound(_) => ApiError::NotFound(err.to_string()),
+            RequestError::Database(e) => e.into(),
+            RequestError::InvalidStored(_) => ApiError::Internal(err.to_string()),
+            RequestError::DifferentDesiredState { .. }
+            | RequestError::BucketTaken { .. }
+            | RequestError::Busy(_)
+            | RequestError::DeletedConcurrently => ApiError::Conflict(err.to_string()),
         }
     }
 }

@@ -43,6 +43,14 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller as the use cases record it (audit actor, job creator).
+    pub fn actor(&self) -> crate::provision::request::Actor<'_> {
+        crate::provision::request::Actor {
+            subject: &self.principal.subject,
+            request_id: self.request_id.as_deref(),
+        }
+    }
+
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.principal.has(role) {
             Ok(())

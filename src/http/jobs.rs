@@ -6,16 +6,15 @@ use axum::extract::{Path, State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::audit::{AuditPage, audit_page};
 use super::extract::{ApiQuery, Caller};
 use super::{ApiError, AppState, Problem};
-use crate::audit::{self, AuditEntry, AuditEvent, AuditFilter};
+use crate::audit::{self, AuditEntry, AuditFilter};
 use crate::auth::Role;
 use crate::jobs::queue::{self, CancelOutcome, Job, JobState, RetryOutcome};
 
@@ -107,11 +106,7 @@ async fn load_view(db: &PgPool, id: Uuid) -> Result<Option<JobView>, ApiError> {
     Ok(Some(JobView {
         id: job.id,
         kind: job.kind.clone(),
-        repository: job
-            .payload
-            .get("repository")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned),
+        repository: job.subject_name.clone(),
         state: job.state.clone(),
         attempts: job.attempts,
         max_attempts: job.max_attempts,
@@ -144,56 +139,6 @@ async fn view_or_404(db: &PgPool, id: Uuid) -> Result<JobView, ApiError> {
     load_view(db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
-}
-
-/// Job state changes, fanned out from one LISTEN connection to every long-polling request.
-#[derive(Clone)]
-pub struct JobEvents {
-    sender: broadcast::Sender<Uuid>,
-}
-
-impl JobEvents {
-    /// Starts listening on `bp_job_state`; reconnects after errors until `stop` fires.
-    pub fn start(db: PgPool, stop: CancellationToken) -> Self {
-        let (sender, _) = broadcast::channel(1024);
-        let events = JobEvents {
-            sender: sender.clone(),
-        };
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                if let Err(e) = forward(&db, &sender, &stop).await {
-                    tracing::warn!(error = %e, "job state listener failed; reconnecting");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        });
-        events
-    }
-
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
-        self.sender.subscribe()
-    }
-}
-
-async fn forward(
-    db: &PgPool,
-    sender: &broadcast::Sender<Uuid>,
-    stop: &CancellationToken,
-) -> Result<(), sqlx::Error> {
-    let mut listener = PgListener::connect_with(db).await?;
-    listener.listen("bp_job_state").await?;
-    loop {
-        let note = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            note = listener.recv() => note?,
-        };
-        if let Ok(id) = note.payload().parse::<Uuid>() {
-            let _ = sender.send(id);
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]
@@ -244,7 +189,7 @@ pub async fn get_job(
     caller.require(Role::Viewer)?;
     let wait = parse_wait(query.wait.as_deref())?;
     let deadline = tokio::time::Instant::now() + wait;
-    let mut changes = state.job_events.subscribe();
+    let mut changes = state.job_state_changes.subscribe();
     loop {
         let view = view_or_404(&state.db, id).await?;
         let ended = JobState::parse(&view.state).is_some_and(JobState::is_terminal);
@@ -363,12 +308,7 @@ async fn record_job_action(
     let entry = AuditEntry {
         actor: caller.principal.subject.clone(),
         request_id: caller.request_id.clone(),
-        repository: job.and_then(|j| {
-            j.payload
-                .get("repository")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        }),
+        subject: job.and_then(|j| j.subject_name),
         job_id: Some(id),
         action: action.into(),
         outcome: outcome.into(),
@@ -386,13 +326,6 @@ pub struct PageQuery {
     pub cursor: Option<String>,
     /// Page size, 1 to 200 (default 50).
     pub limit: Option<i64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct AuditPage {
-    pub items: Vec<AuditEvent>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_cursor: Option<String>,
 }
 
 /// The audit events of one job, oldest first.
@@ -423,28 +356,4 @@ pub async fn job_events(
     audit_page(&state, filter, query.cursor.as_deref(), query.limit)
         .await
         .map(axum::Json)
-}
-
-/// One page of audit events; the cursor is the last event id of the previous page.
-pub async fn audit_page(
-    state: &AppState,
-    mut filter: AuditFilter,
-    cursor: Option<&str>,
-    limit: Option<i64>,
-) -> Result<AuditPage, ApiError> {
-    let limit = super::repositories::page_limit(limit)?;
-    filter.after = cursor
-        .map(|c| {
-            super::repositories::decode_cursor(c)?
-                .parse::<i64>()
-                .map_err(|_| ApiError::BadRequest("cursor is not one this server issued".into()))
-        })
-        .transpose()?;
-    filter.limit = limit + 1;
-    let mut items = audit::list(&state.db, &filter).await?;
-    let next_cursor = (items.len() as i64 > limit).then(|| {
-        items.truncate(limit as usize);
-        super::repositories::encode_cursor(&items.last().expect("a full page").id.to_string())
-    });
-    Ok(AuditPage { items, next_cursor })
 }

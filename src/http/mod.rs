@@ -8,6 +8,7 @@ pub mod health;
 pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
+pub mod pagination;
 pub mod repositories;
 
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub struct AppState {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub policy: Arc<RequestPolicy>,
-    pub job_events: jobs::JobEvents,
+    pub job_state_changes: crate::jobs::JobStateChanges,
 }
 
 /// Rules applied to incoming requests, from configuration.

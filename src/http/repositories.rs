@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -14,14 +13,13 @@ use uuid::Uuid;
 
 use super::extract::{ApiJson, ApiQuery, Caller};
 use super::jobs::JobSummary;
-use super::{ApiError, AppState, Problem};
-use crate::audit::{self, AuditEntry};
+use super::{ApiError, AppState, Problem, pagination};
 use crate::auth::Role;
 use crate::domain::{
     BucketName, DEFAULT_REGION, Labels, Region, RepositoryName, ValidationError, default_bucket_for,
 };
-use crate::jobs::queue::{self, NewJob};
-use crate::provision::{self, ProvisionPayload};
+use crate::jobs::queue;
+use crate::provision::{self, request::Queued, request::Requested};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow, Resources};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -197,117 +195,18 @@ pub async fn create_repository(
     caller.require(Role::Operator)?;
     let ApiJson(request) = body?;
     let desired = request.validate(&state)?;
-    let mut tx = state.db.begin().await?;
-    let inserted = match repository::insert_if_absent(&mut tx, &desired, &caller.principal.subject)
-        .await
-    {
-        Ok(inserted) => inserted,
-        // Two identical creates racing can trip the bucket constraint before the name's:
-        // answer from the repository of that name when there is one.
-        Err(e) if crate::db::violated_constraint(&e) == Some("backup_repositories_bucket_key") => {
-            drop(tx);
-            return match repository::by_name(&state.db, desired.name.as_str()).await? {
-                Some(row) => existing_repository(&state, row, &desired, &caller).await,
-                None => Err(bucket_taken(&state, desired.bucket.as_str()).await),
-            };
+    let max_attempts = state.policy.max_attempts;
+    match provision::request::request(&state.db, &desired, caller.actor(), max_attempts).await? {
+        Requested::Created(queued) | Requested::OptionsChanged(queued) => Ok(accepted(queued)),
+        Requested::Unchanged {
+            repository,
+            latest_job,
+        } => {
+            let job =
+                latest_job.ok_or_else(|| ApiError::Internal("repository without a job".into()))?;
+            Ok(created_response(StatusCode::OK, repository, job.into()))
         }
-        Err(e) => return Err(e.into()),
-    };
-    let Some(row) = inserted else {
-        drop(tx);
-        let row = repository::by_name(&state.db, desired.name.as_str())
-            .await?
-            .ok_or_else(|| {
-                ApiError::Conflict("the repository was deleted concurrently; retry".into())
-            })?;
-        return existing_repository(&state, row, &desired, &caller).await;
-    };
-    let detail = serde_json::json!({
-        "namespace": row.namespace, "bucket": row.bucket, "region": row.region,
-        "labels": desired.labels.as_map(), "options": desired.options,
-    });
-    let payload = provision_payload(&row, &desired.options);
-    queue_provisioning(&state, tx, &payload, &caller, "repository.create", detail).await
-}
-
-/// The job payload provisioning `row` with `options`.
-fn provision_payload(row: &RepositoryRow, options: &RepositoryOptions) -> ProvisionPayload {
-    ProvisionPayload {
-        repository: row.name.clone(),
-        repository_id: row.id,
-        namespace: row.namespace.clone(),
-        bucket: row.bucket.clone(),
-        region: row.region.clone(),
-        allow_new_cipher_pass: options.allow_new_cipher_pass,
-        adopt_existing_secret: options.adopt_existing_secret,
     }
-}
-
-/// Queues provisioning in `tx` (audited as `action`), commits, and answers 202 with the
-/// repository as it now is and `Location` of the job.
-async fn queue_provisioning(
-    state: &AppState,
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    payload: &ProvisionPayload,
-    caller: &Caller,
-    action: &str,
-    detail: serde_json::Value,
-) -> Result<Response, ApiError> {
-    let job_id = enqueue_job(
-        &mut tx,
-        payload,
-        caller,
-        state.policy.max_attempts,
-        action,
-        detail,
-    )
-    .await?;
-    tx.commit().await?;
-    // Re-read: enqueueing moved the repository's state.
-    let row = repository::by_id(&state.db, payload.repository_id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("repository vanished".into()))?;
-    let job = JobSummary::load(&state.db, job_id).await?;
-    Ok(created_response(StatusCode::ACCEPTED, row, job))
-}
-
-/// Queues a provisioning job and records the API mutation in the audit log.
-async fn enqueue_job(
-    tx: &mut sqlx::PgConnection,
-    payload: &ProvisionPayload,
-    caller: &Caller,
-    max_attempts: i32,
-    action: &str,
-    detail: serde_json::Value,
-) -> Result<Uuid, ApiError> {
-    let job = NewJob {
-        kind: provision::JOB_KIND,
-        repository_id: Some(payload.repository_id),
-        payload: serde_json::to_value(payload).map_err(|e| ApiError::Internal(e.to_string()))?,
-        max_attempts,
-        created_by: &caller.principal.subject,
-    };
-    let job_id = match queue::enqueue(&mut *tx, job).await {
-        Err(e) if crate::db::violated_constraint(&e) == Some("jobs_one_active_per_repository") => {
-            return Err(ApiError::Conflict(format!(
-                "repository '{}' already has a queued or running job; follow it, or cancel it first",
-                payload.repository
-            )));
-        }
-        other => other?,
-    };
-    let entry = AuditEntry {
-        actor: caller.principal.subject.clone(),
-        request_id: caller.request_id.clone(),
-        repository: Some(payload.repository.clone()),
-        job_id: Some(job_id),
-        action: action.into(),
-        outcome: "created".into(),
-        detail,
-        ..Default::default()
-    };
-    audit::record(&mut *tx, &entry).await?;
-    Ok(job_id)
 }
 
 /// Run provisioning again for an existing repository: it converges to the runbook's state,
@@ -330,82 +229,15 @@ pub async fn reconcile_repository(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
-    let row = repository::by_name(&state.db, &name)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
-    let payload = provision_payload(&row, &row.options.0);
-    let tx = state.db.begin().await?;
-    queue_provisioning(
-        &state,
-        tx,
-        &payload,
-        &caller,
-        "repository.reconcile",
-        serde_json::json!({}),
-    )
-    .await
+    let max_attempts = state.policy.max_attempts;
+    let queued =
+        provision::request::reconcile(&state.db, &name, caller.actor(), max_attempts).await?;
+    Ok(accepted(queued))
 }
 
-async fn existing_repository(
-    state: &AppState,
-    row: RepositoryRow,
-    desired: &DesiredRepository,
-    caller: &Caller,
-) -> Result<Response, ApiError> {
-    let differences = row.differences(desired);
-    if !differences.is_empty() {
-        return Err(ApiError::Conflict(format!(
-            "repository '{}' already exists with a different desired state: {} differ{}",
-            row.name,
-            differences.join(", "),
-            if differences.len() == 1 { "s" } else { "" }
-        )));
-    }
-    if row.options.0 != desired.options {
-        return change_options(state, row, desired, caller).await;
-    }
-    let job = latest_job(state, row.id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("repository without a job".into()))?;
-    Ok(created_response(StatusCode::OK, row, job))
-}
-
-/// The same repository with other safety switches (`allow_new_cipher_pass`,
-/// `adopt_existing_secret`): the remedy a failed job's message points at. The switches are
-/// stored and provisioning runs again with them.
-async fn change_options(
-    state: &AppState,
-    row: RepositoryRow,
-    desired: &DesiredRepository,
-    caller: &Caller,
-) -> Result<Response, ApiError> {
-    let mut tx = state.db.begin().await?;
-    repository::set_options(&mut *tx, row.id, &desired.options).await?;
-    let detail =
-        serde_json::json!({ "options": desired.options, "previous_options": row.options.0 });
-    let payload = provision_payload(&row, &desired.options);
-    queue_provisioning(
-        state,
-        tx,
-        &payload,
-        caller,
-        "repository.update-options",
-        detail,
-    )
-    .await
-}
-
-async fn bucket_taken(state: &AppState, bucket: &str) -> ApiError {
-    match repository::by_bucket(&state.db, bucket).await {
-        Ok(Some(other)) => ApiError::Conflict(format!(
-            "bucket '{bucket}' is already used by repository '{}'",
-            other.name
-        )),
-        Ok(None) => ApiError::Conflict(format!(
-            "bucket '{bucket}' is already used by another repository"
-        )),
-        Err(e) => e.into(),
-    }
+/// 202 with the repository as it now is and `Location` of the queued job.
+fn accepted(queued: Queued) -> Response {
+    created_response(StatusCode::ACCEPTED, queued.repository, queued.job.into())
 }
 
 fn created_response(status: StatusCode, row: RepositoryRow, job: JobSummary) -> Response {
@@ -422,7 +254,7 @@ fn created_response(status: StatusCode, row: RepositoryRow, job: JobSummary) -> 
 }
 
 async fn latest_job(state: &AppState, repository_id: Uuid) -> Result<Option<JobSummary>, ApiError> {
-    let jobs = repository::latest_jobs(&state.db, &[repository_id]).await?;
+    let jobs = queue::latest_per_subject(&state.db, &[repository_id]).await?;
     Ok(jobs.into_iter().next().map(JobSummary::from))
 }
 
@@ -476,26 +308,27 @@ pub async fn list_repositories(
             REPOSITORY_STATES.join(", ")
         )));
     }
-    let limit = page_limit(query.limit)?;
+    let limit = pagination::page_limit(query.limit)?;
     let filter = repository::ListFilter {
         state: query.state,
         namespace: query.namespace,
-        after: query.cursor.as_deref().map(decode_cursor).transpose()?,
+        after: query
+            .cursor
+            .as_deref()
+            .map(pagination::decode_cursor)
+            .transpose()?,
         limit: limit + 1,
     };
-    let mut rows = repository::list(&state.db, &filter).await?;
-    let next_cursor = (rows.len() as i64 > limit).then(|| {
-        rows.truncate(limit as usize);
-        encode_cursor(&rows.last().expect("a full page").name)
-    });
+    let rows = repository::list(&state.db, &filter).await?;
+    let (rows, next_cursor) = pagination::split_page(rows, limit, |row| row.name.clone());
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let jobs = repository::latest_jobs(&state.db, &ids).await?;
+    let jobs = queue::latest_per_subject(&state.db, &ids).await?;
     let items = rows
         .into_iter()
         .map(|row| {
             let job = jobs
                 .iter()
-                .find(|j| j.repository_id == Some(row.id))
+                .find(|j| j.subject_id == Some(row.id))
                 .cloned()
                 .map(JobSummary::from);
             RepositoryView::new(row, job)
@@ -526,25 +359,4 @@ pub async fn get_repository(
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
     let job = latest_job(&state, row.id).await?;
     Ok(axum::Json(RepositoryView::new(row, job)))
-}
-
-pub fn page_limit(requested: Option<i64>) -> Result<i64, ApiError> {
-    match requested.unwrap_or(50) {
-        n @ 1..=200 => Ok(n),
-        n => Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and 200 (got {n})"
-        ))),
-    }
-}
-
-pub fn encode_cursor(value: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value)
-}
-
-pub fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .ok_or_else(|| ApiError::BadRequest("cursor is not one this server issued".into()))
 }

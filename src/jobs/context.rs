@@ -121,7 +121,7 @@ impl JobContext {
                 // The work is done: record it even if a cancel arrived meanwhile (the job stops
                 // at the next step boundary, in start_step), so its output and audit entry are
                 // kept. Only a lost lease refuses the write.
-                let mut tx = self.leased_tx().await?;
+                let mut tx = self.fenced_tx().await?;
                 self.finish_step(&mut tx, name, attempt, &done).await?;
                 tx.commit().await?;
                 Ok(done.output)
@@ -135,8 +135,8 @@ impl JobContext {
 
     /// Like [`Self::step`], for steps that must commit their own writes together with their
     /// success: `work` gets the attempt number and must call [`Self::finish_step`] in a
-    /// [`Self::fenced_tx`] before returning. Failures are recorded here.
-    pub async fn step_manual<T, F, Fut>(
+    /// [`Self::fenced_tx_unless_cancelled`] before returning. Failures are recorded here.
+    pub async fn step_with_own_commit<T, F, Fut>(
         &self,
         name: &str,
         position: i32,
@@ -163,7 +163,7 @@ impl JobContext {
     /// Makes succeeded steps run again on the next attempt (their inputs went stale).
     pub async fn reset_steps(&self, names: &[&str]) -> Result<(), JobError> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut tx = self.fenced_tx().await?;
+        let mut tx = self.fenced_tx_unless_cancelled().await?;
         sqlx::query("UPDATE job_steps SET state = 'pending', output = NULL WHERE job_id = $1 AND step = ANY($2)")
             .bind(self.job.id)
             .bind(&names)
@@ -198,7 +198,7 @@ impl JobContext {
     /// Marks a step running and counts the attempt; stops here if a cancel was requested.
     /// Returns the attempt number.
     pub async fn start_step(&self, name: &str, position: i32) -> Result<i32, JobError> {
-        let mut tx = self.fenced_tx().await?;
+        let mut tx = self.fenced_tx_unless_cancelled().await?;
         let attempt: i32 = sqlx::query_scalar(
             "INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
              VALUES ($1, $2, $3, 'running', 1, clock_timestamp())
@@ -216,9 +216,22 @@ impl JobContext {
         Ok(attempt)
     }
 
-    /// Opens a transaction that holds the job's lease (row lock) or fails with `LeaseLost`;
-    /// fails with `Cancelled` when a cancel was requested.
+    /// Opens a transaction fenced by the job's lease: it holds the job's row lock, or fails with
+    /// `LeaseLost` when another worker owns the job now. A requested cancel does not refuse it
+    /// (work already done is still recorded).
     pub async fn fenced_tx(&self) -> Result<Transaction<'static, Postgres>, JobError> {
+        let mut tx = self.pool.begin().await?;
+        match queue::hold_lease(&mut tx, self.job.id, self.token).await? {
+            None => Err(JobError::LeaseLost),
+            Some(_) => Ok(tx),
+        }
+    }
+
+    /// Like [`Self::fenced_tx`], but fails with `Cancelled` when a cancel was requested: for
+    /// transactions that start new work.
+    pub async fn fenced_tx_unless_cancelled(
+        &self,
+    ) -> Result<Transaction<'static, Postgres>, JobError> {
         let mut tx = self.pool.begin().await?;
         match queue::hold_lease(&mut tx, self.job.id, self.token).await? {
             None => Err(JobError::LeaseLost),
@@ -227,17 +240,9 @@ impl JobContext {
         }
     }
 
-    /// Like [`Self::fenced_tx`], but a requested cancel does not refuse the transaction.
-    pub async fn leased_tx(&self) -> Result<Transaction<'static, Postgres>, JobError> {
-        let mut tx = self.pool.begin().await?;
-        match queue::hold_lease(&mut tx, self.job.id, self.token).await? {
-            None => Err(JobError::LeaseLost),
-            Some(_) => Ok(tx),
-        }
-    }
-
     /// Records a step's success and its audit entry inside `tx` (which must come from
-    /// [`Self::fenced_tx`]); callers add their own writes to the same transaction.
+    /// [`Self::fenced_tx_unless_cancelled`]); callers add their own writes to the same
+    /// transaction.
     pub async fn finish_step<T: Serialize>(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -281,11 +286,7 @@ impl JobContext {
         if matches!(err, JobError::LeaseLost) {
             return Ok(());
         }
-        let mut tx = match self.fenced_tx().await {
-            Ok(tx) => tx,
-            Err(JobError::Cancelled) => self.pool.begin().await?,
-            Err(other) => return Err(other),
-        };
+        let mut tx = self.fenced_tx().await?;
         let message = err.to_string();
         let seconds: Option<f64> = sqlx::query_scalar(
             "UPDATE job_steps SET state = 'failed', last_error = $3, finished_at = clock_timestamp()
@@ -320,12 +321,7 @@ impl JobContext {
         AuditEntry {
             actor: self.job.created_by.clone(),
             request_id: None,
-            repository: self
-                .job
-                .payload
-                .get("repository")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
+            subject: self.job.subject_name.clone(),
             job_id: Some(self.job.id),
             step: Some(step.to_owned()),
             attempt: Some(attempt),

@@ -1,5 +1,7 @@
-//! A durable job queue in Postgres. It knows nothing of AWS or Kubernetes: job kinds plug in
-//! through [`JobHandler`], and each kind reports progress through [`JobContext`] steps.
+//! A durable job queue in Postgres. It knows jobs, steps, leases, attempts and audit entries,
+//! nothing of repositories, AWS or Kubernetes: a job kind names itself, its payload and its
+//! subject through [`JobKind`], runs through [`JobHandler`], and reports progress through
+//! [`JobContext`] steps.
 //!
 //! - enqueue happens in the caller's transaction, next to the domain write;
 //! - workers claim with `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY with polling as fallback;
@@ -12,13 +14,20 @@ pub mod backoff;
 pub mod context;
 pub mod queue;
 pub mod runner;
+pub mod state_changes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
 pub use context::{JobContext, StepDone};
-pub use queue::{Job, JobState, NewJob, StepRow};
+pub use queue::{Job, JobState, NewJob, StepRow, Subject};
 pub use runner::{WorkerConfig, WorkerPool};
+pub use state_changes::JobStateChanges;
 
 /// How a job (or one of its steps) ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -39,14 +48,40 @@ pub enum JobError {
     Database(#[from] sqlx::Error),
 }
 
-impl From<crate::cloud::CloudError> for JobError {
-    fn from(err: crate::cloud::CloudError) -> Self {
-        if err.is_retryable() {
-            JobError::Retryable(err.to_string())
-        } else {
-            JobError::Permanent(err.to_string())
-        }
-    }
+/// A kind of job, typed: the name stored with each job, its payload, and what it works on
+/// (the crates.io `BackgroundJob` pattern). Queue one with [`enqueue`].
+pub trait JobKind {
+    /// Stored in `jobs.kind`; must never change once jobs of this kind exist.
+    const KIND: &'static str;
+    /// Stored as the job's payload (never a secret value).
+    type Payload: Serialize + DeserializeOwned + Send + Sync;
+    /// What the job works on: at most one job per subject is queued or running.
+    fn subject(payload: &Self::Payload) -> Option<Subject>;
+}
+
+/// Who queues a job and how many attempts it gets.
+#[derive(Debug, Clone, Copy)]
+pub struct EnqueueOptions<'a> {
+    pub created_by: &'a str,
+    pub max_attempts: i32,
+}
+
+/// Queues a job of kind `K` inside the caller's transaction, next to the domain write it
+/// belongs to. A subject that already has an active job fails it: see [`queue::is_subject_busy`].
+pub async fn enqueue<K: JobKind>(
+    conn: &mut PgConnection,
+    payload: &K::Payload,
+    options: EnqueueOptions<'_>,
+) -> Result<Uuid, sqlx::Error> {
+    let value = serde_json::to_value(payload).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let job = NewJob {
+        kind: K::KIND,
+        subject: K::subject(payload),
+        payload: value,
+        max_attempts: options.max_attempts,
+        created_by: options.created_by,
+    };
+    queue::enqueue(conn, job).await
 }
 
 /// A kind of job: a name stored with each job, and the code that runs it.

@@ -1,7 +1,8 @@
 //! The queue's SQL: enqueue, claim, heartbeat, finish, rescue, cancel, retry.
 //!
-//! A job's subject repository (if any) follows the job's state in the same statement, so the
-//! repository's state can never disagree with its active job.
+//! A job may have a subject (what it works on); at most one job per subject is active. How a
+//! subject follows its jobs' states is up to the job kinds: a database trigger on `jobs`, so the
+//! subject changes in the same transaction as the job, whoever changes the job.
 
 use std::time::Duration;
 
@@ -54,7 +55,8 @@ impl JobState {
 pub struct Job {
     pub id: Uuid,
     pub kind: String,
-    pub repository_id: Option<Uuid>,
+    pub subject_id: Option<Uuid>,
+    pub subject_name: Option<String>,
     pub payload: serde_json::Value,
     pub state: String,
     pub attempts: i32,
@@ -88,36 +90,53 @@ pub struct StepRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// What a job works on: the id that at most one active job may hold, and a name for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub id: Uuid,
+    pub name: String,
+}
+
 pub struct NewJob<'a> {
     pub kind: &'a str,
-    pub repository_id: Option<Uuid>,
+    pub subject: Option<Subject>,
     pub payload: serde_json::Value,
     pub max_attempts: i32,
     pub created_by: &'a str,
 }
 
-const JOB_COLUMNS: &str = "id, kind, repository_id, payload, state, attempts, max_attempts, run_at, lease_token, \
+pub(crate) const JOB_COLUMNS: &str = "id, kind, subject_id, subject_name, payload, state, attempts, max_attempts, run_at, lease_token, \
      lease_expires_at, cancel_requested, last_error, created_by, created_at, started_at, finished_at";
 
 /// Inserts a queued job. Call it inside the transaction that writes the domain change; the
 /// insert trigger notifies workers when that transaction commits. Fails with a unique violation
-/// on `jobs_one_active_per_repository` when the repository already has an active job.
+/// on [`ONE_ACTIVE_PER_SUBJECT`] when the subject already has an active job (see
+/// [`is_subject_busy`]).
 pub async fn enqueue(conn: &mut PgConnection, job: NewJob<'_>) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::new_v4();
+    let (subject_id, subject_name) = job.subject.map(|s| (s.id, s.name)).unzip();
     sqlx::query(
-        "INSERT INTO jobs (id, kind, repository_id, payload, max_attempts, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO jobs (id, kind, subject_id, subject_name, payload, max_attempts, created_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id)
     .bind(job.kind)
-    .bind(job.repository_id)
+    .bind(subject_id)
+    .bind(subject_name)
     .bind(&job.payload)
     .bind(job.max_attempts)
     .bind(job.created_by)
     .execute(&mut *conn)
     .await?;
-    set_subject_state(&mut *conn, id, "pending").await?;
     Ok(id)
+}
+
+/// The unique index that allows one queued or running job per subject.
+pub const ONE_ACTIVE_PER_SUBJECT: &str = "jobs_one_active_per_subject";
+
+/// True when `err` says the subject already has a queued or running job.
+pub fn is_subject_busy(err: &sqlx::Error) -> bool {
+    crate::db::violated_constraint(err) == Some(ONE_ACTIVE_PER_SUBJECT)
 }
 
 /// Claims the oldest runnable job of the given kinds, if any, with a fresh lease token.
@@ -146,9 +165,6 @@ pub async fn claim(
     .bind(lease.as_secs_f64())
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(job) = &job {
-        set_subject_state(&mut tx, job.id, "provisioning").await?;
-    }
     tx.commit().await?;
     Ok(job)
 }
@@ -222,7 +238,6 @@ pub async fn finish(
         Finish::Failed { error } => ("failed", Some(error), Duration::ZERO),
         Finish::Cancelled => ("cancelled", None, Duration::ZERO),
     };
-    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE jobs
             SET state = $3, last_error = coalesce($4, last_error), lease_token = NULL,
@@ -236,20 +251,9 @@ pub async fn finish(
     .bind(state)
     .bind(error)
     .bind(delay.as_secs_f64())
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
-    }
-    let subject_state = match state {
-        "succeeded" => "ready",
-        "queued" => "provisioning",
-        other => other,
-    };
-    set_subject_state(&mut tx, id, subject_state).await?;
-    set_subject_error(&mut tx, id, error).await?;
-    tx.commit().await?;
-    Ok(true)
+    Ok(done.rows_affected() == 1)
 }
 
 /// Gives a job back to the queue without counting the attempt (graceful shutdown).
@@ -270,8 +274,7 @@ pub async fn release(pool: &PgPool, id: Uuid, token: Uuid) -> Result<bool, sqlx:
 /// Re-queues jobs whose lease expired (their worker died or hung); fails those out of attempts.
 /// Returns the ids it touched.
 pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let rescued: Vec<(Uuid, String)> = sqlx::query_as(
+    sqlx::query_scalar(
         "UPDATE jobs
             SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
                 last_error = CASE WHEN attempts >= max_attempts
@@ -282,20 +285,10 @@ pub async fn rescue_expired(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
           WHERE id IN (SELECT id FROM jobs
                         WHERE state = 'running' AND lease_expires_at < now()
                         FOR UPDATE SKIP LOCKED)
-        RETURNING id, state",
+        RETURNING id",
     )
-    .fetch_all(&mut *tx)
-    .await?;
-    for (id, state) in &rescued {
-        let subject = if state == "failed" {
-            "failed"
-        } else {
-            "provisioning"
-        };
-        set_subject_state(&mut tx, *id, subject).await?;
-    }
-    tx.commit().await?;
-    Ok(rescued.into_iter().map(|(id, _)| id).collect())
+    .fetch_all(pool)
+    .await
 }
 
 /// Outcome of a cancel request.
@@ -338,7 +331,6 @@ pub async fn cancel_in(tx: &mut PgConnection, id: Uuid) -> Result<CancelOutcome,
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            set_subject_state(tx, id, "cancelled").await?;
             CancelOutcome::Cancelled
         }
         JobState::Running => {
@@ -357,7 +349,7 @@ pub async fn cancel_in(tx: &mut PgConnection, id: Uuid) -> Result<CancelOutcome,
 pub enum RetryOutcome {
     Queued,
     NotRetryable(JobState),
-    /// The repository has another active job.
+    /// The job's subject has another active job.
     Conflict,
     NotFound,
 }
@@ -390,16 +382,13 @@ pub async fn retry_in(tx: &mut PgConnection, id: Uuid) -> Result<RetryOutcome, s
     .execute(&mut *tx)
     .await;
     match updated {
-        Err(e) if crate::db::violated_constraint(&e) == Some("jobs_one_active_per_repository") => {
-            return Ok(RetryOutcome::Conflict);
-        }
+        Err(e) if is_subject_busy(&e) => return Ok(RetryOutcome::Conflict),
         other => other?,
     };
     sqlx::query("UPDATE job_steps SET state = 'pending', last_error = NULL WHERE job_id = $1 AND state = 'failed'")
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    set_subject_state(tx, id, "pending").await?;
     Ok(RetryOutcome::Queued)
 }
 
@@ -436,34 +425,17 @@ pub async fn stats(pool: &PgPool) -> Result<(Vec<(String, i64)>, f64), sqlx::Err
     Ok((by_state, lag.unwrap_or(0.0).max(0.0)))
 }
 
-async fn set_subject_state(
-    conn: &mut PgConnection,
-    job_id: Uuid,
-    state: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE backup_repositories SET state = $2, updated_at = now()
-          WHERE id = (SELECT repository_id FROM jobs WHERE id = $1)",
-    )
-    .bind(job_id)
-    .bind(state)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn set_subject_error(
-    conn: &mut PgConnection,
-    job_id: Uuid,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE backup_repositories SET last_error = $2
-          WHERE id = (SELECT repository_id FROM jobs WHERE id = $1)",
-    )
-    .bind(job_id)
-    .bind(error)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// The latest job of each subject in `ids`, e.g. for list views.
+pub async fn latest_per_subject(
+    db: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<Vec<Job>, sqlx::Error> {
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "SELECT DISTINCT ON (subject_id) {JOB_COLUMNS}
+           FROM jobs WHERE subject_id = ANY($1)
+          ORDER BY subject_id, created_at DESC"
+    )))
+    .bind(ids)
+    .fetch_all(db)
+    .await
 }

@@ -80,11 +80,11 @@ mod tests {
 
     fn request(allow: bool) -> ProvisionPayload {
         ProvisionPayload {
-            repository: "zitadel".into(),
+            repository: "zitadel".to_owned().try_into().unwrap(),
             repository_id: uuid::Uuid::nil(),
-            namespace: "zitadel".into(),
-            bucket: "holos-zitadel-backups".into(),
-            region: "us-east-1".into(),
+            namespace: "zitadel".to_owned().try_into().unwrap(),
+            bucket: "holos-zitadel-backups".to_owned().try_into().unwrap(),
+            region: "us-east-1".to_owned().try_into().unwrap(),
             allow_new_cipher_pass: allow,
             adopt_existing_secret: false,
         }

@@ -17,15 +17,44 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::secret::{self, ExistingSecret, S3Conf};
-use super::{
-    JOB_KIND, ProvisionPayload, access_key, bucket, cipher_pass, credential_check, group, policy,
-    sealed, user,
-};
+use super::{access_key, bucket, cipher_pass, credential_check, group, policy, sealed, user};
 use crate::cloud::aws::AwsClients;
 use crate::cloud::{Outcome, StepReport};
 use crate::crypto::EncryptionKey;
-use crate::jobs::{JobContext, JobError, JobHandler, StepDone};
+use crate::domain::{BucketName, Namespace, Region, RepositoryName};
+use crate::jobs::{JobContext, JobError, JobHandler, JobKind, StepDone, Subject};
 use crate::repository::{self, Resources, SecretRef};
+
+/// The provisioning job kind: one repository, brought to the runbook's state.
+pub struct ProvisionRepository;
+
+impl JobKind for ProvisionRepository {
+    /// Never rename: queued jobs carry it.
+    const KIND: &'static str = "provision-repository";
+    type Payload = ProvisionPayload;
+
+    fn subject(payload: &ProvisionPayload) -> Option<Subject> {
+        Some(Subject {
+            id: payload.repository_id,
+            name: payload.repository.to_string(),
+        })
+    }
+}
+
+/// What a provisioning job is asked to do (stored as the job payload; no secrets). Every name is
+/// validated again when a worker reads the payload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProvisionPayload {
+    pub repository: RepositoryName,
+    pub repository_id: uuid::Uuid,
+    pub namespace: Namespace,
+    pub bucket: BucketName,
+    pub region: Region,
+    #[serde(default)]
+    pub allow_new_cipher_pass: bool,
+    #[serde(default)]
+    pub adopt_existing_secret: bool,
+}
 
 /// What the provisioning job needs from the outside world.
 pub struct Provisioner {
@@ -37,16 +66,40 @@ pub struct Provisioner {
     pub credential_check_backoff: Duration,
 }
 
-// Step names (stored in job_steps; never rename) and their display order.
-const BUCKET: (&str, i32) = ("bucket", 1);
-const POLICY: (&str, i32) = ("policy", 2);
-const GROUP: (&str, i32) = ("group", 3);
-const USER: (&str, i32) = ("user", 4);
-const CIPHER_PASS: (&str, i32) = ("cipher_pass", 5);
-const ACCESS_KEY: (&str, i32) = ("access_key", 6);
-const KEY_DESCRIPTION: (&str, i32) = ("access_key_description", 7);
-const CREDENTIAL_CHECK: (&str, i32) = ("credential_check", 8);
-const SECRET: (&str, i32) = ("secret", 9);
+/// The steps of the provisioning job, in display order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Bucket,
+    Policy,
+    Group,
+    User,
+    CipherPass,
+    AccessKey,
+    AccessKeyDescription,
+    CredentialCheck,
+    Secret,
+}
+
+impl Step {
+    /// Stored in `job_steps.step`; never rename.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Step::Bucket => "bucket",
+            Step::Policy => "policy",
+            Step::Group => "group",
+            Step::User => "user",
+            Step::CipherPass => "cipher_pass",
+            Step::AccessKey => "access_key",
+            Step::AccessKeyDescription => "access_key_description",
+            Step::CredentialCheck => "credential_check",
+            Step::Secret => "secret",
+        }
+    }
+
+    pub const fn position(self) -> i32 {
+        self as i32 + 1
+    }
+}
 
 /// Where the access key's secret comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,38 +122,46 @@ pub struct KeyOutput {
 #[async_trait::async_trait]
 impl JobHandler for Provisioner {
     fn kind(&self) -> &'static str {
-        JOB_KIND
+        ProvisionRepository::KIND
     }
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
-        let p: ProvisionPayload = ctx.payload()?;
-        let existing = secret::read(&self.kube, &p.namespace, &p.bucket).await?;
-        refuse_unmanaged_secret(existing.as_ref(), &p)?;
-        let s3 = self.aws.s3_for_region(&p.region);
+        let payload: ProvisionPayload = ctx.payload()?;
+        let existing = secret::read(
+            &self.kube,
+            payload.namespace.as_str(),
+            payload.bucket.as_str(),
+        )
+        .await?;
+        refuse_unmanaged_secret(existing.as_ref(), &payload)?;
+        let s3 = self.aws.s3_for_region(payload.region.as_str());
         // The bucket and the IAM chain (policy, then group, then user) do not depend on each
         // other: they run concurrently.
         let iam_chain = async {
-            let policy_arn = self.policy_step(ctx, &p).await?;
-            self.group_step(ctx, &p, &policy_arn).await?;
-            self.user_step(ctx, &p).await
+            let policy_arn = self.policy_step(ctx, &payload).await?;
+            self.group_step(ctx, &payload, &policy_arn).await?;
+            self.user_step(ctx, &payload).await
         };
         // join, not try_join: a failure on one side lets the other finish and record its step
         // instead of abandoning it half-way.
-        let (bucket, iam) = tokio::join!(self.bucket_step(ctx, &s3, &p), iam_chain);
-        both(bucket.map(drop), iam)?;
-        self.cipher_pass_step(ctx, &s3, &p, existing.as_ref())
+        let (bucket, iam) = tokio::join!(self.bucket_step(ctx, &s3, &payload), iam_chain);
+        first_failure_of(bucket.map(drop), iam)?;
+        self.cipher_pass_step(ctx, &s3, &payload, existing.as_ref())
             .await?;
-        let key = self.access_key_step(ctx, &p, existing.as_ref()).await?;
-        self.key_description_step(ctx, &p, &key).await?;
-        let conf = self.s3_conf(ctx, &p, existing.as_ref(), &key).await?;
-        self.credential_check_step(ctx, &p, &key, &conf).await?;
-        self.secret_step(ctx, &p, &conf).await
+        let key = self
+            .access_key_step(ctx, &payload, existing.as_ref())
+            .await?;
+        self.key_description_step(ctx, &payload, &key).await?;
+        let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
+        self.credential_check_step(ctx, &payload, &key, &conf)
+            .await?;
+        self.secret_step(ctx, &payload, &conf).await
     }
 }
 
 /// Combines two concurrent branches: a permanent failure on either side wins (retrying cannot
 /// help), then any other failure.
-fn both(a: Result<(), JobError>, b: Result<(), JobError>) -> Result<(), JobError> {
+fn first_failure_of(a: Result<(), JobError>, b: Result<(), JobError>) -> Result<(), JobError> {
     match (a, b) {
         (Err(e @ JobError::Permanent(_)), _) | (_, Err(e @ JobError::Permanent(_))) => Err(e),
         (Err(e), _) | (_, Err(e)) => Err(e),
@@ -110,15 +171,15 @@ fn both(a: Result<(), JobError>, b: Result<(), JobError>) -> Result<(), JobError
 
 fn refuse_unmanaged_secret(
     existing: Option<&ExistingSecret>,
-    p: &ProvisionPayload,
+    payload: &ProvisionPayload,
 ) -> Result<(), JobError> {
     match existing {
-        Some(s) if !s.managed_by_us && !p.adopt_existing_secret => {
+        Some(s) if !s.managed_by_us && !payload.adopt_existing_secret => {
             Err(JobError::Permanent(format!(
                 "Secret {}/{} exists and is not managed by backup-provisioner; it was left untouched. \
              Remove it, or create the repository with \"adopt_existing_secret\": true to take it over \
              (its cipher pass is kept)",
-                p.namespace, p.bucket
+                payload.namespace, payload.bucket
             )))
         }
         _ => Ok(()),
@@ -157,15 +218,15 @@ fn done<T>(output: T, report: StepReport) -> StepDone<T> {
 }
 
 impl Provisioner {
-    async fn remember(
+    async fn record_resources(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         patch: Resources,
     ) -> Result<(), JobError> {
         // Fenced like every other write of the job: a worker that lost its lease stays quiet.
-        let mut tx = ctx.leased_tx().await?;
-        repository::merge_resources(&mut *tx, p.repository_id, &patch).await?;
+        let mut tx = ctx.fenced_tx().await?;
+        repository::merge_resources(&mut *tx, payload.repository_id, &patch).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -174,17 +235,23 @@ impl Provisioner {
         &self,
         ctx: &JobContext,
         s3: &aws_sdk_s3::Client,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
     ) -> Result<String, JobError> {
         let arn: String = ctx
-            .step(BUCKET.0, BUCKET.1, async {
-                let report = bucket::ensure(s3, &p.bucket, &p.region, &p.repository).await?;
-                Ok(done(bucket::arn(&p.bucket), report))
+            .step(Step::Bucket.name(), Step::Bucket.position(), async {
+                let report = bucket::ensure(
+                    s3,
+                    payload.bucket.as_str(),
+                    payload.region.as_str(),
+                    payload.repository.as_str(),
+                )
+                .await?;
+                Ok(done(bucket::arn(payload.bucket.as_str()), report))
             })
             .await?;
-        self.remember(
+        self.record_resources(
             ctx,
-            p,
+            payload,
             Resources {
                 bucket_arn: Some(arn.clone()),
                 ..Default::default()
@@ -197,17 +264,17 @@ impl Provisioner {
     async fn policy_step(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
     ) -> Result<String, JobError> {
         let arn: String = ctx
-            .step(POLICY.0, POLICY.1, async {
-                let (report, arn) = policy::ensure(&self.aws.iam, &p.bucket).await?;
+            .step(Step::Policy.name(), Step::Policy.position(), async {
+                let (report, arn) = policy::ensure(&self.aws.iam, payload.bucket.as_str()).await?;
                 Ok(done(arn, report))
             })
             .await?;
-        self.remember(
+        self.record_resources(
             ctx,
-            p,
+            payload,
             Resources {
                 policy_arn: Some(arn.clone()),
                 ..Default::default()
@@ -220,18 +287,19 @@ impl Provisioner {
     async fn group_step(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         policy_arn: &str,
     ) -> Result<(), JobError> {
         let name: String = ctx
-            .step(GROUP.0, GROUP.1, async {
-                let report = group::ensure(&self.aws.iam, &p.bucket, policy_arn).await?;
-                Ok(done(p.bucket.clone(), report))
+            .step(Step::Group.name(), Step::Group.position(), async {
+                let report =
+                    group::ensure(&self.aws.iam, payload.bucket.as_str(), policy_arn).await?;
+                Ok(done(payload.bucket.to_string(), report))
             })
             .await?;
-        self.remember(
+        self.record_resources(
             ctx,
-            p,
+            payload,
             Resources {
                 group: Some(name),
                 ..Default::default()
@@ -240,16 +308,25 @@ impl Provisioner {
         .await
     }
 
-    async fn user_step(&self, ctx: &JobContext, p: &ProvisionPayload) -> Result<(), JobError> {
+    async fn user_step(
+        &self,
+        ctx: &JobContext,
+        payload: &ProvisionPayload,
+    ) -> Result<(), JobError> {
         let name: String = ctx
-            .step(USER.0, USER.1, async {
-                let report = user::ensure(&self.aws.iam, &p.bucket, &p.repository).await?;
-                Ok(done(p.bucket.clone(), report))
+            .step(Step::User.name(), Step::User.position(), async {
+                let report = user::ensure(
+                    &self.aws.iam,
+                    payload.bucket.as_str(),
+                    payload.repository.as_str(),
+                )
+                .await?;
+                Ok(done(payload.bucket.to_string(), report))
             })
             .await?;
-        self.remember(
+        self.record_resources(
             ctx,
-            p,
+            payload,
             Resources {
                 user: Some(name),
                 ..Default::default()
@@ -264,62 +341,82 @@ impl Provisioner {
         &self,
         ctx: &JobContext,
         s3: &aws_sdk_s3::Client,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
     ) -> Result<cipher_pass::Source, JobError> {
-        ctx.step_manual(CIPHER_PASS.0, CIPHER_PASS.1, |attempt| async move {
-            let held = self.held(ctx, p, sealed::Kind::CipherPass).await?;
-            let in_secret = existing.and_then(|s| s.cipher_pass.as_ref()).is_some();
-            let bucket_has_objects = || bucket::has_objects(s3, &p.bucket);
-            let decision =
-                cipher_pass::decide(in_secret, held.is_some(), p, bucket_has_objects).await?;
-            let mut tx = ctx.fenced_tx().await?;
-            if let cipher_pass::Decision::Generate(pass) = &decision {
-                let secret = SecretString::from(pass.expose().to_owned());
-                sealed::put(
+        ctx.step_with_own_commit(
+            Step::CipherPass.name(),
+            Step::CipherPass.position(),
+            |attempt| async move {
+                let held = self
+                    .sealed_material(ctx, payload, sealed::Kind::CipherPass)
+                    .await?;
+                let in_secret = existing.and_then(|s| s.cipher_pass.as_ref()).is_some();
+                let bucket_has_objects = || bucket::has_objects(s3, payload.bucket.as_str());
+                let decision =
+                    cipher_pass::decide(in_secret, held.is_some(), payload, bucket_has_objects)
+                        .await?;
+                let mut tx = ctx.fenced_tx_unless_cancelled().await?;
+                if let cipher_pass::Decision::Generate(pass) = &decision {
+                    let secret = SecretString::from(pass.expose().to_owned());
+                    sealed::put(
+                        &mut tx,
+                        &self.encryption_key,
+                        payload.repository_id,
+                        sealed::Kind::CipherPass,
+                        "cipher-pass",
+                        &secret,
+                    )
+                    .await?;
+                }
+                ctx.checkpoint(Step::CipherPass.name(), "before-record");
+                let source = decision.source();
+                let report = StepReport::new(decision.outcome(), json!({ "source": source }));
+                ctx.finish_step(
                     &mut tx,
-                    &self.encryption_key,
-                    p.repository_id,
-                    sealed::Kind::CipherPass,
-                    "cipher-pass",
-                    &secret,
+                    Step::CipherPass.name(),
+                    attempt,
+                    &done(source, report),
                 )
                 .await?;
-            }
-            ctx.checkpoint(CIPHER_PASS.0, "before-record");
-            let source = decision.source();
-            let report = StepReport::new(decision.outcome(), json!({ "source": source }));
-            ctx.finish_step(&mut tx, CIPHER_PASS.0, attempt, &done(source, report))
-                .await?;
-            tx.commit().await?;
-            Ok(source)
-        })
+                tx.commit().await?;
+                Ok(source)
+            },
+        )
         .await
     }
 
-    async fn held(
+    async fn sealed_material(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         kind: sealed::Kind,
     ) -> Result<Option<sealed::Held>, JobError> {
-        Ok(sealed::get(ctx.pool(), &self.encryption_key, p.repository_id, kind).await?)
+        Ok(sealed::get(
+            ctx.pool(),
+            &self.encryption_key,
+            payload.repository_id,
+            kind,
+        )
+        .await?)
     }
 
     async fn access_key_step(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
     ) -> Result<KeyOutput, JobError> {
         let key: KeyOutput = ctx
-            .step_manual(ACCESS_KEY.0, ACCESS_KEY.1, |attempt| {
-                self.reconcile_access_key(ctx, p, existing, attempt)
-            })
+            .step_with_own_commit(
+                Step::AccessKey.name(),
+                Step::AccessKey.position(),
+                |attempt| self.reconcile_access_key(ctx, payload, existing, attempt),
+            )
             .await?;
-        self.remember(
+        self.record_resources(
             ctx,
-            p,
+            payload,
             Resources {
                 access_key_id: Some(key.access_key_id.clone()),
                 ..Default::default()
@@ -337,19 +434,23 @@ impl Provisioner {
     async fn reconcile_access_key(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
         attempt: i32,
     ) -> Result<KeyOutput, JobError> {
-        let mut tx = ctx.fenced_tx().await?;
-        let keys = access_key::list(&self.aws.iam, &p.bucket).await?;
+        let mut tx = ctx.fenced_tx_unless_cancelled().await?;
+        let keys = access_key::list(&self.aws.iam, payload.bucket.as_str()).await?;
         let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
-        let held = self.held(ctx, p, sealed::Kind::AccessKey).await?;
+        let held = self
+            .sealed_material(ctx, payload, sealed::Kind::AccessKey)
+            .await?;
         let referenced = existing
             .and_then(|s| s.conf.as_ref())
             .map(|c| c.access_key_id.as_str());
         let keep = choose_key(&ids, held.as_ref().map(|h| h.key_id.as_str()), referenced);
-        let deleted = self.delete_keys_except(p, &ids, keep.as_ref()).await?;
+        let deleted = self
+            .delete_keys_except(payload, &ids, keep.as_ref())
+            .await?;
         let (output, mut report) = match keep {
             Some(key) => {
                 let outcome = if deleted.is_empty() {
@@ -360,14 +461,14 @@ impl Provisioner {
                 (key, StepReport::new(outcome, json!({})))
             }
             None => {
-                sealed::forget(&mut *tx, p.repository_id, sealed::Kind::AccessKey).await?;
-                self.create_sealed_key(ctx, &mut tx, p).await?
+                sealed::forget(&mut *tx, payload.repository_id, sealed::Kind::AccessKey).await?;
+                self.create_sealed_key(ctx, &mut tx, payload).await?
             }
         };
         report.detail = json!({ "access_key_id": output.access_key_id, "source": output.source, "deleted": deleted });
         ctx.finish_step(
             &mut tx,
-            ACCESS_KEY.0,
+            Step::AccessKey.name(),
             attempt,
             &done(output.clone(), report),
         )
@@ -379,7 +480,7 @@ impl Provisioner {
     /// Deletes every key of the user except `keep` (and its description tag).
     async fn delete_keys_except(
         &self,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         ids: &[&str],
         keep: Option<&KeyOutput>,
     ) -> Result<Vec<String>, JobError> {
@@ -388,8 +489,8 @@ impl Provisioner {
             .iter()
             .filter(|id| Some(**id) != keep.map(|k| k.access_key_id.as_str()))
         {
-            access_key::delete(&self.aws.iam, &p.bucket, id).await?;
-            access_key::remove_description_tag(&self.aws.iam, &p.bucket, id).await?;
+            access_key::delete(&self.aws.iam, payload.bucket.as_str(), id).await?;
+            access_key::remove_description_tag(&self.aws.iam, payload.bucket.as_str(), id).await?;
             deleted.push((*id).to_owned());
         }
         Ok(deleted)
@@ -400,14 +501,14 @@ impl Provisioner {
         &self,
         ctx: &JobContext,
         tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
     ) -> Result<(KeyOutput, StepReport), JobError> {
-        let new = access_key::create(&self.aws.iam, &p.bucket).await?;
-        ctx.checkpoint(ACCESS_KEY.0, "before-record");
+        let new = access_key::create(&self.aws.iam, payload.bucket.as_str()).await?;
+        ctx.checkpoint(Step::AccessKey.name(), "before-record");
         sealed::put(
             tx,
             &self.encryption_key,
-            p.repository_id,
+            payload.repository_id,
             sealed::Kind::AccessKey,
             &new.id,
             &new.secret,
@@ -427,15 +528,22 @@ impl Provisioner {
     async fn key_description_step(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         key: &KeyOutput,
     ) -> Result<(), JobError> {
-        ctx.step(KEY_DESCRIPTION.0, KEY_DESCRIPTION.1, async {
-            let report =
-                access_key::ensure_description_tag(&self.aws.iam, &p.bucket, &key.access_key_id)
-                    .await?;
-            Ok(done((), report))
-        })
+        ctx.step(
+            Step::AccessKeyDescription.name(),
+            Step::AccessKeyDescription.position(),
+            async {
+                let report = access_key::ensure_description_tag(
+                    &self.aws.iam,
+                    payload.bucket.as_str(),
+                    &key.access_key_id,
+                )
+                .await?;
+                Ok(done((), report))
+            },
+        )
         .await
     }
 
@@ -443,7 +551,7 @@ impl Provisioner {
     async fn s3_conf(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
         key: &KeyOutput,
     ) -> Result<S3Conf, JobError> {
@@ -451,7 +559,8 @@ impl Provisioner {
         let in_secret = existing.and_then(|s| s.cipher_pass.clone());
         let cipher_pass = match (
             in_secret,
-            self.held(ctx, p, sealed::Kind::CipherPass).await?,
+            self.sealed_material(ctx, payload, sealed::Kind::CipherPass)
+                .await?,
         ) {
             (Some(pass), _) => pass,
             (None, Some(held)) => held.secret,
@@ -459,11 +568,14 @@ impl Provisioner {
                 return Err(JobError::Permanent(format!(
                     "the cipher pass for {} is no longer available: the Secret {}/{} disappeared after it was read. \
                      Restore the Secret (backups are encrypted with its cipher pass), then retry",
-                    p.repository, p.namespace, p.bucket
+                    payload.repository, payload.namespace, payload.bucket
                 )));
             }
         };
-        let secret_access_key = match self.held(ctx, p, sealed::Kind::AccessKey).await? {
+        let secret_access_key = match self
+            .sealed_material(ctx, payload, sealed::Kind::AccessKey)
+            .await?
+        {
             Some(held) if held.key_id == key.access_key_id => held.secret,
             _ => match current {
                 Some(conf) if conf.access_key_id == key.access_key_id => {
@@ -471,8 +583,12 @@ impl Provisioner {
                 }
                 _ => {
                     // The key's secret is gone (e.g. the Secret changed meanwhile): make a new key.
-                    ctx.reset_steps(&[ACCESS_KEY.0, KEY_DESCRIPTION.0, CREDENTIAL_CHECK.0])
-                        .await?;
+                    ctx.reset_steps(&[
+                        Step::AccessKey.name(),
+                        Step::AccessKeyDescription.name(),
+                        Step::CredentialCheck.name(),
+                    ])
+                    .await?;
                     return Err(JobError::Retryable(format!(
                         "no secret is held for access key {}; a new key will be made on the next attempt",
                         key.access_key_id
@@ -493,28 +609,39 @@ impl Provisioner {
     async fn credential_check_step(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         key: &KeyOutput,
         conf: &S3Conf,
     ) -> Result<(), JobError> {
-        ctx.step(CREDENTIAL_CHECK.0, CREDENTIAL_CHECK.1, async {
-            let client = self.aws.s3_with_static_credentials(
-                &p.region,
-                &conf.access_key_id,
-                conf.secret_access_key.expose_secret(),
-            );
-            let budget = self.credential_check_budget;
-            let backoff = self.credential_check_backoff;
-            let report = match key.source {
-                KeySource::Secret => {
-                    credential_check::verify_read_only(&client, &p.bucket, budget, backoff).await?
-                }
-                KeySource::Created | KeySource::Held => {
-                    credential_check::verify(&client, &p.bucket, budget, backoff).await?
-                }
-            };
-            Ok(done((), report))
-        })
+        ctx.step(
+            Step::CredentialCheck.name(),
+            Step::CredentialCheck.position(),
+            async {
+                let client = self.aws.s3_with_static_credentials(
+                    payload.region.as_str(),
+                    &conf.access_key_id,
+                    conf.secret_access_key.expose_secret(),
+                );
+                let budget = self.credential_check_budget;
+                let backoff = self.credential_check_backoff;
+                let report = match key.source {
+                    KeySource::Secret => {
+                        credential_check::verify_read_only(
+                            &client,
+                            payload.bucket.as_str(),
+                            budget,
+                            backoff,
+                        )
+                        .await?
+                    }
+                    KeySource::Created | KeySource::Held => {
+                        credential_check::verify(&client, payload.bucket.as_str(), budget, backoff)
+                            .await?
+                    }
+                };
+                Ok(done((), report))
+            },
+        )
         .await
     }
 
@@ -523,35 +650,44 @@ impl Provisioner {
     async fn secret_step(
         &self,
         ctx: &JobContext,
-        p: &ProvisionPayload,
+        payload: &ProvisionPayload,
         conf: &S3Conf,
     ) -> Result<(), JobError> {
         let secret_ref: SecretRef = ctx
-            .step_manual(SECRET.0, SECRET.1, |attempt| async move {
-                let report = secret::apply(
-                    &self.kube,
-                    &p.namespace,
-                    &p.bucket,
-                    conf,
-                    p.adopt_existing_secret,
-                )
-                .await?;
-                ctx.checkpoint(SECRET.0, "before-record");
-                let mut tx = ctx.fenced_tx().await?;
-                sealed::wipe(&mut *tx, p.repository_id).await?;
-                let output = SecretRef {
-                    namespace: p.namespace.clone(),
-                    name: p.bucket.clone(),
-                };
-                ctx.finish_step(&mut tx, SECRET.0, attempt, &done(output.clone(), report))
+            .step_with_own_commit(
+                Step::Secret.name(),
+                Step::Secret.position(),
+                |attempt| async move {
+                    let report = secret::apply(
+                        &self.kube,
+                        payload.namespace.as_str(),
+                        payload.bucket.as_str(),
+                        conf,
+                        payload.adopt_existing_secret,
+                    )
                     .await?;
-                tx.commit().await?;
-                Ok(output)
-            })
+                    ctx.checkpoint(Step::Secret.name(), "before-record");
+                    let mut tx = ctx.fenced_tx_unless_cancelled().await?;
+                    sealed::wipe(&mut *tx, payload.repository_id).await?;
+                    let output = SecretRef {
+                        namespace: payload.namespace.to_string(),
+                        name: payload.bucket.to_string(),
+                    };
+                    ctx.finish_step(
+                        &mut tx,
+                        Step::Secret.name(),
+                        attempt,
+                        &done(output.clone(), report),
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    Ok(output)
+                },
+            )
             .await?;
-        self.remember(
+        self.record_resources(
             ctx,
-            p,
+            payload,
             Resources {
                 secret: Some(secret_ref),
                 ..Default::default()
@@ -579,18 +715,18 @@ mod tests {
         let permanent = || Err(JobError::Permanent("denied".into()));
         let retryable = || Err(JobError::Retryable("throttled".into()));
         assert!(matches!(
-            both(retryable(), permanent()),
+            first_failure_of(retryable(), permanent()),
             Err(JobError::Permanent(_))
         ));
         assert!(matches!(
-            both(permanent(), retryable()),
+            first_failure_of(permanent(), retryable()),
             Err(JobError::Permanent(_))
         ));
         assert!(matches!(
-            both(Ok(()), retryable()),
+            first_failure_of(Ok(()), retryable()),
             Err(JobError::Retryable(_))
         ));
-        assert!(both(Ok(()), Ok(())).is_ok());
+        assert!(first_failure_of(Ok(()), Ok(())).is_ok());
     }
 
     #[test]

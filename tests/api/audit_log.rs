@@ -173,7 +173,7 @@ async fn the_same_step_attempt_is_stored_once() {
     let job = uuid::Uuid::new_v4();
     let entry = AuditEntry {
         actor: "worker".into(),
-        repository: Some("zitadel".into()),
+        subject: Some("zitadel".into()),
         job_id: Some(job),
         step: Some("create-bucket".into()),
         attempt: Some(1),

@@ -792,14 +792,14 @@ async fn fifty_concurrent_enqueues_for_one_repository_leave_one_active_job() {
             Ok(id) => accepted.push(id),
             Err(e) => assert_eq!(
                 backup_provisioner::db::violated_constraint(&e),
-                Some("jobs_one_active_per_repository"),
+                Some("jobs_one_active_per_subject"),
                 "unexpected error: {e}"
             ),
         }
     }
     assert_eq!(accepted.len(), 1, "exactly one enqueue wins");
     let jobs: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT id, state FROM jobs WHERE repository_id = $1")
+        sqlx::query_as("SELECT id, state FROM jobs WHERE subject_id = $1")
             .bind(repo)
             .fetch_all(&db)
             .await

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use backup_provisioner::jobs::queue::{self, Job, NewJob};
+use backup_provisioner::jobs::queue::{self, Job, NewJob, Subject};
 use backup_provisioner::jobs::{
     JobContext, JobError, JobHandler, Registry, StepDone, WorkerConfig, WorkerPool,
 };
@@ -299,7 +299,10 @@ pub async fn enqueue_for(
         &mut tx,
         NewJob {
             kind: KIND,
-            repository_id: repository.map(|(id, _)| id),
+            subject: repository.map(|(id, name)| Subject {
+                id,
+                name: name.to_owned(),
+            }),
             payload: payload(steps, repository.map(|(_, name)| name)),
             max_attempts,
             created_by: "test@jobs",

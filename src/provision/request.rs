@@ -1,0 +1,259 @@
+//! The use case behind `POST /v1/backup-repositories` and `.../reconcile`: store what the
+//! caller wants and queue the provisioning job in the same transaction, audited.
+//!
+//! The same desired state asked again changes nothing (no duplicate job); a different desired
+//! state is a conflict naming the fields; the same desired state with other safety switches
+//! stores the switches and provisions again with them.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::job::{ProvisionPayload, ProvisionRepository};
+use crate::audit::{self, AuditEntry};
+use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
+use crate::jobs::{self, EnqueueOptions, Job, queue};
+use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow};
+
+/// Who asks: recorded as the audit entry's actor and request id, and as the job's creator.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub subject: &'a str,
+    pub request_id: Option<&'a str>,
+}
+
+/// A repository whose provisioning was just queued.
+#[derive(Debug)]
+pub struct Queued {
+    /// As it is after queueing (its state moved to `pending`).
+    pub repository: RepositoryRow,
+    pub job: Job,
+}
+
+/// What a create request did.
+#[derive(Debug)]
+pub enum Requested {
+    /// A new repository; its provisioning is queued.
+    Created(Queued),
+    /// The repository existed with other safety switches: stored, provisioning queued again.
+    OptionsChanged(Queued),
+    /// The repository exists exactly as asked; nothing was queued.
+    Unchanged {
+        repository: RepositoryRow,
+        latest_job: Option<Job>,
+    },
+}
+
+/// Why a request was refused. The messages are for the caller and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("repository '{name}' already exists with a different desired state: {} differ{}", .fields.join(", "), if .fields.len() == 1 { "s" } else { "" })]
+    DifferentDesiredState {
+        name: String,
+        fields: Vec<&'static str>,
+    },
+    #[error("bucket '{bucket}' is already used by {}", .by.as_ref().map_or("another repository".to_owned(), |name| format!("repository '{name}'")))]
+    BucketTaken { bucket: String, by: Option<String> },
+    #[error("repository '{0}' already has a queued or running job; follow it, or cancel it first")]
+    Busy(String),
+    #[error("no backup repository named '{0}'")]
+    NotFound(String),
+    #[error("the repository was deleted concurrently; retry")]
+    DeletedConcurrently,
+    /// A stored repository no longer passes validation (only a hand-edited row can do that).
+    #[error("stored repository is invalid: {0}")]
+    InvalidStored(#[from] ValidationError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Creates the repository `desired` and queues its provisioning, or answers from the existing
+/// repository of that name (see the module doc).
+pub async fn request(
+    db: &PgPool,
+    desired: &DesiredRepository,
+    actor: Actor<'_>,
+    max_attempts: i32,
+) -> Result<Requested, RequestError> {
+    let mut tx = db.begin().await?;
+    let inserted = match repository::insert_if_absent(&mut tx, desired, actor.subject).await {
+        Ok(inserted) => inserted,
+        // Two identical creates racing can trip the bucket constraint before the name's:
+        // answer from the repository of that name when there is one.
+        Err(e) if crate::db::violated_constraint(&e) == Some("backup_repositories_bucket_key") => {
+            drop(tx);
+            return match repository::by_name(db, desired.name.as_str()).await? {
+                Some(row) => answer_existing(db, row, desired, actor, max_attempts).await,
+                None => Err(bucket_taken(db, desired.bucket.as_str()).await?),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(row) = inserted else {
+        drop(tx);
+        let row = repository::by_name(db, desired.name.as_str())
+            .await?
+            .ok_or(RequestError::DeletedConcurrently)?;
+        return answer_existing(db, row, desired, actor, max_attempts).await;
+    };
+    let detail = serde_json::json!({
+        "namespace": row.namespace, "bucket": row.bucket, "region": row.region,
+        "labels": desired.labels.as_map(), "options": desired.options,
+    });
+    let audit = Audited::new(actor, "repository.create", detail);
+    let queued = queue_provisioning(db, tx, &row, &desired.options, audit, max_attempts).await?;
+    Ok(Requested::Created(queued))
+}
+
+/// Queues provisioning of an existing repository again: it converges to the runbook's state,
+/// repairing drift, and changes nothing when nothing drifted.
+pub async fn reconcile(
+    db: &PgPool,
+    name: &str,
+    actor: Actor<'_>,
+    max_attempts: i32,
+) -> Result<Queued, RequestError> {
+    let row = repository::by_name(db, name)
+        .await?
+        .ok_or_else(|| RequestError::NotFound(name.to_owned()))?;
+    let options = row.options.0.clone();
+    let audit = Audited::new(actor, "repository.reconcile", serde_json::json!({}));
+    let tx = db.begin().await?;
+    queue_provisioning(db, tx, &row, &options, audit, max_attempts).await
+}
+
+async fn answer_existing(
+    db: &PgPool,
+    row: RepositoryRow,
+    desired: &DesiredRepository,
+    actor: Actor<'_>,
+    max_attempts: i32,
+) -> Result<Requested, RequestError> {
+    let fields = row.differences(desired);
+    if !fields.is_empty() {
+        return Err(RequestError::DifferentDesiredState {
+            name: row.name,
+            fields,
+        });
+    }
+    if row.options.0 != desired.options {
+        let queued = change_options(db, row, &desired.options, actor, max_attempts).await?;
+        return Ok(Requested::OptionsChanged(queued));
+    }
+    let latest_job = queue::latest_per_subject(db, &[row.id]).await?.pop();
+    Ok(Requested::Unchanged {
+        repository: row,
+        latest_job,
+    })
+}
+
+/// The same repository with other safety switches (`allow_new_cipher_pass`,
+/// `adopt_existing_secret`): the remedy a failed job's message points at.
+async fn change_options(
+    db: &PgPool,
+    row: RepositoryRow,
+    options: &RepositoryOptions,
+    actor: Actor<'_>,
+    max_attempts: i32,
+) -> Result<Queued, RequestError> {
+    let mut tx = db.begin().await?;
+    repository::set_options(&mut *tx, row.id, options).await?;
+    let detail = serde_json::json!({ "options": options, "previous_options": row.options.0 });
+    let audit = Audited::new(actor, "repository.update-options", detail);
+    queue_provisioning(db, tx, &row, options, audit, max_attempts).await
+}
+
+/// The audit entry of an API mutation, written with the job it queues.
+struct Audited<'a> {
+    actor: Actor<'a>,
+    action: &'static str,
+    detail: serde_json::Value,
+}
+
+impl<'a> Audited<'a> {
+    fn new(actor: Actor<'a>, action: &'static str, detail: serde_json::Value) -> Self {
+        Audited {
+            actor,
+            action,
+            detail,
+        }
+    }
+}
+
+/// Queues provisioning of `row` with `options` in `tx` (audited), commits, and reads back the
+/// repository and the job as they now are.
+async fn queue_provisioning(
+    db: &PgPool,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    row: &RepositoryRow,
+    options: &RepositoryOptions,
+    audit: Audited<'_>,
+    max_attempts: i32,
+) -> Result<Queued, RequestError> {
+    let payload = payload_for(row, options)?;
+    let job_id = enqueue_audited(&mut tx, &payload, audit, max_attempts).await?;
+    tx.commit().await?;
+    let repository = repository::by_id(db, row.id)
+        .await?
+        .ok_or(RequestError::DeletedConcurrently)?;
+    let job = queue::get(db, job_id)
+        .await?
+        .ok_or(RequestError::DeletedConcurrently)?;
+    Ok(Queued { repository, job })
+}
+
+/// The job payload provisioning `row` with `options`. The row's names were validated when it
+/// was stored; they are parsed again into their domain types here.
+fn payload_for(
+    row: &RepositoryRow,
+    options: &RepositoryOptions,
+) -> Result<ProvisionPayload, RequestError> {
+    Ok(ProvisionPayload {
+        repository: RepositoryName::parse(&row.name)?,
+        repository_id: row.id,
+        namespace: Namespace::try_from(row.namespace.clone())?,
+        bucket: BucketName::try_from(row.bucket.clone())?,
+        region: Region::parse(&row.region)?,
+        allow_new_cipher_pass: options.allow_new_cipher_pass,
+        adopt_existing_secret: options.adopt_existing_secret,
+    })
+}
+
+async fn enqueue_audited(
+    tx: &mut PgConnection,
+    payload: &ProvisionPayload,
+    audit: Audited<'_>,
+    max_attempts: i32,
+) -> Result<Uuid, RequestError> {
+    let options = EnqueueOptions {
+        created_by: audit.actor.subject,
+        max_attempts,
+    };
+    let job_id = match jobs::enqueue::<ProvisionRepository>(&mut *tx, payload, options).await {
+        Err(e) if queue::is_subject_busy(&e) => {
+            return Err(RequestError::Busy(payload.repository.to_string()));
+        }
+        other => other?,
+    };
+    let entry = AuditEntry {
+        actor: audit.actor.subject.to_owned(),
+        request_id: audit.actor.request_id.map(str::to_owned),
+        subject: Some(payload.repository.to_string()),
+        job_id: Some(job_id),
+        action: audit.action.into(),
+        outcome: "created".into(),
+        detail: audit.detail,
+        ..Default::default()
+    };
+    audit::record(&mut *tx, &entry).await?;
+    Ok(job_id)
+}
+
+async fn bucket_taken(db: &PgPool, bucket: &str) -> Result<RequestError, sqlx::Error> {
+    let by = repository::by_bucket(db, bucket)
+        .await?
+        .map(|other| other.name);
+    Ok(RequestError::BucketTaken {
+        bucket: bucket.to_owned(),
+        by,
+    })
+}
