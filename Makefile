@@ -5,16 +5,24 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/backup-provisioner/target
 
-.PHONY: demo test deps build lint fmt openapi bench
+.PHONY: demo test deps kube kube-smoke build lint fmt openapi bench
 
 demo: deps
 	bash scripts/demo.sh
 
-test: deps
+test: deps kube
 	bash scripts/test.sh
 
 deps:
 	bash scripts/install-deps.sh
+
+# The real kube-apiserver and etcd, built once from Go modules into the cache outside the clone
+# (tools/kube-apiserver, tools/etcd); kube-smoke starts both and writes a Secret with curl.
+kube:
+	bash scripts/build-kube.sh
+
+kube-smoke: kube
+	bash scripts/kube-apiserver-smoke.sh
 
 build:
 	cargo build --workspace --all-targets

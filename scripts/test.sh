@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/target}"
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
 export RUST_BACKTRACE=1
+# The real kube-apiserver and etcd (scripts/build-kube.sh; instant once built).
+KUBE_BIN_DIR="${KUBE_BIN_DIR:-$(bash scripts/build-kube.sh | tail -1)}"
+export KUBE_BIN_DIR
 started=$(date +%s)
 # The README's first command, end to end, as a smoke test (its output goes to .run/demo.log).
 mkdir -p .run
