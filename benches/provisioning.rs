@@ -229,7 +229,13 @@ struct QueueResults {
 
 /// A fresh migrated database with a pool sized like production (`db::connect`: 16).
 async fn queue_database(databases: &mut Vec<String>) -> PgPool {
-    let (setup, url) = app::migrated_db().await;
+    let app::TestDb {
+        pool: setup,
+        url,
+        guard,
+    } = app::migrated_db().await;
+    // Kept for the whole run: `drop_databases` drops it at the end.
+    guard.keep();
     setup.close().await;
     databases.push(db_name(&url));
     let options = backup_provisioner::db::options(&secrecy::SecretString::from(url)).expect("url");

@@ -11,16 +11,16 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::app::{eventually, migrated_db};
+use crate::support::app::{TestDb, eventually, migrated_db};
 use crate::support::test_jobs::{self as tj, StepSpec};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A migrated database with the test job's bookkeeping tables; returns its pool and URL.
-async fn setup() -> (PgPool, String) {
-    let (db, url) = migrated_db().await;
-    tj::install(&db).await;
-    (db, url)
+/// A migrated database with the test job's bookkeeping tables.
+async fn setup() -> TestDb {
+    let db = migrated_db().await;
+    tj::install(&db.pool).await;
+    db
 }
 
 async fn step_row(db: &PgPool, id: Uuid, step: &str) -> Option<queue::StepRow> {
@@ -45,7 +45,11 @@ async fn locked_by(db: &PgPool, id: Uuid) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_worker_pools_run_each_job_exactly_once() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     const JOBS: usize = 90;
     let mut ids = Vec::new();
     for _ in 0..JOBS {
@@ -153,7 +157,11 @@ async fn sigkill_child_worker_process() {
 async fn job_of_a_sigkilled_worker_is_rescued() {
     use std::os::unix::process::ExitStatusExt;
 
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let id = tj::enqueue(
         &db,
         vec![
@@ -271,7 +279,11 @@ async fn snapshot(db: &PgPool, id: Uuid) -> JobSnapshot {
 
 #[tokio::test]
 async fn queue_rejects_every_late_write_of_a_fenced_worker() {
-    let (db, _) = setup().await;
+    let TestDb {
+        pool: db,
+        guard: _guard,
+        ..
+    } = setup().await;
     let repo = tj::insert_repository(&db, "fenced").await;
     let id = tj::enqueue_for(&db, vec![StepSpec::new("a")], 5, Some((repo, "fenced")))
         .await
@@ -386,7 +398,11 @@ async fn queue_rejects_every_late_write_of_a_fenced_worker() {
 
 #[tokio::test]
 async fn a_step_that_ends_after_its_worker_lost_the_lease_records_nothing() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let id = tj::enqueue(
         &db,
         vec![
@@ -468,7 +484,11 @@ async fn a_step_that_ends_after_its_worker_lost_the_lease_records_nothing() {
 
 #[tokio::test]
 async fn retryable_failures_back_off_then_fail_after_max_attempts() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "flaky").await;
     let id = tj::enqueue_for(
         &db,
@@ -542,7 +562,11 @@ async fn retryable_failures_back_off_then_fail_after_max_attempts() {
 
 #[tokio::test]
 async fn permanent_error_fails_the_job_at_once() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "doomed").await;
     let steps = vec![
         StepSpec::new("ok"),
@@ -581,7 +605,11 @@ async fn permanent_error_fails_the_job_at_once() {
 
 #[tokio::test]
 async fn cancel_stops_a_running_job_at_the_next_step_boundary() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "cancelled").await;
     let steps = vec![
         StepSpec::new("current").wait_for("finish-current"),
@@ -630,7 +658,11 @@ async fn cancel_stops_a_running_job_at_the_next_step_boundary() {
 
 #[tokio::test]
 async fn cancel_of_a_queued_job_takes_effect_at_once() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let id = tj::enqueue(&db, vec![StepSpec::new("never")], 5).await;
     assert_eq!(
         queue::cancel(&db, id).await.unwrap(),
@@ -655,7 +687,11 @@ async fn cancel_of_a_queued_job_takes_effect_at_once() {
 
 #[tokio::test]
 async fn retry_of_a_failed_job_resumes_after_its_completed_steps() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "resumed").await;
     let steps = vec![
         StepSpec::new("a"),
@@ -732,7 +768,11 @@ async fn retry_of_a_failed_job_resumes_after_its_completed_steps() {
 
 #[tokio::test]
 async fn retry_is_refused_while_the_repository_has_another_active_job() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "busy").await;
     let first = tj::enqueue_for(&db, vec![StepSpec::new("x")], 5, Some((repo, "busy")))
         .await
@@ -772,7 +812,11 @@ async fn retry_is_refused_while_the_repository_has_another_active_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_enqueues_for_one_repository_leave_one_active_job() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "contended").await;
     const N: usize = 50;
     let start = Arc::new(tokio::sync::Barrier::new(N));
@@ -826,7 +870,11 @@ async fn fifty_concurrent_enqueues_for_one_repository_leave_one_active_job() {
 
 #[tokio::test]
 async fn shutdown_lets_a_short_in_flight_job_finish_and_claims_nothing_more() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let short = tj::enqueue(&db, vec![StepSpec::new("short").sleep_ms(500)], 5).await;
     let mut config = tj::worker_config("w", 1);
     config.shutdown_grace = Duration::from_secs(10);
@@ -850,7 +898,11 @@ async fn shutdown_lets_a_short_in_flight_job_finish_and_claims_nothing_more() {
 
 #[tokio::test]
 async fn shutdown_releases_the_lease_of_a_job_past_the_grace() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let id = tj::enqueue(
         &db,
         vec![
@@ -907,7 +959,11 @@ async fn shutdown_releases_the_lease_of_a_job_past_the_grace() {
 
 #[tokio::test]
 async fn notify_wakes_an_idle_worker_long_before_the_next_poll() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let mut config = tj::worker_config("w", 2);
     config.poll_interval = Duration::from_secs(60);
     let pool = tj::start_pool(&url, config).await;
@@ -928,7 +984,11 @@ async fn notify_wakes_an_idle_worker_long_before_the_next_poll() {
 
 #[tokio::test]
 async fn audit_log_has_exactly_one_entry_per_step_attempt() {
-    let (db, url) = setup().await;
+    let TestDb {
+        pool: db,
+        url,
+        guard: _guard,
+    } = setup().await;
     let repo = tj::insert_repository(&db, "audited").await;
     let steps = vec![
         StepSpec::new("a"),
