@@ -15,11 +15,10 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::support::app::{AUDIENCE, HS256_SECRET, TestDb, fresh_database};
+use crate::support::app::{AUDIENCE, HS256_SECRET, TestDb, free_port, fresh_database};
+use crate::support::env::{bucket_for, conf_value, unique_name};
 use crate::support::kube::KubeEmulator;
 use crate::support::moto::{Moto, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
-use crate::support::provisioning::{bucket_for, conf_value, unique_name};
-use crate::support::provisioning_custom::free_port;
 
 const NAMESPACE: &str = "zitadel";
 const START_DEADLINE: Duration = Duration::from_secs(30);
