@@ -61,7 +61,7 @@ async fn a_failing_test_drops_its_database_too() {
     let failing = tokio::spawn(async move {
         let db = fresh_database().await;
         name_tx.send(db.guard.name().to_owned()).unwrap();
-        panic!("the test fails while holding {}", db.url);
+        panic!("deliberate failure while holding {}", db.url);
     });
     let error = failing.await.expect_err("the task panicked");
     assert!(error.is_panic());
