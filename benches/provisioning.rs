@@ -11,13 +11,13 @@
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
 mod app;
+#[allow(dead_code)]
+#[path = "../tests/api/support/env.rs"]
+mod env;
 #[path = "../tests/api/support/kube.rs"]
 mod kube;
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
-#[allow(dead_code)]
-#[path = "../tests/api/support/provisioning.rs"]
-mod provisioning;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -93,12 +93,12 @@ struct ProvisioningResults {
 }
 
 async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults {
-    let env = provisioning::Env::start(&["zitadel"]).await;
+    let env = env::Env::start(&["zitadel"]).await;
     databases.push(db_name(&env.app.database_url));
     eprintln!("[1/4] provisioning {FIRST_RUNS} repositories, then re-running each …");
 
     // Warm-up (connections, SDK endpoint resolution); not measured.
-    let warm = provisioning::unique_name("warm");
+    let warm = env::unique_name("warm");
     let view = env
         .provision(json!({"name": warm, "namespace": "zitadel"}))
         .await;
@@ -107,7 +107,7 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     let mut names = Vec::new();
     let mut first = Vec::new();
     for _ in 0..FIRST_RUNS {
-        let name = provisioning::unique_name("bench");
+        let name = env::unique_name("bench");
         env.counter.reset();
         env.kube.emulator.clear_requests();
         let t = Instant::now();
@@ -131,7 +131,7 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     }
 
     // Raw moto latency for a cheap read of each service (admin clients, not counted).
-    let bucket = provisioning::bucket_for(&names[0]);
+    let bucket = env::bucket_for(&names[0]);
     let mut moto_s3_head_bucket = Vec::new();
     let mut moto_iam_get_user = Vec::new();
     for _ in 0..MOTO_SAMPLES {
@@ -163,7 +163,7 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     }
 }
 
-async fn sample(env: &provisioning::Env, view: &Value, wall: Duration) -> RunSample {
+async fn sample(env: &env::Env, view: &Value, wall: Duration) -> RunSample {
     let job_id: Uuid = view["id"].as_str().expect("job id").parse().expect("uuid");
     let (queue_wait, run): (f64, f64) = sqlx::query_as(
         "SELECT extract(epoch FROM started_at - created_at)::float8,
@@ -229,7 +229,13 @@ struct QueueResults {
 
 /// A fresh migrated database with a pool sized like production (`db::connect`: 16).
 async fn queue_database(databases: &mut Vec<String>) -> PgPool {
-    let (setup, url) = app::migrated_db().await;
+    let app::TestDb {
+        pool: setup,
+        url,
+        guard,
+    } = app::migrated_db().await;
+    // Kept for the whole run: `drop_databases` drops it at the end.
+    guard.keep();
     setup.close().await;
     databases.push(db_name(&url));
     let options = backup_provisioner::db::options(&secrecy::SecretString::from(url)).expect("url");

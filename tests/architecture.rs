@@ -16,7 +16,6 @@ type ModPath = Vec<String>;
 
 struct Source {
     path: ModPath,
-    file: PathBuf,
     text: String,
 }
 
@@ -50,7 +49,6 @@ fn sources(src: &Path) -> Vec<Source> {
         .map(|file| Source {
             path: module_path(src, &file),
             text: std::fs::read_to_string(&file).expect("read source"),
-            file,
         })
         .collect()
 }

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::http_common::{
     REPOSITORIES, assert_problem, create_repository, job_id, repository_body,
 };
-use crate::support::app::{TestApp, migrated_db, spawn_app};
+use crate::support::app::{TestApp, TestDb, migrated_db, spawn_app};
 
 /// actor, request_id, repository, action, outcome, detail
 type AuditRow = (
@@ -169,7 +169,11 @@ async fn the_audit_table_is_append_only() {
 
 #[tokio::test]
 async fn the_same_step_attempt_is_stored_once() {
-    let (db, _) = migrated_db().await;
+    let TestDb {
+        pool: db,
+        guard: _guard,
+        ..
+    } = migrated_db().await;
     let job = uuid::Uuid::new_v4();
     let entry = AuditEntry {
         actor: "worker".into(),

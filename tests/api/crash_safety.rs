@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use backup_provisioner::cloud::aws::{AwsClients, CallCounter};
+use backup_provisioner::cloud::aws::CallCounter;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::{Job, Registry, WorkerConfig, WorkerPool, queue};
 use backup_provisioner::provision::{access_key, group, policy, sealed, user};
@@ -17,11 +17,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::support::app::{AppOptions, TestApp, eventually, spawn_app_with, worker_args};
+use crate::support::app::eventually;
 use crate::support::crash_child::{self, ChildSpec};
-use crate::support::kube::{ADMIN_TOKEN, KubeEmulator};
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+use crate::support::kube::ADMIN_TOKEN;
 use crate::support::moto::Moto;
-use crate::support::provisioning::{bucket_for, conf_value, provisioner, unique_name};
 
 const CHILD_TEST: &str = "crash_safety::crash_child_worker";
 const NAMESPACE: &str = "crash";
@@ -105,12 +105,9 @@ async fn sigkill_twice_after_access_key_call_then_recovery() {
     crash_and_recover("access_key", 2).await;
 }
 
-/// The parent's view of one scenario.
+/// The parent's view of one scenario: the API without workers (`env`), and one repository.
 struct Scenario {
-    app: TestApp,
-    kube: KubeEmulator,
-    admin: AwsClients,
-    key: String,
+    env: Env,
     bucket: String,
     repository_id: Uuid,
     job_id: Uuid,
@@ -123,19 +120,19 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
     assert!(STEPS.contains(&step), "unknown step {step}");
     let started = Instant::now();
     let s = Scenario::start(step).await;
-    let monitor = KeyMonitor::start(s.admin.iam.clone(), s.bucket.clone());
+    let monitor = KeyMonitor::start(s.env.admin.iam.clone(), s.bucket.clone());
     let kill_at = format!("{step}:before-record");
 
     let mut pass_before_crash: Option<String> = None;
     let mut orphaned_keys: Vec<String> = Vec::new();
     for kill in 1..=kills {
         let spec = ChildSpec {
-            database_url: s.app.database_url.clone(),
-            moto_endpoint: Moto::shared().endpoint.clone(),
-            region: REGION.to_owned(),
-            kube_url: s.kube.url.clone(),
+            database_url: s.env.app.database_url.clone(),
+            moto_endpoint: s.env.moto_endpoint.clone(),
+            region: s.env.region.clone(),
+            kube_url: s.env.kube.url.clone(),
             kube_token: ADMIN_TOKEN.to_owned(),
-            encryption_key: s.key.clone(),
+            encryption_key: s.env.encryption_key.clone(),
             kill_at: kill_at.clone(),
             worker_id: format!("crash-child-{kill}"),
         };
@@ -186,14 +183,14 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
     let (repo_state, resources): (String, serde_json::Value) =
         sqlx::query_as("SELECT state, resources FROM backup_repositories WHERE id = $1")
             .bind(s.repository_id)
-            .fetch_one(&s.app.db)
+            .fetch_one(&s.env.app.db)
             .await
             .unwrap();
     assert_eq!(repo_state, "ready");
 
     // Exactly one access key: the one the Secret references; only its description tag is left.
     let conf = s.s3_conf().expect("the Secret holds s3.conf");
-    let keys = access_key::list(&s.admin.iam, &s.bucket).await.unwrap();
+    let keys = access_key::list(&s.env.admin.iam, &s.bucket).await.unwrap();
     let key_ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
     let referenced = conf_value(&conf, "repo2-s3-key");
     assert_eq!(
@@ -209,7 +206,7 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
             "a key created by a killed worker was kept without its secret"
         );
     }
-    let description_tags: Vec<String> = user::list_tags(&s.admin.iam, &s.bucket)
+    let description_tags: Vec<String> = user::list_tags(&s.env.admin.iam, &s.bucket)
         .await
         .unwrap()
         .into_iter()
@@ -239,7 +236,7 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
 
     s.assert_audit_trail(step, kills).await;
     let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
-        .fetch_one(&s.app.db)
+        .fetch_one(&s.env.app.db)
         .await
         .unwrap();
     assert_eq!(
@@ -251,29 +248,18 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
         "crash safety at {kill_at} x{kills}: killed after {crashed_at:?}, ready after {recovered_at:?}; \
          at most {max_keys} access key(s) seen at once"
     );
-    s.app.stop().await;
+    s.env.app.stop().await;
 }
 
 impl Scenario {
     /// The API (no workers) on a fresh database, a Kubernetes emulator, and a queued repository.
     async fn start(step: &str) -> Scenario {
-        backup_provisioner::install_crypto_provider();
-        let moto = Moto::shared();
-        let kube = KubeEmulator::start(&[NAMESPACE]);
-        let worker = worker_args(0);
-        let key = worker
-            .encryption_key
-            .as_ref()
-            .expect("key")
-            .expose_secret()
-            .to_owned();
-        let app = spawn_app_with(AppOptions {
-            worker,
-            registry: Registry::new(),
-            ..Default::default()
-        })
-        .await;
-        let admin = moto.clients(REGION, None).await;
+        let env = Env::builder(&[NAMESPACE])
+            .region(REGION)
+            .workers(0)
+            .start()
+            .await;
+        let app = &env.app;
         let name = unique_name(&format!("crash-{}", step.replace('_', "-")));
         let bucket = bucket_for(&name);
         let response = app
@@ -295,10 +281,7 @@ impl Scenario {
                 .await
                 .expect("repository row");
         Scenario {
-            app,
-            kube,
-            admin,
-            key,
+            env,
             bucket,
             repository_id,
             job_id,
@@ -306,13 +289,11 @@ impl Scenario {
     }
 
     fn s3_conf(&self) -> Option<String> {
-        let data = self.kube.emulator.secret_data(NAMESPACE, &self.bucket)?;
-        data.get("s3.conf")
-            .map(|v| String::from_utf8(v.clone()).expect("utf8"))
+        self.env.s3_conf(NAMESPACE, &self.bucket)
     }
 
     async fn job(&self) -> Job {
-        queue::get(&self.app.db, self.job_id)
+        queue::get(&self.env.app.db, self.job_id)
             .await
             .expect("read job")
             .expect("job exists")
@@ -329,7 +310,7 @@ impl Scenario {
         let locked_by: Option<String> =
             sqlx::query_scalar("SELECT locked_by FROM jobs WHERE id = $1")
                 .bind(self.job_id)
-                .fetch_one(&self.app.db)
+                .fetch_one(&self.env.app.db)
                 .await
                 .unwrap();
         assert_eq!(
@@ -337,7 +318,7 @@ impl Scenario {
             Some(worker),
             "the killed worker still holds the lease"
         );
-        let rows = queue::steps(&self.app.db, self.job_id).await.unwrap();
+        let rows = queue::steps(&self.env.app.db, self.job_id).await.unwrap();
         let row = rows
             .iter()
             .find(|r| r.step == step)
@@ -351,7 +332,7 @@ impl Scenario {
             sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE job_id = $1 AND step = $2")
                 .bind(self.job_id)
                 .bind(step)
-                .fetch_one(&self.app.db)
+                .fetch_one(&self.env.app.db)
                 .await
                 .unwrap();
         assert_eq!(
@@ -380,10 +361,11 @@ impl Scenario {
     /// Proves the kill came after the step's external call: its effect is visible. Returns the
     /// id of the key a killed `access_key` step created.
     async fn assert_external_call_happened(&self, step: &str) -> Option<String> {
-        let (iam, bucket) = (&self.admin.iam, self.bucket.as_str());
+        let (iam, bucket) = (&self.env.admin.iam, self.bucket.as_str());
         match step {
             "bucket" => {
-                self.admin
+                self.env
+                    .admin
                     .s3
                     .head_bucket()
                     .bucket(bucket)
@@ -467,7 +449,7 @@ impl Scenario {
             "SELECT kind FROM secret_material WHERE repository_id = $1 ORDER BY kind",
         )
         .bind(self.repository_id)
-        .fetch_all(&self.app.db)
+        .fetch_all(&self.env.app.db)
         .await
         .unwrap()
     }
@@ -477,9 +459,9 @@ impl Scenario {
         if let Some(conf) = self.s3_conf() {
             return Some(conf_value(&conf, "repo2-cipher-pass"));
         }
-        let key = EncryptionKey::from_base64(&self.key).expect("key");
+        let key = EncryptionKey::from_base64(&self.env.encryption_key).expect("key");
         sealed::get(
-            &self.app.db,
+            &self.env.app.db,
             &key,
             self.repository_id,
             sealed::Kind::CipherPass,
@@ -492,9 +474,11 @@ impl Scenario {
     /// Runs an in-process worker (same encryption key) until the job ends; the rescuer
     /// re-queues it once the killed worker's lease expires.
     async fn recover(&self) -> Job {
-        let moto = Moto::shared();
-        let registry = Registry::new()
-            .register(provisioner(moto, &self.kube, REGION, CallCounter::new(), &self.key).await);
+        let registry = Registry::new().register(
+            self.env
+                .provisioner(Moto::shared(), CallCounter::new())
+                .await,
+        );
         let config = WorkerConfig {
             concurrency: 1,
             lease: Duration::from_secs(5),
@@ -505,7 +489,7 @@ impl Scenario {
         };
         let shutdown = CancellationToken::new();
         let workers = tokio::spawn(
-            WorkerPool::new(self.app.db.clone(), registry, config).run(shutdown.clone()),
+            WorkerPool::new(self.env.app.db.clone(), registry, config).run(shutdown.clone()),
         );
         let job = eventually(DEADLINE, "the rescued job to end", || async {
             let job = self.job().await;
@@ -528,7 +512,7 @@ impl Scenario {
             "SELECT step, attempt, action, outcome FROM audit_events WHERE job_id = $1 ORDER BY id",
         )
         .bind(self.job_id)
-        .fetch_all(&self.app.db)
+        .fetch_all(&self.env.app.db)
         .await
         .unwrap();
         let mut seen = BTreeMap::new();

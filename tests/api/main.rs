@@ -21,3 +21,4 @@ mod provisioning_cases;
 mod secret_hygiene;
 mod smoke;
 mod support;
+mod test_databases;

@@ -10,14 +10,12 @@
 use std::time::Instant;
 
 use aws_sdk_s3::primitives::ByteStream;
-use backup_provisioner::cloud::aws::{self, AwsClients, CallCounter};
+use backup_provisioner::cloud::aws::{self, AwsClients};
 use serde_json::json;
 
-use crate::support::kube::KubeEmulator;
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
 use crate::support::moto::{Moto, iam_for_enforced_moto};
 use crate::support::pgbackrest::{create_bucket, object_heads, round_trip_async, tail};
-use crate::support::provisioning::{bucket_for, conf_value, unique_name};
-use crate::support::provisioning_custom;
 
 const REGION: &str = "eu-west-1";
 const NAMESPACE: &str = "pgdemo";
@@ -73,18 +71,16 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
     let started = Instant::now();
     let moto = Moto::with_iam_auth(UNAUTHENTICATED_REQUESTS);
     let (admin, admin_id, admin_secret) = admin(&moto).await;
-    let counter = CallCounter::new();
-    let mut service = moto
-        .clients_as(REGION, Some(counter.clone()), &admin_id, &admin_secret)
+    let env = Env::builder(&[NAMESPACE])
+        .moto(&moto)
+        .region(REGION)
+        .aws_identity(&admin_id, &admin_secret)
+        .map_service_aws(|mut service| {
+            service.iam = iam_for_enforced_moto(&service.iam);
+            service
+        })
+        .start()
         .await;
-    service.iam = iam_for_enforced_moto(&service.iam);
-    let kube = KubeEmulator::start(&[NAMESPACE]);
-    let kube_client = kube.client();
-    let admin_for_env = moto
-        .clients_as(REGION, None, &admin_id, &admin_secret)
-        .await;
-    let env =
-        provisioning_custom::start_env(kube, service, kube_client, admin_for_env, counter).await;
     let name = unique_name("pg");
     let bucket = bucket_for(&name);
     let job = env

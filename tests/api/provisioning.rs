@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::provisioning::{Env, bucket_for, conf_value, unique_name};
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
 
 const POLICY_DESCRIPTION: &str =
     "Read and write access to a specific bucket for pgrest operating within a pgo PostgresCluster.";

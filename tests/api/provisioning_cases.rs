@@ -6,16 +6,13 @@
 use std::time::Instant;
 
 use aws_sdk_s3::primitives::ByteStream;
-use backup_provisioner::cloud::aws::CallCounter;
 use backup_provisioner::domain::CipherPass;
 use backup_provisioner::provision::policy;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::support::kube::KubeEmulator;
+use crate::support::env::{Env, REGION, bucket_for, conf_value, unique_name};
 use crate::support::moto::Moto;
-use crate::support::provisioning::{Env, bucket_for, conf_value, unique_name};
-use crate::support::provisioning_custom::{self, REGION};
 
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
@@ -376,11 +373,7 @@ async fn a_bucket_owned_by_another_account_is_a_permanent_failure() {
     let create = admin.s3.create_bucket().bucket(&bucket).send().await;
     create.expect_err("the name is taken");
 
-    let counter = CallCounter::new();
-    let service_aws = moto.clients(REGION, Some(counter.clone())).await;
-    let kube = KubeEmulator::start(&["zitadel"]);
-    let kube_client = kube.client();
-    let env = provisioning_custom::start_env(kube, service_aws, kube_client, admin, counter).await;
+    let env = Env::builder(&["zitadel"]).moto(&moto).start().await;
     let job = env
         .provision(json!({"name": name, "namespace": "zitadel"}))
         .await;
@@ -460,14 +453,11 @@ async fn aws_access_denied_is_a_permanent_failure_naming_the_operation() {
         .await
         .expect("the runbook policy");
 
-    let counter = CallCounter::new();
-    let service_aws = moto
-        .clients_as(REGION, Some(counter.clone()), id, secret)
+    let env = Env::builder(&["zitadel"])
+        .moto(&moto)
+        .aws_identity(id, secret)
+        .start()
         .await;
-    let admin = moto.clients_as(REGION, None, id, secret).await;
-    let kube = KubeEmulator::start(&["zitadel"]);
-    let kube_client = kube.client();
-    let env = provisioning_custom::start_env(kube, service_aws, kube_client, admin, counter).await;
     let job = env
         .provision(json!({"name": name, "namespace": "zitadel"}))
         .await;
@@ -498,10 +488,10 @@ async fn aws_access_denied_is_a_permanent_failure_naming_the_operation() {
 #[tokio::test]
 async fn kubernetes_permission_denied_is_a_permanent_failure_naming_the_permission() {
     const USER: &str = "system:serviceaccount:ops:limited";
-    let env = provisioning_custom::start_with_kube_client(&["zitadel", "elsewhere"], |kube| {
-        kube.restricted_client(USER, &["elsewhere"], None)
-    })
-    .await;
+    let env = Env::builder(&["zitadel", "elsewhere"])
+        .service_kube(|kube| kube.restricted_client(USER, &["elsewhere"], None))
+        .start()
+        .await;
     let name = unique_name("rbac");
     let job = env
         .provision(json!({"name": name, "namespace": "zitadel"}))

@@ -15,11 +15,10 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::support::app::{AUDIENCE, HS256_SECRET, fresh_database};
+use crate::support::app::{AUDIENCE, HS256_SECRET, TestDb, free_port, fresh_database};
+use crate::support::env::{bucket_for, conf_value, unique_name};
 use crate::support::kube::KubeEmulator;
 use crate::support::moto::{Moto, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
-use crate::support::provisioning::{bucket_for, conf_value, unique_name};
-use crate::support::provisioning_custom::free_port;
 
 const NAMESPACE: &str = "zitadel";
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -267,7 +266,11 @@ fn assert_clean(source: &str, text: &str, forms: &[(String, String)]) {
 async fn provision_and_check(json_logs: bool) {
     let started = Instant::now();
     backup_provisioner::install_crypto_provider();
-    let (db, database_url) = fresh_database().await;
+    let TestDb {
+        pool: db,
+        url: database_url,
+        guard: _guard,
+    } = fresh_database().await;
     let kube = KubeEmulator::start(&[NAMESPACE]);
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = kube.write_kubeconfig(dir.path(), NAMESPACE);

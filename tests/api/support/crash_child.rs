@@ -14,15 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backup_provisioner::cloud::aws::{self, AwsSettings};
-use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
-use backup_provisioner::provision::job::Provisioner;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use secrecy::SecretString;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
+use super::env::provisioner;
 use super::moto::{TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
 
 const ENV_DATABASE_URL: &str = "BP_CRASH_CHILD_DATABASE_URL";
@@ -220,14 +219,7 @@ pub async fn run(spec: ChildSpec) {
     kube_config.auth_info.token = Some(SecretString::from(spec.kube_token.clone()));
     let kube = backup_provisioner::cloud::kube::client_from_config(kube_config)
         .expect("child: kube client");
-    let provisioner = Provisioner {
-        aws,
-        kube,
-        encryption_key: EncryptionKey::from_base64(&spec.encryption_key)
-            .expect("child: encryption key"),
-        credential_check_budget: Duration::from_secs(20),
-        credential_check_backoff: Duration::from_millis(100),
-    };
+    let provisioner = provisioner(aws, kube, &spec.encryption_key);
     let config = WorkerConfig {
         concurrency: 1,
         lease: CHILD_LEASE,

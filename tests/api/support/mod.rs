@@ -2,9 +2,8 @@
 #![allow(dead_code)]
 pub mod app;
 pub mod crash_child;
+pub mod env;
 pub mod kube;
 pub mod moto;
 pub mod pgbackrest;
-pub mod provisioning;
-pub mod provisioning_custom;
 pub mod test_jobs;

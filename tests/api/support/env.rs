@@ -1,0 +1,256 @@
+//! The one test-environment builder: moto (S3 + IAM), the Kubernetes emulator, and the service
+//! with workers running the real provisioning job through the real AWS SDK and kube clients.
+//!
+//! `Env::start(namespaces)` is the common case; `Env::builder(namespaces)` varies it: another
+//! moto server, region or worker count, the service's own AWS identity or Kubernetes
+//! credentials. [`provisioner`] is the only place the tests construct the provisioning job's
+//! handler.
+
+use std::time::Duration;
+
+use backup_provisioner::cloud::aws::{AwsClients, CallCounter};
+use backup_provisioner::crypto::EncryptionKey;
+use backup_provisioner::jobs::Registry;
+use backup_provisioner::provision::job::Provisioner;
+use secrecy::ExposeSecret;
+
+use super::app::{AppOptions, TestApp, spawn_app_with, worker_args};
+use super::kube::KubeEmulator;
+use super::moto::Moto;
+
+/// The region an environment uses unless told otherwise.
+pub const REGION: &str = "us-east-1";
+
+/// The provisioning job's handler as the tests run it (credential check: 20 s budget, 100 ms
+/// backoff). `encryption_key` is base64, as in the service's settings.
+pub fn provisioner(aws: AwsClients, kube: kube::Client, encryption_key: &str) -> Provisioner {
+    Provisioner {
+        aws,
+        kube,
+        encryption_key: EncryptionKey::from_base64(encryption_key).expect("encryption key"),
+        credential_check_budget: Duration::from_secs(20),
+        credential_check_backoff: Duration::from_millis(100),
+    }
+}
+
+/// A running environment; dropping it (or [`TestApp::stop`]) ends the service and drops its
+/// database.
+pub struct Env {
+    pub app: TestApp,
+    pub kube: KubeEmulator,
+    /// Admin clients for assertions (not counted).
+    pub admin: AwsClients,
+    /// Counts every AWS call the service makes.
+    pub counter: CallCounter,
+    pub region: String,
+    /// The moto server the service talks to.
+    pub moto_endpoint: String,
+    /// The service's encryption key (base64), for a second worker or a crash child.
+    pub encryption_key: String,
+}
+
+type ServiceAws<'a> = Box<dyn FnOnce(AwsClients) -> AwsClients + 'a>;
+type ServiceKube<'a> = Box<dyn FnOnce(&KubeEmulator) -> kube::Client + 'a>;
+
+/// How to start an [`Env`]; every setting has the default of [`Env::start`].
+pub struct EnvBuilder<'a> {
+    moto: &'a Moto,
+    namespaces: Vec<String>,
+    region: String,
+    workers: usize,
+    identity: Option<(String, String)>,
+    service_aws: Option<ServiceAws<'a>>,
+    service_kube: Option<ServiceKube<'a>>,
+}
+
+impl<'a> EnvBuilder<'a> {
+    /// The moto server (default: the shared one).
+    pub fn moto(mut self, moto: &'a Moto) -> Self {
+        self.moto = moto;
+        self
+    }
+
+    /// The region of the service's and the admin's AWS clients (default [`REGION`]).
+    pub fn region(mut self, region: &str) -> Self {
+        self.region = region.to_owned();
+        self
+    }
+
+    /// Worker slots of the service (default 2; 0 for an API without workers).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// The service and the admin clients sign with this access key instead of moto's default
+    /// test credentials (e.g. an identity under enforced IAM authorization).
+    pub fn aws_identity(mut self, access_key_id: &str, secret: &str) -> Self {
+        self.identity = Some((access_key_id.to_owned(), secret.to_owned()));
+        self
+    }
+
+    /// Adjusts the service's AWS clients (they already carry the call counter).
+    pub fn map_service_aws(mut self, map: impl FnOnce(AwsClients) -> AwsClients + 'a) -> Self {
+        self.service_aws = Some(Box::new(map));
+        self
+    }
+
+    /// The service's Kubernetes client (default: the emulator's admin token).
+    pub fn service_kube(mut self, client: impl FnOnce(&KubeEmulator) -> kube::Client + 'a) -> Self {
+        self.service_kube = Some(Box::new(client));
+        self
+    }
+
+    pub async fn start(self) -> Env {
+        backup_provisioner::install_crypto_provider();
+        let namespaces: Vec<&str> = self.namespaces.iter().map(String::as_str).collect();
+        let kube = KubeEmulator::start(&namespaces);
+        let counter = CallCounter::new();
+        let (service_aws, admin) = match &self.identity {
+            Some((id, secret)) => (
+                self.moto
+                    .clients_as(&self.region, Some(counter.clone()), id, secret)
+                    .await,
+                self.moto.clients_as(&self.region, None, id, secret).await,
+            ),
+            None => (
+                self.moto.clients(&self.region, Some(counter.clone())).await,
+                self.moto.clients(&self.region, None).await,
+            ),
+        };
+        let service_aws = match self.service_aws {
+            Some(map) => map(service_aws),
+            None => service_aws,
+        };
+        let service_kube = match self.service_kube {
+            Some(client) => client(&kube),
+            None => kube.client(),
+        };
+        let worker = worker_args(self.workers);
+        let encryption_key = worker
+            .encryption_key
+            .as_ref()
+            .expect("key")
+            .expose_secret()
+            .to_owned();
+        let registry =
+            Registry::new().register(provisioner(service_aws, service_kube, &encryption_key));
+        let app = spawn_app_with(AppOptions {
+            worker,
+            registry,
+            ..Default::default()
+        })
+        .await;
+        Env {
+            app,
+            kube,
+            admin,
+            counter,
+            region: self.region,
+            moto_endpoint: self.moto.endpoint.clone(),
+            encryption_key,
+        }
+    }
+}
+
+impl Env {
+    /// An environment on the shared moto with 2 workers and the emulator's admin token.
+    pub async fn start(namespaces: &[&str]) -> Env {
+        Self::builder(namespaces).start().await
+    }
+
+    pub fn builder<'a>(namespaces: &[&str]) -> EnvBuilder<'a> {
+        EnvBuilder {
+            moto: Moto::shared(),
+            namespaces: namespaces.iter().map(|n| (*n).to_owned()).collect(),
+            region: REGION.to_owned(),
+            workers: 2,
+            identity: None,
+            service_aws: None,
+            service_kube: None,
+        }
+    }
+
+    /// A handler like the service's (same key, admin Kubernetes token) with `moto`'s default
+    /// credentials, for a worker pool the test runs itself.
+    pub async fn provisioner(&self, moto: &Moto, counter: CallCounter) -> Provisioner {
+        provisioner(
+            moto.clients(&self.region, Some(counter)).await,
+            self.kube.client(),
+            &self.encryption_key,
+        )
+    }
+
+    /// Creates a repository through the API and waits for its job to end; returns the job view.
+    pub async fn provision(&self, body: serde_json::Value) -> serde_json::Value {
+        let response = self
+            .app
+            .post_json("/v1/backup-repositories", &self.app.operator(), &body)
+            .await;
+        let status = response.status();
+        let created: serde_json::Value = response.json().await.expect("json");
+        assert!(
+            status == 202 || status == 200,
+            "create failed: {status} {created}"
+        );
+        let job_id = created["job"]["id"].as_str().expect("job id").to_owned();
+        self.app
+            .wait_for_job(&job_id, Duration::from_secs(90))
+            .await
+    }
+
+    /// Queues provisioning again for an existing repository and waits for it.
+    pub async fn reconcile(&self, name: &str) -> serde_json::Value {
+        let path = format!("/v1/backup-repositories/{name}/reconcile");
+        let response = self
+            .app
+            .post_json(&path, &self.app.operator(), &serde_json::json!({}))
+            .await;
+        let status = response.status();
+        let created: serde_json::Value = response.json().await.expect("json");
+        assert_eq!(status, 202, "reconcile failed: {created}");
+        let job_id = created["job"]["id"].as_str().expect("job id").to_owned();
+        self.app
+            .wait_for_job(&job_id, Duration::from_secs(90))
+            .await
+    }
+
+    pub async fn repository(&self, name: &str) -> serde_json::Value {
+        self.app
+            .get(
+                &format!("/v1/backup-repositories/{name}"),
+                &self.app.viewer(),
+            )
+            .await
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// The Secret's `s3.conf` text, as stored in the emulator.
+    pub fn s3_conf(&self, namespace: &str, name: &str) -> Option<String> {
+        let data = self.kube.emulator.secret_data(namespace, name)?;
+        data.get("s3.conf")
+            .map(|v| String::from_utf8(v.clone()).expect("utf8"))
+    }
+}
+
+/// A repository name unique to this test (the shared moto is used by every test).
+pub fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+pub fn bucket_for(name: &str) -> String {
+    format!("holos-{name}-backups")
+}
+
+/// The value of `key=` in an s3.conf text.
+pub fn conf_value(conf: &str, key: &str) -> String {
+    conf.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing from s3.conf"))
+        .to_owned()
+}
