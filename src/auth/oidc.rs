@@ -108,6 +108,62 @@ impl std::fmt::Debug for OidcVerifier {
     }
 }
 
+/// An issuer must be a plain http(s) URL with a host (http only with a warning): no query,
+/// fragment or credentials.
+fn check_issuer(issuer: &Url) -> Result<(), AuthError> {
+    match issuer.scheme() {
+        "https" => {}
+        "http" => tracing::warn!(
+            issuer = %issuer,
+            "the OIDC issuer uses plain http: signing keys can be tampered with in transit"
+        ),
+        _ => {
+            return Err(AuthError::Config(
+                "the OIDC issuer must be an http(s) URL".into(),
+            ));
+        }
+    }
+    if issuer.host_str().is_none_or(str::is_empty) {
+        return Err(AuthError::Config("the OIDC issuer has no host".into()));
+    }
+    if issuer.query().is_some() || issuer.fragment().is_some() {
+        return Err(AuthError::Config(
+            "the OIDC issuer must not have a query or fragment".into(),
+        ));
+    }
+    if !issuer.username().is_empty() || issuer.password().is_some() {
+        return Err(AuthError::Config(
+            "the OIDC issuer must not contain credentials".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The accepted `iss` values (the issuer without and, if configured so, with a trailing slash)
+/// and the form without the slash, for messages.
+fn accepted_issuers(issuer: &Url) -> (Vec<String>, String) {
+    let with_slash = issuer.as_str().to_owned();
+    let display = with_slash.trim_end_matches('/').to_owned();
+    let mut issuers = vec![display.clone()];
+    if with_slash != display {
+        issuers.push(with_slash);
+    }
+    (issuers, display)
+}
+
+/// The client for discovery and JWKS requests.
+fn http_client() -> Result<reqwest::Client, AuthError> {
+    // reqwest's rustls backend needs a process-wide crypto provider; install aws-lc-rs
+    // unless the process already has one (then this is a no-op).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(HTTP_TIMEOUT)
+        .connect_timeout(HTTP_CONNECT_TIMEOUT)
+        .user_agent(concat!("backup-provisioner/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|_| AuthError::Config("could not build the HTTP client".into()))
+}
+
 impl OidcVerifier {
     pub(crate) fn new(
         issuer: Url,
@@ -115,52 +171,11 @@ impl OidcVerifier {
         floor: Duration,
         max_age: Duration,
     ) -> Result<Self, AuthError> {
-        match issuer.scheme() {
-            "https" => {}
-            "http" => tracing::warn!(
-                issuer = %issuer,
-                "the OIDC issuer uses plain http: signing keys can be tampered with in transit"
-            ),
-            _ => {
-                return Err(AuthError::Config(
-                    "the OIDC issuer must be an http(s) URL".into(),
-                ));
-            }
-        }
-        if issuer.host_str().is_none_or(str::is_empty) {
-            return Err(AuthError::Config("the OIDC issuer has no host".into()));
-        }
-        if issuer.query().is_some() || issuer.fragment().is_some() {
-            return Err(AuthError::Config(
-                "the OIDC issuer must not have a query or fragment".into(),
-            ));
-        }
-        if !issuer.username().is_empty() || issuer.password().is_some() {
-            return Err(AuthError::Config(
-                "the OIDC issuer must not contain credentials".into(),
-            ));
-        }
+        check_issuer(&issuer)?;
         if audience.as_deref().is_some_and(str::is_empty) {
             return Err(AuthError::Config("the JWT audience is empty".into()));
         }
-
-        let with_slash = issuer.as_str().to_owned();
-        let issuer_display = with_slash.trim_end_matches('/').to_owned();
-        let mut issuers = vec![issuer_display.clone()];
-        if with_slash != issuer_display {
-            issuers.push(with_slash);
-        }
-
-        // reqwest's rustls backend needs a process-wide crypto provider; install aws-lc-rs
-        // unless the process already has one (then this is a no-op).
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(HTTP_TIMEOUT)
-            .connect_timeout(HTTP_CONNECT_TIMEOUT)
-            .user_agent(concat!("backup-provisioner/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|_| AuthError::Config("could not build the HTTP client".into()))?;
-
+        let (issuers, issuer_display) = accepted_issuers(&issuer);
         Ok(Self {
             issuer,
             issuers,
@@ -168,7 +183,7 @@ impl OidcVerifier {
             audience,
             floor,
             max_age,
-            http,
+            http: http_client()?,
             keys: RwLock::new(Arc::new(KeySet::default())),
             fetch: tokio::sync::Mutex::new(FetchState::default()),
         })

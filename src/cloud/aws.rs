@@ -18,7 +18,7 @@ use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, Sdk
 use aws_sdk_s3::operation::RequestId;
 use aws_smithy_types::config_bag::{Storable, StoreReplace};
 
-use super::CloudError;
+use super::{CloudError, Retry};
 
 /// Region used when neither the settings nor the credential chain name one (IAM is global).
 pub const FALLBACK_REGION: &str = "us-east-1";
@@ -447,53 +447,192 @@ where
 {
     let request_id = error_request_id(&err);
     let status = http_status(&err);
-    let retryable = |message: String| CloudError::Retryable {
-        service,
-        operation,
-        message,
-        request_id: request_id.clone(),
-    };
-    let permanent = |message: String| CloudError::Permanent {
-        service,
-        operation,
-        message,
-        request_id: request_id.clone(),
-    };
-    match &err {
-        SdkError::TimeoutError(_) => retryable("the request to AWS timed out".to_owned()),
-        SdkError::DispatchFailure(failure) => {
-            let detail = DisplayErrorContext(&err).to_string();
-            if failure.is_user() {
-                permanent(format!(
-                    "the request could not be sent ({detail}); check the AWS endpoint and \
-                     credentials configuration"
-                ))
-            } else {
-                retryable(format!("could not reach AWS: {detail}"))
-            }
-        }
-        SdkError::ConstructionFailure(_) => permanent(format!(
-            "the request could not be built ({}); check the AWS configuration (region, \
-             credentials) and the input values",
-            DisplayErrorContext(&err)
-        )),
-        SdkError::ResponseError(_) => retryable(format!(
-            "the AWS response could not be read{}: {}",
-            status.map(|s| format!(" (HTTP {s})")).unwrap_or_default(),
-            DisplayErrorContext(&err)
-        )),
-        SdkError::ServiceError(_) => classify_code(
+    if let SdkError::ServiceError(_) = &err {
+        return classify_code(
             service,
             operation,
             err.code(),
             status,
             err.message(),
-            request_id.clone(),
+            request_id,
+        );
+    }
+    let (retry, message) = classify_failure(&err, status);
+    CloudError::classified(retry, service, operation, message, request_id)
+}
+
+/// Whether a retry can help, and what happened, for an SDK error that is not a service error
+/// (the request was not sent, or the response could not be read).
+fn classify_failure<E, R>(err: &SdkError<E, R>, status: Option<u16>) -> (Retry, String)
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug + 'static,
+{
+    let detail = DisplayErrorContext(err);
+    match err {
+        SdkError::TimeoutError(_) => (Retry::Yes, "the request to AWS timed out".to_owned()),
+        SdkError::DispatchFailure(failure) if failure.is_user() => (
+            Retry::No,
+            format!(
+                "the request could not be sent ({detail}); check the AWS endpoint and \
+                 credentials configuration"
+            ),
         ),
-        _ => permanent(format!(
-            "unexpected AWS SDK error: {}",
-            DisplayErrorContext(&err)
-        )),
+        SdkError::DispatchFailure(_) => (Retry::Yes, format!("could not reach AWS: {detail}")),
+        SdkError::ConstructionFailure(_) => (
+            Retry::No,
+            format!(
+                "the request could not be built ({detail}); check the AWS configuration \
+                 (region, credentials) and the input values"
+            ),
+        ),
+        SdkError::ResponseError(_) => (
+            Retry::Yes,
+            format!(
+                "the AWS response could not be read{}: {detail}",
+                status.map(|s| format!(" (HTTP {s})")).unwrap_or_default(),
+            ),
+        ),
+        _ => (Retry::No, format!("unexpected AWS SDK error: {detail}")),
+    }
+}
+
+/// What a service error means for the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Diagnosis {
+    /// A retry can help; says what happened.
+    Retry(&'static str),
+    /// A retry cannot help; says what to fix.
+    Fix(&'static str),
+    /// Access denied: the message names the missing `service:operation` permission.
+    AccessDenied,
+}
+
+const THROTTLED: Diagnosis = Diagnosis::Retry("AWS is throttling requests; retry later");
+
+/// Service error codes with a known meaning. The first row whose codes contain the error's
+/// code wins; a code in no row is judged by its HTTP status ([`diagnose_status`]).
+const KNOWN_CODES: &[(&[&str], Diagnosis)] = &[
+    (THROTTLING_CODES, THROTTLED),
+    (
+        TRANSIENT_CODES,
+        Diagnosis::Retry("transient AWS error; retry later"),
+    ),
+    (
+        CREDENTIAL_REJECTED_CODES,
+        Diagnosis::Fix(
+            "AWS rejected the credentials; check the access key, secret and clock of the \
+             provisioner",
+        ),
+    ),
+    (
+        &[
+            "AccessDenied",
+            "AccessDeniedException",
+            "Forbidden",
+            "AllAccessDisabled",
+        ],
+        Diagnosis::AccessDenied,
+    ),
+    (
+        &["InvalidBucketName"],
+        Diagnosis::Fix(
+            "invalid bucket name: use 3-63 characters of lowercase letters, digits, dots and \
+             hyphens, starting and ending with a letter or digit",
+        ),
+    ),
+    (
+        &["BucketAlreadyExists"],
+        Diagnosis::Fix(
+            "the bucket name is owned by another AWS account; choose another bucket name",
+        ),
+    ),
+    (
+        &[
+            "IllegalLocationConstraintException",
+            "InvalidLocationConstraint",
+        ],
+        Diagnosis::Fix(
+            "the bucket region does not match the region of the request; check the requested \
+             region",
+        ),
+    ),
+    (
+        &[
+            "MalformedPolicyDocument",
+            "MalformedPolicyDocumentException",
+        ],
+        Diagnosis::Fix("IAM rejected the policy document as malformed; fix the policy template"),
+    ),
+    (
+        &["LimitExceeded", "LimitExceededException"],
+        Diagnosis::Fix(
+            "an IAM quota was reached (2 access keys per user, 5 versions per policy, 10 \
+             managed policies per group, ...); delete unused keys or policy versions, or raise \
+             the quota",
+        ),
+    ),
+    (
+        &["DeleteConflict"],
+        Diagnosis::Fix("the IAM entity is still in use; detach or remove it first"),
+    ),
+    (
+        &["EntityAlreadyExists", "BucketAlreadyOwnedByYou"],
+        Diagnosis::Fix("the resource already exists (created concurrently?); re-run the step"),
+    ),
+    // IAM is eventually consistent; a resource created moments ago can be missing.
+    (
+        &["NoSuchEntity", "NoSuchEntityException", "NoSuchBucket"],
+        Diagnosis::Retry("the resource was not found (not yet visible or deleted concurrently)"),
+    ),
+    (
+        &[
+            "ValidationError",
+            "InvalidInput",
+            "InvalidParameterValue",
+            "InvalidArgument",
+            "InvalidRequest",
+            "MalformedXML",
+            "InvalidParameterCombination",
+        ],
+        Diagnosis::Fix(
+            "AWS rejected the request as invalid; check the names and settings supplied",
+        ),
+    ),
+];
+
+/// The meaning of a service error: 429 always means throttling, then the code decides, then
+/// the HTTP status.
+fn diagnose(code: Option<&str>, status: Option<u16>) -> Diagnosis {
+    if status == Some(429) {
+        return THROTTLED;
+    }
+    let code = code.unwrap_or("");
+    KNOWN_CODES
+        .iter()
+        .find(|(codes, _)| codes.contains(&code))
+        .map(|(_, diagnosis)| *diagnosis)
+        .unwrap_or_else(|| diagnose_status(status))
+}
+
+/// The meaning of a service error whose code is unknown (or absent), from its HTTP status.
+fn diagnose_status(status: Option<u16>) -> Diagnosis {
+    match status {
+        Some(s) if s >= 500 => Diagnosis::Retry("AWS server error; retry later"),
+        Some(403) => Diagnosis::AccessDenied,
+        Some(404) => Diagnosis::Retry("the resource was not found (not yet visible or deleted)"),
+        _ => Diagnosis::Fix("AWS rejected the request"),
+    }
+}
+
+/// What AWS said, appended to our message: ` [Code: message]`, ` [Code]`, ` [message]` or
+/// ` [HTTP status]`.
+fn upstream_said(code: Option<&str>, aws_message: Option<&str>, status: Option<u16>) -> String {
+    match (code, aws_message) {
+        (Some(code), Some(message)) if !message.is_empty() => format!(" [{code}: {message}]"),
+        (Some(code), _) => format!(" [{code}]"),
+        (None, Some(message)) if !message.is_empty() => format!(" [{message}]"),
+        _ => status.map(|s| format!(" [HTTP {s}]")).unwrap_or_default(),
     }
 }
 
@@ -506,97 +645,19 @@ pub fn classify_code(
     aws_message: Option<&str>,
     request_id: Option<String>,
 ) -> CloudError {
-    let said = match (code, aws_message) {
-        (Some(code), Some(message)) if !message.is_empty() => format!(" [{code}: {message}]"),
-        (Some(code), _) => format!(" [{code}]"),
-        (None, Some(message)) if !message.is_empty() => format!(" [{message}]"),
-        _ => status.map(|s| format!(" [HTTP {s}]")).unwrap_or_default(),
-    };
-    let retryable = |what: &str| CloudError::Retryable {
-        service,
-        operation,
-        message: format!("{what}{said}"),
-        request_id: request_id.clone(),
-    };
-    let permanent = |what: String| CloudError::Permanent {
-        service,
-        operation,
-        message: format!("{what}{said}"),
-        request_id: request_id.clone(),
-    };
-    let code = code.unwrap_or("");
-    if THROTTLING_CODES.contains(&code) || status == Some(429) {
-        return retryable("AWS is throttling requests; retry later");
-    }
-    if TRANSIENT_CODES.contains(&code) {
-        return retryable("transient AWS error; retry later");
-    }
-    if CREDENTIAL_REJECTED_CODES.contains(&code) {
-        return permanent(
-            "AWS rejected the credentials; check the access key, secret and clock of the \
-             provisioner"
-                .to_owned(),
-        );
-    }
-    match code {
-        "AccessDenied" | "AccessDeniedException" | "Forbidden" | "AllAccessDisabled" => {
-            permanent(format!(
+    let (retry, what) = match diagnose(code, status) {
+        Diagnosis::Retry(what) => (Retry::Yes, what.to_owned()),
+        Diagnosis::Fix(what) => (Retry::No, what.to_owned()),
+        Diagnosis::AccessDenied => (
+            Retry::No,
+            format!(
                 "access denied: grant the provisioner's AWS identity permission for \
                  {service}:{operation}"
-            ))
-        }
-        "InvalidBucketName" => permanent(
-            "invalid bucket name: use 3-63 characters of lowercase letters, digits, dots and \
-             hyphens, starting and ending with a letter or digit"
-                .to_owned(),
+            ),
         ),
-        "BucketAlreadyExists" => permanent(
-            "the bucket name is owned by another AWS account; choose another bucket name"
-                .to_owned(),
-        ),
-        "IllegalLocationConstraintException" | "InvalidLocationConstraint" => permanent(
-            "the bucket region does not match the region of the request; check the requested \
-             region"
-                .to_owned(),
-        ),
-        "MalformedPolicyDocument" | "MalformedPolicyDocumentException" => permanent(
-            "IAM rejected the policy document as malformed; fix the policy template".to_owned(),
-        ),
-        "LimitExceeded" | "LimitExceededException" => permanent(
-            "an IAM quota was reached (2 access keys per user, 5 versions per policy, 10 \
-             managed policies per group, ...); delete unused keys or policy versions, or raise \
-             the quota"
-                .to_owned(),
-        ),
-        "DeleteConflict" => {
-            permanent("the IAM entity is still in use; detach or remove it first".to_owned())
-        }
-        "EntityAlreadyExists" | "BucketAlreadyOwnedByYou" => permanent(
-            "the resource already exists (created concurrently?); re-run the step".to_owned(),
-        ),
-        "NoSuchEntity" | "NoSuchEntityException" | "NoSuchBucket" => {
-            // IAM is eventually consistent; a resource created moments ago can be missing.
-            retryable("the resource was not found (not yet visible or deleted concurrently)")
-        }
-        "ValidationError"
-        | "InvalidInput"
-        | "InvalidParameterValue"
-        | "InvalidArgument"
-        | "InvalidRequest"
-        | "MalformedXML"
-        | "InvalidParameterCombination" => permanent(
-            "AWS rejected the request as invalid; check the names and settings supplied".to_owned(),
-        ),
-        _ => match status {
-            Some(s) if s >= 500 => retryable("AWS server error; retry later"),
-            Some(403) => permanent(format!(
-                "access denied: grant the provisioner's AWS identity permission for \
-                 {service}:{operation}"
-            )),
-            Some(404) => retryable("the resource was not found (not yet visible or deleted)"),
-            _ => permanent("AWS rejected the request".to_owned()),
-        },
-    }
+    };
+    let message = format!("{what}{}", upstream_said(code, aws_message, status));
+    CloudError::classified(retry, service, operation, message, request_id)
 }
 
 #[cfg(test)]
@@ -640,6 +701,108 @@ mod tests {
             "GetBucketLocation",
         ] {
             assert!(!CallCounter::is_mutating(op), "{op}");
+        }
+    }
+
+    /// (code, HTTP status, AWS message, retryable, our message); `""` and `0` stand for none.
+    const SERVICE_ERRORS: &[(&str, u16, &str, bool, &str)] = &[
+        (
+            "AccessDenied",
+            429,
+            "",
+            true,
+            "AWS is throttling requests; retry later [AccessDenied]",
+        ),
+        (
+            "SlowDown",
+            503,
+            "slow",
+            true,
+            "AWS is throttling requests; retry later [SlowDown: slow]",
+        ),
+        (
+            "InternalError",
+            500,
+            "",
+            true,
+            "transient AWS error; retry later [InternalError]",
+        ),
+        (
+            "ExpiredToken",
+            400,
+            "",
+            false,
+            "AWS rejected the credentials; check the access key, secret and clock of the \
+             provisioner [ExpiredToken]",
+        ),
+        (
+            "AccessDenied",
+            403,
+            "",
+            false,
+            "access denied: grant the provisioner's AWS identity permission for \
+             iam:CreateUser [AccessDenied]",
+        ),
+        (
+            "NoSuchEntity",
+            404,
+            "",
+            true,
+            "the resource was not found (not yet visible or deleted concurrently) [NoSuchEntity]",
+        ),
+        (
+            "MalformedXML",
+            400,
+            "",
+            false,
+            "AWS rejected the request as invalid; check the names and settings supplied \
+             [MalformedXML]",
+        ),
+        (
+            "Unheard",
+            502,
+            "",
+            true,
+            "AWS server error; retry later [Unheard]",
+        ),
+        (
+            "",
+            403,
+            "",
+            false,
+            "access denied: grant the provisioner's AWS identity permission for \
+             iam:CreateUser [HTTP 403]",
+        ),
+        (
+            "",
+            404,
+            "gone",
+            true,
+            "the resource was not found (not yet visible or deleted) [gone]",
+        ),
+        ("", 0, "", false, "AWS rejected the request"),
+    ];
+
+    #[test]
+    fn service_errors_by_code_then_status() {
+        let some = |s: &'static str| (!s.is_empty()).then_some(s);
+        for &(code, status, said, retryable, message) in SERVICE_ERRORS {
+            let status = (status != 0).then_some(status);
+            let e = classify_code("iam", "CreateUser", some(code), status, some(said), None);
+            assert_eq!(e.is_retryable(), retryable, "{code} {status:?}");
+            assert_eq!(e.to_string(), format!("iam CreateUser: {message}"));
+        }
+        let e = classify_code("iam", "CreateUser", None, None, None, Some("r-1".into()));
+        assert_eq!(e.request_id(), Some("r-1"));
+    }
+
+    #[test]
+    fn every_known_code_has_one_meaning() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (codes, _) in KNOWN_CODES {
+            for code in *codes {
+                assert!(seen.insert(*code), "{code} is listed twice");
+            }
         }
     }
 }

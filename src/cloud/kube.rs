@@ -1,11 +1,12 @@
 //! The Kubernetes client (from `KUBECONFIG` or the in-cluster service account) and the
 //! classification of its errors into [`CloudError`].
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use kube::core::Status;
 
-use super::CloudError;
+use super::{CloudError, Retry};
 
 /// The `service` of every Kubernetes [`CloudError`].
 pub const SERVICE: &str = "kubernetes";
@@ -159,92 +160,94 @@ fn parse_denied(message: &str) -> Option<Denied<'_>> {
 }
 
 fn classify_status(operation: &'static str, status: &Status) -> CloudError {
-    let code = status.code;
-    let reason = status.reason.as_str();
+    let (retry, what) = diagnose(status);
     let said = if status.message.is_empty() {
-        format!("HTTP {code} {reason}")
+        format!("HTTP {} {}", status.code, status.reason)
     } else {
-        format!("HTTP {code} {reason}: {}", status.message)
+        format!("HTTP {} {}: {}", status.code, status.reason, status.message)
     };
-    let retryable =
-        |what: &str| CloudError::retryable(SERVICE, operation, format!("{what} ({said})"));
-    let permanent =
-        |what: String| CloudError::permanent(SERVICE, operation, format!("{what} ({said})"));
-    let details_kind = status
-        .details
-        .as_ref()
-        .map(|d| d.kind.as_str())
-        .unwrap_or("");
-    let details_name = status
-        .details
-        .as_ref()
-        .map(|d| d.name.as_str())
-        .unwrap_or("");
+    CloudError::classified(retry, SERVICE, operation, format!("{what} ({said})"), None)
+}
 
-    match (code, reason) {
-        (429, _) | (_, "TooManyRequests") => retryable("the Kubernetes API is throttling requests"),
+/// What a failure `Status` means: whether a retry can help, and what happened or what to fix.
+fn diagnose(status: &Status) -> (Retry, Cow<'static, str>) {
+    let retry = |what: &'static str| (Retry::Yes, Cow::Borrowed(what));
+    let fix = |what: &'static str| (Retry::No, Cow::Borrowed(what));
+    match (status.code, status.reason.as_str()) {
+        (429, _) | (_, "TooManyRequests") => retry("the Kubernetes API is throttling requests"),
         (500..=599, _)
         | (_, "InternalError" | "ServiceUnavailable" | "ServerTimeout" | "Timeout") => {
-            retryable("the Kubernetes API failed or timed out")
+            retry("the Kubernetes API failed or timed out")
         }
-        (401, _) | (_, "Unauthorized") => permanent(
+        (401, _) | (_, "Unauthorized") => fix(
             "the Kubernetes API rejected the provisioner's credentials; check the kubeconfig \
-             user or the service account token"
-                .into(),
+             user or the service account token",
         ),
-        (403, _) | (_, "Forbidden") => match parse_denied(&status.message) {
-            Some(d) => {
-                let group = if d.group.is_empty() { "core" } else { d.group };
-                let scope = match d.namespace {
-                    Some(ns) => format!("in namespace {ns:?} (a Role and RoleBinding there)"),
-                    None => "cluster-wide (a ClusterRole and ClusterRoleBinding)".into(),
-                };
-                permanent(format!(
-                    "permission denied: grant {:?} the {:?} verb on {:?} (API group {group}) {scope}",
-                    d.user, d.verb, d.resource
-                ))
-            }
-            None if status.message.contains("being terminated") => {
-                permanent("the namespace is being deleted; recreate it, then retry".into())
-            }
-            None => permanent("permission denied by the Kubernetes API".into()),
-        },
-        (404, _) | (_, "NotFound") => {
-            if details_kind == "namespaces" || status.message.starts_with("namespaces ") {
-                let ns = if details_name.is_empty() {
-                    quoted_after(&status.message, "namespaces ").unwrap_or("")
-                } else {
-                    details_name
-                };
-                permanent(format!(
-                    "namespace {ns:?} does not exist; create it (or fix the repository's namespace), \
-                     then retry"
-                ))
-            } else {
-                permanent("the Kubernetes API has no such resource".into())
-            }
+        (403, _) | (_, "Forbidden") => (Retry::No, forbidden(&status.message)),
+        (404, _) | (_, "NotFound") => (Retry::No, not_found(status)),
+        (409, "AlreadyExists") => retry("the object was created concurrently"),
+        (409, _) | (_, "Conflict") if is_field_conflict(status) => {
+            fix("other field managers own fields this apply would change")
         }
-        (409, "AlreadyExists") => retryable("the object was created concurrently"),
         (409, _) | (_, "Conflict") => {
-            let field_conflict = status.message.starts_with("Apply failed")
-                || status
-                    .details
-                    .as_ref()
-                    .is_some_and(|d| d.causes.iter().any(|c| c.reason == "FieldManagerConflict"));
-            if field_conflict {
-                permanent("other field managers own fields this apply would change".into())
-            } else {
-                retryable("the object changed concurrently (stale resourceVersion)")
-            }
+            retry("the object changed concurrently (stale resourceVersion)")
         }
-        (410, _) | (_, "Expired" | "Gone") => retryable("the resourceVersion expired"),
-        (422, _) | (_, "Invalid") => {
-            permanent("the Kubernetes API rejected the object as invalid".into())
-        }
-        (400, _) | (_, "BadRequest") => permanent("the Kubernetes API rejected the request".into()),
-        (400..=499, _) => permanent("the Kubernetes API refused the request".into()),
-        _ => retryable("unexpected answer from the Kubernetes API"),
+        (410, _) | (_, "Expired" | "Gone") => retry("the resourceVersion expired"),
+        (422, _) | (_, "Invalid") => fix("the Kubernetes API rejected the object as invalid"),
+        (400, _) | (_, "BadRequest") => fix("the Kubernetes API rejected the request"),
+        (400..=499, _) => fix("the Kubernetes API refused the request"),
+        _ => retry("unexpected answer from the Kubernetes API"),
     }
+}
+
+/// A 403: names the missing permission when the message says which one.
+fn forbidden(message: &str) -> Cow<'static, str> {
+    match parse_denied(message) {
+        Some(d) => {
+            let group = if d.group.is_empty() { "core" } else { d.group };
+            let scope = match d.namespace {
+                Some(ns) => format!("in namespace {ns:?} (a Role and RoleBinding there)"),
+                None => "cluster-wide (a ClusterRole and ClusterRoleBinding)".into(),
+            };
+            format!(
+                "permission denied: grant {:?} the {:?} verb on {:?} (API group {group}) {scope}",
+                d.user, d.verb, d.resource
+            )
+            .into()
+        }
+        None if message.contains("being terminated") => {
+            "the namespace is being deleted; recreate it, then retry".into()
+        }
+        None => "permission denied by the Kubernetes API".into(),
+    }
+}
+
+/// A 404: a missing namespace is named, since creating it is the fix.
+fn not_found(status: &Status) -> Cow<'static, str> {
+    let details = status.details.as_ref();
+    let is_namespace = details.is_some_and(|d| d.kind == "namespaces")
+        || status.message.starts_with("namespaces ");
+    if !is_namespace {
+        return "the Kubernetes API has no such resource".into();
+    }
+    let ns = match details.map(|d| d.name.as_str()).unwrap_or("") {
+        "" => quoted_after(&status.message, "namespaces ").unwrap_or(""),
+        name => name,
+    };
+    format!(
+        "namespace {ns:?} does not exist; create it (or fix the repository's namespace), then \
+         retry"
+    )
+    .into()
+}
+
+/// A 409 from server-side apply: other field managers own fields the apply would change.
+fn is_field_conflict(status: &Status) -> bool {
+    status.message.starts_with("Apply failed")
+        || status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "FieldManagerConflict"))
 }
 
 #[cfg(test)]

@@ -30,7 +30,39 @@ pub enum CloudError {
     },
 }
 
+/// Whether a retry can help: which of the two [`CloudError`] variants a classification makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    Yes,
+    No,
+}
+
 impl CloudError {
+    /// The error a classification decided on.
+    pub(crate) fn classified(
+        retry: Retry,
+        service: &'static str,
+        operation: &'static str,
+        message: impl Into<String>,
+        request_id: Option<String>,
+    ) -> Self {
+        let message = message.into();
+        match retry {
+            Retry::Yes => CloudError::Retryable {
+                service,
+                operation,
+                message,
+                request_id,
+            },
+            Retry::No => CloudError::Permanent {
+                service,
+                operation,
+                message,
+                request_id,
+            },
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(self, CloudError::Retryable { .. })
     }

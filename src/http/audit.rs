@@ -7,7 +7,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::extract::{ApiQuery, Caller};
-use super::{ApiError, AppState, Problem, pagination};
+use super::responses::{BadRequest, Unauthorized};
+use super::{ApiError, AppState, pagination};
 use crate::audit::{self, AuditEvent, AuditFilter};
 use crate::auth::Role;
 
@@ -37,8 +38,7 @@ pub struct AuditQuery {
     params(AuditQuery),
     responses(
         (status = 200, body = AuditPage),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        BadRequest, Unauthorized,
     ),
     security(("bearer" = []))
 )]

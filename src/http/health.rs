@@ -5,7 +5,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{ApiError, AppState, Problem};
+use super::responses::Unavailable;
+use super::{ApiError, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -23,7 +24,7 @@ pub async fn healthz() -> &'static str {
 /// The database is reachable and every migration is applied.
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
-    responses((status = 200, body = String), (status = 503, body = Problem, content_type = "application/problem+json"))
+    responses((status = 200, body = String), Unavailable)
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     match crate::db::migrations_applied(&state.db).await {

@@ -12,8 +12,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::audit::{AuditPage, audit_page};
+use super::error::{PROBLEM_JSON, Problem};
 use super::extract::{ApiQuery, Caller};
-use super::{ApiError, AppState, Problem};
+use super::responses::{BadRequest, Forbidden, NotFound, Unauthorized};
+use super::{ApiError, AppState};
 use crate::audit::{self, AuditEntry, AuditFilter};
 use crate::auth::Role;
 use crate::jobs::queue::{self, CancelOutcome, Job, JobState, RetryOutcome};
@@ -174,9 +176,7 @@ fn parse_wait(wait: Option<&str>) -> Result<Duration, ApiError> {
     params(("id" = Uuid, Path, description = "Job id"), WaitQuery),
     responses(
         (status = 200, body = JobView),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        BadRequest, Unauthorized, NotFound,
     ),
     security(("bearer" = []))
 )]
@@ -220,10 +220,8 @@ async fn wait_for_change(
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 202, description = "Cancelled or cancel requested", body = JobView),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The job already ended", body = Problem, content_type = "application/problem+json"),
+        Unauthorized, Forbidden, NotFound,
+        (status = 409, description = "The job already ended", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
 )]
@@ -259,10 +257,8 @@ pub async fn cancel_job(
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 202, description = "Queued again", body = JobView),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not failed/cancelled, or the repository has another active job", body = Problem, content_type = "application/problem+json"),
+        Unauthorized, Forbidden, NotFound,
+        (status = 409, description = "Not failed/cancelled, or the repository has another active job", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
 )]
@@ -334,8 +330,7 @@ pub struct PageQuery {
     params(("id" = Uuid, Path, description = "Job id"), PageQuery),
     responses(
         (status = 200, body = AuditPage),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        Unauthorized, NotFound,
     ),
     security(("bearer" = []))
 )]

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod pagination;
 pub mod repositories;
+pub mod responses;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

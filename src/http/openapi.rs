@@ -8,6 +8,8 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_swagger_ui::SwaggerUi;
 
+use super::Problem;
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -15,6 +17,9 @@ use utoipa_swagger_ui::SwaggerUi;
         description = "Provisions pgBackRest S3 repositories (bucket, IAM policy, group, user, access key and the s3.conf Secret) for Crunchy PGO PostgresClusters.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
+    // Routes document errors through `super::responses`, whose schema utoipa does not collect
+    // from the routes: register it here.
+    components(schemas(Problem)),
     modifiers(&BearerAuth),
     tags(
         (name = "repositories", description = "Backup repositories and their provisioning"),

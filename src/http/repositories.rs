@@ -11,9 +11,14 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::error::{PROBLEM_JSON, Problem};
 use super::extract::{ApiJson, ApiQuery, Caller};
 use super::jobs::JobSummary;
-use super::{ApiError, AppState, Problem, pagination};
+use super::responses::{
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unprocessable,
+    UnsupportedMediaType,
+};
+use super::{ApiError, AppState, pagination};
 use crate::auth::Role;
 use crate::domain::{
     BucketName, DEFAULT_REGION, Labels, Region, RepositoryName, ValidationError, default_bucket_for,
@@ -176,13 +181,9 @@ pub struct CreatedRepository {
     responses(
         (status = 202, description = "Created, or its safety switches changed; provisioning queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Already exists with this desired state", body = CreatedRepository),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Exists with a different desired state, or the bucket is taken", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        BadRequest, Unauthorized, Forbidden,
+        (status = 409, description = "Exists with a different desired state, or the bucket is taken", body = Problem, content_type = PROBLEM_JSON),
+        PayloadTooLarge, UnsupportedMediaType, Unprocessable,
     ),
     security(("bearer" = []))
 )]
@@ -216,10 +217,8 @@ pub async fn create_repository(
     params(("name" = String, Path, description = "Repository name")),
     responses(
         (status = 202, description = "Provisioning queued. `Location` names the job.", body = CreatedRepository),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = "application/problem+json"),
+        Unauthorized, Forbidden, NotFound,
+        (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
 )]
@@ -289,8 +288,7 @@ pub const REPOSITORY_STATES: [&str; 5] =
     params(ListQuery),
     responses(
         (status = 200, body = RepositoryPage),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        BadRequest, Unauthorized,
     ),
     security(("bearer" = []))
 )]
@@ -343,8 +341,7 @@ pub async fn list_repositories(
     params(("name" = String, Path, description = "Repository name")),
     responses(
         (status = 200, body = RepositoryView),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        Unauthorized, NotFound,
     ),
     security(("bearer" = []))
 )]
