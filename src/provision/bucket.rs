@@ -1,6 +1,29 @@
-//! Runbook step "Create the Bucket": the bucket exists in the requested region with the
-//! runbook's settings (ACLs disabled, all public access blocked, SSE-S3 with a bucket key,
-//! versioning and object lock off) and our tags.
+//! Runbook section "Create the Bucket":
+//!
+//! > Name: `holos-zitadel-backups` for `zitadel`
+//! >
+//! > Object Ownership: `ACLs disabled` (recommended) Checked.
+//! > Block Public Access settings for this bucket: **`Block all public access`** Checked.
+//! > Bucket Versioning: `Disable`
+//! > Default encryption: `Server-side encryption with Amazon S3 managed keys (SSE-S3)`
+//! > Bucket Key: `Enable`
+//! > Object Lock: `Disable`
+//!
+//! The bucket exists in the requested region with those settings and our tags; one function
+//! per setting, each reading the setting, changing it only when it differs, and recording it in
+//! the step's [`Report`]:
+//!
+//! | runbook setting                 | function                       | when it differs      |
+//! |---------------------------------|--------------------------------|----------------------|
+//! | Object Ownership                | `ensure_ownership`             | repaired             |
+//! | Block all public access         | `ensure_public_access_block`   | repaired             |
+//! | Default encryption, Bucket Key  | `ensure_encryption`            | repaired             |
+//! | Bucket Versioning               | `check_versioning`             | reported, left as is |
+//! | Object Lock                     | `check_object_lock`            | reported, left as is |
+//! | (our tags)                      | `ensure_tags`                  | repaired             |
+//!
+//! Versioning and object lock cannot be undone safely on a bucket that holds data, so they are
+//! only reported.
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -11,10 +34,11 @@ use aws_sdk_s3::types::{
     ServerSideEncryption, ServerSideEncryptionByDefault, ServerSideEncryptionConfiguration,
     ServerSideEncryptionRule, Tag, Tagging,
 };
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use super::report::{Action, Report};
 use crate::cloud::aws::{classify, error_request_id, output_request_id, response_header};
-use crate::cloud::{CloudError, Outcome, StepReport};
+use crate::cloud::{CloudError, StepReport};
 
 /// Tag marking resources this service manages.
 pub const MANAGED_BY_KEY: &str = "managed-by";
@@ -23,6 +47,8 @@ pub const MANAGED_BY_VALUE: &str = "backup-provisioner";
 pub const REPOSITORY_TAG_KEY: &str = "backup-provisioner/repository";
 
 const S3: &str = "s3";
+/// The resource kind in the step's report.
+const KIND: &str = "s3-bucket";
 
 /// `arn:aws:s3:::<bucket>`.
 pub fn arn(bucket: &str) -> String {
@@ -40,42 +66,24 @@ pub async fn ensure(
     region: &str,
     repository: &str,
 ) -> Result<StepReport, CloudError> {
-    let mut run = Run::default();
-
-    let created = match head(s3, bucket, region).await? {
-        true => {
-            check_location(s3, bucket, region).await?;
-            false
-        }
-        false => create(s3, bucket, region, &mut run).await?,
-    };
-
-    ensure_ownership(s3, bucket, &mut run).await?;
-    ensure_public_access_block(s3, bucket, &mut run).await?;
-    ensure_encryption(s3, bucket, &mut run).await?;
-    check_versioning(s3, bucket, &mut run).await?;
-    check_object_lock(s3, bucket, &mut run).await?;
-    ensure_tags(s3, bucket, repository, &mut run).await?;
-
-    let outcome = if created {
-        Outcome::Created
-    } else if run.changed {
-        Outcome::Updated
+    let mut report = Report::new(KIND, bucket);
+    if head(s3, bucket, region).await? {
+        check_location(s3, bucket, region).await?;
     } else {
-        Outcome::AlreadyPresent
-    };
-    let mut report = StepReport::new(
-        outcome,
-        json!({
-            "bucket": bucket,
-            "region": region,
-            "arn": arn(bucket),
-            "repository": repository,
-            "differences": run.differences,
-        }),
-    );
-    report.upstream_request_id = run.request_id;
-    Ok(report)
+        create(s3, bucket, region, &mut report).await?;
+    }
+    ensure_ownership(s3, bucket, &mut report).await?;
+    ensure_public_access_block(s3, bucket, &mut report).await?;
+    ensure_encryption(s3, bucket, &mut report).await?;
+    check_versioning(s3, bucket, &mut report).await?;
+    check_object_lock(s3, bucket, &mut report).await?;
+    ensure_tags(s3, bucket, repository, &mut report).await?;
+    Ok(report.into_step_report(json!({
+        "bucket": bucket,
+        "region": region,
+        "arn": arn(bucket),
+        "repository": repository,
+    })))
 }
 
 /// Whether the bucket holds at least one object (one ListObjectsV2 page).
@@ -137,44 +145,6 @@ pub fn location_to_region(location: Option<&str>) -> String {
         None | Some("") => "us-east-1".to_owned(),
         Some("EU") => "eu-west-1".to_owned(),
         Some(region) => region.to_owned(),
-    }
-}
-
-#[derive(Default)]
-struct Run {
-    differences: Vec<Value>,
-    changed: bool,
-    request_id: Option<String>,
-}
-
-impl Run {
-    fn repaired(
-        &mut self,
-        setting: &str,
-        found: Value,
-        expected: Value,
-        request_id: Option<String>,
-    ) {
-        self.differences.push(json!({
-            "setting": setting,
-            "found": found,
-            "expected": expected,
-            "action": "repaired",
-        }));
-        self.changed = true;
-        if request_id.is_some() {
-            self.request_id = request_id;
-        }
-    }
-
-    fn left_unchanged(&mut self, setting: &str, found: Value, expected: Value, why: &str) {
-        self.differences.push(json!({
-            "setting": setting,
-            "found": found,
-            "expected": expected,
-            "action": "left unchanged",
-            "reason": why,
-        }));
     }
 }
 
@@ -253,13 +223,13 @@ async fn check_location(s3: &Client, bucket: &str, region: &str) -> Result<(), C
     Ok(())
 }
 
-/// Creates the bucket; `Ok(false)` when it turned out to exist already (ours, same region).
+/// Creates the bucket; finding it already ours (same region) is not a creation.
 async fn create(
     s3: &Client,
     bucket: &str,
     region: &str,
-    run: &mut Run,
-) -> Result<bool, CloudError> {
+    report: &mut Report,
+) -> Result<(), CloudError> {
     let mut request = s3.create_bucket().bucket(bucket);
     if region != "us-east-1" {
         request = request.create_bucket_configuration(
@@ -269,30 +239,56 @@ async fn create(
         );
     }
     match request.send().await {
-        Ok(out) => {
-            run.request_id = output_request_id(&out);
-            Ok(true)
-        }
+        Ok(out) => report.created(output_request_id(&out)),
         Err(err) if err.code() == Some("BucketAlreadyOwnedByYou") => {
             check_location(s3, bucket, region).await?;
-            Ok(false)
         }
-        Err(err) => Err(create_error(bucket, region, err)),
+        Err(err) => return Err(create_error(bucket, region, err)),
     }
+    Ok(())
 }
 
 fn is_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>, codes: &[&str]) -> bool {
     err.code().is_some_and(|code| codes.contains(&code))
 }
 
-async fn ensure_ownership(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
-    let found: Vec<String> = match s3
+/// A list found on the bucket, `null` when there was none.
+fn list_or_null(found: &[impl serde::Serialize]) -> Value {
+    if found.is_empty() {
+        Value::Null
+    } else {
+        json!(found)
+    }
+}
+
+/// Object Ownership: `ACLs disabled` (`BucketOwnerEnforced`).
+async fn ensure_ownership(
+    s3: &Client,
+    bucket: &str,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "object_ownership";
+    let found = read_ownership(s3, bucket).await?;
+    let expected = ObjectOwnership::BucketOwnerEnforced.as_str();
+    if found.len() == 1 && found[0] == expected {
+        report.unchanged(SETTING, json!(expected));
+        return Ok(());
+    }
+    let request_id = put_ownership(s3, bucket).await?;
+    let action = Action::create_or_update(found.is_empty());
+    let found = list_or_null(&found);
+    report.repaired(SETTING, found, json!(expected), action, request_id);
+    Ok(())
+}
+
+async fn read_ownership(s3: &Client, bucket: &str) -> Result<Vec<String>, CloudError> {
+    match s3
         .get_bucket_ownership_controls()
         .bucket(bucket)
         .send()
         .await
     {
-        Ok(out) => out
+        Ok(out) => Ok(out
             .ownership_controls()
             .map(|c| {
                 c.rules()
@@ -300,14 +296,13 @@ async fn ensure_ownership(s3: &Client, bucket: &str, run: &mut Run) -> Result<()
                     .map(|r| r.object_ownership().as_str().to_owned())
                     .collect()
             })
-            .unwrap_or_default(),
-        Err(err) if is_code(&err, &["OwnershipControlsNotFoundError"]) => Vec::new(),
-        Err(err) => return Err(classify(S3, "GetBucketOwnershipControls", err)),
-    };
-    let expected = ObjectOwnership::BucketOwnerEnforced.as_str();
-    if found.len() == 1 && found[0] == expected {
-        return Ok(());
+            .unwrap_or_default()),
+        Err(err) if is_code(&err, &["OwnershipControlsNotFoundError"]) => Ok(Vec::new()),
+        Err(err) => Err(classify(S3, "GetBucketOwnershipControls", err)),
     }
+}
+
+async fn put_ownership(s3: &Client, bucket: &str) -> Result<Option<String>, CloudError> {
     let rule = OwnershipControlsRule::builder()
         .object_ownership(ObjectOwnership::BucketOwnerEnforced)
         .build()
@@ -323,39 +318,60 @@ async fn ensure_ownership(s3: &Client, bucket: &str, run: &mut Run) -> Result<()
         .send()
         .await
         .map_err(|e| classify(S3, "PutBucketOwnershipControls", e))?;
-    run.repaired(
-        "object_ownership",
-        if found.is_empty() {
-            Value::Null
-        } else {
-            json!(found)
-        },
-        json!(expected),
-        output_request_id(&out),
-    );
-    Ok(())
+    Ok(output_request_id(&out))
 }
 
+/// The four public access block flags, in AWS's order.
+type PublicAccessFlags = [Option<bool>; 4];
+
+fn public_access_json(flags: PublicAccessFlags) -> Value {
+    json!({
+        "block_public_acls": flags[0].unwrap_or(false),
+        "ignore_public_acls": flags[1].unwrap_or(false),
+        "block_public_policy": flags[2].unwrap_or(false),
+        "restrict_public_buckets": flags[3].unwrap_or(false),
+    })
+}
+
+/// Block Public Access settings for this bucket: **`Block all public access`** (all four).
 async fn ensure_public_access_block(
     s3: &Client,
     bucket: &str,
-    run: &mut Run,
+    report: &mut Report,
 ) -> Result<(), CloudError> {
-    let found = match s3.get_public_access_block().bucket(bucket).send().await {
-        Ok(out) => out.public_access_block_configuration().map(|c| {
+    const SETTING: &str = "public_access_block";
+    let found = read_public_access_block(s3, bucket).await?;
+    let expected = public_access_json([Some(true); 4]);
+    if found.is_some_and(|flags| flags.iter().all(|f| *f == Some(true))) {
+        report.unchanged(SETTING, expected);
+        return Ok(());
+    }
+    let request_id = put_public_access_block(s3, bucket).await?;
+    let action = Action::create_or_update(found.is_none());
+    let found = found.map(public_access_json).unwrap_or(Value::Null);
+    report.repaired(SETTING, found, expected, action, request_id);
+    Ok(())
+}
+
+async fn read_public_access_block(
+    s3: &Client,
+    bucket: &str,
+) -> Result<Option<PublicAccessFlags>, CloudError> {
+    match s3.get_public_access_block().bucket(bucket).send().await {
+        Ok(out) => Ok(out.public_access_block_configuration().map(|c| {
             [
                 c.block_public_acls(),
                 c.ignore_public_acls(),
                 c.block_public_policy(),
                 c.restrict_public_buckets(),
             ]
-        }),
-        Err(err) if is_code(&err, &["NoSuchPublicAccessBlockConfiguration"]) => None,
-        Err(err) => return Err(classify(S3, "GetPublicAccessBlock", err)),
-    };
-    if found.is_some_and(|flags| flags.iter().all(|f| *f == Some(true))) {
-        return Ok(());
+        })),
+        Err(err) if is_code(&err, &["NoSuchPublicAccessBlockConfiguration"]) => Ok(None),
+        Err(err) => Err(classify(S3, "GetPublicAccessBlock", err)),
     }
+}
+
+async fn put_public_access_block(s3: &Client, bucket: &str) -> Result<Option<String>, CloudError> {
     let out = s3
         .put_public_access_block()
         .bucket(bucket)
@@ -370,54 +386,55 @@ async fn ensure_public_access_block(
         .send()
         .await
         .map_err(|e| classify(S3, "PutPublicAccessBlock", e))?;
-    let flags_json = |flags: [Option<bool>; 4]| {
-        json!({
-            "block_public_acls": flags[0].unwrap_or(false),
-            "ignore_public_acls": flags[1].unwrap_or(false),
-            "block_public_policy": flags[2].unwrap_or(false),
-            "restrict_public_buckets": flags[3].unwrap_or(false),
-        })
-    };
-    run.repaired(
-        "public_access_block",
-        found.map(flags_json).unwrap_or(Value::Null),
-        flags_json([Some(true); 4]),
-        output_request_id(&out),
-    );
-    Ok(())
+    Ok(output_request_id(&out))
 }
 
-async fn ensure_encryption(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
-    let found: Vec<Value> = match s3.get_bucket_encryption().bucket(bucket).send().await {
-        Ok(out) => out
-            .server_side_encryption_configuration()
-            .map(|c| {
-                c.rules()
-                    .iter()
-                    .map(|r| {
-                        let default = r.apply_server_side_encryption_by_default();
-                        json!({
-                            "sse_algorithm": default.map(|d| d.sse_algorithm().as_str()),
-                            "kms_master_key_id": default.and_then(|d| d.kms_master_key_id()),
-                            "bucket_key_enabled": r.bucket_key_enabled().unwrap_or(false),
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        Err(err) if is_code(&err, &["ServerSideEncryptionConfigurationNotFoundError"]) => {
-            Vec::new()
-        }
-        Err(err) => return Err(classify(S3, "GetBucketEncryption", err)),
-    };
+/// Default encryption: SSE-S3 (`AES256`, no KMS key), Bucket Key: `Enable`.
+async fn ensure_encryption(
+    s3: &Client,
+    bucket: &str,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "default_encryption";
+    let found = read_encryption(s3, bucket).await?;
     let expected = json!({
         "sse_algorithm": ServerSideEncryption::Aes256.as_str(),
         "kms_master_key_id": null,
         "bucket_key_enabled": true,
     });
     if found.len() == 1 && found[0] == expected {
+        report.unchanged(SETTING, expected);
         return Ok(());
     }
+    let request_id = put_encryption(s3, bucket).await?;
+    let action = Action::create_or_update(found.is_empty());
+    report.repaired(SETTING, list_or_null(&found), expected, action, request_id);
+    Ok(())
+}
+
+/// The bucket's default encryption rules, in the shape of the expected value.
+async fn read_encryption(s3: &Client, bucket: &str) -> Result<Vec<Value>, CloudError> {
+    let rule_json = |r: &ServerSideEncryptionRule| {
+        let default = r.apply_server_side_encryption_by_default();
+        json!({
+            "sse_algorithm": default.map(|d| d.sse_algorithm().as_str()),
+            "kms_master_key_id": default.and_then(|d| d.kms_master_key_id()),
+            "bucket_key_enabled": r.bucket_key_enabled().unwrap_or(false),
+        })
+    };
+    match s3.get_bucket_encryption().bucket(bucket).send().await {
+        Ok(out) => Ok(out
+            .server_side_encryption_configuration()
+            .map(|c| c.rules().iter().map(rule_json).collect())
+            .unwrap_or_default()),
+        Err(err) if is_code(&err, &["ServerSideEncryptionConfigurationNotFoundError"]) => {
+            Ok(Vec::new())
+        }
+        Err(err) => Err(classify(S3, "GetBucketEncryption", err)),
+    }
+}
+
+async fn put_encryption(s3: &Client, bucket: &str) -> Result<Option<String>, CloudError> {
     let by_default = ServerSideEncryptionByDefault::builder()
         .sse_algorithm(ServerSideEncryption::Aes256)
         .build()
@@ -438,17 +455,7 @@ async fn ensure_encryption(s3: &Client, bucket: &str, run: &mut Run) -> Result<(
         .send()
         .await
         .map_err(|e| classify(S3, "PutBucketEncryption", e))?;
-    run.repaired(
-        "default_encryption",
-        if found.is_empty() {
-            Value::Null
-        } else {
-            json!(found)
-        },
-        expected,
-        output_request_id(&out),
-    );
-    Ok(())
+    Ok(output_request_id(&out))
 }
 
 /// The bucket's versioning status (`None`: never enabled).
@@ -478,29 +485,42 @@ pub async fn versioning_status(
     }
 }
 
-async fn check_versioning(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
-    let status = versioning_status(s3, bucket).await?;
-    match status.as_ref() {
-        None => {}
-        Some(status @ (BucketVersioningStatus::Enabled | BucketVersioningStatus::Suspended)) => run
-            .left_unchanged(
-                "versioning",
+/// Bucket Versioning: `Disable` (never enabled). Enabled or suspended is reported only.
+async fn check_versioning(
+    s3: &Client,
+    bucket: &str,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "versioning";
+    let expected = json!("Disabled");
+    match versioning_status(s3, bucket).await? {
+        None => report.unchanged(SETTING, expected),
+        Some(status @ (BucketVersioningStatus::Enabled | BucketVersioningStatus::Suspended)) => {
+            report.left(
+                SETTING,
                 json!(status.as_str()),
-                json!("Disabled"),
+                expected,
                 "versioning cannot be turned off once enabled; suspending it is an operator \
                  decision",
-            ),
-        Some(other) => run.left_unchanged(
-            "versioning",
+            )
+        }
+        Some(other) => report.left(
+            SETTING,
             json!(other.as_str()),
-            json!("Disabled"),
+            expected,
             "unknown versioning status",
         ),
     }
     Ok(())
 }
 
-async fn check_object_lock(s3: &Client, bucket: &str, run: &mut Run) -> Result<(), CloudError> {
+/// Object Lock: `Disable`. Enabled is reported only.
+async fn check_object_lock(
+    s3: &Client,
+    bucket: &str,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "object_lock";
     let enabled = match s3
         .get_object_lock_configuration()
         .bucket(bucket)
@@ -515,56 +535,89 @@ async fn check_object_lock(s3: &Client, bucket: &str, run: &mut Run) -> Result<(
         Err(err) => return Err(classify(S3, "GetObjectLockConfiguration", err)),
     };
     if enabled {
-        run.left_unchanged(
-            "object_lock",
+        report.left(
+            SETTING,
             json!("Enabled"),
             json!("Disabled"),
             "object lock cannot be disabled on a bucket; recreate the bucket to remove it",
         );
+    } else {
+        report.unchanged(SETTING, json!("Disabled"));
     }
     Ok(())
 }
 
+/// Our tags (`managed-by`, the repository), next to any tags of others.
 async fn ensure_tags(
     s3: &Client,
     bucket: &str,
     repository: &str,
-    run: &mut Run,
+    report: &mut Report,
 ) -> Result<(), CloudError> {
-    let mut tags: Vec<(String, String)> = match s3.get_bucket_tagging().bucket(bucket).send().await
-    {
-        Ok(out) => out
-            .tag_set()
-            .iter()
-            .map(|t| (t.key().to_owned(), t.value().to_owned()))
-            .collect(),
-        Err(err) if is_code(&err, &["NoSuchTagSet"]) => Vec::new(),
-        Err(err) => return Err(classify(S3, "GetBucketTagging", err)),
-    };
+    const SETTING: &str = "tags";
     let wanted = [
         (MANAGED_BY_KEY, MANAGED_BY_VALUE),
         (REPOSITORY_TAG_KEY, repository),
     ];
-    let mut found = serde_json::Map::new();
-    let mut changed = false;
+    let mut tags = read_tags(s3, bucket).await?;
+    let found = merge_tags(&mut tags, &wanted);
+    if found.is_empty() {
+        report.unchanged(SETTING, tags_json(&wanted, |_| true));
+        return Ok(());
+    }
+    let request_id = put_tags(s3, bucket, &tags).await?;
+    let expected = tags_json(&wanted, |key| found.contains_key(key));
+    let action = Action::create_or_update(found.values().all(Value::is_null));
+    report.repaired(SETTING, Value::Object(found), expected, action, request_id);
+    Ok(())
+}
+
+async fn read_tags(s3: &Client, bucket: &str) -> Result<Vec<(String, String)>, CloudError> {
+    match s3.get_bucket_tagging().bucket(bucket).send().await {
+        Ok(out) => Ok(out
+            .tag_set()
+            .iter()
+            .map(|t| (t.key().to_owned(), t.value().to_owned()))
+            .collect()),
+        Err(err) if is_code(&err, &["NoSuchTagSet"]) => Ok(Vec::new()),
+        Err(err) => Err(classify(S3, "GetBucketTagging", err)),
+    }
+}
+
+/// Sets the `wanted` tags in `tags`; returns the previous value (`null`: absent) of each tag
+/// that differed.
+fn merge_tags(tags: &mut Vec<(String, String)>, wanted: &[(&str, &str)]) -> Map<String, Value> {
+    let mut found = Map::new();
     for (key, value) in wanted {
         match tags.iter_mut().find(|(k, _)| k == key) {
             Some((_, v)) if v == value => {}
             Some((_, v)) => {
-                found.insert(key.to_owned(), json!(v.clone()));
-                *v = value.to_owned();
-                changed = true;
+                found.insert((*key).to_owned(), json!(v.clone()));
+                *v = (*value).to_owned();
             }
             None => {
-                found.insert(key.to_owned(), Value::Null);
-                tags.push((key.to_owned(), value.to_owned()));
-                changed = true;
+                found.insert((*key).to_owned(), Value::Null);
+                tags.push(((*key).to_owned(), (*value).to_owned()));
             }
         }
     }
-    if !changed {
-        return Ok(());
-    }
+    found
+}
+
+fn tags_json(wanted: &[(&str, &str)], include: impl Fn(&str) -> bool) -> Value {
+    let tags: Map<String, Value> = wanted
+        .iter()
+        .filter(|(k, _)| include(k))
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    Value::Object(tags)
+}
+
+async fn put_tags(
+    s3: &Client,
+    bucket: &str,
+    tags: &[(String, String)],
+) -> Result<Option<String>, CloudError> {
     let tag_set = tags
         .iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
@@ -581,18 +634,7 @@ async fn ensure_tags(
         .send()
         .await
         .map_err(|e| classify(S3, "PutBucketTagging", e))?;
-    let expected: serde_json::Map<String, Value> = wanted
-        .iter()
-        .filter(|(k, _)| found.contains_key(*k))
-        .map(|(k, v)| ((*k).to_owned(), json!(v)))
-        .collect();
-    run.repaired(
-        "tags",
-        Value::Object(found),
-        Value::Object(expected),
-        output_request_id(&out),
-    );
-    Ok(())
+    Ok(output_request_id(&out))
 }
 
 fn build_error(operation: &'static str, err: aws_sdk_s3::error::BuildError) -> CloudError {

@@ -1,18 +1,23 @@
 //! The runbook (`../shared/runbook-postgrescluster-backups.md`) as a job kind: one module per
-//! runbook section, each observe -> act -> record.
+//! runbook section, each quoting its section and doing observe -> act -> record, one function
+//! per runbook setting.
 //!
-//! | runbook section            | module                                   |
-//! |----------------------------|------------------------------------------|
-//! | Create the Bucket          | [`bucket`]                               |
-//! | Create an IAM Policy       | [`policy`]                               |
-//! | Create an IAM Group        | [`group`]                                |
-//! | Create the IAM User        | [`user`]                                 |
-//! | Create an Access Key       | [`access_key`] (+ [`credential_check`])  |
-//! | Create the Secret          | [`cipher_pass`], [`secret`]              |
+//! | runbook section            | module                                                   |
+//! |----------------------------|----------------------------------------------------------|
+//! | Create the Bucket          | [`bucket`]                                               |
+//! | Create an IAM Policy       | [`policy`]                                               |
+//! | Create an IAM Group        | [`group`]                                                |
+//! | Create the IAM User        | [`user`]                                                 |
+//! | Create an Access Key       | [`access_key`] (then [`credential_check`], our addition) |
+//! | Create the Secret          | [`secret`] (`s3.conf`), [`cipher_pass`] (its pass)       |
 //!
-//! [`job`] runs those steps in order; [`request`] is the use case behind the HTTP API (store
-//! the desired repository and queue its job in one transaction); [`wiring`] is what a
-//! PostgresCluster needs once its repository is ready.
+//! [`job`] is the job kind and its step sequence: thin wrappers that call those modules and
+//! record what they made. [`report`] is what every step found and did, setting by setting
+//! (expected / actual / action), carried in its audit entry. [`sealed`] keeps an access key's
+//! secret and a new cipher pass encrypted in Postgres until the Secret holds them.
+//! [`request`] is the use case behind the HTTP API (store the desired repository and queue its
+//! job in one transaction); [`wiring`] is what a PostgresCluster needs once its repository is
+//! ready.
 
 pub mod access_key;
 pub mod bucket;
@@ -21,6 +26,7 @@ pub mod credential_check;
 pub mod group;
 pub mod job;
 pub mod policy;
+pub mod report;
 pub mod request;
 pub mod sealed;
 pub mod secret;
