@@ -1,14 +1,24 @@
-//! Runbook step "Create an IAM Group": a group named after the bucket with the bucket's policy
-//! attached.
+//! Runbook section "Create an IAM Group":
+//!
+//! > Create an IAM Group to attach the policy granting access to the bucket.
+//! > Name: `holos-zitadel-backups` for `zitadel`
+//! > Attach permission policies: `holos-zitadel-backups`
+//!
+//! A group named after the bucket (`ensure_exists`) with the bucket's policy attached
+//! (`ensure_attached`); policies someone else attached are reported and left alone
+//! (`check_other_policies`).
 
 use aws_sdk_iam::Client;
 use aws_sdk_iam::error::ProvideErrorMetadata;
 use serde_json::json;
 
+use super::report::{Action, Report};
 use crate::cloud::aws::{classify, output_request_id};
-use crate::cloud::{CloudError, Outcome, StepReport};
+use crate::cloud::{CloudError, StepReport};
 
 const IAM: &str = "iam";
+/// The resource kind in the step's report.
+const KIND: &str = "iam-group";
 
 /// Ensures group `bucket` exists and has `policy_arn` attached. Other attached policies are
 /// reported under `differences` and left alone.
@@ -18,9 +28,25 @@ pub async fn ensure(
     policy_arn: &str,
 ) -> Result<StepReport, CloudError> {
     let group = bucket;
-    let mut request_id = None;
-    let created = match iam.get_group().group_name(group).max_items(1).send().await {
-        Ok(_) => false,
+    let mut report = Report::new(KIND, group);
+    ensure_exists(iam, group, &mut report).await?;
+    let attached = if report.was_created() {
+        Vec::new()
+    } else {
+        attached_policies(iam, group).await?
+    };
+    check_other_policies(&attached, policy_arn, &mut report);
+    ensure_attached(iam, group, policy_arn, &attached, &mut report).await?;
+    Ok(report.into_step_report(json!({
+        "group_name": group,
+        "policy_arn": policy_arn,
+    })))
+}
+
+/// Name: the bucket's name.
+async fn ensure_exists(iam: &Client, group: &str, report: &mut Report) -> Result<(), CloudError> {
+    match iam.get_group().group_name(group).max_items(1).send().await {
+        Ok(_) => Ok(()),
         Err(err) if err.code() == Some("NoSuchEntity") => {
             let out = iam
                 .create_group()
@@ -29,64 +55,56 @@ pub async fn ensure(
                 .send()
                 .await
                 .map_err(|e| classify(IAM, "CreateGroup", e))?;
-            request_id = output_request_id(&out);
-            true
+            report.created(output_request_id(&out));
+            Ok(())
         }
-        Err(err) => return Err(classify(IAM, "GetGroup", err)),
-    };
+        Err(err) => Err(classify(IAM, "GetGroup", err)),
+    }
+}
 
-    let attached = if created {
-        Vec::new()
-    } else {
-        attached_policies(iam, group).await?
-    };
-    let mut differences = Vec::new();
+/// Policies attached by someone else are not removed automatically.
+fn check_other_policies(attached: &[String], policy_arn: &str, report: &mut Report) {
     let others: Vec<&String> = attached.iter().filter(|arn| *arn != policy_arn).collect();
-    if !others.is_empty() {
-        differences.push(json!({
-            "setting": "other_attached_policies",
-            "found": others,
-            "expected": [],
-            "action": "left unchanged",
-            "reason": "policies attached by someone else are not removed automatically",
-        }));
+    if others.is_empty() {
+        report.unchanged("other_attached_policies", json!([]));
+    } else {
+        report.left(
+            "other_attached_policies",
+            json!(others),
+            json!([]),
+            "policies attached by someone else are not removed automatically",
+        );
     }
-    let mut attached_now = false;
-    if !attached.iter().any(|arn| arn == policy_arn) {
-        let out = iam
-            .attach_group_policy()
-            .group_name(group)
-            .policy_arn(policy_arn)
-            .send()
-            .await
-            .map_err(|e| classify(IAM, "AttachGroupPolicy", e))?;
-        request_id = output_request_id(&out);
-        attached_now = true;
-        if !created {
-            differences.push(json!({
-                "setting": "attached_policy",
-                "found": null,
-                "expected": policy_arn,
-                "action": "repaired",
-            }));
-        }
-    }
+}
 
-    let outcome = match (created, attached_now) {
-        (true, _) => Outcome::Created,
-        (false, true) => Outcome::Updated,
-        (false, false) => Outcome::AlreadyPresent,
-    };
-    let mut report = StepReport::new(
-        outcome,
-        json!({
-            "group_name": group,
-            "policy_arn": policy_arn,
-            "differences": differences,
-        }),
-    );
-    report.upstream_request_id = request_id;
-    Ok(report)
+/// Attach permission policies: the bucket's policy.
+async fn ensure_attached(
+    iam: &Client,
+    group: &str,
+    policy_arn: &str,
+    attached: &[String],
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "attached_policy";
+    if attached.iter().any(|arn| arn == policy_arn) {
+        report.unchanged(SETTING, json!(policy_arn));
+        return Ok(());
+    }
+    let out = iam
+        .attach_group_policy()
+        .group_name(group)
+        .policy_arn(policy_arn)
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "AttachGroupPolicy", e))?;
+    let request_id = output_request_id(&out);
+    if report.was_created() {
+        report.made(SETTING, json!(policy_arn), request_id);
+    } else {
+        let expected = json!(policy_arn);
+        report.repaired(SETTING, json!(null), expected, Action::Create, request_id);
+    }
+    Ok(())
 }
 
 /// ARNs of the managed policies attached to a group (paginated).

@@ -1,5 +1,25 @@
-//! Runbook step "Create an IAM Policy": a customer managed policy named after the bucket whose
-//! default version grants full access to that bucket only.
+//! Runbook section "Create an IAM Policy":
+//!
+//! > Create one IAM Policy for each bucket to grant full access to the bucket.  Replace the
+//! > resource with each bucket name.
+//! > Name: `holos-zitadel-backups` for `zitadel`
+//! > Description: `Read and write access to a specific bucket for pgrest operating within a pgo
+//! > PostgresCluster.`
+//!
+//! ```json
+//! { "Version": "2012-10-17",
+//!   "Statement": [
+//!     { "Effect": "Allow", "Action": ["s3:GetBucketLocation", "s3:ListAllMyBuckets"],
+//!       "Resource": "arn:aws:s3:::*" },
+//!     { "Effect": "Allow", "Action": "s3:*",
+//!       "Resource": ["arn:aws:s3:::holos-zitadel-backups", "arn:aws:s3:::holos-zitadel-backups/*"] } ] }
+//! ```
+//!
+//! A customer managed policy named after the bucket ([`DESCRIPTION`], [`document`]). Per
+//! setting: the path (`check_path`) and description (`check_description`) cannot be changed in
+//! IAM and are only reported; the document (`ensure_document`) is repaired by adding a new
+//! default version, deleting the oldest one first when IAM's limit of [`MAX_VERSIONS`] is
+//! reached.
 
 use aws_sdk_iam::Client;
 use aws_sdk_iam::error::ProvideErrorMetadata;
@@ -7,8 +27,9 @@ use aws_sdk_iam::types::{Policy, PolicyScopeType, PolicyVersion};
 use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
+use super::report::{Action, Report};
 use crate::cloud::aws::{classify, output_request_id};
-use crate::cloud::{CloudError, Outcome, StepReport};
+use crate::cloud::{CloudError, StepReport};
 
 /// The runbook's policy description, verbatim.
 pub const DESCRIPTION: &str =
@@ -19,6 +40,8 @@ pub const MAX_VERSIONS: usize = 5;
 
 const IAM: &str = "iam";
 const PATH: &str = "/";
+/// The resource kind in the step's report.
+const KIND: &str = "iam-policy";
 
 /// The runbook's policy document for `bucket`.
 pub fn document(bucket: &str) -> Value {
@@ -106,49 +129,58 @@ fn string_set(value: &Value) -> Value {
 /// Ensures the policy exists with the runbook's document as its default version. Returns the
 /// report and the policy ARN.
 pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), CloudError> {
-    let expected = document(bucket);
-    let Some(existing) = find(iam, bucket).await? else {
-        let out = iam
-            .create_policy()
-            .policy_name(bucket)
-            .path(PATH)
-            .description(DESCRIPTION)
-            .policy_document(expected.to_string())
-            .send()
-            .await
-            .map_err(|e| classify(IAM, "CreatePolicy", e))?;
-        let policy = out.policy().ok_or_else(|| {
-            CloudError::retryable(IAM, "CreatePolicy", "the response carried no policy")
-        })?;
-        let policy_arn = policy.arn().unwrap_or_default().to_owned();
-        let mut report = StepReport::new(
-            Outcome::Created,
-            json!({
-                "policy_name": bucket,
-                "policy_arn": policy_arn,
-                "default_version_id": policy.default_version_id(),
-                "differences": [],
-            }),
-        );
-        report.upstream_request_id = output_request_id(&out);
-        return Ok((report, policy_arn));
+    let mut report = Report::new(KIND, bucket);
+    let (policy_arn, default_version_id) = match find(iam, bucket).await? {
+        None => create(iam, bucket, &mut report).await?,
+        Some(existing) => reconcile(iam, bucket, &existing, &mut report).await?,
     };
+    let report = report.into_step_report(json!({
+        "policy_name": bucket,
+        "policy_arn": policy_arn,
+        "default_version_id": default_version_id,
+    }));
+    Ok((report, policy_arn))
+}
 
+/// Creates the policy with every runbook setting. Returns its ARN and default version id.
+async fn create(
+    iam: &Client,
+    bucket: &str,
+    report: &mut Report,
+) -> Result<(String, Option<String>), CloudError> {
+    let expected = document(bucket);
+    let out = iam
+        .create_policy()
+        .policy_name(bucket)
+        .path(PATH)
+        .description(DESCRIPTION)
+        .policy_document(expected.to_string())
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "CreatePolicy", e))?;
+    let policy = out.policy().ok_or_else(|| {
+        CloudError::retryable(IAM, "CreatePolicy", "the response carried no policy")
+    })?;
+    report.created(output_request_id(&out));
+    report.made("path", json!(PATH), None);
+    report.made("description", json!(DESCRIPTION), None);
+    report.made("document", expected, None);
+    let arn = policy.arn().unwrap_or_default().to_owned();
+    Ok((arn, policy.default_version_id().map(str::to_owned)))
+}
+
+/// Checks an existing policy setting by setting. Returns its ARN and (new) default version id.
+async fn reconcile(
+    iam: &Client,
+    bucket: &str,
+    existing: &Policy,
+    report: &mut Report,
+) -> Result<(String, Option<String>), CloudError> {
     let policy_arn = existing
         .arn()
         .ok_or_else(|| CloudError::retryable(IAM, "ListPolicies", "a policy without an ARN"))?
         .to_owned();
-    let mut differences = Vec::new();
-    if existing.path() != Some(PATH) {
-        differences.push(json!({
-            "setting": "path",
-            "found": existing.path(),
-            "expected": PATH,
-            "action": "left unchanged",
-            "reason": "IAM policy paths are immutable",
-        }));
-    }
-
+    check_path(existing, report);
     // ListPolicies does not return descriptions; GetPolicy does.
     let got = iam
         .get_policy()
@@ -156,86 +188,154 @@ pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), 
         .send()
         .await
         .map_err(|e| classify(IAM, "GetPolicy", e))?;
-    let policy = got.policy().unwrap_or(&existing);
-    if policy.description() != Some(DESCRIPTION) {
-        differences.push(json!({
-            "setting": "description",
-            "found": policy.description(),
-            "expected": DESCRIPTION,
-            "action": "left unchanged",
-            "reason": "IAM policy descriptions are immutable; delete and recreate the policy \
-                       to change it",
-        }));
-    }
-
+    let policy = got.policy().unwrap_or(existing);
+    check_description(policy, report);
     let default_version_id = policy
         .default_version_id()
         .or(existing.default_version_id())
         .ok_or_else(|| {
             CloudError::retryable(IAM, "GetPolicy", "the policy has no default version")
-        })?
-        .to_owned();
-    let version = iam
-        .get_policy_version()
-        .policy_arn(&policy_arn)
-        .version_id(&default_version_id)
-        .send()
-        .await
-        .map_err(|e| classify(IAM, "GetPolicyVersion", e))?;
-    let found = version
-        .policy_version()
-        .and_then(PolicyVersion::document)
-        .and_then(parse_document);
+        })?;
+    let version = ensure_document(
+        iam,
+        &policy_arn,
+        default_version_id,
+        document(bucket),
+        report,
+    )
+    .await?;
+    Ok((policy_arn, version))
+}
+
+/// Path `/` (IAM policy paths are immutable: a difference is reported only).
+fn check_path(policy: &Policy, report: &mut Report) {
+    match policy.path() {
+        Some(PATH) => report.unchanged("path", json!(PATH)),
+        found => report.left(
+            "path",
+            json!(found),
+            json!(PATH),
+            "IAM policy paths are immutable",
+        ),
+    }
+}
+
+/// Description: [`DESCRIPTION`] (immutable in IAM: a difference is reported only).
+fn check_description(policy: &Policy, report: &mut Report) {
+    match policy.description() {
+        Some(DESCRIPTION) => report.unchanged("description", json!(DESCRIPTION)),
+        found => report.left(
+            "description",
+            json!(found),
+            json!(DESCRIPTION),
+            "IAM policy descriptions are immutable; delete and recreate the policy to change it",
+        ),
+    }
+}
+
+/// Policy JSON: the default version grants what [`document`] grants, else a new default
+/// version is added. Returns the default version id afterwards.
+async fn ensure_document(
+    iam: &Client,
+    policy_arn: &str,
+    default_version_id: &str,
+    expected: Value,
+    report: &mut Report,
+) -> Result<Option<String>, CloudError> {
+    let found = read_document(iam, policy_arn, default_version_id).await?;
     if found
         .as_ref()
         .is_some_and(|doc| documents_equivalent(doc, &expected))
     {
-        let report = StepReport::new(
-            Outcome::AlreadyPresent,
-            json!({
-                "policy_name": bucket,
-                "policy_arn": policy_arn,
-                "default_version_id": default_version_id,
-                "differences": differences,
-            }),
-        );
-        return Ok((report, policy_arn));
+        report.unchanged("document", expected);
+        return Ok(Some(default_version_id.to_owned()));
     }
+    let deleted_version = make_room_for_a_version(iam, policy_arn).await?;
+    let (new_version_id, request_id) = add_default_version(iam, policy_arn, &expected).await?;
+    let facts = &mut report
+        .repaired(
+            "document",
+            json!(found),
+            expected,
+            Action::Update,
+            request_id,
+        )
+        .facts;
+    facts.insert("found_version_id".into(), json!(default_version_id));
+    facts.insert("new_version_id".into(), json!(new_version_id));
+    facts.insert("deleted_version_id".into(), json!(deleted_version));
+    Ok(new_version_id)
+}
 
-    // The default version differs: add a new default version, making room first.
-    let versions = list_versions(iam, &policy_arn).await?;
-    let mut deleted_version = None;
-    if versions.len() >= MAX_VERSIONS {
-        let oldest = versions
-            .iter()
-            .filter(|v| !v.is_default_version())
-            .min_by_key(|v| {
-                (
-                    v.create_date().map(|d| (d.secs(), d.subsec_nanos())),
-                    version_number(v.version_id()),
-                )
-            })
-            .and_then(|v| v.version_id())
-            .map(str::to_owned);
-        if let Some(oldest) = oldest {
-            match iam
-                .delete_policy_version()
-                .policy_arn(&policy_arn)
-                .version_id(&oldest)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(err) if err.code() == Some("NoSuchEntity") => {}
-                Err(err) => return Err(classify(IAM, "DeletePolicyVersion", err)),
-            }
-            deleted_version = Some(oldest);
-        }
+/// The document of one version of the policy (`None` when it cannot be parsed).
+async fn read_document(
+    iam: &Client,
+    policy_arn: &str,
+    version_id: &str,
+) -> Result<Option<Value>, CloudError> {
+    let version = iam
+        .get_policy_version()
+        .policy_arn(policy_arn)
+        .version_id(version_id)
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "GetPolicyVersion", e))?;
+    Ok(version
+        .policy_version()
+        .and_then(PolicyVersion::document)
+        .and_then(parse_document))
+}
+
+/// At IAM's version limit, deletes the oldest non-default version; returns its id.
+async fn make_room_for_a_version(
+    iam: &Client,
+    policy_arn: &str,
+) -> Result<Option<String>, CloudError> {
+    let versions = list_versions(iam, policy_arn).await?;
+    if versions.len() < MAX_VERSIONS {
+        return Ok(None);
     }
+    let Some(oldest) = oldest_non_default(&versions) else {
+        return Ok(None);
+    };
+    match iam
+        .delete_policy_version()
+        .policy_arn(policy_arn)
+        .version_id(&oldest)
+        .send()
+        .await
+    {
+        Ok(_) => {}
+        Err(err) if err.code() == Some("NoSuchEntity") => {}
+        Err(err) => return Err(classify(IAM, "DeletePolicyVersion", err)),
+    }
+    Ok(Some(oldest))
+}
+
+fn oldest_non_default(versions: &[PolicyVersion]) -> Option<String> {
+    versions
+        .iter()
+        .filter(|v| !v.is_default_version())
+        .min_by_key(|v| {
+            (
+                v.create_date().map(|d| (d.secs(), d.subsec_nanos())),
+                version_number(v.version_id()),
+            )
+        })
+        .and_then(|v| v.version_id())
+        .map(str::to_owned)
+}
+
+/// Adds `document` as the new default version; returns its id and the request id.
+async fn add_default_version(
+    iam: &Client,
+    policy_arn: &str,
+    document: &Value,
+) -> Result<(Option<String>, Option<String>), CloudError> {
     let created = iam
         .create_policy_version()
-        .policy_arn(&policy_arn)
-        .policy_document(expected.to_string())
+        .policy_arn(policy_arn)
+        .policy_document(document.to_string())
         .set_as_default(true)
         .send()
         .await
@@ -244,26 +344,7 @@ pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), 
         .policy_version()
         .and_then(|v| v.version_id())
         .map(str::to_owned);
-    differences.push(json!({
-        "setting": "document",
-        "found": found,
-        "found_version_id": default_version_id,
-        "expected": expected,
-        "action": "repaired",
-        "new_version_id": new_version_id,
-        "deleted_version_id": deleted_version,
-    }));
-    let mut report = StepReport::new(
-        Outcome::Updated,
-        json!({
-            "policy_name": bucket,
-            "policy_arn": policy_arn,
-            "default_version_id": new_version_id,
-            "differences": differences,
-        }),
-    );
-    report.upstream_request_id = output_request_id(&created);
-    Ok((report, policy_arn))
+    Ok((new_version_id, output_request_id(&created)))
 }
 
 /// Finds the customer managed policy named `name` (names are unique per account, whatever the

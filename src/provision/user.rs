@@ -1,16 +1,30 @@
-//! Runbook step "Create the IAM User": a user named after the bucket, tagged as ours, member of
-//! the bucket's group, without console access (no login profile).
+//! Runbook section "Create the IAM User":
+//!
+//! > Create an IAM User entity for each PostgresCluster.  Do not provide user access to the AWS
+//! > Management Console.
+//! > Name: `holos-zitadel-backups` for `zitadel`
+//! > Group: `holos-zitadel-backups`
+//!
+//! A user named after the bucket, tagged as ours (`ensure_exists`, `ensure_tags`), member of
+//! the bucket's group (`ensure_membership`), without console access: no login profile
+//! (`ensure_no_console_access`).
 
 use aws_sdk_iam::Client;
 use aws_sdk_iam::error::ProvideErrorMetadata;
 use aws_sdk_iam::types::Tag;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
+use super::report::{Action, Report};
 use crate::cloud::aws::{classify, output_request_id};
-use crate::cloud::{CloudError, Outcome, StepReport};
+use crate::cloud::{CloudError, StepReport};
 use crate::provision::bucket::{MANAGED_BY_KEY, MANAGED_BY_VALUE, REPOSITORY_TAG_KEY};
 
 const IAM: &str = "iam";
+/// The resource kind in the step's report.
+const KIND: &str = "iam-user";
+
+/// Tags as (key, value) pairs.
+type Tags<'a> = [(&'a str, &'a str)];
 
 /// Ensures user `bucket` exists with our tags, is in group `bucket`, and has no console
 /// password. Group membership requires the group step to have run.
@@ -19,136 +33,164 @@ pub async fn ensure(
     bucket: &str,
     repository: &str,
 ) -> Result<StepReport, CloudError> {
-    let user = bucket;
-    let group = bucket;
+    let (user, group) = (bucket, bucket);
     let wanted_tags = [
         (MANAGED_BY_KEY, MANAGED_BY_VALUE),
         (REPOSITORY_TAG_KEY, repository),
     ];
-    let mut differences: Vec<Value> = Vec::new();
-    let mut request_id = None;
-    let mut changed = false;
+    let mut report = Report::new(KIND, user);
+    ensure_exists(iam, user, &wanted_tags, &mut report).await?;
+    if !report.was_created() {
+        ensure_tags(iam, user, &wanted_tags, &mut report).await?;
+    }
+    ensure_membership(iam, user, group, &mut report).await?;
+    ensure_no_console_access(iam, user, &mut report).await?;
+    Ok(report.into_step_report(json!({
+        "user_name": user,
+        "group_name": group,
+        "repository": repository,
+    })))
+}
 
-    let created = match iam.get_user().user_name(user).send().await {
-        Ok(_) => false,
+fn tags_json(pairs: &Tags<'_>) -> Value {
+    let map: Map<String, Value> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    Value::Object(map)
+}
+
+/// Name: the bucket's name; a new user gets our tags at creation.
+async fn ensure_exists(
+    iam: &Client,
+    user: &str,
+    wanted_tags: &Tags<'_>,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    match iam.get_user().user_name(user).send().await {
+        Ok(_) => Ok(()),
         Err(err) if err.code() == Some("NoSuchEntity") => {
             let out = iam
                 .create_user()
                 .user_name(user)
                 .path("/")
-                .set_tags(Some(tags(&wanted_tags)?))
+                .set_tags(Some(tags(wanted_tags)?))
                 .send()
                 .await
                 .map_err(|e| classify(IAM, "CreateUser", e))?;
-            request_id = output_request_id(&out);
-            true
+            report.created(output_request_id(&out));
+            report.made("tags", tags_json(wanted_tags), None);
+            Ok(())
         }
-        Err(err) => return Err(classify(IAM, "GetUser", err)),
-    };
-
-    if !created {
-        // Tags.
-        let current = list_tags(iam, user).await?;
-        let missing: Vec<(&str, &str)> = wanted_tags
-            .iter()
-            .filter(|(k, v)| !current.iter().any(|(ck, cv)| ck == k && cv == v))
-            .copied()
-            .collect();
-        if !missing.is_empty() {
-            let found: serde_json::Map<String, Value> = missing
-                .iter()
-                .map(|(k, _)| {
-                    let value = current
-                        .iter()
-                        .find(|(ck, _)| ck == k)
-                        .map(|(_, v)| v.clone());
-                    ((*k).to_owned(), json!(value))
-                })
-                .collect();
-            let expected: serde_json::Map<String, Value> = missing
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), json!(v)))
-                .collect();
-            let out = iam
-                .tag_user()
-                .user_name(user)
-                .set_tags(Some(tags(&missing)?))
-                .send()
-                .await
-                .map_err(|e| classify(IAM, "TagUser", e))?;
-            request_id = output_request_id(&out);
-            changed = true;
-            differences.push(json!({
-                "setting": "tags",
-                "found": found,
-                "expected": expected,
-                "action": "repaired",
-            }));
-        }
+        Err(err) => Err(classify(IAM, "GetUser", err)),
     }
+}
 
-    // Group membership (a new user is in no group).
-    let member = !created && groups_for_user(iam, user).await?.iter().any(|g| g == group);
-    if !member {
-        let out = iam
-            .add_user_to_group()
-            .group_name(group)
-            .user_name(user)
-            .send()
-            .await
-            .map_err(|e| classify(IAM, "AddUserToGroup", e))?;
-        request_id = output_request_id(&out);
-        if !created {
-            changed = true;
-            differences.push(json!({
-                "setting": "group_membership",
-                "found": null,
-                "expected": group,
-                "action": "repaired",
-            }));
-        }
+/// Our tags on an existing user; missing or different ones are (re)written.
+async fn ensure_tags(
+    iam: &Client,
+    user: &str,
+    wanted_tags: &Tags<'_>,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    let current = list_tags(iam, user).await?;
+    let missing: Vec<(&str, &str)> = wanted_tags
+        .iter()
+        .filter(|(k, v)| !current.iter().any(|(ck, cv)| ck == k && cv == v))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        report.unchanged("tags", tags_json(wanted_tags));
+        return Ok(());
     }
+    let found = current_values(&current, &missing);
+    let out = iam
+        .tag_user()
+        .user_name(user)
+        .set_tags(Some(tags(&missing)?))
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "TagUser", e))?;
+    let action = Action::create_or_update(found.values().all(Value::is_null));
+    let (found, expected) = (Value::Object(found), tags_json(&missing));
+    report.repaired("tags", found, expected, action, output_request_id(&out));
+    Ok(())
+}
 
-    // No console access (a new user has no login profile).
-    if !created {
-        match iam.get_login_profile().user_name(user).send().await {
-            Ok(_) => {
-                match iam.delete_login_profile().user_name(user).send().await {
-                    Ok(out) => request_id = output_request_id(&out),
-                    Err(err) if err.code() == Some("NoSuchEntity") => {}
-                    Err(err) => return Err(classify(IAM, "DeleteLoginProfile", err)),
-                }
-                changed = true;
-                differences.push(json!({
-                    "setting": "login_profile",
-                    "found": "present",
-                    "expected": "absent",
-                    "action": "repaired",
-                }));
-            }
-            Err(err) if err.code() == Some("NoSuchEntity") => {}
-            Err(err) => return Err(classify(IAM, "GetLoginProfile", err)),
-        }
+/// The current value (`null`: absent) of each tag of `wanted`.
+fn current_values(current: &[(String, String)], wanted: &Tags<'_>) -> Map<String, Value> {
+    wanted
+        .iter()
+        .map(|(k, _)| {
+            let value = current.iter().find(|(ck, _)| ck == k).map(|(_, v)| v);
+            ((*k).to_owned(), json!(value))
+        })
+        .collect()
+}
+
+/// Group: the bucket's group (a new user is in no group).
+async fn ensure_membership(
+    iam: &Client,
+    user: &str,
+    group: &str,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "group_membership";
+    let created = report.was_created();
+    if !created && groups_for_user(iam, user).await?.iter().any(|g| g == group) {
+        report.unchanged(SETTING, json!(group));
+        return Ok(());
     }
-
-    let outcome = if created {
-        Outcome::Created
-    } else if changed {
-        Outcome::Updated
+    let out = iam
+        .add_user_to_group()
+        .group_name(group)
+        .user_name(user)
+        .send()
+        .await
+        .map_err(|e| classify(IAM, "AddUserToGroup", e))?;
+    let request_id = output_request_id(&out);
+    if created {
+        report.made(SETTING, json!(group), request_id);
     } else {
-        Outcome::AlreadyPresent
+        report.repaired(
+            SETTING,
+            json!(null),
+            json!(group),
+            Action::Create,
+            request_id,
+        );
+    }
+    Ok(())
+}
+
+/// Do not provide user access to the AWS Management Console: no login profile (a new user
+/// has none).
+async fn ensure_no_console_access(
+    iam: &Client,
+    user: &str,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    const SETTING: &str = "login_profile";
+    if report.was_created() {
+        report.unchanged(SETTING, json!("absent"));
+        return Ok(());
+    }
+    match iam.get_login_profile().user_name(user).send().await {
+        Ok(_) => {}
+        Err(err) if err.code() == Some("NoSuchEntity") => {
+            report.unchanged(SETTING, json!("absent"));
+            return Ok(());
+        }
+        Err(err) => return Err(classify(IAM, "GetLoginProfile", err)),
+    }
+    let request_id = match iam.delete_login_profile().user_name(user).send().await {
+        Ok(out) => output_request_id(&out),
+        Err(err) if err.code() == Some("NoSuchEntity") => None,
+        Err(err) => return Err(classify(IAM, "DeleteLoginProfile", err)),
     };
-    let mut report = StepReport::new(
-        outcome,
-        json!({
-            "user_name": user,
-            "group_name": group,
-            "repository": repository,
-            "differences": differences,
-        }),
-    );
-    report.upstream_request_id = request_id;
-    Ok(report)
+    let (found, expected) = (json!("present"), json!("absent"));
+    report.repaired(SETTING, found, expected, Action::Delete, request_id);
+    Ok(())
 }
 
 /// The user's tags as (key, value) pairs (paginated).
