@@ -62,7 +62,7 @@ fn expand(tail: &str) -> Vec<String> {
     let inner = &tail[open + 1..matching_brace(tail, open)];
     split_top_level(inner)
         .into_iter()
-        .flat_map(|item| expand(item))
+        .flat_map(expand)
         .map(|item| format!("{prefix}{item}"))
         .collect()
 }
