@@ -8,6 +8,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::crypto::{self, EncryptionKey, Sealed};
+use crate::jobs::JobError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -63,8 +64,8 @@ pub async fn put(
     Ok(())
 }
 
-/// Material we hold, decrypted: its key id and secret.
-pub struct Held {
+/// Material we hold, opened: its key id and secret.
+pub struct Unsealed {
     pub key_id: String,
     pub secret: SecretString,
 }
@@ -77,12 +78,13 @@ pub enum SealedError {
     Undecryptable(&'static str),
 }
 
+/// The material of `kind` held for a repository, decrypted; `None` when none is held.
 pub async fn get(
     db: impl PgExecutor<'_>,
     key: &EncryptionKey,
     repository_id: Uuid,
     kind: Kind,
-) -> Result<Option<Held>, SealedError> {
+) -> Result<Option<Unsealed>, SealedError> {
     let row: Option<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
         "SELECT key_id, nonce, ciphertext FROM secret_material WHERE repository_id = $1 AND kind = $2",
     )
@@ -99,7 +101,7 @@ pub async fn get(
             &aad(repository_id, kind, &key_id),
         )
         .map_err(|_| SealedError::Undecryptable(kind.as_str()))?;
-    Ok(Some(Held { key_id, secret }))
+    Ok(Some(Unsealed { key_id, secret }))
 }
 
 /// Removes one kind of material (e.g. an access key we deleted in IAM).
@@ -123,4 +125,54 @@ pub async fn wipe(db: impl PgExecutor<'_>, repository_id: Uuid) -> Result<u64, s
         .execute(db)
         .await?;
     Ok(done.rows_affected())
+}
+
+/// A sealed value that cannot be read ends the step: a database error may pass, a key that no
+/// longer opens it will not.
+impl From<SealedError> for JobError {
+    fn from(err: SealedError) -> Self {
+        match err {
+            SealedError::Database(e) => JobError::Database(e),
+            other => JobError::Permanent(other.to_string()),
+        }
+    }
+}
+
+/// One repository's sealed material and the key that opens it.
+#[derive(Clone, Copy)]
+pub struct Store<'a> {
+    pub key: &'a EncryptionKey,
+    pub repository_id: Uuid,
+}
+
+impl Store<'_> {
+    /// See [`get`].
+    pub async fn get(
+        &self,
+        db: impl PgExecutor<'_>,
+        kind: Kind,
+    ) -> Result<Option<Unsealed>, SealedError> {
+        get(db, self.key, self.repository_id, kind).await
+    }
+
+    /// See [`put`]: call it in the transaction that records the step's success.
+    pub async fn put(
+        &self,
+        conn: &mut PgConnection,
+        kind: Kind,
+        key_id: &str,
+        secret: &SecretString,
+    ) -> Result<(), sqlx::Error> {
+        put(conn, self.key, self.repository_id, kind, key_id, secret).await
+    }
+
+    /// See [`forget`].
+    pub async fn forget(&self, db: impl PgExecutor<'_>, kind: Kind) -> Result<(), sqlx::Error> {
+        forget(db, self.repository_id, kind).await
+    }
+
+    /// See [`wipe`].
+    pub async fn wipe(&self, db: impl PgExecutor<'_>) -> Result<u64, sqlx::Error> {
+        wipe(db, self.repository_id).await
+    }
 }

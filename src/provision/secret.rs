@@ -1,21 +1,31 @@
-//! The runbook's last step: the Kubernetes Secret holding pgBackRest's `s3.conf`.
+//! Runbook section "Create the Secret":
 //!
-//! The Secret is named after the bucket, lives in the repository's namespace, is `Opaque`, and
-//! has exactly one data key, `s3.conf`:
+//! > Create a `Secret` in the holos management cluster usable by pgbackrest.  This is a secret
+//! > with a single key, `s3.conf` with the following format:
+//! > ```text
+//! > [global]
+//! > repo2-cipher-pass=
+//! > repo2-s3-key=
+//! > repo2-s3-key-secret=
+//! > repo3-cipher-pass=
+//! > repo3-s3-key=
+//! > repo3-s3-key-secret=
+//! > ```
+//! > Use the same values for repo2 and repo3.  The purpose is to make space for migrating if
+//! > need be in the future.
+//! >
+//! > Store the secret into the management cluster:
+//! > `holos create secret --namespace zitadel holos-zitadel-backups --append-hash=false --from-file .`
 //!
-//! ```text
-//! [global]
-//! repo2-cipher-pass=<cipher pass>
-//! repo2-s3-key=<access key id>
-//! repo2-s3-key-secret=<secret access key>
-//! repo3-cipher-pass=<same>
-//! repo3-s3-key=<same>
-//! repo3-s3-key-secret=<same>
-//! ```
+//! (The cipher pass itself, generated with the runbook's `tr -dc` line, is in `cipher_pass.rs`.)
 //!
-//! It is written with server-side apply (field manager [`FIELD_MANAGER`]) and labelled
-//! `app.kubernetes.io/managed-by: backup-provisioner`; a Secret without that label is someone
-//! else's and is only taken over when asked to (`adopt_existing_secret`).
+//! [`S3Conf`] renders and parses that text. [`s3_conf`] gathers its values: the cipher pass and
+//! the access key's secret from wherever a copy is held. [`apply`] writes the Secret: named
+//! after the bucket, in the repository's namespace, `Opaque`, exactly one data key `s3.conf`,
+//! written with server-side apply (field manager [`FIELD_MANAGER`]) and labelled
+//! `app.kubernetes.io/managed-by: backup-provisioner`. A Secret without that label is someone
+//! else's and is only taken over when asked to (`adopt_existing_secret`, see
+//! [`refuse_unmanaged`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,10 +36,15 @@ use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use secrecy::zeroize::Zeroize as _;
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::json;
+use serde_json::{Map, Value, json};
+use sqlx::PgPool;
 
+use super::report::{Action, Report};
+use super::sealed::{self, SealedError};
 use crate::cloud::kube::{SERVICE, classify};
-use crate::cloud::{CloudError, Outcome, StepReport};
+use crate::cloud::{CloudError, StepReport};
+use crate::domain::{BucketName, Namespace, RepositoryName};
+use crate::jobs::JobError;
 
 /// The server-side apply field manager of every write.
 pub const FIELD_MANAGER: &str = "backup-provisioner";
@@ -245,10 +260,111 @@ fn permanent(message: String) -> CloudError {
     CloudError::permanent(SERVICE, "apply secret", message)
 }
 
+/// The resource kind in the step's report.
+const KIND: &str = "kube-secret";
+
+/// The Secret of one repository: named after its bucket, in its namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct RepositorySecret<'a> {
+    pub repository: &'a RepositoryName,
+    pub namespace: &'a Namespace,
+    pub bucket: &'a BucketName,
+}
+
+/// Stops the job before anything is changed when the Secret exists and is someone else's,
+/// unless the request asked to adopt it.
+pub fn refuse_unmanaged(
+    existing: Option<&ExistingSecret>,
+    secret: RepositorySecret<'_>,
+    adopt: bool,
+) -> Result<(), JobError> {
+    match existing {
+        Some(s) if !s.managed_by_us && !adopt => Err(JobError::Permanent(format!(
+            "Secret {}/{} exists and is not managed by backup-provisioner; it was left untouched. \
+             Remove it, or create the repository with \"adopt_existing_secret\": true to take it over \
+             (its cipher pass is kept)",
+            secret.namespace, secret.bucket
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Why the Secret's content cannot be put together.
+#[derive(Debug)]
+pub enum NotAssembled {
+    /// The access key's secret is held nowhere: the key steps must run again and make a key.
+    KeySecretGone(JobError),
+    /// Anything else (e.g. the cipher pass is lost): the error says what to do.
+    Failed(JobError),
+}
+
+impl From<SealedError> for NotAssembled {
+    fn from(err: SealedError) -> Self {
+        NotAssembled::Failed(err.into())
+    }
+}
+
+/// The Secret's content: the cipher pass and the secret of access key `access_key_id`, each
+/// from wherever we hold it (the existing Secret, or sealed in Postgres).
+pub async fn s3_conf(
+    db: &PgPool,
+    sealed: sealed::Store<'_>,
+    existing: Option<&ExistingSecret>,
+    access_key_id: &str,
+    secret: RepositorySecret<'_>,
+) -> Result<S3Conf, NotAssembled> {
+    let cipher_pass = cipher_pass_held(db, sealed, existing, secret).await?;
+    let secret_access_key = key_secret_held(db, sealed, existing, access_key_id).await?;
+    Ok(S3Conf {
+        cipher_pass,
+        access_key_id: access_key_id.to_owned(),
+        secret_access_key,
+    })
+}
+
+/// The cipher pass in the Secret, else the one sealed in Postgres.
+async fn cipher_pass_held(
+    db: &PgPool,
+    sealed: sealed::Store<'_>,
+    existing: Option<&ExistingSecret>,
+    secret: RepositorySecret<'_>,
+) -> Result<SecretString, NotAssembled> {
+    let in_secret = existing.and_then(|s| s.cipher_pass.clone());
+    match (in_secret, sealed.get(db, sealed::Kind::CipherPass).await?) {
+        (Some(pass), _) => Ok(pass),
+        (None, Some(held)) => Ok(held.secret),
+        (None, None) => Err(NotAssembled::Failed(JobError::Permanent(format!(
+            "the cipher pass for {} is no longer available: the Secret {}/{} disappeared after it was read. \
+             Restore the Secret (backups are encrypted with its cipher pass), then retry",
+            secret.repository, secret.namespace, secret.bucket
+        )))),
+    }
+}
+
+/// The key's secret sealed in Postgres, else the one in the Secret (same key id only).
+async fn key_secret_held(
+    db: &PgPool,
+    sealed: sealed::Store<'_>,
+    existing: Option<&ExistingSecret>,
+    access_key_id: &str,
+) -> Result<SecretString, NotAssembled> {
+    let current = existing.and_then(|s| s.conf.as_ref());
+    match sealed.get(db, sealed::Kind::AccessKey).await? {
+        Some(held) if held.key_id == access_key_id => Ok(held.secret),
+        _ => match current {
+            Some(conf) if conf.access_key_id == access_key_id => Ok(conf.secret_access_key.clone()),
+            // The key's secret is gone (e.g. the Secret changed meanwhile): make a new key.
+            _ => Err(NotAssembled::KeySecretGone(JobError::Retryable(format!(
+                "no secret is held for access key {access_key_id}; a new key will be made on the next attempt"
+            )))),
+        },
+    }
+}
+
 /// Makes the Secret `namespace/name` hold exactly `conf`.
 ///
 /// Reads first: a Secret we do not manage is refused unless `adopt`; one we manage that
-/// already matches is [`Outcome::AlreadyPresent`] with no write at all. Otherwise it is written
+/// already matches is `AlreadyPresent` with no write at all. Otherwise it is written
 /// with server-side apply (forced, field manager [`FIELD_MANAGER`]), other data keys are
 /// removed, and the Secret is read back to check that `s3.conf` holds what was written.
 pub async fn apply(
@@ -265,39 +381,164 @@ pub async fn apply(
         .map_err(|e| classify("get secret", e))?;
     let text = conf.render();
     let text = text.expose_secret();
+    let mut report = Report::new(KIND, format!("{namespace}/{name}"));
+    let adopted = match &current {
+        None => {
+            record_new(name, &conf.access_key_id, &mut report);
+            false
+        }
+        Some(existing) => {
+            let ours = admit(existing, namespace, name, adopt)?;
+            compare(existing, name, text, &conf.access_key_id, &mut report);
+            if ours && is_up_to_date(existing, name, text) {
+                let detail = detail(namespace, name, existing, json!({}));
+                return Ok(report.into_step_report(detail));
+            }
+            check_writable(existing, namespace, name)?;
+            !ours
+        }
+    };
+    let written = write(&api, namespace, name, text).await?;
+    let removed = remove_other_keys(&api, name, &written).await?;
+    let back = read_back(&api, namespace, name, text).await?;
+    let facts = json!({ "adopted": adopted, "removed_keys": removed });
+    Ok(report.into_step_report(detail(namespace, name, &back, facts)))
+}
 
-    let mut adopted = false;
-    if let Some(existing) = &current {
-        let ours = is_managed_by_us(existing);
-        if !ours && !adopt {
-            return Err(permanent(format!(
-                "Secret {namespace}/{name} exists and is not managed by backup-provisioner (no \
-                 label {MANAGED_BY_LABEL}={FIELD_MANAGER}); it was left untouched. Remove it, or \
-                 set adopt_existing_secret: true to take it over"
-            )));
-        }
-        if ours && is_up_to_date(existing, name, text) {
-            return Ok(StepReport::new(
-                Outcome::AlreadyPresent,
-                detail(namespace, name, existing, json!({})),
-            ));
-        }
-        if secret_type(existing) != SECRET_TYPE {
-            return Err(permanent(format!(
-                "Secret {namespace}/{name} has type {:?}, but pgBackRest's s3.conf needs an \
-                 {SECRET_TYPE} Secret and a Secret's type cannot be changed; delete it, then retry",
-                secret_type(existing)
-            )));
-        }
-        if existing.immutable == Some(true) {
-            return Err(permanent(format!(
-                "Secret {namespace}/{name} is immutable and does not hold the expected s3.conf; \
-                 delete it, then retry"
-            )));
-        }
-        adopted = !ours;
+/// A Secret we do not manage is refused unless `adopt`. Returns whether it is ours.
+fn admit(existing: &Secret, namespace: &str, name: &str, adopt: bool) -> Result<bool, CloudError> {
+    let ours = is_managed_by_us(existing);
+    if !ours && !adopt {
+        return Err(permanent(format!(
+            "Secret {namespace}/{name} exists and is not managed by backup-provisioner (no \
+             label {MANAGED_BY_LABEL}={FIELD_MANAGER}); it was left untouched. Remove it, or \
+             set adopt_existing_secret: true to take it over"
+        )));
     }
+    Ok(ours)
+}
 
+/// A Secret of another type, or an immutable one, cannot be made to hold our `s3.conf`.
+fn check_writable(existing: &Secret, namespace: &str, name: &str) -> Result<(), CloudError> {
+    if secret_type(existing) != SECRET_TYPE {
+        return Err(permanent(format!(
+            "Secret {namespace}/{name} has type {:?}, but pgBackRest's s3.conf needs an \
+             {SECRET_TYPE} Secret and a Secret's type cannot be changed; delete it, then retry",
+            secret_type(existing)
+        )));
+    }
+    if existing.immutable == Some(true) {
+        return Err(permanent(format!(
+            "Secret {namespace}/{name} is immutable and does not hold the expected s3.conf; \
+             delete it, then retry"
+        )));
+    }
+    Ok(())
+}
+
+/// A new Secret gets every setting at once.
+fn record_new(name: &str, access_key_id: &str, report: &mut Report) {
+    report.created(None);
+    report.made("labels", json!(desired_labels(name)), None);
+    report.made("type", json!(SECRET_TYPE), None);
+    report.made("keys", json!([S3_CONF_KEY]), None);
+    report.made(S3_CONF_KEY, json!(s3_conf_for(access_key_id)), None);
+}
+
+/// Records each setting of an existing Secret against what [`apply`] writes.
+fn compare(existing: &Secret, name: &str, text: &str, access_key_id: &str, report: &mut Report) {
+    compare_labels(existing, name, report);
+    compare_type(existing, report);
+    compare_keys(existing, report);
+    compare_s3_conf(existing, text, access_key_id, report);
+}
+
+/// `app.kubernetes.io/managed-by: backup-provisioner` and `holos.run/secret.name: <name>`
+/// (labels of others are kept).
+fn compare_labels(existing: &Secret, name: &str, report: &mut Report) {
+    let labels = existing.metadata.labels.clone().unwrap_or_default();
+    let desired = desired_labels(name);
+    let expected = json!(desired);
+    if desired.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        return report.unchanged("labels", expected);
+    }
+    let found: Map<String, Value> = desired
+        .keys()
+        .map(|k| (k.clone(), json!(labels.get(k))))
+        .collect();
+    let action = Action::create_or_update(found.values().all(Value::is_null));
+    report.repaired("labels", Value::Object(found), expected, action, None);
+}
+
+/// `Opaque` (a Secret's type cannot be changed: see [`check_writable`]).
+fn compare_type(existing: &Secret, report: &mut Report) {
+    match secret_type(existing) {
+        SECRET_TYPE => report.unchanged("type", json!(SECRET_TYPE)),
+        other => report.left(
+            "type",
+            json!(other),
+            json!(SECRET_TYPE),
+            "a Secret's type cannot be changed",
+        ),
+    }
+}
+
+/// "a secret with a single key, `s3.conf`": other keys are removed.
+fn compare_keys(existing: &Secret, report: &mut Report) {
+    let keys = data_keys(existing);
+    let expected = json!([S3_CONF_KEY]);
+    if keys == [S3_CONF_KEY] {
+        return report.unchanged("keys", expected);
+    }
+    let action = if keys.iter().any(|k| k != S3_CONF_KEY) {
+        Action::Delete
+    } else {
+        Action::Create
+    };
+    report.repaired("keys", json!(keys), expected, action, None);
+}
+
+/// The `s3.conf` text, byte for byte. Only the access key id is shown, never a value.
+fn compare_s3_conf(existing: &Secret, text: &str, access_key_id: &str, report: &mut Report) {
+    let expected = json!(s3_conf_for(access_key_id));
+    match s3_conf_bytes(existing) {
+        Some(found) if found == text.as_bytes() => report.unchanged(S3_CONF_KEY, expected),
+        None => {
+            report.repaired(S3_CONF_KEY, Value::Null, expected, Action::Create, None);
+        }
+        Some(found) => {
+            let found = json!(describe_s3_conf(found, access_key_id));
+            report.repaired(S3_CONF_KEY, found, expected, Action::Update, None);
+        }
+    }
+}
+
+/// How the report names an `s3.conf` (no values).
+fn s3_conf_for(access_key_id: &str) -> String {
+    format!("s3.conf for access key {access_key_id}")
+}
+
+/// An `s3.conf` found in a Secret that differs from ours, described without its values.
+fn describe_s3_conf(found: &[u8], access_key_id: &str) -> String {
+    let parsed = std::str::from_utf8(found)
+        .ok()
+        .and_then(|text| S3Conf::parse(text).ok());
+    match parsed {
+        Some(conf) if conf.access_key_id == access_key_id => {
+            format!("{} (other values or layout)", s3_conf_for(access_key_id))
+        }
+        Some(conf) => s3_conf_for(&conf.access_key_id),
+        None => "s3.conf without a complete repo2 section".to_owned(),
+    }
+}
+
+/// Server-side apply (forced) of the whole Secret; the copy of `text` sent is zeroed after.
+async fn write(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    text: &str,
+) -> Result<Secret, CloudError> {
     let mut desired = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -317,31 +558,45 @@ pub async fn apply(
     if let Some(data) = desired.data.as_mut() {
         data.values_mut().for_each(|v| v.0.zeroize());
     }
-    let written = written.map_err(|e| classify("apply secret", e))?;
+    written.map_err(|e| classify("apply secret", e))
+}
 
-    // Server-side apply cannot drop keys other managers own (e.g. from an adopted Secret).
-    let extra: Vec<String> = data_keys(&written)
+/// Server-side apply cannot drop keys other managers own (e.g. from an adopted Secret): they
+/// are removed with a merge patch. Returns their names.
+async fn remove_other_keys(
+    api: &Api<Secret>,
+    name: &str,
+    written: &Secret,
+) -> Result<Vec<String>, CloudError> {
+    let extra: Vec<String> = data_keys(written)
         .into_iter()
         .filter(|k| k != S3_CONF_KEY)
         .collect();
-    if !extra.is_empty() {
-        let nulls: serde_json::Map<String, serde_json::Value> = extra
-            .iter()
-            .map(|k| (k.clone(), serde_json::Value::Null))
-            .collect();
-        let patch = json!({
-            "metadata": {"resourceVersion": written.metadata.resource_version},
-            "data": nulls,
-        });
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..Default::default()
-        };
-        api.patch(name, &params, &Patch::Merge(&patch))
-            .await
-            .map_err(|e| classify("remove extra secret keys", e))?;
+    if extra.is_empty() {
+        return Ok(extra);
     }
+    let nulls: Map<String, Value> = extra.iter().map(|k| (k.clone(), Value::Null)).collect();
+    let patch = json!({
+        "metadata": {"resourceVersion": written.metadata.resource_version},
+        "data": nulls,
+    });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    api.patch(name, &params, &Patch::Merge(&patch))
+        .await
+        .map_err(|e| classify("remove extra secret keys", e))?;
+    Ok(extra)
+}
 
+/// Reads the Secret back and checks it holds exactly what was written.
+async fn read_back(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    text: &str,
+) -> Result<Secret, CloudError> {
     let back = api
         .get_opt(name)
         .await
@@ -362,20 +617,7 @@ pub async fn apply(
             ),
         ));
     }
-    let outcome = if current.is_some() {
-        Outcome::Updated
-    } else {
-        Outcome::Created
-    };
-    Ok(StepReport::new(
-        outcome,
-        detail(
-            namespace,
-            name,
-            &back,
-            json!({ "adopted": adopted, "removed_keys": extra }),
-        ),
-    ))
+    Ok(back)
 }
 
 #[cfg(test)]
