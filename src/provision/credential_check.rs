@@ -1,6 +1,8 @@
-//! Credential check before `ready`: the new access key can write, read back and delete an
-//! object in the bucket. IAM is eventually consistent, so a brand-new key may be rejected for a
-//! few seconds; rejections are retried with exponential backoff within a time budget.
+//! Not a runbook section: our addition after "Create an Access Key". Before the repository is
+//! `ready`, the new access key must write, read back and delete an object in the bucket
+//! ([`verify`]); a key already in use is checked read-only ([`verify_read_only`]). IAM is
+//! eventually consistent, so a brand-new key may be rejected for a few seconds; rejections are
+//! retried with exponential backoff within a time budget.
 
 use std::time::{Duration, Instant};
 
@@ -163,6 +165,19 @@ async fn attempt(s3: &Client, bucket: &str, key: String) -> Result<Option<String
         .send()
         .await
         .map_err(|e| rejected_or_other("PutObject", e))?;
+    read_back(s3, bucket, key, &body).await?;
+    let deleted = s3
+        .delete_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| rejected_or_other("DeleteObject", e))?;
+    Ok(crate::cloud::aws::output_request_id(&deleted))
+}
+
+/// Reads the probe object back and compares its bytes with what was written.
+async fn read_back(s3: &Client, bucket: &str, key: &str, body: &[u8]) -> Result<(), AttemptError> {
     let got = s3
         .get_object()
         .bucket(bucket)
@@ -182,26 +197,19 @@ async fn attempt(s3: &Client, bucket: &str, key: String) -> Result<Option<String
             ))
         })?
         .into_bytes();
-    if bytes.as_ref() != body.as_slice() {
-        return Err(AttemptError::Other(CloudError::permanent(
-            S3,
-            "GetObject",
-            format!(
-                "the probe object {key} read back differs from what was written ({} bytes \
-                 instead of {}); check for a proxy or object transformation on bucket {bucket}",
-                bytes.len(),
-                body.len()
-            ),
-        )));
+    if bytes.as_ref() == body {
+        return Ok(());
     }
-    let deleted = s3
-        .delete_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .map_err(|e| rejected_or_other("DeleteObject", e))?;
-    Ok(crate::cloud::aws::output_request_id(&deleted))
+    Err(AttemptError::Other(CloudError::permanent(
+        S3,
+        "GetObject",
+        format!(
+            "the probe object {key} read back differs from what was written ({} bytes \
+             instead of {}); check for a proxy or object transformation on bucket {bucket}",
+            bytes.len(),
+            body.len()
+        ),
+    )))
 }
 
 fn rejected_or_other<E>(
