@@ -9,6 +9,13 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+/// Who acts: a token's subject (or a job's creator) and the request it came with.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub subject: &'a str,
+    pub request_id: Option<&'a str>,
+}
+
 /// One audit entry to append. `detail` must never hold a secret value.
 #[derive(Debug, Clone, Default)]
 pub struct AuditEntry {

@@ -44,8 +44,8 @@ pub struct Caller {
 
 impl Caller {
     /// The caller as the use cases record it (audit actor, job creator).
-    pub fn actor(&self) -> crate::provision::request::Actor<'_> {
-        crate::provision::request::Actor {
+    pub fn actor(&self) -> crate::audit::Actor<'_> {
+        crate::audit::Actor {
             subject: &self.principal.subject,
             request_id: self.request_id.as_deref(),
         }

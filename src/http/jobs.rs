@@ -16,8 +16,9 @@ use super::error::{PROBLEM_JSON, Problem};
 use super::extract::{ApiQuery, Caller};
 use super::responses::{BadRequest, Forbidden, NotFound, Unauthorized};
 use super::{ApiError, AppState};
-use crate::audit::{self, AuditEntry, AuditFilter};
+use crate::audit::AuditFilter;
 use crate::auth::Role;
+use crate::jobs::control;
 use crate::jobs::queue::{self, CancelOutcome, Job, JobState, RetryOutcome};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -49,15 +50,6 @@ impl From<Job> for JobSummary {
             attempts: job.attempts,
             last_error: job.last_error,
         }
-    }
-}
-
-impl JobSummary {
-    pub async fn load(db: &PgPool, id: Uuid) -> Result<JobSummary, ApiError> {
-        let job = queue::get(db, id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-        Ok(job.into())
     }
 }
 
@@ -231,8 +223,7 @@ pub async fn cancel_job(
     Path(id): Path<Uuid>,
 ) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
     caller.require(Role::Operator)?;
-    let mut tx = state.db.begin().await?;
-    let outcome = match queue::cancel_in(&mut tx, id).await? {
+    match control::cancel(&state.db, id, caller.actor()).await? {
         CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
         CancelOutcome::AlreadyFinished(s) => {
             return Err(ApiError::Conflict(format!(
@@ -240,11 +231,8 @@ pub async fn cancel_job(
                 s.as_str()
             )));
         }
-        CancelOutcome::Cancelled => "cancelled",
-        CancelOutcome::Requested => "cancel-requested",
-    };
-    record_job_action(&mut tx, &caller, id, "job.cancel", outcome).await?;
-    tx.commit().await?;
+        CancelOutcome::Cancelled | CancelOutcome::Requested => {}
+    }
     Ok((
         axum::http::StatusCode::ACCEPTED,
         axum::Json(view_or_404(&state.db, id).await?),
@@ -268,8 +256,7 @@ pub async fn retry_job(
     Path(id): Path<Uuid>,
 ) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
     caller.require(Role::Operator)?;
-    let mut tx = state.db.begin().await?;
-    match queue::retry_in(&mut tx, id).await? {
+    match control::retry(&state.db, id, caller.actor()).await? {
         RetryOutcome::NotFound => return Err(ApiError::NotFound(format!("no job {id}"))),
         RetryOutcome::NotRetryable(s) => {
             return Err(ApiError::Conflict(format!(
@@ -284,34 +271,10 @@ pub async fn retry_job(
         }
         RetryOutcome::Queued => {}
     }
-    record_job_action(&mut tx, &caller, id, "job.retry", "queued").await?;
-    tx.commit().await?;
     Ok((
         axum::http::StatusCode::ACCEPTED,
         axum::Json(view_or_404(&state.db, id).await?),
     ))
-}
-
-/// Audits a cancel or retry in the transaction that changed the job.
-async fn record_job_action(
-    tx: &mut sqlx::PgConnection,
-    caller: &Caller,
-    id: Uuid,
-    action: &str,
-    outcome: &str,
-) -> Result<(), ApiError> {
-    let job = queue::get(&mut *tx, id).await?;
-    let entry = AuditEntry {
-        actor: caller.principal.subject.clone(),
-        request_id: caller.request_id.clone(),
-        subject: job.and_then(|j| j.subject_name),
-        job_id: Some(id),
-        action: action.into(),
-        outcome: outcome.into(),
-        ..Default::default()
-    };
-    audit::record(&mut *tx, &entry).await?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]

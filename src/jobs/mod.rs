@@ -12,6 +12,7 @@
 
 pub mod backoff;
 pub mod context;
+pub mod control;
 pub mod queue;
 pub mod runner;
 pub mod state_changes;

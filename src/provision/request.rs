@@ -9,17 +9,10 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::job::{ProvisionPayload, ProvisionRepository};
-use crate::audit::{self, AuditEntry};
+use crate::audit::{self, Actor, AuditEntry};
 use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
 use crate::jobs::{self, EnqueueOptions, Job, queue};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow};
-
-/// Who asks: recorded as the audit entry's actor and request id, and as the job's creator.
-#[derive(Debug, Clone, Copy)]
-pub struct Actor<'a> {
-    pub subject: &'a str,
-    pub request_id: Option<&'a str>,
-}
 
 /// A repository whose provisioning was just queued.
 #[derive(Debug)]
