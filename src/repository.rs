@@ -10,6 +10,10 @@ use uuid::Uuid;
 
 use crate::domain::{BucketName, Labels, Namespace, Region, RepositoryName};
 
+/// Every state a repository can be in (the table's CHECK constraint); the trigger
+/// `backup_repository_follows_job` moves it with its jobs.
+pub const STATES: [&str; 5] = ["pending", "provisioning", "ready", "failed", "cancelled"];
+
 /// A validated request for a repository: what must exist.
 #[derive(Debug, Clone)]
 pub struct DesiredRepository {

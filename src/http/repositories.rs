@@ -279,9 +279,6 @@ pub struct RepositoryPage {
     pub next_cursor: Option<String>,
 }
 
-pub const REPOSITORY_STATES: [&str; 5] =
-    ["pending", "provisioning", "ready", "failed", "cancelled"];
-
 /// List backup repositories.
 #[utoipa::path(
     get, path = "/v1/backup-repositories", tag = "repositories",
@@ -299,11 +296,11 @@ pub async fn list_repositories(
 ) -> Result<axum::Json<RepositoryPage>, ApiError> {
     caller.require(Role::Viewer)?;
     if let Some(s) = &query.state
-        && !REPOSITORY_STATES.contains(&s.as_str())
+        && !repository::STATES.contains(&s.as_str())
     {
         return Err(ApiError::BadRequest(format!(
             "state must be one of {}",
-            REPOSITORY_STATES.join(", ")
+            repository::STATES.join(", ")
         )));
     }
     let limit = pagination::page_limit(query.limit)?;
