@@ -2,6 +2,7 @@
 //! (Postgres, moto, the Kubernetes emulator, pgBackRest) through real clients.
 
 mod audit_log;
+mod aws_realism;
 mod aws_steps;
 mod cli;
 mod crash_safety;

@@ -9,12 +9,14 @@
 use std::time::Duration;
 
 use backup_provisioner::cloud::aws::{AwsClients, CallCounter};
+use backup_provisioner::config::WorkerSettingsArgs;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::Registry;
 use backup_provisioner::provision::job::Provisioner;
 use secrecy::ExposeSecret;
 
 use super::app::{AppOptions, TestApp, spawn_app_with, worker_args};
+use super::aws_realism::{AwsProxy, AwsRealism};
 use super::kube::KubeEmulator;
 use super::moto::Moto;
 
@@ -47,10 +49,13 @@ pub struct Env {
     pub moto_endpoint: String,
     /// The service's encryption key (base64), for a second worker or a crash child.
     pub encryption_key: String,
+    /// The AWS realism proxy between the service and moto, when the builder asked for one.
+    pub realism: Option<AwsProxy>,
 }
 
 type ServiceAws<'a> = Box<dyn FnOnce(AwsClients) -> AwsClients + 'a>;
 type ServiceKube<'a> = Box<dyn FnOnce(&KubeEmulator) -> kube::Client + 'a>;
+type MapWorker<'a> = Box<dyn FnOnce(&mut WorkerSettingsArgs) + 'a>;
 
 /// How to start an [`Env`]; every setting has the default of [`Env::start`].
 pub struct EnvBuilder<'a> {
@@ -61,6 +66,8 @@ pub struct EnvBuilder<'a> {
     identity: Option<(String, String)>,
     service_aws: Option<ServiceAws<'a>>,
     service_kube: Option<ServiceKube<'a>>,
+    realism: Option<AwsRealism>,
+    worker: Option<MapWorker<'a>>,
 }
 
 impl<'a> EnvBuilder<'a> {
@@ -101,6 +108,19 @@ impl<'a> EnvBuilder<'a> {
         self
     }
 
+    /// The service's AWS calls go through an AWS realism proxy in front of the moto server
+    /// (`Env::realism`); the admin clients still talk to moto directly.
+    pub fn aws_realism(mut self, realism: AwsRealism) -> Self {
+        self.realism = Some(realism);
+        self
+    }
+
+    /// Adjusts the workers' settings (retries, backoff, lease) after `worker_args`.
+    pub fn map_worker(mut self, map: impl FnOnce(&mut WorkerSettingsArgs) + 'a) -> Self {
+        self.worker = Some(Box::new(map));
+        self
+    }
+
     pub async fn start(self) -> Env {
         backup_provisioner::install_crypto_provider();
         let namespaces: Vec<&str> = self.namespaces.iter().map(String::as_str).collect();
@@ -118,6 +138,11 @@ impl<'a> EnvBuilder<'a> {
                 self.moto.clients(&self.region, None).await,
             ),
         };
+        let realism = self.realism.map(|realism| realism.start(self.moto));
+        let service_aws = match &realism {
+            Some(proxy) => proxy.reroute(service_aws),
+            None => service_aws,
+        };
         let service_aws = match self.service_aws {
             Some(map) => map(service_aws),
             None => service_aws,
@@ -126,7 +151,10 @@ impl<'a> EnvBuilder<'a> {
             Some(client) => client(&kube),
             None => kube.client(),
         };
-        let worker = worker_args(self.workers);
+        let mut worker = worker_args(self.workers);
+        if let Some(map) = self.worker {
+            map(&mut worker);
+        }
         let encryption_key = worker
             .encryption_key
             .as_ref()
@@ -149,6 +177,7 @@ impl<'a> EnvBuilder<'a> {
             region: self.region,
             moto_endpoint: self.moto.endpoint.clone(),
             encryption_key,
+            realism,
         }
     }
 }
@@ -168,6 +197,8 @@ impl Env {
             identity: None,
             service_aws: None,
             service_kube: None,
+            realism: None,
+            worker: None,
         }
     }
 
