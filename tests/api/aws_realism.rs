@@ -520,10 +520,33 @@ async fn provision_and_check(env: &Env, names: &[String]) -> Vec<Ended> {
     ended
 }
 
-/// How the repositories ended, one line each, and the totals.
-fn report(ended: &[Ended]) -> String {
+/// How the repositories ended, one line each, and the totals; for a repository that did not
+/// end well, the proxy's journal of its creates, key calls and injections.
+fn report(ended: &[Ended], proxy: &AwsProxy) -> String {
     let mut lines = Vec::new();
     for e in ended {
+        if !e.ok() {
+            let steps: Vec<String> = e.job["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| format!("{}:{}x{}", s["name"], s["state"], s["attempts"]).replace('"', ""))
+                .collect();
+            let interesting = |line: &String| {
+                line.contains("Create") || line.contains("AccessKey") || !line.contains(" moto 2")
+            };
+            let journal: Vec<String> = proxy
+                .journal(&bucket_for(&e.name))
+                .into_iter()
+                .filter(interesting)
+                .collect();
+            lines.push(format!(
+                "  {} steps {}\n    {}",
+                e.name,
+                steps.join(" "),
+                journal.join("\n    ")
+            ));
+        }
         lines.push(format!(
             "{}: job {} after {} attempt(s), {} key(s){}{}",
             e.name,
@@ -773,11 +796,11 @@ async fn runbook_differences(env: &Env, name: &str) -> (usize, Vec<String>) {
 /// the API all end `ready` with the runbook's exact state and one access key each. Compared
 /// with the same 20 provisionings through a pass-through proxy.
 #[tokio::test]
-#[ignore = "fails until issue 8's defects are fixed (EntityAlreadyExists is permanent; the \
-            access key step): a create retried by the SDK after a lost response or by the job \
-            inside the 2 s window fails the job on EntityAlreadyExists (CreateGroup, \
-            CreatePolicy, CreateUser), and a lost CreateAccessKey response leaves a second key \
-            (or LimitExceeded on the next attempt); seen: 13 of 20 ready"]
+#[ignore = "fails until issue 8's defects are fixed (EntityAlreadyExists from a create is \
+            permanent; the access key step): a create whose response was lost is retried by the \
+            SDK, meets EntityAlreadyExists and fails the job at once (CreatePolicy, CreateGroup, \
+            CreateUser), and a lost CreateAccessKey response leaves an orphan second key (job \
+            succeeded with 2 keys, or LimitExceeded on a later attempt); seen 8-17 of 20 ready"]
 async fn twenty_provisionings_end_ready_behind_realistic_aws() {
     let moto = Moto::start();
     let clean_names: Vec<String> = (0..REPOSITORIES).map(|i| format!("clean-{i:02}")).collect();
@@ -798,12 +821,12 @@ async fn twenty_provisionings_end_ready_behind_realistic_aws() {
     let clean_mutating = clean_proxy.mutating_count();
     eprintln!(
         "clean run ({clean_time:.1?}): {}\n{clean_calls} AWS calls ({clean_mutating} mutating)",
-        report(&clean_ended)
+        report(&clean_ended, clean_proxy)
     );
     assert!(
         clean_ended.iter().all(Ended::ok),
         "{}",
-        report(&clean_ended)
+        report(&clean_ended, clean_proxy)
     );
     clean.app.stop().await;
 
@@ -817,15 +840,30 @@ async fn twenty_provisionings_end_ready_behind_realistic_aws() {
     let proxy = env.realism.as_ref().expect("proxy");
     let started = Instant::now();
     let ended = provision_and_check(&env, &names).await;
+    let injected: Vec<String> = [
+        "throttle",
+        "unavailable",
+        "server-error",
+        "reset",
+        "latency",
+        "lost-response",
+        "hidden",
+        "hidden-member",
+        "invalid-key",
+    ]
+    .iter()
+    .map(|label| format!("{label} {}", proxy.injected_count(label)))
+    .collect();
     let summary = format!(
         "realistic run ({:.1?}): {}\n{} AWS calls ({} mutating) vs {clean_calls} ({clean_mutating}) \
-         clean: {} extra; keys made {}; {}",
+         clean: {} extra; keys made {}; injected: {}\n{}",
         started.elapsed(),
-        report(&ended),
+        report(&ended, proxy),
         proxy.total(),
         proxy.mutating_count(),
         proxy.total() as i64 - clean_calls as i64,
         proxy.access_keys_created().len(),
+        injected.join(", "),
         proxy.summary()
     );
     eprintln!("{summary}");

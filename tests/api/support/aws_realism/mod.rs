@@ -251,6 +251,7 @@ impl AwsRealism {
         let shared = Arc::new(Shared {
             realism: self,
             seed,
+            started: Instant::now(),
             state: Mutex::default(),
         });
         let (endpoint, shutdown) = server::spawn(upstream, shared.clone());
@@ -272,6 +273,7 @@ impl AwsRealism {
 pub(crate) struct Shared {
     realism: AwsRealism,
     seed: u64,
+    started: Instant,
     state: Mutex<State>,
 }
 
@@ -289,6 +291,8 @@ struct State {
     draws: HashMap<(String, String), u64>,
     rules: Vec<Rule>,
     scripted: Vec<(String, Fault)>,
+    /// (since start, subject, what happened) for every injection and every answer of moto.
+    journal: Vec<(Duration, String, String)>,
 }
 
 /// A canned answer for every matching request.
@@ -379,6 +383,14 @@ impl Shared {
             .injected
             .entry(format!("{label} {}", op.key()))
             .or_default() += 1;
+        self.note(op, label);
+    }
+
+    /// Adds a journal line about `op`.
+    pub(crate) fn note(&self, op: &Operation, what: &str) {
+        let at = self.started.elapsed();
+        let line = format!("{} {what}", op.key());
+        self.lock().journal.push((at, op.subject(), line));
     }
 
     /// The canned answer of a rule matching `op`, if any.
@@ -610,6 +622,18 @@ impl AwsProxy {
     /// Whether the entity is still invisible: `kind` is `user`, `group`, `policy`, `arn`, `key`.
     pub fn is_hidden(&self, kind: &str, name: &str) -> bool {
         self.shared.is_hidden(&operation::entity_key(kind, name))
+    }
+
+    /// What happened to the requests about `subject` (an IAM entity name or a bucket), in
+    /// order: `+1.234s iam:CreateUser moto 200`, `+1.240s iam:CreateUser lost-response`, ...
+    pub fn journal(&self, subject: &str) -> Vec<String> {
+        self.shared
+            .lock()
+            .journal
+            .iter()
+            .filter(|(_, s, _)| s == subject)
+            .map(|(at, _, line)| format!("+{:.3}s {line}", at.as_secs_f64()))
+            .collect()
     }
 
     /// Seed, calls and injections, for a failure message.

@@ -141,6 +141,8 @@ async fn handle(
     }
     let (response, text) = forward(&context, &op, parts, body).await;
     let ok = response.status().is_success();
+    let code = responses::tag_value(&text, "Code").unwrap_or_default();
+    shared.note(&op, &format!("moto {} {code}", response.status().as_u16()));
     if ok && op.is_create() {
         shared.record_created(&op, &text);
         if draws.lose_response {
