@@ -239,14 +239,15 @@ pub async fn cancel_job(
     ))
 }
 
-/// Retry a failed or cancelled job; completed steps are not redone.
+/// Retry a failed or cancelled job; completed steps are not redone. A job superseded by a newer
+/// job of its repository is not retried (its options may be stale): retry the newer one.
 #[utoipa::path(
     post, path = "/v1/jobs/{id}/retry", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 202, description = "Queued again", body = JobView),
         Unauthorized, Forbidden, NotFound,
-        (status = 409, description = "Not failed/cancelled, or the repository has another active job", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "Not failed/cancelled, the repository has another active job, or a newer job superseded this one", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
 )]
@@ -267,6 +268,12 @@ pub async fn retry_job(
         RetryOutcome::Conflict => {
             return Err(ApiError::Conflict(format!(
                 "the repository of job {id} already has an active job"
+            )));
+        }
+        RetryOutcome::Superseded { newer } => {
+            return Err(ApiError::Conflict(format!(
+                "a newer job {newer} exists for the repository of job {id}; retry that one or \
+                 reconcile the repository"
             )));
         }
         RetryOutcome::Queued => {}

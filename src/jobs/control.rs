@@ -22,6 +22,8 @@ pub async fn cancel(db: &PgPool, id: Uuid, actor: Actor<'_>) -> Result<CancelOut
 }
 
 /// Queues failed or cancelled job `id` again for `actor`; its completed steps are not redone.
+/// A job with a newer job for the same subject is refused ([`RetryOutcome::Superseded`]) and
+/// nothing changes.
 pub async fn retry(db: &PgPool, id: Uuid, actor: Actor<'_>) -> Result<RetryOutcome, sqlx::Error> {
     let mut tx = db.begin().await?;
     let outcome = queue::retry_in(&mut tx, id).await?;

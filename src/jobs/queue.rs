@@ -351,6 +351,11 @@ pub enum RetryOutcome {
     NotRetryable(JobState),
     /// The job's subject has another active job.
     Conflict,
+    /// A newer job (created later) exists for the job's subject: retrying this one would run
+    /// stale options. Retry the newer one instead.
+    Superseded {
+        newer: Uuid,
+    },
     NotFound,
 }
 
@@ -373,6 +378,11 @@ pub async fn retry_in(tx: &mut PgConnection, id: Uuid) -> Result<RetryOutcome, s
     if !matches!(state, JobState::Failed | JobState::Cancelled) {
         return Ok(RetryOutcome::NotRetryable(state));
     }
+    match newer_job_of_subject(tx, id).await? {
+        Some((_, active)) if active => return Ok(RetryOutcome::Conflict),
+        Some((newer, _)) => return Ok(RetryOutcome::Superseded { newer }),
+        None => {}
+    }
     let updated = sqlx::query(
         "UPDATE jobs SET state = 'queued', attempts = 0, run_at = now(), cancel_requested = false,
                          last_error = NULL, finished_at = NULL
@@ -390,6 +400,24 @@ pub async fn retry_in(tx: &mut PgConnection, id: Uuid) -> Result<RetryOutcome, s
         .execute(&mut *tx)
         .await?;
     Ok(RetryOutcome::Queued)
+}
+
+/// The newest job created after job `id` for the same subject, if any, and whether it is
+/// queued or running.
+async fn newer_job_of_subject(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<(Uuid, bool)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT newer.id, newer.state IN ('queued', 'running')
+           FROM jobs newer JOIN jobs old ON newer.subject_id = old.subject_id
+          WHERE old.id = $1 AND newer.id <> old.id AND newer.created_at > old.created_at
+          ORDER BY newer.created_at DESC
+          LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx::Error> {
