@@ -388,6 +388,11 @@ pub const CREDENTIAL_REJECTED_CODES: &[&str] = &[
     "AuthFailure",
 ];
 
+/// IAM's answer to a create whose entity exists. The steps take it for "go on as for an
+/// existing entity": a resent request whose first answer was lost meets it, and so does a
+/// create after a read that lagged behind an earlier create.
+pub const ENTITY_ALREADY_EXISTS: &str = "EntityAlreadyExists";
+
 /// The error code of an SDK error (`None` for transport failures and body-less errors).
 pub fn error_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> Option<&str> {
     err.code()
@@ -576,9 +581,14 @@ const KNOWN_CODES: &[(&[&str], Diagnosis)] = &[
         &["DeleteConflict"],
         Diagnosis::Fix("the IAM entity is still in use; detach or remove it first"),
     ),
+    // Every step reads before it creates, so a retry takes the existing-resource path; the
+    // steps handle these codes themselves, this row is for a create that does not.
     (
-        &["EntityAlreadyExists", "BucketAlreadyOwnedByYou"],
-        Diagnosis::Fix("the resource already exists (created concurrently?); re-run the step"),
+        &[ENTITY_ALREADY_EXISTS, "BucketAlreadyOwnedByYou"],
+        Diagnosis::Retry(
+            "the resource already exists but was not seen by the read before the create (a \
+             lost response or eventual consistency); it is read again on retry",
+        ),
     ),
     // IAM is eventually consistent; a resource created moments ago can be missing.
     (
@@ -749,6 +759,15 @@ mod tests {
             "",
             true,
             "the resource was not found (not yet visible or deleted concurrently) [NoSuchEntity]",
+        ),
+        (
+            "EntityAlreadyExists",
+            409,
+            "",
+            true,
+            "the resource already exists but was not seen by the read before the create (a \
+             lost response or eventual consistency); it is read again on retry \
+             [EntityAlreadyExists]",
         ),
         (
             "MalformedXML",

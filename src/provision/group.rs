@@ -13,7 +13,7 @@ use aws_sdk_iam::error::ProvideErrorMetadata;
 use serde_json::json;
 
 use super::report::{Action, Report};
-use crate::cloud::aws::{classify, output_request_id};
+use crate::cloud::aws::{ENTITY_ALREADY_EXISTS, classify, output_request_id};
 use crate::cloud::{CloudError, StepReport};
 
 const IAM: &str = "iam";
@@ -47,19 +47,21 @@ pub async fn ensure(
 async fn ensure_exists(iam: &Client, group: &str, report: &mut Report) -> Result<(), CloudError> {
     match iam.get_group().group_name(group).max_items(1).send().await {
         Ok(_) => Ok(()),
-        Err(err) if err.code() == Some("NoSuchEntity") => {
-            let out = iam
-                .create_group()
-                .group_name(group)
-                .path("/")
-                .send()
-                .await
-                .map_err(|e| classify(IAM, "CreateGroup", e))?;
-            report.created(output_request_id(&out));
-            Ok(())
-        }
+        Err(err) if err.code() == Some("NoSuchEntity") => create(iam, group, report).await,
         Err(err) => Err(classify(IAM, "GetGroup", err)),
     }
+}
+
+/// Creates the group. `EntityAlreadyExists` (a resent request whose first answer was lost, or
+/// a read that lagged behind an earlier create) leaves the group to be checked like any
+/// existing one; reading it while it is not visible yet fails retryably.
+async fn create(iam: &Client, group: &str, report: &mut Report) -> Result<(), CloudError> {
+    match iam.create_group().group_name(group).path("/").send().await {
+        Ok(out) => report.created(output_request_id(&out)),
+        Err(err) if err.code() == Some(ENTITY_ALREADY_EXISTS) => {}
+        Err(err) => return Err(classify(IAM, "CreateGroup", err)),
+    }
+    Ok(())
 }
 
 /// Policies attached by someone else are not removed automatically.

@@ -28,7 +28,7 @@ use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
 use super::report::{Action, Report};
-use crate::cloud::aws::{classify, output_request_id};
+use crate::cloud::aws::{ENTITY_ALREADY_EXISTS, classify, output_request_id};
 use crate::cloud::{CloudError, StepReport};
 
 /// The runbook's policy description, verbatim.
@@ -130,34 +130,55 @@ fn string_set(value: &Value) -> Value {
 /// report and the policy ARN.
 pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), CloudError> {
     let mut report = Report::new(KIND, bucket);
-    let (policy_arn, default_version_id) = match find(iam, bucket).await? {
-        None => create(iam, bucket, &mut report).await?,
-        Some(existing) => reconcile(iam, bucket, &existing, &mut report).await?,
+    let existing = match find(iam, bucket).await? {
+        Some(existing) => existing,
+        None => match create(iam, bucket, &mut report).await? {
+            Some((arn, version)) => return Ok(finish(report, bucket, arn, version)),
+            // Made by a resent request whose first answer was lost, or by an earlier attempt
+            // the read above lagged behind: it is checked like any existing policy.
+            None => find_after_conflict(iam, bucket).await?,
+        },
     };
+    let (arn, version) = reconcile(iam, bucket, &existing, &mut report).await?;
+    Ok(finish(report, bucket, arn, version))
+}
+
+/// The step's report (with the policy's identifiers) and the policy ARN.
+fn finish(
+    report: Report,
+    bucket: &str,
+    policy_arn: String,
+    default_version_id: Option<String>,
+) -> (StepReport, String) {
     let report = report.into_step_report(json!({
         "policy_name": bucket,
         "policy_arn": policy_arn,
         "default_version_id": default_version_id,
     }));
-    Ok((report, policy_arn))
+    (report, policy_arn)
 }
 
-/// Creates the policy with every runbook setting. Returns its ARN and default version id.
+/// Creates the policy with every runbook setting. Returns its ARN and default version id, or
+/// `None` when IAM says a policy of that name already exists (`EntityAlreadyExists`).
 async fn create(
     iam: &Client,
     bucket: &str,
     report: &mut Report,
-) -> Result<(String, Option<String>), CloudError> {
+) -> Result<Option<(String, Option<String>)>, CloudError> {
     let expected = document(bucket);
-    let out = iam
+    let sent = iam
         .create_policy()
         .policy_name(bucket)
         .path(PATH)
         .description(DESCRIPTION)
         .policy_document(expected.to_string())
         .send()
-        .await
-        .map_err(|e| classify(IAM, "CreatePolicy", e))?;
+        .await;
+    let out = match sent {
+        Ok(out) => out,
+        Err(err) if err.code() == Some(ENTITY_ALREADY_EXISTS) => return Ok(None),
+        Err(err) => return Err(classify(IAM, "CreatePolicy", err)),
+    };
     let policy = out.policy().ok_or_else(|| {
         CloudError::retryable(IAM, "CreatePolicy", "the response carried no policy")
     })?;
@@ -166,7 +187,22 @@ async fn create(
     report.made("description", json!(DESCRIPTION), None);
     report.made("document", expected, None);
     let arn = policy.arn().unwrap_or_default().to_owned();
-    Ok((arn, policy.default_version_id().map(str::to_owned)))
+    Ok(Some((arn, policy.default_version_id().map(str::to_owned))))
+}
+
+/// The policy IAM said exists although the read before the create did not list it. Still
+/// unlisted (IAM is eventually consistent): retryable, the next attempt reads again.
+async fn find_after_conflict(iam: &Client, bucket: &str) -> Result<Policy, CloudError> {
+    find(iam, bucket).await?.ok_or_else(|| {
+        CloudError::retryable(
+            IAM,
+            "CreatePolicy",
+            format!(
+                "policy {bucket} already exists but is not listed yet (IAM is eventually \
+                 consistent); it is read again on the next attempt"
+            ),
+        )
+    })
 }
 
 /// Checks an existing policy setting by setting. Returns its ARN and (new) default version id.

@@ -15,7 +15,7 @@ use aws_sdk_iam::types::Tag;
 use serde_json::{Map, Value, json};
 
 use super::report::{Action, Report};
-use crate::cloud::aws::{classify, output_request_id};
+use crate::cloud::aws::{ENTITY_ALREADY_EXISTS, classify, output_request_id};
 use crate::cloud::{CloudError, StepReport};
 use crate::provision::bucket::{MANAGED_BY_KEY, MANAGED_BY_VALUE, REPOSITORY_TAG_KEY};
 
@@ -70,20 +70,38 @@ async fn ensure_exists(
     match iam.get_user().user_name(user).send().await {
         Ok(_) => Ok(()),
         Err(err) if err.code() == Some("NoSuchEntity") => {
-            let out = iam
-                .create_user()
-                .user_name(user)
-                .path("/")
-                .set_tags(Some(tags(wanted_tags)?))
-                .send()
-                .await
-                .map_err(|e| classify(IAM, "CreateUser", e))?;
-            report.created(output_request_id(&out));
-            report.made("tags", tags_json(wanted_tags), None);
-            Ok(())
+            create(iam, user, wanted_tags, report).await
         }
         Err(err) => Err(classify(IAM, "GetUser", err)),
     }
+}
+
+/// Creates the user with our tags. `EntityAlreadyExists` (a resent request whose first answer
+/// was lost, or a read that lagged behind an earlier create) leaves the user to be checked
+/// like any existing one (tags, group, console access); reading it while it is not visible
+/// yet fails retryably.
+async fn create(
+    iam: &Client,
+    user: &str,
+    wanted_tags: &Tags<'_>,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    let sent = iam
+        .create_user()
+        .user_name(user)
+        .path("/")
+        .set_tags(Some(tags(wanted_tags)?))
+        .send()
+        .await;
+    match sent {
+        Ok(out) => {
+            report.created(output_request_id(&out));
+            report.made("tags", tags_json(wanted_tags), None);
+        }
+        Err(err) if err.code() == Some(ENTITY_ALREADY_EXISTS) => {}
+        Err(err) => return Err(classify(IAM, "CreateUser", err)),
+    }
+    Ok(())
 }
 
 /// Our tags on an existing user; missing or different ones are (re)written.
