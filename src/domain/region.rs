@@ -1,4 +1,4 @@
-//! AWS region codes.
+//! AWS region codes of the `aws` partition.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -12,14 +12,18 @@ pub const DEFAULT_REGION: &str = "us-east-1";
 
 const MAX_LEN: usize = 32;
 
-/// `us-east-1`, `us-gov-west-1`, `us-isob-east-1`, `cn-north-1`, ...
-/// ASCII classes only: the regex crate's `\d` would accept any Unicode digit.
+/// `us-east-1`, `us-gov-west-1`, `us-isob-east-1`, `cn-north-1`, ... (any partition; see
+/// [`other_partition`]). ASCII classes only: the regex crate's `\d` would accept any Unicode
+/// digit.
 static REGION_RE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1,2}$").expect("valid region regex")
 });
 
-/// A syntactically valid AWS region code. Whether the region exists or is
-/// enabled for the account is left to AWS.
+/// A syntactically valid AWS region code of the `aws` partition. Whether the region exists or
+/// is enabled for the account is left to AWS.
+///
+/// Regions of other partitions (China, GovCloud, the isolated ones) are refused: every ARN and
+/// endpoint the service builds says `arn:aws:` and `amazonaws.com`, which are wrong there.
 #[derive(
     Debug,
     Clone,
@@ -41,7 +45,16 @@ impl Region {
         if value.len() > MAX_LEN || !REGION_RE.is_match(value) {
             return Err(ValidationError::new(
                 "region",
-                "region must be an AWS region code like us-east-1, eu-central-2 or us-gov-west-1",
+                "region must be an AWS region code like us-east-1, eu-central-2 or ap-southeast-4",
+            ));
+        }
+        if let Some(partition) = other_partition(value) {
+            return Err(ValidationError::new(
+                "region",
+                format!(
+                    "region {value} is in the AWS partition {partition}; only the aws \
+                     partition is supported"
+                ),
             ));
         }
         Ok(Self(value.to_owned()))
@@ -58,6 +71,21 @@ impl Region {
 
     pub fn into_string(self) -> String {
         self.0
+    }
+}
+
+/// The partition of a well-formed region code outside the `aws` partition: `cn-*` is
+/// `aws-cn`; a qualifier between the geography and the direction (`us-gov-west-1`,
+/// `us-isob-east-1`) names the partition (`aws-us-gov`, `aws-iso-b`).
+fn other_partition(region: &str) -> Option<String> {
+    let parts: Vec<&str> = region.split('-').collect();
+    let qualifier = (parts.len() == 4).then(|| parts[1]);
+    match (parts[0], qualifier) {
+        ("cn", _) => Some("aws-cn".to_owned()),
+        (geography, Some("gov")) => Some(format!("aws-{geography}-gov")),
+        (_, Some("iso")) => Some("aws-iso".to_owned()),
+        (_, Some(iso)) => Some(format!("aws-iso-{}", iso.trim_start_matches("iso"))),
+        (_, None) => None,
     }
 }
 
@@ -98,12 +126,7 @@ mod tests {
             "us-east-1",
             "us-west-2",
             "eu-central-2",
-            "us-gov-west-1",
-            "us-iso-east-1",
-            "us-isob-east-1",
             "ap-southeast-4",
-            "cn-north-1",
-            "cn-northwest-1",
             "il-central-1",
             "mx-central-1",
         ] {
@@ -133,6 +156,36 @@ mod tests {
             assert_eq!(e.field, "region");
             assert!(e.message.contains("AWS region code"), "{r:?}");
         }
+    }
+
+    #[test]
+    fn regions_of_other_partitions_are_refused_naming_the_partition() {
+        for (region, partition) in [
+            ("cn-north-1", "aws-cn"),
+            ("cn-northwest-1", "aws-cn"),
+            ("us-gov-west-1", "aws-us-gov"),
+            ("us-gov-east-1", "aws-us-gov"),
+            ("us-iso-east-1", "aws-iso"),
+            ("us-isob-east-1", "aws-iso-b"),
+            ("eu-isoe-west-1", "aws-iso-e"),
+            ("us-isof-south-1", "aws-iso-f"),
+        ] {
+            let e = Region::parse(region).unwrap_err();
+            assert_eq!(e.field, "region");
+            assert_eq!(
+                e.message,
+                format!(
+                    "region {region} is in the AWS partition {partition}; only the aws \
+                     partition is supported"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_payload_with_a_region_of_another_partition_does_not_deserialize() {
+        let err = serde_json::from_str::<Region>("\"cn-north-1\"").unwrap_err();
+        assert!(err.to_string().contains("aws-cn"), "{err}");
     }
 
     #[test]

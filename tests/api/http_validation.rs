@@ -11,7 +11,7 @@ use crate::support::app::{AppOptions, http_args, spawn_app, spawn_app_with};
 const PATTERN_MESSAGE: &str =
     "bucket name must match the configured pattern ^holos-[a-z0-9-]+-backups$";
 const REGION_MESSAGE: &str =
-    "region must be an AWS region code like us-east-1, eu-central-2 or us-gov-west-1";
+    "region must be an AWS region code like us-east-1, eu-central-2 or ap-southeast-4";
 const LABEL_NAME_RULE: &str = "name must consist of letters, digits, '-', '_' and '.', and start and end with a letter or digit";
 
 fn with(overrides: Value) -> Value {
@@ -207,9 +207,9 @@ async fn good_repository_requests_are_accepted() {
             "eu-central-2",
         ),
         (
-            json!({"name": "gov", "namespace": "x1-y2", "region": "us-gov-west-1"}),
-            "holos-gov-backups",
-            "us-gov-west-1",
+            json!({"name": "mel", "namespace": "x1-y2", "region": "ap-southeast-4"}),
+            "holos-mel-backups",
+            "ap-southeast-4",
         ),
         (
             json!({"name": "longest", "namespace": "n", "bucket": longest_bucket}),
