@@ -200,11 +200,14 @@ fn show(path: &ModPath) -> String {
 }
 
 /// `ARCH_SRC` points the checks at another tree (e.g. an old commit's `src`, to see them fail).
-fn src_graph() -> BTreeMap<ModPath, BTreeSet<ModPath>> {
-    let src = std::env::var("ARCH_SRC")
+fn src_dir() -> PathBuf {
+    std::env::var("ARCH_SRC")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
-    file_graph(&sources(&src))
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("src"))
+}
+
+fn src_graph() -> BTreeMap<ModPath, BTreeSet<ModPath>> {
+    file_graph(&sources(&src_dir()))
 }
 
 #[test]
@@ -239,6 +242,53 @@ fn the_job_engine_knows_nothing_of_the_domain() {
             );
         }
     }
+}
+
+/// The longest a function of `src/` may be, from its `fn` line to its closing brace.
+const MAX_FUNCTION_LINES: usize = 60;
+
+/// Functions (file, name, lines) longer than `max`: a `fn` line starts one, the brace that
+/// closes its first `{` ends it (doc comments and attributes are not counted).
+fn long_functions(src: &Path, max: usize) -> Vec<(String, String, usize)> {
+    let start =
+        Regex::new(r"^\s*(pub(\([^)]*\))?\s+)?(const\s+)?(async\s+)?(unsafe\s+)?fn\s+(\w+)")
+            .unwrap();
+    let mut long = Vec::new();
+    for source in sources(src) {
+        let lines: Vec<&str> = source.text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(m) = start.captures(line) else {
+                continue;
+            };
+            let length = function_length(&lines[i..]);
+            if length > max {
+                long.push((show(&source.path), m[6].to_owned(), length));
+            }
+        }
+    }
+    long
+}
+
+fn function_length(lines: &[&str]) -> usize {
+    let mut depth = 0i32;
+    let mut opened = false;
+    for (n, line) in lines.iter().enumerate() {
+        depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+        opened |= line.contains('{');
+        if (opened && depth <= 0) || (!opened && line.trim_end().ends_with(';')) {
+            return n + 1;
+        }
+    }
+    lines.len()
+}
+
+#[test]
+fn no_function_in_src_is_over_60_lines() {
+    let long = long_functions(&src_dir(), MAX_FUNCTION_LINES);
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines (split them by concern): {long:?}"
+    );
 }
 
 #[test]
