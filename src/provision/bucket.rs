@@ -19,11 +19,13 @@
 //! | Block all public access         | `ensure_public_access_block`   | repaired             |
 //! | Default encryption, Bucket Key  | `ensure_encryption`            | repaired             |
 //! | Bucket Versioning               | `check_versioning`             | reported, left as is |
-//! | Object Lock                     | `check_object_lock`            | reported, left as is |
+//! | Object Lock                     | `check_object_lock`            | permanent error      |
 //! | (our tags)                      | `ensure_tags`                  | repaired             |
 //!
-//! Versioning and object lock cannot be undone safely on a bucket that holds data, so they are
-//! only reported.
+//! Versioning cannot be undone safely on a bucket that holds data, so it is only reported.
+//! Object Lock cannot be turned off at all, and under a default retention pgBackRest's expire
+//! cannot delete old backups: such a bucket is refused before anything is changed, by
+//! [`preflight`] (which the job runs before any AWS change) and again by [`ensure`].
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -57,9 +59,9 @@ pub fn arn(bucket: &str) -> String {
 
 /// Ensures the bucket exists in `region` with the runbook's settings and our tags.
 ///
-/// `s3` must be a client for `region` (see `AwsClients::s3_for_region`). Versioning or object
-/// lock found enabled on an existing bucket is reported under `differences` and left as is
-/// (neither can be undone safely).
+/// `s3` must be a client for `region` (see `AwsClients::s3_for_region`). Versioning found
+/// enabled on an existing bucket is reported under `differences` and left as is (it cannot be
+/// undone safely); Object Lock is a permanent error, raised before any setting is changed.
 pub async fn ensure(
     s3: &Client,
     bucket: &str,
@@ -72,11 +74,11 @@ pub async fn ensure(
     } else {
         create(s3, bucket, region, &mut report).await?;
     }
+    check_object_lock(s3, bucket, &mut report).await?;
     ensure_ownership(s3, bucket, &mut report).await?;
     ensure_public_access_block(s3, bucket, &mut report).await?;
     ensure_encryption(s3, bucket, &mut report).await?;
     check_versioning(s3, bucket, &mut report).await?;
-    check_object_lock(s3, bucket, &mut report).await?;
     ensure_tags(s3, bucket, repository, &mut report).await?;
     Ok(report.into_step_report(json!({
         "bucket": bucket,
@@ -84,6 +86,17 @@ pub async fn ensure(
         "arn": arn(bucket),
         "repository": repository,
     })))
+}
+
+/// The read-only part of [`ensure`] that can refuse an existing bucket (another account's,
+/// another region, Object Lock), run before any AWS change so that a bucket we cannot use
+/// fails the job before the IAM entities are made. A missing bucket passes.
+pub async fn preflight(s3: &Client, bucket: &str, region: &str) -> Result<(), CloudError> {
+    if head(s3, bucket, region).await? {
+        check_location(s3, bucket, region).await?;
+        refuse_object_lock(s3, bucket).await?;
+    }
+    Ok(())
 }
 
 /// Whether the bucket holds at least one object (one ListObjectsV2 page).
@@ -514,37 +527,61 @@ async fn check_versioning(
     Ok(())
 }
 
-/// Object Lock: `Disable`. Enabled is reported only.
+/// Object Lock: `Disable`. Enabled is a permanent error ([`refuse_object_lock`]).
 async fn check_object_lock(
     s3: &Client,
     bucket: &str,
     report: &mut Report,
 ) -> Result<(), CloudError> {
-    const SETTING: &str = "object_lock";
-    let enabled = match s3
+    refuse_object_lock(s3, bucket).await?;
+    report.unchanged("object_lock", json!("Disabled"));
+    Ok(())
+}
+
+/// Fails when the bucket has Object Lock enabled: it cannot be turned off, and under a default
+/// retention pgBackRest's expire cannot delete the backups it retires, so the repository would
+/// grow forever (and a retention set later would do the same).
+async fn refuse_object_lock(s3: &Client, bucket: &str) -> Result<(), CloudError> {
+    const OPERATION: &str = "GetObjectLockConfiguration";
+    let out = match s3
         .get_object_lock_configuration()
         .bucket(bucket)
         .send()
         .await
     {
-        Ok(out) => out
-            .object_lock_configuration()
-            .and_then(|c| c.object_lock_enabled())
-            .is_some_and(|e| *e == ObjectLockEnabled::Enabled),
-        Err(err) if is_code(&err, &["ObjectLockConfigurationNotFoundError"]) => false,
-        Err(err) => return Err(classify(S3, "GetObjectLockConfiguration", err)),
+        Ok(out) => out,
+        Err(err) if is_code(&err, &["ObjectLockConfigurationNotFoundError"]) => return Ok(()),
+        Err(err) => return Err(classify(S3, OPERATION, err)),
     };
-    if enabled {
-        report.left(
-            SETTING,
-            json!("Enabled"),
-            json!("Disabled"),
-            "object lock cannot be disabled on a bucket; recreate the bucket to remove it",
-        );
-    } else {
-        report.unchanged(SETTING, json!("Disabled"));
-    }
-    Ok(())
+    let Some(config) = out
+        .object_lock_configuration()
+        .filter(|c| c.object_lock_enabled() == Some(&ObjectLockEnabled::Enabled))
+    else {
+        return Ok(());
+    };
+    let retention = config
+        .rule()
+        .and_then(|r| r.default_retention())
+        .map(|r| {
+            let mode = r.mode().map(|m| m.as_str()).unwrap_or("?");
+            match (r.days(), r.years()) {
+                (Some(days), _) => format!("a default retention of {days} days ({mode})"),
+                (_, Some(years)) => format!("a default retention of {years} years ({mode})"),
+                _ => format!("a default retention ({mode})"),
+            }
+        })
+        .unwrap_or_else(|| "no default retention yet".to_owned());
+    Err(CloudError::Permanent {
+        service: S3,
+        operation: OPERATION,
+        message: format!(
+            "bucket {bucket} has S3 Object Lock enabled ({retention}); the runbook requires it \
+             disabled: under a default retention pgBackRest's expire cannot delete old backups, \
+             and Object Lock cannot be turned off. Choose another bucket name, or delete the \
+             bucket and let it be created again"
+        ),
+        request_id: output_request_id(&out),
+    })
 }
 
 /// Our tags (`managed-by`, the repository), next to any tags of others.

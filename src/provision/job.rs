@@ -137,6 +137,11 @@ impl JobHandler for Provisioner {
         let adopt = payload.adopt_existing_secret;
         secret::refuse_unmanaged(existing.as_ref(), payload.secret(), adopt)?;
         let s3 = self.aws.s3_for_region(payload.region.as_str());
+        // What would otherwise fail the job only after every AWS resource is made is checked
+        // before the first AWS change: the Secret can be written, an existing bucket is usable.
+        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        secret::preflight(&self.kube, namespace, name).await?;
+        bucket::preflight(&s3, name, payload.region.as_str()).await?;
         // The bucket and the IAM chain (policy, then group, then user) do not depend on each
         // other: they run concurrently.
         let iam_chain = async {

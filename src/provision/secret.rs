@@ -289,6 +289,38 @@ pub fn refuse_unmanaged(
     }
 }
 
+/// The field manager of [`preflight`]'s dry run: not [`FIELD_MANAGER`], so that applying
+/// only the labels does not give up our other fields (which, even in a dry run, would remove
+/// `s3.conf` and fail on an immutable Secret).
+const PREFLIGHT_FIELD_MANAGER: &str = "backup-provisioner-preflight";
+
+/// Proves, before the first AWS change, that the Secret can be written: a server-side apply
+/// of its labels with `dryRun=All`, which changes nothing. A missing namespace answers
+/// NotFound and a missing `patch`/`create` permission Forbidden, both permanent errors that
+/// name what to fix; nothing cluster-scoped is read (the service's Role is namespaced).
+pub async fn preflight(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), CloudError> {
+    let labels_only = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(desired_labels(name)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut params = PatchParams::apply(PREFLIGHT_FIELD_MANAGER).force();
+    params.dry_run = true;
+    secrets(client, namespace)
+        .patch(name, &params, &Patch::Apply(&labels_only))
+        .await
+        .map_err(|e| classify("apply secret (dry run)", e))?;
+    Ok(())
+}
+
 /// Why the Secret's content cannot be put together.
 #[derive(Debug)]
 pub enum NotAssembled {
@@ -329,11 +361,13 @@ async fn cipher_pass_held(
     existing: Option<&ExistingSecret>,
     secret: RepositorySecret<'_>,
 ) -> Result<SecretString, NotAssembled> {
-    let in_secret = existing.and_then(|s| s.cipher_pass.clone());
-    match (in_secret, sealed.get(db, sealed::Kind::CipherPass).await?) {
-        (Some(pass), _) => Ok(pass),
-        (None, Some(held)) => Ok(held.secret),
-        (None, None) => Err(NotAssembled::Failed(JobError::Permanent(format!(
+    // The Secret's pass first: a sealed copy no configured key opens does not matter then.
+    if let Some(pass) = existing.and_then(|s| s.cipher_pass.clone()) {
+        return Ok(pass);
+    }
+    match sealed.get(db, sealed::Kind::CipherPass).await? {
+        Some(held) => Ok(held.secret),
+        None => Err(NotAssembled::Failed(JobError::Permanent(format!(
             "the cipher pass for {} is no longer available: the Secret {}/{} disappeared after it was read. \
              Restore the Secret (backups are encrypted with its cipher pass), then retry",
             secret.repository, secret.namespace, secret.bucket

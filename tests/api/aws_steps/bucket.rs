@@ -286,8 +286,10 @@ async fn bucket_with_versioning_enabled_is_reported_not_changed() {
     assert_eq!(versioning, Some(BucketVersioningStatus::Enabled));
 }
 
+/// Object Lock cannot be turned off, and under a default retention pgBackRest's expire cannot
+/// delete: a permanent error before any setting of the bucket is changed.
 #[tokio::test]
-async fn bucket_with_object_lock_is_reported_not_changed() {
+async fn bucket_with_object_lock_is_a_permanent_error() {
     let env = Env::new(EU).await;
     let name = unique("locked");
     let s3 = env.s3(EU);
@@ -302,17 +304,15 @@ async fn bucket_with_object_lock_is_reported_not_changed() {
         .send()
         .await
         .unwrap();
-    let report = bucket::ensure(&s3, &name, EU, "zitadel").await.unwrap();
-    let found = differences(&report.detail);
+    env.counter.reset();
+    let message = expect_permanent(bucket::ensure(&s3, &name, EU, "zitadel").await);
     assert!(
-        found.contains(&"object_lock:left unchanged".to_owned()),
-        "{found:?}"
+        message.contains(&name) && message.contains("Object Lock enabled"),
+        "{message}"
     );
-    // Object lock implies versioning.
-    assert!(
-        found.contains(&"versioning:left unchanged".to_owned()),
-        "{found:?}"
-    );
+    env.assert_no_mutations("bucket with object lock");
+    let message = expect_permanent(bucket::preflight(&s3, &name, EU).await);
+    assert!(message.contains("Object Lock enabled"), "{message}");
 }
 
 #[tokio::test]

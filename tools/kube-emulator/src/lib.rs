@@ -108,9 +108,10 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// POST, PUT, PATCH and DELETE.
+    /// POST, PUT, PATCH and DELETE, unless a dry run (`dryRun=All`), which changes nothing.
     pub fn is_mutating(&self) -> bool {
-        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE")
+        let dry_run = self.query.split('&').any(|pair| pair == "dryRun=All");
+        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !dry_run
     }
 }
 
@@ -417,4 +418,25 @@ pub fn kubeconfig(server: &str, token: Option<&str>, namespace: &str) -> String 
         server = yaml_quote(server),
         namespace = yaml_quote(namespace),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_run_is_not_mutating() {
+        let record = |method: &str, query: &str| RequestRecord {
+            method: method.into(),
+            path: "/api/v1/namespaces/a/secrets/b".into(),
+            query: query.into(),
+            content_type: None,
+            user: None,
+            status: 200,
+        };
+        assert!(record("PATCH", "fieldManager=x&force=true").is_mutating());
+        assert!(!record("PATCH", "dryRun=All&fieldManager=x&force=true").is_mutating());
+        assert!(!record("POST", "dryRun=All").is_mutating());
+        assert!(!record("GET", "").is_mutating());
+    }
 }
