@@ -240,6 +240,14 @@ impl JobContext {
         }
     }
 
+    /// Fails with `LeaseLost` or `Cancelled` unless this worker still owns the job and no
+    /// cancel was requested; holds no lock afterwards. For a step about to start external work
+    /// that must not run inside a transaction (an AWS or Kubernetes call).
+    pub async fn check_lease_unless_cancelled(&self) -> Result<(), JobError> {
+        self.fenced_tx_unless_cancelled().await?.rollback().await?;
+        Ok(())
+    }
+
     /// Records a step's success and its audit entry inside `tx` (which must come from
     /// [`Self::fenced_tx_unless_cancelled`]); callers add their own writes to the same
     /// transaction.

@@ -7,11 +7,14 @@
 //! > > PostgresCluster resource pgbackrest.cofiguration.secret.name for the stored location of
 //! > > the access key.  Synced from the Management Cluster using an ExternalSecret.
 //!
-//! The user keeps exactly one key whose secret we have ([`reconcile_access_key`]): the one
-//! whose secret is sealed in Postgres, else the one the Secret references ([`choose_key`]);
-//! every other key is deleted first (IAM allows two per user), and a key is created only when
-//! none is usable, its secret sealed in the transaction that records the step
-//! ([`create_sealed_key`]). The description is recorded the way the AWS console does: a user
+//! The repository uses one key whose secret we have ([`reconcile_access_key`]): the one whose
+//! secret is sealed in Postgres, else the active key the Secret references ([`plan_keys`]).
+//! Orphans (no secret held, not referenced by the Secret) are deleted first, which leaves room
+//! within IAM's two keys per user; a key is created only when none is usable, outside any
+//! transaction, and its secret is sealed in the short transaction that records the step.
+//! Make before break: the key the Secret references is never deleted here, even when it is
+//! being replaced; the retire step ([`retire_keys_except`]) deletes it once the new key is
+//! proven and in the Secret. The description is recorded the way the AWS console does: a user
 //! tag whose key is the access key id ([`ensure_description_tag`]).
 //!
 //! Once the key is made, the credential check (`credential_check.rs`, not a runbook
@@ -25,14 +28,13 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::{Postgres, Transaction};
 
-use super::report::{Action, Report};
+use super::report::{Action, Report, done};
 use super::sealed;
 use crate::cloud::aws::{classify, output_request_id};
 use crate::cloud::{CloudError, Outcome, StepReport};
 use crate::domain::BucketName;
-use crate::jobs::{JobContext, JobError};
+use crate::jobs::{JobContext, JobError, StepDone};
 use crate::provision::user::{list_tags, tags};
 
 /// The runbook's access key description, verbatim (including its typo).
@@ -63,15 +65,15 @@ pub enum KeySource {
 }
 
 /// The access key step's output: the key the repository uses and where its secret is.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyOutput {
     pub access_key_id: String,
     pub source: KeySource,
 }
 
-/// The key to keep among the user's keys `in_iam`: the one whose secret is sealed in Postgres
-/// (made by an earlier attempt, not yet delivered), else the one the Secret references. A key
-/// we hold no secret for is useless: the caller deletes it.
+/// The key to keep among the user's usable (active) keys `in_iam`: the one whose secret is
+/// sealed in Postgres (made by an earlier attempt, not yet delivered), else the one the Secret
+/// references. A key we hold no secret for is useless: the caller deletes it.
 pub fn choose_key(
     in_iam: &[&str],
     sealed: Option<&str>,
@@ -89,6 +91,45 @@ pub fn choose_key(
     })
 }
 
+/// What the access key step does with the user's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPlan {
+    /// The key the repository uses from now on; `None`: a new key must be made.
+    pub keep: Option<KeyOutput>,
+    /// The key the Secret references, when it exists in IAM. It stays, usable or not, until
+    /// the Secret holds its replacement (make before break): the retire step deletes it.
+    pub in_use: Option<String>,
+    /// Keys we hold no secret for that the Secret does not reference: deleted first, which
+    /// leaves room for a new key within IAM's two.
+    pub orphans: Vec<String>,
+}
+
+/// Decides from the user's keys, the key whose secret is sealed and the key the Secret
+/// references. An inactive key is never kept (it cannot work), but one the Secret references
+/// is not deleted here either.
+pub fn plan_keys(in_iam: &[KeyInfo], sealed: Option<&str>, referenced: Option<&str>) -> KeyPlan {
+    let active: Vec<&str> = in_iam
+        .iter()
+        .filter(|k| k.is_active())
+        .map(|k| k.id.as_str())
+        .collect();
+    let keep = choose_key(&active, sealed, referenced);
+    let in_use = referenced
+        .filter(|id| in_iam.iter().any(|k| k.id == *id))
+        .map(str::to_owned);
+    let kept = keep.as_ref().map(|k| k.access_key_id.as_str());
+    let orphans = in_iam
+        .iter()
+        .map(|k| k.id.clone())
+        .filter(|id| Some(id.as_str()) != kept && Some(id) != in_use.as_ref())
+        .collect();
+    KeyPlan {
+        keep,
+        in_use,
+        orphans,
+    }
+}
+
 /// The IAM user whose keys the step reconciles, and where a new key's secret is sealed.
 pub struct UserKeys<'a> {
     pub iam: &'a Client,
@@ -97,87 +138,136 @@ pub struct UserKeys<'a> {
     pub sealed: sealed::Store<'a>,
 }
 
-/// Keeps the one key whose secret we have (sealed, or in the Secret referencing
-/// `referenced`), deletes the rest, and creates a key only when none is usable.
+/// Runs the access key step's attempt `attempt`: keeps the one key whose secret we have (sealed,
+/// or in the Secret referencing `referenced`), deletes orphans, and creates a key only when
+/// none is usable; records the step's success (with a new key's sealed secret).
 ///
-/// Everything runs inside `tx`, which must come from `ctx.fenced_tx_unless_cancelled()`: it
-/// holds the job's row lock, so a worker that lost its lease cannot list, delete or create
-/// keys, and no other worker can claim the job until the caller has recorded the step's
-/// success in `tx` and committed it together with the new key's sealed secret.
+/// No transaction is open during an IAM call: a worker cut off from Postgres must not keep
+/// the job's row locked (the rescuer, cancel and heartbeats need it). What keeps a second
+/// worker away is the lease, which a worker gives up before it expires (`jobs::runner`), and
+/// the fence checked before any key is made and again when the result is recorded.
 pub async fn reconcile_access_key(
     ctx: &JobContext,
     step: &str,
-    tx: &mut Transaction<'static, Postgres>,
+    attempt: i32,
     keys: &UserKeys<'_>,
     referenced: Option<&str>,
-) -> Result<(KeyOutput, StepReport), JobError> {
+) -> Result<KeyOutput, JobError> {
     let listed = list(keys.iam, keys.user.iam_user_name()).await?;
-    let ids: Vec<&str> = listed.iter().map(|k| k.id.as_str()).collect();
     let sealed = keys.sealed.get(ctx.pool(), sealed::Kind::AccessKey).await?;
-    let keep = choose_key(&ids, sealed.as_ref().map(|h| h.key_id.as_str()), referenced);
-    let deleted = delete_keys_except(keys, &ids, keep.as_ref()).await?;
-    let (output, mut report) = match keep {
+    let plan = plan_keys(
+        &listed,
+        sealed.as_ref().map(|h| h.key_id.as_str()),
+        referenced,
+    );
+    if !plan.orphans.is_empty() || plan.keep.is_none() {
+        // Deleting and creating keys is new work: not after a cancel, not without the lease.
+        ctx.check_lease_unless_cancelled().await?;
+    }
+    let deleted = delete_keys(keys, &plan.orphans).await?;
+    let (output, mut report, new) = match plan.keep.clone() {
         Some(key) => {
             let outcome = if deleted.is_empty() {
                 Outcome::AlreadyPresent
             } else {
                 Outcome::Updated
             };
-            (key, StepReport::new(outcome, json!({})))
+            (key, StepReport::new(outcome, json!({})), None)
         }
         None => {
-            keys.sealed
-                .forget(&mut **tx, sealed::Kind::AccessKey)
-                .await?;
-            create_sealed_key(ctx, step, tx, keys).await?
+            let (output, report, new) = create_key(ctx, step, keys).await?;
+            (output, report, Some(new))
         }
     };
     report.detail = json!({
         "access_key_id": output.access_key_id,
         "source": output.source,
         "deleted": deleted,
+        "kept_until_replaced": plan.in_use.filter(|id| *id != output.access_key_id),
     });
-    Ok((output, report))
+    record(
+        ctx,
+        step,
+        attempt,
+        keys,
+        new.as_ref(),
+        done(output.clone(), report),
+    )
+    .await?;
+    Ok(output)
 }
 
-/// Deletes every key of the user except `keep` (and its description tag).
-async fn delete_keys_except(
-    keys: &UserKeys<'_>,
-    ids: &[&str],
-    keep: Option<&KeyOutput>,
-) -> Result<Vec<String>, JobError> {
-    let user = keys.user.iam_user_name();
-    let mut deleted = Vec::new();
-    for id in ids
-        .iter()
-        .filter(|id| Some(**id) != keep.map(|k| k.access_key_id.as_str()))
-    {
-        delete(keys.iam, user, id).await?;
-        remove_description_tag(keys.iam, user, id).await?;
-        deleted.push((*id).to_owned());
-    }
-    Ok(deleted)
-}
-
-/// Creates a key and seals its secret in `tx` (committed with the step's success). The
-/// checkpoint `<step>:before-record` lies between the two.
-pub async fn create_sealed_key(
+/// Records the step's success in one short fenced transaction, together with the sealed secret
+/// of a key this attempt made. Recorded even after a cancel: the key exists now, and its secret
+/// is lost unless sealed.
+async fn record(
     ctx: &JobContext,
     step: &str,
-    tx: &mut Transaction<'static, Postgres>,
+    attempt: i32,
     keys: &UserKeys<'_>,
-) -> Result<(KeyOutput, StepReport), JobError> {
+    new: Option<&NewAccessKey>,
+    finished: StepDone<KeyOutput>,
+) -> Result<(), JobError> {
+    let mut tx = ctx.fenced_tx().await?;
+    if let Some(new) = new {
+        let kind = sealed::Kind::AccessKey;
+        keys.sealed.put(&mut tx, kind, &new.id, &new.secret).await?;
+    }
+    ctx.finish_step(&mut tx, step, attempt, &finished).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Deletes the given keys of the user (and their description tags).
+async fn delete_keys(keys: &UserKeys<'_>, ids: &[String]) -> Result<Vec<String>, JobError> {
+    let user = keys.user.iam_user_name();
+    for id in ids {
+        delete(keys.iam, user, id).await?;
+        remove_description_tag(keys.iam, user, id).await?;
+    }
+    Ok(ids.to_vec())
+}
+
+/// Creates a key; the caller seals its secret with the step's success. The checkpoint
+/// `<step>:before-record` lies between the two: a worker that dies there leaves an orphan
+/// (no secret held, not in the Secret) that the next attempt deletes before making a key.
+async fn create_key(
+    ctx: &JobContext,
+    step: &str,
+    keys: &UserKeys<'_>,
+) -> Result<(KeyOutput, StepReport, NewAccessKey), JobError> {
     let new = create(keys.iam, keys.user.iam_user_name()).await?;
     ctx.checkpoint(step, "before-record");
-    let kind = sealed::Kind::AccessKey;
-    keys.sealed.put(tx, kind, &new.id, &new.secret).await?;
     let mut report = StepReport::new(Outcome::Created, json!({}));
     report.upstream_request_id = new.request_id.clone();
     let output = KeyOutput {
-        access_key_id: new.id,
+        access_key_id: new.id.clone(),
         source: KeySource::Created,
     };
-    Ok((output, report))
+    Ok((output, report, new))
+}
+
+/// The retire step: deletes every key of the user except `keep`, the key the Secret holds now
+/// (and their description tags). Runs after the Secret is written and read back, so the key it
+/// replaced is deleted only once workloads can use the new one.
+pub async fn retire_keys_except(
+    iam: &Client,
+    user: &str,
+    keep: &str,
+) -> Result<StepReport, CloudError> {
+    let mut deleted = Vec::new();
+    for key in list(iam, user).await?.iter().filter(|k| k.id != keep) {
+        delete(iam, user, &key.id).await?;
+        remove_description_tag(iam, user, &key.id).await?;
+        deleted.push(key.id.clone());
+    }
+    let outcome = if deleted.is_empty() {
+        Outcome::AlreadyPresent
+    } else {
+        Outcome::Deleted
+    };
+    let detail = json!({ "user_name": user, "kept": keep, "deleted": deleted });
+    Ok(StepReport::new(outcome, detail))
 }
 
 /// An existing access key (no secret: IAM only reveals it at creation).
@@ -446,6 +536,63 @@ mod tests {
             choose_key(&["AKIA1"], None, None).is_none(),
             "an orphan we hold no secret for is not kept"
         );
+    }
+
+    fn key(id: &str, active: bool) -> KeyInfo {
+        KeyInfo {
+            id: id.to_owned(),
+            status: if active { "Active" } else { "Inactive" }.to_owned(),
+            created: None,
+        }
+    }
+
+    #[test]
+    fn the_key_the_secret_references_is_never_deleted_before_its_replacement() {
+        // A held key is delivered; the Secret's key stays until the retire step.
+        let plan = plan_keys(&[key("A", true), key("B", true)], Some("B"), Some("A"));
+        assert_eq!(
+            plan.keep.map(|k| (k.access_key_id, k.source)),
+            Some(("B".into(), KeySource::Sealed))
+        );
+        assert_eq!((plan.in_use.as_deref(), plan.orphans), (Some("A"), vec![]));
+        // An inactive key in the Secret is replaced, not deleted first; an orphan makes room.
+        let plan = plan_keys(&[key("A", false), key("C", true)], None, Some("A"));
+        assert_eq!(plan.keep, None);
+        assert_eq!(
+            (plan.in_use.as_deref(), plan.orphans),
+            (Some("A"), vec!["C".to_owned()])
+        );
+        // A working key in the Secret is kept; an inactive held key is an orphan.
+        let plan = plan_keys(&[key("A", true), key("B", false)], Some("B"), Some("A"));
+        assert_eq!(plan.keep.map(|k| k.source), Some(KeySource::InSecret));
+        assert_eq!(plan.orphans, vec!["B".to_owned()]);
+    }
+
+    #[test]
+    fn a_plan_never_needs_more_than_two_keys() {
+        let ids = ["A", "B"];
+        let choices = [None, Some("A"), Some("B"), Some("Z")];
+        for n in 0..=2 {
+            for activity in 0..4u8 {
+                let in_iam: Vec<KeyInfo> = (0..n)
+                    .map(|i| key(ids[i], activity & (1 << i) != 0))
+                    .collect();
+                for sealed in choices {
+                    for referenced in choices {
+                        let plan = plan_keys(&in_iam, sealed, referenced);
+                        let left = in_iam.len() - plan.orphans.len();
+                        let made = usize::from(plan.keep.is_none());
+                        assert!(
+                            left + made <= 2,
+                            "{in_iam:?} {sealed:?} {referenced:?}: {plan:?}"
+                        );
+                        if let Some(id) = &plan.in_use {
+                            assert!(!plan.orphans.contains(id), "{plan:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,12 +8,14 @@
 //!   ([`secret::refuse_unmanaged`]);
 //! - a cipher pass found anywhere (the Secret, or sealed in Postgres) is reused, never replaced
 //!   ([`cipher_pass::decide`]); a new one is sealed with the step's success;
-//! - an access key's secret is sealed in the same transaction that records the key step's
-//!   success, and that transaction holds the job's lease across the CreateAccessKey call, so no
-//!   other worker can create a key for this repository at the same time
+//! - an access key's secret is sealed in the short transaction that records the key step's
+//!   success, right after CreateAccessKey returns; no transaction is open during the call,
+//!   and the lease (given up before it expires, see `jobs::runner`) keeps other workers away
 //!   ([`access_key::reconcile_access_key`]);
 //! - keys we cannot use (no secret held, not referenced by the Secret) are deleted before a new
 //!   one is made, so the user never needs more than IAM's two keys;
+//! - make before break: the key the Secret references is deleted only by the last step, once
+//!   its replacement is proven and in the Secret ([`access_key::retire_keys_except`]);
 //! - the sealed material is wiped in the transaction that records the Secret's step.
 
 use std::time::Duration;
@@ -97,6 +99,7 @@ pub enum Step {
     AccessKeyDescription,
     CredentialCheck,
     Secret,
+    RetireOldKeys,
 }
 
 impl Step {
@@ -112,6 +115,7 @@ impl Step {
             Step::AccessKeyDescription => "access_key_description",
             Step::CredentialCheck => "credential_check",
             Step::Secret => "secret",
+            Step::RetireOldKeys => "retire_old_keys",
         }
     }
 
@@ -162,7 +166,8 @@ impl JobHandler for Provisioner {
         let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
         self.credential_check_step(ctx, &payload, &key, &conf)
             .await?;
-        self.secret_step(ctx, &payload, &conf).await
+        self.secret_step(ctx, &payload, &conf).await?;
+        self.retire_step(ctx, &payload, &conf).await
     }
 }
 
@@ -308,8 +313,8 @@ impl Provisioner {
         .await
     }
 
-    /// Reconciles the user's access keys (see [`access_key::reconcile_access_key`]) inside one
-    /// fenced transaction that also records the step's success and seals a new key's secret.
+    /// Reconciles the user's access keys (see [`access_key::reconcile_access_key`], which also
+    /// records the step's success and seals a new key's secret).
     async fn access_key_step(
         &self,
         ctx: &JobContext,
@@ -326,16 +331,8 @@ impl Provisioner {
             .and_then(|s| s.conf.as_ref())
             .map(|c| c.access_key_id.as_str());
         let key: KeyOutput = ctx
-            .step_with_own_commit(step.name(), step.position(), |attempt| async move {
-                let mut tx = ctx.fenced_tx_unless_cancelled().await?;
-                let (key, report) =
-                    access_key::reconcile_access_key(ctx, step.name(), &mut tx, &keys, referenced)
-                        .await?;
-                let finished = done(key.clone(), report);
-                ctx.finish_step(&mut tx, step.name(), attempt, &finished)
-                    .await?;
-                tx.commit().await?;
-                Ok(key)
+            .step_with_own_commit(step.name(), step.position(), |attempt| {
+                access_key::reconcile_access_key(ctx, step.name(), attempt, &keys, referenced)
             })
             .await?;
         let resources = Resources {
@@ -453,6 +450,24 @@ impl Provisioner {
             ..Default::default()
         };
         self.record_resources(ctx, payload, resources).await
+    }
+
+    /// Deletes every key but the one the Secret now holds: the key it replaced goes only now,
+    /// once the new one is proven and workloads can read it (make before break).
+    async fn retire_step(
+        &self,
+        ctx: &JobContext,
+        payload: &ProvisionPayload,
+        conf: &S3Conf,
+    ) -> Result<(), JobError> {
+        let step = Step::RetireOldKeys;
+        ctx.step(step.name(), step.position(), async {
+            let user = payload.bucket.iam_user_name();
+            let report =
+                access_key::retire_keys_except(&self.aws.iam, user, &conf.access_key_id).await?;
+            Ok(done((), report))
+        })
+        .await
     }
 }
 

@@ -28,7 +28,7 @@ const NAMESPACE: &str = "crash";
 const REGION: &str = "us-east-1";
 const DEADLINE: Duration = Duration::from_secs(90);
 /// The provisioning job's steps, in order (`src/provision/job.rs`).
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "bucket",
     "policy",
     "group",
@@ -38,6 +38,7 @@ const STEPS: [&str; 9] = [
     "access_key_description",
     "credential_check",
     "secret",
+    "retire_old_keys",
 ];
 
 /// Not a test on its own: the worker process the tests below start and see die of SIGKILL.
@@ -96,6 +97,11 @@ async fn sigkill_after_credential_check_then_recovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_after_secret_write_then_recovery() {
     crash_and_recover("secret", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_retiring_old_keys_then_recovery() {
+    crash_and_recover("retire_old_keys", 1).await;
 }
 
 /// Two workers in a row die right after CreateAccessKey: each orphaned key is deleted before
@@ -438,6 +444,14 @@ impl Scenario {
                     self.sealed_kinds().await,
                     vec!["access-key".to_owned(), "cipher-pass".to_owned()]
                 );
+            }
+            "retire_old_keys" => {
+                // The Secret holds the new key (its step wiped the sealed material); the step
+                // listed the keys and found none to retire.
+                assert!(self.s3_conf().is_some(), "the Secret was written");
+                assert_eq!(self.sealed_kinds().await, Vec::<String>::new());
+                let keys = access_key::list(iam, bucket).await.unwrap();
+                assert_eq!(keys.len(), 1, "{keys:?}");
             }
             other => panic!("unknown step {other}"),
         }

@@ -16,6 +16,7 @@ mod http_repositories;
 mod http_validation;
 mod job_queue;
 mod kube_secret;
+mod lease_and_keys;
 mod openapi_spec;
 mod pgbackrest_e2e;
 mod provisioning;

@@ -1,0 +1,408 @@
+//! Issue 8, "Behave on real AWS, Kubernetes and Postgres": no database transaction or row lock
+//! is held across an AWS call, a worker that cannot renew its lease stops before it expires, and
+//! an access key the Secret references is deleted only once its replacement is in the Secret.
+//!
+//! The service's IAM calls pass an [`IamGate`]: a chosen call waits, before it is sent, until the
+//! test has looked at the world (Postgres locks, IAM keys, the Secret) at exactly that moment.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aws_sdk_iam::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_iam::config::{ConfigBag, Intercept, RuntimeComponents};
+use backup_provisioner::cloud::aws::AwsClients;
+use backup_provisioner::crypto::EncryptionKey;
+use backup_provisioner::provision::{access_key, sealed};
+use serde_json::json;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use uuid::Uuid;
+
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+
+const NAMESPACE: &str = "lease-keys";
+const DEADLINE: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------------------------
+// The IAM gate
+// ---------------------------------------------------------------------------------------------
+
+/// An IAM call held by the gate before it is sent; dropping the event lets the call go on.
+struct GateEvent {
+    action: String,
+    access_key_id: Option<String>,
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+/// Holds the service's IAM calls of the given actions (while armed) until the test drops the
+/// [`GateEvent`] it receives for each.
+#[derive(Debug)]
+struct IamGate {
+    actions: &'static [&'static str],
+    armed: Arc<AtomicBool>,
+    events: UnboundedSender<GateEvent>,
+}
+
+impl Intercept for IamGate {
+    fn name(&self) -> &'static str {
+        "IamGate"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_iam::error::BoxError> {
+        if !self.armed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(body) = context.request().body().bytes() else {
+            return Ok(());
+        };
+        let form: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
+        let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let Some(action) = field("Action").filter(|a| self.actions.contains(&a.as_str())) else {
+            return Ok(());
+        };
+        let (release, released) = std::sync::mpsc::channel();
+        let event = GateEvent {
+            action,
+            access_key_id: field("AccessKeyId"),
+            _release: release,
+        };
+        if self.events.send(event).is_ok() {
+            // Interceptors are synchronous: park this worker thread (its other tasks move to
+            // another one) until the test has looked and dropped the event.
+            tokio::task::block_in_place(|| {
+                let _ = released.recv();
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The test's side of an [`IamGate`].
+struct Gate {
+    armed: Arc<AtomicBool>,
+    events: UnboundedReceiver<GateEvent>,
+}
+
+impl Gate {
+    /// A gate for `actions` (disarmed) and the map that puts it on the service's IAM client.
+    fn new(
+        actions: &'static [&'static str],
+    ) -> (Gate, impl FnOnce(AwsClients) -> AwsClients + 'static) {
+        let (events, receiver) = unbounded_channel();
+        let armed = Arc::new(AtomicBool::new(false));
+        let interceptor = IamGate {
+            actions,
+            armed: armed.clone(),
+            events,
+        };
+        let map = move |mut aws: AwsClients| {
+            let config = aws.iam.config().to_builder().interceptor(interceptor);
+            aws.iam = aws_sdk_iam::Client::from_conf(config.build());
+            aws
+        };
+        let gate = Gate {
+            armed,
+            events: receiver,
+        };
+        (gate, map)
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Drives `job` to its end; every gated call meanwhile waits until `check` has seen it.
+    async fn run<T>(
+        &mut self,
+        job: impl Future<Output = T>,
+        mut check: impl AsyncFnMut(&GateEvent),
+    ) -> T {
+        let mut job = std::pin::pin!(job);
+        loop {
+            tokio::select! {
+                out = &mut job => return out,
+                Some(event) = self.events.recv() => check(&event).await,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defect 2: no transaction or row lock across an AWS call
+// ---------------------------------------------------------------------------------------------
+
+/// While the access-key step is inside CreateAccessKey, the job's row is not locked (cancel,
+/// the rescuer and heartbeats can take it) and no connection of the service sits idle in a
+/// transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_row_lock_or_transaction_is_held_across_create_access_key() {
+    let (mut gate, map) = Gate::new(&["CreateAccessKey"]);
+    let env = Env::builder(&[NAMESPACE])
+        .workers(1)
+        .map_service_aws(map)
+        .start()
+        .await;
+    gate.arm();
+    let name = unique_name("lock");
+    let job_id = queue_repository(&env, &name).await;
+    let mut probed = 0;
+    let job = gate
+        .run(
+            env.app.wait_for_job(&job_id.to_string(), DEADLINE),
+            async |_| {
+                probed += 1;
+                assert_row_lockable(&env, job_id).await;
+            },
+        )
+        .await;
+    assert_eq!(probed, 1, "the step made one CreateAccessKey call");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    env.app.stop().await;
+}
+
+/// Queues a repository through the API; returns its job id.
+async fn queue_repository(env: &Env, name: &str) -> Uuid {
+    let body = json!({ "name": name, "namespace": NAMESPACE });
+    let response = env
+        .app
+        .post_json("/v1/backup-repositories", &env.app.operator(), &body)
+        .await;
+    assert_eq!(response.status(), 202);
+    let created: serde_json::Value = response.json().await.expect("json");
+    Uuid::parse_str(created["job"]["id"].as_str().expect("job id")).expect("uuid")
+}
+
+/// Another connection can lock the job's row at once, and no other session of the test's
+/// database is idle inside a transaction.
+async fn assert_row_lockable(env: &Env, job_id: Uuid) {
+    let mut probe = env.app.db.begin().await.expect("begin");
+    let locked = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE NOWAIT")
+        .bind(job_id)
+        .fetch_one(&mut *probe)
+        .await;
+    if let Err(e) = &locked {
+        let code = e.as_database_error().and_then(|d| d.code());
+        panic!("the job's row is locked during CreateAccessKey ({code:?}): {e}");
+    }
+    let idle_in_tx: Vec<String> = sqlx::query_scalar(
+        "SELECT coalesce(query, '') FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_all(&mut *probe)
+    .await
+    .expect("pg_stat_activity");
+    probe.rollback().await.expect("rollback");
+    assert!(
+        idle_in_tx.is_empty(),
+        "sessions idle in a transaction during CreateAccessKey: {idle_in_tx:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defect 4: make before break
+// ---------------------------------------------------------------------------------------------
+
+/// A provisioned repository (its Secret references key A) whose IAM calls pass a gate on
+/// CreateAccessKey and DeleteAccessKey, armed after the first provisioning.
+struct Replacement {
+    env: Env,
+    gate: Gate,
+    name: String,
+    bucket: String,
+    old_key: String,
+}
+
+/// What the gate saw of one IAM call.
+#[derive(Debug, Clone)]
+struct Seen {
+    action: String,
+    /// The key a DeleteAccessKey named.
+    key: Option<String>,
+    /// The user's keys in IAM at that moment.
+    keys_in_iam: Vec<String>,
+    /// The key the Secret referenced at that moment.
+    secret_key: String,
+}
+
+impl Replacement {
+    async fn start(prefix: &str) -> Replacement {
+        let (gate, map) = Gate::new(&["CreateAccessKey", "DeleteAccessKey"]);
+        let env = Env::builder(&[NAMESPACE])
+            .workers(1)
+            .map_service_aws(map)
+            .start()
+            .await;
+        let name = unique_name(prefix);
+        let bucket = bucket_for(&name);
+        let job = env
+            .provision(json!({ "name": name, "namespace": NAMESPACE }))
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        gate.arm();
+        let mut r = Replacement {
+            env,
+            gate,
+            name,
+            bucket,
+            old_key: String::new(),
+        };
+        r.old_key = r.secret_key();
+        assert_eq!(r.keys_in_iam().await, vec![r.old_key.clone()]);
+        r
+    }
+
+    fn secret_key(&self) -> String {
+        let conf = self.env.s3_conf(NAMESPACE, &self.bucket).expect("s3.conf");
+        conf_value(&conf, "repo2-s3-key")
+    }
+
+    async fn keys_in_iam(&self) -> Vec<String> {
+        access_key::list(&self.env.admin.iam, &self.bucket)
+            .await
+            .expect("list keys")
+            .into_iter()
+            .map(|k| k.id)
+            .collect()
+    }
+
+    /// Reconciles the repository and records every gated call.
+    async fn reconcile(&mut self) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        let (env, gate, bucket) = (&self.env, &mut self.gate, &self.bucket);
+        let job = gate
+            .run(env.reconcile(&self.name), async |event: &GateEvent| {
+                let conf = env.s3_conf(NAMESPACE, bucket).expect("s3.conf");
+                let keys = access_key::list(&env.admin.iam, bucket)
+                    .await
+                    .expect("list");
+                seen.push(Seen {
+                    action: event.action.clone(),
+                    key: event.access_key_id.clone(),
+                    keys_in_iam: keys.into_iter().map(|k| k.id).collect(),
+                    secret_key: conf_value(&conf, "repo2-s3-key"),
+                });
+            })
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        seen
+    }
+
+    /// After the job: only the new key is left, the Secret references it, and only its
+    /// description tag remains.
+    async fn assert_only_new_key(&self) -> String {
+        let new_key = self.secret_key();
+        assert_ne!(new_key, self.old_key, "the key was not replaced");
+        assert_eq!(self.keys_in_iam().await, vec![new_key.clone()]);
+        let tags: Vec<String> =
+            backup_provisioner::provision::user::list_tags(&self.env.admin.iam, &self.bucket)
+                .await
+                .expect("tags")
+                .into_iter()
+                .filter(|(_, v)| v == access_key::DESCRIPTION)
+                .map(|(k, _)| k)
+                .collect();
+        assert_eq!(tags, vec![new_key.clone()], "description tags");
+        new_key
+    }
+}
+
+/// No DeleteAccessKey ever names the key the Secret references at that moment.
+fn assert_no_referenced_key_deleted(seen: &[Seen]) {
+    for call in seen.iter().filter(|s| s.action == "DeleteAccessKey") {
+        assert_ne!(
+            call.key.as_deref(),
+            Some(call.secret_key.as_str()),
+            "DeleteAccessKey of the key the Secret still references; calls: {seen:#?}"
+        );
+    }
+}
+
+/// The Secret references key A; A is deactivated by hand, so it must be replaced. The new key
+/// is created while A still exists, and A is deleted only once the Secret references the new
+/// key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deactivated_key_is_replaced_make_before_break() {
+    let mut r = Replacement::start("mbb-inactive").await;
+    r.env
+        .admin
+        .iam
+        .update_access_key()
+        .user_name(&r.bucket)
+        .access_key_id(&r.old_key)
+        .status(aws_sdk_iam::types::StatusType::Inactive)
+        .send()
+        .await
+        .expect("deactivate key A");
+    let seen = r.reconcile().await;
+    let creates: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.action == "CreateAccessKey")
+        .collect();
+    assert_eq!(
+        creates.len(),
+        1,
+        "one new key replaces the deactivated one; calls: {seen:#?}"
+    );
+    assert_eq!(
+        creates[0].keys_in_iam,
+        vec![r.old_key.clone()],
+        "key A still exists when the new key is created"
+    );
+    assert_eq!(creates[0].secret_key, r.old_key);
+    assert_no_referenced_key_deleted(&seen);
+    let new_key = r.assert_only_new_key().await;
+    let deletes: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.action == "DeleteAccessKey")
+        .collect();
+    assert_eq!(deletes.len(), 1, "{seen:#?}");
+    assert_eq!(deletes[0].key.as_deref(), Some(r.old_key.as_str()));
+    assert_eq!(deletes[0].secret_key, new_key);
+    r.env.app.stop().await;
+}
+
+/// The Secret references key A, and a key B made by an earlier attempt is held (sealed) but
+/// has not reached the Secret yet. B is delivered, and A is deleted only after the Secret
+/// references B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_reaches_the_secret_before_the_referenced_key_is_deleted() {
+    let mut r = Replacement::start("mbb-held").await;
+    let held = access_key::create(&r.env.admin.iam, &r.bucket)
+        .await
+        .expect("create key B");
+    let repository_id: Uuid =
+        sqlx::query_scalar("SELECT id FROM backup_repositories WHERE name = $1")
+            .bind(&r.name)
+            .fetch_one(&r.env.app.db)
+            .await
+            .expect("repository");
+    let key = EncryptionKey::from_base64(&r.env.encryption_key).expect("key");
+    let mut conn = r.env.app.db.acquire().await.expect("connection");
+    sealed::put(
+        &mut conn,
+        // `into`: the keyring the sealed store takes (or the key itself).
+        &key.into(),
+        repository_id,
+        sealed::Kind::AccessKey,
+        &held.id,
+        &held.secret,
+    )
+    .await
+    .expect("seal key B");
+    drop(conn);
+    let seen = r.reconcile().await;
+    assert!(
+        seen.iter().all(|s| s.action != "CreateAccessKey"),
+        "the held key is used, no key is made: {seen:#?}"
+    );
+    assert_no_referenced_key_deleted(&seen);
+    assert_eq!(r.assert_only_new_key().await, held.id);
+    r.env.app.stop().await;
+}
