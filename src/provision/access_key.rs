@@ -23,7 +23,8 @@
 use std::fmt;
 
 use aws_sdk_iam::Client;
-use aws_sdk_iam::error::ProvideErrorMetadata;
+use aws_sdk_iam::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_iam::operation::create_access_key::CreateAccessKeyError;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,7 @@ use serde_json::json;
 
 use super::report::{Action, Report, done};
 use super::sealed;
-use crate::cloud::aws::{classify, output_request_id};
+use crate::cloud::aws::{classify, error_request_id, output_request_id};
 use crate::cloud::{CloudError, Outcome, StepReport};
 use crate::domain::BucketName;
 use crate::jobs::{JobContext, JobError, StepDone};
@@ -175,7 +176,7 @@ pub async fn reconcile_access_key(
             (key, StepReport::new(outcome, json!({})), None)
         }
         None => {
-            let (output, report, new) = create_key(ctx, step, keys).await?;
+            let (output, report, new) = create_key(ctx, step, keys, &deleted).await?;
             (output, report, Some(new))
         }
     };
@@ -235,8 +236,9 @@ async fn create_key(
     ctx: &JobContext,
     step: &str,
     keys: &UserKeys<'_>,
+    deleted: &[String],
 ) -> Result<(KeyOutput, StepReport, NewAccessKey), JobError> {
-    let new = create(keys.iam, keys.user.iam_user_name()).await?;
+    let new = create_after_deleting(keys.iam, keys.user.iam_user_name(), deleted).await?;
     ctx.checkpoint(step, "before-record");
     let mut report = StepReport::new(Outcome::Created, json!({}));
     report.upstream_request_id = new.request_id.clone();
@@ -337,12 +339,22 @@ pub async fn list(iam: &Client, user: &str) -> Result<Vec<KeyInfo>, CloudError> 
 
 /// Creates a new access key for the user. IAM allows two keys per user (`LimitExceeded`).
 pub async fn create(iam: &Client, user: &str) -> Result<NewAccessKey, CloudError> {
+    create_after_deleting(iam, user, &[]).await
+}
+
+/// Like [`create`], right after this step deleted the keys `deleted` of the user (see
+/// [`create_error`]).
+pub async fn create_after_deleting(
+    iam: &Client,
+    user: &str,
+    deleted: &[String],
+) -> Result<NewAccessKey, CloudError> {
     let out = iam
         .create_access_key()
         .user_name(user)
         .send()
         .await
-        .map_err(|e| classify(IAM, "CreateAccessKey", e))?;
+        .map_err(|e| create_error(e, deleted))?;
     let request_id = output_request_id(&out);
     let key = out.access_key().ok_or_else(|| {
         CloudError::retryable(IAM, "CreateAccessKey", "the response carried no access key")
@@ -352,6 +364,27 @@ pub async fn create(iam: &Client, user: &str) -> Result<NewAccessKey, CloudError
         secret: SecretString::from(key.secret_access_key().to_owned()),
         request_id,
     })
+}
+
+/// Classifies a CreateAccessKey failure. IAM keeps counting a deleted key against the limit of
+/// two for a while, so `LimitExceeded` right after this step deleted keys is retryable: the
+/// next attempt deletes nothing and, if IAM still says `LimitExceeded`, that is the quota
+/// (permanent, as everywhere else).
+pub fn create_error(err: SdkError<CreateAccessKeyError>, deleted: &[String]) -> CloudError {
+    let limit = matches!(err.code(), Some("LimitExceeded" | "LimitExceededException"));
+    if !limit || deleted.is_empty() {
+        return classify(IAM, "CreateAccessKey", err);
+    }
+    CloudError::Retryable {
+        service: IAM,
+        operation: "CreateAccessKey",
+        message: format!(
+            "IAM still counts the access keys just deleted ({}) against the limit of two per \
+             user; retrying [LimitExceeded]",
+            deleted.join(", ")
+        ),
+        request_id: error_request_id(&err),
+    }
 }
 
 /// Deletes an access key. A key that is already gone counts as deleted
@@ -498,7 +531,37 @@ pub async fn remove_description_tag(
 
 #[cfg(test)]
 mod tests {
+    use aws_sdk_iam::config::http::HttpResponse;
+    use aws_sdk_iam::error::ErrorMetadata;
+    use aws_smithy_types::body::SdkBody;
+
     use super::*;
+
+    fn create_failure(code: &str, status: u16) -> SdkError<CreateAccessKeyError> {
+        let meta = ErrorMetadata::builder()
+            .code(code)
+            .message("Cannot exceed quota for AccessKeysPerUser: 2")
+            .build();
+        let response = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
+        SdkError::service_error(CreateAccessKeyError::generic(meta), response)
+    }
+
+    #[test]
+    fn limit_exceeded_right_after_deleting_keys_is_retryable() {
+        let deleted = ["AKIAOLD1".to_owned(), "AKIAOLD2".to_owned()];
+        let e = create_error(create_failure("LimitExceeded", 409), &deleted);
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("AKIAOLD1, AKIAOLD2"), "{e}");
+        // Nothing deleted: the quota itself, permanent as before.
+        let e = create_error(create_failure("LimitExceeded", 409), &[]);
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("delete unused keys"), "{e}");
+        // Other errors keep their classification after a deletion.
+        let e = create_error(create_failure("AccessDenied", 403), &deleted);
+        assert!(!e.is_retryable(), "{e}");
+        let e = create_error(create_failure("Throttling", 400), &[]);
+        assert!(e.is_retryable(), "{e}");
+    }
 
     #[test]
     fn description_fits_a_tag_value() {

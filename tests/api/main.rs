@@ -21,6 +21,7 @@ mod openapi_spec;
 mod pgbackrest_e2e;
 mod provisioning;
 mod provisioning_cases;
+mod real_aws_defects;
 mod secret_hygiene;
 mod smoke;
 mod support;
