@@ -106,6 +106,10 @@ pub struct WorkerSettingsArgs {
     /// 32 bytes, base64: encrypts access-key secrets at rest until they reach the Secret.
     #[arg(long, env = "BP_ENCRYPTION_KEY", hide_env_values = true)]
     pub encryption_key: Option<SecretString>,
+    /// Comma-separated earlier BP_ENCRYPTION_KEY values (base64), kept after a rotation: they
+    /// still open what they sealed, which is re-sealed with the current key when used.
+    #[arg(long, env = "BP_PREVIOUS_ENCRYPTION_KEYS", hide_env_values = true)]
+    pub previous_encryption_keys: Option<SecretString>,
     /// How long a claimed job is leased before another worker may rescue it.
     #[arg(long, env = "BP_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub job_lease: Duration,
@@ -324,6 +328,30 @@ impl WorkerSettingsArgs {
             .map_err(|e| ConfigError::new("BP_ENCRYPTION_KEY", e.to_string()))
     }
 
+    /// The current key (`BP_ENCRYPTION_KEY`) and the previous ones
+    /// (`BP_PREVIOUS_ENCRYPTION_KEYS`); an invalid previous key is named by its position only.
+    pub fn encryption_keys(&self) -> Result<crate::crypto::Keyring, ConfigError> {
+        use secrecy::ExposeSecret;
+        let current = self.encryption_key()?;
+        let raw = self
+            .previous_encryption_keys
+            .as_ref()
+            .map(|keys| keys.expose_secret())
+            .unwrap_or_default();
+        let previous = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .enumerate()
+            .map(|(i, key)| {
+                crate::crypto::EncryptionKey::from_base64(key).map_err(|e| {
+                    ConfigError::new("BP_PREVIOUS_ENCRYPTION_KEYS", format!("key {}: {e}", i + 1))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::crypto::Keyring::new(current, previous))
+    }
+
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.max_attempts < 1 {
             return Err(ConfigError::new(
@@ -335,7 +363,7 @@ impl WorkerSettingsArgs {
             return Err(ConfigError::new("BP_JOB_LEASE", "must be at least 1s"));
         }
         if self.workers > 0 {
-            self.encryption_key()?;
+            self.encryption_keys()?;
         }
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! Encryption at rest for secrets stored in the database (access-key secrets).
+//! Encryption at rest for secrets stored in the database (access-key secrets, cipher passes),
+//! with key rotation: a [`Keyring`] seals with its current key and still opens what earlier keys
+//! sealed.
 //!
 //! XChaCha20-Poly1305 with a random 24-byte nonce per message: nonces are
 //! long enough that random generation never realistically repeats. The
@@ -147,6 +149,83 @@ impl EncryptionKey {
 
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(self.0.expose_secret().into())
+    }
+}
+
+impl EncryptionKey {
+    /// Names the key without revealing it: the first 8 bytes of its SHA-256, in hex. Stored
+    /// with each sealed value so the key that opens it is known after a rotation.
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.0.expose_secret());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The keys of a rotation: the current key seals and opens; previous keys only open what was
+/// sealed before the rotation (the caller re-seals it with the current key).
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    current: EncryptionKey,
+    previous: Vec<EncryptionKey>,
+}
+
+/// A value a [`Keyring`] opened, and the id of the key that opened it.
+pub struct Opened {
+    pub secret: SecretString,
+    pub key_id: String,
+}
+
+impl Keyring {
+    /// `previous` keys equal to the current one (or to each other) are dropped.
+    pub fn new(current: EncryptionKey, previous: Vec<EncryptionKey>) -> Self {
+        let mut ids = vec![current.id()];
+        let mut unique = Vec::with_capacity(previous.len());
+        for key in previous {
+            let id = key.id();
+            if !ids.contains(&id) {
+                ids.push(id);
+                unique.push(key);
+            }
+        }
+        Keyring {
+            current,
+            previous: unique,
+        }
+    }
+
+    /// The key that seals.
+    pub fn current(&self) -> &EncryptionKey {
+        &self.current
+    }
+
+    /// Opens `sealed` with the key named `key_id`, or, for a value sealed before key ids were
+    /// recorded (`None`), with each key in turn.
+    pub fn open_string(
+        &self,
+        sealed: &Sealed,
+        aad: &[u8],
+        key_id: Option<&str>,
+    ) -> Result<Opened, CryptoError> {
+        let keys = std::iter::once(&self.current).chain(&self.previous);
+        let mut last = CryptoError::Decrypt;
+        for key in keys {
+            let id = key.id();
+            if key_id.is_some_and(|wanted| wanted != id) {
+                continue;
+            }
+            match key.open_string(sealed, aad) {
+                Ok(secret) => return Ok(Opened { secret, key_id: id }),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+impl From<EncryptionKey> for Keyring {
+    fn from(current: EncryptionKey) -> Self {
+        Keyring::new(current, Vec::new())
     }
 }
 
@@ -306,6 +385,42 @@ mod tests {
         let encoded = EncryptionKey::generate_base64();
         let key = EncryptionKey::from_base64(&encoded).unwrap();
         assert_eq!(format!("{key:?}"), "EncryptionKey([REDACTED])");
+    }
+
+    #[test]
+    fn key_ids_name_keys_without_revealing_them() {
+        let (a, b) = (key(), key());
+        assert_eq!(a.id().len(), 16);
+        assert!(a.id().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.id(), a.clone().id());
+        assert_ne!(a.id(), b.id());
+    }
+
+    #[test]
+    fn a_keyring_opens_with_the_named_key_or_any_key_when_unnamed() {
+        let (a, b, c) = (key(), key(), key());
+        let sealed = a.seal(b"secret", b"aad");
+        let ring = Keyring::new(b.clone(), vec![a.clone(), b.clone(), a.clone()]);
+        assert_eq!(ring.previous.len(), 1, "duplicates dropped");
+        let opened = ring.open_string(&sealed, b"aad", Some(&a.id())).unwrap();
+        assert_eq!(
+            (opened.secret.expose_secret(), opened.key_id),
+            ("secret", a.id())
+        );
+        let opened = ring.open_string(&sealed, b"aad", None).unwrap();
+        assert_eq!(
+            opened.key_id,
+            a.id(),
+            "an unnamed value is tried with every key"
+        );
+        assert_eq!(
+            ring.open_string(&sealed, b"aad", Some(&b.id())).err(),
+            Some(CryptoError::Decrypt),
+            "a named value is opened by that key only"
+        );
+        let only_c = Keyring::from(c);
+        assert!(only_c.open_string(&sealed, b"aad", None).is_err());
+        assert!(only_c.open_string(&sealed, b"aad", Some(&a.id())).is_err());
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
     if worker.workers == 0 {
         return Ok(Registry::new());
     }
-    let encryption_key = worker.encryption_key()?;
+    let encryption_key = worker.encryption_keys()?;
     let settings = AwsSettings {
         endpoint_url: worker.aws_endpoint_url.clone(),
         region: None,

@@ -69,14 +69,19 @@ pub struct Copies {
 }
 
 impl Copies {
-    /// Looks in the Secret as read at the start of the job, and in Postgres.
+    /// Looks in the Secret as read at the start of the job, and in Postgres. A sealed pass no
+    /// configured encryption key opens is an error only when the Secret holds no pass.
     pub async fn find(
         existing: Option<&ExistingSecret>,
         db: &sqlx::PgPool,
         sealed: sealed::Store<'_>,
     ) -> Result<Copies, SealedError> {
-        let sealed = sealed.get(db, sealed::Kind::CipherPass).await?.is_some();
         let in_secret = existing.and_then(|s| s.cipher_pass.as_ref()).is_some();
+        let sealed = match sealed.get(db, sealed::Kind::CipherPass).await {
+            Ok(held) => held.is_some(),
+            Err(SealedError::Undecryptable(_)) if in_secret => false,
+            Err(e) => return Err(e),
+        };
         Ok(Copies { in_secret, sealed })
     }
 }

@@ -30,7 +30,7 @@ use super::secret::{self, ExistingSecret, NotAssembled, RepositorySecret, S3Conf
 use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
 use crate::cloud::StepReport;
 use crate::cloud::aws::AwsClients;
-use crate::crypto::EncryptionKey;
+use crate::crypto::Keyring;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
 use crate::jobs::{JobContext, JobError, JobHandler, JobKind, Subject};
 use crate::repository::{self, Resources, SecretRef};
@@ -81,7 +81,8 @@ impl ProvisionPayload {
 pub struct Provisioner {
     pub aws: AwsClients,
     pub kube: kube::Client,
-    pub encryption_key: EncryptionKey,
+    /// Seals with the current key; previous keys still open what they sealed (rotation).
+    pub encryption_key: Keyring,
     /// How long the credential check waits for IAM's eventual consistency.
     pub credential_check_budget: Duration,
     pub credential_check_backoff: Duration,

@@ -1,13 +1,15 @@
 //! Secret material between the step that makes it and the step that delivers it to the
 //! Kubernetes Secret: an access key's secret (IAM reveals it only once) and a freshly generated
-//! cipher pass. Always encrypted with [`EncryptionKey`]; the AAD binds each ciphertext to its
-//! repository, kind and key id, so rows cannot be swapped. Wiped once the Secret holds them.
+//! cipher pass. Always encrypted with the current key of a [`Keyring`]; the AAD binds each
+//! ciphertext to its repository, kind and key id, so rows cannot be swapped. Each row names the
+//! encryption key that sealed it: a row sealed with a previous key (`BP_PREVIOUS_ENCRYPTION_KEYS`)
+//! is re-sealed with the current key when it is read. Wiped once the Secret holds them.
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{Acquire, PgConnection, PgExecutor, Postgres};
 use uuid::Uuid;
 
-use crate::crypto::{self, EncryptionKey, Sealed};
+use crate::crypto::{self, Keyring, Sealed};
 use crate::jobs::JobError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,28 +39,29 @@ fn aad(repository_id: Uuid, kind: Kind, key_id: &str) -> Vec<u8> {
 /// that records the step's success, so the secret and the success are durable together.
 pub async fn put(
     conn: &mut PgConnection,
-    key: &EncryptionKey,
+    keys: &Keyring,
     repository_id: Uuid,
     kind: Kind,
     key_id: &str,
     secret: &SecretString,
 ) -> Result<(), sqlx::Error> {
-    let sealed = key.seal(
+    let sealed = keys.current().seal(
         secret.expose_secret().as_bytes(),
         &aad(repository_id, kind, key_id),
     );
     sqlx::query(
-        "INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext, encryption_key_id)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (repository_id, kind) DO UPDATE
             SET key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
-                created_at = now()",
+                encryption_key_id = excluded.encryption_key_id, created_at = now()",
     )
     .bind(repository_id)
     .bind(kind.as_str())
     .bind(key_id)
     .bind(&sealed.nonce)
     .bind(&sealed.ciphertext)
+    .bind(keys.current().id())
     .execute(conn)
     .await?;
     Ok(())
@@ -74,34 +77,96 @@ pub struct Unsealed {
 pub enum SealedError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("stored {0} cannot be decrypted with BP_ENCRYPTION_KEY (was the key changed?)")]
+    #[error(
+        "stored {0} cannot be decrypted with BP_ENCRYPTION_KEY or any of \
+         BP_PREVIOUS_ENCRYPTION_KEYS (was the key changed without keeping the old one?)"
+    )]
     Undecryptable(&'static str),
 }
 
-/// The material of `kind` held for a repository, decrypted; `None` when none is held.
-pub async fn get(
-    db: impl PgExecutor<'_>,
-    key: &EncryptionKey,
+/// A row of `secret_material` as stored.
+#[derive(sqlx::FromRow)]
+struct Row {
+    key_id: String,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+    encryption_key_id: Option<String>,
+}
+
+/// The material of `kind` held for a repository, decrypted; `None` when none is held. Material
+/// opened with a previous key (or sealed before key ids were recorded) is re-sealed with the
+/// current key. An access key's secret that no key opens counts as absent (the key step makes
+/// a new key and deletes the old one); a cipher pass no key opens is [`SealedError::Undecryptable`]
+/// (callers look in the Secret first: see `secret::s3_conf`, `cipher_pass::Copies::find`).
+pub async fn get<'c>(
+    db: impl Acquire<'c, Database = Postgres>,
+    keys: &Keyring,
     repository_id: Uuid,
     kind: Kind,
 ) -> Result<Option<Unsealed>, SealedError> {
-    let row: Option<(String, Vec<u8>, Vec<u8>)> = sqlx::query_as(
-        "SELECT key_id, nonce, ciphertext FROM secret_material WHERE repository_id = $1 AND kind = $2",
+    let mut conn = db.acquire().await?;
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT key_id, nonce, ciphertext, encryption_key_id
+           FROM secret_material WHERE repository_id = $1 AND kind = $2",
     )
     .bind(repository_id)
     .bind(kind.as_str())
-    .fetch_optional(db)
+    .fetch_optional(&mut *conn)
     .await?;
-    let Some((key_id, nonce, ciphertext)) = row else {
+    let Some(row) = row else {
         return Ok(None);
     };
-    let secret = key
-        .open_string(
-            &Sealed { nonce, ciphertext },
-            &aad(repository_id, kind, &key_id),
-        )
-        .map_err(|_| SealedError::Undecryptable(kind.as_str()))?;
-    Ok(Some(Unsealed { key_id, secret }))
+    let sealed = Sealed {
+        nonce: row.nonce,
+        ciphertext: row.ciphertext,
+    };
+    let aad = aad(repository_id, kind, &row.key_id);
+    let opened = match keys.open_string(&sealed, &aad, row.encryption_key_id.as_deref()) {
+        Ok(opened) => opened,
+        Err(_) if kind == Kind::AccessKey => {
+            tracing::warn!(%repository_id, access_key_id = %row.key_id,
+                "the sealed access key secret opens with no configured encryption key; treated as absent");
+            return Ok(None);
+        }
+        Err(_) => return Err(SealedError::Undecryptable(kind.as_str())),
+    };
+    let unsealed = Unsealed {
+        key_id: row.key_id,
+        secret: opened.secret,
+    };
+    if row.encryption_key_id.as_deref() != Some(keys.current().id().as_str()) {
+        reseal(&mut conn, keys, repository_id, kind, &sealed, &unsealed).await?;
+    }
+    Ok(Some(unsealed))
+}
+
+/// Seals `unsealed` again with the current key, unless the row changed since it was read (the
+/// nonce is compared, so a newer secret written meanwhile is never overwritten).
+async fn reseal(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    repository_id: Uuid,
+    kind: Kind,
+    read: &Sealed,
+    unsealed: &Unsealed,
+) -> Result<(), sqlx::Error> {
+    let aad = aad(repository_id, kind, &unsealed.key_id);
+    let sealed = keys
+        .current()
+        .seal(unsealed.secret.expose_secret().as_bytes(), &aad);
+    sqlx::query(
+        "UPDATE secret_material SET nonce = $4, ciphertext = $5, encryption_key_id = $6
+          WHERE repository_id = $1 AND kind = $2 AND nonce = $3",
+    )
+    .bind(repository_id)
+    .bind(kind.as_str())
+    .bind(&read.nonce)
+    .bind(&sealed.nonce)
+    .bind(&sealed.ciphertext)
+    .bind(keys.current().id())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Removes one kind of material (e.g. an access key we deleted in IAM).
@@ -138,18 +203,18 @@ impl From<SealedError> for JobError {
     }
 }
 
-/// One repository's sealed material and the key that opens it.
+/// One repository's sealed material and the keys that open it.
 #[derive(Clone, Copy)]
 pub struct Store<'a> {
-    pub key: &'a EncryptionKey,
+    pub key: &'a Keyring,
     pub repository_id: Uuid,
 }
 
 impl Store<'_> {
     /// See [`get`].
-    pub async fn get(
+    pub async fn get<'c>(
         &self,
-        db: impl PgExecutor<'_>,
+        db: impl Acquire<'c, Database = Postgres>,
         kind: Kind,
     ) -> Result<Option<Unsealed>, SealedError> {
         get(db, self.key, self.repository_id, kind).await

@@ -476,7 +476,7 @@ impl Scenario {
         let key = EncryptionKey::from_base64(&self.env.encryption_key).expect("key");
         sealed::get(
             &self.env.app.db,
-            &key,
+            &key.into(),
             self.repository_id,
             sealed::Kind::CipherPass,
         )

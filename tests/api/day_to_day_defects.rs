@@ -2,10 +2,24 @@
 //! (issue "Behave on real AWS, Kubernetes and Postgres"), each pinned by a test that failed
 //! before its fix.
 
+use std::time::Duration;
+
+use backup_provisioner::cloud::aws::CallCounter;
+use backup_provisioner::crypto::{EncryptionKey, Keyring};
+use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
+use backup_provisioner::provision::sealed;
+use base64::Engine as _;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::http_common::{REPOSITORIES, assert_problem, create_repository, job_id};
-use crate::support::app::{TestApp, spawn_app};
+use crate::support::app::{TestApp, migrated_db, spawn_app};
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+use crate::support::moto::Moto;
+use crate::support::test_jobs as tj;
 
 async fn post(app: &TestApp, path: &str, token: &str) -> reqwest::Response {
     app.client
@@ -78,4 +92,282 @@ async fn retrying_a_superseded_job_is_refused_and_changes_nothing() {
     let response = post(&app, &format!("/v1/jobs/{newer}/retry"), &token).await;
     assert_eq!(response.status(), 202);
     app.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// #6: BP_ENCRYPTION_KEY can be rotated (BP_PREVIOUS_ENCRYPTION_KEYS).
+
+/// A keyring of `current` and `previous` keys.
+fn ring(current: &EncryptionKey, previous: &[&EncryptionKey]) -> Keyring {
+    Keyring::new(
+        current.clone(),
+        previous.iter().map(|k| (*k).clone()).collect(),
+    )
+}
+
+fn new_key() -> EncryptionKey {
+    EncryptionKey::from_base64(&EncryptionKey::generate_base64()).expect("key")
+}
+
+async fn sealing_key_id(db: &PgPool, repository_id: Uuid, kind: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT encryption_key_id FROM secret_material WHERE repository_id = $1 AND kind = $2",
+    )
+    .bind(repository_id)
+    .bind(kind)
+    .fetch_one(db)
+    .await
+    .expect("sealed row")
+}
+
+#[tokio::test]
+async fn sealed_material_opens_with_a_previous_key_and_is_resealed_under_the_current_one() {
+    let db = migrated_db().await;
+    let repository = tj::insert_repository(&db.pool, "rotation").await;
+    let (a, b, c) = (new_key(), new_key(), new_key());
+    let mut tx = db.pool.begin().await.unwrap();
+    for (kind, key_id, secret) in [
+        (sealed::Kind::AccessKey, "AKIAROTATION", "key-secret"),
+        (sealed::Kind::CipherPass, "cipher-pass", "the-pass"),
+    ] {
+        let secret = SecretString::from(secret.to_owned());
+        sealed::put(&mut tx, &ring(&a, &[]), repository, kind, key_id, &secret)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(
+        sealing_key_id(&db.pool, repository, "cipher-pass").await,
+        Some(a.id()),
+        "each row names the key that sealed it"
+    );
+
+    // Restarted with B as the current key and A as a previous one: opens, re-sealed under B.
+    let rotated = ring(&b, &[&a]);
+    let pass = sealed::get(&db.pool, &rotated, repository, sealed::Kind::CipherPass)
+        .await
+        .expect("opens with the previous key")
+        .expect("held");
+    assert_eq!(pass.secret.expose_secret(), "the-pass");
+    assert_eq!(
+        sealing_key_id(&db.pool, repository, "cipher-pass").await,
+        Some(b.id())
+    );
+    let only_b = ring(&b, &[]);
+    let pass = sealed::get(&db.pool, &only_b, repository, sealed::Kind::CipherPass)
+        .await
+        .expect("re-sealed under the current key")
+        .expect("held");
+    assert_eq!(pass.secret.expose_secret(), "the-pass");
+
+    // A row sealed before key ids were recorded is tried with every key.
+    sqlx::query("UPDATE secret_material SET encryption_key_id = NULL WHERE kind = 'access-key'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let key = sealed::get(&db.pool, &rotated, repository, sealed::Kind::AccessKey)
+        .await
+        .unwrap()
+        .expect("held");
+    assert_eq!(
+        (key.key_id.as_str(), key.secret.expose_secret()),
+        ("AKIAROTATION", "key-secret")
+    );
+    assert_eq!(
+        sealing_key_id(&db.pool, repository, "access-key").await,
+        Some(b.id())
+    );
+
+    // Restarted with only C: the access key counts as absent, the cipher pass is an error.
+    let only_c = ring(&c, &[]);
+    let key = sealed::get(&db.pool, &only_c, repository, sealed::Kind::AccessKey).await;
+    assert!(
+        matches!(key, Ok(None)),
+        "an unopenable access key is absent"
+    );
+    let pass = sealed::get(&db.pool, &only_c, repository, sealed::Kind::CipherPass).await;
+    let message = pass.err().expect("an unopenable cipher pass").to_string();
+    assert!(
+        message.contains("BP_PREVIOUS_ENCRYPTION_KEYS") && !message.contains("the-pass"),
+        "{message}"
+    );
+}
+
+const ROTATION_NS: &str = "rotation";
+
+/// A repository whose first job, run with key `a`, failed at the Secret step (a Secret of
+/// another type was in the way; it is deleted afterwards, as the job's error says): its access
+/// key's secret and its new cipher pass stay sealed under `a`.
+async fn failed_at_the_secret_step(env: &Env, name: &str, a: &EncryptionKey) -> SealedJob {
+    let bucket = bucket_for(name);
+    let in_the_way = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "holos.run/not-opaque",
+        "metadata": {"name": bucket, "namespace": ROTATION_NS,
+                     "labels": {"app.kubernetes.io/managed-by": "backup-provisioner"}},
+    });
+    let emulator = &env.kube.emulator;
+    emulator
+        .insert_secret(ROTATION_NS, in_the_way)
+        .expect("insert");
+    let body = json!({"name": name, "namespace": ROTATION_NS});
+    let job = job_id(&create_repository(&env.app, &env.app.operator(), &body).await);
+    let repository_id: Uuid =
+        sqlx::query_scalar("SELECT id FROM backup_repositories WHERE name = $1")
+            .bind(name)
+            .fetch_one(&env.app.db)
+            .await
+            .expect("repository id");
+    let view = run_jobs_until_ended(env, ring(a, &[]), &job).await;
+    let error = view["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("type"), "failed at the Secret: {view}");
+    assert!(emulator.delete_secret(ROTATION_NS, &bucket));
+    let keys = ring(a, &[]);
+    let db = &env.app.db;
+    let key = sealed::get(db, &keys, repository_id, sealed::Kind::AccessKey);
+    let key = key.await.unwrap().expect("the access key is sealed");
+    let pass = sealed::get(db, &keys, repository_id, sealed::Kind::CipherPass);
+    let pass = pass.await.unwrap().expect("the cipher pass is sealed");
+    SealedJob {
+        job,
+        access_key_id: key.key_id,
+        cipher_pass: pass.secret.expose_secret().to_owned(),
+    }
+}
+
+struct SealedJob {
+    job: String,
+    access_key_id: String,
+    cipher_pass: String,
+}
+
+/// Runs an in-process worker pool whose provisioner seals with `keys` until job `job` ends.
+async fn run_jobs_until_ended(env: &Env, keys: Keyring, job: &str) -> Value {
+    let mut provisioner = env.provisioner(Moto::shared(), CallCounter::new()).await;
+    provisioner.encryption_key = keys;
+    let config = WorkerConfig {
+        concurrency: 1,
+        lease: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(100),
+        retry_base: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(5),
+        worker_id: format!("day-to-day-{}", Uuid::new_v4().simple()),
+    };
+    let registry = Registry::new().register(provisioner);
+    let shutdown = CancellationToken::new();
+    let pool = WorkerPool::new(env.app.db.clone(), registry, config);
+    let workers = tokio::spawn(pool.run(shutdown.clone()));
+    let view = env.app.wait_for_job(job, Duration::from_secs(90)).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), workers).await;
+    view
+}
+
+async fn user_key_ids(env: &Env, bucket: &str) -> Vec<String> {
+    let listed = env
+        .admin
+        .iam
+        .list_access_keys()
+        .user_name(bucket)
+        .send()
+        .await
+        .expect("list access keys");
+    let mut ids: Vec<String> = listed
+        .access_key_metadata()
+        .iter()
+        .filter_map(|k| k.access_key_id().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn retry(env: &Env, job: &str) {
+    let path = format!("/v1/jobs/{job}/retry");
+    let response = post(&env.app, &path, &env.app.operator()).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn after_a_rotation_the_previous_key_still_delivers_what_it_sealed() {
+    let env = Env::builder(&[ROTATION_NS]).workers(0).start().await;
+    let (a, b) = (new_key(), new_key());
+    let name = unique_name("rotated");
+    let sealed = failed_at_the_secret_step(&env, &name, &a).await;
+
+    retry(&env, &sealed.job).await;
+    let view = run_jobs_until_ended(&env, ring(&b, &[&a]), &sealed.job).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let conf = env
+        .s3_conf(ROTATION_NS, &bucket_for(&name))
+        .expect("the Secret is written");
+    assert_eq!(conf_value(&conf, "repo2-s3-key"), sealed.access_key_id);
+    assert_eq!(conf_value(&conf, "repo2-cipher-pass"), sealed.cipher_pass);
+    let keys = user_key_ids(&env, &bucket_for(&name)).await;
+    assert_eq!(keys, std::slice::from_ref(&sealed.access_key_id));
+    env.app.stop().await;
+}
+
+#[tokio::test]
+async fn an_access_key_no_key_opens_is_replaced_and_the_secrets_cipher_pass_is_used() {
+    let env = Env::builder(&[ROTATION_NS]).workers(0).start().await;
+    let (a, c) = (new_key(), new_key());
+    let name = unique_name("lostkey");
+    let bucket = bucket_for(&name);
+    let sealed = failed_at_the_secret_step(&env, &name, &a).await;
+    // Meanwhile the Secret holds the cipher pass (e.g. restored by hand), not the key.
+    let conf = format!("[global]\nrepo2-cipher-pass={}\n", sealed.cipher_pass);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": bucket, "namespace": ROTATION_NS,
+                     "labels": {"app.kubernetes.io/managed-by": "backup-provisioner"}},
+        "data": {"s3.conf": base64::engine::general_purpose::STANDARD.encode(conf)},
+    });
+    env.kube
+        .emulator
+        .insert_secret(ROTATION_NS, secret)
+        .expect("insert the Secret");
+
+    // Restarted with only key C: nothing sealed under A opens.
+    retry(&env, &sealed.job).await;
+    let view = run_jobs_until_ended(&env, ring(&c, &[]), &sealed.job).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let conf = env.s3_conf(ROTATION_NS, &bucket).expect("the Secret");
+    let key = conf_value(&conf, "repo2-s3-key");
+    assert_ne!(
+        key, sealed.access_key_id,
+        "a new key replaces the unopenable one"
+    );
+    assert_eq!(
+        user_key_ids(&env, &bucket).await,
+        [key],
+        "the old key is deleted"
+    );
+    assert_eq!(conf_value(&conf, "repo2-cipher-pass"), sealed.cipher_pass);
+    env.app.stop().await;
+}
+
+#[test]
+fn an_invalid_previous_encryption_key_exits_2_naming_the_variable() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_backup-provisioner"))
+        .arg("worker")
+        .env_clear()
+        .env("RUST_LOG", "off")
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/postgres",
+        )
+        .env("BP_ENCRYPTION_KEY", EncryptionKey::generate_base64())
+        .env(
+            "BP_PREVIOUS_ENCRYPTION_KEYS",
+            format!("{},c2hvcnQ=", EncryptionKey::generate_base64()),
+        )
+        .output()
+        .expect("run backup-provisioner");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("BP_PREVIOUS_ENCRYPTION_KEYS") && stderr.contains("key 2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("c2hvcnQ="), "no key material: {stderr}");
 }

@@ -249,6 +249,7 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
     WorkerSettingsArgs {
         workers,
         encryption_key: Some(SecretString::from(EncryptionKey::generate_base64())),
+        previous_encryption_keys: None,
         job_lease: Duration::from_secs(5),
         poll_interval: Duration::from_millis(200),
         max_attempts: 5,

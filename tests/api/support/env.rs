@@ -29,7 +29,9 @@ pub fn provisioner(aws: AwsClients, kube: kube::Client, encryption_key: &str) ->
     Provisioner {
         aws,
         kube,
-        encryption_key: EncryptionKey::from_base64(encryption_key).expect("encryption key"),
+        encryption_key: EncryptionKey::from_base64(encryption_key)
+            .expect("encryption key")
+            .into(),
         credential_check_budget: Duration::from_secs(20),
         credential_check_backoff: Duration::from_millis(100),
     }
