@@ -227,7 +227,8 @@ struct QueueResults {
     claim: Vec<Duration>,
 }
 
-/// A fresh migrated database with a pool sized like production (`db::connect`: 16).
+/// A fresh migrated database with a pool sized like production for the most slots measured
+/// (`db::connect` with 16 workers).
 async fn queue_database(databases: &mut Vec<String>) -> PgPool {
     let app::TestDb {
         pool: setup,
@@ -239,7 +240,7 @@ async fn queue_database(databases: &mut Vec<String>) -> PgPool {
     setup.close().await;
     databases.push(db_name(&url));
     let options = backup_provisioner::db::options(&secrecy::SecretString::from(url)).expect("url");
-    backup_provisioner::db::connect(options)
+    backup_provisioner::db::connect(options, 16)
         .await
         .expect("connect")
 }

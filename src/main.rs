@@ -53,7 +53,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
             Ok(())
         }
         Command::Migrate(args) => {
-            let pool = db::connect(db::options(&args.database_url)?).await?;
+            let pool = db::connect(db::options(&args.database_url)?, 0).await?;
             db::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(())

@@ -76,7 +76,9 @@ impl Application {
                 shutdown_grace: worker.shutdown_grace,
                 ..WorkerConfig::default()
             };
-            app.workers = Some(WorkerPool::new(db, registry, config).with_metrics(metrics));
+            let heartbeats = crate::db::heartbeat_pool(&db);
+            let workers = WorkerPool::new(db, registry, config).with_heartbeat_pool(heartbeats);
+            app.workers = Some(workers.with_metrics(metrics));
         }
         Ok(app)
     }
@@ -155,7 +157,7 @@ pub async fn run(
     worker.check()?;
     let options = crate::db::options(&database.database_url)?;
     let registry = job_kinds(worker).await?;
-    let pool = crate::db::connect(options).await?;
+    let pool = crate::db::connect(options, worker.workers).await?;
     let app = Application::build(pool, http, worker, registry).await?;
     if let Some(addr) = app.local_addr() {
         tracing::info!(%addr, workers = worker.workers, "serving");

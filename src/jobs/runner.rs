@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -47,6 +48,9 @@ fn hostname() -> String {
 
 pub struct WorkerPool {
     pool: PgPool,
+    /// Renews leases: its own connections, so that jobs holding every connection of `pool`
+    /// cannot starve the heartbeats (see [`WorkerPool::with_heartbeat_pool`]).
+    heartbeat_pool: PgPool,
     registry: Registry,
     config: WorkerConfig,
     metrics: Option<Arc<Metrics>>,
@@ -55,11 +59,18 @@ pub struct WorkerPool {
 impl WorkerPool {
     pub fn new(pool: PgPool, registry: Registry, config: WorkerConfig) -> Self {
         WorkerPool {
+            heartbeat_pool: pool.clone(),
             pool,
             registry,
             config,
             metrics: None,
         }
+    }
+
+    /// Heartbeats use `pool` instead of the jobs' pool (default: the same pool).
+    pub fn with_heartbeat_pool(mut self, pool: PgPool) -> Self {
+        self.heartbeat_pool = pool;
+        self
     }
 
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
@@ -110,6 +121,8 @@ impl WorkerPool {
         running: &mut JoinSet<()>,
     ) {
         while let Ok(permit) = slots.clone().try_acquire_owned() {
+            // The lease runs from no earlier than now: the heartbeat counts from here.
+            let leased_at = Instant::now();
             match queue::claim(
                 &self.pool,
                 &self.registry.kinds(),
@@ -122,7 +135,7 @@ impl WorkerPool {
                     let this = self.clone();
                     let stop = job_stop.child_token();
                     running.spawn(async move {
-                        this.execute(job, stop).await;
+                        this.execute(job, stop, leased_at).await;
                         drop(permit);
                     });
                 }
@@ -175,13 +188,13 @@ impl WorkerPool {
     }
 
     /// Runs one claimed job to the end of this attempt.
-    async fn execute(&self, job: Job, stop: CancellationToken) {
+    async fn execute(&self, job: Job, stop: CancellationToken, leased_at: Instant) {
         let Some(handler) = self.registry.get(&job.kind) else {
             return;
         };
         let (id, token) = (job.id, job.lease_token.expect("claimed job has a token"));
         let span = tracing::info_span!("job", %id, kind = %job.kind, attempt = job.attempts);
-        self.execute_in_span(job, handler, stop, id, token)
+        self.execute_in_span(job, handler, stop, (id, token, leased_at))
             .instrument(span)
             .await;
     }
@@ -191,15 +204,20 @@ impl WorkerPool {
         job: Job,
         handler: Arc<dyn super::JobHandler>,
         stop: CancellationToken,
-        id: Uuid,
-        token: Uuid,
+        (id, token, leased_at): (Uuid, Uuid, Instant),
     ) {
+        // Fires when the lease is lost or about to expire unrenewed: the select below then
+        // drops the job's future, so it makes no further call.
         let lease_lost = stop.child_token();
-        let heartbeat = tokio::spawn(heartbeat(
-            self.pool.clone(),
+        let lease = Lease {
             id,
             token,
-            self.config.lease,
+            length: self.config.lease,
+            renewed_at: leased_at,
+        };
+        let heartbeat = tokio::spawn(heartbeat(
+            self.heartbeat_pool.clone(),
+            lease,
             lease_lost.clone(),
         ));
         let ctx = JobContext::new(self.pool.clone(), job.clone(), lease_lost.clone())
@@ -268,22 +286,58 @@ impl WorkerPool {
     }
 }
 
-/// Extends the lease every third of its length; cancels `lost` when the lease is gone.
-async fn heartbeat(pool: PgPool, id: Uuid, token: Uuid, lease: Duration, lost: CancellationToken) {
-    let mut tick = tokio::time::interval(lease / 3);
-    tick.tick().await;
+/// A job's lease as this worker knows it.
+struct Lease {
+    id: Uuid,
+    token: Uuid,
+    length: Duration,
+    /// When the claim or the last successful renewal was sent. The database set the lease's
+    /// expiry from its own clock on receipt, so it expires no earlier than `renewed_at +
+    /// length`.
+    renewed_at: Instant,
+}
+
+impl Lease {
+    /// When the job must have stopped: a margin before the earliest possible expiry, for
+    /// dropping the job's future and for a renewal that was answered late.
+    fn stop_at(&self) -> Instant {
+        self.renewed_at + self.length - stop_margin(self.length)
+    }
+}
+
+/// A sixth of the lease: with renewals every third, two renewals in a row may fail (or hang)
+/// before the job is stopped.
+fn stop_margin(lease: Duration) -> Duration {
+    lease / 6
+}
+
+/// Extends the lease every third of its length and cancels `lost` when the lease is gone, or
+/// when no renewal succeeded in time to keep it ([`Lease::stop_at`]): once the lease expires
+/// the rescuer may hand the job to another worker, and two workers must never call AWS for the
+/// same job. A renewal that hangs (a network partition) counts as failed at that deadline.
+async fn heartbeat(pool: PgPool, mut lease: Lease, lost: CancellationToken) {
+    let every = lease.length / 3;
+    let mut tick = tokio::time::interval_at(lease.renewed_at + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let stop_at = lease.stop_at();
         tokio::select! {
             _ = lost.cancelled() => return,
+            _ = tokio::time::sleep_until(stop_at) => break,
             _ = tick.tick() => {}
         }
-        match queue::heartbeat(&pool, id, token, lease).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let sent = Instant::now();
+        let renewal = queue::heartbeat(&pool, lease.id, lease.token, lease.length);
+        match tokio::time::timeout_at(stop_at, renewal).await {
+            Ok(Ok(true)) => lease.renewed_at = sent,
+            Ok(Ok(false)) => {
                 lost.cancel();
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+            Err(_) => break,
         }
     }
+    tracing::warn!(lease = ?lease.length, "the lease could not be renewed; stopping the job before it expires");
+    lost.cancel();
 }

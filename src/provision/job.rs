@@ -433,9 +433,7 @@ impl Provisioner {
             .step_with_own_commit(step.name(), step.position(), |attempt| async move {
                 let report = secret::apply(&self.kube, namespace, name, conf, adopt).await?;
                 ctx.checkpoint(step.name(), "before-record");
-                // The Secret is written and read back: record that and wipe the sealed material
-                // even if a cancel arrived meanwhile (only a lost lease refuses the write).
-                let mut tx = ctx.fenced_tx().await?;
+                let mut tx = ctx.fenced_tx_unless_cancelled().await?;
                 self.sealed(payload).wipe(&mut *tx).await?;
                 let output = SecretRef {
                     namespace: namespace.to_owned(),

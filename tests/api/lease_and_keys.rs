@@ -406,3 +406,338 @@ async fn a_held_key_reaches_the_secret_before_the_referenced_key_is_deleted() {
     assert_eq!(r.assert_only_new_key().await, held.id);
     r.env.app.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Defect 3: a worker that cannot renew its lease stops before it expires
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP forwarder in front of Postgres that can black-hole its connections: while paused it
+/// reads but passes nothing on, so a query hangs (a network partition, not an error).
+struct Forwarder {
+    addr: std::net::SocketAddr,
+    paused: Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(target: std::net::SocketAddr) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind forwarder");
+        let addr = listener.local_addr().expect("forwarder address");
+        let paused = Arc::new(tokio::sync::watch::Sender::new(false));
+        let state = paused.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (from_client, to_client) = inbound.into_split();
+                let (from_server, to_server) = outbound.into_split();
+                tokio::spawn(pump(from_client, to_server, state.subscribe()));
+                tokio::spawn(pump(from_server, to_client, state.subscribe()));
+            }
+        });
+        Forwarder { addr, paused, task }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies bytes one way, holding them while the forwarder is paused.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+const TICKER: &str = "lease-ticker";
+
+/// A job kind that works until it is stopped: every tick stands for one AWS call and leaves a
+/// row in `lease_ticks`; when the job's future is dropped, its attempt and the time are sent.
+struct Ticker {
+    stopped: UnboundedSender<(i32, chrono::DateTime<chrono::Utc>)>,
+}
+
+struct StopGuard {
+    attempt: i32,
+    stopped: UnboundedSender<(i32, chrono::DateTime<chrono::Utc>)>,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let _ = self.stopped.send((self.attempt, chrono::Utc::now()));
+    }
+}
+
+#[async_trait::async_trait]
+impl backup_provisioner::jobs::JobHandler for Ticker {
+    fn kind(&self) -> &'static str {
+        TICKER
+    }
+
+    async fn run(
+        &self,
+        ctx: &backup_provisioner::jobs::JobContext,
+    ) -> Result<(), backup_provisioner::jobs::JobError> {
+        let attempt = ctx.job().attempts;
+        let _guard = StopGuard {
+            attempt,
+            stopped: self.stopped.clone(),
+        };
+        loop {
+            sqlx::query("INSERT INTO lease_ticks (attempt, at) VALUES ($1, clock_timestamp())")
+                .bind(attempt)
+                .execute(ctx.pool())
+                .await?;
+            // The pace of the work, not a synchronisation.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The heartbeats of a worker go through a forwarder that is then black-holed (its jobs' own
+/// connections still work): the job must be stopped before its lease expires, so no work (no
+/// AWS call) happens once the rescuer may hand the job to another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_renew_its_lease_stops_before_it_expires() {
+    use backup_provisioner::jobs::queue::{self, NewJob};
+    use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
+
+    let db = crate::support::app::migrated_db().await;
+    sqlx::query("CREATE TABLE lease_ticks (attempt integer NOT NULL, at timestamptz NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .expect("ticks table");
+    let mut url = url::Url::parse(&db.url).expect("database url");
+    let target = (url.host_str().expect("host"), url.port().unwrap_or(5432));
+    let target = tokio::net::lookup_host(target)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("address");
+    let forwarder = Forwarder::start(target).await;
+    url.set_port(Some(forwarder.addr.port())).expect("port");
+    let heartbeats = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(url.as_str())
+        .await
+        .expect("heartbeat pool through the forwarder");
+
+    let lease = Duration::from_secs(3);
+    let config = WorkerConfig {
+        concurrency: 1,
+        lease,
+        // No rescue or polling while the test looks: the lease stays as the worker left it.
+        poll_interval: Duration::from_secs(120),
+        retry_base: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(1),
+        worker_id: "cut-off".to_owned(),
+    };
+    let (stopped, mut stops) = unbounded_channel();
+    let registry = Registry::new().register(Ticker { stopped });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let workers = tokio::spawn(
+        WorkerPool::new(db.pool.clone(), registry, config)
+            .with_heartbeat_pool(heartbeats)
+            .run(shutdown.clone()),
+    );
+    let mut tx = db.pool.begin().await.expect("begin");
+    let job_id = queue::enqueue(
+        &mut tx,
+        NewJob {
+            kind: TICKER,
+            subject: None,
+            payload: json!({}),
+            max_attempts: 5,
+            created_by: "test@lease",
+        },
+    )
+    .await
+    .expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    let lease_at_claim = lease_expiry_once_running(&db.pool, job_id).await;
+    // A renewal went through the forwarder: heartbeats use it.
+    crate::support::app::eventually(DEADLINE, "a heartbeat to renew the lease", || async {
+        (lease_expiry(&db.pool, job_id).await > lease_at_claim).then_some(())
+    })
+    .await;
+    forwarder.pause(true);
+    let paused_at = chrono::Utc::now();
+
+    let stop = tokio::time::timeout(2 * lease, stops.recv()).await;
+    let Ok(Some((attempt, stopped_at))) = stop else {
+        panic!(
+            "the job kept working although its lease could not be renewed for {:?}",
+            2 * lease
+        );
+    };
+    assert_eq!(attempt, 1);
+    let expiry = lease_expiry(&db.pool, job_id).await;
+    let last_tick: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(at) FROM lease_ticks WHERE attempt = 1")
+            .fetch_one(&db.pool)
+            .await
+            .expect("ticks");
+    assert!(
+        stopped_at > paused_at,
+        "stopped before the heartbeats were cut off"
+    );
+    assert!(
+        stopped_at < expiry && last_tick < expiry,
+        "work after the lease expired at {expiry}: stopped at {stopped_at}, last tick at {last_tick}"
+    );
+    let (state, locked_by): (String, Option<String>) =
+        sqlx::query_as("SELECT state, locked_by FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("job");
+    assert_eq!(
+        (state.as_str(), locked_by.as_deref()),
+        ("running", Some("cut-off")),
+        "the worker wrote nothing after it stopped; the rescuer takes the job once the lease expires"
+    );
+    eprintln!(
+        "lease {lease:?}: heartbeats cut off at {paused_at}, job stopped at {stopped_at}, \
+         last tick {last_tick}, lease expired at {expiry}"
+    );
+    forwarder.pause(false);
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), workers).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "the worker pool stopped: {stopped:?}"
+    );
+}
+
+async fn lease_expiry(db: &sqlx::PgPool, job_id: Uuid) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT lease_expires_at FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(db)
+        .await
+        .expect("lease")
+}
+
+/// Waits until the job is claimed; returns the expiry of the lease its claim set.
+async fn lease_expiry_once_running(
+    db: &sqlx::PgPool,
+    job_id: Uuid,
+) -> chrono::DateTime<chrono::Utc> {
+    crate::support::app::eventually(DEADLINE, "the job to be claimed", || async {
+        let row: (String, Option<chrono::DateTime<chrono::Utc>>) =
+            sqlx::query_as("SELECT state, lease_expires_at FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_one(db)
+                .await
+                .expect("job");
+        (row.0 == "running").then_some(row.1).flatten()
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pool: bounded transactions, locks, statements; dead peers noticed
+// ---------------------------------------------------------------------------------------------
+
+/// Every connection of the service's pool starts with bounds on idle transactions, lock waits
+/// and statements, and server-side TCP keepalives; the pool is sized from the worker count.
+#[tokio::test]
+async fn the_pool_bounds_idle_transactions_lock_waits_and_statements() {
+    let db = crate::support::app::migrated_db().await;
+    let url = secrecy::SecretString::from(db.url.clone());
+    let options = backup_provisioner::db::options(&url).expect("url");
+    let pool = backup_provisioner::db::connect(options, 8)
+        .await
+        .expect("pool");
+    let settings: std::collections::BTreeMap<String, String> = sqlx::query_as(
+        "SELECT name, current_setting(name) FROM pg_settings
+          WHERE name IN ('idle_in_transaction_session_timeout', 'lock_timeout',
+                         'statement_timeout', 'tcp_keepalives_idle',
+                         'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout')",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("settings")
+    .into_iter()
+    .collect();
+    eprintln!(
+        "pool: max {} connections; session settings {settings:?}",
+        pool.options().get_max_connections()
+    );
+    for (name, value) in &settings {
+        assert!(
+            !["0", "0ms"].contains(&value.as_str()),
+            "{name} is not set: {settings:?}"
+        );
+    }
+    assert_eq!(settings.len(), 7, "{settings:?}");
+    assert_eq!(
+        pool.options().get_max_connections(),
+        backup_provisioner::db::pool_size(8)
+    );
+    pool.close().await;
+}
+
+/// A session that sits idle inside a transaction (a client that hung or was cut off) is ended
+/// by the server, and its row lock with it. The URL shortens the timeout for the test.
+#[tokio::test]
+async fn a_session_idle_in_a_transaction_loses_its_row_lock() {
+    let db = crate::support::app::migrated_db().await;
+    sqlx::query("CREATE TABLE lease_rows (id integer PRIMARY KEY)")
+        .execute(&db.pool)
+        .await
+        .expect("table");
+    sqlx::query("INSERT INTO lease_rows VALUES (1)")
+        .execute(&db.pool)
+        .await
+        .expect("row");
+    let url = format!(
+        "{}?options=-c%20idle_in_transaction_session_timeout%3D300ms",
+        db.url
+    );
+    let options = backup_provisioner::db::options(&secrecy::SecretString::from(url)).expect("url");
+    let pool = backup_provisioner::db::connect(options, 1)
+        .await
+        .expect("pool");
+    let mut stuck = pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM lease_rows WHERE id = 1 FOR UPDATE")
+        .execute(&mut *stuck)
+        .await
+        .expect("lock");
+    crate::support::app::eventually(DEADLINE, "the idle session's lock to go", || async {
+        let mut probe = db.pool.begin().await.expect("begin");
+        let free = sqlx::query("SELECT id FROM lease_rows WHERE id = 1 FOR UPDATE NOWAIT")
+            .execute(&mut *probe)
+            .await
+            .is_ok();
+        free.then_some(())
+    })
+    .await;
+    assert!(
+        stuck.commit().await.is_err(),
+        "the server ended the idle session"
+    );
+}
