@@ -1,7 +1,8 @@
 # backup-provisioner: two set-up commands on a fresh Debian machine.
 #   make demo   install what is missing, start Postgres, moto and the Kubernetes emulator,
 #               run the service and provision two repositories end to end.
-#   make test   install and start what the tests need, then run every test.
+#   make test   install and start what the tests need (and build the real kube-apiserver and
+#               etcd once), then run every test.
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/backup-provisioner/target
 
@@ -38,6 +39,6 @@ fmt:
 openapi:
 	cargo run --quiet -- openapi > openapi/openapi.json
 
-# Release-mode benchmarks against Postgres, moto and the Kubernetes emulator (BENCHMARKS.md).
-bench: deps
+# Release-mode benchmarks against Postgres, moto and the real kube-apiserver (BENCHMARKS.md).
+bench: deps kube
 	cargo bench --bench provisioning

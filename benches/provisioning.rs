@@ -1,8 +1,10 @@
 //! `make bench` (`cargo bench --bench provisioning`): end-to-end numbers for the service against
-//! real Postgres (127.0.0.1:5432), moto (S3 + IAM) and the in-process Kubernetes emulator.
+//! real Postgres (127.0.0.1:5432), moto (S3 + IAM) and the real kube-apiserver (the test
+//! harness's, `tests/api/support/kube_apiserver.rs`; the service reaches it through the
+//! recording proxy, which counts its requests).
 //!
 //! 1. provisioning wall time through the HTTP API: first runs and re-runs of ready repositories;
-//! 2. AWS calls (CallCounter) and Kubernetes requests (emulator log) per first run / re-run;
+//! 2. AWS calls (CallCounter) and Kubernetes requests (proxy log) per first run / re-run;
 //! 3. queue throughput (1000 no-op jobs, 4 and 16 slots) and idle claim latency (LISTEN/NOTIFY);
 //! 4. HTTP latency of POST /v1/backup-repositories (workers 0) and GET of one repository.
 //!
@@ -11,13 +13,24 @@
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
 mod app;
+// Its unit tests (`#[test]`) are not built without the libtest harness: their imports would
+// be unused.
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/api/support/aws_realism/mod.rs"]
+mod aws_realism;
 #[allow(dead_code)]
 #[path = "../tests/api/support/env.rs"]
 mod env;
-#[path = "../tests/api/support/kube.rs"]
-mod kube;
+#[path = "../tests/api/support/kube_apiserver.rs"]
+mod kube_apiserver;
+#[path = "../tests/api/support/kube_env.rs"]
+mod kube_env;
+#[path = "../tests/api/support/kube_proxy.rs"]
+mod kube_proxy;
 #[path = "../tests/api/support/moto.rs"]
 mod moto;
+#[path = "../tests/api/support/rbac.rs"]
+mod rbac;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,7 +42,7 @@ use backup_provisioner::jobs::queue::{self, NewJob};
 use backup_provisioner::jobs::{
     JobContext, JobError, JobHandler, Registry, StepDone, WorkerConfig, WorkerPool,
 };
-use kube_emulator::RequestRecord;
+use kube_proxy::RequestRecord;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -100,7 +113,7 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     // Warm-up (connections, SDK endpoint resolution); not measured.
     let warm = env::unique_name("warm");
     let view = env
-        .provision(json!({"name": warm, "namespace": "zitadel"}))
+        .provision(json!({"name": warm, "namespace": env.ns("zitadel")}))
         .await;
     assert_eq!(view["state"], "succeeded", "warm-up provisioning: {view}");
 
@@ -109,10 +122,10 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     for _ in 0..FIRST_RUNS {
         let name = env::unique_name("bench");
         env.counter.reset();
-        env.kube.emulator.clear_requests();
+        env.kube.clear_requests();
         let t = Instant::now();
         let view = env
-            .provision(json!({"name": name, "namespace": "zitadel"}))
+            .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
             .await;
         let wall = t.elapsed();
         assert_eq!(view["state"], "succeeded", "first provisioning: {view}");
@@ -122,7 +135,7 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     let mut rerun = Vec::new();
     for name in &names {
         env.counter.reset();
-        env.kube.emulator.clear_requests();
+        env.kube.clear_requests();
         let t = Instant::now();
         let view = env.reconcile(name).await;
         let wall = t.elapsed();
@@ -188,7 +201,7 @@ async fn sample(env: &env::Env, view: &Value, wall: Duration) -> RunSample {
         run: secs(run),
         steps: steps.into_iter().map(|(s, d)| (s, secs(d))).collect(),
         aws: env.counter.snapshot(),
-        kube: env.kube.emulator.requests(),
+        kube: env.kube.requests(),
     }
 }
 

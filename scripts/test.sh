@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace against real Postgres, moto, the Kubernetes emulator and
-# pgBackRest. `make test` installs and starts those first (scripts/install-deps.sh).
+# Runs every test of the workspace against real Postgres, moto, the real kube-apiserver and etcd
+# (started by the tests themselves, tests/api/support/kube_apiserver.rs) and pgBackRest.
+# `make test` installs and starts the others first (scripts/install-deps.sh); `make demo`, run
+# here as a smoke test, uses the Kubernetes emulator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/target}"

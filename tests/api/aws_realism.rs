@@ -428,7 +428,7 @@ async fn the_pass_through_proxy_counts_what_the_call_counter_counts() {
     let proxy = env.realism.as_ref().expect("proxy");
     let name = unique_name("rl-off");
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     assert_eq!(proxy.calls(), env.counter.snapshot());
@@ -491,7 +491,7 @@ async fn provision_all(env: &Env, names: &[String]) -> Vec<Value> {
             .post_json(
                 "/v1/backup-repositories",
                 &env.app.operator(),
-                &json!({"name": name, "namespace": NAMESPACE}),
+                &json!({"name": name, "namespace": env.ns(NAMESPACE)}),
             )
             .await;
         let status = response.status();
@@ -584,7 +584,7 @@ fn code_of<T, E: aws_sdk_s3::error::ProvideErrorMetadata, R>(
 }
 
 /// The number of access keys of the repository's user and every way its state differs from
-/// the runbook's (read back through moto directly and the Kubernetes emulator).
+/// the runbook's (read back through moto directly and the real kube-apiserver).
 async fn runbook_differences(env: &Env, name: &str) -> (usize, Vec<String>) {
     let bucket = bucket_for(name);
     let mut diffs = Vec::new();
@@ -774,7 +774,7 @@ async fn runbook_differences(env: &Env, name: &str) -> (usize, Vec<String>) {
     if user_tag(recorded).as_deref() != Some(access_key::DESCRIPTION) {
         diffs.push(format!("no description tag for key {recorded:?}"));
     }
-    match env.s3_conf(NAMESPACE, &bucket) {
+    match env.s3_conf(NAMESPACE, &bucket).await {
         Some(conf) => {
             let pass = conf_value(&conf, "repo2-cipher-pass");
             let secret = conf_value(&conf, "repo2-s3-key-secret");
@@ -932,7 +932,7 @@ async fn access_denied_fails_at_once(realism: AwsRealism) {
         .await;
     let proxy = env.realism.as_ref().expect("proxy");
     let job = env
-        .provision(json!({"name": name, "namespace": NAMESPACE}))
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
         .await;
     let summary = format!("job: {job:#}\nproxy: {}", proxy.summary());
     eprintln!("{summary}");
@@ -966,7 +966,7 @@ async fn bucket_already_exists_fails_at_once(realism: AwsRealism) {
         Canned::bucket_already_exists(),
     );
     let job = env
-        .provision(json!({"name": name, "namespace": NAMESPACE}))
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
         .await;
     let summary = format!("job: {job:#}\nproxy: {}", proxy.summary());
     eprintln!("{summary}");
@@ -982,7 +982,7 @@ async fn bucket_already_exists_fails_at_once(realism: AwsRealism) {
         "{summary}"
     );
     assert_eq!(proxy.count("CreateAccessKey"), 0, "{summary}");
-    assert!(env.kube.emulator.get_secret(NAMESPACE, &bucket).is_none());
+    assert!(env.secret(NAMESPACE, &bucket).await.is_none());
     env.app.stop().await;
 }
 

@@ -20,7 +20,6 @@ use uuid::Uuid;
 use crate::support::app::eventually;
 use crate::support::crash_child::{self, ChildSpec};
 use crate::support::env::{Env, bucket_for, conf_value, unique_name};
-use crate::support::kube::ADMIN_TOKEN;
 use crate::support::moto::Moto;
 
 const CHILD_TEST: &str = "crash_safety::crash_child_worker";
@@ -136,8 +135,9 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
             database_url: s.env.app.database_url.clone(),
             moto_endpoint: s.env.moto_endpoint.clone(),
             region: s.env.region.clone(),
-            kube_url: s.env.kube.url.clone(),
-            kube_token: ADMIN_TOKEN.to_owned(),
+            kube_url: s.env.kube.proxy.url.clone(),
+            kube_ca_pem: s.env.kube.server.ca_pem.clone(),
+            kube_token: s.env.kube.service_token.clone(),
             encryption_key: s.env.encryption_key.clone(),
             kill_at: kill_at.clone(),
             worker_id: format!("crash-child-{kill}"),
@@ -195,7 +195,7 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
     assert_eq!(repo_state, "ready");
 
     // Exactly one access key: the one the Secret references; only its description tag is left.
-    let conf = s.s3_conf().expect("the Secret holds s3.conf");
+    let conf = s.s3_conf().await.expect("the Secret holds s3.conf");
     let keys = access_key::list(&s.env.admin.iam, &s.bucket).await.unwrap();
     let key_ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
     let referenced = conf_value(&conf, "repo2-s3-key");
@@ -258,7 +258,8 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
 }
 
 impl Scenario {
-    /// The API (no workers) on a fresh database, a Kubernetes emulator, and a queued repository.
+    /// The API (no workers) on a fresh database, namespaces on the real kube-apiserver, and a
+    /// queued repository.
     async fn start(step: &str) -> Scenario {
         let env = Env::builder(&[NAMESPACE])
             .region(REGION)
@@ -272,7 +273,7 @@ impl Scenario {
             .post_json(
                 "/v1/backup-repositories",
                 &app.operator(),
-                &json!({"name": name, "namespace": NAMESPACE}),
+                &json!({"name": name, "namespace": env.ns(NAMESPACE)}),
             )
             .await;
         let status = response.status();
@@ -294,8 +295,8 @@ impl Scenario {
         }
     }
 
-    fn s3_conf(&self) -> Option<String> {
-        self.env.s3_conf(NAMESPACE, &self.bucket)
+    async fn s3_conf(&self) -> Option<String> {
+        self.env.s3_conf(NAMESPACE, &self.bucket).await
     }
 
     async fn job(&self) -> Job {
@@ -436,7 +437,7 @@ impl Scenario {
             }
             "secret" => {
                 assert!(
-                    self.s3_conf().is_some(),
+                    self.s3_conf().await.is_some(),
                     "the Secret was written before the kill"
                 );
                 // Not wiped yet: wiping belongs to the step's record.
@@ -448,7 +449,7 @@ impl Scenario {
             "retire_old_keys" => {
                 // The Secret holds the new key (its step wiped the sealed material); the step
                 // listed the keys and found none to retire.
-                assert!(self.s3_conf().is_some(), "the Secret was written");
+                assert!(self.s3_conf().await.is_some(), "the Secret was written");
                 assert_eq!(self.sealed_kinds().await, Vec::<String>::new());
                 let keys = access_key::list(iam, bucket).await.unwrap();
                 assert_eq!(keys.len(), 1, "{keys:?}");
@@ -470,7 +471,7 @@ impl Scenario {
 
     /// The cipher pass a crash must not lose: the Secret's, else the one sealed in Postgres.
     async fn visible_cipher_pass(&self) -> Option<String> {
-        if let Some(conf) = self.s3_conf() {
+        if let Some(conf) = self.s3_conf().await {
             return Some(conf_value(&conf, "repo2-cipher-pass"));
         }
         let key = EncryptionKey::from_base64(&self.env.encryption_key).expect("key");

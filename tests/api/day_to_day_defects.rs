@@ -205,11 +205,11 @@ async fn failed_at_the_secret_step(env: &Env, name: &str, a: &EncryptionKey) -> 
         "metadata": {"name": bucket, "namespace": ROTATION_NS,
                      "labels": {"app.kubernetes.io/managed-by": "backup-provisioner"}},
     });
-    let emulator = &env.kube.emulator;
-    emulator
-        .insert_secret(ROTATION_NS, in_the_way)
-        .expect("insert");
-    let body = json!({"name": name, "namespace": ROTATION_NS});
+    let namespace = env.ns(ROTATION_NS);
+    env.kube
+        .create_secret_as("kubectl-create", namespace, in_the_way)
+        .await;
+    let body = json!({"name": name, "namespace": namespace});
     let job = job_id(&create_repository(&env.app, &env.app.operator(), &body).await);
     let repository_id: Uuid =
         sqlx::query_scalar("SELECT id FROM backup_repositories WHERE name = $1")
@@ -220,7 +220,7 @@ async fn failed_at_the_secret_step(env: &Env, name: &str, a: &EncryptionKey) -> 
     let view = run_jobs_until_ended(env, ring(a, &[]), &job).await;
     let error = view["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("type"), "failed at the Secret: {view}");
-    assert!(emulator.delete_secret(ROTATION_NS, &bucket));
+    assert!(env.kube.delete_secret(namespace, &bucket).await);
     let keys = ring(a, &[]);
     let db = &env.app.db;
     let key = sealed::get(db, &keys, repository_id, sealed::Kind::AccessKey);
@@ -298,6 +298,7 @@ async fn after_a_rotation_the_previous_key_still_delivers_what_it_sealed() {
     assert_eq!(view["state"], "succeeded", "{view}");
     let conf = env
         .s3_conf(ROTATION_NS, &bucket_for(&name))
+        .await
         .expect("the Secret is written");
     assert_eq!(conf_value(&conf, "repo2-s3-key"), sealed.access_key_id);
     assert_eq!(conf_value(&conf, "repo2-cipher-pass"), sealed.cipher_pass);
@@ -322,15 +323,14 @@ async fn an_access_key_no_key_opens_is_replaced_and_the_secrets_cipher_pass_is_u
         "data": {"s3.conf": base64::engine::general_purpose::STANDARD.encode(conf)},
     });
     env.kube
-        .emulator
-        .insert_secret(ROTATION_NS, secret)
-        .expect("insert the Secret");
+        .create_secret_as("kubectl-create", env.ns(ROTATION_NS), secret)
+        .await;
 
     // Restarted with only key C: nothing sealed under A opens.
     retry(&env, &sealed.job).await;
     let view = run_jobs_until_ended(&env, ring(&c, &[]), &sealed.job).await;
     assert_eq!(view["state"], "succeeded", "{view}");
-    let conf = env.s3_conf(ROTATION_NS, &bucket).expect("the Secret");
+    let conf = env.s3_conf(ROTATION_NS, &bucket).await.expect("the Secret");
     let key = conf_value(&conf, "repo2-s3-key");
     assert_ne!(
         key, sealed.access_key_id,

@@ -168,7 +168,7 @@ async fn no_row_lock_or_transaction_is_held_across_create_access_key() {
 
 /// Queues a repository through the API; returns its job id.
 async fn queue_repository(env: &Env, name: &str) -> Uuid {
-    let body = json!({ "name": name, "namespace": NAMESPACE });
+    let body = json!({ "name": name, "namespace": env.ns(NAMESPACE) });
     let response = env
         .app
         .post_json("/v1/backup-repositories", &env.app.operator(), &body)
@@ -242,7 +242,7 @@ impl Replacement {
         let name = unique_name(prefix);
         let bucket = bucket_for(&name);
         let job = env
-            .provision(json!({ "name": name, "namespace": NAMESPACE }))
+            .provision(json!({ "name": name, "namespace": env.ns(NAMESPACE) }))
             .await;
         assert_eq!(job["state"], "succeeded", "{job}");
         gate.arm();
@@ -253,13 +253,17 @@ impl Replacement {
             bucket,
             old_key: String::new(),
         };
-        r.old_key = r.secret_key();
+        r.old_key = r.secret_key().await;
         assert_eq!(r.keys_in_iam().await, vec![r.old_key.clone()]);
         r
     }
 
-    fn secret_key(&self) -> String {
-        let conf = self.env.s3_conf(NAMESPACE, &self.bucket).expect("s3.conf");
+    async fn secret_key(&self) -> String {
+        let conf = self
+            .env
+            .s3_conf(NAMESPACE, &self.bucket)
+            .await
+            .expect("s3.conf");
         conf_value(&conf, "repo2-s3-key")
     }
 
@@ -278,7 +282,7 @@ impl Replacement {
         let (env, gate, bucket) = (&self.env, &mut self.gate, &self.bucket);
         let job = gate
             .run(env.reconcile(&self.name), async |event: &GateEvent| {
-                let conf = env.s3_conf(NAMESPACE, bucket).expect("s3.conf");
+                let conf = env.s3_conf(NAMESPACE, bucket).await.expect("s3.conf");
                 let keys = access_key::list(&env.admin.iam, bucket)
                     .await
                     .expect("list");
@@ -297,7 +301,7 @@ impl Replacement {
     /// After the job: only the new key is left, the Secret references it, and only its
     /// description tag remains.
     async fn assert_only_new_key(&self) -> String {
-        let new_key = self.secret_key();
+        let new_key = self.secret_key().await;
         assert_ne!(new_key, self.old_key, "the key was not replaced");
         assert_eq!(self.keys_in_iam().await, vec![new_key.clone()]);
         let tags: Vec<String> =

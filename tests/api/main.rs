@@ -1,5 +1,5 @@
 //! One integration-test binary: every module below drives real components
-//! (Postgres, moto, the Kubernetes emulator, pgBackRest) through real clients.
+//! (Postgres, moto, the real kube-apiserver on etcd, pgBackRest) through real clients.
 
 mod audit_log;
 mod aws_realism;
@@ -15,6 +15,7 @@ mod http_oidc;
 mod http_repositories;
 mod http_validation;
 mod job_queue;
+mod kube_rbac;
 mod kube_secret;
 mod lease_and_keys;
 mod openapi_spec;

@@ -1,6 +1,7 @@
 //! The proof: provision through the service's API against moto with IAM authorization
-//! enforced, take `s3.conf` from the Secret it wrote, and let pgBackRest back up and restore a
-//! throwaway cluster into the bucket with nothing else.
+//! enforced and the real kube-apiserver (the service as the ServiceAccount and Role of
+//! `deploy/rbac.yaml`), take `s3.conf` from the Secret it wrote, and let pgBackRest back up and
+//! restore a throwaway cluster into the bucket with nothing else.
 //!
 //! moto checks every request against IAM policies after its first three (unauthenticated)
 //! requests, which make the admin identity the service runs as. The service's IAM client sends
@@ -84,7 +85,7 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
     let name = unique_name("pg");
     let bucket = bucket_for(&name);
     let job = env
-        .provision(json!({"name": name, "namespace": NAMESPACE, "region": REGION}))
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE), "region": REGION}))
         .await;
     assert_eq!(
         job["state"],
@@ -96,12 +97,13 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
 
     let conf = env
         .s3_conf(NAMESPACE, &bucket)
+        .await
         .expect("the Secret holds s3.conf");
     let report = round_trip_async(
         conf.clone(),
         bucket.clone(),
         REGION.into(),
-        NAMESPACE.into(),
+        env.ns(NAMESPACE).to_owned(),
         name.clone(),
         moto.endpoint.clone(),
     )
@@ -115,7 +117,7 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
     assert_eq!(report.restored_marker, report.marker);
     assert_eq!(
         report.repo_path,
-        format!("/pgbackrest/{NAMESPACE}/{name}/repo2")
+        format!("/pgbackrest/{}/{name}/repo2", env.ns(NAMESPACE))
     );
     let repo = env.repository(&name).await;
     assert_eq!(

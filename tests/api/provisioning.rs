@@ -1,5 +1,6 @@
-//! The runbook as a job, end to end through the API: moto for S3/IAM, the Kubernetes emulator
-//! for the Secret, the real provisioning job on real workers.
+//! The runbook as a job, end to end through the API: moto for S3/IAM, the real kube-apiserver
+//! for the Secret (the service as the ServiceAccount and Role of `deploy/rbac.yaml`), the real
+//! provisioning job on real workers.
 
 use serde_json::json;
 
@@ -14,7 +15,7 @@ async fn first_provisioning_produces_the_runbooks_state() {
     let name = unique_name("zt");
     let bucket = bucket_for(&name);
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     let repo = env.repository(&name).await;
@@ -201,11 +202,7 @@ async fn first_provisioning_produces_the_runbooks_state() {
     );
 
     // The Secret: exact s3.conf, labels, type, nothing else.
-    let secret = env
-        .kube
-        .emulator
-        .get_secret("zitadel", &bucket)
-        .expect("secret");
+    let secret = env.secret("zitadel", &bucket).await.expect("secret");
     assert_eq!(secret["type"], "Opaque");
     assert_eq!(
         secret["metadata"]["labels"]["holos.run/secret.name"],
@@ -216,7 +213,7 @@ async fn first_provisioning_produces_the_runbooks_state() {
         "backup-provisioner"
     );
     assert_eq!(secret["data"].as_object().unwrap().len(), 1);
-    let conf = env.s3_conf("zitadel", &bucket).unwrap();
+    let conf = env.s3_conf("zitadel", &bucket).await.unwrap();
     let pass = conf_value(&conf, "repo2-cipher-pass");
     let key_secret = conf_value(&conf, "repo2-s3-key-secret");
     assert_eq!(pass.len(), 64);
@@ -258,14 +255,15 @@ async fn rerunning_a_ready_repository_changes_nothing() {
     let name = unique_name("hs");
     let bucket = bucket_for(&name);
     let job = env
-        .provision(json!({"name": name, "namespace": "holos"}))
+        .provision(json!({"name": name, "namespace": env.ns("holos")}))
         .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     let first_mutating = env.counter.mutating_count();
     let first_reads = env.counter.read_count();
-    let conf_before = env.s3_conf("holos", &bucket).unwrap();
+    let conf_before = env.s3_conf("holos", &bucket).await.unwrap();
+    let secret_before = env.secret("holos", &bucket).await.unwrap();
     env.counter.reset();
-    env.kube.emulator.clear_requests();
+    env.kube.clear_requests();
 
     let job = env.reconcile(&name).await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
@@ -275,8 +273,26 @@ async fn rerunning_a_ready_repository_changes_nothing() {
         "re-run mutated AWS: {:?}",
         env.counter.mutating()
     );
-    assert_eq!(env.kube.mutating_count(), 0, "re-run mutated Kubernetes");
-    assert_eq!(env.s3_conf("holos", &bucket).unwrap(), conf_before);
+    assert_eq!(
+        env.kube.mutating_count(),
+        0,
+        "re-run mutated Kubernetes: {:?}",
+        env.kube.mutating_requests()
+    );
+    assert!(
+        !env.kube.requests().is_empty(),
+        "the re-run read the Secret through the proxy"
+    );
+    assert_eq!(env.s3_conf("holos", &bucket).await.unwrap(), conf_before);
+    let secret_after = env.secret("holos", &bucket).await.unwrap();
+    assert_eq!(
+        secret_after["metadata"]["resourceVersion"],
+        secret_before["metadata"]["resourceVersion"]
+    );
+    assert_eq!(
+        secret_after["metadata"]["managedFields"],
+        secret_before["metadata"]["managedFields"]
+    );
     assert_eq!(env.repository(&name).await["state"], "ready");
     eprintln!(
         "AWS calls: first run {first_mutating} mutating / {first_reads} reads; re-run 0 mutating / {} reads",
@@ -302,7 +318,7 @@ async fn a_failed_repository_is_repaired_by_posting_it_again_with_the_switch_its
         .await
         .unwrap();
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     assert_eq!(job["state"], "failed", "job: {job:#}");
     assert!(
@@ -313,7 +329,8 @@ async fn a_failed_repository_is_repaired_by_posting_it_again_with_the_switch_its
     );
 
     // The remedy the message names: the same request with the switch set.
-    let request = json!({"name": name, "namespace": "zitadel", "allow_new_cipher_pass": true});
+    let request =
+        json!({"name": name, "namespace": env.ns("zitadel"), "allow_new_cipher_pass": true});
     let response = env
         .app
         .post_json("/v1/backup-repositories", &env.app.operator(), &request)

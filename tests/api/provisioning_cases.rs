@@ -1,5 +1,5 @@
-//! The provisioning job's safety cases, through the API with real workers, moto and the
-//! Kubernetes emulator: an existing Secret's cipher pass is reused; a bucket with objects and no
+//! The provisioning job's safety cases, through the API with real workers, moto and the real
+//! kube-apiserver: an existing Secret's cipher pass is reused; a bucket with objects and no
 //! cipher pass, an unmanaged Secret in the way, a bucket owned by another account and permission
 //! denied (AWS or Kubernetes) are permanent failures that say what to fix.
 
@@ -13,6 +13,14 @@ use serde_json::{Value, json};
 
 use crate::support::env::{Env, REGION, bucket_for, conf_value, unique_name};
 use crate::support::moto::Moto;
+
+/// Creates a Secret in the test's `zitadel` namespace as `kubectl create` would (field manager
+/// `kubectl-create`); returns it as stored.
+async fn kubectl_create(env: &Env, secret: Value) -> Value {
+    env.kube
+        .create_secret_as("kubectl-create", env.ns("zitadel"), secret)
+        .await
+}
 
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
@@ -118,28 +126,26 @@ async fn an_existing_managed_secret_keeps_its_cipher_pass_and_gets_a_new_key() {
     let pass = new_pass();
     let old_key = "AKIAOLDKEYNOTINIAM01";
     let old_secret = "oldSecretAccessKey/xyz+0123456789abcdefghij";
-    env.kube
-        .emulator
-        .insert_secret(
-            "zitadel",
-            json!({
-                "metadata": {"name": bucket, "labels": {
-                    MANAGED_BY: "backup-provisioner",
-                    "holos.run/secret.name": bucket,
-                }},
-                "type": "Opaque",
-                "data": {"s3.conf": b64(&s3_conf_text(&pass, old_key, old_secret))},
-            }),
-        )
-        .expect("insert the managed secret");
+    kubectl_create(
+        &env,
+        json!({
+            "metadata": {"name": bucket, "labels": {
+                MANAGED_BY: "backup-provisioner",
+                "holos.run/secret.name": bucket,
+            }},
+            "type": "Opaque",
+            "data": {"s3.conf": b64(&s3_conf_text(&pass, old_key, old_secret))},
+        }),
+    )
+    .await;
 
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     assert_eq!(env.repository(&name).await["state"], "ready");
 
-    let conf = env.s3_conf("zitadel", &bucket).expect("the secret");
+    let conf = env.s3_conf("zitadel", &bucket).await.expect("the secret");
     assert_eq!(
         conf_value(&conf, "repo2-cipher-pass"),
         pass,
@@ -173,7 +179,7 @@ async fn a_bucket_with_objects_and_no_cipher_pass_fails_unless_allowed() {
     bucket_with_an_object(&env, &bucket).await;
 
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     let error = permanent_failure(&job);
     assert!(
@@ -186,9 +192,9 @@ async fn a_bucket_with_objects_and_no_cipher_pass_fails_unless_allowed() {
         env.kube.mutating_count(),
         0,
         "nothing may be written to Kubernetes: {:?}",
-        env.kube.emulator.mutating_requests()
+        env.kube.mutating_requests()
     );
-    assert!(env.kube.emulator.get_secret("zitadel", &bucket).is_none());
+    assert!(env.secret("zitadel", &bucket).await.is_none());
     assert!(
         key_ids(&env, &bucket).await.is_empty(),
         "no access key is made before the cipher pass is settled"
@@ -205,11 +211,16 @@ async fn a_bucket_with_objects_and_no_cipher_pass_fails_unless_allowed() {
     let allowed_bucket = bucket_for(&allowed);
     bucket_with_an_object(&env, &allowed_bucket).await;
     let job = env
-        .provision(json!({"name": allowed, "namespace": "zitadel", "allow_new_cipher_pass": true}))
+        .provision(
+            json!({"name": allowed, "namespace": env.ns("zitadel"), "allow_new_cipher_pass": true}),
+        )
         .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     assert_eq!(env.repository(&allowed).await["state"], "ready");
-    let conf = env.s3_conf("zitadel", &allowed_bucket).expect("the secret");
+    let conf = env
+        .s3_conf("zitadel", &allowed_bucket)
+        .await
+        .expect("the secret");
     let pass = conf_value(&conf, "repo2-cipher-pass");
     assert_eq!(pass.len(), 64);
     assert_eq!(
@@ -234,35 +245,28 @@ async fn an_unmanaged_secret_is_refused_before_any_aws_call_unless_adopted() {
     let env = Env::start(&["zitadel"]).await;
     let name = unique_name("unm");
     let bucket = bucket_for(&name);
-    let theirs = env
-        .kube
-        .emulator
-        .insert_secret(
-            "zitadel",
-            json!({
-                "metadata": {"name": bucket, "labels": {"team": "someone-else"}},
-                "type": "Opaque",
-                "data": {"password": b64("not ours")},
-            }),
-        )
-        .expect("insert the unmanaged secret");
-    env.kube.emulator.clear_requests();
+    let theirs = kubectl_create(
+        &env,
+        json!({
+            "metadata": {"name": bucket, "labels": {"team": "someone-else"}},
+            "type": "Opaque",
+            "data": {"password": b64("not ours")},
+        }),
+    )
+    .await;
+    env.kube.clear_requests();
 
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     let error = permanent_failure(&job);
     assert!(
-        error.contains(&format!("zitadel/{bucket}"))
+        error.contains(&format!("{}/{bucket}", env.ns("zitadel")))
             && error.contains("not managed by backup-provisioner")
             && error.contains("adopt_existing_secret"),
         "{error}"
     );
-    let after = env
-        .kube
-        .emulator
-        .get_secret("zitadel", &bucket)
-        .expect("still there");
+    let after = env.secret("zitadel", &bucket).await.expect("still there");
     assert_eq!(
         after["metadata"]["resourceVersion"],
         theirs["metadata"]["resourceVersion"]
@@ -288,30 +292,26 @@ async fn an_unmanaged_secret_is_refused_before_any_aws_call_unless_adopted() {
     let adopt = unique_name("adp");
     let adopt_bucket = bucket_for(&adopt);
     let pass = new_pass();
-    env.kube
-        .emulator
-        .insert_secret(
-            "zitadel",
-            json!({
-                "metadata": {"name": adopt_bucket},
-                "type": "Opaque",
-                "data": {
-                    "s3.conf": b64(&s3_conf_text(&pass, "AKIAHANDMADE00000001", "handmade/secret")),
-                    "notes": b64("written by hand"),
-                },
-            }),
-        )
-        .expect("insert the secret to adopt");
+    kubectl_create(
+        &env,
+        json!({
+            "metadata": {"name": adopt_bucket},
+            "type": "Opaque",
+            "data": {
+                "s3.conf": b64(&s3_conf_text(&pass, "AKIAHANDMADE00000001", "handmade/secret")),
+                "notes": b64("written by hand"),
+            },
+        }),
+    )
+    .await;
     let job = env
-        .provision(json!({"name": adopt, "namespace": "zitadel", "adopt_existing_secret": true}))
+        .provision(
+            json!({"name": adopt, "namespace": env.ns("zitadel"), "adopt_existing_secret": true}),
+        )
         .await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     assert_eq!(env.repository(&adopt).await["state"], "ready");
-    let secret = env
-        .kube
-        .emulator
-        .get_secret("zitadel", &adopt_bucket)
-        .expect("secret");
+    let secret = env.secret("zitadel", &adopt_bucket).await.expect("secret");
     assert_eq!(
         secret["metadata"]["labels"][MANAGED_BY],
         "backup-provisioner"
@@ -322,7 +322,7 @@ async fn an_unmanaged_secret_is_refused_before_any_aws_call_unless_adopted() {
     );
     let keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
     assert_eq!(keys, ["s3.conf"], "only s3.conf remains");
-    let conf = env.s3_conf("zitadel", &adopt_bucket).unwrap();
+    let conf = env.s3_conf("zitadel", &adopt_bucket).await.unwrap();
     assert_eq!(
         conf_value(&conf, "repo2-cipher-pass"),
         pass,
@@ -375,7 +375,7 @@ async fn a_bucket_owned_by_another_account_is_a_permanent_failure() {
 
     let env = Env::builder(&["zitadel"]).moto(&moto).start().await;
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     let error = permanent_failure(&job);
     assert!(
@@ -388,7 +388,7 @@ async fn a_bucket_owned_by_another_account_is_a_permanent_failure() {
         "{:?}",
         env.counter.mutating()
     );
-    assert!(env.kube.emulator.get_secret("zitadel", &bucket).is_none());
+    assert!(env.secret("zitadel", &bucket).await.is_none());
     assert_eq!(env.repository(&name).await["state"], "failed");
     env.app.stop().await;
 }
@@ -459,7 +459,7 @@ async fn aws_access_denied_is_a_permanent_failure_naming_the_operation() {
         .start()
         .await;
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     let error = permanent_failure(&job);
     assert!(
@@ -487,21 +487,22 @@ async fn aws_access_denied_is_a_permanent_failure_naming_the_operation() {
 
 #[tokio::test]
 async fn kubernetes_permission_denied_is_a_permanent_failure_naming_the_permission() {
-    const USER: &str = "system:serviceaccount:ops:limited";
+    // The shipped Role is bound in `elsewhere` only: the ServiceAccount may not touch Secrets
+    // in `zitadel`.
     let env = Env::builder(&["zitadel", "elsewhere"])
-        .service_kube(|kube| kube.restricted_client(USER, &["elsewhere"], None))
+        .service_bound_in(&["elsewhere"])
         .start()
         .await;
     let name = unique_name("rbac");
     let job = env
-        .provision(json!({"name": name, "namespace": "zitadel"}))
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
         .await;
     let error = permanent_failure(&job);
     assert!(
         error.contains("permission denied")
-            && error.contains(USER)
+            && error.contains(&env.kube.service_user)
             && error.contains("\"get\" verb on \"secrets\"")
-            && error.contains("in namespace \"zitadel\""),
+            && error.contains(&format!("in namespace \"{}\"", env.ns("zitadel"))),
         "{error}"
     );
     assert_eq!(

@@ -1,8 +1,9 @@
 //! Issue "Behave on real AWS, Kubernetes and Postgres": one test per defect, named after it,
 //! each of which failed on the tree before its fix. AWS is moto, behind the AWS realism proxy
 //! where AWS's own behaviour has to be reproduced (a lost create response, a read lagging
-//! behind a create, an error moto never answers); Kubernetes is the emulator; the service runs
-//! with real workers behind its HTTP API.
+//! behind a create, an error moto never answers); Kubernetes is the real kube-apiserver, the
+//! service running as the ServiceAccount and Role of `deploy/rbac.yaml`; the service runs with
+//! real workers behind its HTTP API.
 
 use std::time::Duration;
 
@@ -273,6 +274,11 @@ async fn regions_of_other_partitions_are_rejected_with_422_naming_the_partition(
 // AWS change.
 // ---------------------------------------------------------------------------------------------
 
+/// On the real kube-apiserver the service, whose Role is bound per namespace, cannot tell a
+/// missing namespace from one it was not granted: both answer 403 for that namespace, and the
+/// message names the Role and RoleBinding it needs there (which needs the namespace). An
+/// identity with cluster-wide rights is told the namespace does not exist
+/// (`kube_secret::missing_namespace_is_permanent`).
 #[tokio::test]
 async fn a_missing_namespace_fails_before_any_aws_change() {
     let env = Env::start(&[NAMESPACE]).await;
@@ -285,7 +291,10 @@ async fn a_missing_namespace_fails_before_any_aws_change() {
         .await;
     let error = permanent_failure(&job);
     assert!(
-        error.contains(&format!("namespace \"{missing}\" does not exist")),
+        error.contains("permission denied")
+            && error.contains(&format!(
+                "in namespace \"{missing}\" (a Role and RoleBinding there)"
+            )),
         "{error}"
     );
     assert_eq!(
@@ -301,20 +310,24 @@ async fn a_missing_namespace_fails_before_any_aws_change() {
 
 #[tokio::test]
 async fn a_missing_permission_to_write_the_secret_fails_before_any_aws_change() {
-    const USER: &str = "system:serviceaccount:ops:read-only";
+    let read_only = serde_json::from_value(
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]),
+    )
+    .expect("rules");
     let env = Env::builder(&[NAMESPACE])
-        .service_kube(|kube| kube.restricted_client(USER, &[NAMESPACE], Some(&["get"])))
+        .service_rules(NAMESPACE, read_only)
         .start()
         .await;
+    let user = env.kube.service_user.clone();
     let name = unique_name("noperm");
     let bucket = bucket_for(&name);
 
     let job = env
-        .provision(json!({"name": name, "namespace": NAMESPACE}))
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
         .await;
     let error = permanent_failure(&job);
     assert!(
-        error.contains("permission denied") && error.contains(USER) && error.contains("\"patch\""),
+        error.contains("permission denied") && error.contains(&user) && error.contains("\"patch\""),
         "{error}"
     );
     assert_eq!(
@@ -346,7 +359,7 @@ async fn an_existing_bucket_with_object_lock_fails_permanently_before_any_iam_ch
         .expect("a bucket with object lock");
 
     let job = env
-        .provision(json!({"name": name, "namespace": NAMESPACE}))
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
         .await;
     let error = permanent_failure(&job);
     assert!(
@@ -360,7 +373,7 @@ async fn an_existing_bucket_with_object_lock_fails_permanently_before_any_iam_ch
         env.counter.mutating()
     );
     assert_no_iam_entities(&env.admin, &bucket).await;
-    assert!(env.kube.emulator.get_secret(NAMESPACE, &bucket).is_none());
+    assert!(env.secret(NAMESPACE, &bucket).await.is_none());
     env.app.stop().await;
 }
 
@@ -405,7 +418,7 @@ async fn limit_exceeded_right_after_deleting_keys_is_retried() {
     proxy.answer("iam:CreateAccessKey", Some(&bucket), quota);
 
     let job = env
-        .provision(json!({"name": name, "namespace": NAMESPACE}))
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
         .await;
     let summary = format!("job: {job:#}\nproxy: {}", proxy.summary());
     assert_eq!(job["state"], "failed", "{summary}");

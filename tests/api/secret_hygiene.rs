@@ -1,5 +1,6 @@
 //! Secret hygiene: the real `backup-provisioner serve` binary provisions a repository against
-//! moto and the Kubernetes emulator with debug logging; afterwards neither its log output, nor
+//! moto and the real kube-apiserver (from a kubeconfig with the CA and the ServiceAccount's
+//! token, as deployed) with debug logging; afterwards neither its log output, nor
 //! any API response, nor any Postgres row holds the secret access key or the cipher pass.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use sqlx::PgPool;
 
 use crate::support::app::{AUDIENCE, HS256_SECRET, TestDb, free_port, fresh_database};
 use crate::support::env::{bucket_for, conf_value, unique_name};
-use crate::support::kube::KubeEmulator;
+use crate::support::kube_env::KubeEnv;
 use crate::support::moto::{Moto, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
 
 const NAMESPACE: &str = "zitadel";
@@ -271,9 +272,10 @@ async fn provision_and_check(json_logs: bool) {
         url: database_url,
         guard: _guard,
     } = fresh_database().await;
-    let kube = KubeEmulator::start(&[NAMESPACE]);
+    let kube = KubeEnv::start(&[NAMESPACE]).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = kube.write_kubeconfig(dir.path(), NAMESPACE);
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, kube.service_kubeconfig(NAMESPACE)).expect("kubeconfig");
     let mut service = Service::spawn(dir.path(), &database_url, &kubeconfig, json_logs);
     let startup = started.elapsed();
 
@@ -296,7 +298,7 @@ async fn provision_and_check(json_logs: bool) {
             client
                 .post(format!("{base}/v1/backup-repositories"))
                 .bearer_auth(&operator)
-                .json(&json!({"name": name, "namespace": NAMESPACE})),
+                .json(&json!({"name": name, "namespace": kube.ns(NAMESPACE)})),
             "POST /v1/backup-repositories".into(),
         )
         .await;
@@ -390,8 +392,8 @@ async fn provision_and_check(json_logs: bool) {
         .await;
 
     let conf = String::from_utf8(
-        kube.emulator
-            .secret_data(NAMESPACE, &bucket)
+        kube.secret_data(kube.ns(NAMESPACE), &bucket)
+            .await
             .expect("the Secret")["s3.conf"]
             .clone(),
     )
@@ -462,7 +464,7 @@ async fn provision_and_check(json_logs: bool) {
     let conf_b64 = base64::engine::general_purpose::STANDARD.encode(&conf);
     forms.push(("s3.conf (base64)".into(), conf_b64));
     // Positive control: the needles do match where the secrets legitimately are.
-    let stored = serde_json::to_string(&kube.emulator.get_secret(NAMESPACE, &bucket)).unwrap();
+    let stored = serde_json::to_string(&kube.secret(kube.ns(NAMESPACE), &bucket).await).unwrap();
     assert!(
         find_leak(&stored, &forms).is_some(),
         "the leak check must find s3.conf in the Secret"

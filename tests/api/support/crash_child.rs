@@ -2,8 +2,8 @@
 //!
 //! The parent re-executes this test binary (`current_exe`) running one `#[ignore]`d entry test
 //! with `--exact --ignored`; everything the child needs comes through environment variables
-//! ([`ChildSpec`]): it shares the parent's database, moto server, Kubernetes emulator and
-//! encryption key, but nothing in memory. The child installs a checkpoint hook that kills its
+//! ([`ChildSpec`]): it shares the parent's database, moto server, kube-apiserver (through the
+//! parent's proxy, as the service's ServiceAccount) and encryption key, but nothing in memory. The child installs a checkpoint hook that kills its
 //! own process with SIGKILL when the job reaches the named point (`"<step>:before-record"`,
 //! see `JobContext::checkpoint`), so nothing of the worker gets to clean up: no destructor, no
 //! rollback message, no lease release.
@@ -17,11 +17,11 @@ use backup_provisioner::cloud::aws::{self, AwsSettings};
 use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use secrecy::SecretString;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::env::provisioner;
+use super::kube_apiserver::client_for;
 use super::moto::{TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
 
 const ENV_DATABASE_URL: &str = "BP_CRASH_CHILD_DATABASE_URL";
@@ -29,6 +29,7 @@ const ENV_MOTO_ENDPOINT: &str = "BP_CRASH_CHILD_MOTO_ENDPOINT";
 const ENV_REGION: &str = "BP_CRASH_CHILD_REGION";
 const ENV_KUBE_URL: &str = "BP_CRASH_CHILD_KUBE_URL";
 const ENV_KUBE_TOKEN: &str = "BP_CRASH_CHILD_KUBE_TOKEN";
+const ENV_KUBE_CA: &str = "BP_CRASH_CHILD_KUBE_CA";
 const ENV_ENCRYPTION_KEY: &str = "BP_CRASH_CHILD_ENCRYPTION_KEY";
 const ENV_KILL_AT: &str = "BP_CRASH_CHILD_KILL_AT";
 const ENV_WORKER_ID: &str = "BP_CRASH_CHILD_WORKER_ID";
@@ -45,6 +46,8 @@ pub struct ChildSpec {
     pub moto_endpoint: String,
     pub region: String,
     pub kube_url: String,
+    /// The CA (PEM) the server's certificate is signed by.
+    pub kube_ca_pem: String,
     pub kube_token: String,
     /// Base64, the same key the parent's own worker uses later.
     pub encryption_key: String,
@@ -54,12 +57,13 @@ pub struct ChildSpec {
 }
 
 impl ChildSpec {
-    fn envs(&self) -> [(&'static str, &str); 8] {
+    fn envs(&self) -> [(&'static str, &str); 9] {
         [
             (ENV_DATABASE_URL, &self.database_url),
             (ENV_MOTO_ENDPOINT, &self.moto_endpoint),
             (ENV_REGION, &self.region),
             (ENV_KUBE_URL, &self.kube_url),
+            (ENV_KUBE_CA, &self.kube_ca_pem),
             (ENV_KUBE_TOKEN, &self.kube_token),
             (ENV_ENCRYPTION_KEY, &self.encryption_key),
             (ENV_KILL_AT, &self.kill_at),
@@ -75,6 +79,7 @@ impl ChildSpec {
             moto_endpoint: var(ENV_MOTO_ENDPOINT)?,
             region: var(ENV_REGION)?,
             kube_url: var(ENV_KUBE_URL)?,
+            kube_ca_pem: var(ENV_KUBE_CA)?,
             kube_token: var(ENV_KUBE_TOKEN)?,
             encryption_key: var(ENV_ENCRYPTION_KEY)?,
             kill_at: var(ENV_KILL_AT)?,
@@ -215,10 +220,7 @@ pub async fn run(spec: ChildSpec) {
         "crash-child",
     );
     let aws = aws::clients_with_credentials(&settings, None, credentials).await;
-    let mut kube_config = kube::Config::new(spec.kube_url.parse().expect("child: emulator url"));
-    kube_config.auth_info.token = Some(SecretString::from(spec.kube_token.clone()));
-    let kube = backup_provisioner::cloud::kube::client_from_config(kube_config)
-        .expect("child: kube client");
+    let kube = client_for(&spec.kube_url, &spec.kube_ca_pem, Some(&spec.kube_token));
     let provisioner = provisioner(aws, kube, &spec.encryption_key);
     let config = WorkerConfig {
         concurrency: 1,

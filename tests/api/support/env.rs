@@ -1,10 +1,13 @@
-//! The one test-environment builder: moto (S3 + IAM), the Kubernetes emulator, and the service
-//! with workers running the real provisioning job through the real AWS SDK and kube clients.
+//! The one test-environment builder: moto (S3 + IAM), the real kube-apiserver (namespaces of
+//! the test's own, the service running as the ServiceAccount and Role of `deploy/rbac.yaml`,
+//! through a recording/fault proxy: `support::kube_env`), and the service with workers running
+//! the real provisioning job through the real AWS SDK and kube clients.
 //!
 //! `Env::start(namespaces)` is the common case; `Env::builder(namespaces)` varies it: another
-//! moto server, region or worker count, the service's own AWS identity or Kubernetes
-//! credentials. [`provisioner`] is the only place the tests construct the provisioning job's
-//! handler.
+//! moto server, region or worker count, the service's own AWS identity, or its Kubernetes
+//! permissions (the Role bound in fewer namespaces, or with other rules). Namespaces are named
+//! as in production (`zitadel`); [`Env::ns`] gives the test's real one. [`provisioner`] is the
+//! only place the tests construct the provisioning job's handler.
 
 use std::time::Duration;
 
@@ -13,11 +16,12 @@ use backup_provisioner::config::WorkerSettingsArgs;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::Registry;
 use backup_provisioner::provision::job::Provisioner;
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use secrecy::ExposeSecret;
 
 use super::app::{AppOptions, TestApp, spawn_app_with, worker_args};
 use super::aws_realism::{AwsProxy, AwsRealism};
-use super::kube::KubeEmulator;
+use super::kube_env::{KubeEnv, KubeOptions};
 use super::moto::Moto;
 
 /// The region an environment uses unless told otherwise.
@@ -41,7 +45,7 @@ pub fn provisioner(aws: AwsClients, kube: kube::Client, encryption_key: &str) ->
 /// database.
 pub struct Env {
     pub app: TestApp,
-    pub kube: KubeEmulator,
+    pub kube: KubeEnv,
     /// Admin clients for assertions (not counted).
     pub admin: AwsClients,
     /// Counts every AWS call the service makes.
@@ -56,7 +60,6 @@ pub struct Env {
 }
 
 type ServiceAws<'a> = Box<dyn FnOnce(AwsClients) -> AwsClients + 'a>;
-type ServiceKube<'a> = Box<dyn FnOnce(&KubeEmulator) -> kube::Client + 'a>;
 type MapWorker<'a> = Box<dyn FnOnce(&mut WorkerSettingsArgs) + 'a>;
 
 /// How to start an [`Env`]; every setting has the default of [`Env::start`].
@@ -67,7 +70,7 @@ pub struct EnvBuilder<'a> {
     workers: usize,
     identity: Option<(String, String)>,
     service_aws: Option<ServiceAws<'a>>,
-    service_kube: Option<ServiceKube<'a>>,
+    kube: KubeOptions,
     realism: Option<AwsRealism>,
     worker: Option<MapWorker<'a>>,
 }
@@ -104,9 +107,15 @@ impl<'a> EnvBuilder<'a> {
         self
     }
 
-    /// The service's Kubernetes client (default: the emulator's admin token).
-    pub fn service_kube(mut self, client: impl FnOnce(&KubeEmulator) -> kube::Client + 'a) -> Self {
-        self.service_kube = Some(Box::new(client));
+    /// Binds the service's Role only in these namespaces (default: in every one).
+    pub fn service_bound_in(mut self, namespaces: &[&str]) -> Self {
+        self.kube.bound_in = Some(namespaces.iter().map(|n| (*n).to_owned()).collect());
+        self
+    }
+
+    /// The service's Role in `namespace` has these rules instead of the shipped ones.
+    pub fn service_rules(mut self, namespace: &str, rules: Vec<PolicyRule>) -> Self {
+        self.kube.rules.insert(namespace.to_owned(), rules);
         self
     }
 
@@ -126,7 +135,7 @@ impl<'a> EnvBuilder<'a> {
     pub async fn start(self) -> Env {
         backup_provisioner::install_crypto_provider();
         let namespaces: Vec<&str> = self.namespaces.iter().map(String::as_str).collect();
-        let kube = KubeEmulator::start(&namespaces);
+        let kube = KubeEnv::start_with(&namespaces, self.kube).await;
         let counter = CallCounter::new();
         let (service_aws, admin) = match &self.identity {
             Some((id, secret)) => (
@@ -149,10 +158,7 @@ impl<'a> EnvBuilder<'a> {
             Some(map) => map(service_aws),
             None => service_aws,
         };
-        let service_kube = match self.service_kube {
-            Some(client) => client(&kube),
-            None => kube.client(),
-        };
+        let service_kube = kube.service_client();
         let mut worker = worker_args(self.workers);
         if let Some(map) = self.worker {
             map(&mut worker);
@@ -185,7 +191,7 @@ impl<'a> EnvBuilder<'a> {
 }
 
 impl Env {
-    /// An environment on the shared moto with 2 workers and the emulator's admin token.
+    /// An environment on the shared moto with 2 workers and the shipped Role everywhere.
     pub async fn start(namespaces: &[&str]) -> Env {
         Self::builder(namespaces).start().await
     }
@@ -198,20 +204,25 @@ impl Env {
             workers: 2,
             identity: None,
             service_aws: None,
-            service_kube: None,
+            kube: KubeOptions::default(),
             realism: None,
             worker: None,
         }
     }
 
-    /// A handler like the service's (same key, admin Kubernetes token) with `moto`'s default
+    /// A handler like the service's (same key, same Kubernetes identity) with `moto`'s default
     /// credentials, for a worker pool the test runs itself.
     pub async fn provisioner(&self, moto: &Moto, counter: CallCounter) -> Provisioner {
         provisioner(
             moto.clients(&self.region, Some(counter)).await,
-            self.kube.client(),
+            self.kube.service_client(),
             &self.encryption_key,
         )
+    }
+
+    /// The real name of the test's namespace `logical` (what requests must name).
+    pub fn ns(&self, logical: &str) -> &str {
+        self.kube.ns(logical)
     }
 
     /// Creates a repository through the API and waits for its job to end; returns the job view.
@@ -260,11 +271,14 @@ impl Env {
             .expect("json")
     }
 
-    /// The Secret's `s3.conf` text, as stored in the emulator.
-    pub fn s3_conf(&self, namespace: &str, name: &str) -> Option<String> {
-        let data = self.kube.emulator.secret_data(namespace, name)?;
-        data.get("s3.conf")
-            .map(|v| String::from_utf8(v.clone()).expect("utf8"))
+    /// The `s3.conf` text of the Secret `name` in the test's namespace `logical`, as stored.
+    pub async fn s3_conf(&self, logical: &str, name: &str) -> Option<String> {
+        self.kube.s3_conf(self.ns(logical), name).await
+    }
+
+    /// The Secret `name` in the test's namespace `logical`, as the API returns it.
+    pub async fn secret(&self, logical: &str, name: &str) -> Option<serde_json::Value> {
+        self.kube.secret(self.ns(logical), name).await
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::Parser;
-use kube_emulator::{Emulator, Grant};
+use kube_emulator::Emulator;
 
 #[derive(Debug, Parser)]
 #[command(name = "kube-emulator", version, about)]
@@ -19,21 +19,13 @@ struct Args {
     #[arg(long = "namespace", value_name = "NAME")]
     namespaces: Vec<String>,
 
-    /// Require this bearer token (full access, user `admin`).
+    /// Require this bearer token (full access).
     #[arg(long, env = "KUBE_EMULATOR_TOKEN", hide_env_values = true)]
     token: Option<String>,
-
-    /// An extra token limited to namespaces: `TOKEN=ns1,ns2` (repeatable, user `restricted`).
-    #[arg(long = "restricted-token", value_name = "TOKEN=NS[,NS...]")]
-    restricted_tokens: Vec<String>,
 
     /// Write a kubeconfig for the emulator (with `--token` as the user's token) to this path.
     #[arg(long, value_name = "PATH")]
     kubeconfig_out: Option<PathBuf>,
-
-    /// Log every request to stderr when it completes.
-    #[arg(long)]
-    log_requests: bool,
 }
 
 fn write_private(path: &PathBuf, contents: &str) -> std::io::Result<()> {
@@ -58,14 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("--namespace {ns}: {}", e.message))?;
     }
     if let Some(token) = &args.token {
-        emulator.add_token(token, Grant::cluster_admin("admin"));
-    }
-    for spec in &args.restricted_tokens {
-        let (token, namespaces) = spec
-            .split_once('=')
-            .ok_or_else(|| format!("--restricted-token {spec:?}: expected TOKEN=NS[,NS...]"))?;
-        let namespaces: Vec<&str> = namespaces.split(',').filter(|s| !s.is_empty()).collect();
-        emulator.add_token(token, Grant::namespaced("restricted", namespaces));
+        emulator.add_token(token);
     }
 
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
@@ -82,22 +67,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("{addr}");
     std::io::stdout().flush()?;
-
-    if args.log_requests {
-        let logger = emulator.clone();
-        tokio::spawn(async move {
-            let mut seen = 0usize;
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                let requests = logger.requests();
-                for r in requests.iter().skip(seen) {
-                    eprintln!("{} {}?{} -> {}", r.method, r.path, r.query, r.status);
-                }
-                seen = requests.len();
-            }
-        });
-    }
 
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();

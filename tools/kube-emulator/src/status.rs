@@ -186,34 +186,6 @@ impl ApiError {
         ApiError::new(401, "Unauthorized", "Unauthorized")
     }
 
-    /// RBAC denial, worded like the real authorizer.
-    pub fn forbidden(
-        user: &str,
-        verb: &str,
-        kind: Kind,
-        name: Option<&str>,
-        namespace: Option<&str>,
-    ) -> Self {
-        let subject = match name {
-            Some(n) => format!("{} \"{}\"", kind.plural(), n),
-            None => kind.plural().to_string(),
-        };
-        let scope = match namespace {
-            Some(ns) => format!("in the namespace \"{ns}\""),
-            None => "at the cluster scope".to_string(),
-        };
-        let message = format!(
-            "{subject} is forbidden: User \"{user}\" cannot {verb} resource \"{}\" in API group \"\" {scope}",
-            kind.plural()
-        );
-        let mut details = Map::new();
-        if let Some(n) = name {
-            details.insert("name".into(), Value::from(n));
-        }
-        details.insert("kind".into(), Value::from(kind.plural()));
-        ApiError::new(403, "Forbidden", message).with_details(Value::Object(details))
-    }
-
     pub fn unsupported_media_type(content_type: &str) -> Self {
         ApiError::new(
             415,
@@ -221,40 +193,6 @@ impl ApiError {
             format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type:?})"),
         )
         .with_details(json!({}))
-    }
-
-    /// The status an injected fault answers with.
-    pub fn for_code(code: u16) -> Self {
-        let (reason, message) = match code {
-            429 => (
-                "TooManyRequests",
-                "Too many requests, please try again later.",
-            ),
-            500 => ("InternalError", "Internal error occurred: injected fault"),
-            503 => (
-                "ServiceUnavailable",
-                "The server is currently unable to handle the request",
-            ),
-            504 => (
-                "Timeout",
-                "Timeout: request did not complete within the allotted timeout",
-            ),
-            401 => ("Unauthorized", "Unauthorized"),
-            403 => ("Forbidden", "forbidden: injected fault"),
-            404 => (
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-            409 => ("Conflict", "Operation cannot be fulfilled: injected fault"),
-            422 => ("Invalid", "injected fault: is invalid"),
-            _ => ("", "injected fault"),
-        };
-        let mut err = ApiError::new(code, reason, message);
-        if code == 429 {
-            err.retry_after_seconds = Some(1);
-            err.details = Some(json!({"retryAfterSeconds": 1}));
-        }
-        err
     }
 
     /// The `metav1.Status` body.

@@ -688,10 +688,6 @@ pub struct Written {
 }
 
 impl Store {
-    pub fn resource_version(&self) -> u64 {
-        self.resource_version
-    }
-
     pub fn namespace_exists(&self, namespace: &str) -> bool {
         self.objects
             .contains_key(&key(Kind::Namespace, "", namespace))

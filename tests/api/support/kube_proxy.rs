@@ -1,0 +1,404 @@
+//! A small HTTPS proxy in front of the real kube-apiserver, between it and the service: it
+//! presents the server's own certificate (so the service's client trusts it exactly as it trusts
+//! the server), forwards every request unchanged (the service's bearer token included), records
+//! what it forwarded (method, path, status) so tests can count the service's mutating calls, and
+//! answers requests that match an injected [`Fault`] itself with the `metav1.Status` the server
+//! would send (500, 429, 409, ...), which a real server cannot be made to do on demand.
+//!
+//! Served from a thread and runtime of its own (like every launcher here), so it outlives any
+//! one test's runtime and serves a crash child process too; dropping it stops it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::Response;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+
+use super::kube_apiserver::KubeApiserver;
+
+const START_DEADLINE: Duration = Duration::from_secs(10);
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// One request the proxy answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: Option<String>,
+    pub status: u16,
+    /// Answered by an injected fault instead of the server.
+    pub injected: bool,
+}
+
+impl RequestRecord {
+    /// POST, PUT, PATCH and DELETE, unless a dry run (`dryRun=All`), which changes nothing.
+    pub fn is_mutating(&self) -> bool {
+        matches!(self.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !self.is_dry_run()
+    }
+
+    pub fn is_dry_run(&self) -> bool {
+        self.query.split('&').any(|pair| pair == "dryRun=All")
+    }
+}
+
+/// An error to answer with instead of forwarding requests that match, `times` times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub status: u16,
+    pub method: Option<String>,
+    pub path_prefix: Option<String>,
+    pub times: usize,
+}
+
+impl Fault {
+    /// Answers the next matching request with `status` and the reason kube-apiserver uses for
+    /// that code (500 `InternalError`, 429 `TooManyRequests`, 409 `Conflict`, ...).
+    pub fn status(status: u16) -> Self {
+        Fault {
+            status,
+            method: None,
+            path_prefix: None,
+            times: 1,
+        }
+    }
+
+    pub fn method(mut self, method: &str) -> Self {
+        self.method = Some(method.to_ascii_uppercase());
+        self
+    }
+
+    pub fn path_prefix(mut self, prefix: &str) -> Self {
+        self.path_prefix = Some(prefix.to_owned());
+        self
+    }
+
+    pub fn times(mut self, times: usize) -> Self {
+        self.times = times;
+        self
+    }
+
+    fn matches(&self, method: &str, path: &str) -> bool {
+        self.times > 0
+            && self.method.as_deref().is_none_or(|m| m == method)
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| path.starts_with(p))
+    }
+
+    /// The `metav1.Status` body kube-apiserver sends for this code.
+    fn body(&self) -> serde_json::Value {
+        let (reason, message) = match self.status {
+            409 => (
+                "Conflict",
+                "Operation cannot be fulfilled: the object has been modified; please apply your \
+                 changes to the latest version and try again",
+            ),
+            429 => (
+                "TooManyRequests",
+                "Too many requests, please try again later.",
+            ),
+            500 => ("InternalError", "Internal error occurred: injected fault"),
+            503 => (
+                "ServiceUnavailable",
+                "The server is currently unable to handle the request",
+            ),
+            504 => (
+                "Timeout",
+                "The server was unable to return a response in the time allotted",
+            ),
+            _ => ("", "injected fault"),
+        };
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": self.status,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    requests: Vec<RequestRecord>,
+    faults: Vec<Fault>,
+}
+
+#[derive(Clone)]
+struct ProxyState {
+    shared: Arc<Mutex<Shared>>,
+    upstream: String,
+    http: reqwest::Client,
+}
+
+/// A running proxy; stops when dropped.
+pub struct KubeProxy {
+    /// `https://127.0.0.1:PORT`
+    pub url: String,
+    shared: Arc<Mutex<Shared>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl KubeProxy {
+    /// Starts a proxy in front of `server`.
+    pub fn start(server: &KubeApiserver) -> KubeProxy {
+        backup_provisioner::install_crypto_provider();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let http = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).expect("CA"),
+            )
+            .no_proxy()
+            .build()
+            .expect("upstream client");
+        let state = ProxyState {
+            shared: shared.clone(),
+            upstream: server.url.clone(),
+            http,
+        };
+        let tls = tls_config(&server.serving_cert_pem, &server.serving_key_pem);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("kube-proxy".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("proxy runtime");
+                runtime.block_on(async move {
+                    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+                        .await
+                        .expect("bind the proxy");
+                    let addr = tcp.local_addr().expect("local addr");
+                    addr_tx.send(addr).expect("report the address");
+                    let listener = TlsListener::spawn(tcp, tls);
+                    let router = axum::Router::new().fallback(forward).with_state(state);
+                    tokio::select! {
+                        _ = axum::serve(listener, router) => {}
+                        _ = shutdown_rx => {}
+                    }
+                });
+                // Dropping the runtime here ends every open connection.
+            })
+            .expect("spawn the proxy thread");
+        let addr: SocketAddr = addr_rx
+            .recv_timeout(START_DEADLINE)
+            .expect("the proxy started");
+        KubeProxy {
+            url: format!("https://{addr}"),
+            shared,
+            shutdown: Some(shutdown_tx),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every request answered so far (oldest first).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.lock().requests.clone()
+    }
+
+    /// The POST/PUT/PATCH/DELETE requests answered so far.
+    pub fn mutating_requests(&self) -> Vec<RequestRecord> {
+        self.requests()
+            .into_iter()
+            .filter(RequestRecord::is_mutating)
+            .collect()
+    }
+
+    pub fn mutating_count(&self) -> usize {
+        self.mutating_requests().len()
+    }
+
+    pub fn clear_requests(&self) {
+        self.lock().requests.clear();
+    }
+
+    /// Answers the next matching requests with an error (see [`Fault`]).
+    pub fn inject_fault(&self, fault: Fault) {
+        self.lock().faults.push(fault);
+    }
+}
+
+impl Drop for KubeProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn tls_config(cert_pem: &str, key_pem: &str) -> Arc<rustls::ServerConfig> {
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("serving certificate");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("serving key");
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("TLS config");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Accepts TCP connections and hands out those whose TLS handshake completed (handshakes run
+/// concurrently, so a stalled client cannot block the others).
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn spawn(tcp: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>) -> TlsListener {
+        let local = tcp.local_addr().expect("local addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok((socket, peer)) = tcp.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket));
+                    if let Ok(Ok(stream)) = handshake.await {
+                        let _ = tx.send((stream, peer)).await;
+                    }
+                });
+            }
+        });
+        TlsListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The acceptor task ended: never accept again.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Hop-by-hop headers and those the HTTP clients set themselves.
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    let skip: [HeaderName; 5] = [
+        header::HOST,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
+        HeaderName::from_static("keep-alive"),
+    ];
+    headers
+        .iter()
+        .filter(|(name, _)| !skip.contains(name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+async fn forward(State(state): State<ProxyState>, request: Request) -> Response {
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut record = RequestRecord {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        content_type,
+        status: 0,
+        injected: false,
+    };
+
+    let fault = {
+        let mut shared = state.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let fault = shared.faults.iter_mut().find(|f| f.matches(&method, &path));
+        fault.map(|f| {
+            f.times -= 1;
+            f.clone()
+        })
+    };
+    let response = match fault {
+        Some(fault) => {
+            record.injected = true;
+            Response::builder()
+                .status(fault.status)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(fault.body().to_string()))
+                .expect("fault response")
+        }
+        None => upstream(&state, request, &path, &query).await,
+    };
+    record.status = response.status().as_u16();
+    state
+        .shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .requests
+        .push(record);
+    response
+}
+
+async fn upstream(state: &ProxyState, request: Request, path: &str, query: &str) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(e) => return bad_gateway(format!("reading the request body: {e}")),
+    };
+    let url = if query.is_empty() {
+        format!("{}{path}", state.upstream)
+    } else {
+        format!("{}{path}?{query}", state.upstream)
+    };
+    let sent = state
+        .http
+        .request(parts.method, url)
+        .headers(forwarded(&parts.headers))
+        .body(body)
+        .send()
+        .await;
+    let answer = match sent {
+        Ok(answer) => answer,
+        Err(e) => return bad_gateway(format!("forwarding to kube-apiserver: {e}")),
+    };
+    let status = answer.status();
+    let headers = forwarded(answer.headers());
+    let bytes = match answer.bytes().await {
+        Ok(bytes) => bytes,
+        Err(e) => return bad_gateway(format!("reading kube-apiserver's answer: {e}")),
+    };
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+fn bad_gateway(message: String) -> Response {
+    Response::builder()
+        .status(StatusCode::BAD_GATEWAY)
+        .body(Body::from(message))
+        .expect("502")
+}
