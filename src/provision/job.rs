@@ -433,7 +433,9 @@ impl Provisioner {
             .step_with_own_commit(step.name(), step.position(), |attempt| async move {
                 let report = secret::apply(&self.kube, namespace, name, conf, adopt).await?;
                 ctx.checkpoint(step.name(), "before-record");
-                let mut tx = ctx.fenced_tx_unless_cancelled().await?;
+                // The Secret is written and read back: record that and wipe the sealed material
+                // even if a cancel arrived meanwhile (only a lost lease refuses the write).
+                let mut tx = ctx.fenced_tx().await?;
                 self.sealed(payload).wipe(&mut *tx).await?;
                 let output = SecretRef {
                     namespace: namespace.to_owned(),
