@@ -131,6 +131,13 @@ pub struct WorkerSettingsArgs {
     /// How long the credential check waits for IAM's eventual consistency.
     #[arg(long, env = "BP_CREDENTIAL_CHECK_BUDGET", default_value = "2m", value_parser = humantime::parse_duration)]
     pub credential_check_budget: Duration,
+    /// How often one worker sweeps what failed or cancelled jobs left (sealed material the
+    /// Secret holds, access keys nobody can use); 0s: never.
+    #[arg(long, env = "BP_SWEEP_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+    /// How long after a repository's latest job ended the sweep may clean up after it.
+    #[arg(long, env = "BP_SWEEP_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub sweep_grace: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -12,11 +12,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::cloud::aws::{self, AwsSettings};
+use crate::cloud::aws::{self, AwsClients, AwsSettings};
 use crate::config::{ConfigError, DatabaseArgs, HttpArgs, WorkerSettingsArgs};
 use crate::http::{self, AppState, HttpLimits, RequestPolicy};
 use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
 use crate::provision::Provisioner;
+use crate::provision::sweep::Sweeper;
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub struct Application {
     state: Option<AppState>,
     limits: Option<HttpLimits>,
     workers: Option<WorkerPool>,
+    /// The sweep of what failed jobs left, and its interval (see [`sweeper`]).
+    sweep: Option<(Sweeper, Duration)>,
     pub shutdown: CancellationToken,
 }
 
@@ -62,6 +65,7 @@ impl Application {
             state: None,
             limits: None,
             workers: None,
+            sweep: None,
             shutdown,
         };
         if let Some(http) = http {
@@ -114,6 +118,12 @@ impl Application {
         Ok(())
     }
 
+    /// Runs `sweep` (from [`sweeper`]) next to the workers until shutdown.
+    pub fn with_sweeper(mut self, sweep: Option<(Sweeper, Duration)>) -> Self {
+        self.sweep = sweep;
+        self
+    }
+
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
@@ -125,6 +135,9 @@ impl Application {
         let shutdown = self.shutdown.clone();
         let workers: Option<JoinHandle<Result<(), sqlx::Error>>> =
             self.workers.map(|w| tokio::spawn(w.run(shutdown.clone())));
+        let sweep = self
+            .sweep
+            .map(|(sweeper, every)| tokio::spawn(sweeper.run(every, shutdown.clone())));
         if let (Some(listener), Some(state), Some(limits)) =
             (self.listener, self.state, self.limits)
         {
@@ -139,6 +152,11 @@ impl Application {
                 Ok(result) => result?,
                 Err(e) => tracing::error!(error = %e, "worker task panicked"),
             }
+        }
+        if let Some(sweep) = sweep
+            && let Err(e) = sweep.await
+        {
+            tracing::error!(error = %e, "sweep task panicked");
         }
         Ok(())
     }
@@ -159,6 +177,8 @@ pub async fn run(
     let registry = job_kinds(worker).await?;
     let pool = crate::db::connect(options, worker.workers).await?;
     let app = Application::build(pool, http, worker, registry).await?;
+    let sweep = sweeper(worker, &app.db).await?;
+    let app = app.with_sweeper(sweep);
     if let Some(addr) = app.local_addr() {
         tracing::info!(%addr, workers = worker.workers, "serving");
     }
@@ -174,6 +194,22 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
         return Ok(Registry::new());
     }
     let encryption_key = worker.encryption_keys()?;
+    let (aws, kube) = worker_clients(worker).await?;
+    let provisioner = Provisioner {
+        aws,
+        kube,
+        encryption_key,
+        credential_check_budget: worker.credential_check_budget,
+        credential_check_backoff: Duration::from_millis(500),
+    };
+    Ok(Registry::new().register(provisioner))
+}
+
+/// The workers' AWS clients (standard credential chain) and Kubernetes client (`KUBECONFIG`
+/// or in-cluster).
+async fn worker_clients(
+    worker: &WorkerSettingsArgs,
+) -> Result<(AwsClients, kube::Client), StartupError> {
     let settings = AwsSettings {
         endpoint_url: worker.aws_endpoint_url.clone(),
         region: None,
@@ -185,14 +221,26 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
             format!("no usable Kubernetes configuration: {e}"),
         )
     })?;
-    let provisioner = Provisioner {
-        aws,
+    Ok((aws, kube))
+}
+
+/// The sweep of what failed or cancelled jobs left (`provision::sweep`) and its interval; none
+/// without workers or with `BP_SWEEP_INTERVAL=0s`.
+pub async fn sweeper(
+    worker: &WorkerSettingsArgs,
+    db: &PgPool,
+) -> Result<Option<(Sweeper, Duration)>, StartupError> {
+    if worker.workers == 0 || worker.sweep_interval.is_zero() {
+        return Ok(None);
+    }
+    let (aws, kube) = worker_clients(worker).await?;
+    let sweeper = Sweeper {
+        db: db.clone(),
+        iam: aws.iam,
         kube,
-        encryption_key,
-        credential_check_budget: worker.credential_check_budget,
-        credential_check_backoff: Duration::from_millis(500),
+        grace: worker.sweep_grace,
     };
-    Ok(Registry::new().register(provisioner))
+    Ok(Some((sweeper, worker.sweep_interval)))
 }
 
 /// Fires `token` on SIGTERM or SIGINT.

@@ -17,7 +17,8 @@
 //! secret and a new cipher pass encrypted in Postgres until the Secret holds them.
 //! [`request`] is the use case behind the HTTP API (store the desired repository and queue its
 //! job in one transaction); [`wiring`] is what a PostgresCluster needs once its repository is
-//! ready.
+//! ready. [`sweep`] cleans up what failed or cancelled jobs left (sealed material the Secret
+//! holds, access keys nobody can use).
 
 pub mod access_key;
 pub mod bucket;
@@ -30,6 +31,7 @@ pub mod report;
 pub mod request;
 pub mod sealed;
 pub mod secret;
+pub mod sweep;
 pub mod user;
 pub mod wiring;
 

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use backup_provisioner::cloud::aws::CallCounter;
 use backup_provisioner::crypto::{EncryptionKey, Keyring};
-use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
+use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool, queue};
+use backup_provisioner::provision::job::Provisioner;
 use backup_provisioner::provision::sealed;
+use backup_provisioner::provision::sweep::{SWEEP_LOCK, SweepReport, Sweeper, Swept};
 use base64::Engine as _;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -16,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::http_common::{REPOSITORIES, assert_problem, create_repository, job_id};
-use crate::support::app::{TestApp, migrated_db, spawn_app};
+use crate::support::app::{TestApp, eventually, migrated_db, spawn_app};
 use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+use crate::support::kube_env::KubeEnv;
 use crate::support::moto::Moto;
 use crate::support::test_jobs as tj;
 
@@ -244,6 +247,11 @@ struct SealedJob {
 async fn run_jobs_until_ended(env: &Env, keys: Keyring, job: &str) -> Value {
     let mut provisioner = env.provisioner(Moto::shared(), CallCounter::new()).await;
     provisioner.encryption_key = keys;
+    run_until_ended(env, provisioner, job).await
+}
+
+/// Runs an in-process worker pool with `provisioner` until job `job` ends; returns its view.
+async fn run_until_ended(env: &Env, provisioner: Provisioner, job: &str) -> Value {
     let config = WorkerConfig {
         concurrency: 1,
         lease: Duration::from_secs(5),
@@ -370,4 +378,264 @@ fn an_invalid_previous_encryption_key_exits_2_naming_the_variable() {
         "{stderr}"
     );
     assert!(!stderr.contains("c2hvcnQ="), "no key material: {stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// #5: a cancel during the Secret's apply must not leave sealed material behind; a periodic sweep
+// removes what failed or cancelled jobs left.
+
+/// A Kubernetes client that requests a cancel of job `job` when the Secret at `secret_path` is
+/// written (not in a dry run), before the write reaches the server: the cancel lands during the
+/// Secret's apply.
+fn cancelling_client(
+    inner: kube::Client,
+    db: PgPool,
+    job: Uuid,
+    secret_path: String,
+) -> kube::Client {
+    use axum::http::{Method, Request};
+    let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+        let (inner, db, secret_path) = (inner.clone(), db.clone(), secret_path.clone());
+        async move {
+            let dry_run = request.uri().query().is_some_and(|q| q.contains("dryRun"));
+            let write = request.method() == Method::PATCH && request.uri().path() == secret_path;
+            if write && !dry_run {
+                queue::cancel(&db, job).await.expect("request the cancel");
+            }
+            inner.send(request).await
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+async fn sealed_rows(db: &PgPool, repository: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT m.kind, m.key_id FROM secret_material m
+           JOIN backup_repositories r ON r.id = m.repository_id
+          WHERE r.name = $1 ORDER BY m.kind",
+    )
+    .bind(repository)
+    .fetch_all(db)
+    .await
+    .expect("sealed rows")
+}
+
+#[tokio::test]
+async fn a_cancel_during_the_secrets_apply_leaves_no_sealed_material() {
+    const NS: &str = "cancelled";
+    let env = Env::builder(&[NS]).workers(0).start().await;
+    let name = unique_name("cancelled");
+    let bucket = bucket_for(&name);
+    let body = json!({"name": name, "namespace": env.ns(NS)});
+    let job = job_id(&create_repository(&env.app, &env.app.operator(), &body).await);
+    let mut provisioner = env.provisioner(Moto::shared(), CallCounter::new()).await;
+    let path = format!("/api/v1/namespaces/{}/secrets/{bucket}", env.ns(NS));
+    let job_uuid: Uuid = job.parse().expect("job id");
+    provisioner.kube = cancelling_client(
+        env.kube.service_client(),
+        env.app.db.clone(),
+        job_uuid,
+        path,
+    );
+
+    let view = run_until_ended(&env, provisioner, &job).await;
+    assert!(view["cancel_requested"] == true, "{view}");
+    let conf = env
+        .s3_conf(NS, &bucket)
+        .await
+        .expect("the Secret was written");
+    let secret_step = view["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["name"] == "secret"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        secret_step["state"], "succeeded",
+        "the write is recorded: {view}"
+    );
+    assert_eq!(
+        sealed_rows(&env.app.db, &name).await,
+        Vec::<(String, String)>::new(),
+        "the Secret holds {} and the cipher pass: nothing may stay sealed",
+        conf_value(&conf, "repo2-s3-key")
+    );
+    env.app.stop().await;
+}
+
+/// The sweep over the test's database, with the service's IAM and Kubernetes identities and no
+/// grace period.
+async fn sweeper(env: &Env) -> Sweeper {
+    Sweeper {
+        db: env.app.db.clone(),
+        iam: Moto::shared().clients(&env.region, None).await.iam,
+        kube: env.kube.service_client(),
+        grace: Duration::ZERO,
+    }
+}
+
+async fn sweep(env: &Env) -> SweepReport {
+    match sweeper(env).await.sweep_once().await.expect("sweep") {
+        Swept::Done(report) => report,
+        Swept::Skipped => panic!("nobody else holds this database's sweep lock"),
+    }
+}
+
+async fn sweep_audit(env: &Env, action: &str) -> Vec<(String, Value)> {
+    sqlx::query_as("SELECT outcome, detail FROM audit_events WHERE action = $1 ORDER BY id")
+        .bind(action)
+        .fetch_all(&env.app.db)
+        .await
+        .expect("audit entries")
+}
+
+#[tokio::test]
+async fn the_sweep_deletes_an_orphan_key_and_keeps_the_referenced_one() {
+    const NS: &str = "sweep";
+    let env = Env::start(&[NS]).await;
+    let name = unique_name("orphan");
+    let bucket = bucket_for(&name);
+    let view = env
+        .provision(json!({"name": name, "namespace": env.ns(NS)}))
+        .await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let conf = env.s3_conf(NS, &bucket).await.expect("the Secret");
+    let referenced = conf_value(&conf, "repo2-s3-key");
+    // A key left by a job that died before sealing its secret: nobody can use it.
+    let orphan = env
+        .admin
+        .iam
+        .create_access_key()
+        .user_name(&bucket)
+        .send()
+        .await
+        .expect("create a key")
+        .access_key()
+        .map(|k| k.access_key_id().to_owned())
+        .expect("key id");
+
+    // The periodic sweep (one worker wins the lock) deletes it.
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(
+        sweeper(&env)
+            .await
+            .run(Duration::from_millis(50), shutdown.clone()),
+    );
+    let keys = eventually(
+        Duration::from_secs(30),
+        "the orphan key deleted",
+        || async {
+            let keys = user_key_ids(&env, &bucket).await;
+            (!keys.contains(&orphan)).then_some(keys)
+        },
+    )
+    .await;
+    shutdown.cancel();
+    running.await.expect("the sweep stopped");
+    assert_eq!(keys, [referenced], "the key the Secret references is kept");
+    let audited = sweep_audit(&env, "sweep.access-key").await;
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0].0, "deleted");
+    assert_eq!(audited[0].1["access_key_id"], orphan.as_str());
+    env.app.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweep_keeps_sealed_material_the_secret_does_not_hold() {
+    let env = Env::builder(&[ROTATION_NS]).workers(0).start().await;
+    let key = EncryptionKey::from_base64(&env.encryption_key).expect("key");
+    let name = unique_name("kept");
+    let bucket = bucket_for(&name);
+    let sealed = failed_at_the_secret_step(&env, &name, &key).await;
+    let both = vec![
+        ("access-key".to_owned(), sealed.access_key_id.clone()),
+        ("cipher-pass".to_owned(), "cipher-pass".to_owned()),
+    ];
+
+    // No Secret: nothing it could hold; both kept, reported once, and the sealed key kept.
+    let report = sweep(&env).await;
+    assert_eq!(report.sealed_deleted, []);
+    assert_eq!(report.sealed_kept.len(), 2, "{report:?}");
+    assert_eq!(
+        report.keys_deleted,
+        [],
+        "a key whose secret is sealed is kept"
+    );
+    assert_eq!(sealed_rows(&env.app.db, &name).await, both);
+    sweep(&env).await;
+    let audited = sweep_audit(&env, "sweep.sealed-material").await;
+    assert_eq!(
+        audited.len(),
+        1,
+        "kept material is reported once: {audited:?}"
+    );
+    assert_eq!(audited[0].0, "kept");
+    assert_eq!(audited[0].1["kept"].as_array().map(Vec::len), Some(2));
+
+    // The Secret holds the cipher pass but another key: only the pass goes.
+    let other = format!(
+        "[global]\nrepo2-cipher-pass={}\nrepo2-s3-key=AKIAOTHER\nrepo2-s3-key-secret=x\n",
+        sealed.cipher_pass
+    );
+    write_secret(&env, &bucket, &other).await;
+    let report = sweep(&env).await;
+    assert_eq!(
+        report.sealed_deleted,
+        [(name.clone(), "cipher-pass".to_owned())]
+    );
+    assert_eq!(sealed_rows(&env.app.db, &name).await, both[..1]);
+    let keys = user_key_ids(&env, &bucket).await;
+    assert_eq!(keys, std::slice::from_ref(&sealed.access_key_id));
+
+    // The Secret references the sealed key: its sealed secret goes too.
+    let held = format!(
+        "[global]\nrepo2-cipher-pass={}\nrepo2-s3-key={}\nrepo2-s3-key-secret=x\n",
+        sealed.cipher_pass, sealed.access_key_id
+    );
+    write_secret(&env, &bucket, &held).await;
+    let report = sweep(&env).await;
+    assert_eq!(
+        report.sealed_deleted,
+        [(name.clone(), "access-key".to_owned())]
+    );
+    assert_eq!(sealed_rows(&env.app.db, &name).await, []);
+    assert_eq!(user_key_ids(&env, &bucket).await, [sealed.access_key_id]);
+    env.app.stop().await;
+}
+
+/// Writes the managed Secret of `bucket` in the rotation namespace holding `conf`.
+async fn write_secret(env: &Env, bucket: &str, conf: &str) {
+    let secret = json!({
+        "type": "Opaque",
+        "metadata": {"name": bucket,
+                     "labels": {"app.kubernetes.io/managed-by": "backup-provisioner"}},
+        "data": {"s3.conf": base64::engine::general_purpose::STANDARD.encode(conf)},
+    });
+    let namespace = env.ns(ROTATION_NS);
+    env.kube.apply_secret_as("kubectl", namespace, secret).await;
+}
+
+#[tokio::test]
+async fn one_worker_sweeps_at_a_time() {
+    let db = migrated_db().await;
+    let mut other_worker = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(SWEEP_LOCK)
+        .execute(&mut *other_worker)
+        .await
+        .unwrap();
+    let kube_env = KubeEnv::start(&[]).await;
+    let sweeper = Sweeper {
+        db: db.pool.clone(),
+        iam: Moto::shared().clients("us-east-1", None).await.iam,
+        kube: kube_env.service_client(),
+        grace: Duration::ZERO,
+    };
+    assert_eq!(sweeper.sweep_once().await.unwrap(), Swept::Skipped);
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SWEEP_LOCK)
+        .execute(&mut *other_worker)
+        .await
+        .unwrap();
+    let swept = sweeper.sweep_once().await.unwrap();
+    assert_eq!(swept, Swept::Done(SweepReport::default()));
 }

@@ -257,6 +257,8 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
         shutdown_grace: Duration::from_secs(5),
         aws_endpoint_url: None,
         credential_check_budget: Duration::from_secs(20),
+        sweep_interval: Duration::ZERO,
+        sweep_grace: Duration::from_secs(3600),
     }
 }
 
