@@ -525,73 +525,19 @@ impl backup_provisioner::jobs::JobHandler for Ticker {
 /// AWS call) happens once the rescuer may hand the job to another worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_cannot_renew_its_lease_stops_before_it_expires() {
-    use backup_provisioner::jobs::queue::{self, NewJob};
-    use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
-
-    let db = crate::support::app::migrated_db().await;
-    sqlx::query("CREATE TABLE lease_ticks (attempt integer NOT NULL, at timestamptz NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .expect("ticks table");
-    let mut url = url::Url::parse(&db.url).expect("database url");
-    let target = (url.host_str().expect("host"), url.port().unwrap_or(5432));
-    let target = tokio::net::lookup_host(target)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    let forwarder = Forwarder::start(target).await;
-    url.set_port(Some(forwarder.addr.port())).expect("port");
-    let heartbeats = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(url.as_str())
-        .await
-        .expect("heartbeat pool through the forwarder");
-
-    let lease = Duration::from_secs(3);
-    let config = WorkerConfig {
-        concurrency: 1,
-        lease,
-        // No rescue or polling while the test looks: the lease stays as the worker left it.
-        poll_interval: Duration::from_secs(120),
-        retry_base: Duration::from_millis(50),
-        shutdown_grace: Duration::from_secs(1),
-        worker_id: "cut-off".to_owned(),
-    };
-    let (stopped, mut stops) = unbounded_channel();
-    let registry = Registry::new().register(Ticker { stopped });
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let workers = tokio::spawn(
-        WorkerPool::new(db.pool.clone(), registry, config)
-            .with_heartbeat_pool(heartbeats)
-            .run(shutdown.clone()),
-    );
-    let mut tx = db.pool.begin().await.expect("begin");
-    let job_id = queue::enqueue(
-        &mut tx,
-        NewJob {
-            kind: TICKER,
-            subject: None,
-            payload: json!({}),
-            max_attempts: 5,
-            created_by: "test@lease",
-        },
-    )
-    .await
-    .expect("enqueue");
-    tx.commit().await.expect("commit");
-
-    let lease_at_claim = lease_expiry_once_running(&db.pool, job_id).await;
+    let lease = Duration::from_secs(6);
+    let mut cut = CutOffWorker::start(lease).await;
+    let job_id = enqueue_ticker(&cut.db.pool).await;
+    let lease_at_claim = lease_expiry_once_running(&cut.db.pool, job_id).await;
     // A renewal went through the forwarder: heartbeats use it.
     crate::support::app::eventually(DEADLINE, "a heartbeat to renew the lease", || async {
-        (lease_expiry(&db.pool, job_id).await > lease_at_claim).then_some(())
+        (lease_expiry(&cut.db.pool, job_id).await > lease_at_claim).then_some(())
     })
     .await;
-    forwarder.pause(true);
+    cut.forwarder.pause(true);
     let paused_at = chrono::Utc::now();
 
-    let stop = tokio::time::timeout(2 * lease, stops.recv()).await;
+    let stop = tokio::time::timeout(2 * lease, cut.stops.recv()).await;
     let Ok(Some((attempt, stopped_at))) = stop else {
         panic!(
             "the job kept working although its lease could not be renewed for {:?}",
@@ -599,10 +545,10 @@ async fn a_worker_that_cannot_renew_its_lease_stops_before_it_expires() {
         );
     };
     assert_eq!(attempt, 1);
-    let expiry = lease_expiry(&db.pool, job_id).await;
+    let expiry = lease_expiry(&cut.db.pool, job_id).await;
     let last_tick: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT max(at) FROM lease_ticks WHERE attempt = 1")
-            .fetch_one(&db.pool)
+            .fetch_one(&cut.db.pool)
             .await
             .expect("ticks");
     assert!(
@@ -616,7 +562,7 @@ async fn a_worker_that_cannot_renew_its_lease_stops_before_it_expires() {
     let (state, locked_by): (String, Option<String>) =
         sqlx::query_as("SELECT state, locked_by FROM jobs WHERE id = $1")
             .bind(job_id)
-            .fetch_one(&db.pool)
+            .fetch_one(&cut.db.pool)
             .await
             .expect("job");
     assert_eq!(
@@ -628,13 +574,97 @@ async fn a_worker_that_cannot_renew_its_lease_stops_before_it_expires() {
         "lease {lease:?}: heartbeats cut off at {paused_at}, job stopped at {stopped_at}, \
          last tick {last_tick}, lease expired at {expiry}"
     );
-    forwarder.pause(false);
-    shutdown.cancel();
-    let stopped = tokio::time::timeout(Duration::from_secs(30), workers).await;
-    assert!(
-        matches!(stopped, Ok(Ok(Ok(())))),
-        "the worker pool stopped: {stopped:?}"
-    );
+    cut.stop().await;
+}
+
+/// A worker pool running [`Ticker`] jobs whose heartbeats pass a [`Forwarder`].
+struct CutOffWorker {
+    db: crate::support::app::TestDb,
+    forwarder: Forwarder,
+    stops: UnboundedReceiver<(i32, chrono::DateTime<chrono::Utc>)>,
+    shutdown: tokio_util::sync::CancellationToken,
+    workers: tokio::task::JoinHandle<Result<(), sqlx::Error>>,
+}
+
+impl CutOffWorker {
+    async fn start(lease: Duration) -> CutOffWorker {
+        use backup_provisioner::jobs::{Registry, WorkerConfig, WorkerPool};
+        let db = crate::support::app::migrated_db().await;
+        sqlx::query("CREATE TABLE lease_ticks (attempt integer NOT NULL, at timestamptz NOT NULL)")
+            .execute(&db.pool)
+            .await
+            .expect("ticks table");
+        let (forwarder, heartbeats) = heartbeats_through_forwarder(&db.url).await;
+        let config = WorkerConfig {
+            concurrency: 1,
+            lease,
+            // No rescue or polling while the test looks: the lease stays as the worker left it.
+            poll_interval: Duration::from_secs(120),
+            retry_base: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(1),
+            worker_id: "cut-off".to_owned(),
+        };
+        let (stopped, stops) = unbounded_channel();
+        let registry = Registry::new().register(Ticker { stopped });
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let workers = tokio::spawn(
+            WorkerPool::new(db.pool.clone(), registry, config)
+                .with_heartbeat_pool(heartbeats)
+                .run(shutdown.clone()),
+        );
+        CutOffWorker {
+            db,
+            forwarder,
+            stops,
+            shutdown,
+            workers,
+        }
+    }
+
+    async fn stop(self) {
+        self.forwarder.pause(false);
+        self.shutdown.cancel();
+        let stopped = tokio::time::timeout(Duration::from_secs(30), self.workers).await;
+        assert!(
+            matches!(stopped, Ok(Ok(Ok(())))),
+            "the worker pool stopped: {stopped:?}"
+        );
+    }
+}
+
+/// A forwarder to the database at `database_url` and a pool of two connections through it.
+async fn heartbeats_through_forwarder(database_url: &str) -> (Forwarder, sqlx::PgPool) {
+    let mut url = url::Url::parse(database_url).expect("database url");
+    let target = (url.host_str().expect("host"), url.port().unwrap_or(5432));
+    let target = tokio::net::lookup_host(target)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("address");
+    let forwarder = Forwarder::start(target).await;
+    url.set_port(Some(forwarder.addr.port())).expect("port");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(url.as_str())
+        .await
+        .expect("heartbeat pool through the forwarder");
+    (forwarder, pool)
+}
+
+async fn enqueue_ticker(db: &sqlx::PgPool) -> Uuid {
+    use backup_provisioner::jobs::queue::{self, NewJob};
+    let mut tx = db.begin().await.expect("begin");
+    let job = NewJob {
+        kind: TICKER,
+        subject: None,
+        payload: json!({}),
+        max_attempts: 5,
+        created_by: "test@lease",
+    };
+    let id = queue::enqueue(&mut tx, job).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    id
 }
 
 async fn lease_expiry(db: &sqlx::PgPool, job_id: Uuid) -> chrono::DateTime<chrono::Utc> {
