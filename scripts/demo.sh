@@ -2,9 +2,12 @@
 # `make demo`: run the service locally and provision the runbook's two repositories end to end.
 #
 # Starts moto (S3 + IAM) unless AWS_ENDPOINT_URL is set, the Kubernetes emulator unless
-# KUBECONFIG is set, and the service; creates `zitadel` and `holos-server` through the API,
-# follows both jobs to the end, then prints the bucket settings read back from S3 and the
-# Secrets' keys with values redacted.
+# KUBECONFIG is set, and the service; creates `zitadel` and `holos-server` through the API and
+# reconciles them (so a repository an earlier run already made is provisioned again wherever
+# the demo points now), follows the jobs to the end, then reads back the bucket settings from
+# S3 and the Secrets' keys with values redacted: a missing bucket or Secret fails the run.
+# The database is per target (AWS endpoint and identity, Kubernetes cluster and context), so
+# one target's answers are never replayed for another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,11 +55,25 @@ if [ -z "${KUBECONFIG:-}" ]; then
   for _ in $(seq 1 100); do [ -s "$KUBECONFIG" ] && break; sleep 0.1; done
 fi
 
+# Names the Kubernetes cluster and context KUBECONFIG points at (the emulator is always new).
+kube_target() {
+  [ "$USING_EMULATOR" = yes ] && { echo emulator; return; }
+  "$ROOT/.venv/bin/python" -c 'import os, yaml
+c = yaml.safe_load(open(os.environ["KUBECONFIG"].split(":")[0]))
+ctx = next(x["context"] for x in c["contexts"] if x["name"] == c["current-context"])
+print(next(x["cluster"]["server"] for x in c["clusters"] if x["name"] == ctx["cluster"]), c["current-context"])' \
+    2>/dev/null || echo "$KUBECONFIG"
+}
 DB=backup_provisioner_demo
 if [ "$USING_MOTO" = yes ]; then
   # moto starts empty, so the demo starts from an empty database too.
   psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" postgres
+else
+  TARGET="$AWS_ENDPOINT_URL ${AWS_ACCESS_KEY_ID:-} ${AWS_PROFILE:-} $(kube_target)"
+  DB=${DB}_$(printf '%s' "$TARGET" | sha256sum | cut -c1-12)
 fi
+# scripts/demo_retarget.sh keeps one database across targets on purpose.
+DB=${BP_DEMO_DATABASE:-$DB}
 psql -q -h 127.0.0.1 -U postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" postgres | grep -q 1 \
   || psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB" postgres
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB"
@@ -74,17 +91,29 @@ PIDS+=($!)
 wait_http "$API/readyz" "backup-provisioner"
 
 TOKEN=$("$BIN/backup-provisioner" token --sub demo@holos.run --role operator --ttl 1h)
-create() { # name namespace bucket
-  say "POST /v1/backup-repositories {name: $1, namespace: $2, bucket: $3}"
+provision() { # name namespace bucket; prints the id of the job to follow
+  say "POST /v1/backup-repositories {name: $1, namespace: $2, bucket: $3}" >&2
   curl -sS -X POST "$API/v1/backup-repositories" -H "Authorization: Bearer $TOKEN" \
     -H 'Content-Type: application/json' -H "Idempotency-Key: demo-$1" \
     -d "{\"name\":\"$1\",\"namespace\":\"$2\",\"bucket\":\"$3\",\"region\":\"us-east-1\"}" \
     -D "$RUN/$1.headers" -o "$RUN/$1.json"
-  head -1 "$RUN/$1.headers"; grep -i '^location' "$RUN/$1.headers" || true
-  jq -r '.job.id' "$RUN/$1.json"
+  { head -1 "$RUN/$1.headers"; grep -i '^location' "$RUN/$1.headers" || true; } >&2
+  # The repository may exist from an earlier run (the create answers from it): reconcile, so
+  # it is provisioned wherever the demo points now. 409: the create's own job is still going.
+  say "POST /v1/backup-repositories/$1/reconcile" >&2
+  local status
+  status=$(curl -sS -X POST "$API/v1/backup-repositories/$1/reconcile" -H "Authorization: Bearer $TOKEN" \
+    -o "$RUN/$1.reconcile.json" -w '%{http_code}')
+  echo "HTTP $status" >&2
+  case $status in
+    202) jq -r '.job.id' "$RUN/$1.reconcile.json" ;;
+    409) jq -r '.job.id' "$RUN/$1.json" ;;
+    *) cat "$RUN/$1.reconcile.json" >&2; echo "demo: reconcile of $1 failed" >&2; echo none ;;
+  esac
 }
 FAILED=0
 follow() { # name job_id
+  [ "$2" = none ] && { FAILED=1; return 0; }
   local last=""
   for _ in $(seq 1 60); do
     local view; view=$(curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/jobs/$2?wait=2s")
@@ -97,8 +126,8 @@ follow() { # name job_id
   done
   echo "  $1: still not finished"; FAILED=1
 }
-JOB_Z=$(create zitadel zitadel holos-zitadel-backups | tee /dev/stderr | tail -1)
-JOB_H=$(create holos-server holos holos-server-backups | tee /dev/stderr | tail -1)
+JOB_Z=$(provision zitadel zitadel holos-zitadel-backups)
+JOB_H=$(provision holos-server holos holos-server-backups)
 say "following both jobs"
 follow zitadel "$JOB_Z"
 follow holos-server "$JOB_H"
@@ -110,10 +139,12 @@ for name in zitadel holos-server; do
 done
 
 say "bucket settings as read back from S3"
-"$ROOT/.venv/bin/python" "$ROOT/scripts/show_bucket.py" holos-zitadel-backups holos-server-backups
+"$ROOT/.venv/bin/python" "$ROOT/scripts/show_bucket.py" holos-zitadel-backups holos-server-backups \
+  || { echo "demo: a bucket is missing at $AWS_ENDPOINT_URL"; FAILED=1; }
 
 say "Secrets in the management cluster (values redacted)"
-"$ROOT/.venv/bin/python" "$ROOT/scripts/show_secret.py" zitadel/holos-zitadel-backups holos/holos-server-backups
+"$ROOT/.venv/bin/python" "$ROOT/scripts/show_secret.py" zitadel/holos-zitadel-backups holos/holos-server-backups \
+  || { echo "demo: a Secret is missing in the cluster of $KUBECONFIG"; FAILED=1; }
 
 say "audit log (last 12 entries)"
 curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/audit?limit=200" \

@@ -1,4 +1,8 @@
-"""Prints what S3 reports for each bucket: the runbook's settings, read back through the API."""
+"""Prints what S3 reports for each bucket: the runbook's settings, read back through the API.
+
+Exits 1 when a bucket is missing or cannot be read, so `make demo` fails instead of reporting
+settings of a bucket that is not there.
+"""
 import sys
 
 import boto3
@@ -12,9 +16,26 @@ def setting(call, pick, missing="not set"):
         return f"{missing} ({e.response['Error']['Code']})"
 
 
+def problem(s3, bucket):
+    """None when the bucket exists and is ours to read; else what is wrong."""
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return None
+    except ClientError as e:
+        code = e.response["Error"]["Code"]
+        missing = code in ("404", "NoSuchBucket", "NotFound")
+        return f"{'MISSING' if missing else 'UNREADABLE'} ({code})"
+
+
 def main(buckets):
     s3 = boto3.client("s3")
+    failed = 0
     for b in buckets:
+        wrong = problem(s3, b)
+        if wrong:
+            print(f"{b}: {wrong}")
+            failed = 1
+            continue
         print(f"{b}:")
         rows = {
             "region": setting(lambda: s3.get_bucket_location(Bucket=b),
@@ -38,7 +59,8 @@ def main(buckets):
         }
         for k, v in rows.items():
             print(f"  {k:20} {v}")
+    return failed
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

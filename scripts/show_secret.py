@@ -2,6 +2,8 @@
 
 Uses the kubeconfig's current context when it authenticates with a bearer token over the
 cluster's own CA (the demo's emulator); otherwise it asks kubectl, which supports every method.
+Exits 1 when a Secret is missing, cannot be read, or has no `s3.conf`, so `make demo` fails
+instead of reporting a Secret that is not there.
 """
 import base64
 import json
@@ -32,29 +34,41 @@ def redact(text):
 
 
 def fetch(server, headers, ns, name):
+    """The Secret as JSON, or (MISSING | UNREADABLE, why)."""
     if headers and server.startswith("http://"):
         r = requests.get(f"{server}/api/v1/namespaces/{ns}/secrets/{name}", headers=headers, timeout=10)
-        return r.json() if r.status_code == 200 else f"{r.status_code} {r.json().get('message')}"
+        if r.status_code == 200:
+            return r.json()
+        return ("MISSING" if r.status_code == 404 else "UNREADABLE", f"{r.status_code} {r.json().get('message')}")
     if not shutil.which("kubectl"):
-        return "kubectl is needed to read Secrets from this cluster"
+        return ("UNREADABLE", "kubectl is needed to read Secrets from this cluster")
     out = subprocess.run(["kubectl", "-n", ns, "get", "secret", name, "-o", "json"], capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else out.stderr.strip()
+    if out.returncode == 0:
+        return json.loads(out.stdout)
+    return ("MISSING" if "NotFound" in out.stderr else "UNREADABLE", out.stderr.strip())
 
 
 def main(refs):
     server, headers = cluster()
+    failed = 0
     for ref in refs:
         ns, name = ref.split("/")
         s = fetch(server, headers, ns, name)
-        if isinstance(s, str):
-            print(f"{ref}: {s}")
+        if isinstance(s, tuple):
+            print(f"{ref}: {s[0]} ({s[1]})")
+            failed = 1
             continue
         print(f"{ref}: type={s.get('type')} labels={s['metadata'].get('labels')}")
-        for key, value in (s.get("data") or {}).items():
+        data = s.get("data") or {}
+        if "s3.conf" not in data:
+            print(f"  NO s3.conf (keys: {sorted(data)})")
+            failed = 1
+        for key, value in data.items():
             print(f"  data key {key!r}:")
             for line in redact(base64.b64decode(value).decode()):
                 print(f"    {line}")
+    return failed
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -18,6 +18,11 @@ if ! bash scripts/demo.sh >.run/demo.log 2>&1; then
   tail -40 .run/demo.log; echo "make test: make demo failed"; exit 1
 fi
 echo "make test: make demo provisioned both repositories ($(( $(date +%s) - started ))s)"
+# The demo pointed at another target provisions there (issue 12; .run/demo-retarget-*.log).
+if ! bash scripts/demo_retarget.sh >.run/demo-retarget.log 2>&1; then
+  tail -40 .run/demo-retarget.log; echo "make test: make demo against a second target failed"; exit 1
+fi
+echo "make test: make demo provisioned a second target ($(( $(date +%s) - started ))s)"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

@@ -639,3 +639,89 @@ async fn one_worker_sweeps_at_a_time() {
     let swept = sweeper.sweep_once().await.unwrap();
     assert_eq!(swept, Swept::Done(SweepReport::default()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// #12: `make demo`'s read-back fails the run when a bucket or a Secret is missing.
+
+/// Runs `scripts/<script>` with the repository's Python (the venv of `scripts/install-deps.sh`)
+/// and only the environment given.
+fn demo_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut command = std::process::Command::new(root.join(".venv/bin/python"));
+    command
+        .arg(root.join("scripts").join(script))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run the script")
+}
+
+#[tokio::test]
+async fn show_bucket_exits_1_when_a_bucket_is_missing() {
+    let moto = Moto::shared();
+    let present = bucket_for(&unique_name("shown"));
+    let missing = bucket_for(&unique_name("missing"));
+    let admin = moto.clients("us-east-1", None).await;
+    admin
+        .s3
+        .create_bucket()
+        .bucket(&present)
+        .send()
+        .await
+        .expect("create bucket");
+    let env = [
+        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let shown = demo_script("show_bucket.py", &[&present], &env);
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(shown.status.code(), Some(0), "{stdout}{:?}", shown.stderr);
+    assert!(stdout.contains(&present), "{stdout}");
+
+    let output = demo_script("show_bucket.py", &[&present, &missing], &env);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{missing}: MISSING")),
+        "the missing bucket is named: {stdout}"
+    );
+}
+
+#[tokio::test]
+async fn show_secret_exits_1_when_a_secret_is_missing() {
+    let kube = KubeEnv::start(&["demo"]).await;
+    let namespace = kube.ns("demo").to_owned();
+    let conf = "[global]\nrepo2-cipher-pass=do-not-print-me\nrepo2-s3-key=AKIASHOWN\n";
+    let secret = json!({
+        "type": "Opaque",
+        "metadata": {"name": "holos-shown-backups"},
+        "data": {"s3.conf": base64::engine::general_purpose::STANDARD.encode(conf)},
+    });
+    kube.create_secret_as("kubectl-create", &namespace, secret)
+        .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, kube.service_kubeconfig("demo")).expect("write kubeconfig");
+    let env = [("KUBECONFIG", kubeconfig.to_str().expect("utf-8 path"))];
+    let present = format!("{namespace}/holos-shown-backups");
+    let missing = format!("{namespace}/holos-missing-backups");
+
+    let shown = demo_script("show_secret.py", &[&present], &env);
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(shown.status.code(), Some(0), "{stdout}{:?}", shown.stderr);
+    assert!(stdout.contains("'s3.conf'"), "{stdout}");
+    assert!(
+        !stdout.contains("do-not-print-me"),
+        "values are redacted: {stdout}"
+    );
+
+    let output = demo_script("show_secret.py", &[&present, &missing], &env);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(&format!("{missing}: MISSING")), "{stdout}");
+}
