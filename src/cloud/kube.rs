@@ -38,6 +38,9 @@ pub fn client_from_config(mut config: kube::Config) -> Result<kube::Client, Clou
     if config.read_timeout.is_none() {
         config.read_timeout = Some(DEFAULT_READ_TIMEOUT);
     }
+    // The client's own retry of 429/503/504 (up to 15 tries, backing off to minutes) would hide
+    // throttling from the job engine, whose backoff, attempt budget and audit log should see it.
+    config.default_retry = false;
     kube::Client::try_from(config).map_err(|e| classify("build client", e))
 }
 
@@ -105,6 +108,19 @@ fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// rustls' words for a server certificate that does not chain to a trusted CA or is not for
+/// this server.
+fn is_untrusted_certificate(detail: &str) -> bool {
+    [
+        "invalid peer certificate",
+        "UnknownIssuer",
+        "NotValidForName",
+        "certificate verify failed",
+    ]
+    .iter()
+    .any(|words| detail.contains(words))
+}
+
 /// The full error chain, `a: b: c`.
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![err.to_string()];
@@ -121,6 +137,18 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 fn transport(operation: &'static str, err: &(dyn std::error::Error + 'static)) -> CloudError {
     let detail = chain(err);
+    if is_untrusted_certificate(&detail) {
+        // A certificate we do not trust will not become trusted by waiting: the kubeconfig's
+        // CA (or the server's certificate) is wrong.
+        return CloudError::permanent(
+            SERVICE,
+            operation,
+            format!(
+                "the Kubernetes API's TLS certificate is not trusted ({detail}); check the \
+                 kubeconfig's certificate-authority data or the in-cluster CA"
+            ),
+        );
+    }
     let message = if is_timeout(err) {
         format!("the request to the Kubernetes API timed out ({detail})")
     } else {
@@ -205,8 +233,13 @@ fn forbidden(message: &str) -> Cow<'static, str> {
     match parse_denied(message) {
         Some(d) => {
             let group = if d.group.is_empty() { "core" } else { d.group };
+            // A namespace that does not exist has no RoleBinding either, so a namespace-scoped
+            // Role answers 403 for it too.
             let scope = match d.namespace {
-                Some(ns) => format!("in namespace {ns:?} (a Role and RoleBinding there)"),
+                Some(ns) => format!(
+                    "in namespace {ns:?} (a Role and RoleBinding there), or create the \
+                     namespace if it does not exist yet"
+                ),
                 None => "cluster-wide (a ClusterRole and ClusterRoleBinding)".into(),
             };
             format!(
@@ -437,5 +470,15 @@ mod tests {
             }
         );
         assert!(parse_denied("forbidden").is_none());
+    }
+
+    #[test]
+    fn an_untrusted_server_certificate_is_permanent_and_says_so() {
+        let err = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let e = transport("get secret", &err);
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("certificate-authority"), "{e}");
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(transport("get secret", &refused).is_retryable());
     }
 }
