@@ -135,7 +135,9 @@ impl JobContext {
 
     /// Like [`Self::step`], for steps that must commit their own writes together with their
     /// success: `work` gets the attempt number and must call [`Self::finish_step`] in a
-    /// [`Self::fenced_tx_unless_cancelled`] before returning. Failures are recorded here.
+    /// [`Self::fenced_tx_unless_cancelled`] before returning (or in a [`Self::fenced_tx`] when
+    /// its external change is already made and must be recorded despite a cancel). Failures are
+    /// recorded here.
     pub async fn step_with_own_commit<T, F, Fut>(
         &self,
         name: &str,
@@ -249,8 +251,8 @@ impl JobContext {
     }
 
     /// Records a step's success and its audit entry inside `tx` (which must come from
-    /// [`Self::fenced_tx_unless_cancelled`]); callers add their own writes to the same
-    /// transaction.
+    /// [`Self::fenced_tx_unless_cancelled`], or [`Self::fenced_tx`] for work already done);
+    /// callers add their own writes to the same transaction.
     pub async fn finish_step<T: Serialize>(
         &self,
         tx: &mut Transaction<'static, Postgres>,
