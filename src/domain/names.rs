@@ -7,10 +7,14 @@ use super::{ValidationError, check_dns1123_label};
 /// Maximum length of an RFC 1123 label.
 pub const DNS1123_LABEL_MAX: usize = 63;
 
+/// The cluster's own namespaces: a Secret is never written there, allow list or not.
+pub const RESERVED_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
 /// A Kubernetes namespace the provisioner is allowed to write Secrets into.
 ///
-/// Deserializing checks the syntax only: the allowed list is a rule for new requests, checked by
-/// [`Namespace::parse`], not for values stored earlier (job payloads).
+/// Deserializing checks the syntax and refuses [`RESERVED_NAMESPACES`], but not the allowed
+/// list: that is a rule for new requests, checked by [`Namespace::parse`], not for values stored
+/// earlier (job payloads).
 #[derive(
     Debug,
     Clone,
@@ -28,11 +32,19 @@ pub const DNS1123_LABEL_MAX: usize = 63;
 pub struct Namespace(String);
 
 impl Namespace {
-    /// Parses an RFC 1123 label; when `allowed` is non-empty the namespace
-    /// must also be one of its entries. An empty `allowed` list allows any
-    /// syntactically valid namespace.
+    /// Parses an RFC 1123 label that is not one of [`RESERVED_NAMESPACES`]; when `allowed` is
+    /// non-empty the namespace must also be one of its entries. An empty `allowed` list allows
+    /// any other syntactically valid namespace (production sets the list: README).
     pub fn parse(value: &str, allowed: &[String]) -> Result<Self, ValidationError> {
         check_dns1123_label("namespace", "namespace", value)?;
+        if RESERVED_NAMESPACES.contains(&value) {
+            return Err(ValidationError::new(
+                "namespace",
+                format!(
+                    "namespace '{value}' belongs to the cluster itself and is never written to"
+                ),
+            ));
+        }
         if !allowed.is_empty() && !allowed.iter().any(|a| a == value) {
             return Err(ValidationError::new(
                 "namespace",
@@ -155,7 +167,8 @@ mod tests {
             "holos",
             "a",
             "0",
-            "kube-system",
+            "kube",
+            "kube-systems",
             "a1-b2",
             long.as_str(),
         ] {
@@ -185,6 +198,30 @@ mod tests {
             assert_eq!(e.field, "namespace");
             assert!(e.message.contains(expected), "{ns:?}: {:?}", e.message);
         }
+    }
+
+    #[test]
+    fn the_clusters_own_namespaces_are_always_refused() {
+        for ns in RESERVED_NAMESPACES {
+            // With no allow list, and even when an allow list names them.
+            for allowed in [vec![], list(&[ns, "zitadel"])] {
+                let e = Namespace::parse(ns, &allowed).unwrap_err();
+                assert_eq!(e.field, "namespace");
+                assert_eq!(
+                    e.message,
+                    format!(
+                        "namespace '{ns}' belongs to the cluster itself and is never written to"
+                    )
+                );
+            }
+            // Stored values (job payloads) are refused too.
+            let e = serde_json::from_str::<Namespace>(&format!("\"{ns}\"")).unwrap_err();
+            assert!(e.to_string().contains("belongs to the cluster"), "{e}");
+        }
+        assert_eq!(
+            RESERVED_NAMESPACES,
+            ["kube-system", "kube-public", "kube-node-lease"]
+        );
     }
 
     #[test]

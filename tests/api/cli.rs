@@ -43,7 +43,7 @@ fn assert_config_error(output: &Output, variable: &str) {
 
 #[test]
 fn bad_configuration_exits_2_naming_the_variable() {
-    let cases: [(&str, &str, &str); 6] = [
+    let cases: [(&str, &str, &str); 7] = [
         ("BP_BUCKET_NAME_PATTERN", "(", "BP_BUCKET_NAME_PATTERN"),
         ("BP_ENCRYPTION_KEY", "not-base64!", "BP_ENCRYPTION_KEY"),
         ("BP_ENCRYPTION_KEY", "c2hvcnQ=", "BP_ENCRYPTION_KEY"),
@@ -53,6 +53,7 @@ fn bad_configuration_exits_2_naming_the_variable() {
             "Not_A_Namespace",
             "BP_ALLOWED_NAMESPACES",
         ),
+        ("BP_ALLOWED_NAMESPACES", "zitadel,kube-system", "BP_ALLOWED_NAMESPACES"),
         ("BP_CORS_ORIGINS", "not an origin", "BP_CORS_ORIGINS"),
     ];
     for (variable, value, named) in cases {

@@ -86,6 +86,10 @@ fn bad_cases() -> Vec<(Value, Vec<(&'static str, String)>)> {
         namespace("my.ns", "namespace may contain only lowercase letters, digits and '-' (found '.' at position 2)"),
         namespace("-ns", "namespace must start with a lowercase letter or digit"),
         namespace("ns-", "namespace must end with a lowercase letter or digit"),
+        // With no BP_ALLOWED_NAMESPACES (as here) the cluster's own namespaces are refused.
+        namespace("kube-system", "namespace 'kube-system' belongs to the cluster itself and is never written to"),
+        namespace("kube-public", "namespace 'kube-public' belongs to the cluster itself and is never written to"),
+        namespace("kube-node-lease", "namespace 'kube-node-lease' belongs to the cluster itself and is never written to"),
         // Regions.
         region(""),
         region("us-east"),
