@@ -81,6 +81,9 @@ pub struct HttpArgs {
     /// Claim that carries roles: an array of names or an object whose keys are names.
     #[arg(long, env = "BP_JWT_ROLES_CLAIM", default_value = "roles")]
     pub jwt_roles_claim: String,
+    /// Longest accepted token lifetime (`exp - iat`, e.g. 1h); tokens must then carry `iat`.
+    #[arg(long, env = "BP_JWT_MAX_LIFETIME", value_parser = humantime::parse_duration)]
+    pub jwt_max_lifetime: Option<Duration>,
     /// Comma-separated origins allowed by CORS (the internal portal).
     #[arg(long, env = "BP_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
@@ -263,9 +266,16 @@ impl HttpArgs {
                 jwks_refetch_floor: Duration::from_secs(30),
             },
         };
+        if self.jwt_max_lifetime.is_some_and(|max| max.is_zero()) {
+            return Err(ConfigError::new(
+                "BP_JWT_MAX_LIFETIME",
+                "must be more than 0s (unset: no maximum)",
+            ));
+        }
         Ok(AuthConfig {
             settings,
             roles_claim: self.jwt_roles_claim.clone(),
+            max_lifetime: self.jwt_max_lifetime,
         })
     }
 

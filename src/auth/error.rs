@@ -63,6 +63,17 @@ pub enum AuthError {
     #[error("token not yet valid")]
     NotYetValid,
 
+    /// `iat` is in the future (beyond the leeway).
+    #[error("token issued in the future")]
+    IssuedInFuture,
+
+    /// `exp - iat` exceeds the configured maximum token lifetime.
+    #[error("token lifetime (exp - iat) exceeds the maximum of {max}")]
+    LifetimeTooLong {
+        /// The configured maximum, e.g. `1h`.
+        max: String,
+    },
+
     /// `iss` is not the expected issuer.
     #[error("wrong issuer: expected {expected}")]
     WrongIssuer {

@@ -9,8 +9,10 @@
 //!
 //! Both modes check the signature with exactly the header's algorithm, which must be one the mode
 //! accepts (HS256, or RS256/ES256), so `alg: none` and algorithm confusion are refused; then `exp`
-//! and `nbf` with [`CLOCK_LEEWAY_SECS`] of leeway, `iss`, `aud` and `sub`. Roles come from a
-//! configurable claim, as an array of names or an object keyed by names (ZITADEL).
+//! and `nbf` with [`CLOCK_LEEWAY_SECS`] of leeway, `iss` (one string), `aud`, `sub`, and `iat`
+//! (never in the future; with [`AuthConfig::max_lifetime`], required and at most that long
+//! before `exp`). Roles come from a configurable claim, as an array of names or an object keyed
+//! by names (ZITADEL); any other shape, a string too, grants no role.
 
 mod error;
 pub mod oidc;
@@ -71,6 +73,8 @@ pub struct AuthConfig {
     /// `urn:zitadel:iam:org:project:roles`). A dotted name that is not a top-level claim is
     /// looked up as a path (`realm_access.roles`).
     pub roles_claim: String,
+    /// When set, tokens must carry `iat` and live at most this long (`exp - iat`).
+    pub max_lifetime: Option<Duration>,
 }
 
 /// Verifies bearer tokens. Cheap to clone: clones share the key cache.
@@ -83,6 +87,7 @@ pub struct Authenticator {
 struct Inner {
     mode: Mode,
     roles_claim: String,
+    max_lifetime: Option<Duration>,
 }
 
 enum Mode {
@@ -122,6 +127,11 @@ impl Authenticator {
         if config.roles_claim.trim().is_empty() {
             return Err(AuthError::Config("the roles claim name is empty".into()));
         }
+        if config.max_lifetime.is_some_and(|max| max.is_zero()) {
+            return Err(AuthError::Config(
+                "the maximum token lifetime must be more than 0s".into(),
+            ));
+        }
         let mode = match config.settings {
             AuthSettings::Hs256 { secret, audience } => {
                 token::check_hs256_secret(&secret).map_err(AuthError::Config)?;
@@ -149,6 +159,7 @@ impl Authenticator {
             inner: Arc::new(Inner {
                 mode,
                 roles_claim: config.roles_claim,
+                max_lifetime: config.max_lifetime,
             }),
         })
     }
@@ -168,6 +179,7 @@ impl Authenticator {
                     issuers,
                     issuer_display: TOKEN_ISSUER,
                     audience: Some(audience),
+                    max_lifetime: self.inner.max_lifetime,
                 };
                 token::verify(token, header.alg, key, &expect)?
             }
@@ -178,6 +190,7 @@ impl Authenticator {
                     issuers: &verifier.issuers,
                     issuer_display: &verifier.issuer_display,
                     audience: verifier.audience.as_deref(),
+                    max_lifetime: self.inner.max_lifetime,
                 };
                 token::verify(token, header.alg, &key.key, &expect)?
             }

@@ -98,10 +98,11 @@ pub(crate) fn find_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Opti
     Some(current)
 }
 
-/// Reads roles from a claim value: an array of strings (`["operator"]`), an object whose keys are
-/// role names (ZITADEL: `{"operator": {"<org id>": "<domain>"}}`), or a single string (one role,
-/// or several separated by spaces). Unknown names and non-string array items are ignored; any
-/// other shape gives no roles. The result is sorted and de-duplicated.
+/// Reads roles from a claim value: an array of strings (`["operator"]`) or an object whose keys
+/// are role names (ZITADEL: `{"operator": {"<org id>": "<domain>"}}`). Unknown names and
+/// non-string array items are ignored; any other shape, a string too (`"viewer admin"`: split on
+/// spaces it would grant what an IdP meant as one name), gives no roles. The result is sorted and
+/// de-duplicated.
 pub(crate) fn roles_from_claim(value: Option<&Value>) -> Vec<Role> {
     let mut roles: Vec<Role> = match value {
         Some(Value::Array(items)) => items
@@ -110,10 +111,6 @@ pub(crate) fn roles_from_claim(value: Option<&Value>) -> Vec<Role> {
             .filter_map(|name| name.parse().ok())
             .collect(),
         Some(Value::Object(map)) => map.keys().filter_map(|name| name.parse().ok()).collect(),
-        Some(Value::String(names)) => names
-            .split_whitespace()
-            .filter_map(|name| name.parse().ok())
-            .collect(),
         _ => Vec::new(),
     };
     roles.sort_unstable();

@@ -144,10 +144,13 @@ pub(crate) struct Expectations<'a> {
     pub issuer_display: &'a str,
     /// When set, `aud` must be present and contain it.
     pub audience: Option<&'a str>,
+    /// When set, `iat` must be present and `exp - iat` at most this long.
+    pub max_lifetime: Option<Duration>,
 }
 
-/// Verifies the signature with `key` for exactly `alg`, then `exp`/`nbf` (with leeway), `iss`,
-/// `aud` and the presence of `sub`. Returns the claims.
+/// Verifies the signature with `key` for exactly `alg`, then `exp`/`nbf` (with leeway), `iss`
+/// (one string), `aud`, the presence of `sub`, and `iat` (not in the future; with a maximum
+/// lifetime, present and at most that long before `exp`). Returns the claims.
 pub(crate) fn verify(
     token: &str,
     alg: Algorithm,
@@ -172,7 +175,47 @@ pub(crate) fn verify(
 
     let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
         .map_err(|err| map_error(err, expect.issuer_display))?;
+    // jsonwebtoken accepts an array of issuers when any member matches; RFC 7519 §4.1.1 says
+    // `iss` is one StringOrURI.
+    if !data.claims.get("iss").is_some_and(Value::is_string) {
+        return Err(AuthError::InvalidClaim("iss"));
+    }
+    check_issued_at(&data.claims, expect.max_lifetime)?;
     Ok(data.claims)
+}
+
+/// `iat`, when present, is a number not in the future (beyond [`CLOCK_LEEWAY_SECS`]); with a
+/// maximum lifetime it is required and `exp - iat` may not exceed it.
+fn check_issued_at(
+    claims: &Map<String, Value>,
+    max_lifetime: Option<Duration>,
+) -> Result<(), AuthError> {
+    let iat = match claims.get("iat") {
+        None | Some(Value::Null) if max_lifetime.is_none() => return Ok(()),
+        None | Some(Value::Null) => return Err(AuthError::MissingClaim("iat")),
+        Some(Value::Number(n)) => n.as_f64().ok_or(AuthError::InvalidClaim("iat"))?,
+        Some(_) => return Err(AuthError::InvalidClaim("iat")),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    if iat > now + CLOCK_LEEWAY_SECS as f64 {
+        return Err(AuthError::IssuedInFuture);
+    }
+    if let Some(max) = max_lifetime {
+        // `exp` is required and was checked to be a number by jsonwebtoken.
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .ok_or(AuthError::InvalidClaim("exp"))?;
+        if exp - iat > max.as_secs_f64() {
+            return Err(AuthError::LifetimeTooLong {
+                max: humantime::format_duration(max).to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn map_error(err: jsonwebtoken::errors::Error, issuer: &str) -> AuthError {

@@ -73,6 +73,7 @@ fn values_clap_rejects_exit_2_naming_the_variable() {
         ("BP_LISTEN_ADDR", "nope"),
         ("BP_REQUEST_TIMEOUT", "soon"),
         ("BP_OIDC_ISSUER", "not a url"),
+        ("BP_JWT_MAX_LIFETIME", "forever"),
     ] {
         let mut env = base_env();
         env.push((variable, value));

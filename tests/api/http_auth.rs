@@ -8,7 +8,9 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use crate::http_common::{REPOSITORIES, assert_problem, create_repository, repository_body};
-use crate::support::app::{AUDIENCE, HS256_SECRET, TestApp, spawn_app};
+use crate::support::app::{
+    AUDIENCE, AppOptions, HS256_SECRET, TestApp, http_args, spawn_app, spawn_app_with,
+};
 
 fn now() -> i64 {
     SystemTime::now()
@@ -236,6 +238,52 @@ async fn roles_decide_what_a_caller_may_do() {
     // ZITADEL's object-shaped roles claim works too.
     let zitadel_shape = token_with(json!({"roles": {"viewer": {"123": "org.example"}}}));
     assert_eq!(app.get(REPOSITORIES, &zitadel_shape).await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn token_edge_cases_are_401() {
+    let mut http = http_args();
+    http.jwt_max_lifetime = Some(std::time::Duration::from_secs(3600));
+    let app = spawn_app_with(AppOptions {
+        http,
+        ..AppOptions::default()
+    })
+    .await;
+    // The service's own tokens (10 minutes) pass.
+    assert_eq!(app.get(REPOSITORIES, &app.viewer()).await.status(), 200);
+    let cases = [
+        (
+            json!({"iss": ["backup-provisioner"]}),
+            "token claim iss is invalid",
+        ),
+        (
+            json!({"iat": now(), "exp": now() + 7200}),
+            "token lifetime (exp - iat) exceeds the maximum of 1h",
+        ),
+        (json!({"iat": null}), "token has no iat claim"),
+        (
+            json!({"iat": now() + 600, "nbf": null}),
+            "token issued in the future",
+        ),
+    ];
+    for (claims, detail) in cases {
+        let response = get_with_authorization(
+            &app,
+            REPOSITORIES,
+            Some(&format!("Bearer {}", token_with(claims.clone()))),
+        )
+        .await;
+        let problem = assert_problem(response, 401).await;
+        assert_eq!(problem["detail"], detail, "{claims}");
+    }
+    // A space-separated roles string grants nothing (the claim is an array or an object).
+    let spaced = token_with(json!({"roles": "viewer admin"}));
+    let problem = assert_problem(app.get(REPOSITORIES, &spaced).await, 403).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("no roles"),
+        "{problem}"
+    );
     app.stop().await;
 }
 

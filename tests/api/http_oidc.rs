@@ -249,6 +249,7 @@ fn oidc_http(issuer: url::Url, roles_claim: &str) -> HttpArgs {
         oidc_issuer: Some(issuer),
         jwt_audience: Some(AUDIENCE.into()),
         jwt_roles_claim: roles_claim.into(),
+        jwt_max_lifetime: None,
         ..http_args()
     }
 }

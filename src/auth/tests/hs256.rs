@@ -68,6 +68,7 @@ async fn hs256_mint_and_new_reject_bad_settings() {
             audience: DEFAULT_AUDIENCE.into(),
         },
         roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: None,
     })
     .await
     .unwrap_err();
@@ -83,6 +84,7 @@ async fn hs256_mint_and_new_reject_bad_settings() {
             audience: String::new(),
         },
         roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: None,
     })
     .await
     .unwrap_err();
@@ -326,6 +328,102 @@ async fn debug_output_does_not_leak_the_secret() {
             audience: DEFAULT_AUDIENCE.into(),
         },
         roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: None,
     };
     assert!(!format!("{config:?}").contains("0123456789abcdef"));
+}
+
+#[tokio::test]
+async fn hs256_issuer_must_be_one_string() {
+    // RFC 7519 §4.1.1: `iss` is a StringOrURI. An array is refused even when it holds ours.
+    let auth = hs_auth().await;
+    for iss in [json!([TOKEN_ISSUER]), json!(["someone-else", TOKEN_ISSUER])] {
+        let token = hs_sign(&with(hs_claims(), "iss", iss.clone()));
+        let err = auth.authenticate(&token).await.unwrap_err();
+        assert_eq!(err.to_string(), "token claim iss is invalid", "iss {iss}");
+    }
+}
+
+#[tokio::test]
+async fn hs256_a_token_issued_in_the_future_is_refused() {
+    let auth = hs_auth().await;
+    let now = now();
+    // Beyond the clock leeway, even with `nbf` now and `exp` later.
+    let future = hs_sign(&with(hs_claims(), "iat", json!(now + 120)));
+    let err = auth.authenticate(&future).await.unwrap_err();
+    assert_eq!(err.to_string(), "token issued in the future");
+    // Within the leeway: fine.
+    let skewed = hs_sign(&with(hs_claims(), "iat", json!(now + 10)));
+    auth.authenticate(&skewed).await.unwrap();
+    // A non-numeric `iat` is invalid.
+    let text = hs_sign(&with(hs_claims(), "iat", json!("yesterday")));
+    let err = auth.authenticate(&text).await.unwrap_err();
+    assert_eq!(err.to_string(), "token claim iat is invalid");
+    // Without a maximum lifetime `iat` is optional.
+    auth.authenticate(&hs_sign(&without(hs_claims(), "iat")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn hs256_maximum_token_lifetime() {
+    let auth = Authenticator::new(AuthConfig {
+        settings: AuthSettings::Hs256 {
+            secret: secret(),
+            audience: DEFAULT_AUDIENCE.into(),
+        },
+        roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: Some(Duration::from_secs(3600)),
+    })
+    .await
+    .unwrap();
+    let now = now();
+    let lives = |iat: u64, exp: u64| with(with(hs_claims(), "iat", json!(iat)), "exp", json!(exp));
+    // Exactly the maximum, and shorter: fine (also when issued a while ago).
+    auth.authenticate(&hs_sign(&lives(now, now + 3600)))
+        .await
+        .unwrap();
+    auth.authenticate(&hs_sign(&lives(now - 3000, now + 500)))
+        .await
+        .unwrap();
+    // Longer: refused, although not expired.
+    let err = auth
+        .authenticate(&hs_sign(&lives(now, now + 3601)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuthError::LifetimeTooLong { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "token lifetime (exp - iat) exceeds the maximum of 1h"
+    );
+    // `iat` is then required; a future one is still refused.
+    let err = auth
+        .authenticate(&hs_sign(&without(hs_claims(), "iat")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuthError::MissingClaim("iat")), "{err:?}");
+    assert_eq!(err.to_string(), "token has no iat claim");
+    let err = auth
+        .authenticate(&hs_sign(&lives(now + 600, now + 900)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuthError::IssuedInFuture), "{err:?}");
+    // Without a maximum a long-lived token is accepted.
+    let lenient = hs_auth().await;
+    lenient
+        .authenticate(&hs_sign(&lives(now, now + 30 * 86_400)))
+        .await
+        .unwrap();
+    // A zero maximum is a configuration error.
+    let err = Authenticator::new(AuthConfig {
+        settings: AuthSettings::Hs256 {
+            secret: secret(),
+            audience: DEFAULT_AUDIENCE.into(),
+        },
+        roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: Some(Duration::ZERO),
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, AuthError::Config(_)), "{err:?}");
 }

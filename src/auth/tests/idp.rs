@@ -61,6 +61,7 @@ impl Idp {
                 jwks_refetch_floor: floor,
             },
             roles_claim: DEFAULT_ROLES_CLAIM.into(),
+            max_lifetime: None,
         }
     }
 

@@ -117,6 +117,7 @@ async fn hs_auth() -> Authenticator {
             audience: DEFAULT_AUDIENCE.into(),
         },
         roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: None,
     })
     .await
     .unwrap()

@@ -123,6 +123,7 @@ async fn oidc_unreachable_idp_is_unavailable() {
             jwks_refetch_floor: FLOOR_NONE,
         },
         roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: None,
     })
     .await
     .unwrap();
@@ -177,6 +178,7 @@ async fn oidc_config_is_validated() {
                 jwks_refetch_floor: FLOOR_NONE,
             },
             roles_claim: DEFAULT_ROLES_CLAIM.into(),
+            max_lifetime: None,
         })
         .await
         .unwrap_err();
@@ -190,6 +192,7 @@ async fn oidc_config_is_validated() {
             jwks_refetch_floor: FLOOR_NONE,
         },
         roles_claim: DEFAULT_ROLES_CLAIM.into(),
+        max_lifetime: None,
     })
     .await
     .unwrap_err();

@@ -280,3 +280,18 @@ async fn oidc_roles_from_zitadel_object() {
     assert_eq!(principal.roles, vec![Role::Admin]);
     assert!(principal.has(Role::Viewer));
 }
+
+#[tokio::test]
+async fn oidc_issuer_must_be_one_string() {
+    let idp = Idp::start(jwks_of(&["rsa-a"])).await;
+    let auth = idp.authenticator(None, FLOOR_LONG).await;
+    for iss in [
+        json!([idp.issuer]),
+        json!(["https://evil.example", idp.issuer]),
+    ] {
+        let claims = with(idp.claims(), "iss", iss.clone());
+        let token = sign(Algorithm::RS256, Some("rsa-a"), &rsa_a(), &claims);
+        let err = auth.authenticate(&token).await.unwrap_err();
+        assert_eq!(err.to_string(), "token claim iss is invalid", "iss {iss}");
+    }
+}

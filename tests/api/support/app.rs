@@ -237,6 +237,7 @@ pub fn http_args() -> HttpArgs {
         oidc_issuer: None,
         jwt_audience: None,
         jwt_roles_claim: "roles".into(),
+        jwt_max_lifetime: None,
         cors_origins: vec!["https://portal.example.com".into()],
         allowed_namespaces: vec![],
         bucket_name_pattern: backup_provisioner::domain::DEFAULT_BUCKET_PATTERN.into(),
