@@ -1,6 +1,9 @@
 //! Extractors whose rejections are problem+json: JSON bodies, query strings, the caller's
 //! identity (bearer JWT) and the request id.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header;
 use axum::http::request::Parts;
@@ -40,6 +43,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 pub struct Caller {
     pub principal: Principal,
     pub request_id: Option<String>,
+    /// The highest role demanded of this caller so far ([`Caller::require`]: 0 none, else the
+    /// role's position in [`Role::ALL`] plus one), shared by the clones made for one request: the
+    /// idempotency layer stores it with the answer and demands it again before a replay.
+    required: Arc<AtomicU8>,
 }
 
 impl Caller {
@@ -51,7 +58,16 @@ impl Caller {
         }
     }
 
+    /// The highest role a handler demanded of this caller ([`Caller::require`]), if any.
+    pub fn required_role(&self) -> Option<Role> {
+        let rank = usize::from(self.required.load(Ordering::Relaxed));
+        Role::ALL.get(rank.checked_sub(1)?).copied()
+    }
+
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        let rank = Role::ALL.iter().position(|r| *r == role).unwrap_or(0) + 1;
+        self.required
+            .fetch_max(u8::try_from(rank).unwrap_or(u8::MAX), Ordering::Relaxed);
         if self.principal.has(role) {
             Ok(())
         } else {
@@ -94,6 +110,7 @@ impl FromRequestParts<AppState> for Caller {
         let caller = Caller {
             principal,
             request_id: request_id(parts),
+            required: Arc::default(),
         };
         parts.extensions.insert(caller.clone());
         Ok(caller)

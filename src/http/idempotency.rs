@@ -2,6 +2,10 @@
 //! same key and same request → the first response again; same key and a different request → 422;
 //! same key while the first request is still being processed → 409; keys expire after 24 hours.
 //! Keys are scoped to the caller (token subject), so two clients cannot collide.
+//!
+//! The caller is authenticated before the key is looked at, a replay is authorized again (the
+//! caller must still hold the role the handler required: `Caller::require`), and refusals that
+//! depend on the token or the moment (401, 403, 429) are never stored, nor are server errors.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
@@ -12,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::extract::Caller;
 use super::{ApiError, AppState};
+use crate::auth::Role;
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -29,15 +34,16 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
 }
 
 async fn handle(state: AppState, request: Request, next: Next) -> Result<Response, ApiError> {
-    let key = parse_key(request.headers())?;
     let (mut parts, body) = request.into_parts();
+    // Authentication first: without a valid token the key is not looked at (401, not 400).
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
+    let key = parse_key(&parts.headers)?;
     let body = axum::body::to_bytes(body, usize::MAX).await.map_err(|_| {
         ApiError::PayloadTooLarge("request body is larger than the configured limit".into())
     })?;
     let fingerprint = fingerprint(&parts.method, parts.uri.path(), &body);
     let actor = caller.principal.subject.as_str();
-    if let Some(response) = existing(&state, actor, &key, &fingerprint).await? {
+    if let Some(response) = existing(&state, &caller, &key, &fingerprint).await? {
         return Ok(response);
     }
     if !claim(
@@ -51,7 +57,7 @@ async fn handle(state: AppState, request: Request, next: Next) -> Result<Respons
     .await?
     {
         // Another request claimed the key between our read and our insert.
-        return existing(&state, actor, &key, &fingerprint)
+        return existing(&state, &caller, &key, &fingerprint)
             .await?
             .ok_or_else(|| {
                 ApiError::Conflict(
@@ -60,7 +66,7 @@ async fn handle(state: AppState, request: Request, next: Next) -> Result<Respons
             });
     }
     let response = next.run(Request::from_parts(parts, Body::from(body))).await;
-    store(&state, actor, &key, response).await
+    store(&state, &caller, &key, response).await
 }
 
 fn parse_key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -94,19 +100,22 @@ struct StoredKey {
     response_status: Option<i32>,
     response_headers: Option<sqlx::types::Json<Vec<(String, String)>>>,
     response_body: Option<Vec<u8>>,
+    required_role: Option<String>,
     abandoned: bool,
 }
 
-/// The answer for a key already seen: a replay, a 422 or a 409. None when the key is new
-/// (or expired, or abandoned by a crashed request: such rows are removed here).
+/// The answer for a key already seen: a replay (once the caller is authorized again), a 403, a
+/// 422 or a 409. None when the key is new (or expired, or abandoned by a crashed request: such
+/// rows are removed here).
 async fn existing(
     state: &AppState,
-    actor: &str,
+    caller: &Caller,
     key: &str,
     fingerprint: &[u8],
 ) -> Result<Option<Response>, ApiError> {
+    let actor = caller.principal.subject.as_str();
     let row: Option<StoredKey> = sqlx::query_as(
-        "SELECT request_hash, response_status, response_headers, response_body,
+        "SELECT request_hash, response_status, response_headers, response_body, required_role,
                 (response_status IS NULL AND created_at < now() - make_interval(secs => $3)) AS abandoned
            FROM idempotency_keys WHERE actor = $1 AND key = $2 AND expires_at > now()",
     )
@@ -133,6 +142,10 @@ async fn existing(
             "a request with this Idempotency-Key is still being processed".into(),
         ));
     };
+    if let Some(role) = row.required_role {
+        // A role this binary does not know: demand the highest.
+        caller.require(role.parse().unwrap_or(Role::Admin))?;
+    }
     Ok(Some(replay(
         status,
         row.response_headers.map(|h| h.0).unwrap_or_default(),
@@ -178,15 +191,27 @@ async fn claim(
     Ok(inserted.rows_affected() == 1)
 }
 
-/// Stores a final response for replay. Server errors are not stored: the key is released so
-/// the client's retry runs the request again.
+/// Whether an answer is stored for replay: not a server error (the client's retry runs the
+/// request again), nor a refusal that depends on the token or the moment rather than on the
+/// request (401, 403: roles change; 429: the rate frees up).
+fn is_stored(status: StatusCode) -> bool {
+    !status.is_server_error()
+        && !matches!(
+            status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+        )
+}
+
+/// Stores a final response for replay, with the role its handler required of the caller; an
+/// answer that is not stored ([`is_stored`]) releases the key.
 async fn store(
     state: &AppState,
-    actor: &str,
+    caller: &Caller,
     key: &str,
     response: Response,
 ) -> Result<Response, ApiError> {
-    if response.status().is_server_error() {
+    let actor = caller.principal.subject.as_str();
+    if !is_stored(response.status()) {
         forget(state, actor, key, "response_status IS NULL").await?;
         return Ok(response);
     }
@@ -205,7 +230,8 @@ async fn store(
         })
         .collect();
     sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $3, response_headers = $4, response_body = $5
+        "UPDATE idempotency_keys SET response_status = $3, response_headers = $4, response_body = $5,
+                required_role = $6
           WHERE actor = $1 AND key = $2",
     )
     .bind(actor)
@@ -213,6 +239,7 @@ async fn store(
     .bind(parts.status.as_u16() as i32)
     .bind(sqlx::types::Json(&headers))
     .bind(bytes.as_ref())
+    .bind(caller.required_role().map(Role::as_str))
     .execute(&state.db)
     .await?;
     Ok(Response::from_parts(parts, Body::from(bytes)))
@@ -231,4 +258,22 @@ fn replay(status: i32, headers: Vec<(String, String)>, body: Option<Vec<u8>>) ->
         HeaderValue::from_static("true"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_and_server_errors_are_not_stored() {
+        for status in [200, 201, 202, 400, 404, 409, 413, 415, 422] {
+            assert!(is_stored(StatusCode::from_u16(status).unwrap()), "{status}");
+        }
+        for status in [401, 403, 429, 500, 502, 503, 504] {
+            assert!(
+                !is_stored(StatusCode::from_u16(status).unwrap()),
+                "{status}"
+            );
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! response again; same key, different body → 422; same key while the first request is in
 //! flight → 409; an expired key is new.
 
+use backup_provisioner::auth::Role;
 use reqwest::Response;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -153,8 +154,8 @@ async fn same_key_with_a_different_body_is_422() {
 #[tokio::test]
 async fn keys_are_scoped_to_the_caller() {
     let app = spawn_app().await;
-    let alice = app.token("alice", &[backup_provisioner::auth::Role::Operator]);
-    let bob = app.token("bob", &[backup_provisioner::auth::Role::Operator]);
+    let alice = app.token("alice", &[Role::Operator]);
+    let bob = app.token("bob", &[Role::Operator]);
     let response = post_with_key(
         &app,
         &alice,
@@ -320,5 +321,82 @@ async fn a_key_is_checked_only_after_authentication() {
         0,
         "an unauthenticated request claims no key"
     );
+    // A key that is not valid is not looked at before the token either: 401, not 400.
+    let long = "k".repeat(256);
+    for key in ["", "   ", long.as_str()] {
+        for token in [None, Some("not-a-jwt")] {
+            let mut request = app
+                .client
+                .post(app.url(REPOSITORIES))
+                .header("idempotency-key", key)
+                .json(&body);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_problem(response, 401).await;
+        }
+    }
+    // With a valid token the key is checked: 400.
+    let response = post_with_key(&app, &app.operator(), "", &body).await;
+    assert_problem(response, 400).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_replay_is_authorized_again() {
+    let app = spawn_app().await;
+    let operator = app.token("alice", &[Role::Operator]);
+    let body = json!({"name": "zitadel", "namespace": "zitadel"});
+    let first = capture(post_with_key(&app, &operator, "key-roles", &body).await).await;
+    assert_eq!(first.status, 202);
+
+    // Alice is a viewer now: the answer stored for her operator request is not replayed.
+    let viewer = app.token("alice", &[Role::Viewer]);
+    let response = post_with_key(&app, &viewer, "key-roles", &body).await;
+    assert!(response.headers().get("idempotent-replayed").is_none());
+    let problem = assert_problem(response, 403).await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("needs the role 'operator'"),
+        "{problem}"
+    );
+    let no_roles = app.token("alice", &[]);
+    assert_problem(
+        post_with_key(&app, &no_roles, "key-roles", &body).await,
+        403,
+    )
+    .await;
+
+    // With the role back (an admin has it too) the stored answer is replayed.
+    for token in [operator, app.token("alice", &[Role::Admin])] {
+        let again = capture(post_with_key(&app, &token, "key-roles", &body).await).await;
+        assert_eq!(again.status, 202);
+        assert_eq!(again.body, first.body);
+        assert_eq!(again.replayed.as_deref(), Some("true"));
+    }
+    assert_eq!(count_rows(&app, "jobs").await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_are_not_stored() {
+    let app = spawn_app().await;
+    let body = json!({"name": "zitadel", "namespace": "zitadel"});
+    // A 403 under a key is not kept for 24 hours...
+    let viewer = app.token("bob", &[Role::Viewer]);
+    assert_problem(post_with_key(&app, &viewer, "key-403", &body).await, 403).await;
+    assert_eq!(
+        count_rows(&app, "idempotency_keys").await,
+        0,
+        "a refused request leaves no key"
+    );
+    // ...so once Bob is an operator the same request under the same key runs.
+    let operator = app.token("bob", &[Role::Operator]);
+    let response = post_with_key(&app, &operator, "key-403", &body).await;
+    assert_eq!(response.status(), 202);
+    assert!(response.headers().get("idempotent-replayed").is_none());
     app.stop().await;
 }

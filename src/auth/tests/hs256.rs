@@ -414,7 +414,10 @@ async fn hs256_maximum_token_lifetime() {
         .authenticate(&hs_sign(&lives(now, now + 30 * 86_400)))
         .await
         .unwrap();
-    // A zero maximum is a configuration error.
+}
+
+#[tokio::test]
+async fn hs256_a_zero_maximum_lifetime_is_a_configuration_error() {
     let err = Authenticator::new(AuthConfig {
         settings: AuthSettings::Hs256 {
             secret: secret(),
