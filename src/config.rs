@@ -31,8 +31,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run job workers only.
     Worker(WorkerArgs),
-    /// Apply database migrations and exit.
-    Migrate(DatabaseArgs),
+    /// Apply database migrations as the schema's owner role and exit (--grant-to: and grant the
+    /// runtime role what the service needs).
+    Migrate(MigrateArgs),
     /// Print the OpenAPI document.
     Openapi,
     /// Mint an HS256 token for simple installs and curl.
@@ -44,6 +45,35 @@ pub struct DatabaseArgs {
     /// Postgres connection string.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: SecretString,
+}
+
+/// `migrate`: the owner role's connection and the runtime role to grant.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Connection string of the role that owns the schema (default: DATABASE_URL).
+    #[arg(long, env = "BP_MIGRATION_DATABASE_URL", hide_env_values = true)]
+    pub migration_database_url: Option<SecretString>,
+    /// Used when BP_MIGRATION_DATABASE_URL is not set.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<SecretString>,
+    /// The role the service runs as (DATABASE_URL of serve and worker): granted what it needs,
+    /// on the audit log only SELECT and INSERT, now and on tables later migrations add.
+    #[arg(long = "grant-to", env = "BP_RUNTIME_DB_ROLE")]
+    pub grant_to: Option<String>,
+}
+
+impl MigrateArgs {
+    /// The owner role's connection string and the variable it came from.
+    pub fn owner_url(&self) -> Result<(&'static str, &SecretString), ConfigError> {
+        match (&self.migration_database_url, &self.database_url) {
+            (Some(url), _) => Ok(("BP_MIGRATION_DATABASE_URL", url)),
+            (None, Some(url)) => Ok(("DATABASE_URL", url)),
+            (None, None) => Err(ConfigError::new(
+                "BP_MIGRATION_DATABASE_URL",
+                "missing: set BP_MIGRATION_DATABASE_URL (or DATABASE_URL) to the schema owner's connection string",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

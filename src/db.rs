@@ -1,4 +1,11 @@
-//! Postgres pool and migrations.
+//! Postgres pool, migrations and the two database roles.
+//!
+//! The **owner** role owns the schema and applies the migrations (`backup-provisioner migrate`);
+//! the **runtime** role the service runs as gets only what it needs ([`grant_runtime`]): on the
+//! append-only tables ([`APPEND_ONLY_TABLES`]) only SELECT and INSERT, so it cannot UPDATE,
+//! DELETE, TRUNCATE, disable their triggers or drop them. A service whose role may migrate
+//! (tests, installs with one role) still migrates at start; any other checks that the schema is
+//! current and refuses to start otherwise ([`prepare_schema`]).
 
 use std::time::Duration;
 
@@ -12,6 +19,14 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub fn options(
     database_url: &SecretString,
 ) -> Result<PgConnectOptions, crate::config::ConfigError> {
+    options_from("DATABASE_URL", database_url)
+}
+
+/// [`options`] for the URL in `variable` (named by the error).
+pub fn options_from(
+    variable: &str,
+    database_url: &SecretString,
+) -> Result<PgConnectOptions, crate::config::ConfigError> {
     database_url
         .expose_secret()
         .parse::<PgConnectOptions>()
@@ -22,7 +37,7 @@ pub fn options(
             } else {
                 "unusable"
             };
-            crate::config::ConfigError::new("DATABASE_URL", reason)
+            crate::config::ConfigError::new(variable, reason)
         })
 }
 
@@ -98,11 +113,178 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 
 /// True when every migration this binary knows has been applied (used by /readyz).
 pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    Ok(missing_migrations(pool).await?.is_empty())
+}
+
+/// The migrations this binary knows that the database has not applied, as `version
+/// (description)`.
+async fn missing_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     let applied: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
             .fetch_all(pool)
             .await?;
-    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("{} ({})", m.version, m.description))
+        .collect())
+}
+
+/// Why the service does not start on a database's schema.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The schema is older than this binary (or absent, or unreadable) and the session's role
+    /// may not migrate it: `main` exits with code 3.
+    #[error("{0}")]
+    Stale(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Whether the session's role may apply migrations: a superuser, or a member of the role that
+/// owns the migrations table (before the first migration: of the database's owner).
+pub async fn can_migrate(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT r.rolsuper OR pg_has_role(current_user, COALESCE(
+                    (SELECT relowner FROM pg_class WHERE oid = to_regclass('_sqlx_migrations')),
+                    (SELECT datdba FROM pg_database WHERE datname = current_database())), 'MEMBER')
+           FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Before the service starts: a role that may migrate ([`can_migrate`]) applies the migrations
+/// (with a warning: that role could also rewrite the audit log); any other role only checks that
+/// every migration this binary knows is applied, and [`SchemaError::Stale`] says what to run.
+pub async fn prepare_schema(pool: &PgPool) -> Result<(), SchemaError> {
+    if can_migrate(pool).await? {
+        tracing::warn!(
+            "the service's database role owns the schema and migrates it, so it could also \
+             rewrite the audit log: run the service as a runtime role (README: Database roles)"
+        );
+        migrate(pool).await?;
+        return Ok(());
+    }
+    let role: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await?;
+    let missing = match missing_migrations(pool).await {
+        Ok(missing) => missing,
+        Err(e) => {
+            return Err(match sqlstate(&e).as_deref() {
+                Some("42P01") => SchemaError::Stale(format!(
+                    "the database has no schema yet and role {role} may not create it: run \
+                     `backup-provisioner migrate --grant-to {role}` as the owner role first"
+                )),
+                Some("42501") => SchemaError::Stale(format!(
+                    "role {role} may not read the schema version: run \
+                     `backup-provisioner migrate --grant-to {role}` as the owner role"
+                )),
+                _ => e.into(),
+            });
+        }
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(SchemaError::Stale(format!(
+        "the schema lacks migration {} of this binary and role {role} may not apply it: run \
+         `backup-provisioner migrate` as the owner role first",
+        missing.join(", ")
+    )))
+}
+
+/// Tables the runtime role may only read and append to (SELECT, INSERT).
+pub const APPEND_ONLY_TABLES: [&str; 1] = ["audit_events"];
+
+/// Why `migrate --grant-to` did not grant.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// The role cannot be the runtime role: a configuration error (`BP_RUNTIME_DB_ROLE`).
+    #[error("{0}")]
+    Role(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Checks, before anything is migrated, that `role` can be the runtime role: it exists, is no
+/// superuser (no privilege binds one), and neither is nor belongs to the role migrating (the
+/// schema's objects' owner) or the owner of the database or the schema (an owner can drop them
+/// with the audit log inside).
+pub async fn check_runtime_role(pool: &PgPool, role: &str) -> Result<(), GrantError> {
+    let row: Option<(bool, bool, bool)> = sqlx::query_as(
+        "SELECT r.rolsuper,
+                pg_has_role(r.oid, (SELECT oid FROM pg_roles WHERE rolname = current_user), 'MEMBER'),
+                pg_has_role(r.oid, (SELECT nspowner FROM pg_namespace WHERE nspname = current_schema()), 'MEMBER')
+                 OR pg_has_role(r.oid, (SELECT datdba FROM pg_database WHERE datname = current_database()), 'MEMBER')
+           FROM pg_roles r WHERE r.rolname = $1",
+    )
+    .bind(role)
+    .fetch_optional(pool)
+    .await?;
+    let refusal = match row {
+        None => "does not exist: create it first (CREATE ROLE … LOGIN PASSWORD '…')",
+        Some((true, _, _)) => "is a superuser, which no privilege binds: use an ordinary role",
+        Some((_, true, _)) => {
+            "is (or belongs to) the role that migrates: the runtime role must be another"
+        }
+        Some((_, _, true)) => {
+            "owns (or belongs to the owner of) the database or its schema and could drop them \
+             with the audit log: the runtime role must own nothing"
+        }
+        Some(_) => return Ok(()),
+    };
+    Err(GrantError::Role(format!("role '{role}' {refusal}")))
+}
+
+/// Grants the runtime role what the service needs, again on every call (tables a migration
+/// added get their grants): USAGE on the schema; SELECT, INSERT, UPDATE and DELETE on every
+/// table but the append-only ones ([`APPEND_ONLY_TABLES`]: SELECT and INSERT) and the migrations
+/// table (SELECT); USAGE and SELECT on every sequence; and the same by default on tables and
+/// sequences the migrating role creates later. Never TRUNCATE, REFERENCES or TRIGGER; ownership
+/// (ALTER, DISABLE TRIGGER, DROP) stays with the migrating role.
+pub async fn grant_runtime(pool: &PgPool, role: &str) -> Result<(), GrantError> {
+    check_runtime_role(pool, role).await?;
+    let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(pool)
+        .await?;
+    let (schema, role) = (quote_ident(&schema), quote_ident(role));
+    let append_only = APPEND_ONLY_TABLES
+        .iter()
+        .map(|table| format!("{schema}.{}", quote_ident(table)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let grants = format!(
+        "GRANT USAGE ON SCHEMA {schema} TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role};
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role};
+         REVOKE ALL ON {append_only}, {schema}._sqlx_migrations FROM {role};
+         GRANT SELECT, INSERT ON {append_only} TO {role};
+         GRANT SELECT ON {schema}._sqlx_migrations TO {role};
+         ALTER DEFAULT PRIVILEGES IN SCHEMA {schema}
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};
+         ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO {role};"
+    );
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(grants))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .map(|code| code.into_owned())
 }
 
 /// Name of the unique constraint or index a database error violated, if any.
@@ -123,6 +305,15 @@ mod tests {
         assert_eq!(pool_size(4), 18);
         assert_eq!(pool_size(8), 26);
         assert_eq!(pool_size(usize::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("bp_runtime"), "\"bp_runtime\"");
+        assert_eq!(
+            quote_ident("a\"; DROP TABLE x; --"),
+            "\"a\"\"; DROP TABLE x; --\""
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use backup_provisioner::config::{Cli, Command, ConfigError, config_error_from_clap};
 use backup_provisioner::startup::{self, StartupError};
-use backup_provisioner::{auth, db, http, telemetry};
+use backup_provisioner::{auth, http, telemetry};
 use clap::Parser;
 
 #[tokio::main]
@@ -26,6 +26,10 @@ async fn main() -> ExitCode {
         Err(StartupError::Config(e)) => {
             eprintln!("{e}");
             ExitCode::from(2)
+        }
+        Err(e @ StartupError::StaleSchema(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(3)
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -52,12 +56,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
             println!("{token}");
             Ok(())
         }
-        Command::Migrate(args) => {
-            let pool = db::connect(db::options(&args.database_url)?, 0).await?;
-            db::migrate(&pool).await?;
-            tracing::info!("migrations applied");
-            Ok(())
-        }
+        Command::Migrate(args) => startup::migrate(&args).await,
         Command::Serve(args) => startup::run(&args.database, Some(&args.http), &args.worker).await,
         Command::Worker(args) => startup::run(&args.database, None, &args.worker).await,
     }

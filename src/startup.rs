@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::cloud::aws::{self, AwsClients, AwsSettings};
-use crate::config::{ConfigError, DatabaseArgs, HttpArgs, WorkerSettingsArgs};
+use crate::config::{ConfigError, DatabaseArgs, HttpArgs, MigrateArgs, WorkerSettingsArgs};
 use crate::http::{self, AppState, HttpLimits, RequestPolicy};
 use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
 use crate::provision::Provisioner;
@@ -32,7 +32,21 @@ pub enum StartupError {
     Auth(#[from] crate::auth::AuthError),
     #[error("listen: {0}")]
     Io(#[from] std::io::Error),
+    /// The schema is older than the binary and the service's role may not migrate it (exit 3).
+    #[error("database schema: {0}")]
+    StaleSchema(String),
 }
+
+impl From<crate::db::SchemaError> for StartupError {
+    fn from(err: crate::db::SchemaError) -> Self {
+        match err {
+            crate::db::SchemaError::Stale(message) => StartupError::StaleSchema(message),
+            crate::db::SchemaError::Database(e) => StartupError::Database(e),
+            crate::db::SchemaError::Migrate(e) => StartupError::Migrate(e),
+        }
+    }
+}
+
 
 /// A built, not yet running, service.
 pub struct Application {
@@ -47,8 +61,10 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds the API (if `http` is given) and the workers (if `worker.workers > 0`). Migrations
-    /// run first. `registry` holds the job kinds the workers run.
+    /// Builds the API (if `http` is given) and the workers (if `worker.workers > 0`). First the
+    /// schema: migrated when the pool's role may (tests, installs with one role), else checked
+    /// to be current ([`crate::db::prepare_schema`]). `registry` holds the job kinds the workers
+    /// run.
     pub async fn build(
         db: PgPool,
         http: Option<&HttpArgs>,
@@ -56,7 +72,7 @@ impl Application {
         registry: Registry,
     ) -> Result<Self, StartupError> {
         worker.check()?;
-        crate::db::migrate(&db).await?;
+        crate::db::prepare_schema(&db).await?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let mut app = Application {
@@ -265,4 +281,33 @@ pub fn shutdown_on_signals(token: CancellationToken) {
         tracing::info!("shutdown signal received");
         token.cancel();
     });
+}
+
+/// `migrate`: applies the migrations as the owner role (`BP_MIGRATION_DATABASE_URL`, else
+/// `DATABASE_URL`), then, with `--grant-to` (`BP_RUNTIME_DB_ROLE`), grants the runtime role what
+/// the service needs ([`crate::db::grant_runtime`]); the role is checked before anything runs.
+pub async fn migrate(args: &MigrateArgs) -> Result<(), StartupError> {
+    let (variable, url) = args.owner_url()?;
+    let pool = crate::db::connect(crate::db::options_from(variable, url)?, 0).await?;
+    let refused = |e: crate::db::GrantError| match e {
+        crate::db::GrantError::Role(message) => {
+            StartupError::Config(ConfigError::new("BP_RUNTIME_DB_ROLE", message))
+        }
+        crate::db::GrantError::Database(e) => StartupError::Database(e),
+    };
+    if let Some(role) = &args.grant_to {
+        crate::db::check_runtime_role(&pool, role)
+            .await
+            .map_err(refused)?;
+    }
+    crate::db::migrate(&pool).await?;
+    tracing::info!("migrations applied");
+    if let Some(role) = &args.grant_to {
+        crate::db::grant_runtime(&pool, role)
+            .await
+            .map_err(refused)?;
+        tracing::info!(role, "runtime role granted its privileges");
+    }
+    pool.close().await;
+    Ok(())
 }

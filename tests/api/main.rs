@@ -6,6 +6,7 @@ mod aws_realism;
 mod aws_steps;
 mod cli;
 mod crash_safety;
+mod database_roles;
 mod day_to_day_defects;
 mod http_auth;
 mod http_common;

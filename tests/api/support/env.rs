@@ -19,7 +19,7 @@ use backup_provisioner::provision::job::Provisioner;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use secrecy::ExposeSecret;
 
-use super::app::{AppOptions, TestApp, spawn_app_with, worker_args};
+use super::app::{AppOptions, TestApp, TestDb, spawn_app_on, spawn_app_with, worker_args};
 use super::aws_realism::{AwsProxy, AwsRealism};
 use super::kube_env::{KubeEnv, KubeOptions};
 use super::moto::Moto;
@@ -73,6 +73,7 @@ pub struct EnvBuilder<'a> {
     kube: KubeOptions,
     realism: Option<AwsRealism>,
     worker: Option<MapWorker<'a>>,
+    database: Option<TestDb>,
 }
 
 impl<'a> EnvBuilder<'a> {
@@ -132,6 +133,13 @@ impl<'a> EnvBuilder<'a> {
         self
     }
 
+    /// The service runs on this database and pool (e.g. connected as a runtime role) instead
+    /// of a fresh database of its own.
+    pub fn database(mut self, database: TestDb) -> Self {
+        self.database = Some(database);
+        self
+    }
+
     pub async fn start(self) -> Env {
         backup_provisioner::install_crypto_provider();
         let namespaces: Vec<&str> = self.namespaces.iter().map(String::as_str).collect();
@@ -171,12 +179,15 @@ impl<'a> EnvBuilder<'a> {
             .to_owned();
         let registry =
             Registry::new().register(provisioner(service_aws, service_kube, &encryption_key));
-        let app = spawn_app_with(AppOptions {
+        let options = AppOptions {
             worker,
             registry,
             ..Default::default()
-        })
-        .await;
+        };
+        let app = match self.database {
+            Some(database) => spawn_app_on(database, options).await,
+            None => spawn_app_with(options).await,
+        };
         Env {
             app,
             kube,
@@ -207,6 +218,7 @@ impl Env {
             kube: KubeOptions::default(),
             realism: None,
             worker: None,
+            database: None,
         }
     }
 
