@@ -167,7 +167,8 @@ impl JobHandler for Provisioner {
         let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
         self.credential_check_step(ctx, &payload, &key, &conf)
             .await?;
-        self.secret_step(ctx, &payload, &conf).await?;
+        self.secret_step(ctx, &payload, &conf, existing.as_ref())
+            .await?;
         self.retire_step(ctx, &payload, &conf).await
     }
 }
@@ -419,19 +420,24 @@ impl Provisioner {
     }
 
     /// Writes the Secret, reads it back, and wipes the sealed material in the same transaction
-    /// that records success.
+    /// that records success. `conf` was built from `existing` (this attempt's first read): a
+    /// Secret changed since is not written over, the next attempt builds from it.
     async fn secret_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         conf: &S3Conf,
+        existing: Option<&ExistingSecret>,
     ) -> Result<(), JobError> {
         let step = Step::Secret;
         let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
         let adopt = payload.adopt_existing_secret;
+        let basis = secret::Basis::of(existing);
         let secret_ref: SecretRef = ctx
             .step_with_own_commit(step.name(), step.position(), |attempt| async move {
-                let report = secret::apply(&self.kube, namespace, name, conf, adopt).await?;
+                let report =
+                    secret::apply_built_from(&self.kube, namespace, name, conf, adopt, basis)
+                        .await?;
                 ctx.checkpoint(step.name(), "before-record");
                 // The Secret is written and read back: record that and wipe the sealed material
                 // even if a cancel arrived meanwhile (only a lost lease refuses the write).

@@ -395,18 +395,60 @@ async fn key_secret_held(
     }
 }
 
-/// Makes the Secret `namespace/name` hold exactly `conf`.
-///
-/// Reads first: a Secret we do not manage is refused unless `adopt`; one we manage that
-/// already matches is `AlreadyPresent` with no write at all. Otherwise it is written
-/// with server-side apply (forced, field manager [`FIELD_MANAGER`]), other data keys are
-/// removed, and the Secret is read back to check that `s3.conf` holds what was written.
+/// The version of the Secret an `s3.conf` was built from (its cipher pass, the key it
+/// references): [`apply_built_from`] never writes over a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis<'a> {
+    /// Whatever the apply itself reads (the content does not depend on an earlier read).
+    Current,
+    /// The Secret as an earlier [`read`] found it: its `resourceVersion`, `None` when it did
+    /// not exist.
+    Read(Option<&'a str>),
+}
+
+impl<'a> Basis<'a> {
+    /// The basis of content built from what [`read`] returned.
+    pub fn of(read: Option<&'a ExistingSecret>) -> Basis<'a> {
+        match read {
+            None => Basis::Read(None),
+            Some(secret) => secret
+                .resource_version
+                .as_deref()
+                .map_or(Basis::Current, |version| Basis::Read(Some(version))),
+        }
+    }
+}
+
+/// Makes the Secret `namespace/name` hold exactly `conf` (see [`apply_built_from`]), whatever
+/// version of it is there.
 pub async fn apply(
     client: &kube::Client,
     namespace: &str,
     name: &str,
     conf: &S3Conf,
     adopt: bool,
+) -> Result<StepReport, CloudError> {
+    apply_built_from(client, namespace, name, conf, adopt, Basis::Current).await
+}
+
+/// Makes the Secret `namespace/name` hold exactly `conf`, which was built from the version
+/// `basis` of it.
+///
+/// Reads first: a Secret we do not manage is refused unless `adopt`; one we manage that
+/// already matches is `AlreadyPresent` with no write at all. A Secret that changed since
+/// `basis` (someone else wrote it; it may hold a newer cipher pass) is not written over: a
+/// retryable error, and the next attempt builds `s3.conf` from it. Otherwise it is written
+/// with server-side apply (forced, field manager [`FIELD_MANAGER`]) carrying the
+/// `resourceVersion` just read, so a write by someone else in between makes the server refuse
+/// ours (409, retryable) instead of our apply overwriting it; other data keys are removed, and
+/// the Secret is read back to check that `s3.conf` holds what was written.
+pub async fn apply_built_from(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    conf: &S3Conf,
+    adopt: bool,
+    basis: Basis<'_>,
 ) -> Result<StepReport, CloudError> {
     let api = secrets(client, namespace);
     let current = api
@@ -428,11 +470,16 @@ pub async fn apply(
                 let detail = detail(namespace, name, existing, json!({}));
                 return Ok(report.into_step_report(detail));
             }
+            check_unchanged(existing, basis, namespace, name)?;
             check_writable(existing, namespace, name)?;
             !ours
         }
     };
-    let written = write(&api, namespace, name, text).await?;
+    // A Secret deleted since `basis` is made again: there is nothing newer to keep.
+    let version = current
+        .as_ref()
+        .and_then(|c| c.metadata.resource_version.clone());
+    let written = write(&api, namespace, name, text, version).await?;
     let removed = remove_other_keys(&api, name, &written).await?;
     let back = read_back(&api, namespace, name, text).await?;
     let facts = json!({ "adopted": adopted, "removed_keys": removed });
@@ -450,6 +497,38 @@ fn admit(existing: &Secret, namespace: &str, name: &str, adopt: bool) -> Result<
         )));
     }
     Ok(ours)
+}
+
+/// A Secret that changed since the version `basis` the content was built from is newer than
+/// what we would write: it is left as it is, and the retry builds from it.
+fn check_unchanged(
+    existing: &Secret,
+    basis: Basis<'_>,
+    namespace: &str,
+    name: &str,
+) -> Result<(), CloudError> {
+    let Basis::Read(read) = basis else {
+        return Ok(());
+    };
+    let now = existing.metadata.resource_version.as_deref();
+    if read.is_some() && read == now {
+        return Ok(());
+    }
+    let since = match read {
+        Some(version) => format!(
+            "resourceVersion {version}, now {}",
+            now.unwrap_or("unknown")
+        ),
+        None => "it did not exist then".to_owned(),
+    };
+    Err(CloudError::retryable(
+        SERVICE,
+        "apply secret",
+        format!(
+            "Secret {namespace}/{name} changed after this attempt read it ({since}); it was not \
+             overwritten: the next attempt builds s3.conf from it"
+        ),
+    ))
 }
 
 /// A Secret of another type, or an immutable one, cannot be made to hold our `s3.conf`.
@@ -567,17 +646,21 @@ fn describe_s3_conf(found: &[u8], access_key_id: &str) -> String {
 }
 
 /// Server-side apply (forced) of the whole Secret; the copy of `text` sent is zeroed after.
+/// With `version` (the `resourceVersion` read), the server refuses the apply with 409 when the
+/// Secret changed since.
 async fn write(
     api: &Api<Secret>,
     namespace: &str,
     name: &str,
     text: &str,
+    version: Option<String>,
 ) -> Result<Secret, CloudError> {
     let mut desired = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
             labels: Some(desired_labels(name)),
+            resource_version: version,
             ..Default::default()
         },
         type_: Some(SECRET_TYPE.to_owned()),
@@ -709,6 +792,38 @@ mod tests {
             "s3.conf has no value for repo2-cipher-pass, repo2-s3-key-secret"
         );
         assert!(S3Conf::parse("").is_err());
+    }
+
+    #[test]
+    fn a_secret_changed_since_its_read_is_not_written_over() {
+        let at = |version: &str| Secret {
+            metadata: ObjectMeta {
+                resource_version: Some(version.to_owned()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let check = |basis| check_unchanged(&at("7"), basis, "ns", "s");
+        assert!(check(Basis::Current).is_ok());
+        assert!(check(Basis::Read(Some("7"))).is_ok());
+        for basis in [Basis::Read(Some("6")), Basis::Read(None)] {
+            let err = check(basis).unwrap_err();
+            assert!(err.is_retryable(), "{err}");
+            assert!(err.to_string().contains("not overwritten"), "{err}");
+        }
+        let read = ExistingSecret {
+            managed_by_us: true,
+            conf: None,
+            cipher_pass: None,
+            resource_version: Some("7".into()),
+        };
+        assert_eq!(Basis::of(Some(&read)), Basis::Read(Some("7")));
+        assert_eq!(Basis::of(None), Basis::Read(None));
+        let unversioned = ExistingSecret {
+            resource_version: None,
+            ..read
+        };
+        assert_eq!(Basis::of(Some(&unversioned)), Basis::Current);
     }
 
     #[test]
