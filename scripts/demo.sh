@@ -7,7 +7,9 @@
 # the demo points now), follows the jobs to the end, then reads back the bucket settings from
 # S3 and the Secrets' keys with values redacted: a missing bucket or Secret fails the run.
 # The database is per target (AWS endpoint and identity, Kubernetes cluster and context), so
-# one target's answers are never replayed for another.
+# one target's answers are never replayed for another. It has two roles, as in production
+# (README: Database roles): bp_owner owns the schema and migrates it, the service runs as
+# bp_runtime, which may append to the audit log but not rewrite it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -74,9 +76,37 @@ else
 fi
 # scripts/demo_retarget.sh keeps one database across targets on purpose.
 DB=${BP_DEMO_DATABASE:-$DB}
-psql -q -h 127.0.0.1 -U postgres -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" postgres | grep -q 1 \
-  || psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB" postgres
-export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB"
+ADMIN="psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres"
+for role in bp_owner bp_runtime; do
+  $ADMIN -tc "SELECT 1 FROM pg_roles WHERE rolname = '$role'" postgres | grep -q 1 \
+    || $ADMIN -c "CREATE ROLE $role LOGIN" postgres
+done
+$ADMIN -tc "SELECT 1 FROM pg_database WHERE datname = '$DB'" postgres | grep -q 1 \
+  || $ADMIN -c "CREATE DATABASE $DB OWNER bp_owner" postgres
+# A database an earlier demo made with one role (postgres): bp_owner takes over its schema.
+$ADMIN -c "ALTER DATABASE $DB OWNER TO bp_owner" postgres
+$ADMIN -d "$DB" <<'SQL'
+DO $$
+DECLARE change record;
+BEGIN
+  FOR change IN
+    SELECT format('ALTER TABLE %I.%I OWNER TO bp_owner', n.nspname, c.relname) AS sql
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relowner <> 'bp_owner'::regrole
+    UNION ALL
+    SELECT format('ALTER FUNCTION %s OWNER TO bp_owner', p.oid::regprocedure)
+      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname = 'public' AND p.proowner <> 'bp_owner'::regrole
+  LOOP
+    EXECUTE change.sql;
+  END LOOP;
+END $$;
+SQL
+say "migrating as bp_owner, granting the service's role bp_runtime what it needs"
+BP_MIGRATION_DATABASE_URL="postgres://bp_owner@127.0.0.1:5432/$DB" \
+  "$BIN/backup-provisioner" migrate --grant-to bp_runtime >"$RUN/migrate.log" 2>&1 \
+  || { cat "$RUN/migrate.log"; echo "demo: migrate failed" >&2; exit 1; }
+export DATABASE_URL="postgres://bp_runtime@127.0.0.1:5432/$DB"
 [ -s "$RUN/encryption-key" ] || openssl rand -base64 32 >"$RUN/encryption-key"
 [ -s "$RUN/jwt-secret" ] || openssl rand -hex 32 >"$RUN/jwt-secret"
 export BP_ENCRYPTION_KEY=$(cat "$RUN/encryption-key") BP_JWT_HS256_SECRET=$(cat "$RUN/jwt-secret")
@@ -145,6 +175,15 @@ say "bucket settings as read back from S3"
 say "Secrets in the management cluster (values redacted)"
 "$ROOT/.venv/bin/python" "$ROOT/scripts/show_secret.py" zitadel/holos-zitadel-backups holos/holos-server-backups \
   || { echo "demo: a Secret is missing in the cluster of $KUBECONFIG"; FAILED=1; }
+
+say "the service's role cannot rewrite the audit log"
+for statement in "UPDATE audit_events SET actor = 'someone else'" "ALTER TABLE audit_events DISABLE TRIGGER ALL"; do
+  if refusal=$(psql -q -h 127.0.0.1 -U bp_runtime -d "$DB" -c "$statement" 2>&1); then
+    echo "demo: bp_runtime could run: $statement"; FAILED=1
+  else
+    echo "  $statement: ${refusal#ERROR:  }"
+  fi
+done
 
 say "audit log (last 12 entries)"
 curl -sS -H "Authorization: Bearer $TOKEN" "$API/v1/audit?limit=200" \
