@@ -53,7 +53,11 @@ fn bad_configuration_exits_2_naming_the_variable() {
             "Not_A_Namespace",
             "BP_ALLOWED_NAMESPACES",
         ),
-        ("BP_ALLOWED_NAMESPACES", "zitadel,kube-system", "BP_ALLOWED_NAMESPACES"),
+        (
+            "BP_ALLOWED_NAMESPACES",
+            "zitadel,kube-system",
+            "BP_ALLOWED_NAMESPACES",
+        ),
         ("BP_CORS_ORIGINS", "not an origin", "BP_CORS_ORIGINS"),
     ];
     for (variable, value, named) in cases {
