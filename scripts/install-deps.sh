@@ -48,6 +48,16 @@ if [ "$(readlink .venv 2>/dev/null)" != "$VENV_HOME" ]; then
   ln -s "$VENV_HOME" .venv
 fi
 
+# schemathesis, for tests/api/schemathesis.rs, in a venv of its own keyed the same way (the test
+# finds it by the same hash of scripts/requirements-fuzz.txt).
+FUZZ_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/backup-provisioner/venv-fuzz-$(sha256sum scripts/requirements-fuzz.txt | cut -c1-12)"
+if [ ! -x "$FUZZ_VENV/bin/st" ]; then
+  echo "install-deps: python venv with schemathesis in $FUZZ_VENV"
+  rm -rf "$FUZZ_VENV"
+  python3 -m venv "$FUZZ_VENV"
+  "$FUZZ_VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-fuzz.txt
+fi
+
 # Postgres: the machine image runs it; a fresh Debian box may not.
 cluster_version=$(ls /etc/postgresql | sort -V | tail -1)
 if [ "$installed_postgres" = yes ]; then

@@ -48,7 +48,7 @@ fn short(e: &sqlx::Error) -> &'static str {
 }
 
 /// Prometheus metrics: jobs by state, job and step durations, queue lag, HTTP requests.
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, body = String, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, body = String, content_type = "application/openmetrics-text")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     match crate::jobs::queue::stats(&state.db).await {
         Ok((counts, lag)) => state.metrics.set_job_states(&counts, lag),

@@ -291,6 +291,7 @@ pub struct PageQuery {
     /// Opaque cursor from the previous page's `next_cursor`.
     pub cursor: Option<String>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
 }
 
@@ -300,7 +301,7 @@ pub struct PageQuery {
     params(("id" = Uuid, Path, description = "Job id"), PageQuery),
     responses(
         (status = 200, body = AuditPage),
-        Unauthorized, NotFound,
+        BadRequest, Unauthorized, NotFound,
     ),
     security(("bearer" = []))
 )]

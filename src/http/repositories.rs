@@ -177,7 +177,7 @@ pub struct CreatedRepository {
 #[utoipa::path(
     post, path = "/v1/backup-repositories", tag = "repositories",
     request_body = CreateRepository,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for a retried request (24 h)")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "Replays the first response for a retried request (24 h); 1 to 255 visible ASCII characters")),
     responses(
         (status = 202, description = "Created, or its safety switches changed; provisioning queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Already exists with this desired state", body = CreatedRepository),
@@ -262,12 +262,14 @@ async fn latest_job(state: &AppState, repository_id: Uuid) -> Result<Option<JobS
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only repositories in this state.
+    #[param(pattern = "^(pending|provisioning|ready|failed|cancelled)$")]
     pub state: Option<String>,
     /// Only repositories whose Secret lives in this namespace.
     pub namespace: Option<String>,
     /// Opaque cursor from the previous page's `next_cursor`.
     pub cursor: Option<String>,
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
 }
 

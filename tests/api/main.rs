@@ -24,6 +24,7 @@ mod pgbackrest_e2e;
 mod provisioning;
 mod provisioning_cases;
 mod real_aws_defects;
+mod schemathesis;
 mod secret_hygiene;
 mod smoke;
 mod support;
