@@ -337,24 +337,33 @@ pub async fn list(iam: &Client, user: &str) -> Result<Vec<KeyInfo>, CloudError> 
     Ok(keys)
 }
 
-/// Creates a new access key for the user. IAM allows two keys per user (`LimitExceeded`).
+/// Creates a new access key for the user. IAM allows two keys per user (`LimitExceeded`,
+/// permanent here: nothing says the user had room).
 pub async fn create(iam: &Client, user: &str) -> Result<NewAccessKey, CloudError> {
-    create_after_deleting(iam, user, &[]).await
+    create_with_room(iam, user, None).await
 }
 
-/// Like [`create`], right after this step deleted the keys `deleted` of the user (see
-/// [`create_error`]).
+/// Like [`create`], right after the access key step listed the user's keys and deleted
+/// `deleted` (maybe none) so that at most one is left: IAM had room (see [`create_error`]).
 pub async fn create_after_deleting(
     iam: &Client,
     user: &str,
     deleted: &[String],
+) -> Result<NewAccessKey, CloudError> {
+    create_with_room(iam, user, Some(deleted)).await
+}
+
+async fn create_with_room(
+    iam: &Client,
+    user: &str,
+    room: Option<&[String]>,
 ) -> Result<NewAccessKey, CloudError> {
     let out = iam
         .create_access_key()
         .user_name(user)
         .send()
         .await
-        .map_err(|e| create_error(e, deleted))?;
+        .map_err(|e| create_error(e, room))?;
     let request_id = output_request_id(&out);
     let key = out.access_key().ok_or_else(|| {
         CloudError::retryable(IAM, "CreateAccessKey", "the response carried no access key")
@@ -366,23 +375,36 @@ pub async fn create_after_deleting(
     })
 }
 
-/// Classifies a CreateAccessKey failure. IAM keeps counting a deleted key against the limit of
-/// two for a while, so `LimitExceeded` right after this step deleted keys is retryable: the
-/// next attempt deletes nothing and, if IAM still says `LimitExceeded`, that is the quota
-/// (permanent, as everywhere else).
-pub fn create_error(err: SdkError<CreateAccessKeyError>, deleted: &[String]) -> CloudError {
+/// Classifies a CreateAccessKey failure. `room`: the caller had just listed the user's keys and,
+/// after deleting those (maybe none), left at most one. Then `LimitExceeded` is retryable:
+/// - IAM keeps counting a deleted key against the limit of two for a while;
+/// - keys were made since the listing: a CreateAccessKey whose answer was lost makes a key,
+///   and the SDK's retry of it another (two lost answers fill the quota), or a key IAM did not
+///   list yet (eventual consistency).
+///
+/// The next attempt lists again and deletes the keys it holds no secret for before making one.
+/// Without `room` it is the quota: permanent, as everywhere else.
+pub fn create_error(err: SdkError<CreateAccessKeyError>, room: Option<&[String]>) -> CloudError {
     let limit = matches!(err.code(), Some("LimitExceeded" | "LimitExceededException"));
-    if !limit || deleted.is_empty() {
+    let Some(deleted) = room.filter(|_| limit) else {
         return classify(IAM, "CreateAccessKey", err);
-    }
-    CloudError::Retryable {
-        service: IAM,
-        operation: "CreateAccessKey",
-        message: format!(
+    };
+    let message = if deleted.is_empty() {
+        "the user had at most one access key when this step listed them, so keys were made \
+         since (a CreateAccessKey whose answer was lost and that was retried, or a key IAM did \
+         not list yet); the next attempt deletes the keys no secret is held for [LimitExceeded]"
+            .to_owned()
+    } else {
+        format!(
             "IAM still counts the access keys just deleted ({}) against the limit of two per \
              user; retrying [LimitExceeded]",
             deleted.join(", ")
-        ),
+        )
+    };
+    CloudError::Retryable {
+        service: IAM,
+        operation: "CreateAccessKey",
+        message,
         request_id: error_request_id(&err),
     }
 }
@@ -547,19 +569,23 @@ mod tests {
     }
 
     #[test]
-    fn limit_exceeded_right_after_deleting_keys_is_retryable() {
+    fn limit_exceeded_when_the_step_saw_room_is_retryable() {
         let deleted = ["AKIAOLD1".to_owned(), "AKIAOLD2".to_owned()];
-        let e = create_error(create_failure("LimitExceeded", 409), &deleted);
+        let e = create_error(create_failure("LimitExceeded", 409), Some(&deleted));
         assert!(e.is_retryable(), "{e}");
         assert!(e.to_string().contains("AKIAOLD1, AKIAOLD2"), "{e}");
-        // Nothing deleted: the quota itself, permanent as before.
-        let e = create_error(create_failure("LimitExceeded", 409), &[]);
+        // Nothing deleted, but the listing left room: keys were made since (lost answers).
+        let e = create_error(create_failure("LimitExceeded", 409), Some(&[]));
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("answer was lost"), "{e}");
+        // Nothing known about the user's keys: the quota itself, permanent.
+        let e = create_error(create_failure("LimitExceeded", 409), None);
         assert!(!e.is_retryable(), "{e}");
         assert!(e.to_string().contains("delete unused keys"), "{e}");
-        // Other errors keep their classification after a deletion.
-        let e = create_error(create_failure("AccessDenied", 403), &deleted);
+        // Other errors keep their classification.
+        let e = create_error(create_failure("AccessDenied", 403), Some(&deleted));
         assert!(!e.is_retryable(), "{e}");
-        let e = create_error(create_failure("Throttling", 400), &[]);
+        let e = create_error(create_failure("Throttling", 400), None);
         assert!(e.is_retryable(), "{e}");
     }
 
