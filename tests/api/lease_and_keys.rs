@@ -20,6 +20,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use uuid::Uuid;
 
 use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+use crate::support::tcp_proxy::Forwarder;
 
 const NAMESPACE: &str = "lease-keys";
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -415,66 +416,6 @@ async fn a_held_key_reaches_the_secret_before_the_referenced_key_is_deleted() {
 // Defect 3: a worker that cannot renew its lease stops before it expires
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP forwarder in front of Postgres that can black-hole its connections: while paused it
-/// reads but passes nothing on, so a query hangs (a network partition, not an error).
-struct Forwarder {
-    addr: std::net::SocketAddr,
-    paused: Arc<tokio::sync::watch::Sender<bool>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Forwarder {
-    async fn start(target: std::net::SocketAddr) -> Forwarder {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind forwarder");
-        let addr = listener.local_addr().expect("forwarder address");
-        let paused = Arc::new(tokio::sync::watch::Sender::new(false));
-        let state = paused.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
-                    continue;
-                };
-                let (from_client, to_client) = inbound.into_split();
-                let (from_server, to_server) = outbound.into_split();
-                tokio::spawn(pump(from_client, to_server, state.subscribe()));
-                tokio::spawn(pump(from_server, to_client, state.subscribe()));
-            }
-        });
-        Forwarder { addr, paused, task }
-    }
-
-    fn pause(&self, paused: bool) {
-        self.paused.send_replace(paused);
-    }
-}
-
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Copies bytes one way, holding them while the forwarder is paused.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut paused: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 const TICKER: &str = "lease-ticker";
 
 /// A job kind that works until it is stopped: every tick stands for one AWS call and leaves a
@@ -634,19 +575,11 @@ impl CutOffWorker {
 
 /// A forwarder to the database at `database_url` and a pool of two connections through it.
 async fn heartbeats_through_forwarder(database_url: &str) -> (Forwarder, sqlx::PgPool) {
-    let mut url = url::Url::parse(database_url).expect("database url");
-    let target = (url.host_str().expect("host"), url.port().unwrap_or(5432));
-    let target = tokio::net::lookup_host(target)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    let forwarder = Forwarder::start(target).await;
-    url.set_port(Some(forwarder.addr.port())).expect("port");
+    let (forwarder, url) = Forwarder::for_database(database_url).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(1))
-        .connect(url.as_str())
+        .connect(&url)
         .await
         .expect("heartbeat pool through the forwarder");
     (forwarder, pool)

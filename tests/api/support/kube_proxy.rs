@@ -3,7 +3,11 @@
 //! the server), forwards every request unchanged (the service's bearer token included), records
 //! what it forwarded (method, path, status) so tests can count the service's mutating calls, and
 //! answers requests that match an injected [`Fault`] itself with the `metav1.Status` the server
-//! would send (500, 429, 409, ...), which a real server cannot be made to do on demand.
+//! would send (500, 429, 409, ...), which a real server cannot be made to do on demand: counted
+//! ([`KubeProxy::inject_fault`]) or on a seeded share of all requests
+//! ([`KubeProxy::fault_share`]). It can also hold a request before forwarding it
+//! ([`KubeProxy::hold`]), so a test can change the object between the service's read and its
+//! write.
 //!
 //! Served from a thread and runtime of its own (like every launcher here), so it outlives any
 //! one test's runtime and serves a crash child process too; dropping it stops it.
@@ -128,6 +132,117 @@ impl Fault {
 struct Shared {
     requests: Vec<RequestRecord>,
     faults: Vec<Fault>,
+    share: Option<FaultShare>,
+    /// Requests seen per (method, path with the namespace's suffix removed), for the draws.
+    seen: std::collections::HashMap<(String, String), u64>,
+    holds: Vec<(Hold, tokio::sync::mpsc::UnboundedSender<Held>)>,
+}
+
+/// Errors on a share of the requests, drawn from a seeded generator: each draw depends only on
+/// the seed, the method, the path (a test namespace's random suffix removed) and how many
+/// requests with that method and path came before, so the same seed and names give the same
+/// faults however concurrent requests interleave. A read (GET) is answered 500 or 429; a write
+/// (not a dry run) 500, 429 or 409 (a stale `resourceVersion`: "the object has been modified");
+/// a dry run 500 or 429.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultShare {
+    pub rate: f64,
+    pub seed: u64,
+}
+
+impl FaultShare {
+    /// `rate` (0..=1) of the requests fail; the seed is `KUBE_FAULT_SEED` if set, else random.
+    pub fn new(rate: f64) -> FaultShare {
+        let seed = std::env::var("KUBE_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        FaultShare { rate, seed }
+    }
+
+    pub fn seed(mut self, seed: u64) -> FaultShare {
+        self.seed = seed;
+        self
+    }
+
+    /// The status to answer the `index`-th request with this method and path with, if any.
+    fn draw(&self, method: &str, path: &str, dry_run: bool, index: u64) -> Option<u16> {
+        use rand::{Rng, SeedableRng};
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let parts: [&[u8]; 4] = [
+            &self.seed.to_le_bytes(),
+            method.as_bytes(),
+            path.as_bytes(),
+            &index.to_le_bytes(),
+        ];
+        for part in parts {
+            for byte in part.iter().chain(std::iter::once(&0xffu8)) {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(hash);
+        let (fails, kind): (f64, f64) = (rng.random(), rng.random());
+        if fails >= self.rate {
+            return None;
+        }
+        let write = method != "GET" && !dry_run;
+        let statuses: &[u16] = if write { &[500, 429, 409] } else { &[500, 429] };
+        let at = ((kind * statuses.len() as f64) as usize).min(statuses.len() - 1);
+        Some(statuses[at])
+    }
+}
+
+/// A request path with the random suffix of a test namespace (`zitadel-1a2b3c4d`) removed, so
+/// draws repeat across runs.
+fn stable_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| match segment.rsplit_once('-') {
+            Some((name, suffix))
+                if suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                name
+            }
+            _ => segment,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Which requests to hold (see [`KubeProxy::hold`]): dry runs are never held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub method: String,
+    pub path_prefix: String,
+    /// Matching requests to let through before holding one.
+    pub skip: usize,
+    /// How many to hold.
+    pub times: usize,
+}
+
+impl Hold {
+    /// Holds the next `method` request whose path starts with `path_prefix`.
+    pub fn next(method: &str, path_prefix: &str) -> Hold {
+        Hold {
+            method: method.to_ascii_uppercase(),
+            path_prefix: path_prefix.to_owned(),
+            skip: 0,
+            times: 1,
+        }
+    }
+
+    pub fn skip(mut self, skip: usize) -> Hold {
+        self.skip = skip;
+        self
+    }
+}
+
+/// A request held before it is forwarded; dropping it lets the request go on.
+#[derive(Debug)]
+pub struct Held {
+    pub method: String,
+    pub path: String,
+    _release: tokio::sync::oneshot::Sender<()>,
 }
 
 #[derive(Clone)]
@@ -227,6 +342,30 @@ impl KubeProxy {
     /// Answers the next matching requests with an error (see [`Fault`]).
     pub fn inject_fault(&self, fault: Fault) {
         self.lock().faults.push(fault);
+    }
+
+    /// From now on answers a share of the requests with an error (see [`FaultShare`]);
+    /// `None` stops. Faults injected with [`KubeProxy::inject_fault`] come first.
+    pub fn fault_share(&self, share: Option<FaultShare>) {
+        if let Some(share) = &share {
+            eprintln!(
+                "kube fault proxy {}: {:.0} % of requests fail, seed {} (KUBE_FAULT_SEED={} \
+                 repeats the draws)",
+                self.url,
+                share.rate * 100.0,
+                share.seed,
+                share.seed
+            );
+        }
+        self.lock().share = share;
+    }
+
+    /// Holds matching requests before forwarding them: each is sent to the returned receiver
+    /// and forwarded once the test drops it (e.g. after changing the object meanwhile).
+    pub fn hold(&self, hold: Hold) -> tokio::sync::mpsc::UnboundedReceiver<Held> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.lock().holds.push((hold, tx));
+        rx
     }
 }
 
@@ -333,13 +472,52 @@ async fn forward(State(state): State<ProxyState>, request: Request) -> Response 
         injected: false,
     };
 
+    let dry_run = record.is_dry_run();
+    let held = {
+        let mut shared = state.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let hold = shared.holds.iter_mut().find(|(h, _)| {
+            h.times > 0 && !dry_run && h.method == method && path.starts_with(&h.path_prefix)
+        });
+        match hold {
+            Some((h, _)) if h.skip > 0 => {
+                h.skip -= 1;
+                None
+            }
+            Some((h, tx)) => {
+                h.times -= 1;
+                let (release, released) = tokio::sync::oneshot::channel();
+                let held = Held {
+                    method: method.clone(),
+                    path: path.clone(),
+                    _release: release,
+                };
+                tx.send(held).is_ok().then_some(released)
+            }
+            None => None,
+        }
+    };
+    if let Some(released) = held {
+        // Dropped or released alike: go on.
+        let _ = released.await;
+    }
     let fault = {
         let mut shared = state.shared.lock().unwrap_or_else(|p| p.into_inner());
         let fault = shared.faults.iter_mut().find(|f| f.matches(&method, &path));
-        fault.map(|f| {
+        let fault = fault.map(|f| {
             f.times -= 1;
             f.clone()
-        })
+        });
+        let key = (method.clone(), stable_path(&path));
+        let index = {
+            let n = shared.seen.entry(key.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let drawn = shared
+            .share
+            .as_ref()
+            .and_then(|share| share.draw(&key.0, &key.1, dry_run, index));
+        fault.or_else(|| drawn.map(Fault::status))
     };
     let response = match fault {
         Some(fault) => {
@@ -401,4 +579,48 @@ fn bad_gateway(message: String) -> Response {
         .status(StatusCode::BAD_GATEWAY)
         .body(Body::from(message))
         .expect("502")
+}
+
+#[cfg(test)]
+mod tests {
+    // No `use super::*`: the benchmark includes this file without the test harness, where
+    // the tests are not built and the import would be unused.
+    #[test]
+    fn a_test_namespace_suffix_is_not_part_of_the_draw() {
+        assert_eq!(
+            super::stable_path("/api/v1/namespaces/zitadel-1a2b3c4d/secrets/holos-kf-00-backups"),
+            "/api/v1/namespaces/zitadel/secrets/holos-kf-00-backups"
+        );
+        assert_eq!(
+            super::stable_path("/api/v1/namespaces/a-b"),
+            "/api/v1/namespaces/a-b"
+        );
+    }
+
+    #[test]
+    fn the_share_follows_its_rate_and_a_read_never_conflicts() {
+        let share = super::FaultShare::new(0.2).seed(7);
+        let path = "/api/v1/namespaces/ns/secrets/s";
+        let gets: Vec<Option<u16>> = (1..=1000)
+            .map(|i| share.draw("GET", path, false, i))
+            .collect();
+        let failed = gets.iter().flatten().count();
+        assert!((150..=250).contains(&failed), "{failed} of 1000");
+        assert!(gets.iter().flatten().all(|s| [500, 429].contains(s)));
+        let patches: Vec<u16> = (1..=1000)
+            .filter_map(|i| share.draw("PATCH", path, false, i))
+            .collect();
+        assert!(patches.contains(&409) && patches.contains(&500) && patches.contains(&429));
+        assert!(
+            (1..=1000)
+                .filter_map(|i| share.draw("PATCH", path, true, i))
+                .all(|s| s != 409)
+        );
+        assert_eq!(
+            share.draw("GET", path, false, 3),
+            super::FaultShare::new(0.2)
+                .seed(7)
+                .draw("GET", path, false, 3)
+        );
+    }
 }

@@ -10,5 +10,8 @@ pub mod kube_env;
 pub mod kube_proxy;
 pub mod moto;
 pub mod pgbackrest;
+pub mod private_postgres;
 pub mod rbac;
+pub mod service_process;
+pub mod tcp_proxy;
 pub mod test_jobs;

@@ -293,6 +293,29 @@ struct State {
     scripted: Vec<(String, Fault)>,
     /// (since start, subject, what happened) for every injection and every answer of moto.
     journal: Vec<(Duration, String, String)>,
+    /// Every request as received, in order.
+    received_log: Vec<Received>,
+}
+
+/// One request as the proxy received it (each SDK attempt is one), with the wall-clock time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// `service:Operation`
+    pub operation: String,
+    /// The entity or bucket it is about (see `Operation::subject`).
+    pub subject: String,
+    /// Its parameters but `Action` and `Version`, sorted, as `k=v&k=v`: two requests with the
+    /// same operation, subject and parameters ask for the same change (S3 object keys are not
+    /// among them).
+    pub parameters: String,
+}
+
+impl Received {
+    /// See `CallCounter::is_mutating`.
+    pub fn is_mutating(&self) -> bool {
+        CallCounter::is_mutating(&self.operation)
+    }
 }
 
 /// A canned answer for every matching request.
@@ -326,8 +349,21 @@ impl Shared {
     pub(crate) fn receive(&self, op: &Operation) -> Draws {
         let key = op.key();
         let subject = op.subject();
+        let mut parameters: Vec<String> = op
+            .params
+            .iter()
+            .filter(|(k, _)| k != "Action" && k != "Version")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        parameters.sort();
         let mut state = self.lock();
         *state.received.entry(key.clone()).or_default() += 1;
+        state.received_log.push(Received {
+            at: chrono::Utc::now(),
+            operation: key.clone(),
+            subject: subject.clone(),
+            parameters: parameters.join("&"),
+        });
         let index = {
             let n = state
                 .draws
@@ -593,10 +629,16 @@ impl AwsProxy {
         self.shared.lock().keys.clone()
     }
 
-    /// Forgets every count and injection (not the creation times).
+    /// Every request received so far, oldest first, with when it came.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.lock().received_log.clone()
+    }
+
+    /// Forgets every count, injection and received request (not the creation times).
     pub fn reset_counts(&self) {
         let mut state = self.shared.lock();
         state.received.clear();
+        state.received_log.clear();
         state.forwarded.clear();
         state.injected.clear();
     }
