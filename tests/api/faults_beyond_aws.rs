@@ -605,7 +605,10 @@ async fn a_worker_cut_off_from_postgres_stops_before_its_lease_expires_and_anoth
     let clean_job = api.create(&clean_name, env.ns(NS)).await;
     let job = api.wait_for_job(&clean_job, JOB_DEADLINE).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
-    let clean_calls = clean_worker.stop().await.received().len();
+    let clean_received = clean_worker.stop().await.received();
+    let clean_calls = clean_received.len();
+    let mutating = |calls: &[Received]| calls.iter().filter(|c| c.is_mutating()).count();
+    let clean_mutating = mutating(&clean_received);
 
     let (forwarder, cut_url) =
         crate::support::tcp_proxy::Forwarder::for_database(&env.app.database_url).await;
@@ -664,13 +667,16 @@ async fn a_worker_cut_off_from_postgres_stops_before_its_lease_expires_and_anoth
     };
     let last_call = cut_calls.iter().map(|c| c.at).max().expect("calls");
     let after_pause = cut_calls.iter().filter(|c| c.at > paused_at).count();
-    let rescuer_calls = rescuer.aws.received().len();
+    let rescuer_received = rescuer.aws.received();
+    let rescuer_calls = rescuer_received.len();
+    let both_mutating = mutating(&cut_calls) + mutating(&rescuer_received);
     let result = ended(&api, &env.admin.iam, &env.kube, &name, &job).await;
     let summary = format!(
         "faults: black-holed worker (lease {lease:?}): {}/1 ready after {} attempt(s) ({} \
          retry); worker 1 made {} AWS calls ({calls_before_pause} before the cut, {after_pause} \
          after), its last {:.2} s before its lease expired, {} at or after; worker 2 made \
-         {rescuer_calls}; {} AWS calls vs {clean_calls} clean: {} extra; leases {:?}; {:.1?}",
+         {rescuer_calls}; {} AWS calls vs {clean_calls} clean: {} extra ({} mutating: \
+         {both_mutating} vs {clean_mutating}); leases {:?}; {:.1?}",
         usize::from(result.ok()),
         result.attempts,
         (result.attempts - 1).max(0),
@@ -679,6 +685,7 @@ async fn a_worker_cut_off_from_postgres_stops_before_its_lease_expires_and_anoth
         late(&cut_calls).len(),
         cut_calls.len() + rescuer_calls,
         (cut_calls.len() + rescuer_calls) as i64 - clean_calls as i64,
+        both_mutating as i64 - clean_mutating as i64,
         leases
             .iter()
             .map(|(by, until)| format!("{by} until {}", until.format("%H:%M:%S%.3f")))
