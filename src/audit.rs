@@ -9,11 +9,13 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-/// Who acts: a token's subject (or a job's creator) and the request it came with.
+/// Who acts: a token's subject (or a job's creator) and the request it came with: the
+/// server's id for it, and the client's `X-Request-Id` when it was short and safe.
 #[derive(Debug, Clone, Copy)]
 pub struct Actor<'a> {
     pub subject: &'a str,
     pub request_id: Option<&'a str>,
+    pub client_request_id: Option<&'a str>,
 }
 
 /// One audit entry to append. `detail` must never hold a secret value.
@@ -30,6 +32,8 @@ pub struct AuditEntry {
     pub outcome: String,
     pub detail: serde_json::Value,
     pub upstream_request_id: Option<String>,
+    /// The client's own `X-Request-Id` (at most 128 safe characters); `request_id` is ours.
+    pub client_request_id: Option<String>,
 }
 
 /// Appends an entry; a duplicate step attempt is ignored. Returns whether a row was written.
@@ -41,8 +45,9 @@ pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool,
     };
     let result = sqlx::query(
         "INSERT INTO audit_events
-            (actor, request_id, repository, job_id, step, attempt, action, outcome, detail, upstream_request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            (actor, request_id, repository, job_id, step, attempt, action, outcome, detail, upstream_request_id,
+             client_request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (job_id, step, attempt, action)
             WHERE job_id IS NOT NULL AND step IS NOT NULL AND attempt IS NOT NULL
          DO NOTHING",
@@ -57,6 +62,7 @@ pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool,
     .bind(&entry.outcome)
     .bind(detail)
     .bind(&entry.upstream_request_id)
+    .bind(&entry.client_request_id)
     .execute(db)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -78,6 +84,9 @@ pub struct AuditEvent {
     #[schema(value_type = Object)]
     pub detail: serde_json::Value,
     pub upstream_request_id: Option<String>,
+    /// The client's `X-Request-Id`, when it sent a short and safe one; `request_id` is the
+    /// server's.
+    pub client_request_id: Option<String>,
 }
 
 /// Filters for listing; `after` is the cursor (the last id of the previous page).
@@ -97,7 +106,7 @@ pub async fn list(
 ) -> Result<Vec<AuditEvent>, sqlx::Error> {
     sqlx::query_as::<_, AuditEvent>(
         "SELECT id, at, actor, request_id, repository, job_id, step, attempt, action, outcome, detail,
-                upstream_request_id
+                upstream_request_id, client_request_id
            FROM audit_events
           WHERE ($1::text IS NULL OR repository = $1)
             AND ($2::text IS NULL OR actor = $2)

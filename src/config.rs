@@ -129,6 +129,50 @@ pub struct HttpArgs {
     /// Requests taking longer are answered 503 (must exceed the 30 s long-poll maximum).
     #[arg(long, env = "BP_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// How long a client may take to send a request's line and headers; an idle keep-alive
+    /// connection is closed after the same time.
+    #[arg(long, env = "BP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "BP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Largest request line plus headers, in bytes (431 beyond; at least 8192).
+    #[arg(long, env = "BP_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
+    /// Mutating /v1 requests (POST, PUT, PATCH, DELETE) per token subject, e.g. 60/min; off.
+    #[arg(long, env = "BP_RATE_LIMIT_PER_SUBJECT", default_value = "60/min")]
+    pub rate_limit_per_subject: RateLimit,
+    /// Mutating /v1 requests of all subjects together, e.g. 600/min; off.
+    #[arg(long, env = "BP_RATE_LIMIT_GLOBAL", default_value = "600/min")]
+    pub rate_limit_global: RateLimit,
+    /// Reading /v1 requests (GET, HEAD) per token subject; off by default.
+    #[arg(long, env = "BP_RATE_LIMIT_READS_PER_SUBJECT", default_value = "off")]
+    pub rate_limit_reads_per_subject: RateLimit,
+}
+
+/// A request rate: `N/s`, `N/min` or `N/h` (a burst of N, refilled evenly), or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit(pub Option<(std::num::NonZeroU32, Duration)>);
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let value = value.trim();
+        if value.eq_ignore_ascii_case("off") {
+            return Ok(RateLimit(None));
+        }
+        let usage = || format!("'{value}' is not a rate like 60/min, 5/s or 1000/h (or off)");
+        let (count, unit) = value.split_once('/').ok_or_else(usage)?;
+        let count = count.trim().parse().map_err(|_| usage())?;
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(usage()),
+        };
+        Ok(RateLimit(Some((count, period))))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -331,6 +375,7 @@ impl HttpArgs {
                 "must be greater than 0",
             ));
         }
+        self.check_connection_limits()?;
         for origin in &self.cors_origins {
             if origin.parse::<axum::http::HeaderValue>().is_err()
                 || url::Url::parse(origin).is_err()
@@ -347,6 +392,27 @@ impl HttpArgs {
         }
         self.bucket_pattern()?;
         self.auth_config()?;
+        Ok(())
+    }
+}
+
+impl HttpArgs {
+    fn check_connection_limits(&self) -> Result<(), ConfigError> {
+        if self.header_read_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "BP_HEADER_READ_TIMEOUT",
+                "must be greater than 0s",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new("BP_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError::new(
+                "BP_MAX_HEADER_BYTES",
+                "must be at least 8192",
+            ));
+        }
         Ok(())
     }
 }

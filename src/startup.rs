@@ -47,7 +47,6 @@ impl From<crate::db::SchemaError> for StartupError {
     }
 }
 
-
 /// A built, not yet running, service.
 pub struct Application {
     pub db: PgPool,
@@ -129,6 +128,16 @@ impl Application {
             max_body_bytes: http.max_body_bytes,
             request_timeout: http.request_timeout,
             cors_origins: http.cors_origins.clone(),
+            connections: http::server::ConnectionLimits {
+                header_read_timeout: http.header_read_timeout,
+                max_connections: http.max_connections,
+                max_header_bytes: http.max_header_bytes,
+            },
+            rate_limits: http::rate_limit::RateLimitSettings {
+                per_subject: http.rate_limit_per_subject,
+                global: http.rate_limit_global,
+                reads_per_subject: http.rate_limit_reads_per_subject,
+            },
         });
         self.listener = Some(TcpListener::bind(http.listen_addr).await?);
         Ok(())
@@ -158,10 +167,7 @@ impl Application {
             (self.listener, self.state, self.limits)
         {
             let app = http::router(state, &limits);
-            let stop = shutdown.clone();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await?;
+            http::server::serve(listener, app, &limits.connections, shutdown.clone()).await?;
         }
         if let Some(workers) = workers {
             match workers.await {

@@ -49,6 +49,18 @@ pub struct StepLabels {
     pub outcome: String,
 }
 
+/// The methods recorded by name; any other is `other`.
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// `method` if it is one of [`METHODS`], else `other`.
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|known| **known == method)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// The service's metrics. Job counts by state and queue lag are gauges refreshed from Postgres
 /// at scrape time, so every replica reports the same truth.
 pub struct Metrics {
@@ -114,9 +126,12 @@ impl Metrics {
         metrics
     }
 
+    /// One HTTP request. `route` must be a route template (or one fixed word for requests no
+    /// route matched); the method is recorded as itself only when it is a standard one, else
+    /// as `other`, so that no client can add label values.
     pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let labels = HttpLabels {
-            method: method.to_owned(),
+            method: method_label(method).to_owned(),
             route: route.to_owned(),
             status,
         };
@@ -168,5 +183,24 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("encoding to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_methods_are_labelled_from_a_closed_set() {
+        let metrics = Metrics::new();
+        let odd = "X".repeat(10_000);
+        for method in ["GET", "POST", "get", "BREW", odd.as_str()] {
+            metrics.observe_http(method, "/healthz", 405, Duration::from_millis(1));
+        }
+        let text = metrics.encode();
+        assert!(!text.contains("XXXX") && !text.contains("BREW") && !text.contains("\"get\""));
+        assert!(text.contains("method=\"other\""), "{text}");
+        assert!(text.contains("method=\"GET\"") && text.contains("method=\"POST\""));
+        assert_eq!(method_label("DELETE"), "DELETE");
     }
 }

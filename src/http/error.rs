@@ -53,6 +53,11 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    UriTooLong(String),
+    /// Over a rate limit; `retry_after` seconds (the `Retry-After` header).
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: u64 },
     #[error("database: {0}")]
     Database(sqlx::Error),
     #[error("internal: {0}")]
@@ -74,6 +79,8 @@ impl ApiError {
             }
             ApiError::Unavailable(_) | ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -90,6 +97,8 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Unavailable(_) | ApiError::Database(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::UriTooLong(_) => "uri-too-long",
+            ApiError::TooManyRequests { .. } => "rate-limited",
         }
     }
 
@@ -206,7 +215,13 @@ impl IntoResponse for ApiError {
             ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
             _ => {}
         }
-        problem_response(self.problem())
+        let mut response = problem_response(self.problem());
+        if let ApiError::TooManyRequests { retry_after, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        response
     }
 }
 

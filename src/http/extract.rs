@@ -1,5 +1,5 @@
-//! Extractors whose rejections are problem+json: JSON bodies, query strings, the caller's
-//! identity (bearer JWT) and the request id.
+//! Extractors whose rejections are problem+json: JSON bodies, query strings, path parameters,
+//! the caller's identity (bearer JWT).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -9,7 +9,8 @@ use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, AppState, REQUEST_ID};
+use super::hardening::RequestIds;
+use super::{ApiError, AppState};
 use crate::auth::{Principal, Role};
 
 /// `Json<T>` whose rejections (wrong content type, bad syntax, unknown fields, too large) are
@@ -38,11 +39,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// `Path<T>` with problem+json rejections: a path parameter that does not parse (a job id
+/// that is no UUID, a name that is not UTF-8) names no resource, so 404 as documented.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(value) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiPath(value))
+    }
+}
+
 /// The authenticated caller. Handlers then demand a role with [`Caller::require`].
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub principal: Principal,
+    /// The server's id for the request ([`super::hardening::RequestIds`]).
     pub request_id: Option<String>,
+    /// The client's `X-Request-Id`, when it was short and safe.
+    pub client_request_id: Option<String>,
     /// The highest role demanded of this caller so far ([`Caller::require`]: 0 none, else the
     /// role's position in [`Role::ALL`] plus one), shared by the clones made for one request: the
     /// idempotency layer stores it with the answer and demands it again before a replay.
@@ -55,6 +73,7 @@ impl Caller {
         crate::audit::Actor {
             subject: &self.principal.subject,
             request_id: self.request_id.as_deref(),
+            client_request_id: self.client_request_id.as_deref(),
         }
     }
 
@@ -107,9 +126,11 @@ impl FromRequestParts<AppState> for Caller {
                 ApiError::Unauthorized(e.to_string())
             }
         })?;
+        let ids = parts.extensions.get::<RequestIds>();
         let caller = Caller {
             principal,
-            request_id: request_id(parts),
+            request_id: ids.map(|ids| ids.server.clone()),
+            client_request_id: ids.and_then(|ids| ids.client.clone()),
             required: Arc::default(),
         };
         parts.extensions.insert(caller.clone());
@@ -136,12 +157,4 @@ fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
             "Authorization header must be 'Bearer <JWT>'".into(),
         )),
     }
-}
-
-pub fn request_id(parts: &Parts) -> Option<String> {
-    parts
-        .headers
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::audit::{AuditPage, audit_page};
 use super::error::{PROBLEM_JSON, Problem};
-use super::extract::{ApiQuery, Caller};
-use super::responses::{BadRequest, Forbidden, NotFound, Unauthorized};
+use super::extract::{ApiPath, ApiQuery, Caller};
+use super::responses::{BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized};
 use super::{ApiError, AppState};
 use crate::audit::AuditFilter;
 use crate::auth::Role;
@@ -175,7 +175,7 @@ fn parse_wait(wait: Option<&str>) -> Result<Duration, ApiError> {
 pub async fn get_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     caller.require(Role::Viewer)?;
@@ -212,7 +212,7 @@ async fn wait_for_change(
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 202, description = "Cancelled or cancel requested", body = JobView),
-        Unauthorized, Forbidden, NotFound,
+        Unauthorized, Forbidden, NotFound, TooManyRequests,
         (status = 409, description = "The job already ended", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
@@ -220,7 +220,7 @@ async fn wait_for_change(
 pub async fn cancel_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
     caller.require(Role::Operator)?;
     match control::cancel(&state.db, id, caller.actor()).await? {
@@ -246,7 +246,7 @@ pub async fn cancel_job(
     params(("id" = Uuid, Path, description = "Job id")),
     responses(
         (status = 202, description = "Queued again", body = JobView),
-        Unauthorized, Forbidden, NotFound,
+        Unauthorized, Forbidden, NotFound, TooManyRequests,
         (status = 409, description = "Not failed/cancelled, the repository has another active job, or a newer job superseded this one", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
@@ -254,7 +254,7 @@ pub async fn cancel_job(
 pub async fn retry_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<(axum::http::StatusCode, axum::Json<JobView>), ApiError> {
     caller.require(Role::Operator)?;
     match control::retry(&state.db, id, caller.actor()).await? {
@@ -308,7 +308,7 @@ pub struct PageQuery {
 pub async fn job_events(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> Result<axum::Json<AuditPage>, ApiError> {
     caller.require(Role::Viewer)?;

@@ -1,16 +1,21 @@
 //! The HTTP layer: one router per resource, merged here with the middleware every request
-//! passes (request id, body limit, timeout, CORS, metrics, problem+json for every error).
+//! passes (security headers, request ids, URI limit, CORS, problem+json for every error, body
+//! limit, timeout, metrics, rate limits), and the server that runs it (`server`).
 
 pub mod audit;
 pub mod error;
 pub mod extract;
+pub mod hardening;
 pub mod health;
 pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
 pub mod pagination;
+pub mod rate_limit;
+pub mod raw_answers;
 pub mod repositories;
 pub mod responses;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +28,6 @@ use axum::response::Response;
 use sqlx::PgPool;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -67,6 +71,8 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub cors_origins: Vec<String>,
+    pub connections: server::ConnectionLimits,
+    pub rate_limits: rate_limit::RateLimitSettings,
 }
 
 /// The API's routes, with their OpenAPI description gathered as they are registered.
@@ -88,6 +94,13 @@ pub fn router(state: AppState, limits: &HttpLimits) -> Router {
             idempotency::idempotency,
         ))
         .layer(middleware::from_fn_with_state(
+            (
+                state.clone(),
+                Arc::new(rate_limit::RateLimits::new(limits.rate_limits)),
+            ),
+            rate_limit::rate_limit,
+        ))
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             record_metrics,
         ))
@@ -98,8 +111,9 @@ pub fn router(state: AppState, limits: &HttpLimits) -> Router {
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(middleware::map_response(error::ensure_problem_json))
         .layer(cors(&limits.cors_origins))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn(hardening::uri_limit))
+        .layer(middleware::from_fn(hardening::request_ids))
+        .layer(middleware::from_fn(hardening::security_headers))
         .with_state(state)
 }
 
@@ -113,31 +127,39 @@ fn cors(origins: &[String]) -> CorsLayer {
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
         ])
-        .expose_headers([header::LOCATION, REQUEST_ID])
+        .expose_headers([header::LOCATION, REQUEST_ID, header::RETRY_AFTER])
         .max_age(Duration::from_secs(600))
 }
 
-/// One log line and one metric sample per request, labelled by route template (not raw path).
+/// One log line and one metric sample per request. Metric labels come from closed sets: the
+/// route template (`unmatched` when no route matched) and the method (`other` unless standard);
+/// the method and path the client sent are logged cut to a bounded length.
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
+    let path = hardening::loggable(request.uri().path(), 256).into_owned();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let ids = request.extensions().get::<hardening::RequestIds>().cloned();
+    let (request_id, client_request_id) = ids.map(|i| (i.server, i.client)).unwrap_or_default();
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     state
         .metrics
         .observe_http(method.as_str(), &route, status, elapsed);
-    tracing::info!(%method, %route, status, latency_ms = elapsed.as_millis() as u64, %request_id, "request");
+    tracing::info!(
+        method = %hardening::loggable(method.as_str(), 16),
+        %route,
+        %path,
+        status,
+        latency_ms = elapsed.as_millis() as u64,
+        %request_id,
+        client_request_id = client_request_id.as_deref().unwrap_or(""),
+        "request"
+    );
     response
 }

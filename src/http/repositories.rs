@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -12,10 +12,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::{PROBLEM_JSON, Problem};
-use super::extract::{ApiJson, ApiQuery, Caller};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::jobs::JobSummary;
 use super::responses::{
-    BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unprocessable,
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized, Unprocessable,
     UnsupportedMediaType,
 };
 use super::{ApiError, AppState, pagination};
@@ -183,7 +183,7 @@ pub struct CreatedRepository {
         (status = 200, description = "Already exists with this desired state", body = CreatedRepository),
         BadRequest, Unauthorized, Forbidden,
         (status = 409, description = "Exists with a different desired state, or the bucket is taken", body = Problem, content_type = PROBLEM_JSON),
-        PayloadTooLarge, UnsupportedMediaType, Unprocessable,
+        PayloadTooLarge, UnsupportedMediaType, Unprocessable, TooManyRequests,
     ),
     security(("bearer" = []))
 )]
@@ -217,7 +217,7 @@ pub async fn create_repository(
     params(("name" = String, Path, description = "Repository name")),
     responses(
         (status = 202, description = "Provisioning queued. `Location` names the job.", body = CreatedRepository),
-        Unauthorized, Forbidden, NotFound,
+        Unauthorized, Forbidden, NotFound, TooManyRequests,
         (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = PROBLEM_JSON),
     ),
     security(("bearer" = []))
@@ -225,7 +225,7 @@ pub async fn create_repository(
 pub async fn reconcile_repository(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
     let max_attempts = state.policy.max_attempts;
@@ -347,7 +347,7 @@ pub async fn list_repositories(
 pub async fn get_repository(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<RepositoryView>, ApiError> {
     caller.require(Role::Viewer)?;
     let row = repository::by_name(&state.db, &name)

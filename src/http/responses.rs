@@ -83,3 +83,13 @@ pub struct Unprocessable(pub Problem);
     content_type = PROBLEM_JSON
 )]
 pub struct Unavailable(pub Problem);
+
+/// 429: over a rate limit (`BP_RATE_LIMIT_PER_SUBJECT`, `BP_RATE_LIMIT_GLOBAL`).
+#[derive(IntoResponses)]
+#[response(
+    status = 429,
+    description = "Too many mutating requests from this token's subject, or to this service; retry after `Retry-After` seconds",
+    content_type = PROBLEM_JSON,
+    headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))
+)]
+pub struct TooManyRequests(pub Problem);

@@ -331,6 +331,7 @@ impl JobContext {
         AuditEntry {
             actor: self.job.created_by.clone(),
             request_id: None,
+            client_request_id: None,
             subject: self.job.subject_name.clone(),
             job_id: Some(self.job.id),
             step: Some(step.to_owned()),

@@ -46,6 +46,7 @@ async fn record(
     let entry = AuditEntry {
         actor: actor.subject.to_owned(),
         request_id: actor.request_id.map(str::to_owned),
+        client_request_id: actor.client_request_id.map(str::to_owned),
         subject,
         job_id: Some(id),
         action: action.into(),

@@ -230,6 +230,7 @@ async fn enqueue_audited(
     let entry = AuditEntry {
         actor: audit.actor.subject.to_owned(),
         request_id: audit.actor.request_id.map(str::to_owned),
+        client_request_id: audit.actor.client_request_id.map(str::to_owned),
         subject: Some(payload.repository.to_string()),
         job_id: Some(job_id),
         action: audit.action.into(),

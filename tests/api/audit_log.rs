@@ -84,7 +84,7 @@ async fn a_mutation_writes_one_entry_with_the_actor_and_request_id() {
     assert_eq!(event["request_id"], request_id.as_str());
     assert_eq!(event["job_id"], created["job"]["id"]);
 
-    // A client-chosen request id is kept and recorded.
+    // A client-chosen request id is echoed and recorded apart from the server's own.
     let response = app
         .client
         .post(app.url(REPOSITORIES))
@@ -96,12 +96,14 @@ async fn a_mutation_writes_one_entry_with_the_actor_and_request_id() {
         .unwrap();
     assert_eq!(response.status(), 202);
     assert_eq!(response.headers()["x-request-id"], "client-chosen-42");
-    let recorded: String =
-        sqlx::query_scalar("SELECT request_id FROM audit_events WHERE repository = 'holos'")
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
-    assert_eq!(recorded, "client-chosen-42");
+    let (recorded, client): (String, Option<String>) = sqlx::query_as(
+        "SELECT request_id, client_request_id FROM audit_events WHERE repository = 'holos'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(uuid::Uuid::parse_str(&recorded).is_ok(), "{recorded}");
+    assert_eq!(client.as_deref(), Some("client-chosen-42"));
 
     // Reads, refused and repeated requests write nothing.
     app.get(REPOSITORIES, &token).await;

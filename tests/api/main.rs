@@ -11,6 +11,7 @@ mod day_to_day_defects;
 mod faults_beyond_aws;
 mod http_auth;
 mod http_common;
+mod http_hardening;
 mod http_idempotency;
 mod http_jobs;
 mod http_oidc;

@@ -243,6 +243,13 @@ pub fn http_args() -> HttpArgs {
         bucket_name_pattern: backup_provisioner::domain::DEFAULT_BUCKET_PATTERN.into(),
         max_body_bytes: 16 * 1024,
         request_timeout: Duration::from_secs(60),
+        header_read_timeout: Duration::from_secs(10),
+        max_connections: 1024,
+        max_header_bytes: 32 * 1024,
+        // Tests make many mutations quickly: generous limits (http_hardening tests them).
+        rate_limit_per_subject: "100000/min".parse().unwrap(),
+        rate_limit_global: "100000/min".parse().unwrap(),
+        rate_limit_reads_per_subject: "off".parse().unwrap(),
     }
 }
 
