@@ -647,12 +647,17 @@ async fn one_worker_sweeps_at_a_time() {
 /// and only the environment given.
 fn demo_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // kubectl keeps a discovery cache under $HOME/.kube: give it a home of its own, not the
+    // clone (without HOME it writes ./.kube into the working directory).
+    let home = tempfile::tempdir().expect("a home for kubectl");
     let mut command = std::process::Command::new(root.join(".venv/bin/python"));
     command
         .arg(root.join("scripts").join(script))
         .args(args)
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .current_dir(home.path());
     for (k, v) in env {
         command.env(k, v);
     }
