@@ -935,6 +935,10 @@ async fn a_postgres_restart_while_jobs_run_loses_no_job_and_finishes_none_twice(
     );
     let problem: Value = serde_json::from_str(&body).expect("problem json");
     assert_eq!(problem["status"], 503, "{body}");
+    assert!(
+        took < Duration::from_secs(1),
+        "/readyz answers within a probe's 1 s timeout during the outage: {summary}"
+    );
     assert_eq!(healthz.0, 200, "{summary}");
     assert_eq!(
         ready,

@@ -383,8 +383,10 @@ async fn an_existing_bucket_with_object_lock_fails_permanently_before_any_iam_ch
 
 /// The user holds IAM's two keys, neither usable: the step deletes them, then IAM (still
 /// counting them) answers LimitExceeded. moto never does, so the proxy answers it for every
-/// CreateAccessKey of this user. The first attempt, which deleted keys, must be retried; the
-/// second deleted none, so its LimitExceeded is the quota and fails the job.
+/// CreateAccessKey of this user. Every attempt is retried: the first deleted keys, and the later
+/// ones listed at most one key, so IAM's count includes keys it does not list yet (a lost
+/// CreateAccessKey answer, eventual consistency). The attempt budget, not the first answer,
+/// ends the job, and only the first attempt had keys to delete.
 #[tokio::test]
 async fn limit_exceeded_right_after_deleting_keys_is_retried() {
     let env = Env::builder(&[NAMESPACE])
@@ -423,8 +425,8 @@ async fn limit_exceeded_right_after_deleting_keys_is_retried() {
     let summary = format!("job: {job:#}\nproxy: {}", proxy.summary());
     assert_eq!(job["state"], "failed", "{summary}");
     assert_eq!(
-        job["attempts"], 2,
-        "the attempt that deleted keys is retried, the next one is not: {summary}"
+        job["attempts"], job["max_attempts"],
+        "LimitExceeded with at most one key listed is retried until the budget ends: {summary}"
     );
     assert!(
         job["last_error"]
@@ -434,6 +436,7 @@ async fn limit_exceeded_right_after_deleting_keys_is_retried() {
         "{summary}"
     );
     assert_eq!(proxy.count("DeleteAccessKey"), 2, "{summary}");
-    assert_eq!(proxy.count("CreateAccessKey"), 2, "{summary}");
+    let attempts = job["attempts"].as_u64().unwrap_or_default();
+    assert_eq!(proxy.count("CreateAccessKey"), attempts, "{summary}");
     env.app.stop().await;
 }

@@ -113,10 +113,7 @@ impl Moto {
 
     /// Settings pointing the service at this server.
     pub fn settings(&self, region: &str) -> AwsSettings {
-        AwsSettings {
-            endpoint_url: Some(self.endpoint.clone()),
-            region: Some(region.to_owned()),
-        }
+        endpoint_settings(&self.endpoint, region)
     }
 
     /// SDK clients for this server with the static `test`/`test` credentials (never process env).
@@ -133,9 +130,7 @@ impl Moto {
         access_key_id: &str,
         secret: &str,
     ) -> AwsClients {
-        let credentials =
-            aws_sdk_s3::config::Credentials::new(access_key_id, secret, None, None, "moto-test");
-        aws::clients_with_credentials(&self.settings(region), counter, credentials).await
+        clients_at(&self.endpoint, region, counter, access_key_id, secret).await
     }
 
     /// Wipes all emulated state (`POST /moto-api/reset`). Only for private servers.
@@ -298,4 +293,26 @@ impl aws_sdk_iam::config::Intercept for SpacesAsPlus {
 /// `iam` with [`SpacesAsPlus`] added.
 pub fn iam_for_enforced_moto(iam: &aws_sdk_iam::Client) -> aws_sdk_iam::Client {
     aws_sdk_iam::Client::from_conf(iam.config().to_builder().interceptor(SpacesAsPlus).build())
+}
+
+/// Settings for an S3/IAM endpoint of the tests (moto, or a proxy in front of it).
+pub fn endpoint_settings(endpoint: &str, region: &str) -> AwsSettings {
+    AwsSettings {
+        endpoint_url: Some(endpoint.to_owned()),
+        region: Some(region.to_owned()),
+    }
+}
+
+/// SDK clients for `endpoint` signing with the given static key (never the process's
+/// environment).
+pub async fn clients_at(
+    endpoint: &str,
+    region: &str,
+    counter: Option<CallCounter>,
+    access_key_id: &str,
+    secret: &str,
+) -> AwsClients {
+    let credentials =
+        aws_sdk_s3::config::Credentials::new(access_key_id, secret, None, None, "tests");
+    aws::clients_with_credentials(&endpoint_settings(endpoint, region), counter, credentials).await
 }

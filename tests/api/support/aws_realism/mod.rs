@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use backup_provisioner::cloud::aws::{self, AwsClients, AwsSettings, CallCounter};
+use backup_provisioner::cloud::aws::{AwsClients, AwsSettings, CallCounter};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -542,13 +542,7 @@ impl AwsProxy {
         access_key_id: &str,
         secret: &str,
     ) -> AwsClients {
-        let credentials =
-            aws_sdk_s3::config::Credentials::new(access_key_id, secret, None, None, "realism");
-        let settings = AwsSettings {
-            endpoint_url: Some(self.endpoint.clone()),
-            region: Some(region.to_owned()),
-        };
-        aws::clients_with_credentials(&settings, counter, credentials).await
+        super::moto::clients_at(&self.endpoint, region, counter, access_key_id, secret).await
     }
 
     /// The same clients (credentials, counter, region) pointed at the proxy.
