@@ -260,6 +260,7 @@ pub async fn sweeper(
         db: db.clone(),
         iam: aws.iam,
         kube,
+        keys: worker.encryption_keys()?,
         grace: worker.sweep_grace,
     };
     Ok(Some((sweeper, worker.sweep_interval)))

@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,9 @@ use uuid::Uuid;
 
 use crate::audit::{self, AuditEntry};
 use crate::cloud::CloudError;
+use crate::crypto::Keyring;
 use crate::provision::access_key;
+use crate::provision::sealed::{self, Kind};
 use crate::provision::secret::{self, ExistingSecret};
 
 /// The advisory lock whose holder sweeps ("bpsweep1").
@@ -40,6 +43,8 @@ pub struct Sweeper {
     pub db: PgPool,
     pub iam: aws_sdk_iam::Client,
     pub kube: kube::Client,
+    /// Opens a sealed cipher pass, to compare it with the Secret's before deleting it.
+    pub keys: Keyring,
     /// How long after a repository's latest job ended its leftovers are swept.
     pub grace: Duration,
 }
@@ -126,6 +131,9 @@ impl Sweeper {
         if !won {
             return Ok(Swept::Skipped);
         }
+        // A connection whose unlock fails must not go back to the pool still holding the
+        // session lock (no worker would sweep until it is recycled): close it instead.
+        lock.close_on_drop();
         let swept = self.sweep_all().await;
         sqlx::query("SELECT pg_advisory_unlock($1)")
             .bind(SWEEP_LOCK)
@@ -186,7 +194,11 @@ impl Sweeper {
         let (mut deleted, mut kept) = (Vec::new(), Vec::new());
         for row in rows {
             let entry = json!({ "kind": row.kind, "key_id": row.key_id });
-            let Some(reason) = not_held_reason(existing, row) else {
+            let reason = match not_held_reason(existing, row) {
+                None => self.cipher_pass_differs(repository, existing, row).await?,
+                some => some,
+            };
+            let Some(reason) = reason else {
                 if self.delete_sealed(repository, row).await? {
                     report
                         .sealed_deleted
@@ -210,6 +222,29 @@ impl Sweeper {
             return Ok(());
         }
         self.audit(repository, SEALED_ACTION, outcome, detail).await
+    }
+
+    /// For a sealed cipher pass: why it must be kept although the Secret holds a cipher pass
+    /// (a different one: backups may be encrypted with the sealed one, the last copy of it).
+    async fn cipher_pass_differs(
+        &self,
+        repository: &Settled,
+        existing: Option<&ExistingSecret>,
+        row: &SealedRow,
+    ) -> Result<Option<&'static str>, SweepError> {
+        if row.kind != "cipher-pass" {
+            return Ok(None);
+        }
+        let in_secret = existing.and_then(|s| s.cipher_pass.as_ref());
+        let sealed = sealed::get(&self.db, &self.keys, repository.id, Kind::CipherPass).await;
+        Ok(match (sealed, in_secret) {
+            (Ok(Some(held)), Some(pass)) if held.secret.expose_secret() == pass.expose_secret() => {
+                None
+            }
+            (Ok(Some(_)), _) => Some("the Secret holds a different cipher pass"),
+            (Ok(None), _) => Some("the sealed cipher pass is gone"),
+            (Err(_), _) => Some("the sealed cipher pass opens with no configured encryption key"),
+        })
     }
 
     /// Deletes the row as it was read, while the repository still has no active job.

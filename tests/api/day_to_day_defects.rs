@@ -469,6 +469,9 @@ async fn sweeper(env: &Env) -> Sweeper {
         db: env.app.db.clone(),
         iam: Moto::shared().clients(&env.region, None).await.iam,
         kube: env.kube.service_client(),
+        keys: EncryptionKey::from_base64(&env.encryption_key)
+            .expect("key")
+            .into(),
         grace: Duration::ZERO,
     }
 }
@@ -571,6 +574,23 @@ async fn the_sweep_keeps_sealed_material_the_secret_does_not_hold() {
     assert_eq!(audited[0].0, "kept");
     assert_eq!(audited[0].1["kept"].as_array().map(Vec::len), Some(2));
 
+    // The Secret holds another cipher pass (restored by hand, written by another controller):
+    // the sealed one may be the only copy of what encrypted the backups, so it stays.
+    let stranger = format!(
+        "[global]\nrepo2-cipher-pass={}\nrepo2-s3-key=AKIAOTHER\nrepo2-s3-key-secret=x\n",
+        "Z".repeat(64)
+    );
+    write_secret(&env, &bucket, &stranger).await;
+    let report = sweep(&env).await;
+    assert_eq!(report.sealed_deleted, [], "{report:?}");
+    assert_eq!(sealed_rows(&env.app.db, &name).await, both);
+    let audited = sweep_audit(&env, "sweep.sealed-material").await;
+    let last_kept = audited.last().map(|(_, detail)| detail["kept"].to_string());
+    assert!(
+        last_kept.is_some_and(|kept| kept.contains("a different cipher pass")),
+        "{audited:?}"
+    );
+
     // The Secret holds the cipher pass but another key: only the pass goes.
     let other = format!(
         "[global]\nrepo2-cipher-pass={}\nrepo2-s3-key=AKIAOTHER\nrepo2-s3-key-secret=x\n",
@@ -628,6 +648,9 @@ async fn one_worker_sweeps_at_a_time() {
         db: db.pool.clone(),
         iam: Moto::shared().clients("us-east-1", None).await.iam,
         kube: kube_env.service_client(),
+        keys: EncryptionKey::from_base64(&EncryptionKey::generate_base64())
+            .expect("key")
+            .into(),
         grace: Duration::ZERO,
     };
     assert_eq!(sweeper.sweep_once().await.unwrap(), Swept::Skipped);
