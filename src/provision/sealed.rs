@@ -37,6 +37,9 @@ fn aad(repository_id: Uuid, kind: Kind, key_id: &str) -> Vec<u8> {
 
 /// Stores (or replaces) the material of `kind` for a repository. Call it in the transaction
 /// that records the step's success, so the secret and the success are durable together.
+///
+/// A cipher pass is never replaced, here too: storing one when one is already sealed fails
+/// (a database error, so the step is retried and its next attempt reuses the sealed pass).
 pub async fn put(
     conn: &mut PgConnection,
     keys: &Keyring,
@@ -49,12 +52,13 @@ pub async fn put(
         secret.expose_secret().as_bytes(),
         &aad(repository_id, kind, key_id),
     );
-    sqlx::query(
+    let stored = sqlx::query(
         "INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext, encryption_key_id)
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (repository_id, kind) DO UPDATE
             SET key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
-                encryption_key_id = excluded.encryption_key_id, created_at = now()",
+                encryption_key_id = excluded.encryption_key_id, created_at = now()
+          WHERE secret_material.kind <> 'cipher-pass'",
     )
     .bind(repository_id)
     .bind(kind.as_str())
@@ -64,6 +68,12 @@ pub async fn put(
     .bind(keys.current().id())
     .execute(conn)
     .await?;
+    if stored.rows_affected() == 0 {
+        return Err(sqlx::Error::Protocol(format!(
+            "a {} is already sealed for this repository; it is never replaced",
+            kind.as_str()
+        )));
+    }
     Ok(())
 }
 

@@ -123,6 +123,28 @@ async fn sealing_key_id(db: &PgPool, repository_id: Uuid, kind: &str) -> Option<
     .expect("sealed row")
 }
 
+/// A cipher pass, once sealed, is never replaced, whatever a caller asks: the second one is
+/// refused by the database statement itself and the first one stays.
+#[tokio::test]
+async fn a_sealed_cipher_pass_is_never_replaced() {
+    let db = migrated_db().await;
+    let repository = tj::insert_repository(&db.pool, "first-pass").await;
+    let keys = ring(&new_key(), &[]);
+    let kind = sealed::Kind::CipherPass;
+    for (pass, accepted) in [("the-first-pass", true), ("a-second-pass", false)] {
+        let mut tx = db.pool.begin().await.unwrap();
+        let secret = SecretString::from(pass.to_owned());
+        let stored = sealed::put(&mut tx, &keys, repository, kind, "cipher-pass", &secret).await;
+        assert_eq!(stored.is_ok(), accepted, "{pass}: {stored:?}");
+        tx.commit().await.unwrap();
+    }
+    let held = sealed::get(&db.pool, &keys, repository, kind)
+        .await
+        .unwrap()
+        .expect("a pass is held");
+    assert_eq!(held.secret.expose_secret(), "the-first-pass");
+}
+
 #[tokio::test]
 async fn sealed_material_opens_with_a_previous_key_and_is_resealed_under_the_current_one() {
     let db = migrated_db().await;
