@@ -160,6 +160,9 @@ pub struct ExistingSecret {
     /// The cipher pass in its `s3.conf`, even when the rest is incomplete: backups are
     /// encrypted with it, so it is reused whenever a copy exists.
     pub cipher_pass: Option<SecretString>,
+    /// The access key id in its `s3.conf`, even when the rest is incomplete: workload
+    /// clusters may still use that key.
+    pub access_key_id: Option<String>,
     pub resource_version: Option<String>,
 }
 
@@ -186,6 +189,7 @@ fn existing_from(secret: &Secret) -> ExistingSecret {
         managed_by_us: is_managed_by_us(secret),
         conf: text.and_then(|text| S3Conf::parse(text).ok()),
         cipher_pass: text.and_then(|text| read_fields(text).0),
+        access_key_id: text.and_then(|text| read_fields(text).1),
         resource_version: secret.metadata.resource_version.clone(),
     }
 }
@@ -815,6 +819,7 @@ mod tests {
             managed_by_us: true,
             conf: None,
             cipher_pass: None,
+            access_key_id: None,
             resource_version: Some("7".into()),
         };
         assert_eq!(Basis::of(Some(&read)), Basis::Read(Some("7")));
@@ -846,6 +851,7 @@ mod tests {
             managed_by_us: true,
             conf: Some(conf()),
             cipher_pass: Some(conf().cipher_pass),
+            access_key_id: Some(conf().access_key_id),
             resource_version: Some("1".into()),
         };
         let shown = format!("{existing:?}");

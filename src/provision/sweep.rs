@@ -292,9 +292,9 @@ impl Sweeper {
         report: &mut SweepReport,
     ) -> Result<(), SweepError> {
         let user = repository.bucket.as_str();
-        let referenced = existing
-            .and_then(|s| s.conf.as_ref())
-            .map(|c| c.access_key_id.as_str());
+        // The key the Secret names, even in an incomplete s3.conf: copies of the Secret in
+        // workload clusters may still use it.
+        let referenced = existing.and_then(|s| s.access_key_id.as_deref());
         let listed = access_key::list(&self.iam, user).await?;
         let orphans = listed
             .iter()

@@ -556,11 +556,32 @@ async fn the_sweep_deletes_an_orphan_key_and_keeps_the_referenced_one() {
     .await;
     shutdown.cancel();
     running.await.expect("the sweep stopped");
-    assert_eq!(keys, [referenced], "the key the Secret references is kept");
+    assert_eq!(
+        keys,
+        [referenced.clone()],
+        "the key the Secret references is kept"
+    );
     let audited = sweep_audit(&env, "sweep.access-key").await;
     assert_eq!(audited.len(), 1, "{audited:?}");
     assert_eq!(audited[0].0, "deleted");
     assert_eq!(audited[0].1["access_key_id"], orphan.as_str());
+
+    // Someone edits the Secret and leaves its s3.conf incomplete (the key's secret line gone):
+    // the key it still names may be used by the Secret's copies, so the sweep keeps it.
+    let incomplete = format!("[global]\nrepo2-s3-key={referenced}\n");
+    let secret = json!({
+        "type": "Opaque",
+        "metadata": {"name": bucket,
+                     "labels": {"app.kubernetes.io/managed-by": "backup-provisioner"}},
+        "data": {"s3.conf": base64::engine::general_purpose::STANDARD.encode(incomplete)},
+    });
+    assert!(env.kube.delete_secret(env.ns(NS), &bucket).await);
+    env.kube
+        .create_secret_as("kubectl-create", env.ns(NS), secret)
+        .await;
+    let report = sweep(&env).await;
+    assert_eq!(report.keys_deleted, [], "{report:?}");
+    assert_eq!(user_key_ids(&env, &bucket).await, [referenced]);
     env.app.stop().await;
 }
 
