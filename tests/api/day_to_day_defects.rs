@@ -558,7 +558,7 @@ async fn the_sweep_deletes_an_orphan_key_and_keeps_the_referenced_one() {
     running.await.expect("the sweep stopped");
     assert_eq!(
         keys,
-        [referenced.clone()],
+        std::slice::from_ref(&referenced),
         "the key the Secret references is kept"
     );
     let audited = sweep_audit(&env, "sweep.access-key").await;
