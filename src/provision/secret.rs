@@ -674,12 +674,29 @@ async fn write(
         )])),
         ..Default::default()
     };
-    let params = PatchParams::apply(FIELD_MANAGER).force();
+    // Forced only over the Secret just read (its resourceVersion guards it). When none was
+    // read, the apply creates it unforced: a Secret someone made in between conflicts (409)
+    // instead of having its s3.conf, and the cipher pass in it, taken over.
+    let creating = desired.metadata.resource_version.is_none();
+    let params = match creating {
+        true => PatchParams::apply(FIELD_MANAGER),
+        false => PatchParams::apply(FIELD_MANAGER).force(),
+    };
     let written = api.patch(name, &params, &Patch::Apply(&desired)).await;
     if let Some(data) = desired.data.as_mut() {
         data.values_mut().for_each(|v| v.0.zeroize());
     }
-    written.map_err(|e| classify("apply secret", e))
+    written.map_err(|e| match e {
+        kube::Error::Api(status) if creating && status.code == 409 => CloudError::retryable(
+            SERVICE,
+            "apply secret",
+            format!(
+                "Secret {namespace}/{name} was created by someone else after this attempt found \
+                 none; it was not overwritten, and the next attempt reads it"
+            ),
+        ),
+        other => classify("apply secret", other),
+    })
 }
 
 /// Server-side apply cannot drop keys other managers own (e.g. from an adopted Secret): they

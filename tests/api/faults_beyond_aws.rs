@@ -485,6 +485,63 @@ async fn a_secret_changed_after_the_service_read_it_is_not_overwritten() {
     env.app.stop().await;
 }
 
+/// The Secret did not exist when the attempt read it, and someone creates one (an operator
+/// restoring it from a backup, with the cipher pass the backups need) before the service's
+/// write: the write must not take its `s3.conf` over. The apply that creates is unforced, so the
+/// server answers 409; the next attempt reads the Secret, finds it is not managed by the
+/// service, and stops, leaving it as it is.
+#[tokio::test]
+async fn a_secret_created_after_the_service_found_none_is_not_overwritten() {
+    let env = Env::builder(&[NS])
+        .workers(1)
+        .map_worker(|w| w.retry_base = Duration::from_millis(50))
+        .start()
+        .await;
+    let name = unique_name("created");
+    let bucket = bucket_for(&name);
+    let ns = env.ns(NS).to_owned();
+    let path = format!("/api/v1/namespaces/{ns}/secrets/{bucket}");
+    let restored_pass = backup_provisioner::domain::CipherPass::generate()
+        .expose()
+        .to_owned();
+    let restored = json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": bucket},
+        "data": {"s3.conf": b64(&s3_conf_text(&restored_pass, "AKIARESTORED", "restored"))},
+    });
+    let mut held = env.kube.proxy.hold(Hold::next("PATCH", &path));
+    let mut raced = false;
+    let job = {
+        let mut job = std::pin::pin!(env.provision(json!({"name": name, "namespace": ns})));
+        loop {
+            tokio::select! {
+                job = &mut job => break job,
+                Some(request) = held.recv() => {
+                    let params = PatchParams::apply("ops-restore").force();
+                    let secrets = env.kube.secrets(&ns);
+                    let applied = secrets.patch(&bucket, &params, &Patch::Apply(&restored)).await;
+                    applied.expect("the other writer's apply");
+                    raced = true;
+                    drop(request);
+                }
+            }
+        }
+    };
+    assert!(raced, "the service's write never came: {job:#}");
+    let conf = env.s3_conf(NS, &bucket).await.expect("s3.conf");
+    assert_eq!(
+        conf_value(&conf, "repo2-cipher-pass"),
+        restored_pass,
+        "the restored cipher pass was overwritten: {job:#}"
+    );
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let error = job["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not managed by backup-provisioner"),
+        "{job:#}"
+    );
+    env.app.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // A worker whose database connection is black-holed
 // ---------------------------------------------------------------------------------------------
