@@ -346,6 +346,37 @@ struct Race {
     writes: Vec<u16>,
 }
 
+/// Runs `job` to its end while the proxy holds the service's request matching `hold`; while it
+/// is held, another field manager ("ops-restore") applies `secret`. Panics if nothing was held.
+async fn while_another_writer_applies(
+    env: &Env,
+    job: impl std::future::Future<Output = Value>,
+    hold: Hold,
+    ns: &str,
+    secret: &Value,
+) -> Value {
+    let name = secret["metadata"]["name"]
+        .as_str()
+        .expect("the Secret's name");
+    let mut held = env.kube.proxy.hold(hold);
+    let mut raced = false;
+    let mut job = std::pin::pin!(job);
+    let job = loop {
+        tokio::select! {
+            job = &mut job => break job,
+            Some(request) = held.recv() => {
+                let params = PatchParams::apply("ops-restore").force();
+                let applied = env.kube.secrets(ns).patch(name, &params, &Patch::Apply(secret)).await;
+                applied.expect("the other writer's apply");
+                raced = true;
+                drop(request);
+            }
+        }
+    };
+    assert!(raced, "the held request never came: {job:#}");
+    job
+}
+
 /// Deactivates the repository's key (so a reconcile must write the Secret), reconciles, and
 /// while the service's request matching `hold` waits at the proxy, another field manager
 /// (`ops-restore`, forced server-side apply) writes an `s3.conf` with a new cipher pass into
@@ -376,25 +407,7 @@ async fn race_a_newer_secret(env: &Env, name: &str, hold: Hold) -> Race {
         "data": {"s3.conf": b64(&s3_conf_text(&newer_pass, &older_key, &older_secret))},
     });
     env.kube.clear_requests();
-    let mut held = env.kube.proxy.hold(hold);
-    let mut raced = false;
-    let job = {
-        let mut job = std::pin::pin!(env.reconcile(name));
-        loop {
-            tokio::select! {
-                job = &mut job => break job,
-                Some(request) = held.recv() => {
-                    let params = PatchParams::apply("ops-restore").force();
-                    let secrets = env.kube.secrets(&ns);
-                    let applied = secrets.patch(&bucket, &params, &Patch::Apply(&newer)).await;
-                    applied.expect("the other writer's apply");
-                    raced = true;
-                    drop(request);
-                }
-            }
-        }
-    };
-    assert!(raced, "the held request never came: {job:#}");
+    let job = while_another_writer_applies(env, env.reconcile(name), hold, &ns, &newer).await;
     let writes = env
         .kube
         .requests()
@@ -508,25 +521,9 @@ async fn a_secret_created_after_the_service_found_none_is_not_overwritten() {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": bucket},
         "data": {"s3.conf": b64(&s3_conf_text(&restored_pass, "AKIARESTORED", "restored"))},
     });
-    let mut held = env.kube.proxy.hold(Hold::next("PATCH", &path));
-    let mut raced = false;
-    let job = {
-        let mut job = std::pin::pin!(env.provision(json!({"name": name, "namespace": ns})));
-        loop {
-            tokio::select! {
-                job = &mut job => break job,
-                Some(request) = held.recv() => {
-                    let params = PatchParams::apply("ops-restore").force();
-                    let secrets = env.kube.secrets(&ns);
-                    let applied = secrets.patch(&bucket, &params, &Patch::Apply(&restored)).await;
-                    applied.expect("the other writer's apply");
-                    raced = true;
-                    drop(request);
-                }
-            }
-        }
-    };
-    assert!(raced, "the service's write never came: {job:#}");
+    let provisioned = env.provision(json!({"name": name, "namespace": ns}));
+    let hold = Hold::next("PATCH", &path);
+    let job = while_another_writer_applies(&env, provisioned, hold, &ns, &restored).await;
     let conf = env.s3_conf(NS, &bucket).await.expect("s3.conf");
     assert_eq!(
         conf_value(&conf, "repo2-cipher-pass"),
