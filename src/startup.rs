@@ -84,7 +84,8 @@ impl Application {
             shutdown,
         };
         if let Some(http) = http {
-            app.build_http(http, worker, metrics.clone()).await?;
+            app.build_http(http, worker, metrics.clone(), registry.clone())
+                .await?;
         }
         if worker.workers > 0 {
             let config = WorkerConfig {
@@ -107,6 +108,7 @@ impl Application {
         http: &HttpArgs,
         worker: &WorkerSettingsArgs,
         metrics: Arc<Metrics>,
+        job_kinds: Registry,
     ) -> Result<(), StartupError> {
         http.check()?;
         let auth = Authenticator::new(http.auth_config()?).await?;
@@ -123,6 +125,7 @@ impl Application {
             metrics,
             policy: Arc::new(policy),
             job_state_changes,
+            job_kinds,
         });
         self.limits = Some(HttpLimits {
             max_body_bytes: http.max_body_bytes,

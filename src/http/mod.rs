@@ -3,6 +3,7 @@
 //! limit, timeout, metrics, rate limits), and the server that runs it (`server`).
 
 pub mod audit;
+pub mod dry_run;
 pub mod error;
 pub mod extract;
 pub mod hardening;
@@ -47,6 +48,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub policy: Arc<RequestPolicy>,
     pub job_state_changes: crate::jobs::JobStateChanges,
+    /// The job kinds this process runs; dry runs ask them for their plan (empty on a replica
+    /// without workers, where a dry run answers 503).
+    pub job_kinds: crate::jobs::Registry,
 }
 
 /// Rules applied to incoming requests, from configuration.

@@ -91,6 +91,13 @@ pub trait JobHandler: Send + Sync + 'static {
     /// Stored in `jobs.kind`; must never change once jobs of this kind exist.
     fn kind(&self) -> &'static str;
     async fn run(&self, ctx: &JobContext) -> Result<(), JobError>;
+
+    /// A dry run: what [`run`](Self::run) would do with `payload`, found with read calls only
+    /// (no mutating call, no job, no step). `None` when the kind has no dry run.
+    async fn plan(&self, payload: serde_json::Value) -> Option<Result<serde_json::Value, JobError>> {
+        let _ = payload;
+        None
+    }
 }
 
 /// The job kinds a worker can run, by name.
@@ -115,5 +122,19 @@ impl Registry {
 
     pub fn kinds(&self) -> Vec<&'static str> {
         self.handlers.keys().copied().collect()
+    }
+
+    /// The plan of a job of `kind` (see [`JobHandler::plan`]); `None` when this process does
+    /// not run that kind or the kind has no dry run.
+    pub async fn plan<K: JobKind>(
+        &self,
+        payload: &K::Payload,
+    ) -> Option<Result<serde_json::Value, JobError>> {
+        let handler = self.get(K::KIND)?;
+        let value = match serde_json::to_value(payload) {
+            Ok(value) => value,
+            Err(e) => return Some(Err(JobError::Permanent(format!("payload: {e}")))),
+        };
+        handler.plan(value).await
     }
 }
