@@ -34,6 +34,17 @@ pub struct RepositoryOptions {
     /// Take over a Secret of the same name that backup-provisioner did not create.
     #[serde(default)]
     pub adopt_existing_secret: bool,
+    /// Adopted: resources made by hand with the runbook, taken over without making anything
+    /// (`provision::adopt`); its jobs are adoptions, never provisionings.
+    #[serde(default)]
+    pub adopt: bool,
+    /// With `adopt`: the Secret read (default: the bucket's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// With `adopt`: the safe differences are converged and a Secret in another layout is
+    /// rewritten into the runbook's `s3.conf`.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// Identifiers of what provisioning made, filled in step by step. Never secret values.

@@ -227,7 +227,8 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
         credential_check_budget: worker.credential_check_budget,
         credential_check_backoff: Duration::from_millis(500),
     };
-    Ok(Registry::new().register(provisioner))
+    let adopter = crate::provision::adopt::Adopter::like(&provisioner);
+    Ok(Registry::new().register(adopter).register(provisioner))
 }
 
 /// The workers' AWS clients (standard credential chain) and Kubernetes client (`KUBECONFIG`

@@ -15,15 +15,17 @@ use super::error::{PROBLEM_JSON, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::jobs::JobSummary;
 use super::responses::{
-    BadRequest, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized, Unprocessable,
-    UnsupportedMediaType,
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
+    Unprocessable, UnsupportedMediaType,
 };
-use super::{ApiError, AppState, pagination};
+use super::dry_run::DryRunQuery;
+use super::{ApiError, AppState, dry_run, pagination};
 use crate::auth::Role;
 use crate::domain::{
     BucketName, DEFAULT_REGION, Labels, Region, RepositoryName, ValidationError, default_bucket_for,
 };
 use crate::jobs::queue;
+use crate::provision::adopt::AdoptRepository;
 use crate::provision::{self, request::Queued, request::Requested};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow, Resources};
 
@@ -32,6 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_repository, list_repositories))
         .routes(routes!(get_repository))
         .routes(routes!(reconcile_repository))
+        .routes(routes!(rotate_cipher_pass))
 }
 
 /// A request for a pgBackRest S3 repository.
@@ -58,6 +61,23 @@ pub struct CreateRepository {
     /// Take over an existing Secret of the same name not created by backup-provisioner.
     #[serde(default)]
     pub adopt_existing_secret: bool,
+    /// Adopt a repository made by hand with the runbook: nothing is created; the access key
+    /// and cipher pass are read from the existing Secret and checked against IAM and the
+    /// bucket; differences from the runbook are reported (repaired only with `repair`).
+    #[serde(default)]
+    pub adopt: bool,
+    /// With `adopt`: the Secret to read, in the repository's namespace (default: the bucket's
+    /// name), e.g. a hand-made `pgo-s3-creds`.
+    #[schema(example = "pgo-s3-creds")]
+    pub secret_name: Option<String>,
+    /// With `adopt`: converge the safe differences and rewrite a Secret in another layout into
+    /// the runbook's `s3.conf` (same values).
+    #[serde(default)]
+    pub repair: bool,
+    /// Never accepted: a cipher pass is never set or changed through the API (422, with why).
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
+    pub cipher_pass: Option<serde_json::Value>,
 }
 
 impl CreateRepository {
@@ -88,6 +108,8 @@ impl CreateRepository {
         let labels = Labels::parse(self.labels.clone())
             .map_err(|e| errors.push(e.with_field("labels")))
             .ok();
+        let options = self.options();
+        errors.extend(provision::adopt::check_options(&options));
         match (name, namespace, bucket, region, labels) {
             (Some(name), Some(namespace), Some(bucket), Some(region), Some(labels))
                 if errors.is_empty() =>
@@ -98,13 +120,20 @@ impl CreateRepository {
                     bucket,
                     region,
                     labels,
-                    options: RepositoryOptions {
-                        allow_new_cipher_pass: self.allow_new_cipher_pass,
-                        adopt_existing_secret: self.adopt_existing_secret,
-                    },
+                    options,
                 })
             }
             _ => Err(ApiError::Validation(errors)),
+        }
+    }
+
+    fn options(&self) -> RepositoryOptions {
+        RepositoryOptions {
+            allow_new_cipher_pass: self.allow_new_cipher_pass,
+            adopt_existing_secret: self.adopt_existing_secret,
+            adopt: self.adopt,
+            secret_name: self.secret_name.clone(),
+            repair: self.repair,
         }
     }
 }
@@ -177,25 +206,33 @@ pub struct CreatedRepository {
 #[utoipa::path(
     post, path = "/v1/backup-repositories", tag = "repositories",
     request_body = CreateRepository,
-    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "Replays the first response for a retried request (24 h); 1 to 255 visible ASCII characters")),
+    params(DryRunQuery, ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "Replays the first response for a retried request (24 h); 1 to 255 visible ASCII characters")),
     responses(
         (status = 202, description = "Created, or its safety switches changed; provisioning queued. `Location` names the job.", body = CreatedRepository),
-        (status = 200, description = "Already exists with this desired state", body = CreatedRepository),
+        (status = 200, description = "Already exists with this desired state; or, with `?dry_run=true`, the plan (nothing changed or queued)", body = CreatedRepository),
         BadRequest, Unauthorized, Forbidden,
         (status = 409, description = "Exists with a different desired state, or the bucket is taken", body = Problem, content_type = PROBLEM_JSON),
-        PayloadTooLarge, UnsupportedMediaType, Unprocessable, TooManyRequests,
+        PayloadTooLarge, UnsupportedMediaType, Unprocessable, TooManyRequests, Unavailable,
     ),
     security(("bearer" = []))
 )]
 pub async fn create_repository(
     State(state): State<AppState>,
     caller: Caller,
+    ApiQuery(query): ApiQuery<DryRunQuery>,
     body: Result<ApiJson<CreateRepository>, ApiError>,
 ) -> Result<Response, ApiError> {
     // Authorization comes before body validation: a viewer learns nothing about the body.
     caller.require(Role::Operator)?;
     let ApiJson(request) = body?;
+    if request.cipher_pass.is_some() {
+        let why = provision::adopt::CIPHER_PASS_NEVER_CHANGED;
+        return Err(ApiError::Unprocessable(format!("\"cipher_pass\" is refused: {why}")));
+    }
     let desired = request.validate(&state)?;
+    if query.dry_run {
+        return plan_create(&state, &desired).await;
+    }
     let max_attempts = state.policy.max_attempts;
     match provision::request::request(&state.db, &desired, caller.actor(), max_attempts).await? {
         Requested::Created(queued) | Requested::OptionsChanged(queued) => Ok(accepted(queued)),
@@ -208,6 +245,28 @@ pub async fn create_repository(
             Ok(created_response(StatusCode::OK, repository, job.into()))
         }
     }
+}
+
+/// The plan of the job a create would queue (adoption or provisioning), for the repository of
+/// that name when it exists; nothing is stored.
+async fn plan_create(state: &AppState, desired: &DesiredRepository) -> Result<Response, ApiError> {
+    let existing = repository::by_name(&state.db, desired.name.as_str()).await?;
+    let id = existing.map_or_else(Uuid::new_v4, |row| row.id);
+    if desired.options.adopt {
+        let payload = provision::adopt::payload_for_desired(desired, id)
+            .map_err(|e| ApiError::Validation(vec![e]))?;
+        return dry_run::answer::<AdoptRepository>(state, &payload).await;
+    }
+    let payload = provision::ProvisionPayload {
+        repository: desired.name.clone(),
+        repository_id: id,
+        namespace: desired.namespace.clone(),
+        bucket: desired.bucket.clone(),
+        region: desired.region.clone(),
+        allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
+        adopt_existing_secret: desired.options.adopt_existing_secret,
+    };
+    dry_run::answer::<provision::ProvisionRepository>(state, &payload).await
 }
 
 /// Run provisioning again for an existing repository: it converges to the runbook's state,
@@ -355,4 +414,78 @@ pub async fn get_repository(
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
     let job = latest_job(&state, row.id).await?;
     Ok(axum::Json(RepositoryView::new(row, job)))
+}
+
+/// Refused, always: a repository's cipher pass is never changed in place.
+///
+/// pgBackRest encrypts every backup with the cipher pass and cannot re-encrypt an existing
+/// repository; a new pass would make the backups already in the bucket unreadable. A new
+/// cipher pass means a new repository (a new bucket and stanza). Answers 409 with the
+/// explanation for every existing repository, 404 for an unknown name.
+#[utoipa::path(
+    post, path = "/v1/backup-repositories/{name}/rotate-cipher-pass", tag = "repositories",
+    params(("name" = String, Path, description = "Repository name")),
+    responses(
+        (status = 409, description = "Always: the cipher pass is never rotated in place; the problem says why and what to do instead", body = Problem, content_type = PROBLEM_JSON),
+        Unauthorized, Forbidden, NotFound, TooManyRequests,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn rotate_cipher_pass(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    repository::by_name(&state.db, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    let why = provision::adopt::CIPHER_PASS_NEVER_CHANGED;
+    Err(ApiError::Conflict(format!(
+        "the cipher pass of repository '{name}' cannot be rotated: {why}"
+    )))
+}
+
+/// Rotate the repository's access key without downtime: make room (delete a key the Secret
+/// does not reference), create a key, prove it against the bucket, write the Secret with it
+/// and the unchanged cipher pass, then keep the old key active for `BP_KEY_GRACE`, deactivate
+/// it (its last use after the Secret changed is reported), and delete it `BP_KEY_DELETE_GRACE`
+/// later. `?dry_run=true` answers with the plan and changes nothing.
+#[utoipa::path(
+    post, path = "/v1/backup-repositories/{name}/rotate-key", tag = "repositories",
+    params(("name" = String, Path, description = "Repository name"), DryRunQuery),
+    responses(
+        (status = 202, description = "Rotation queued. `Location` names the job.", body = CreatedRepository),
+        (status = 200, description = "Dry run: the plan; nothing changed", body = crate::http::dry_run::DryRunPlan),
+        BadRequest, Unauthorized, Forbidden, NotFound,
+        (status = 409, description = "The repository is not ready, a job for it is queued or running, or the key of an earlier rotation is still active in its grace period", body = Problem, content_type = PROBLEM_JSON),
+        Unprocessable, TooManyRequests, Unavailable,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn rotate_access_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DryRunQuery>,
+) -> Result<Response, ApiError> {
+    use provision::rotate::request::{self as rotation, RotateRequestError as E};
+    caller.require(Role::Operator)?;
+    let refused = |e: E| match e {
+        E::NotFound(_) => ApiError::NotFound(e.to_string()),
+        E::NotReady { .. } | E::Busy(_) | E::InGrace(_) => ApiError::Conflict(e.to_string()),
+        E::InvalidStored(_) => ApiError::Internal(e.to_string()),
+        E::Database(e) => e.into(),
+    };
+    if query.dry_run {
+        let row = rotation::rotatable(&state.db, &name).await.map_err(refused)?;
+        let payload = rotation::payload_for(&row).map_err(|e| refused(e.into()))?;
+        return dry_run::answer::<provision::rotate::RotateAccessKey>(&state, &payload).await;
+    }
+    let max_attempts = state.policy.max_attempts;
+    let queued = rotation::rotate(&state.db, &name, caller.actor(), max_attempts)
+        .await
+        .map_err(refused)?;
+    let (repository, job) = (queued.repository, queued.job.into());
+    Ok(created_response(StatusCode::ACCEPTED, repository, job))
 }

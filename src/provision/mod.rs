@@ -21,6 +21,7 @@
 //! holds, access keys nobody can use).
 
 pub mod access_key;
+pub mod adopt;
 pub mod bucket;
 pub mod cipher_pass;
 pub mod credential_check;

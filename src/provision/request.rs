@@ -8,10 +8,11 @@
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use super::adopt::{self, AdoptRepository};
 use super::job::{ProvisionPayload, ProvisionRepository};
 use crate::audit::{self, Actor, AuditEntry};
 use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
-use crate::jobs::{self, EnqueueOptions, Job, queue};
+use crate::jobs::{self, EnqueueOptions, Job, JobKind, queue};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow};
 
 /// A repository whose provisioning was just queued.
@@ -108,7 +109,9 @@ pub async fn reconcile(
     let row = repository::by_name(db, name)
         .await?
         .ok_or_else(|| RequestError::NotFound(name.to_owned()))?;
-    let options = row.options.0.clone();
+    let mut options = row.options.0.clone();
+    // An adopted repository converges by adoption with repair: nothing is made.
+    options.repair |= options.adopt;
     let audit = Audited::new(actor, "repository.reconcile", serde_json::json!({}));
     let tx = db.begin().await?;
     queue_provisioning(db, tx, &row, &options, audit, max_attempts).await
@@ -182,8 +185,17 @@ async fn queue_provisioning(
     audit: Audited<'_>,
     max_attempts: i32,
 ) -> Result<Queued, RequestError> {
-    let payload = payload_for(row, options)?;
-    let job_id = enqueue_audited(&mut tx, &payload, audit, max_attempts).await?;
+    let job_id = match options.adopt {
+        true => {
+            let payload = adopt::payload_for(row, options)?;
+            enqueue_audited::<AdoptRepository>(&mut tx, &payload, row, audit, max_attempts).await?
+        }
+        false => {
+            let payload = payload_for(row, options)?;
+            enqueue_audited::<ProvisionRepository>(&mut tx, &payload, row, audit, max_attempts)
+                .await?
+        }
+    };
     tx.commit().await?;
     let repository = repository::by_id(db, row.id)
         .await?
@@ -211,9 +223,10 @@ fn payload_for(
     })
 }
 
-async fn enqueue_audited(
+async fn enqueue_audited<K: JobKind>(
     tx: &mut PgConnection,
-    payload: &ProvisionPayload,
+    payload: &K::Payload,
+    row: &RepositoryRow,
     audit: Audited<'_>,
     max_attempts: i32,
 ) -> Result<Uuid, RequestError> {
@@ -221,9 +234,9 @@ async fn enqueue_audited(
         created_by: audit.actor.subject,
         max_attempts,
     };
-    let job_id = match jobs::enqueue::<ProvisionRepository>(&mut *tx, payload, options).await {
+    let job_id = match jobs::enqueue::<K>(&mut *tx, payload, options).await {
         Err(e) if queue::is_subject_busy(&e) => {
-            return Err(RequestError::Busy(payload.repository.to_string()));
+            return Err(RequestError::Busy(row.name.clone()));
         }
         other => other?,
     };
@@ -231,7 +244,7 @@ async fn enqueue_audited(
         actor: audit.actor.subject.to_owned(),
         request_id: audit.actor.request_id.map(str::to_owned),
         client_request_id: audit.actor.client_request_id.map(str::to_owned),
-        subject: Some(payload.repository.to_string()),
+        subject: Some(row.name.clone()),
         job_id: Some(job_id),
         action: audit.action.into(),
         outcome: "created".into(),
