@@ -30,7 +30,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::report::{Action, Report, done};
+use super::report::{Action, Mode, Report, done};
 use super::sealed;
 use crate::cloud::aws::{classify, error_request_id, output_request_id};
 use crate::cloud::{CloudError, Outcome, StepReport};
@@ -455,27 +455,54 @@ pub async fn ensure_description_tag(
     user: &str,
     key_id: &str,
 ) -> Result<StepReport, CloudError> {
-    const SETTING: &str = "description_tag";
+    ensure_description_tag_with(iam, user, key_id, Mode::Apply).await
+}
+
+/// [`ensure_description_tag`] in `mode` (plan mode: the tag that would be written, no write).
+pub async fn ensure_description_tag_with(
+    iam: &Client,
+    user: &str,
+    key_id: &str,
+    mode: Mode,
+) -> Result<StepReport, CloudError> {
     let (value, truncated) = description_tag_value();
+    let mut report = Report::with_mode(TAG_KIND, format!("{user}/{key_id}"), mode);
+    let found = check_description_tag(iam, user, key_id, &mut report).await?;
+    if found.is_none() {
+        report.created(None);
+    }
+    Ok(report.into_step_report(description_detail(user, key_id, &value, truncated)))
+}
+
+/// Records the setting `description_tag` of key `key_id` in `report` (the report's mode
+/// decides whether a missing or different tag is written). A missing tag is recorded as
+/// `create`. Returns the value found.
+pub async fn check_description_tag(
+    iam: &Client,
+    user: &str,
+    key_id: &str,
+    report: &mut Report,
+) -> Result<Option<String>, CloudError> {
+    const SETTING: &str = "description_tag";
+    let (value, _) = description_tag_value();
     let found = list_tags(iam, user)
         .await?
         .into_iter()
         .find(|(k, _)| k == key_id)
         .map(|(_, v)| v);
-    let mut report = Report::new(TAG_KIND, format!("{user}/{key_id}"));
     let expected = json!(value);
-    match found {
-        Some(found) if found == value => report.unchanged(SETTING, expected),
+    match &found {
+        Some(found) if *found == value => report.unchanged(SETTING, expected),
         None => {
-            report.created(tag_user(iam, user, key_id, &value).await?);
-            report.made(SETTING, expected, None);
+            let request_id = report.perform(tag_user(iam, user, key_id, &value)).await?;
+            report.made(SETTING, expected, request_id);
         }
         Some(found) => {
-            let request_id = tag_user(iam, user, key_id, &value).await?;
+            let request_id = report.perform(tag_user(iam, user, key_id, &value)).await?;
             report.repaired(SETTING, json!(found), expected, Action::Update, request_id);
         }
     }
-    Ok(report.into_step_report(description_detail(user, key_id, &value, truncated)))
+    Ok(found)
 }
 
 /// The description tag's identifiers for the audit log (the text is the runbook's).

@@ -38,7 +38,7 @@ use aws_sdk_s3::types::{
 };
 use serde_json::{Map, Value, json};
 
-use super::report::{Action, Report};
+use super::report::{Action, Mode, Report};
 use crate::cloud::aws::{classify, error_request_id, output_request_id, response_header};
 use crate::cloud::{CloudError, StepReport};
 
@@ -68,11 +68,34 @@ pub async fn ensure(
     region: &str,
     repository: &str,
 ) -> Result<StepReport, CloudError> {
-    let mut report = Report::new(KIND, bucket);
+    ensure_with(s3, bucket, region, repository, Mode::Apply).await
+}
+
+/// [`ensure`] in `mode`: in plan mode every setting is read and what would change is
+/// recorded, with no mutating call; a missing bucket is planned as `create` (its settings are
+/// not read). Outside apply mode, Object Lock found enabled is reported (`leave`) rather than
+/// refused: the caller (a verification, or a plan after [`preflight`]) decides.
+pub async fn ensure_with(
+    s3: &Client,
+    bucket: &str,
+    region: &str,
+    repository: &str,
+    mode: Mode,
+) -> Result<StepReport, CloudError> {
+    let mut report = Report::with_mode(KIND, bucket, mode);
+    let identifiers = json!({
+        "bucket": bucket,
+        "region": region,
+        "arn": arn(bucket),
+        "repository": repository,
+    });
     if head(s3, bucket, region).await? {
         check_location(s3, bucket, region).await?;
-    } else {
+    } else if report.creates() {
         create(s3, bucket, region, &mut report).await?;
+    } else {
+        report.planned_new(&new_bucket_settings(repository));
+        return Ok(report.into_step_report(identifiers));
     }
     check_object_lock(s3, bucket, &mut report).await?;
     ensure_ownership(s3, bucket, &mut report).await?;
@@ -80,12 +103,26 @@ pub async fn ensure(
     ensure_encryption(s3, bucket, &mut report).await?;
     check_versioning(s3, bucket, &mut report).await?;
     ensure_tags(s3, bucket, repository, &mut report).await?;
-    Ok(report.into_step_report(json!({
-        "bucket": bucket,
-        "region": region,
-        "arn": arn(bucket),
-        "repository": repository,
-    })))
+    Ok(report.into_step_report(identifiers))
+}
+
+/// Every setting a new bucket gets, as the report shows them.
+fn new_bucket_settings(repository: &str) -> [(&'static str, Value); 6] {
+    let wanted = [
+        (MANAGED_BY_KEY, MANAGED_BY_VALUE),
+        (REPOSITORY_TAG_KEY, repository),
+    ];
+    [
+        ("object_lock", json!("Disabled")),
+        (
+            "object_ownership",
+            json!(ObjectOwnership::BucketOwnerEnforced.as_str()),
+        ),
+        ("public_access_block", public_access_json([Some(true); 4])),
+        ("default_encryption", expected_encryption()),
+        ("versioning", json!("Disabled")),
+        ("tags", tags_json(&wanted, |_| true)),
+    ]
 }
 
 /// The read-only part of [`ensure`] that can refuse an existing bucket (another account's,
@@ -287,7 +324,7 @@ async fn ensure_ownership(
         report.unchanged(SETTING, json!(expected));
         return Ok(());
     }
-    let request_id = put_ownership(s3, bucket).await?;
+    let request_id = report.perform(put_ownership(s3, bucket)).await?;
     let action = Action::create_or_update(found.is_empty());
     let found = list_or_null(&found);
     report.repaired(SETTING, found, json!(expected), action, request_id);
@@ -359,7 +396,7 @@ async fn ensure_public_access_block(
         report.unchanged(SETTING, expected);
         return Ok(());
     }
-    let request_id = put_public_access_block(s3, bucket).await?;
+    let request_id = report.perform(put_public_access_block(s3, bucket)).await?;
     let action = Action::create_or_update(found.is_none());
     let found = found.map(public_access_json).unwrap_or(Value::Null);
     report.repaired(SETTING, found, expected, action, request_id);
@@ -410,19 +447,23 @@ async fn ensure_encryption(
 ) -> Result<(), CloudError> {
     const SETTING: &str = "default_encryption";
     let found = read_encryption(s3, bucket).await?;
-    let expected = json!({
-        "sse_algorithm": ServerSideEncryption::Aes256.as_str(),
-        "kms_master_key_id": null,
-        "bucket_key_enabled": true,
-    });
+    let expected = expected_encryption();
     if found.len() == 1 && found[0] == expected {
         report.unchanged(SETTING, expected);
         return Ok(());
     }
-    let request_id = put_encryption(s3, bucket).await?;
+    let request_id = report.perform(put_encryption(s3, bucket)).await?;
     let action = Action::create_or_update(found.is_empty());
     report.repaired(SETTING, list_or_null(&found), expected, action, request_id);
     Ok(())
+}
+
+fn expected_encryption() -> Value {
+    json!({
+        "sse_algorithm": ServerSideEncryption::Aes256.as_str(),
+        "kms_master_key_id": null,
+        "bucket_key_enabled": true,
+    })
 }
 
 /// The bucket's default encryption rules, in the shape of the expected value.
@@ -527,14 +568,28 @@ async fn check_versioning(
     Ok(())
 }
 
-/// Object Lock: `Disable`. Enabled is a permanent error ([`refuse_object_lock`]).
+/// Object Lock: `Disable`. Enabled is a permanent error ([`refuse_object_lock`]) in apply
+/// mode; otherwise it is reported and left (it cannot be turned off).
 async fn check_object_lock(
     s3: &Client,
     bucket: &str,
     report: &mut Report,
 ) -> Result<(), CloudError> {
-    refuse_object_lock(s3, bucket).await?;
-    report.unchanged("object_lock", json!("Disabled"));
+    const SETTING: &str = "object_lock";
+    let expected = json!("Disabled");
+    match object_lock_retention(s3, bucket).await? {
+        None => report.unchanged(SETTING, expected),
+        Some((retention, request_id)) if report.mode() == Mode::Apply => {
+            return Err(object_lock_error(bucket, &retention, request_id));
+        }
+        Some((retention, _)) => report.left(
+            SETTING,
+            json!(format!("Enabled ({retention})")),
+            expected,
+            "Object Lock cannot be turned off; under a default retention pgBackRest's expire \
+             cannot delete old backups",
+        ),
+    }
     Ok(())
 }
 
@@ -542,6 +597,32 @@ async fn check_object_lock(
 /// retention pgBackRest's expire cannot delete the backups it retires, so the repository would
 /// grow forever (and a retention set later would do the same).
 async fn refuse_object_lock(s3: &Client, bucket: &str) -> Result<(), CloudError> {
+    match object_lock_retention(s3, bucket).await? {
+        None => Ok(()),
+        Some((retention, request_id)) => Err(object_lock_error(bucket, &retention, request_id)),
+    }
+}
+
+fn object_lock_error(bucket: &str, retention: &str, request_id: Option<String>) -> CloudError {
+    CloudError::Permanent {
+        service: S3,
+        operation: "GetObjectLockConfiguration",
+        message: format!(
+            "bucket {bucket} has S3 Object Lock enabled ({retention}); the runbook requires it \
+             disabled: under a default retention pgBackRest's expire cannot delete old backups, \
+             and Object Lock cannot be turned off. Choose another bucket name, or delete the \
+             bucket and let it be created again"
+        ),
+        request_id,
+    }
+}
+
+/// `None` when Object Lock is not enabled; else its default retention, described, and the
+/// request id of the read.
+async fn object_lock_retention(
+    s3: &Client,
+    bucket: &str,
+) -> Result<Option<(String, Option<String>)>, CloudError> {
     const OPERATION: &str = "GetObjectLockConfiguration";
     let out = match s3
         .get_object_lock_configuration()
@@ -550,14 +631,14 @@ async fn refuse_object_lock(s3: &Client, bucket: &str) -> Result<(), CloudError>
         .await
     {
         Ok(out) => out,
-        Err(err) if is_code(&err, &["ObjectLockConfigurationNotFoundError"]) => return Ok(()),
+        Err(err) if is_code(&err, &["ObjectLockConfigurationNotFoundError"]) => return Ok(None),
         Err(err) => return Err(classify(S3, OPERATION, err)),
     };
     let Some(config) = out
         .object_lock_configuration()
         .filter(|c| c.object_lock_enabled() == Some(&ObjectLockEnabled::Enabled))
     else {
-        return Ok(());
+        return Ok(None);
     };
     let retention = config
         .rule()
@@ -571,17 +652,7 @@ async fn refuse_object_lock(s3: &Client, bucket: &str) -> Result<(), CloudError>
             }
         })
         .unwrap_or_else(|| "no default retention yet".to_owned());
-    Err(CloudError::Permanent {
-        service: S3,
-        operation: OPERATION,
-        message: format!(
-            "bucket {bucket} has S3 Object Lock enabled ({retention}); the runbook requires it \
-             disabled: under a default retention pgBackRest's expire cannot delete old backups, \
-             and Object Lock cannot be turned off. Choose another bucket name, or delete the \
-             bucket and let it be created again"
-        ),
-        request_id: output_request_id(&out),
-    })
+    Ok(Some((retention, output_request_id(&out))))
 }
 
 /// Our tags (`managed-by`, the repository), next to any tags of others.
@@ -602,7 +673,7 @@ async fn ensure_tags(
         report.unchanged(SETTING, tags_json(&wanted, |_| true));
         return Ok(());
     }
-    let request_id = put_tags(s3, bucket, &tags).await?;
+    let request_id = report.perform(put_tags(s3, bucket, &tags)).await?;
     let expected = tags_json(&wanted, |key| found.contains_key(key));
     let action = Action::create_or_update(found.values().all(Value::is_null));
     report.repaired(SETTING, Value::Object(found), expected, action, request_id);

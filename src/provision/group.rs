@@ -12,7 +12,7 @@ use aws_sdk_iam::Client;
 use aws_sdk_iam::error::ProvideErrorMetadata;
 use serde_json::json;
 
-use super::report::{Action, Report};
+use super::report::{Action, Mode, Report};
 use crate::cloud::aws::{ENTITY_ALREADY_EXISTS, classify, output_request_id};
 use crate::cloud::{CloudError, StepReport};
 
@@ -27,9 +27,27 @@ pub async fn ensure(
     bucket: &str,
     policy_arn: &str,
 ) -> Result<StepReport, CloudError> {
+    ensure_with(iam, bucket, policy_arn, Mode::Apply).await
+}
+
+/// [`ensure`] in `mode`; a missing group that is not made is planned as `create` with the
+/// policy attached.
+pub async fn ensure_with(
+    iam: &Client,
+    bucket: &str,
+    policy_arn: &str,
+    mode: Mode,
+) -> Result<StepReport, CloudError> {
     let group = bucket;
-    let mut report = Report::new(KIND, group);
-    ensure_exists(iam, group, &mut report).await?;
+    let mut report = Report::with_mode(KIND, group, mode);
+    let identifiers = json!({
+        "group_name": group,
+        "policy_arn": policy_arn,
+    });
+    if !ensure_exists(iam, group, &mut report).await? {
+        report.planned_new(&[("attached_policy", json!(policy_arn))]);
+        return Ok(report.into_step_report(identifiers));
+    }
     let attached = if report.was_created() {
         Vec::new()
     } else {
@@ -37,17 +55,18 @@ pub async fn ensure(
     };
     check_other_policies(&attached, policy_arn, &mut report);
     ensure_attached(iam, group, policy_arn, &attached, &mut report).await?;
-    Ok(report.into_step_report(json!({
-        "group_name": group,
-        "policy_arn": policy_arn,
-    })))
+    Ok(report.into_step_report(identifiers))
 }
 
-/// Name: the bucket's name.
-async fn ensure_exists(iam: &Client, group: &str, report: &mut Report) -> Result<(), CloudError> {
+/// Name: the bucket's name. Returns whether the group exists now (a missing one is made only
+/// in apply mode).
+async fn ensure_exists(iam: &Client, group: &str, report: &mut Report) -> Result<bool, CloudError> {
     match iam.get_group().group_name(group).max_items(1).send().await {
-        Ok(_) => Ok(()),
-        Err(err) if err.code() == Some("NoSuchEntity") => create(iam, group, report).await,
+        Ok(_) => Ok(true),
+        Err(err) if err.code() == Some("NoSuchEntity") && !report.creates() => Ok(false),
+        Err(err) if err.code() == Some("NoSuchEntity") => {
+            create(iam, group, report).await.map(|()| true)
+        }
         Err(err) => Err(classify(IAM, "GetGroup", err)),
     }
 }
@@ -92,14 +111,17 @@ async fn ensure_attached(
         report.unchanged(SETTING, json!(policy_arn));
         return Ok(());
     }
-    let out = iam
-        .attach_group_policy()
-        .group_name(group)
-        .policy_arn(policy_arn)
-        .send()
-        .await
-        .map_err(|e| classify(IAM, "AttachGroupPolicy", e))?;
-    let request_id = output_request_id(&out);
+    let attach = async {
+        let out = iam
+            .attach_group_policy()
+            .group_name(group)
+            .policy_arn(policy_arn)
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "AttachGroupPolicy", e))?;
+        Ok(output_request_id(&out))
+    };
+    let request_id = report.perform(attach).await?;
     if report.was_created() {
         report.made(SETTING, json!(policy_arn), request_id);
     } else {

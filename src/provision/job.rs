@@ -31,9 +31,9 @@ use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
 use crate::cloud::StepReport;
 use crate::cloud::aws::AwsClients;
 use crate::crypto::Keyring;
-use crate::domain::{BucketName, Namespace, Region, RepositoryName};
+use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
 use crate::jobs::{JobContext, JobError, JobHandler, JobKind, Subject};
-use crate::repository::{self, Resources, SecretRef};
+use crate::repository::{self, DesiredRepository, RepositoryRow, Resources, SecretRef};
 
 /// The provisioning job kind: one repository, brought to the runbook's state.
 pub struct ProvisionRepository;
@@ -67,6 +67,34 @@ pub struct ProvisionPayload {
 }
 
 impl ProvisionPayload {
+    /// The payload provisioning `desired` as repository `repository_id` (e.g. a nil id for a
+    /// dry run of a repository not stored yet).
+    pub fn for_desired(desired: &DesiredRepository, repository_id: uuid::Uuid) -> Self {
+        ProvisionPayload {
+            repository: desired.name.clone(),
+            repository_id,
+            namespace: desired.namespace.clone(),
+            bucket: desired.bucket.clone(),
+            region: desired.region.clone(),
+            allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
+            adopt_existing_secret: desired.options.adopt_existing_secret,
+        }
+    }
+
+    /// The payload provisioning the stored repository `row` with its options. Its names were
+    /// validated when it was stored; they are parsed again here.
+    pub fn for_row(row: &RepositoryRow) -> Result<Self, ValidationError> {
+        Ok(ProvisionPayload {
+            repository: RepositoryName::parse(&row.name)?,
+            repository_id: row.id,
+            namespace: Namespace::try_from(row.namespace.clone())?,
+            bucket: BucketName::try_from(row.bucket.clone())?,
+            region: Region::parse(&row.region)?,
+            allow_new_cipher_pass: row.options.0.allow_new_cipher_pass,
+            adopt_existing_secret: row.options.0.adopt_existing_secret,
+        })
+    }
+
     /// The repository's Secret.
     pub fn secret(&self) -> RepositorySecret<'_> {
         RepositorySecret {
@@ -170,6 +198,11 @@ impl JobHandler for Provisioner {
         self.secret_step(ctx, &payload, &conf, existing.as_ref())
             .await?;
         self.retire_step(ctx, &payload, &conf).await
+    }
+
+    /// The job's steps in plan mode (see [`super::plan`]): read calls only.
+    async fn plan(&self, payload: serde_json::Value) -> Option<Result<serde_json::Value, JobError>> {
+        Some(self.plan_provisioning(payload).await)
     }
 }
 

@@ -27,6 +27,7 @@ pub mod cipher_pass;
 pub mod credential_check;
 pub mod group;
 pub mod job;
+pub mod plan;
 pub mod policy;
 pub mod report;
 pub mod request;

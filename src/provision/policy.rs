@@ -27,7 +27,7 @@ use aws_sdk_iam::types::{Policy, PolicyScopeType, PolicyVersion};
 use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
-use super::report::{Action, Report};
+use super::report::{Action, Mode, Report};
 use crate::cloud::aws::{ENTITY_ALREADY_EXISTS, classify, output_request_id};
 use crate::cloud::{CloudError, StepReport};
 
@@ -129,9 +129,27 @@ fn string_set(value: &Value) -> Value {
 /// Ensures the policy exists with the runbook's document as its default version. Returns the
 /// report and the policy ARN.
 pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), CloudError> {
-    let mut report = Report::new(KIND, bucket);
+    ensure_with(iam, bucket, Mode::Apply).await
+}
+
+/// [`ensure`] in `mode`. A policy that does not exist and is not made (plan or repair mode)
+/// is planned as `create`; its ARN is then [`planned_arn`], which no group has attached.
+pub async fn ensure_with(
+    iam: &Client,
+    bucket: &str,
+    mode: Mode,
+) -> Result<(StepReport, String), CloudError> {
+    let mut report = Report::with_mode(KIND, bucket, mode);
     let existing = match find(iam, bucket).await? {
         Some(existing) => existing,
+        None if !report.creates() => {
+            report.planned_new(&[
+                ("path", json!(PATH)),
+                ("description", json!(DESCRIPTION)),
+                ("document", document(bucket)),
+            ]);
+            return Ok(finish(report, bucket, planned_arn(bucket), None));
+        }
         None => match create(iam, bucket, &mut report).await? {
             Some((arn, version)) => return Ok(finish(report, bucket, arn, version)),
             // Made by a resent request whose first answer was lost, or by an earlier attempt
@@ -141,6 +159,12 @@ pub async fn ensure(iam: &Client, bucket: &str) -> Result<(StepReport, String), 
     };
     let (arn, version) = reconcile(iam, bucket, &existing, &mut report).await?;
     Ok(finish(report, bucket, arn, version))
+}
+
+/// What a plan names the ARN of a policy it would create (the account id is not known
+/// without a call).
+pub fn planned_arn(bucket: &str) -> String {
+    format!("arn:aws:iam::<account>:policy/{bucket}")
 }
 
 /// The step's report (with the policy's identifiers) and the policy ARN.
@@ -286,8 +310,12 @@ async fn ensure_document(
         report.unchanged("document", expected);
         return Ok(Some(default_version_id.to_owned()));
     }
-    let deleted_version = make_room_for_a_version(iam, policy_arn).await?;
-    let (new_version_id, request_id) = add_default_version(iam, policy_arn, &expected).await?;
+    let deleted_version = make_room_for_a_version(iam, policy_arn, report.mode()).await?;
+    let (new_version_id, request_id) = if report.mode().changes_settings() {
+        add_default_version(iam, policy_arn, &expected).await?
+    } else {
+        (None, None)
+    };
     let facts = &mut report
         .repaired(
             "document",
@@ -322,10 +350,12 @@ async fn read_document(
         .and_then(parse_document))
 }
 
-/// At IAM's version limit, deletes the oldest non-default version; returns its id.
+/// At IAM's version limit, deletes the oldest non-default version (not in plan mode); returns
+/// its id.
 async fn make_room_for_a_version(
     iam: &Client,
     policy_arn: &str,
+    mode: Mode,
 ) -> Result<Option<String>, CloudError> {
     let versions = list_versions(iam, policy_arn).await?;
     if versions.len() < MAX_VERSIONS {
@@ -334,6 +364,9 @@ async fn make_room_for_a_version(
     let Some(oldest) = oldest_non_default(&versions) else {
         return Ok(None);
     };
+    if !mode.changes_settings() {
+        return Ok(Some(oldest));
+    }
     match iam
         .delete_policy_version()
         .policy_arn(policy_arn)

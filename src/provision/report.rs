@@ -18,12 +18,61 @@
 //!   `left unchanged`, `reason`).
 //!
 //! Values are identifiers and settings only, never secrets.
+//!
+//! A report has a [`Mode`]. In [`Mode::Plan`] a section reads everything and records the action
+//! it *would* take, without any mutating call: every mutating call goes through
+//! [`Report::perform`] (or [`Report::perform_create`] for the creation of a whole resource),
+//! which does not even send it in plan mode (a future that is not awaited is never polled).
+//! A resource that does not exist is planned as `create` with every setting `create` (the
+//! settings of what does not exist are not read). [`Mode::Repair`] changes settings of what
+//! exists but never creates a missing resource (verify's `repair`).
+
+use std::future::Future;
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::cloud::{Outcome, StepReport};
+use crate::cloud::{CloudError, Outcome, StepReport};
 use crate::jobs::StepDone;
+
+/// Whether a section changes what differs, only says what it would change, or repairs settings
+/// of existing resources without creating missing ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Observe, then change what differs (the provisioning job).
+    #[default]
+    Apply,
+    /// Observe only: record what would be done, make no mutating call (dry runs, verify).
+    Plan,
+    /// Change the settings of existing resources; a missing resource is reported, not made.
+    Repair,
+}
+
+impl Mode {
+    /// Whether settings of an existing resource are changed.
+    pub fn changes_settings(self) -> bool {
+        !matches!(self, Mode::Plan)
+    }
+
+    /// Whether a missing resource is made.
+    pub fn creates(self) -> bool {
+        matches!(self, Mode::Apply)
+    }
+
+    /// Runs the mutating `call` when this mode changes settings; otherwise drops it unsent.
+    /// Returns its request id (none when not sent).
+    pub async fn perform<F>(self, call: F) -> Result<Option<String>, CloudError>
+    where
+        F: Future<Output = Result<Option<String>, CloudError>>,
+    {
+        if self.changes_settings() {
+            call.await
+        } else {
+            Ok(None)
+        }
+    }
+}
 
 /// What a step did about one setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -111,18 +160,65 @@ pub struct Report {
     created: bool,
     settings: Vec<Setting>,
     request_id: Option<String>,
+    mode: Mode,
 }
 
 impl Report {
-    /// A report on the resource `name` of `kind` (e.g. `iam-user`).
+    /// A report on the resource `name` of `kind` (e.g. `iam-user`), in [`Mode::Apply`].
     pub fn new(kind: &'static str, name: impl Into<String>) -> Self {
+        Self::with_mode(kind, name, Mode::Apply)
+    }
+
+    /// A report whose section runs in `mode`.
+    pub fn with_mode(kind: &'static str, name: impl Into<String>, mode: Mode) -> Self {
         Report {
             kind,
             name: name.into(),
             created: false,
             settings: Vec::new(),
             request_id: None,
+            mode,
         }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether nothing is changed (plan mode).
+    pub fn is_plan(&self) -> bool {
+        self.mode == Mode::Plan
+    }
+
+    /// Runs the mutating `call` unless in plan mode (see [`Mode::perform`]).
+    pub async fn perform<F>(&self, call: F) -> Result<Option<String>, CloudError>
+    where
+        F: Future<Output = Result<Option<String>, CloudError>>,
+    {
+        self.mode.perform(call).await
+    }
+
+    /// Whether a missing resource is made (only in apply mode); otherwise the caller records
+    /// it with [`Report::planned_new`].
+    pub fn creates(&self) -> bool {
+        self.mode.creates()
+    }
+
+    /// A missing resource that this mode does not make: `create`, with every setting it would
+    /// get (`create`, never read).
+    pub fn planned_new(&mut self, settings: &[(&'static str, Value)]) {
+        self.created = true;
+        for (setting, expected) in settings {
+            self.made(setting, expected.clone(), None);
+        }
+    }
+
+    /// Settings whose action is not `none` (what a verification counts as drift).
+    pub fn drift(&self) -> usize {
+        self.settings
+            .iter()
+            .filter(|s| s.action != Action::None)
+            .count()
     }
 
     /// The resource did not exist and was made by this step.
@@ -245,6 +341,9 @@ impl Report {
         detail.insert("resource".into(), resource);
         detail.insert("settings".into(), json!(self.settings));
         detail.insert("differences".into(), json!(self.differences()));
+        if self.mode != Mode::Apply {
+            detail.insert("mode".into(), json!(self.mode));
+        }
         let mut report = StepReport::new(self.outcome(), Value::Object(detail));
         report.upstream_request_id = self.request_id;
         report

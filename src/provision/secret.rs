@@ -39,7 +39,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
-use super::report::{Action, Report};
+use super::report::{Action, Mode, Report};
 use super::sealed::{self, SealedError};
 use crate::cloud::kube::{SERVICE, classify};
 use crate::cloud::{CloudError, StepReport};
@@ -265,7 +265,7 @@ fn permanent(message: String) -> CloudError {
 }
 
 /// The resource kind in the step's report.
-const KIND: &str = "kube-secret";
+pub const KIND: &str = "kube-secret";
 
 /// The Secret of one repository: named after its bucket, in its namespace.
 #[derive(Debug, Clone, Copy)]
@@ -564,10 +564,71 @@ fn record_new(name: &str, access_key_id: &str, report: &mut Report) {
 
 /// Records each setting of an existing Secret against what [`apply`] writes.
 fn compare(existing: &Secret, name: &str, text: &str, access_key_id: &str, report: &mut Report) {
+    compare_metadata(existing, name, report);
+    compare_s3_conf(existing, text, access_key_id, report);
+}
+
+/// Records the labels, type and data keys of an existing Secret against the runbook's.
+pub fn compare_metadata(existing: &Secret, name: &str, report: &mut Report) {
     compare_labels(existing, name, report);
     compare_type(existing, report);
     compare_keys(existing, report);
-    compare_s3_conf(existing, text, access_key_id, report);
+}
+
+/// What [`apply`] would do to the Secret `namespace/name`, read-only (plan mode): `conf` is
+/// the content it would write when known (the key and cipher pass the Secret already holds);
+/// `None` stands for an `s3.conf` with a new access key (not made in a plan). A Secret the
+/// apply would refuse (someone else's without `adopt`, another type, immutable) is the same
+/// error here.
+pub async fn plan(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    conf: Option<&S3Conf>,
+    adopt: bool,
+) -> Result<StepReport, CloudError> {
+    let current = secrets(client, namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| classify("get secret", e))?;
+    let mut report = Report::with_mode(KIND, format!("{namespace}/{name}"), Mode::Plan);
+    let key_id = conf.map_or("(new access key)", |c| c.access_key_id.as_str());
+    let Some(existing) = current else {
+        record_new(name, key_id, &mut report);
+        return Ok(report.into_step_report(json!({ "namespace": namespace, "name": name })));
+    };
+    let ours = admit(&existing, namespace, name, adopt)?;
+    let text = conf.map(S3Conf::render);
+    let text = text.as_ref().map_or("", |t| t.expose_secret());
+    compare(&existing, name, text, key_id, &mut report);
+    if !(ours && is_up_to_date(&existing, name, text)) {
+        check_writable(&existing, namespace, name)?;
+    }
+    let facts = json!({ "adopted": !ours });
+    Ok(report.into_step_report(detail(namespace, name, &existing, facts)))
+}
+
+/// Puts our labels back on the Secret `namespace/name` (merge patch guarded by `version`, the
+/// `resourceVersion` read); other labels and the data are left as they are. Returns nothing
+/// useful as a request id (Kubernetes has none).
+pub async fn restore_labels(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    version: Option<String>,
+) -> Result<Option<String>, CloudError> {
+    let patch = json!({
+        "metadata": { "labels": desired_labels(name), "resourceVersion": version },
+    });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    secrets(client, namespace)
+        .patch(name, &params, &Patch::Merge(&patch))
+        .await
+        .map_err(|e| classify("restore secret labels", e))?;
+    Ok(None)
 }
 
 /// `app.kubernetes.io/managed-by: backup-provisioner` and `holos.run/secret.name: <name>`

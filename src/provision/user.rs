@@ -14,7 +14,7 @@ use aws_sdk_iam::error::ProvideErrorMetadata;
 use aws_sdk_iam::types::Tag;
 use serde_json::{Map, Value, json};
 
-use super::report::{Action, Report};
+use super::report::{Action, Mode, Report};
 use crate::cloud::aws::{ENTITY_ALREADY_EXISTS, classify, output_request_id};
 use crate::cloud::{CloudError, StepReport};
 use crate::provision::bucket::{MANAGED_BY_KEY, MANAGED_BY_VALUE, REPOSITORY_TAG_KEY};
@@ -33,23 +33,42 @@ pub async fn ensure(
     bucket: &str,
     repository: &str,
 ) -> Result<StepReport, CloudError> {
+    ensure_with(iam, bucket, repository, Mode::Apply).await
+}
+
+/// [`ensure`] in `mode`; a missing user that is not made is planned as `create` with its
+/// tags, its group and no login profile.
+pub async fn ensure_with(
+    iam: &Client,
+    bucket: &str,
+    repository: &str,
+    mode: Mode,
+) -> Result<StepReport, CloudError> {
     let (user, group) = (bucket, bucket);
     let wanted_tags = [
         (MANAGED_BY_KEY, MANAGED_BY_VALUE),
         (REPOSITORY_TAG_KEY, repository),
     ];
-    let mut report = Report::new(KIND, user);
-    ensure_exists(iam, user, &wanted_tags, &mut report).await?;
+    let mut report = Report::with_mode(KIND, user, mode);
+    let identifiers = json!({
+        "user_name": user,
+        "group_name": group,
+        "repository": repository,
+    });
+    if !ensure_exists(iam, user, &wanted_tags, &mut report).await? {
+        report.planned_new(&[
+            ("tags", tags_json(&wanted_tags)),
+            ("group_membership", json!(group)),
+        ]);
+        report.unchanged("login_profile", json!("absent"));
+        return Ok(report.into_step_report(identifiers));
+    }
     if !report.was_created() {
         ensure_tags(iam, user, &wanted_tags, &mut report).await?;
     }
     ensure_membership(iam, user, group, &mut report).await?;
     ensure_no_console_access(iam, user, &mut report).await?;
-    Ok(report.into_step_report(json!({
-        "user_name": user,
-        "group_name": group,
-        "repository": repository,
-    })))
+    Ok(report.into_step_report(identifiers))
 }
 
 fn tags_json(pairs: &Tags<'_>) -> Value {
@@ -60,17 +79,19 @@ fn tags_json(pairs: &Tags<'_>) -> Value {
     Value::Object(map)
 }
 
-/// Name: the bucket's name; a new user gets our tags at creation.
+/// Name: the bucket's name; a new user gets our tags at creation. Returns whether the user
+/// exists now (a missing one is made only in apply mode).
 async fn ensure_exists(
     iam: &Client,
     user: &str,
     wanted_tags: &Tags<'_>,
     report: &mut Report,
-) -> Result<(), CloudError> {
+) -> Result<bool, CloudError> {
     match iam.get_user().user_name(user).send().await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(err) if err.code() == Some("NoSuchEntity") && !report.creates() => Ok(false),
         Err(err) if err.code() == Some("NoSuchEntity") => {
-            create(iam, user, wanted_tags, report).await
+            create(iam, user, wanted_tags, report).await.map(|()| true)
         }
         Err(err) => Err(classify(IAM, "GetUser", err)),
     }
@@ -122,16 +143,21 @@ async fn ensure_tags(
         return Ok(());
     }
     let found = current_values(&current, &missing);
-    let out = iam
-        .tag_user()
-        .user_name(user)
-        .set_tags(Some(tags(&missing)?))
-        .send()
-        .await
-        .map_err(|e| classify(IAM, "TagUser", e))?;
+    let new_tags = tags(&missing)?;
+    let tag = async {
+        let out = iam
+            .tag_user()
+            .user_name(user)
+            .set_tags(Some(new_tags))
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "TagUser", e))?;
+        Ok(output_request_id(&out))
+    };
+    let request_id = report.perform(tag).await?;
     let action = Action::create_or_update(found.values().all(Value::is_null));
     let (found, expected) = (Value::Object(found), tags_json(&missing));
-    report.repaired("tags", found, expected, action, output_request_id(&out));
+    report.repaired("tags", found, expected, action, request_id);
     Ok(())
 }
 
@@ -159,14 +185,17 @@ async fn ensure_membership(
         report.unchanged(SETTING, json!(group));
         return Ok(());
     }
-    let out = iam
-        .add_user_to_group()
-        .group_name(group)
-        .user_name(user)
-        .send()
-        .await
-        .map_err(|e| classify(IAM, "AddUserToGroup", e))?;
-    let request_id = output_request_id(&out);
+    let add = async {
+        let out = iam
+            .add_user_to_group()
+            .group_name(group)
+            .user_name(user)
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "AddUserToGroup", e))?;
+        Ok(output_request_id(&out))
+    };
+    let request_id = report.perform(add).await?;
     if created {
         report.made(SETTING, json!(group), request_id);
     } else {
@@ -201,11 +230,14 @@ async fn ensure_no_console_access(
         }
         Err(err) => return Err(classify(IAM, "GetLoginProfile", err)),
     }
-    let request_id = match iam.delete_login_profile().user_name(user).send().await {
-        Ok(out) => output_request_id(&out),
-        Err(err) if err.code() == Some("NoSuchEntity") => None,
-        Err(err) => return Err(classify(IAM, "DeleteLoginProfile", err)),
+    let delete = async {
+        match iam.delete_login_profile().user_name(user).send().await {
+            Ok(out) => Ok(output_request_id(&out)),
+            Err(err) if err.code() == Some("NoSuchEntity") => Ok(None),
+            Err(err) => Err(classify(IAM, "DeleteLoginProfile", err)),
+        }
     };
+    let request_id = report.perform(delete).await?;
     let (found, expected) = (json!("present"), json!("absent"));
     report.repaired(SETTING, found, expected, Action::Delete, request_id);
     Ok(())

@@ -17,6 +17,7 @@ mod credential_check;
 mod errors;
 mod harness;
 mod iam;
+mod plan_mode;
 
 const EU: &str = "eu-west-1";
 const US: &str = "us-east-1";
