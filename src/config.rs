@@ -215,6 +215,17 @@ pub struct WorkerSettingsArgs {
     /// How long after a repository's latest job ended the sweep may clean up after it.
     #[arg(long, env = "BP_SWEEP_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub sweep_grace: Duration,
+    /// AWS requests per second of this process, all clients together, retries included
+    /// (evenly spaced, a burst of a quarter of it); 0: the default, never unlimited.
+    #[arg(long, env = "BP_AWS_MAX_RPS", default_value_t = crate::cloud::rate_limit::DEFAULT_AWS_MAX_RPS)]
+    pub aws_max_rps: u32,
+    /// How old a ready repository's last verification may grow before the periodic sweep
+    /// verifies it again; 0s: no periodic verification.
+    #[arg(long, env = "BP_VERIFY_INTERVAL", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub verify_interval: Duration,
+    /// Verify jobs queued or running at once, all replicas together, from the periodic sweep.
+    #[arg(long, env = "BP_VERIFY_CONCURRENCY", default_value_t = 4)]
+    pub verify_concurrency: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -474,6 +485,12 @@ impl WorkerSettingsArgs {
         }
         if self.job_lease < Duration::from_secs(1) {
             return Err(ConfigError::new("BP_JOB_LEASE", "must be at least 1s"));
+        }
+        if self.verify_concurrency == 0 {
+            return Err(ConfigError::new(
+                "BP_VERIFY_CONCURRENCY",
+                "must be at least 1 (BP_VERIFY_INTERVAL=0s turns the periodic verification off)",
+            ));
         }
         if self.workers > 0 {
             self.encryption_keys()?;

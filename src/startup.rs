@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::cloud::aws::{self, AwsClients, AwsSettings};
+use crate::cloud::rate_limit::AwsRateLimit;
 use crate::config::{ConfigError, DatabaseArgs, HttpArgs, MigrateArgs, WorkerSettingsArgs};
 use crate::http::{self, AppState, HttpLimits, RequestPolicy};
 use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
@@ -231,8 +232,8 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
     Ok(Registry::new().register(adopter).register(provisioner))
 }
 
-/// The workers' AWS clients (standard credential chain) and Kubernetes client (`KUBECONFIG`
-/// or in-cluster).
+/// The workers' AWS clients (standard credential chain), every request under the process's
+/// `BP_AWS_MAX_RPS`, and Kubernetes client (`KUBECONFIG` or in-cluster).
 async fn worker_clients(
     worker: &WorkerSettingsArgs,
 ) -> Result<(AwsClients, kube::Client), StartupError> {
@@ -240,7 +241,8 @@ async fn worker_clients(
         endpoint_url: worker.aws_endpoint_url.clone(),
         region: None,
     };
-    let aws = aws::clients(&settings, None).await;
+    let limit = AwsRateLimit::process_wide(worker.aws_max_rps);
+    let aws = aws::clients(&settings, None).await.with_rate_limit(&limit);
     let kube = crate::cloud::kube::client_from_env().await.map_err(|e| {
         ConfigError::new(
             "KUBECONFIG",

@@ -71,6 +71,40 @@ pub struct Metrics {
     pub step_duration: Family<StepLabels, Histogram>,
     pub jobs_by_state: Family<StateLabels, Gauge>,
     pub queue_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub repositories_with_drift: Gauge,
+    pub drift_settings: Gauge,
+    pub repositories_never_verified: Gauge,
+    pub oldest_verification_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// What the verifications stored on the repositories say (see [`verification_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct VerificationStats {
+    /// Live repositories whose last verification found at least one difference.
+    pub repositories_with_drift: i64,
+    /// Differences found by the last verification of every live repository, summed.
+    pub drift_settings: i64,
+    /// Ready repositories never verified.
+    pub never_verified: i64,
+    /// Age of the oldest verification among ready repositories (a never verified one counts
+    /// from its last change, as the periodic verification counts it); 0 without any.
+    pub oldest_age_seconds: f64,
+}
+
+/// Reads [`VerificationStats`] from the repositories table. Live: neither deleted nor being
+/// deprovisioned.
+pub async fn verification_stats(db: &sqlx::PgPool) -> Result<VerificationStats, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE drift_count > 0 AND live) AS repositories_with_drift,
+                coalesce(sum(drift_count) FILTER (WHERE live), 0)::bigint AS drift_settings,
+                count(*) FILTER (WHERE verified_at IS NULL AND state = 'ready') AS never_verified,
+                coalesce(extract(epoch FROM now() - min(coalesce(verified_at, updated_at))
+                                 FILTER (WHERE state = 'ready')), 0)::float8 AS oldest_age_seconds
+           FROM (SELECT *, state NOT IN ('deleted', 'deprovisioning') AS live
+                   FROM backup_repositories) r",
+    )
+    .fetch_one(db)
+    .await
 }
 
 fn seconds_histogram() -> Histogram {
@@ -93,6 +127,10 @@ impl Metrics {
             step_duration: Family::new_with_constructor(seconds_histogram),
             jobs_by_state: Family::default(),
             queue_lag_seconds: Gauge::default(),
+            repositories_with_drift: Gauge::default(),
+            drift_settings: Gauge::default(),
+            repositories_never_verified: Gauge::default(),
+            oldest_verification_age_seconds: Gauge::default(),
         };
         {
             let mut r = metrics.registry.lock().expect("metrics registry");
@@ -122,6 +160,7 @@ impl Metrics {
                 "Age of the oldest runnable queued job",
                 metrics.queue_lag_seconds.clone(),
             );
+            metrics.register_verification(&mut r);
         }
         metrics
     }
@@ -175,6 +214,38 @@ impl Metrics {
                 .set(n);
         }
         self.queue_lag_seconds.set(lag_seconds);
+    }
+
+    fn register_verification(&self, r: &mut Registry) {
+        r.register(
+            "repositories_with_drift",
+            "Repositories whose last verification found differences from the runbook",
+            self.repositories_with_drift.clone(),
+        );
+        r.register(
+            "drift_settings",
+            "Differences from the runbook found by the last verification of every repository",
+            self.drift_settings.clone(),
+        );
+        r.register(
+            "repositories_never_verified",
+            "Ready repositories not verified yet",
+            self.repositories_never_verified.clone(),
+        );
+        r.register(
+            "oldest_verification_age_seconds",
+            "Age of the oldest verification of a ready repository (never verified: since its last change)",
+            self.oldest_verification_age_seconds.clone(),
+        );
+    }
+
+    pub fn set_verification(&self, stats: &VerificationStats) {
+        self.repositories_with_drift
+            .set(stats.repositories_with_drift);
+        self.drift_settings.set(stats.drift_settings);
+        self.repositories_never_verified.set(stats.never_verified);
+        self.oldest_verification_age_seconds
+            .set(stats.oldest_age_seconds);
     }
 
     pub fn encode(&self) -> String {

@@ -18,6 +18,7 @@ use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, Sdk
 use aws_sdk_s3::operation::RequestId;
 use aws_smithy_types::config_bag::{Storable, StoreReplace};
 
+use super::rate_limit::AwsRateLimit;
 use super::{CloudError, Retry};
 
 /// Region used when neither the settings nor the credential chain name one (IAM is global).
@@ -97,6 +98,14 @@ impl AwsClients {
             sdk_config
         };
         let path_style = settings.endpoint_url.is_some() || sdk_config.endpoint_url().is_some();
+        Self::assemble(sdk_config, path_style, counter)
+    }
+
+    fn assemble(
+        sdk_config: SdkConfig,
+        path_style: bool,
+        counter: Option<CallCounter>,
+    ) -> AwsClients {
         let mut iam = aws_sdk_iam::config::Builder::from(&sdk_config);
         if let Some(counter) = &counter {
             iam = iam.interceptor(counter.interceptor("iam"));
@@ -111,6 +120,23 @@ impl AwsClients {
             counter,
             path_style,
         }
+    }
+
+    /// These clients, and every client made from them later (S3 per region, S3 with a new
+    /// key's static credentials), with each request attempt first waiting for a permit of
+    /// `limit` (`BP_AWS_MAX_RPS`, see [`super::rate_limit`]). Apply once: a second limit would
+    /// wrap the first.
+    pub fn with_rate_limit(self, limit: &AwsRateLimit) -> AwsClients {
+        let inner = self
+            .sdk_config
+            .http_client()
+            .unwrap_or_else(super::rate_limit::default_https_client);
+        let sdk_config = self
+            .sdk_config
+            .to_builder()
+            .http_client(limit.wrap(inner))
+            .build();
+        AwsClients::assemble(sdk_config, self.path_style, self.counter)
     }
 
     /// An S3 client whose requests go to (and whose buckets are created in) `region`.

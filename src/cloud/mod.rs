@@ -6,6 +6,7 @@
 
 pub mod aws;
 pub mod kube;
+pub mod rate_limit;
 
 use serde::Serialize;
 

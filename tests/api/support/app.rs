@@ -267,6 +267,10 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
         credential_check_budget: Duration::from_secs(20),
         sweep_interval: Duration::ZERO,
         sweep_grace: Duration::from_secs(3600),
+        // Tests build their AWS clients unlimited; tests/api/verify_sweep.rs sets its own.
+        aws_max_rps: 10_000,
+        verify_interval: Duration::ZERO,
+        verify_concurrency: 4,
     }
 }
 

@@ -55,6 +55,9 @@ impl ServiceSpec {
                 ("BP_RETRY_BASE".into(), "100ms".into()),
                 ("BP_SHUTDOWN_GRACE".into(), "5s".into()),
                 ("BP_SWEEP_INTERVAL".into(), "0s".into()),
+                // Tests count AWS calls, not pace them (tests/api/verify_sweep.rs paces).
+                ("BP_AWS_MAX_RPS".into(), "10000".into()),
+                ("BP_VERIFY_INTERVAL".into(), "0s".into()),
             ],
         }
     }
