@@ -26,13 +26,14 @@ use crate::domain::{
 };
 use crate::jobs::queue;
 use crate::provision::adopt::AdoptRepository;
+use crate::provision::deprovision::DeprovisionRepository;
 use crate::provision::{self, request::Queued, request::Requested};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow, Resources};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_repository, list_repositories))
-        .routes(routes!(get_repository))
+        .routes(routes!(get_repository, deprovision_repository))
         .routes(routes!(reconcile_repository))
         .routes(routes!(rotate_cipher_pass))
 }
@@ -147,7 +148,8 @@ pub struct RepositoryView {
     pub region: String,
     pub labels: BTreeMap<String, String>,
     pub options: RepositoryOptions,
-    /// `pending`, `provisioning`, `ready`, `failed` or `cancelled`.
+    /// `pending`, `provisioning`, `ready`, `failed`, `cancelled`, `deprovisioning` or
+    /// `deleted`.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -320,8 +322,9 @@ async fn latest_job(state: &AppState, repository_id: Uuid) -> Result<Option<JobS
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Only repositories in this state.
-    #[param(pattern = "^(pending|provisioning|ready|failed|cancelled)$")]
+    /// Only repositories in this state. Deleted repositories are listed only with
+    /// `state=deleted`.
+    #[param(pattern = "^(pending|provisioning|ready|failed|cancelled|deprovisioning|deleted)$")]
     pub state: Option<String>,
     /// Only repositories whose Secret lives in this namespace.
     pub namespace: Option<String>,
@@ -346,7 +349,7 @@ pub struct RepositoryPage {
     params(ListQuery),
     responses(
         (status = 200, body = RepositoryPage),
-        BadRequest, Unauthorized,
+        BadRequest, Unauthorized, Unprocessable,
     ),
     security(("bearer" = []))
 )]
@@ -359,24 +362,23 @@ pub async fn list_repositories(
     if let Some(s) = &query.state
         && !repository::STATES.contains(&s.as_str())
     {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Unprocessable(format!(
             "state must be one of {}",
             repository::STATES.join(", ")
         )));
     }
     let limit = pagination::page_limit(query.limit)?;
+    let (after, after_id) = repository_cursor(query.cursor.as_deref())?;
     let filter = repository::ListFilter {
         state: query.state,
         namespace: query.namespace,
-        after: query
-            .cursor
-            .as_deref()
-            .map(pagination::decode_cursor)
-            .transpose()?,
+        after,
+        after_id,
         limit: limit + 1,
     };
     let rows = repository::list(&state.db, &filter).await?;
-    let (rows, next_cursor) = pagination::split_page(rows, limit, |row| row.name.clone());
+    let (rows, next_cursor) =
+        pagination::split_keyed_page(rows, limit, |row| (row.name.clone(), row.id.to_string()));
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let jobs = queue::latest_per_subject(&state.db, &ids).await?;
     let items = rows
@@ -393,7 +395,19 @@ pub async fn list_repositories(
     Ok(axum::Json(RepositoryPage { items, next_cursor }))
 }
 
-/// Get one backup repository: state, last job, resource identifiers, wiring once ready.
+/// The name and id after which a page of repositories starts (deleted repositories can share a
+/// name; a cursor of an earlier version holds the name alone).
+fn repository_cursor(cursor: Option<&str>) -> Result<(Option<String>, Option<Uuid>), ApiError> {
+    let Some(cursor) = cursor else {
+        return Ok((None, None));
+    };
+    let (name, id) = pagination::decode_keyed_cursor(cursor)?;
+    let id = id.map(|id| pagination::cursor_uuid(&id)).transpose()?;
+    Ok((Some(name), id))
+}
+
+/// Get one backup repository: state, last job, resource identifiers, wiring once ready. A
+/// deleted repository (no live one of that name) is shown with state `deleted`.
 #[utoipa::path(
     get, path = "/v1/backup-repositories/{name}", tag = "repositories",
     params(("name" = String, Path, description = "Repository name")),
@@ -409,11 +423,160 @@ pub async fn get_repository(
     ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<RepositoryView>, ApiError> {
     caller.require(Role::Viewer)?;
-    let row = repository::by_name(&state.db, &name)
+    let row = repository::by_name_or_deleted(&state.db, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
     let job = latest_job(&state, row.id).await?;
     Ok(axum::Json(RepositoryView::new(row, job)))
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeprovisionQuery {
+    /// Delete the bucket too (kept by default). Refused while it holds objects unless the body
+    /// confirms: `{"confirm": "<bucket>", "force": true}`.
+    #[serde(default)]
+    pub delete_bucket: bool,
+    /// Answer with the plan (per resource: `delete`, `none`, `leave`) and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The optional body of a deprovision request: the confirmation that deletes a bucket with its
+/// objects.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeprovisionRequest {
+    /// The bucket's name, repeated: required with `force`.
+    #[schema(example = "holos-zitadel-backups")]
+    pub confirm: Option<String>,
+    /// Delete the bucket's objects (every backup) with it. Only with `?delete_bucket=true` and
+    /// `confirm`.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl DeprovisionRequest {
+    /// The body of a DELETE: none, or JSON.
+    fn from_body(headers: &HeaderMap, body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !json {
+            return Err(ApiError::UnsupportedMediaType(
+                "request body must be JSON: set Content-Type: application/json".into(),
+            ));
+        }
+        serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
+            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+        })
+    }
+
+    /// The job's switches, or why the confirmation does not fit the request.
+    fn options(
+        &self,
+        query: &DeprovisionQuery,
+        bucket: &str,
+    ) -> Result<provision::deprovision::request::Options, ApiError> {
+        let asked = self.force || self.confirm.is_some();
+        if asked && !query.delete_bucket {
+            return Err(ApiError::Unprocessable(
+                "confirm and force apply only to ?delete_bucket=true; without it the bucket and \
+                 its objects are kept"
+                    .into(),
+            ));
+        }
+        if asked && self.confirm.as_deref() != Some(bucket) {
+            return Err(ApiError::Unprocessable(format!(
+                "to delete bucket {bucket} with its objects send {{\"confirm\": \"{bucket}\", \
+                 \"force\": true}} (confirm must be the bucket's name)"
+            )));
+        }
+        Ok(provision::deprovision::request::Options {
+            delete_bucket: query.delete_bucket,
+            force: self.force,
+        })
+    }
+}
+
+/// Deprovision a repository: deactivate its access keys, remove its Secret (only if ours),
+/// delete the keys, the IAM user, group and policy. The bucket and its backups are kept unless
+/// `?delete_bucket=true`; a bucket that holds objects is deleted only when the body confirms
+/// `{"confirm": "<bucket>", "force": true}` (otherwise 422 before anything is queued, when this
+/// replica can read the bucket, or the job fails before any change). The record and the audit
+/// log stay: the repository ends `deleted`, and the name can be created again (a new
+/// repository). `?dry_run=true` answers with the plan and changes nothing.
+#[utoipa::path(
+    delete, path = "/v1/backup-repositories/{name}", tag = "repositories",
+    params(("name" = String, Path, description = "Repository name"), DeprovisionQuery),
+    request_body(content = Option<DeprovisionRequest>, description = "Optional: the confirmation deleting a bucket that holds objects"),
+    responses(
+        (status = 202, description = "Deprovisioning queued. `Location` names the job.", body = CreatedRepository),
+        (status = 200, description = "Dry run: the plan; nothing changed", body = crate::http::dry_run::DryRunPlan),
+        BadRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, UnsupportedMediaType,
+        (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = PROBLEM_JSON),
+        Unprocessable, TooManyRequests, Unavailable,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn deprovision_repository(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeprovisionQuery>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge("request body is larger than the configured limit".into())
+        }
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
+    let request = DeprovisionRequest::from_body(&headers, &body)?;
+    let row = repository::by_name(&state.db, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    let options = request.options(&query, &row.bucket)?;
+    let payload = provision::deprovision::request::payload_for(&row, options)?;
+    if query.dry_run {
+        return dry_run::answer::<DeprovisionRepository>(&state, &payload).await;
+    }
+    if options.delete_bucket && !options.force {
+        refuse_non_empty_bucket(&state, &payload).await?;
+    }
+    let max_attempts = state.policy.max_attempts;
+    let queued = provision::deprovision::request::queue_deprovisioning(
+        &state.db,
+        &payload,
+        caller.actor(),
+        max_attempts,
+    )
+    .await?;
+    Ok(accepted(queued))
+}
+
+/// `delete_bucket` without `force`: the plan (read calls only) refuses a bucket that holds
+/// objects, answered as a 422 before anything is queued. A replica that cannot plan (no
+/// workers) or a plan that fails for another reason queues the job, whose first check refuses
+/// such a bucket before any change.
+async fn refuse_non_empty_bucket(
+    state: &AppState,
+    payload: &<DeprovisionRepository as crate::jobs::JobKind>::Payload,
+) -> Result<(), ApiError> {
+    match state.job_kinds.plan::<DeprovisionRepository>(payload).await {
+        Some(Err(crate::jobs::JobError::Permanent(message))) => {
+            Err(ApiError::Unprocessable(message))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Refused, always: a repository's cipher pass is never changed in place.

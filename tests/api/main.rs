@@ -1,6 +1,7 @@
 //! One integration-test binary: every module below drives real components
 //! (Postgres, moto, the real kube-apiserver on etcd, pgBackRest) through real clients.
 
+mod adopt;
 mod audit_log;
 mod aws_realism;
 mod aws_steps;

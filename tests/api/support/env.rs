@@ -15,6 +15,7 @@ use backup_provisioner::cloud::aws::{AwsClients, CallCounter};
 use backup_provisioner::config::WorkerSettingsArgs;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::Registry;
+use backup_provisioner::provision::adopt::Adopter;
 use backup_provisioner::provision::job::Provisioner;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use secrecy::ExposeSecret;
@@ -177,8 +178,10 @@ impl<'a> EnvBuilder<'a> {
             .expect("key")
             .expose_secret()
             .to_owned();
-        let registry =
-            Registry::new().register(provisioner(service_aws, service_kube, &encryption_key));
+        let provisioner = provisioner(service_aws, service_kube, &encryption_key);
+        let registry = Registry::new()
+            .register(Adopter::like(&provisioner))
+            .register(provisioner);
         let options = AppOptions {
             worker,
             registry,
