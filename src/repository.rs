@@ -11,8 +11,20 @@ use uuid::Uuid;
 use crate::domain::{BucketName, Labels, Namespace, Region, RepositoryName};
 
 /// Every state a repository can be in (the table's CHECK constraint); the trigger
-/// `backup_repository_follows_job` moves it with its jobs.
-pub const STATES: [&str; 5] = ["pending", "provisioning", "ready", "failed", "cancelled"];
+/// `backup_repository_follows_job` moves it with its jobs. A `deleted` repository keeps its
+/// record (and audit history) but no longer holds its name or bucket.
+pub const STATES: [&str; 7] = [
+    "pending",
+    "provisioning",
+    "ready",
+    "failed",
+    "cancelled",
+    "deprovisioning",
+    "deleted",
+];
+
+/// The state of a repository whose deprovisioning succeeded.
+pub const DELETED: &str = "deleted";
 
 /// A validated request for a repository: what must exist.
 #[derive(Debug, Clone)]
@@ -110,7 +122,8 @@ impl RepositoryRow {
 const COLUMNS: &str = "id, name, namespace, bucket, region, labels, options, state, resources, last_error, \
                        created_by, created_at, updated_at";
 
-/// Inserts the repository unless one of that name exists. Returns the new row, or None.
+/// Inserts the repository unless one of that name exists (and is not deleted). Returns the new
+/// row, or None.
 pub async fn insert_if_absent(
     conn: &mut PgConnection,
     desired: &DesiredRepository,
@@ -119,7 +132,7 @@ pub async fn insert_if_absent(
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO backup_repositories (id, name, namespace, bucket, region, labels, options, created_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (name) DO NOTHING
+         ON CONFLICT (name) WHERE state <> 'deleted' DO NOTHING
          RETURNING {COLUMNS}"
     )))
     .bind(Uuid::new_v4())
@@ -134,12 +147,13 @@ pub async fn insert_if_absent(
     .await
 }
 
+/// The live (not deleted) repository of that name.
 pub async fn by_name(
     db: impl PgExecutor<'_>,
     name: &str,
 ) -> Result<Option<RepositoryRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM backup_repositories WHERE name = $1"
+        "SELECT {COLUMNS} FROM backup_repositories WHERE name = $1 AND state <> 'deleted'"
     )))
     .bind(name)
     .fetch_optional(db)
@@ -158,12 +172,29 @@ pub async fn by_id(
     .await
 }
 
+/// The live (not deleted) repository of that name or, when there is none, the one of that
+/// name deleted last: what `GET /v1/backup-repositories/{name}` shows.
+pub async fn by_name_or_deleted(
+    db: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<RepositoryRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM backup_repositories WHERE name = $1
+          ORDER BY state = 'deleted', updated_at DESC
+          LIMIT 1"
+    )))
+    .bind(name)
+    .fetch_optional(db)
+    .await
+}
+
+/// The live (not deleted) repository using that bucket.
 pub async fn by_bucket(
     db: impl PgExecutor<'_>,
     bucket: &str,
 ) -> Result<Option<RepositoryRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM backup_repositories WHERE bucket = $1"
+        "SELECT {COLUMNS} FROM backup_repositories WHERE bucket = $1 AND state <> 'deleted'"
     )))
     .bind(bucket)
     .fetch_optional(db)
@@ -172,29 +203,37 @@ pub async fn by_bucket(
 
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
+    /// Only this state; without one, every state but `deleted` (deleted repositories are
+    /// listed only when asked for).
     pub state: Option<String>,
     pub namespace: Option<String>,
     /// Cursor: list names after this one.
     pub after: Option<String>,
+    /// Cursor: with `after`, list the repositories of that name after this id (deleted
+    /// repositories can share a name).
+    pub after_id: Option<Uuid>,
     pub limit: i64,
 }
 
+/// Repositories by name (then id), filtered; see [`ListFilter`].
 pub async fn list(
     db: impl PgExecutor<'_>,
     filter: &ListFilter,
 ) -> Result<Vec<RepositoryRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM backup_repositories
-          WHERE ($1::text IS NULL OR state = $1)
+          WHERE (state = $1 OR ($1::text IS NULL AND state <> 'deleted'))
             AND ($2::text IS NULL OR namespace = $2)
-            AND ($3::text IS NULL OR name > $3)
-          ORDER BY name
+            AND ($3::text IS NULL
+                 OR (name, id) > ($3, coalesce($5, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)))
+          ORDER BY name, id
           LIMIT $4"
     )))
     .bind(&filter.state)
     .bind(&filter.namespace)
     .bind(&filter.after)
     .bind(filter.limit)
+    .bind(filter.after_id)
     .fetch_all(db)
     .await
 }
@@ -210,6 +249,15 @@ pub async fn set_options(
         .execute(db)
         .await?;
     Ok(())
+}
+
+/// Locks the repository's row for the rest of the transaction and returns its state (`None`:
+/// no such row). A job queued after this sees the state it checked.
+pub async fn lock_state(conn: &mut PgConnection, id: Uuid) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT state FROM backup_repositories WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
 }
 
 /// Merges newly known identifiers into the repository's resources.

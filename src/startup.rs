@@ -229,7 +229,11 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
         credential_check_backoff: Duration::from_millis(500),
     };
     let adopter = crate::provision::adopt::Adopter::like(&provisioner);
-    Ok(Registry::new().register(adopter).register(provisioner))
+    let deprovisioner = crate::provision::deprovision::Deprovisioner::like(&provisioner);
+    Ok(Registry::new()
+        .register(adopter)
+        .register(deprovisioner)
+        .register(provisioner))
 }
 
 /// The workers' AWS clients (standard credential chain), every request under the process's

@@ -14,15 +14,19 @@ use uuid::Uuid;
 use super::audit::{AuditPage, audit_page};
 use super::error::{PROBLEM_JSON, Problem};
 use super::extract::{ApiPath, ApiQuery, Caller};
-use super::responses::{BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized};
-use super::{ApiError, AppState};
+use super::responses::{
+    BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unprocessable,
+};
+use super::{ApiError, AppState, pagination};
 use crate::audit::AuditFilter;
 use crate::auth::Role;
+use crate::domain::RepositoryName;
 use crate::jobs::control;
 use crate::jobs::queue::{self, CancelOutcome, Job, JobState, RetryOutcome};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .routes(routes!(list_jobs))
         .routes(routes!(get_job))
         .routes(routes!(cancel_job))
         .routes(routes!(retry_job))
@@ -322,4 +326,157 @@ pub async fn job_events(
     audit_page(&state, filter, query.cursor.as_deref(), query.limit)
         .await
         .map(axum::Json)
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct JobListQuery {
+    /// Only jobs in this state.
+    #[param(pattern = "^(queued|running|succeeded|failed|cancelled)$")]
+    pub state: Option<String>,
+    /// Only jobs of this kind, e.g. `provision-repository` or `deprovision-repository`.
+    #[param(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub kind: Option<String>,
+    /// Only jobs of the repository of this name (those of deleted repositories of that name
+    /// too).
+    pub repository: Option<String>,
+    /// Opaque cursor from the previous page's `next_cursor`.
+    pub cursor: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<i64>,
+}
+
+impl JobListQuery {
+    /// The filter, or a 422 naming every filter that cannot match anything we store.
+    fn filter(self, limit: i64) -> Result<queue::JobFilter, ApiError> {
+        let mut problems = Vec::new();
+        if let Some(state) = &self.state
+            && JobState::parse(state).is_none()
+        {
+            problems.push(
+                "state must be one of queued, running, succeeded, failed, cancelled".to_owned(),
+            );
+        }
+        if let Some(kind) = &self.kind
+            && !is_kind_name(kind)
+        {
+            problems.push(
+                "kind must be a job kind's name: 1 to 63 lowercase letters, digits and hyphens"
+                    .to_owned(),
+            );
+        }
+        if let Some(Err(e)) = self.repository.as_deref().map(RepositoryName::parse) {
+            problems.push(format!("repository: {e}"));
+        }
+        if !problems.is_empty() {
+            return Err(ApiError::Unprocessable(problems.join("; ")));
+        }
+        let before = self.cursor.as_deref().map(decode_job_cursor).transpose()?;
+        Ok(queue::JobFilter {
+            state: self.state,
+            kind: self.kind,
+            subject_name: self.repository,
+            before,
+            limit: limit + 1,
+        })
+    }
+}
+
+fn is_kind_name(kind: &str) -> bool {
+    (1..=63).contains(&kind.len())
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !kind.starts_with('-')
+}
+
+/// A job in the listing (its steps: `GET /v1/jobs/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobListItem {
+    pub id: Uuid,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub cancel_requested: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub run_at: DateTime<Utc>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<Job> for JobListItem {
+    fn from(job: Job) -> Self {
+        JobListItem {
+            id: job.id,
+            kind: job.kind,
+            repository: job.subject_name,
+            state: job.state,
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            cancel_requested: job.cancel_requested,
+            last_error: job.last_error,
+            run_at: job.run_at,
+            created_by: job.created_by,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    pub items: Vec<JobListItem>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// List jobs, newest first, filtered by state, kind and repository.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(JobListQuery),
+    responses(
+        (status = 200, body = JobPage),
+        BadRequest, Unauthorized, Unprocessable,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<JobListQuery>,
+) -> Result<axum::Json<JobPage>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let limit = pagination::page_limit(query.limit)?;
+    let filter = query.filter(limit)?;
+    let jobs = queue::list(&state.db, &filter).await?;
+    let (jobs, next_cursor) = pagination::split_keyed_page(jobs, limit, |job| {
+        let at = job
+            .created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        (at, job.id.to_string())
+    });
+    let items = jobs.into_iter().map(JobListItem::from).collect();
+    Ok(axum::Json(JobPage { items, next_cursor }))
+}
+
+/// The `(created_at, id)` a job listing cursor names.
+fn decode_job_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let foreign = || ApiError::BadRequest("cursor is not one this server issued".into());
+    let (at, id) = pagination::decode_keyed_cursor(cursor)?;
+    let at = DateTime::parse_from_rfc3339(&at).map_err(|_| foreign())?;
+    let id = pagination::cursor_uuid(&id.ok_or_else(foreign)?)?;
+    Ok((at.with_timezone(&Utc), id))
 }

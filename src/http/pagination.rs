@@ -43,3 +43,54 @@ pub fn split_page<T>(
     });
     (rows, next)
 }
+
+/// Separates the parts of a keyed cursor (a sort key and a tie-breaker, e.g. a name and an
+/// id); neither part of the keys we page by can hold it.
+const KEY_SEPARATOR: char = '\n';
+
+/// Like [`split_page`] for rows sorted by a key that may repeat: the cursor carries the key and
+/// a unique tie-breaker (see [`decode_keyed_cursor`]).
+pub fn split_keyed_page<T>(
+    rows: Vec<T>,
+    limit: i64,
+    key: impl Fn(&T) -> (String, String),
+) -> (Vec<T>, Option<String>) {
+    split_page(rows, limit, |row| {
+        let (key, tie) = key(row);
+        format!("{key}{KEY_SEPARATOR}{tie}")
+    })
+}
+
+/// The key and tie-breaker of a cursor made by [`split_keyed_page`]; a cursor made by
+/// [`split_page`] (an earlier page of the same list) has no tie-breaker.
+pub fn decode_keyed_cursor(cursor: &str) -> Result<(String, Option<String>), ApiError> {
+    let decoded = decode_cursor(cursor)?;
+    Ok(match decoded.split_once(KEY_SEPARATOR) {
+        Some((key, tie)) => (key.to_owned(), Some(tie.to_owned())),
+        None => (decoded, None),
+    })
+}
+
+/// A cursor's part that must be a UUID.
+pub fn cursor_uuid(part: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(part)
+        .map_err(|_| ApiError::BadRequest("cursor is not one this server issued".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_cursors_carry_the_key_and_the_tie_breaker() {
+        let rows = vec![("a", 1), ("a", 2), ("b", 3)];
+        let (page, next) = split_keyed_page(rows, 2, |(k, id)| ((*k).to_owned(), id.to_string()));
+        assert_eq!(page.len(), 2);
+        let (key, tie) = decode_keyed_cursor(&next.expect("a next page")).unwrap();
+        assert_eq!((key.as_str(), tie.as_deref()), ("a", Some("2")));
+        assert_eq!(
+            decode_keyed_cursor(&encode_cursor("plain")).unwrap(),
+            ("plain".to_owned(), None)
+        );
+    }
+}

@@ -467,3 +467,37 @@ pub async fn latest_per_subject(
     .fetch_all(db)
     .await
 }
+
+/// Filters of the operators' job listing, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<String>,
+    pub kind: Option<String>,
+    /// Only jobs of the subject of this name (whichever subject row carried it).
+    pub subject_name: Option<String>,
+    /// Cursor: only jobs created before this `(created_at, id)`.
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// Jobs matching `filter`, newest first (`created_at`, then `id`, descending).
+pub async fn list(db: impl PgExecutor<'_>, filter: &JobFilter) -> Result<Vec<Job>, sqlx::Error> {
+    let (before_at, before_id) = filter.before.unzip();
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs
+          WHERE ($1::text IS NULL OR state = $1)
+            AND ($2::text IS NULL OR kind = $2)
+            AND ($3::text IS NULL OR subject_name = $3)
+            AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5))
+          ORDER BY created_at DESC, id DESC
+          LIMIT $6"
+    )))
+    .bind(&filter.state)
+    .bind(&filter.kind)
+    .bind(&filter.subject_name)
+    .bind(before_at)
+    .bind(before_id)
+    .bind(filter.limit)
+    .fetch_all(db)
+    .await
+}

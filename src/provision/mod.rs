@@ -25,6 +25,7 @@ pub mod adopt;
 pub mod bucket;
 pub mod cipher_pass;
 pub mod credential_check;
+pub mod deprovision;
 pub mod group;
 pub mod job;
 pub mod plan;

@@ -124,6 +124,10 @@ async fn answer_existing(
     actor: Actor<'_>,
     max_attempts: i32,
 ) -> Result<Requested, RequestError> {
+    // Being deleted: the name is free again once its deprovision job succeeded.
+    if row.state == "deprovisioning" {
+        return Err(RequestError::Busy(row.name));
+    }
     let fields = row.differences(desired);
     if !fields.is_empty() {
         return Err(RequestError::DifferentDesiredState {

@@ -273,15 +273,16 @@ async fn list_paginates_with_a_cursor_and_filters_by_state_and_namespace() {
     );
     assert!(names(&list_page(&app, "state=ready").await).is_empty());
 
-    // An unknown state is a 400 that lists the valid ones.
+    // An unknown state is a 422 that lists the valid ones.
     let problem = assert_problem(
         app.get(&format!("{REPOSITORIES}?state=done"), &token).await,
-        400,
+        422,
     )
     .await;
     assert_eq!(
         problem["detail"],
-        "state must be one of pending, provisioning, ready, failed, cancelled"
+        "state must be one of pending, provisioning, ready, failed, cancelled, deprovisioning, \
+         deleted"
     );
     app.stop().await;
 }

@@ -22,6 +22,7 @@ mod job_queue;
 mod kube_rbac;
 mod kube_secret;
 mod lease_and_keys;
+mod listing;
 mod openapi_spec;
 mod pgbackrest_e2e;
 mod provisioning;

@@ -16,6 +16,7 @@ use backup_provisioner::config::WorkerSettingsArgs;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::Registry;
 use backup_provisioner::provision::adopt::Adopter;
+use backup_provisioner::provision::deprovision::Deprovisioner;
 use backup_provisioner::provision::job::Provisioner;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use secrecy::ExposeSecret;
@@ -180,6 +181,7 @@ impl<'a> EnvBuilder<'a> {
             .to_owned();
         let provisioner = provisioner(service_aws, service_kube, &encryption_key);
         let registry = Registry::new()
+            .register(Deprovisioner::like(&provisioner))
             .register(Adopter::like(&provisioner))
             .register(provisioner);
         let options = AppOptions {

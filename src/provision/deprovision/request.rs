@@ -1,0 +1,91 @@
+//! The use case behind `DELETE /v1/backup-repositories/{name}`: queue the deprovisioning job
+//! of a live repository and audit the request (`repository.deprovision`) in one transaction.
+
+use serde_json::json;
+
+use super::{DeprovisionPayload, DeprovisionRepository};
+use crate::audit::{self, Actor, AuditEntry};
+use crate::domain::{BucketName, Namespace, Region, RepositoryName};
+use crate::jobs::{self, EnqueueOptions, queue};
+use crate::provision::request::{Queued, RequestError};
+use crate::repository::{self, RepositoryRow};
+
+/// What the caller asked for besides the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Delete the bucket too.
+    pub delete_bucket: bool,
+    /// Delete it even though it holds objects (the caller confirmed the bucket's name).
+    pub force: bool,
+}
+
+/// The job payload deprovisioning `row`. The row's names were validated when it was stored.
+pub fn payload_for(
+    row: &RepositoryRow,
+    options: Options,
+) -> Result<DeprovisionPayload, RequestError> {
+    let resources = &row.resources.0;
+    Ok(DeprovisionPayload {
+        repository: RepositoryName::parse(&row.name)?,
+        repository_id: row.id,
+        namespace: Namespace::try_from(row.namespace.clone())?,
+        bucket: BucketName::try_from(row.bucket.clone())?,
+        region: Region::parse(&row.region)?,
+        delete_bucket: options.delete_bucket,
+        force: options.force,
+        recorded_user: resources.user.as_deref() == Some(row.bucket.as_str()),
+        recorded_secret: resources
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.namespace == row.namespace && s.name == row.bucket),
+    })
+}
+
+/// Queues the deprovisioning of the repository `payload` names, audited. A repository with an
+/// active job is `Busy`; one deleted meanwhile is `NotFound`.
+pub async fn queue_deprovisioning(
+    db: &sqlx::PgPool,
+    payload: &DeprovisionPayload,
+    actor: Actor<'_>,
+    max_attempts: i32,
+) -> Result<Queued, RequestError> {
+    let name = payload.repository.to_string();
+    let mut tx = db.begin().await?;
+    // Locked, so that a repository deleted since it was read is not deprovisioned again (its
+    // name and bucket may already belong to a new repository).
+    match repository::lock_state(&mut tx, payload.repository_id).await? {
+        Some(state) if state != repository::DELETED => {}
+        _ => return Err(RequestError::NotFound(name)),
+    }
+    let options = EnqueueOptions {
+        created_by: actor.subject,
+        max_attempts,
+    };
+    let job_id = match jobs::enqueue::<DeprovisionRepository>(&mut tx, payload, options).await {
+        Err(e) if queue::is_subject_busy(&e) => return Err(RequestError::Busy(name)),
+        other => other?,
+    };
+    let entry = AuditEntry {
+        actor: actor.subject.to_owned(),
+        request_id: actor.request_id.map(str::to_owned),
+        client_request_id: actor.client_request_id.map(str::to_owned),
+        subject: Some(name),
+        job_id: Some(job_id),
+        action: "repository.deprovision".into(),
+        outcome: "created".into(),
+        detail: json!({
+            "namespace": payload.namespace, "bucket": payload.bucket,
+            "delete_bucket": payload.delete_bucket, "force": payload.force,
+        }),
+        ..Default::default()
+    };
+    audit::record(&mut *tx, &entry).await?;
+    tx.commit().await?;
+    let repository = repository::by_id(db, payload.repository_id)
+        .await?
+        .ok_or(RequestError::DeletedConcurrently)?;
+    let job = queue::get(db, job_id)
+        .await?
+        .ok_or(RequestError::DeletedConcurrently)?;
+    Ok(Queued { repository, job })
+}
