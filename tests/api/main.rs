@@ -33,3 +33,4 @@ mod secret_hygiene;
 mod smoke;
 mod support;
 mod test_databases;
+mod verify_sweep;

@@ -628,6 +628,22 @@ impl AwsProxy {
         self.shared.lock().received_log.clone()
     }
 
+    /// The most requests received within any `window` (sliding: the windows starting at each
+    /// request; a request exactly `window` after the first is in the next one).
+    pub fn busiest(&self, window: Duration) -> usize {
+        let at: Vec<_> = self.received().iter().map(|r| r.at).collect();
+        let window = chrono::Duration::from_std(window).expect("window");
+        let mut first = 0;
+        let mut busiest = 0;
+        for last in 0..at.len() {
+            while at[last] - at[first] >= window {
+                first += 1;
+            }
+            busiest = busiest.max(last - first + 1);
+        }
+        busiest
+    }
+
     /// Forgets every count, injection and received request (not the creation times).
     pub fn reset_counts(&self) {
         let mut state = self.shared.lock();
@@ -645,6 +661,11 @@ impl AwsProxy {
             subject: subject.map(str::to_owned),
             answer,
         });
+    }
+
+    /// Forgets every rule set by [`Self::answer`]: requests are forwarded again.
+    pub fn clear_answers(&self) {
+        self.shared.lock().rules.clear();
     }
 
     /// The next request of `operation` gets `fault` (in addition to the drawn ones).
