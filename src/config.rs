@@ -226,6 +226,52 @@ pub struct WorkerSettingsArgs {
     /// Verify jobs queued or running at once, all replicas together, from the periodic sweep.
     #[arg(long, env = "BP_VERIFY_CONCURRENCY", default_value_t = 4)]
     pub verify_concurrency: u32,
+    /// Access key rotation: grace periods, automatic rotation, the key schedule.
+    #[command(flatten)]
+    pub key_rotation: KeyRotationArgs,
+}
+
+/// Access key rotation (`POST .../rotate-key`, `provision::rotate`, `provision::key_schedule`).
+#[derive(Debug, Clone, Args)]
+pub struct KeyRotationArgs {
+    /// How long a rotated-out access key stays active after the Secret holds the new one
+    /// (longer than an ExternalSecret's refresh interval), before it is deactivated.
+    #[arg(long, env = "BP_KEY_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub key_grace: Duration,
+    /// How long a rotated-out access key stays inactive before it is deleted (an operator can
+    /// still reactivate it meanwhile).
+    #[arg(long, env = "BP_KEY_DELETE_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub key_delete_grace: Duration,
+    /// Rotate a ready repository's access key automatically once it is older than this
+    /// (e.g. 90d); unset: only on request.
+    #[arg(long, env = "BP_KEY_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub key_max_age: Option<Duration>,
+    /// How often one worker queues due key retirements (and automatic rotations); 0s: never.
+    #[arg(long, env = "BP_KEY_SCHEDULE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub key_schedule_interval: Duration,
+}
+
+impl Default for KeyRotationArgs {
+    fn default() -> Self {
+        KeyRotationArgs {
+            key_grace: Duration::from_secs(24 * 3600),
+            key_delete_grace: Duration::from_secs(24 * 3600),
+            key_max_age: None,
+            key_schedule_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl KeyRotationArgs {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.key_max_age.is_some_and(|age| age < Duration::from_secs(3600)) {
+            return Err(ConfigError::new(
+                "BP_KEY_MAX_AGE",
+                "must be at least 1h (unset: no automatic rotation)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -486,6 +532,7 @@ impl WorkerSettingsArgs {
         if self.job_lease < Duration::from_secs(1) {
             return Err(ConfigError::new("BP_JOB_LEASE", "must be at least 1s"));
         }
+        self.key_rotation.check()?;
         if self.verify_concurrency == 0 {
             return Err(ConfigError::new(
                 "BP_VERIFY_CONCURRENCY",

@@ -205,6 +205,9 @@ pub async fn run(
     let app = Application::build(pool, http, worker, registry).await?;
     let sweep = sweeper(worker, &app.db).await?;
     let app = app.with_sweeper(sweep);
+    if let Some((schedule, every)) = key_schedule(worker, &app.db).await? {
+        tokio::spawn(schedule.run(every, app.shutdown.clone()));
+    }
     if let Some(addr) = app.local_addr() {
         tracing::info!(%addr, workers = worker.workers, "serving");
     }
@@ -228,12 +231,19 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
         credential_check_budget: worker.credential_check_budget,
         credential_check_backoff: Duration::from_millis(500),
     };
+    let timeline = crate::provision::rotate::Timeline {
+        grace: worker.key_rotation.key_grace,
+        delete_grace: worker.key_rotation.key_delete_grace,
+    };
+    let (rotator, retirer) = crate::provision::rotate::job_kinds(&provisioner, timeline);
     let adopter = crate::provision::adopt::Adopter::like(&provisioner);
     let deprovisioner = crate::provision::deprovision::Deprovisioner::like(&provisioner);
     Ok(Registry::new()
         .register(adopter)
         .register(deprovisioner)
-        .register(provisioner))
+        .register(provisioner)
+        .register(rotator)
+        .register(retirer))
 }
 
 /// The workers' AWS clients (standard credential chain), every request under the process's
@@ -274,6 +284,26 @@ pub async fn sweeper(
         grace: worker.sweep_grace,
     };
     Ok(Some((sweeper, worker.sweep_interval)))
+}
+
+/// The key schedule (`provision::key_schedule`: due key retirements, automatic rotation) and
+/// its interval; none without workers or with `BP_KEY_SCHEDULE_INTERVAL=0s`.
+pub async fn key_schedule(
+    worker: &WorkerSettingsArgs,
+    db: &PgPool,
+) -> Result<Option<(crate::provision::key_schedule::KeySchedule, Duration)>, StartupError> {
+    let every = worker.key_rotation.key_schedule_interval;
+    if worker.workers == 0 || every.is_zero() {
+        return Ok(None);
+    }
+    let (aws, _) = worker_clients(worker).await?;
+    let schedule = crate::provision::key_schedule::KeySchedule {
+        db: db.clone(),
+        iam: aws.iam,
+        max_age: worker.key_rotation.key_max_age,
+        max_attempts: worker.max_attempts,
+    };
+    Ok(Some((schedule, every)))
 }
 
 /// Fires `token` on SIGTERM or SIGINT.

@@ -35,6 +35,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_repository, list_repositories))
         .routes(routes!(get_repository, deprovision_repository))
         .routes(routes!(reconcile_repository))
+        .routes(routes!(rotate_access_key))
         .routes(routes!(rotate_cipher_pass))
 }
 

@@ -155,6 +155,13 @@ pub async fn reconcile_access_key(
     referenced: Option<&str>,
 ) -> Result<KeyOutput, JobError> {
     let listed = list(keys.iam, keys.user.iam_user_name()).await?;
+    // The old key of a rotation in its grace period is neither kept nor deleted here.
+    let repository_id = keys.sealed.repository_id;
+    let in_grace = super::rotate::retirements::keys_in_grace(ctx.pool(), repository_id).await?;
+    let listed: Vec<KeyInfo> = listed
+        .into_iter()
+        .filter(|k| !in_grace.contains(&k.id) || Some(k.id.as_str()) == referenced)
+        .collect();
     let sealed = keys.sealed.get(ctx.pool(), sealed::Kind::AccessKey).await?;
     let plan = plan_keys(
         &listed,
@@ -257,8 +264,21 @@ pub async fn retire_keys_except(
     user: &str,
     keep: &str,
 ) -> Result<StepReport, CloudError> {
+    retire_keys_sparing(iam, user, keep, &[]).await
+}
+
+/// Like [`retire_keys_except`], but also keeps the keys in `in_grace`: old keys of a rotation
+/// whose grace period runs (`rotate::retirements::keys_in_grace`); consumers may still use them,
+/// and their own schedule deactivates and deletes them.
+pub async fn retire_keys_sparing(
+    iam: &Client,
+    user: &str,
+    keep: &str,
+    in_grace: &[String],
+) -> Result<StepReport, CloudError> {
     let mut deleted = Vec::new();
-    for key in list(iam, user).await?.iter().filter(|k| k.id != keep) {
+    let listed = list(iam, user).await?;
+    for key in listed.iter().filter(|k| k.id != keep && !in_grace.contains(&k.id)) {
         delete(iam, user, &key.id).await?;
         remove_description_tag(iam, user, &key.id).await?;
         deleted.push(key.id.clone());
@@ -268,7 +288,9 @@ pub async fn retire_keys_except(
     } else {
         Outcome::Deleted
     };
-    let detail = json!({ "user_name": user, "kept": keep, "deleted": deleted });
+    let detail = json!({
+        "user_name": user, "kept": keep, "deleted": deleted, "kept_in_grace": in_grace,
+    });
     Ok(StepReport::new(outcome, detail))
 }
 

@@ -505,8 +505,11 @@ impl Provisioner {
         let step = Step::RetireOldKeys;
         ctx.step(step.name(), step.position(), async {
             let user = payload.bucket.iam_user_name();
+            let (db, id) = (ctx.pool(), payload.repository_id);
+            let in_grace = super::rotate::retirements::keys_in_grace(db, id).await?;
+            let key = &conf.access_key_id;
             let report =
-                access_key::retire_keys_except(&self.aws.iam, user, &conf.access_key_id).await?;
+                access_key::retire_keys_sparing(&self.aws.iam, user, key, &in_grace).await?;
             Ok(done((), report))
         })
         .await

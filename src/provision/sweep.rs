@@ -27,6 +27,7 @@ use crate::audit::{self, AuditEntry};
 use crate::cloud::CloudError;
 use crate::crypto::Keyring;
 use crate::provision::access_key;
+use crate::provision::rotate::retirements;
 use crate::provision::sealed::{self, Kind};
 use crate::provision::secret::{self, ExistingSecret};
 
@@ -296,9 +297,13 @@ impl Sweeper {
         // workload clusters may still use it.
         let referenced = existing.and_then(|s| s.access_key_id.as_deref());
         let listed = access_key::list(&self.iam, user).await?;
-        let orphans = listed
-            .iter()
-            .filter(|k| Some(k.id.as_str()) != referenced && !sealed_keys.contains(&k.id));
+        // The old key of a rotation in its grace period: its own schedule retires it.
+        let in_grace = retirements::keys_in_grace(&self.db, repository.id).await?;
+        let orphans = listed.iter().filter(|k| {
+            Some(k.id.as_str()) != referenced
+                && !sealed_keys.contains(&k.id)
+                && !in_grace.contains(&k.id)
+        });
         for key in orphans {
             if !self.still_settled(repository).await? {
                 return Ok(());

@@ -271,6 +271,7 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
         aws_max_rps: 10_000,
         verify_interval: Duration::ZERO,
         verify_concurrency: 4,
+        key_rotation: Default::default(),
     }
 }
 
