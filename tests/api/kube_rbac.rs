@@ -1,5 +1,6 @@
 //! The service's Kubernetes permissions as shipped in `deploy/rbac.yaml`, proven on the real
-//! kube-apiserver: the ServiceAccount can do with Secrets exactly what provisioning needs (every
+//! kube-apiserver: the ServiceAccount can do with Secrets exactly what provisioning (and
+//! deprovisioning: delete) needs (every
 //! other provisioning test runs as it), nothing cluster-wide and nothing outside the namespaces
 //! its Role is bound in, and a Role missing any one of its verbs fails provisioning with the
 //! service's permission-denied message naming that verb.
@@ -19,7 +20,7 @@ use crate::support::kube_env::KubeEnv;
 use crate::support::rbac::{Rbac, manifest_path};
 
 #[test]
-fn the_shipped_manifest_grants_get_create_patch_on_secrets_and_nothing_else() {
+fn the_shipped_manifest_grants_get_create_patch_delete_on_secrets_and_nothing_else() {
     let rbac = Rbac::shipped();
     assert_eq!(
         rbac.user(),
@@ -32,7 +33,7 @@ fn the_shipped_manifest_grants_get_create_patch_on_secrets_and_nothing_else() {
     assert_eq!(rules[0].resource_names, None);
     let mut verbs = rbac.secret_verbs();
     verbs.sort();
-    assert_eq!(verbs, ["create", "get", "patch"]);
+    assert_eq!(verbs, ["create", "delete", "get", "patch"]);
     assert_eq!(rbac.namespaces, ["zitadel", "holos"]);
 }
 
@@ -40,8 +41,8 @@ fn the_shipped_manifest_grants_get_create_patch_on_secrets_and_nothing_else() {
 fn a_manifest_whose_roles_differ_or_that_grants_cluster_wide_is_rejected() {
     let text = std::fs::read_to_string(manifest_path()).unwrap();
     let widened = text.replacen(
-        "verbs: [\"get\", \"create\", \"patch\"]",
-        "verbs: [\"get\", \"create\", \"patch\", \"list\"]",
+        "verbs: [\"get\", \"create\", \"patch\", \"delete\"]",
+        "verbs: [\"get\", \"create\", \"patch\", \"delete\", \"list\"]",
         1,
     );
     assert_ne!(widened, text);
@@ -79,7 +80,7 @@ async fn allowed(admin: &kube::Client, user: &str, verb: &str, namespace: Option
 
 /// Asked of the real authorizer (SubjectAccessReview) and tried with the token.
 #[tokio::test]
-async fn the_service_account_may_only_get_create_and_patch_secrets_in_its_namespaces() {
+async fn the_service_account_may_only_get_create_patch_and_delete_secrets_in_its_namespaces() {
     let k = KubeEnv::start_with(
         &["zitadel", "unbound"],
         crate::support::kube_env::KubeOptions {
@@ -90,13 +91,13 @@ async fn the_service_account_may_only_get_create_and_patch_secrets_in_its_namesp
     .await;
     let (admin, user) = (k.admin(), k.service_user.clone());
     let bound = k.ns("zitadel");
-    for verb in ["get", "create", "patch"] {
+    for verb in ["get", "create", "patch", "delete"] {
         assert!(
             allowed(&admin, &user, verb, Some(bound)).await,
             "{verb} in {bound}"
         );
     }
-    for verb in ["list", "watch", "update", "delete", "deletecollection"] {
+    for verb in ["list", "watch", "update", "deletecollection"] {
         assert!(
             !allowed(&admin, &user, verb, Some(bound)).await,
             "{verb} in {bound}"
@@ -133,13 +134,15 @@ async fn the_service_account_may_only_get_create_and_patch_secrets_in_its_namesp
     );
 }
 
-/// For each verb of the shipped Role, a copy of the Role without it: provisioning a repository
+/// For each verb of the shipped Role that provisioning uses (all but `delete`, which only
+/// deprovisioning needs: `tests/api/deprovision.rs`), a copy of the Role without it: provisioning a repository
 /// in that namespace fails at once (no retries, before any AWS change) with the service's
 /// message naming the verb, the ServiceAccount and the namespace, and no Secret is left.
 #[tokio::test]
 async fn provisioning_fails_with_a_clear_403_naming_any_verb_the_role_lacks() {
     let rbac = Rbac::shipped();
-    let verbs = rbac.secret_verbs();
+    let mut verbs = rbac.secret_verbs();
+    verbs.retain(|verb| verb != "delete");
     let logical: Vec<String> = verbs.iter().map(|v| format!("no{v}")).collect();
     let logical_refs: Vec<&str> = logical.iter().map(String::as_str).collect();
     let mut builder = Env::builder(&logical_refs);

@@ -9,6 +9,7 @@ mod cli;
 mod crash_safety;
 mod database_roles;
 mod day_to_day_defects;
+mod deprovision;
 mod faults_beyond_aws;
 mod http_auth;
 mod http_common;

@@ -27,6 +27,37 @@ fn labelled_ours(secret: &Secret) -> bool {
         .is_some_and(|v| v == FIELD_MANAGER)
 }
 
+/// Before any change: when the Secret is ours, a server-side dry-run delete proves the service
+/// may delete it (a Role without `delete` fails here, naming the verb, instead of after the
+/// keys were deactivated). Changes nothing.
+pub async fn preflight(
+    kube: &kube::Client,
+    namespace: &str,
+    name: &str,
+    recorded: bool,
+) -> Result<(), CloudError> {
+    let api: Api<Secret> = Api::namespaced(kube.clone(), namespace);
+    let Some(secret) = api
+        .get_opt(name)
+        .await
+        .map_err(|e| classify("get secret", e))?
+    else {
+        return Ok(());
+    };
+    if !labelled_ours(&secret) && !recorded {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(classify("delete secret", e)),
+    }
+}
+
 /// Removes the Secret `namespace/name` if it is ours (`recorded`: the repository's resources
 /// name it).
 pub async fn remove(

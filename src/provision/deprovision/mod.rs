@@ -181,8 +181,9 @@ impl Deprovisioner {
         }
     }
 
-    /// Refuses, before any change, what the job must not do: delete an IAM user that is not
-    /// ours, or a bucket that holds objects without `force`.
+    /// Refuses, before any change, what the job must not do or could not finish: delete an IAM
+    /// user that is not ours, a Secret the service may not delete, a bucket that holds objects
+    /// without `force`.
     async fn preflight(
         &self,
         s3: &aws_sdk_s3::Client,
@@ -196,6 +197,8 @@ impl Deprovisioner {
                  was deleted. Remove or tag it by hand, then retry"
             )));
         }
+        let (namespace, name) = (p.namespace.as_str(), p.bucket.as_str());
+        kube_secret::preflight(&self.kube, namespace, name, p.recorded_secret).await?;
         if p.delete_bucket && !p.force {
             let bucket = p.bucket.as_str();
             if let Contents::Objects(n) = storage::contents(s3, bucket).await?

@@ -1,0 +1,543 @@
+//! `DELETE /v1/backup-repositories/{name}` end to end: moto for S3/IAM, the real kube-apiserver
+//! for the Secret (the service as the ServiceAccount and Role of `deploy/rbac.yaml`), the real
+//! deprovisioning job on real workers. What it removes (read back through the SDK and the
+//! Kubernetes API), what it keeps (the bucket and its objects, the record, the audit log), the
+//! refusals (a non-empty bucket without the confirmation, a Role without `delete`), dry runs
+//! (zero mutating AWS calls at the realism proxy), a failure mid-way and its retry, and the same
+//! name created again.
+
+use std::time::Duration;
+
+use backup_provisioner::auth::Role;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::http_common::{REPOSITORIES, assert_problem, create_repository, job_id};
+use crate::support::app::{TestApp, spawn_app};
+use crate::support::aws_realism::{AwsRealism, Canned};
+use crate::support::env::{Env, bucket_for, unique_name};
+use crate::support::rbac::Rbac;
+
+const STEPS: [&str; 8] = [
+    "deactivate_keys",
+    "remove_secret",
+    "delete_keys",
+    "leave_group",
+    "delete_user",
+    "delete_group",
+    "delete_policy",
+    "bucket",
+];
+
+fn admin(app: &TestApp) -> String {
+    app.token("admin@test", &[Role::Admin])
+}
+
+/// `DELETE /v1/backup-repositories/{name}{query}` as an admin, with an optional JSON body.
+async fn delete(app: &TestApp, name: &str, query: &str, body: Option<Value>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .delete(app.url(&format!("{REPOSITORIES}/{name}{query}")))
+        .bearer_auth(admin(app));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("request")
+}
+
+/// Deprovisions `name` (asserting 202 and the job's Location) and waits for the job.
+async fn deprovision(env: &Env, name: &str, query: &str, body: Option<Value>) -> Value {
+    let response = delete(&env.app, name, query, body).await;
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(location, format!("/v1/jobs/{}", job_id(&accepted)));
+    assert_eq!(accepted["job"]["kind"], "deprovision-repository");
+    assert_eq!(accepted["repository"]["state"], "deprovisioning");
+    env.app
+        .wait_for_job(&job_id(&accepted), Duration::from_secs(90))
+        .await
+}
+
+/// The IAM entities of `bucket` that still exist: `user`, `group`, `policy`, `key:<id>`.
+async fn iam_leftovers(env: &Env, bucket: &str) -> Vec<String> {
+    let iam = &env.admin.iam;
+    let mut left = Vec::new();
+    if iam.get_user().user_name(bucket).send().await.is_ok() {
+        left.push("user".to_owned());
+        let keys = iam
+            .list_access_keys()
+            .user_name(bucket)
+            .send()
+            .await
+            .unwrap();
+        for key in keys.access_key_metadata() {
+            left.push(format!("key:{}", key.access_key_id().unwrap_or_default()));
+        }
+    }
+    if iam.get_group().group_name(bucket).send().await.is_ok() {
+        left.push("group".to_owned());
+    }
+    let policies = iam
+        .list_policies()
+        .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+        .max_items(1000)
+        .send()
+        .await
+        .unwrap();
+    if policies
+        .policies()
+        .iter()
+        .any(|p| p.policy_name() == Some(bucket))
+    {
+        left.push("policy".to_owned());
+    }
+    left
+}
+
+async fn put_object(env: &Env, bucket: &str, key: &str) {
+    env.admin
+        .s3
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(b"backup".to_vec().into())
+        .send()
+        .await
+        .expect("put object");
+}
+
+/// The bucket's object keys, or None when the bucket does not exist.
+async fn objects(env: &Env, bucket: &str) -> Option<Vec<String>> {
+    let listed = env.admin.s3.list_objects_v2().bucket(bucket).send().await;
+    listed.ok().map(|out| {
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect()
+    })
+}
+
+/// Provisions `name` in the test's `zitadel` namespace and asserts it is ready.
+async fn provisioned(env: &Env, name: &str) {
+    let job = env
+        .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+}
+
+async fn audit_actions(app: &TestApp, name: &str) -> Vec<String> {
+    let url = format!("/v1/audit?repository={name}&limit=200");
+    let page: Value = app.get(&url, &app.viewer()).await.json().await.unwrap();
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn step_names(job: &Value) -> Vec<&str> {
+    job["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn deprovision_removes_every_iam_entity_and_the_secret_and_keeps_the_bucket() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dp");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    put_object(&env, &bucket, "archive/db/000001.gz").await;
+    assert_eq!(
+        iam_leftovers(&env, &bucket).await.len(),
+        4,
+        "user, key, group, policy"
+    );
+
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(step_names(&job), STEPS);
+    assert!(iam_leftovers(&env, &bucket).await.is_empty());
+    assert!(
+        env.secret("zitadel", &bucket).await.is_none(),
+        "the Secret is gone"
+    );
+    assert_eq!(
+        objects(&env, &bucket).await,
+        Some(vec!["archive/db/000001.gz".to_owned()]),
+        "the bucket and its backups are kept"
+    );
+    let repo = env.repository(&name).await;
+    assert_eq!(repo["state"], "deleted", "{repo:#}");
+    assert_eq!(repo["last_job"]["kind"], "deprovision-repository");
+    let sealed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM secret_material m JOIN backup_repositories r ON r.id = m.repository_id
+          WHERE r.name = $1",
+    )
+    .bind(&name)
+    .fetch_one(&env.app.db)
+    .await
+    .unwrap();
+    assert_eq!(sealed, 0);
+    let actions = audit_actions(&env.app, &name).await;
+    for action in ["repository.create", "repository.deprovision"] {
+        assert!(actions.iter().any(|a| a == action), "{action}: {actions:?}");
+    }
+    for step in STEPS {
+        let action = format!("deprovision-repository.{step}");
+        assert!(actions.contains(&action), "{action}: {actions:?}");
+    }
+
+    // A deleted repository is gone for every operation but GET.
+    let operator = env.app.operator();
+    let reconcile = format!("{REPOSITORIES}/{name}/reconcile");
+    let response = env.app.post_json(&reconcile, &operator, &json!({})).await;
+    assert_problem(response, 404).await;
+    assert_problem(delete(&env.app, &name, "", None).await, 404).await;
+}
+
+#[tokio::test]
+async fn a_non_empty_bucket_is_deleted_only_with_the_confirmation_and_force() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dpb");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    put_object(&env, &bucket, "backup.history/1").await;
+    env.counter.reset();
+
+    let refused = delete(&env.app, &name, "?delete_bucket=true", None).await;
+    let problem = assert_problem(refused, 422).await;
+    let detail = problem["detail"].as_str().unwrap();
+    let confirmation = format!("{{\"confirm\": \"{bucket}\", \"force\": true}}");
+    assert!(detail.contains(&confirmation), "{detail}");
+    for (query, body) in [
+        (
+            "?delete_bucket=true",
+            json!({"confirm": "another-bucket", "force": true}),
+        ),
+        ("?delete_bucket=true", json!({"force": true})),
+        ("", json!({"confirm": bucket, "force": true})),
+        (
+            "?delete_bucket=true",
+            json!({"confirm": bucket, "force": "yes"}),
+        ),
+    ] {
+        let response = delete(&env.app, &name, query, Some(body.clone())).await;
+        assert_problem(response, 422).await;
+    }
+    assert_eq!(
+        env.counter.mutating_count(),
+        0,
+        "{:?}",
+        env.counter.mutating()
+    );
+    assert_eq!(env.repository(&name).await["state"], "ready");
+    let jobs: Value = env
+        .app
+        .get(&format!("/v1/jobs?repository={name}"), &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 1, "{jobs}");
+
+    let body = json!({"confirm": bucket, "force": true});
+    let job = deprovision(&env, &name, "?delete_bucket=true", Some(body)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(objects(&env, &bucket).await, None, "the bucket is deleted");
+    assert!(iam_leftovers(&env, &bucket).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_dry_run_makes_no_mutating_call_and_changes_nothing() {
+    let env = Env::builder(&["zitadel"])
+        .aws_realism(AwsRealism::off())
+        .start()
+        .await;
+    let proxy = env.realism.as_ref().unwrap();
+    let name = unique_name("dpd");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    put_object(&env, &bucket, "backup.info").await;
+    proxy.reset_counts();
+
+    let response = delete(&env.app, &name, "?dry_run=true", None).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["dry_run"], true);
+    assert_eq!(answer["kind"], "deprovision-repository");
+    let plan = answer["plan"].as_array().unwrap();
+    let actions: Vec<(&str, &str)> = plan
+        .iter()
+        .map(|r| {
+            let resource = &r["resource"];
+            (
+                resource["kind"].as_str().unwrap(),
+                resource["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("iam-access-keys", "update"),
+            ("kube-secret", "delete"),
+            ("iam-access-keys", "delete"),
+            ("iam-group-membership", "delete"),
+            ("iam-user", "delete"),
+            ("iam-group", "delete"),
+            ("iam-policy", "delete"),
+            ("s3-bucket", "leave"),
+        ],
+        "{answer:#}"
+    );
+    assert_eq!(plan[0]["settings"][0]["expected"], "Inactive");
+    assert_eq!(plan[0]["settings"][0]["actual"], "Active");
+
+    let body = json!({"confirm": bucket, "force": true});
+    let query = "?dry_run=true&delete_bucket=true";
+    let response = delete(&env.app, &name, query, Some(body)).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    let last = &answer["plan"][7];
+    assert_eq!(last["resource"]["action"], "delete", "{answer:#}");
+    assert_eq!(last["settings"][0]["actual"], 1);
+    let refused = delete(&env.app, &name, query, None).await;
+    assert_problem(refused, 422).await;
+
+    assert_eq!(proxy.mutating_count(), 0, "{:?}", proxy.mutating());
+    assert!(proxy.read_count() > 0);
+    assert_eq!(env.repository(&name).await["state"], "ready");
+    assert!(env.secret("zitadel", &bucket).await.is_some());
+    assert_eq!(iam_leftovers(&env, &bucket).await.len(), 4);
+    let url = format!("/v1/jobs?repository={name}&kind=deprovision-repository");
+    let jobs: Value = env
+        .app
+        .get(&url, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(jobs["items"].as_array().unwrap().is_empty(), "{jobs}");
+}
+
+#[tokio::test]
+async fn the_same_name_created_again_after_deletion_is_a_new_repository() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dpr");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    // The bucket is empty: delete_bucket needs no confirmation.
+    let job = deprovision(&env, &name, "?delete_bucket=true", None).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(objects(&env, &bucket).await, None);
+
+    provisioned(&env, &name).await;
+    let repo = env.repository(&name).await;
+    assert_eq!(repo["state"], "ready", "{repo:#}");
+    assert!(env.secret("zitadel", &bucket).await.is_some());
+    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT id, state FROM backup_repositories WHERE name = $1 ORDER BY created_at",
+    )
+    .bind(&name)
+    .fetch_all(&env.app.db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_ne!(rows[0].0, rows[1].0);
+    assert_eq!(
+        (rows[0].1.as_str(), rows[1].1.as_str()),
+        ("deleted", "ready")
+    );
+    let url = format!("{REPOSITORIES}?state=deleted");
+    let deleted: Value = env
+        .app
+        .get(&url, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        deleted["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == name.as_str()),
+        "{deleted}"
+    );
+    let actions = audit_actions(&env.app, &name).await;
+    let creates = actions.iter().filter(|a| *a == "repository.create").count();
+    assert_eq!(creates, 2, "one audit history for the name: {actions:?}");
+}
+
+#[tokio::test]
+async fn a_failure_mid_way_fails_the_job_and_its_retry_converges() {
+    let env = Env::builder(&["zitadel"])
+        .aws_realism(AwsRealism::off())
+        .start()
+        .await;
+    let proxy = env.realism.as_ref().unwrap();
+    let name = unique_name("dpf");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    proxy.answer("iam:DeleteGroup", Some(&bucket), Canned::access_denied());
+
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("iam:DeleteGroup"), "{error}");
+    let repo = env.repository(&name).await;
+    assert_eq!(repo["state"], "failed");
+    assert_eq!(iam_leftovers(&env, &bucket).await, ["group", "policy"]);
+
+    proxy.clear_answers();
+    let id = job["id"].as_str().unwrap();
+    let url = format!("/v1/jobs/{id}/retry");
+    let response = env
+        .app
+        .post_json(&url, &env.app.operator(), &json!({}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let job = env.app.wait_for_job(id, Duration::from_secs(90)).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(iam_leftovers(&env, &bucket).await.is_empty());
+    assert_eq!(env.repository(&name).await["state"], "deleted");
+    assert_eq!(
+        proxy.count("iam:DeleteUser"),
+        1,
+        "finished steps are not redone"
+    );
+    assert_eq!(proxy.count("iam:DeleteGroup"), 2);
+}
+
+/// A Secret that is not labelled as ours and that the repository did not record is left.
+#[tokio::test]
+async fn a_secret_that_is_not_ours_is_left_in_place() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dps");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    let secrets: Api<Secret> = Api::namespaced(env.kube.admin(), env.ns("zitadel"));
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    secrets
+        .patch(&bucket, &PatchParams::default(), &Patch::Merge(&unlabel))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE backup_repositories SET resources = resources - 'secret' WHERE name = $1")
+        .bind(&name)
+        .execute(&env.app.db)
+        .await
+        .unwrap();
+
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(
+        env.secret("zitadel", &bucket).await.is_some(),
+        "left in place"
+    );
+    assert!(iam_leftovers(&env, &bucket).await.is_empty());
+    let url = format!("/v1/jobs/{}/events", job["id"].as_str().unwrap());
+    let events: Value = env
+        .app
+        .get(&url, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret_step = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["step"] == "remove_secret")
+        .expect("the Secret step's entry");
+    assert_eq!(secret_step["outcome"], "left", "{secret_step:#}");
+    assert_eq!(secret_step["detail"]["resource"]["action"], "leave");
+}
+
+/// A Role without `delete` fails the job at once, naming the verb, before any AWS change.
+#[tokio::test]
+async fn a_role_without_delete_fails_deprovisioning_before_any_change() {
+    let rbac = Rbac::shipped();
+    let env = Env::builder(&["zitadel"])
+        .service_rules("zitadel", rbac.rules_without("delete"))
+        .start()
+        .await;
+    let name = unique_name("dpk");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    env.counter.reset();
+
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["attempts"], 1, "a 403 is not retried");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("the \"delete\" verb on \"secrets\""),
+        "{error}"
+    );
+    assert_eq!(
+        env.counter.mutating_count(),
+        0,
+        "{:?}",
+        env.counter.mutating()
+    );
+    assert!(env.secret("zitadel", &bucket).await.is_some());
+    assert_eq!(iam_leftovers(&env, &bucket).await.len(), 4);
+}
+
+/// Without workers: roles, busy repositories, unknown names, a dry run this replica cannot make.
+#[tokio::test]
+async fn deprovision_requests_are_refused_when_they_cannot_run() {
+    let app = spawn_app().await;
+    let created = create_repository(
+        &app,
+        &app.operator(),
+        &json!({"name": "zitadel", "namespace": "zitadel"}),
+    )
+    .await;
+    let url = app.url(&format!("{REPOSITORIES}/zitadel"));
+    for token in [app.viewer(), app.operator()] {
+        let response = app
+            .client
+            .delete(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, 403).await;
+    }
+    assert_problem(delete(&app, "nobody", "", None).await, 404).await;
+    // Its provisioning job is queued: busy.
+    assert_problem(delete(&app, "zitadel", "", None).await, 409).await;
+    let cancel = format!("/v1/jobs/{}/cancel", job_id(&created));
+    let response = app.post_json(&cancel, &app.operator(), &json!({})).await;
+    assert_eq!(response.status(), 202);
+    // No worker can plan here: 503, nothing queued.
+    assert_problem(delete(&app, "zitadel", "?dry_run=true", None).await, 503).await;
+    let bad = app
+        .client
+        .delete(&url)
+        .bearer_auth(admin(&app))
+        .header("content-type", "text/plain")
+        .body("confirm")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(bad, 415).await;
+    assert_problem(delete(&app, "zitadel", "?bogus=1", None).await, 400).await;
+    let response = delete(&app, "zitadel", "", None).await;
+    assert_eq!(response.status(), 202);
+    assert_problem(delete(&app, "zitadel", "", None).await, 409).await;
+    // Created again while it is being deleted: busy too.
+    let body = json!({"name": "zitadel", "namespace": "zitadel"});
+    let response = app.post_json(REPOSITORIES, &app.operator(), &body).await;
+    assert_problem(response, 409).await;
+    app.stop().await;
+}
