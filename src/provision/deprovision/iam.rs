@@ -276,15 +276,7 @@ async fn remove_user_policies(
     mode: Mode,
     report: &mut Teardown,
 ) -> Result<(), CloudError> {
-    let read = iam
-        .list_user_policies()
-        .user_name(user)
-        .max_items(1000)
-        .send()
-        .await;
-    let inline: Vec<String> = found("ListUserPolicies", read)?
-        .map(|out| out.policy_names().to_vec())
-        .unwrap_or_default();
+    remove_inline_user_policies(iam, user, mode, report).await?;
     let read = iam
         .list_attached_user_policies()
         .user_name(user)
@@ -299,16 +291,10 @@ async fn remove_user_policies(
                 .collect()
         })
         .unwrap_or_default();
+    if attached.is_empty() {
+        return Ok(());
+    }
     if mode.applies() {
-        for name in &inline {
-            let sent = iam
-                .delete_user_policy()
-                .user_name(user)
-                .policy_name(name)
-                .send()
-                .await;
-            report.request(deleted("DeleteUserPolicy", sent)?);
-        }
         for arn in &attached {
             let sent = iam
                 .detach_user_policy()
@@ -319,17 +305,41 @@ async fn remove_user_policies(
             report.request(deleted("DetachUserPolicy", sent)?);
         }
     }
-    if !inline.is_empty() {
-        report.setting("inline_policies", json!([]), json!(inline), Action::Delete);
+    let (expected, found) = (json!([]), json!(attached));
+    report.setting("attached_policies", expected, found, Action::Delete);
+    Ok(())
+}
+
+async fn remove_inline_user_policies(
+    iam: &Client,
+    user: &str,
+    mode: Mode,
+    report: &mut Teardown,
+) -> Result<(), CloudError> {
+    let read = iam
+        .list_user_policies()
+        .user_name(user)
+        .max_items(1000)
+        .send()
+        .await;
+    let inline: Vec<String> = found("ListUserPolicies", read)?
+        .map(|out| out.policy_names().to_vec())
+        .unwrap_or_default();
+    if inline.is_empty() {
+        return Ok(());
     }
-    if !attached.is_empty() {
-        report.setting(
-            "attached_policies",
-            json!([]),
-            json!(attached),
-            Action::Delete,
-        );
+    if mode.applies() {
+        for name in &inline {
+            let sent = iam
+                .delete_user_policy()
+                .user_name(user)
+                .policy_name(name)
+                .send()
+                .await;
+            report.request(deleted("DeleteUserPolicy", sent)?);
+        }
     }
+    report.setting("inline_policies", json!([]), json!(inline), Action::Delete);
     Ok(())
 }
 
