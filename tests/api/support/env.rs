@@ -180,9 +180,13 @@ impl<'a> EnvBuilder<'a> {
             .expose_secret()
             .to_owned();
         let provisioner = provisioner(service_aws, service_kube, &encryption_key);
+        let (rotator, retirer) = rotation_kinds(&provisioner, &worker);
         let registry = Registry::new()
+            .register(rotator)
+            .register(retirer)
             .register(Deprovisioner::like(&provisioner))
             .register(Adopter::like(&provisioner))
+            .register(backup_provisioner::provision::verify::Verifier::like(&provisioner))
             .register(provisioner);
         let options = AppOptions {
             worker,
@@ -297,6 +301,21 @@ impl Env {
     pub async fn secret(&self, logical: &str, name: &str) -> Option<serde_json::Value> {
         self.kube.secret(self.ns(logical), name).await
     }
+}
+
+/// The rotation and retirement job kinds like the service's, with `worker`'s grace periods.
+pub fn rotation_kinds(
+    provisioner: &Provisioner,
+    worker: &WorkerSettingsArgs,
+) -> (
+    backup_provisioner::provision::rotate::Rotator,
+    backup_provisioner::provision::rotate::retire::Retirer,
+) {
+    let timeline = backup_provisioner::provision::rotate::Timeline {
+        grace: worker.key_rotation.key_grace,
+        delete_grace: worker.key_rotation.key_delete_grace,
+    };
+    backup_provisioner::provision::rotate::job_kinds(provisioner, timeline)
 }
 
 /// A repository name unique to this test (the shared moto is used by every test).

@@ -1,0 +1,513 @@
+//! Access key rotation without downtime (issue 10, item 3), end to end through the API: moto for
+//! S3/IAM (which records each key's last use, so a consumer that did not move is a real use of
+//! the old key), the real kube-apiserver for the Secret, real workers, and the key schedule
+//! (`provision::key_schedule`) run round by round by the test. Grace periods are seconds here.
+
+use std::time::Duration;
+
+use backup_provisioner::provision::access_key::{self, KeyInfo};
+use backup_provisioner::provision::key_schedule::KeySchedule;
+use backup_provisioner::provision::user;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::support::app::eventually;
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+
+const NS: &str = "rotate";
+const GRACE: Duration = Duration::from_secs(3);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// An environment whose rotations keep the old key active for [`GRACE`], then inactive for
+/// [`GRACE`].
+async fn env_with_short_grace() -> Env {
+    Env::builder(&[NS])
+        .map_worker(|w| {
+            w.key_rotation.key_grace = GRACE;
+            w.key_rotation.key_delete_grace = GRACE;
+        })
+        .start()
+        .await
+}
+
+/// A ready repository; returns its name, bucket and s3.conf.
+async fn ready_repository(env: &Env, prefix: &str) -> (String, String, String) {
+    let name = unique_name(prefix);
+    let bucket = bucket_for(&name);
+    let job = env
+        .provision(json!({"name": name, "namespace": env.ns(NS)}))
+        .await;
+    assert_eq!(job["state"], "succeeded", "provisioning: {job:#}");
+    let conf = env.s3_conf(NS, &bucket).await.expect("s3.conf");
+    (name, bucket, conf)
+}
+
+/// `POST .../rotate-key` (with `query`) as an operator.
+async fn post_rotate(env: &Env, name: &str, query: &str) -> (u16, Value) {
+    let path = format!("/v1/backup-repositories/{name}/rotate-key{query}");
+    let response = env
+        .app
+        .post_json(&path, &env.app.operator(), &json!({}))
+        .await;
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("json"))
+}
+
+/// Queues a rotation (202 with `Location`) and waits for its job.
+async fn rotate(env: &Env, name: &str) -> Value {
+    let (status, body) = post_rotate(env, name, "").await;
+    assert_eq!(status, 202, "rotate-key: {body:#}");
+    assert_eq!(body["job"]["kind"], "rotate-access-key", "{body:#}");
+    let job_id = body["job"]["id"].as_str().expect("job id").to_owned();
+    env.app.wait_for_job(&job_id, Duration::from_secs(90)).await
+}
+
+async fn keys(env: &Env, bucket: &str) -> Vec<KeyInfo> {
+    access_key::list(&env.admin.iam, bucket)
+        .await
+        .expect("list keys")
+}
+
+async fn status_of(env: &Env, bucket: &str, key: &str) -> Option<String> {
+    let listed = keys(env, bucket).await;
+    listed.into_iter().find(|k| k.id == key).map(|k| k.status)
+}
+
+fn schedule(env: &Env, max_age: Option<Duration>) -> KeySchedule {
+    KeySchedule {
+        db: env.app.db.clone(),
+        iam: env.admin.iam.clone(),
+        max_age,
+        max_attempts: 5,
+    }
+}
+
+/// Runs schedule rounds until `key` has `status` (`None`: deleted).
+async fn schedule_until(env: &Env, bucket: &str, key: &str, status: Option<&str>) {
+    let schedule = schedule(env, None);
+    let what = format!("access key {key} to be {status:?}");
+    eventually(DEADLINE, &what, || async {
+        schedule.round().await.expect("schedule round");
+        let now = status_of(env, bucket, key).await;
+        // ... and the retirement job that made it so has recorded it.
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')",
+        )
+        .fetch_one(&env.app.db)
+        .await
+        .unwrap();
+        (now.as_deref() == status && active == 0).then_some(())
+    })
+    .await;
+}
+
+/// s3.conf without its key lines: what a rotation must leave byte for byte.
+fn without_key_lines(conf: &str) -> String {
+    conf.lines()
+        .filter(|l| !l.contains("-s3-key=") && !l.contains("-s3-key-secret="))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The output of `step` of the latest job of `kind` for repository `name`.
+async fn step_output(env: &Env, name: &str, kind: &str, step: &str) -> Value {
+    sqlx::query_scalar(
+        "SELECT s.output FROM job_steps s JOIN jobs j ON j.id = s.job_id
+          WHERE j.subject_name = $1 AND j.kind = $2 AND s.step = $3 AND s.state = 'succeeded'
+          ORDER BY j.created_at DESC LIMIT 1",
+    )
+    .bind(name)
+    .bind(kind)
+    .bind(step)
+    .fetch_optional(&env.app.db)
+    .await
+    .unwrap()
+    .flatten()
+    .unwrap_or_else(|| panic!("no succeeded step {kind}.{step} for {name}"))
+}
+
+/// Uses the old key against the bucket (a consumer that did not move) until IAM records a use
+/// after the Secret changed.
+async fn use_old_key(
+    env: &Env,
+    bucket: &str,
+    conf: &str,
+    changed_at: chrono::DateTime<chrono::Utc>,
+) {
+    let (id, secret) = (
+        conf_value(conf, "repo2-s3-key"),
+        conf_value(conf, "repo2-s3-key-secret"),
+    );
+    let s3 = env
+        .admin
+        .s3_with_static_credentials(&env.region, &id, &secret);
+    eventually(DEADLINE, "moto to record a use of the old key", || async {
+        s3.list_objects_v2()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("list with the old key");
+        let used = env
+            .admin
+            .iam
+            .get_access_key_last_used()
+            .access_key_id(&id)
+            .send()
+            .await;
+        let at = used
+            .ok()?
+            .access_key_last_used()?
+            .last_used_date()
+            .copied()?;
+        let at = chrono::DateTime::from_timestamp(at.secs(), at.subsec_nanos())?;
+        (at > changed_at).then_some(())
+    })
+    .await;
+}
+
+/// The timeline of one rotation: the Secret moves to a new key with the cipher pass unchanged,
+/// the old key stays active through a reconcile during its grace period, is reported as used
+/// after the Secret changed, then deactivated, then deleted; the Secret always references an
+/// active key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_moves_the_secret_to_a_new_key_and_retires_the_old_one() {
+    let env = env_with_short_grace().await;
+    let (name, bucket, before) = ready_repository(&env, "rot").await;
+    let old = conf_value(&before, "repo2-s3-key");
+
+    let job = rotate(&env, &name).await;
+    assert_eq!(job["state"], "succeeded", "rotation: {job:#}");
+    let after = env.s3_conf(NS, &bucket).await.expect("s3.conf");
+    let new = conf_value(&after, "repo2-s3-key");
+    assert_ne!(new, old, "the Secret references a new key");
+    assert_eq!(conf_value(&after, "repo3-s3-key"), new);
+    assert_eq!(
+        without_key_lines(&after),
+        without_key_lines(&before),
+        "cipher pass and layout"
+    );
+    assert_eq!(
+        conf_value(&after, "repo2-cipher-pass"),
+        conf_value(&before, "repo2-cipher-pass")
+    );
+    assert_eq!(
+        status_of(&env, &bucket, &old).await.as_deref(),
+        Some("Active")
+    );
+    assert_eq!(
+        status_of(&env, &bucket, &new).await.as_deref(),
+        Some("Active")
+    );
+    assert_eq!(
+        env.repository(&name).await["resources"]["access_key_id"],
+        new.as_str()
+    );
+    let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
+        .fetch_one(&env.app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        sealed, 0,
+        "the new key's sealed secret is wiped once the Secret holds it"
+    );
+    let tags = user::list_tags(&env.admin.iam, &bucket).await.unwrap();
+    assert!(
+        tags.iter()
+            .any(|(k, v)| k == &new && v == access_key::DESCRIPTION),
+        "{tags:?}"
+    );
+
+    // A reconcile during the grace period keeps the old key (consumers may still use it).
+    let job = env.reconcile(&name).await;
+    assert_eq!(job["state"], "succeeded", "reconcile: {job:#}");
+    assert_eq!(
+        status_of(&env, &bucket, &old).await.as_deref(),
+        Some("Active")
+    );
+    assert_eq!(
+        env.s3_conf(NS, &bucket).await.as_deref(),
+        Some(after.as_str())
+    );
+
+    // A consumer still on the old key after the Secret changed is reported before deactivation.
+    let (retirement, changed_at): (Uuid, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT id, secret_changed_at FROM key_retirements WHERE old_key_id = $1")
+            .bind(&old)
+            .fetch_one(&env.app.db)
+            .await
+            .expect("the retirement is scheduled");
+    use_old_key(&env, &bucket, &before, changed_at).await;
+    schedule_until(&env, &bucket, &old, Some("Inactive")).await;
+    let last_used = step_output(&env, &name, "retire-access-key", "last_used").await;
+    assert_eq!(
+        last_used["used_after_secret_changed"], true,
+        "{last_used:#}"
+    );
+    let warning = last_used["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("a consumer did not move"), "{last_used:#}");
+    assert_consumer_report_audited(&env, &name).await;
+    assert_eq!(
+        status_of(&env, &bucket, &new).await.as_deref(),
+        Some("Active")
+    );
+
+    schedule_until(&env, &bucket, &old, None).await;
+    assert_timeline_recorded(&env, retirement).await;
+    assert_eq!(
+        env.s3_conf(NS, &bucket).await.as_deref(),
+        Some(after.as_str())
+    );
+    let ids: Vec<String> = keys(&env, &bucket)
+        .await
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![new.clone()],
+        "only the key the Secret references is left"
+    );
+    let tags = user::list_tags(&env.admin.iam, &bucket).await.unwrap();
+    assert!(
+        !tags.iter().any(|(k, _)| k == &old),
+        "the old key's description tag: {tags:?}"
+    );
+    assert_eq!(env.repository(&name).await["state"], "ready");
+    env.app.stop().await;
+}
+
+async fn assert_consumer_report_audited(env: &Env, name: &str) {
+    let details: Vec<Value> = sqlx::query_scalar(
+        "SELECT detail FROM audit_events WHERE repository = $1
+            AND action = 'retire-access-key.last_used'",
+    )
+    .bind(name)
+    .fetch_all(&env.app.db)
+    .await
+    .unwrap();
+    assert!(
+        details
+            .iter()
+            .any(|d| d["used_after_secret_changed"] == true),
+        "the audit entry of the last_used step reports the late use: {details:#?}"
+    );
+}
+
+async fn assert_timeline_recorded(env: &Env, retirement: Uuid) {
+    let row: (
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<Value>,
+    ) = sqlx::query_as(
+        "SELECT deactivated_at, deleted_at, last_used FROM key_retirements WHERE id = $1",
+    )
+    .bind(retirement)
+    .fetch_one(&env.app.db)
+    .await
+    .unwrap();
+    let (deactivated, deleted, last_used) = row;
+    assert!(
+        deactivated.is_some() && deleted.is_some(),
+        "{row:?}",
+        row = (deactivated, deleted)
+    );
+    assert!(deleted > deactivated, "deleted after it was deactivated");
+    assert!(deleted.unwrap() - deactivated.unwrap() >= chrono::Duration::from_std(GRACE).unwrap());
+    assert_eq!(
+        last_used.expect("last use recorded")["used_after_secret_changed"],
+        true
+    );
+}
+
+/// IAM allows two keys: a key made by hand (the Secret does not reference it) is deleted to make
+/// room; the dry run before says so and changes nothing; a second rotation while the old key is
+/// in its grace period is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_keys_the_unreferenced_one_is_deleted_first_and_the_dry_run_changes_nothing() {
+    let env = env_with_short_grace().await;
+    let (name, bucket, before) = ready_repository(&env, "rot2").await;
+    let old = conf_value(&before, "repo2-s3-key");
+    let by_hand = env
+        .admin
+        .iam
+        .create_access_key()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let by_hand = by_hand.access_key().unwrap().access_key_id().to_owned();
+
+    env.counter.reset();
+    env.kube.clear_requests();
+    let jobs_before = job_count(&env).await;
+    let (status, plan) = post_rotate(&env, &name, "?dry_run=true").await;
+    assert_eq!(status, 200, "dry run: {plan:#}");
+    assert_eq!(
+        (plan["dry_run"].clone(), plan["kind"].clone()),
+        (json!(true), json!("rotate-access-key"))
+    );
+    assert_dry_run_plan(&plan["plan"], &bucket, &by_hand, &old);
+    assert_eq!(
+        env.counter.mutating_count(),
+        0,
+        "mutating AWS calls: {:?}",
+        env.counter.mutating()
+    );
+    assert_eq!(
+        env.kube.mutating_count(),
+        0,
+        "Kubernetes writes: {:?}",
+        env.kube.mutating_requests()
+    );
+    assert_eq!(
+        job_count(&env).await,
+        jobs_before,
+        "a dry run queues nothing"
+    );
+    assert_eq!(keys(&env, &bucket).await.len(), 2);
+
+    let job = rotate(&env, &name).await;
+    assert_eq!(job["state"], "succeeded", "rotation: {job:#}");
+    let room = step_output(&env, &name, "rotate-access-key", "make_room").await;
+    assert_eq!(room["deleted"], json!([by_hand]), "{room:#}");
+    assert_eq!(room["old_key_id"], old.as_str());
+    let new = conf_value(&env.s3_conf(NS, &bucket).await.unwrap(), "repo2-s3-key");
+    let mut ids: Vec<String> = keys(&env, &bucket)
+        .await
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    ids.sort();
+    let mut expected = vec![old.clone(), new];
+    expected.sort();
+    assert_eq!(
+        ids, expected,
+        "the hand-made key is gone, the old one stays for its grace"
+    );
+
+    // The old key is still active in its grace period: another rotation must wait.
+    for query in ["", "?dry_run=true"] {
+        let (status, problem) = post_rotate(&env, &name, query).await;
+        assert_eq!(status, 409, "{query}: {problem:#}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("grace period"),
+            "{problem:#}"
+        );
+    }
+    let (status, _) = post_rotate(&env, "no-such-repository", "").await;
+    assert_eq!(status, 404);
+    let path = format!("/v1/backup-repositories/{name}/rotate-key");
+    let viewer = env
+        .app
+        .post_json(&path, &env.app.viewer(), &json!({}))
+        .await;
+    assert_eq!(viewer.status(), 403);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE repository = $1 AND action = 'repository.rotate-key'",
+    )
+    .bind(&name)
+    .fetch_one(&env.app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        audited, 1,
+        "one rotation was requested (the dry run and refusals are not audited)"
+    );
+    env.app.stop().await;
+}
+
+async fn job_count(env: &Env) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&env.app.db)
+        .await
+        .unwrap()
+}
+
+/// The plan: the hand-made key deleted, a key created, the Secret updated with the cipher pass
+/// unchanged, the old key deactivated then deleted.
+fn assert_dry_run_plan(plan: &Value, bucket: &str, by_hand: &str, old: &str) {
+    let resources: Vec<(String, String, String)> = plan
+        .as_array()
+        .expect("a plan is an array")
+        .iter()
+        .map(|r| {
+            let res = &r["resource"];
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (s(&res["kind"]), s(&res["name"]), s(&res["action"]))
+        })
+        .collect();
+    let key = |id: &str| format!("{bucket}/{id}");
+    assert!(
+        resources.contains(&("iam-access-key".into(), key(by_hand), "delete".into())),
+        "{plan:#}"
+    );
+    assert!(
+        resources.contains(&("iam-access-key".into(), key("(new)"), "create".into())),
+        "{plan:#}"
+    );
+    assert!(
+        resources.contains(&("iam-access-key".into(), key(old), "update".into())),
+        "{plan:#}"
+    );
+    let secret = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resource"]["kind"] == "kube-secret")
+        .expect("the Secret is in the plan");
+    let cipher = secret["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["setting"] == "s3.conf cipher pass")
+        .expect("the cipher pass setting");
+    assert_eq!(
+        (cipher["expected"].clone(), cipher["action"].clone()),
+        (json!("unchanged"), json!("none"))
+    );
+}
+
+/// With `BP_KEY_MAX_AGE`, the schedule rotates a key older than that on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_rotates_a_key_older_than_the_maximum_age() {
+    let env = env_with_short_grace().await;
+    let (name, bucket, before) = ready_repository(&env, "rotage").await;
+    let old = conf_value(&before, "repo2-s3-key");
+    let young = schedule(&env, Some(Duration::from_secs(3600)));
+    let round = young.round().await.expect("round");
+    assert!(
+        round.rotations.is_empty(),
+        "a key younger than the maximum age stays: {round:?}"
+    );
+    // Once the key is a second old (moto's CreateDate has a resolution of a second), a round
+    // with a one-second maximum queues its rotation.
+    let aged = schedule(&env, Some(Duration::from_secs(1)));
+    let rotated = eventually(DEADLINE, "the schedule to queue a rotation", || async {
+        let round = aged.round().await.expect("round");
+        (!round.rotations.is_empty()).then_some(round.rotations)
+    })
+    .await;
+    assert_eq!(rotated, vec![name.clone()]);
+    let job_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE subject_name = $1 AND kind = 'rotate-access-key'",
+    )
+    .bind(&name)
+    .fetch_one(&env.app.db)
+    .await
+    .unwrap();
+    let job = env
+        .app
+        .wait_for_job(&job_id.to_string(), Duration::from_secs(90))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["created_by"], "backup-provisioner", "{job:#}");
+    let after = env.s3_conf(NS, &bucket).await.unwrap();
+    assert_ne!(conf_value(&after, "repo2-s3-key"), old);
+    // The old key is now in its grace period: no second rotation is queued for it.
+    let round = aged.round().await.expect("round");
+    assert!(round.rotations.is_empty(), "{round:?}");
+    env.app.stop().await;
+}
