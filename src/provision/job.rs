@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::access_key::{self, KeyOutput, KeySource, UserKeys};
+use super::adopt::in_the_way;
 use super::report::done;
 use super::secret::{self, ExistingSecret, NotAssembled, RepositorySecret, S3Conf};
 use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
@@ -169,6 +170,10 @@ impl JobHandler for Provisioner {
         .await?;
         let adopt = payload.adopt_existing_secret;
         secret::refuse_unmanaged(existing.as_ref(), payload.secret(), adopt)?;
+        if !adopt {
+            let (bucket, region) = (payload.bucket.as_str(), payload.region.as_str());
+            in_the_way::refuse_hand_made(&self.aws, bucket, region).await?;
+        }
         let s3 = self.aws.s3_for_region(payload.region.as_str());
         // What would otherwise fail the job only after every AWS resource is made is checked
         // before the first AWS change: the Secret can be written, an existing bucket is usable.

@@ -11,6 +11,7 @@
 use serde_json::{Value, json};
 
 use super::access_key::{self, KeyPlan, KeySource};
+use super::adopt::in_the_way;
 use super::job::{ProvisionPayload, Provisioner};
 use super::report::{Mode, Report};
 use super::secret::{self, ExistingSecret, S3Conf};
@@ -31,6 +32,10 @@ impl Provisioner {
         let existing = secret::read(&self.kube, namespace, name).await?;
         let adopt = payload.adopt_existing_secret;
         secret::refuse_unmanaged(existing.as_ref(), payload.secret(), adopt)?;
+        if !adopt {
+            let region = payload.region.as_str();
+            in_the_way::refuse_hand_made(&self.aws, name, region).await?;
+        }
         let mut plan = self.plan_aws_resources(&payload).await?;
         let new_bucket = plan[0]["resource"]["action"] == "create";
         plan.push(

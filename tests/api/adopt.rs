@@ -444,6 +444,49 @@ async fn without_adopt_a_hand_made_set_is_a_permanent_error_naming_what_is_in_th
     );
     let conf = env.s3_conf("zitadel", &bucket).await.expect("s3.conf");
     assert_eq!(conf, made.s3_conf, "left untouched");
+
+    // The Secret under another name: the hand-made IAM user and what goes with it are named.
+    let name = unique_name("noadoptp");
+    let bucket = bucket_for(&name);
+    let made = aws_by_hand(&env, &bucket).await;
+    create_secret(
+        &env,
+        "zitadel",
+        "pgo-s3-creds",
+        &[("s3.conf", &pgo_s3_conf(&made))],
+    )
+    .await;
+    proxy(&env).reset_counts();
+    let job = env
+        .provision(json!({ "name": name, "namespace": env.ns("zitadel") }))
+        .await;
+    let user = format!("IAM user {bucket}");
+    let bucket_named = format!("bucket {bucket}");
+    let policy = format!("IAM policy {bucket}");
+    let group = format!("IAM group {bucket}");
+    assert_permanent(
+        &job,
+        &[&user, &bucket_named, &policy, &group, "\"adopt\": true"],
+    );
+    assert_eq!(
+        proxy(&env).mutating_count(),
+        0,
+        "{:?}",
+        proxy(&env).mutating()
+    );
+    let keys = env
+        .admin
+        .iam
+        .list_access_keys()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.access_key_metadata().len(),
+        1,
+        "the hand-made key, untouched"
+    );
     env.app.stop().await;
 }
 

@@ -24,6 +24,7 @@
 //! The cipher pass is never changed by any operation ([`CIPHER_PASS_NEVER_CHANGED`]).
 
 pub mod found_secret;
+pub mod in_the_way;
 pub mod inspect;
 pub mod key_check;
 
