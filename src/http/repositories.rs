@@ -459,7 +459,7 @@ pub struct DeprovisionRequest {
 }
 
 impl DeprovisionRequest {
-    /// The body of a DELETE: none, or JSON.
+    /// The body of a DELETE: none (or JSON `null`), or JSON.
     fn from_body(headers: &HeaderMap, body: &[u8]) -> Result<Self, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self::default());
@@ -473,10 +473,12 @@ impl DeprovisionRequest {
                 "request body must be JSON: set Content-Type: application/json".into(),
             ));
         }
-        serde_json::from_slice(body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
-            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
-        })
+        let parsed: Option<Self> =
+            serde_json::from_slice(body).map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
+                _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+            })?;
+        Ok(parsed.unwrap_or_default())
     }
 
     /// The job's switches, or why the confirmation does not fit the request.
