@@ -173,6 +173,13 @@ async fn adopting_a_runbook_set_changes_nothing_and_reports_the_drift() {
 
     let repository = env.repository(&name).await;
     assert_eq!(repository["state"], "ready", "{repository:#}");
+    assert!(repository["verified_at"].is_string(), "{repository:#}");
+    assert!(
+        repository["drift_count"].as_i64() > Some(0),
+        "{repository:#}"
+    );
+    let verification = &repository["verification"]["resources"];
+    assert!(differing(verification, "s3-bucket").contains(&"public_access_block".to_owned()));
     let resources = &repository["resources"];
     assert_eq!(resources["secret"]["name"], bucket.as_str());
     assert_eq!(resources["access_key_id"], made.access_key_id.as_str());

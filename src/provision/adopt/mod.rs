@@ -233,15 +233,19 @@ impl JobHandler for Adopter {
     async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
         let payload: AdoptPayload = ctx.payload()?;
         let found = self.read_secret(&payload).await?;
-        self.found_secret_step(ctx, &payload, &found).await?;
-        let policy_arn = self.inspect_step(ctx, &payload, &found).await?;
-        self.key_step(ctx, &payload, &found).await?;
+        let mut secret = self.found_secret_step(ctx, &payload, &found).await?;
+        let mut inspected = self.inspect_step(ctx, &payload, &found).await?;
+        let key = self.key_step(ctx, &payload, &found).await?;
         self.credential_check_step(ctx, &payload, &found).await?;
         if payload.repair {
-            self.repair_step(ctx, &payload, &found).await?;
-            self.secret_step(ctx, &payload, &found).await?;
+            inspected.resources = self.repair_step(ctx, &payload, &found).await?;
+            secret = self.secret_step(ctx, &payload, &found).await?;
         }
-        self.record_resources(ctx, &payload, &found, policy_arn)
+        let mut resources = vec![secret];
+        resources.append(&mut inspected.resources);
+        resources.push(key);
+        let verification = verification(payload.repair, resources);
+        self.record(ctx, &payload, &found, inspected.policy_arn, verification)
             .await
     }
 
@@ -296,14 +300,12 @@ impl Adopter {
         ctx: &JobContext,
         payload: &AdoptPayload,
         found: &Found,
-    ) -> Result<(), JobError> {
+    ) -> Result<Value, JobError> {
         let step = Step::FoundSecret;
         ctx.step(step.name(), step.position(), async {
             let report = self.secret_report(payload, found).await?;
-            Ok(done(
-                (),
-                StepReport::new(crate::cloud::Outcome::AlreadyPresent, report),
-            ))
+            let outcome = crate::cloud::Outcome::AlreadyPresent;
+            Ok(done(report.clone(), StepReport::new(outcome, report)))
         })
         .await
     }
@@ -329,7 +331,7 @@ impl Adopter {
         ctx: &JobContext,
         payload: &AdoptPayload,
         found: &Found,
-    ) -> Result<String, JobError> {
+    ) -> Result<Inspected, JobError> {
         let step = Step::Inspect;
         ctx.step(step.name(), step.position(), async {
             let inspection = self.inspect(payload, found).await?;
@@ -339,7 +341,11 @@ impl Adopter {
                 "repair": payload.repair,
             });
             let report = StepReport::new(crate::cloud::Outcome::AlreadyPresent, detail);
-            Ok(done(inspection.policy_arn, report))
+            let output = Inspected {
+                policy_arn: inspection.policy_arn,
+                resources: inspection.reports,
+            };
+            Ok(done(output, report))
         })
         .await
     }
@@ -363,10 +369,11 @@ impl Adopter {
         ctx: &JobContext,
         payload: &AdoptPayload,
         found: &Found,
-    ) -> Result<(), JobError> {
+    ) -> Result<Value, JobError> {
         let step = Step::AccessKeyInIam;
         ctx.step(step.name(), step.position(), async {
-            Ok(done((), self.check_key(payload, found).await?))
+            let report = self.check_key(payload, found).await?;
+            Ok(done(report.detail.clone(), report))
         })
         .await
     }
@@ -419,7 +426,7 @@ impl Adopter {
         ctx: &JobContext,
         payload: &AdoptPayload,
         found: &Found,
-    ) -> Result<(), JobError> {
+    ) -> Result<Vec<Value>, JobError> {
         let step = Step::Repair;
         ctx.step(step.name(), step.position(), async {
             let target = self.target(payload, found);
@@ -429,7 +436,7 @@ impl Adopter {
                 0 => crate::cloud::Outcome::AlreadyPresent,
                 _ => crate::cloud::Outcome::Updated,
             };
-            Ok(done((), StepReport::new(outcome, detail)))
+            Ok(done(repaired.reports, StepReport::new(outcome, detail)))
         })
         .await
     }
@@ -441,7 +448,7 @@ impl Adopter {
         ctx: &JobContext,
         payload: &AdoptPayload,
         found: &Found,
-    ) -> Result<(), JobError> {
+    ) -> Result<Value, JobError> {
         let step = Step::Secret;
         let (namespace, name) = (payload.namespace.as_str(), payload.secret_name.as_str());
         let basis = secret::Basis::Read(found.resource_version.as_deref());
@@ -449,18 +456,20 @@ impl Adopter {
             let report =
                 secret::apply_built_from(&self.kube, namespace, name, &found.conf, true, basis)
                     .await?;
-            Ok(done((), report))
+            Ok(done(report.detail.clone(), report))
         })
         .await
     }
 
-    /// The repository records what it uses, the Secret's name first.
-    async fn record_resources(
+    /// The repository records what it uses, the Secret's name first, and the adoption's
+    /// report as its latest verification (shown by GET).
+    async fn record(
         &self,
         ctx: &JobContext,
         payload: &AdoptPayload,
         found: &Found,
         policy_arn: String,
+        verification: (Value, i32),
     ) -> Result<(), JobError> {
         let name = payload.bucket.as_str();
         let resources = Resources {
@@ -474,8 +483,10 @@ impl Adopter {
                 name: payload.secret_name.clone(),
             }),
         };
+        let (id, (report, drift)) = (payload.repository_id, verification);
         let mut tx = ctx.fenced_tx().await?;
-        repository::merge_resources(&mut *tx, payload.repository_id, &resources).await?;
+        repository::merge_resources(&mut *tx, id, &resources).await?;
+        repository::record_verification(&mut *tx, id, &report, drift).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -504,6 +515,27 @@ impl Adopter {
             false => inspect::report_only(plan),
         }))
     }
+}
+
+/// What the inspect step keeps: the policy's ARN and the resources' reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Inspected {
+    policy_arn: String,
+    resources: Vec<Value>,
+}
+
+/// The adoption's report in the shape of a verification (`mode`, `resources`, `drift`) and
+/// its drift: the settings whose action is not `none`.
+fn verification(repair: bool, resources: Vec<Value>) -> (Value, i32) {
+    let drift = resources
+        .iter()
+        .flat_map(|r| r["settings"].as_array().cloned().unwrap_or_default())
+        .filter(|s| s["action"] != "none")
+        .count();
+    let drift = i32::try_from(drift).unwrap_or(i32::MAX);
+    let mode = if repair { "repair" } else { "plan" };
+    let report = json!({ "mode": mode, "resources": resources, "drift": drift, "by": "adopt" });
+    (report, drift)
 }
 
 /// The credential check as a plan entry.
