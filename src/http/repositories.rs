@@ -260,15 +260,7 @@ async fn plan_create(state: &AppState, desired: &DesiredRepository) -> Result<Re
             .map_err(|e| ApiError::Validation(vec![e]))?;
         return dry_run::answer::<AdoptRepository>(state, &payload).await;
     }
-    let payload = provision::ProvisionPayload {
-        repository: desired.name.clone(),
-        repository_id: id,
-        namespace: desired.namespace.clone(),
-        bucket: desired.bucket.clone(),
-        region: desired.region.clone(),
-        allow_new_cipher_pass: desired.options.allow_new_cipher_pass,
-        adopt_existing_secret: desired.options.adopt_existing_secret,
-    };
+    let payload = provision::ProvisionPayload::for_desired(desired, id);
     dry_run::answer::<provision::ProvisionRepository>(state, &payload).await
 }
 
