@@ -264,7 +264,10 @@ impl Default for KeyRotationArgs {
 
 impl KeyRotationArgs {
     pub fn check(&self) -> Result<(), ConfigError> {
-        if self.key_max_age.is_some_and(|age| age < Duration::from_secs(3600)) {
+        if self
+            .key_max_age
+            .is_some_and(|age| age < Duration::from_secs(3600))
+        {
             return Err(ConfigError::new(
                 "BP_KEY_MAX_AGE",
                 "must be at least 1h (unset: no automatic rotation)",

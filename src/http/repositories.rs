@@ -636,7 +636,9 @@ pub async fn rotate_access_key(
         E::Database(e) => e.into(),
     };
     if query.dry_run {
-        let row = rotation::rotatable(&state.db, &name).await.map_err(refused)?;
+        let row = rotation::rotatable(&state.db, &name)
+            .await
+            .map_err(refused)?;
         let payload = rotation::payload_for(&row).map_err(|e| refused(e.into()))?;
         return dry_run::answer::<provision::rotate::RotateAccessKey>(&state, &payload).await;
     }

@@ -416,7 +416,7 @@ impl Rotator {
         conf: &S3Conf,
         existing: Option<&ExistingSecret>,
         room: &Room,
-    ) -> Result<(), JobError> {
+    ) -> Result<String, JobError> {
         let step = Step::Secret;
         let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
         let basis = secret::Basis::of(existing);
@@ -453,7 +453,7 @@ impl Rotator {
             )
             .await?;
             tx.commit().await?;
-            Ok(())
+            Ok(new_key.to_owned())
         })
         .await
     }

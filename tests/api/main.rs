@@ -29,6 +29,7 @@ mod pgbackrest_e2e;
 mod provisioning;
 mod provisioning_cases;
 mod real_aws_defects;
+mod rotate_crash;
 mod rotate_key;
 mod schemathesis;
 mod secret_hygiene;

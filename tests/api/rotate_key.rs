@@ -90,12 +90,11 @@ async fn schedule_until(env: &Env, bucket: &str, key: &str, status: Option<&str>
         schedule.round().await.expect("schedule round");
         let now = status_of(env, bucket, key).await;
         // ... and the retirement job that made it so has recorded it.
-        let active: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')",
-        )
-        .fetch_one(&env.app.db)
-        .await
-        .unwrap();
+        let active: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
+                .fetch_one(&env.app.db)
+                .await
+                .unwrap();
         (now.as_deref() == status && active == 0).then_some(())
     })
     .await;

@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
-use super::env::provisioner;
+use super::env::{provisioner, rotation_kinds};
 use super::kube_apiserver::client_for;
 use super::moto::{TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
 
@@ -222,6 +222,12 @@ pub async fn run(spec: ChildSpec) {
     let aws = aws::clients_with_credentials(&settings, None, credentials).await;
     let kube = client_for(&spec.kube_url, &spec.kube_ca_pem, Some(&spec.kube_token));
     let provisioner = provisioner(aws, kube, &spec.encryption_key);
+    // The rotation kinds too (tests/api/rotate_crash.rs), with the default grace periods.
+    let (rotator, retirer) = rotation_kinds(&provisioner, &super::app::worker_args(1));
+    let registry = Registry::new()
+        .register(rotator)
+        .register(retirer)
+        .register(provisioner);
     let config = WorkerConfig {
         concurrency: 1,
         lease: CHILD_LEASE,
@@ -231,22 +237,28 @@ pub async fn run(spec: ChildSpec) {
         worker_id: spec.worker_id.clone(),
     };
     let shutdown = CancellationToken::new();
-    let pool = tokio::spawn(
-        WorkerPool::new(db.clone(), Registry::new().register(provisioner), config)
-            .run(shutdown.clone()),
-    );
+    let pool = tokio::spawn(WorkerPool::new(db.clone(), registry, config).run(shutdown.clone()));
 
     // Normally the hook kills this process. If the job ends instead (it failed, or the kill
     // point was never reached), say so and exit with a code the parent reports.
     let started = tokio::time::Instant::now();
+    // Jobs that ended before this child started (e.g. the provisioning before a rotation) are
+    // not its business.
+    let since: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&db)
+        .await
+        .expect("child: read the database clock");
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
-        let ended: Vec<(String, Option<String>)> =
-            sqlx::query_as("SELECT state, last_error FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled')")
-                .fetch_all(&db)
-                .await
-                .unwrap_or_default();
+        let ended: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT state, last_error FROM jobs
+              WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at > $1",
+        )
+        .bind(since)
+        .fetch_all(&db)
+        .await
+        .unwrap_or_default();
         if let Some((state, error)) = ended.first() {
             eprintln!(
                 "crash child: the job ended ({state}, {error:?}) without reaching {}",
