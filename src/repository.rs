@@ -97,6 +97,12 @@ pub struct RepositoryRow {
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the last verification (a `verify-repository` job) finished; NULL before the first.
+    pub verified_at: Option<DateTime<Utc>>,
+    /// Its report (`provision::verify::Verification`).
+    pub verification: Option<sqlx::types::Json<serde_json::Value>>,
+    /// Its number of settings whose action is not `none`.
+    pub drift_count: Option<i32>,
 }
 
 impl RepositoryRow {
@@ -120,7 +126,7 @@ impl RepositoryRow {
 }
 
 const COLUMNS: &str = "id, name, namespace, bucket, region, labels, options, state, resources, last_error, \
-                       created_by, created_at, updated_at";
+                       created_by, created_at, updated_at, verified_at, verification, drift_count";
 
 /// Inserts the repository unless one of that name exists (and is not deleted). Returns the new
 /// row, or None.
@@ -272,5 +278,26 @@ pub async fn merge_resources(
         .bind(patch)
         .execute(db)
         .await?;
+    Ok(())
+}
+
+/// Stores the verification just made of repository `id` (in the transaction of the verify
+/// job's last step). Its state is not changed.
+pub async fn record_verification(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    verification: &serde_json::Value,
+    drift_count: i32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE backup_repositories
+            SET verified_at = now(), verification = $2, drift_count = $3
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(verification)
+    .bind(drift_count)
+    .execute(db)
+    .await?;
     Ok(())
 }

@@ -238,7 +238,9 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
     let (rotator, retirer) = crate::provision::rotate::job_kinds(&provisioner, timeline);
     let adopter = crate::provision::adopt::Adopter::like(&provisioner);
     let deprovisioner = crate::provision::deprovision::Deprovisioner::like(&provisioner);
+    let verifier = crate::provision::verify::Verifier::like(&provisioner);
     Ok(Registry::new()
+        .register(verifier)
         .register(adopter)
         .register(deprovisioner)
         .register(provisioner)

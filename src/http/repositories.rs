@@ -35,6 +35,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_repository, list_repositories))
         .routes(routes!(get_repository, deprovision_repository))
         .routes(routes!(reconcile_repository))
+        .routes(routes!(verify_repository))
         .routes(routes!(rotate_access_key))
         .routes(routes!(rotate_cipher_pass))
 }
@@ -168,6 +169,16 @@ pub struct RepositoryView {
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the last verification (`POST .../verify`, or the periodic one) finished; null
+    /// before the first.
+    pub verified_at: Option<DateTime<Utc>>,
+    /// How many settings the last verification found different from the runbook (after
+    /// `repair`: how many it found, repaired or not).
+    pub drift_count: Option<i32>,
+    /// The last verification's report: `mode` (`plan` or `repair`), `drift`, and `resources`,
+    /// each `{resource: {kind, name, action}, settings: [{setting, expected, actual, action}]}`.
+    #[schema(value_type = Option<Object>)]
+    pub verification: Option<serde_json::Value>,
 }
 
 impl RepositoryView {
@@ -190,6 +201,9 @@ impl RepositoryView {
             created_by: row.created_by,
             created_at: row.created_at,
             updated_at: row.updated_at,
+            verified_at: row.verified_at,
+            drift_count: row.drift_count,
+            verification: row.verification.map(|v| v.0),
         }
     }
 }
@@ -268,11 +282,13 @@ async fn plan_create(state: &AppState, desired: &DesiredRepository) -> Result<Re
 /// repairing drift, and changes nothing when nothing drifted.
 #[utoipa::path(
     post, path = "/v1/backup-repositories/{name}/reconcile", tag = "repositories",
-    params(("name" = String, Path, description = "Repository name")),
+    params(("name" = String, Path, description = "Repository name"), DryRunQuery),
     responses(
         (status = 202, description = "Provisioning queued. `Location` names the job.", body = CreatedRepository),
-        Unauthorized, Forbidden, NotFound, TooManyRequests,
+        (status = 200, description = "Dry run: the plan; nothing changed or queued", body = crate::http::dry_run::DryRunPlan),
+        BadRequest, Unauthorized, Forbidden, NotFound, TooManyRequests,
         (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = PROBLEM_JSON),
+        Unprocessable, Unavailable,
     ),
     security(("bearer" = []))
 )]
@@ -280,12 +296,114 @@ pub async fn reconcile_repository(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DryRunQuery>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    if query.dry_run {
+        return plan_reconcile(&state, &name).await;
+    }
     let max_attempts = state.policy.max_attempts;
     let queued =
         provision::request::reconcile(&state.db, &name, caller.actor(), max_attempts).await?;
     Ok(accepted(queued))
+}
+
+/// The plan of the job a reconcile would queue (adoption with repair for an adopted
+/// repository, else provisioning); nothing is stored.
+async fn plan_reconcile(state: &AppState, name: &str) -> Result<Response, ApiError> {
+    let row = repository::by_name(&state.db, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    let mut options = row.options.0.clone();
+    if options.adopt {
+        options.repair = true;
+        let payload = provision::adopt::payload_for(&row, &options)?;
+        return dry_run::answer::<AdoptRepository>(state, &payload).await;
+    }
+    let payload = provision::ProvisionPayload::for_row(&row)?;
+    dry_run::answer::<provision::ProvisionRepository>(state, &payload).await
+}
+
+/// The optional body of a verify request.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Converge what is safe to converge: bucket settings and tags, the policy document, the
+    /// group's attachment, the user's tags, membership and login profile, the access key's
+    /// description tag, the Secret's labels. Never the cipher pass or the access key, and
+    /// nothing missing is made.
+    #[serde(default)]
+    pub repair: bool,
+}
+
+/// Verify a repository against the runbook: every setting is checked read-only (with
+/// `"repair": true`, what is safe to converge is converged) and the report is stored on the
+/// repository (`verified_at`, `drift_count`, `verification`). `?dry_run=true` answers with the
+/// verification made now, read-only, and stores nothing.
+#[utoipa::path(
+    post, path = "/v1/backup-repositories/{name}/verify", tag = "repositories",
+    params(("name" = String, Path, description = "Repository name"), DryRunQuery),
+    request_body(content = Option<VerifyRequest>, description = "Optional: `{\"repair\": true}`"),
+    responses(
+        (status = 202, description = "Verification queued. `Location` names the job.", body = CreatedRepository),
+        (status = 200, description = "Dry run: the verification, read-only; nothing stored", body = crate::http::dry_run::DryRunPlan),
+        BadRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, UnsupportedMediaType,
+        (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = PROBLEM_JSON),
+        Unprocessable, TooManyRequests, Unavailable,
+    ),
+    security(("bearer" = []))
+)]
+pub async fn verify_repository(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DryRunQuery>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    let request: VerifyRequest = optional_json_body(&headers, body)?;
+    if query.dry_run {
+        let row = repository::by_name(&state.db, &name)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+        let payload = provision::verify::dry_run_payload(&row)?;
+        return dry_run::answer::<provision::verify::VerifyDryRun>(&state, &payload).await;
+    }
+    let max_attempts = state.policy.max_attempts;
+    let actor = caller.actor();
+    let queued =
+        provision::verify::request(&state.db, &name, request.repair, actor, max_attempts).await?;
+    Ok(accepted(queued))
+}
+
+/// An optional JSON body: none (or only whitespace) is the default.
+fn optional_json_body<T: Default + serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge("request body is larger than the configured limit".into())
+        }
+        _ => ApiError::BadRequest(e.body_text()),
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(ApiError::UnsupportedMediaType(
+            "request body must be JSON: set Content-Type: application/json".into(),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::Unprocessable(e.to_string()),
+        _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+    })
 }
 
 /// 202 with the repository as it now is and `Location` of the queued job.

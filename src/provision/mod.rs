@@ -38,6 +38,7 @@ pub mod sealed;
 pub mod secret;
 pub mod sweep;
 pub mod user;
+pub mod verify;
 pub mod wiring;
 
 pub use job::{ProvisionPayload, ProvisionRepository, Provisioner};

@@ -42,7 +42,10 @@ impl Provisioner {
             self.plan_cipher_pass(&payload, existing.as_ref(), new_bucket)
                 .await?,
         );
-        let (key, key_plan) = self.plan_access_key(&payload, existing.as_ref()).await?;
+        let new_user = plan[3]["resource"]["action"] == "create";
+        let (key, key_plan) = self
+            .plan_access_key(&payload, existing.as_ref(), new_user)
+            .await?;
         plan.extend(key);
         plan.push(credential_check_skipped(name));
         let conf = kept_conf(&key_plan, existing.as_ref());
@@ -108,9 +111,14 @@ impl Provisioner {
         &self,
         payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
+        new_user: bool,
     ) -> Result<(Vec<Value>, KeyPlan), JobError> {
         let user = payload.bucket.iam_user_name();
-        let listed = access_key::list(&self.aws.iam, user).await?;
+        // A user that does not exist yet has no keys (and cannot be asked for them).
+        let listed = match new_user {
+            true => Vec::new(),
+            false => access_key::list(&self.aws.iam, user).await?,
+        };
         let referenced = existing.and_then(|s| s.conf.as_ref());
         let referenced = referenced.map(|c| c.access_key_id.as_str());
         let key_plan = access_key::plan_keys(&listed, None, referenced);

@@ -633,7 +633,7 @@ pub async fn restore_labels(
 
 /// `app.kubernetes.io/managed-by: backup-provisioner` and `holos.run/secret.name: <name>`
 /// (labels of others are kept).
-fn compare_labels(existing: &Secret, name: &str, report: &mut Report) {
+pub fn compare_labels(existing: &Secret, name: &str, report: &mut Report) {
     let labels = existing.metadata.labels.clone().unwrap_or_default();
     let desired = desired_labels(name);
     let expected = json!(desired);
@@ -649,7 +649,7 @@ fn compare_labels(existing: &Secret, name: &str, report: &mut Report) {
 }
 
 /// `Opaque` (a Secret's type cannot be changed: see [`check_writable`]).
-fn compare_type(existing: &Secret, report: &mut Report) {
+pub fn compare_type(existing: &Secret, report: &mut Report) {
     match secret_type(existing) {
         SECRET_TYPE => report.unchanged("type", json!(SECRET_TYPE)),
         other => report.left(

@@ -36,4 +36,5 @@ mod secret_hygiene;
 mod smoke;
 mod support;
 mod test_databases;
+mod verify_drift;
 mod verify_sweep;
