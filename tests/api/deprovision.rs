@@ -541,3 +541,60 @@ async fn deprovision_requests_are_refused_when_they_cannot_run() {
     assert_problem(response, 409).await;
     app.stop().await;
 }
+
+/// An adopted repository: its Secret has another name (`pgo-s3-creds`, recorded by the
+/// repository, no label of ours) and its user lacks our tags. A user neither tagged nor
+/// recorded is refused before any change; once recorded, both are removed.
+#[tokio::test]
+async fn an_adopted_repository_loses_its_recorded_secret_and_user_but_nothing_unrecorded() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dpa");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    let namespace = env.ns("zitadel").to_owned();
+    let conf = env.s3_conf("zitadel", &bucket).await.unwrap();
+    let secret = json!({"metadata": {"name": "pgo-s3-creds"}, "stringData": {"s3.conf": conf}});
+    env.kube
+        .create_secret_as("kubectl", &namespace, secret)
+        .await;
+    assert!(env.kube.delete_secret(&namespace, &bucket).await);
+    let iam = &env.admin.iam;
+    iam.untag_user()
+        .user_name(&bucket)
+        .tag_keys("managed-by")
+        .send()
+        .await
+        .unwrap();
+    let recorded = json!({"secret": {"namespace": namespace, "name": "pgo-s3-creds"}});
+    sqlx::query(
+        "UPDATE backup_repositories SET resources = (resources - 'user') || $2 WHERE name = $1",
+    )
+    .bind(&name)
+    .bind(&recorded)
+    .execute(&env.app.db)
+    .await
+    .unwrap();
+    env.counter.reset();
+
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("not made by backup-provisioner"), "{error}");
+    assert_eq!(
+        env.counter.mutating_count(),
+        0,
+        "{:?}",
+        env.counter.mutating()
+    );
+
+    sqlx::query("UPDATE backup_repositories SET resources = resources || $2 WHERE name = $1")
+        .bind(&name)
+        .bind(json!({"user": bucket}))
+        .execute(&env.app.db)
+        .await
+        .unwrap();
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(env.secret("zitadel", "pgo-s3-creds").await.is_none());
+    assert!(iam_leftovers(&env, &bucket).await.is_empty());
+}

@@ -78,6 +78,18 @@ pub struct DeprovisionPayload {
     /// The repository's resources name the Secret: it is ours even without our label.
     #[serde(default)]
     pub recorded_secret: bool,
+    /// The name of the Secret the repository recorded, when not the bucket's (an adopted
+    /// Secret such as `pgo-s3-creds`).
+    #[serde(default)]
+    pub secret_name: Option<String>,
+}
+
+impl DeprovisionPayload {
+    /// The Secret to remove: the one the repository recorded, else the one named after the
+    /// bucket.
+    pub fn secret_name(&self) -> &str {
+        self.secret_name.as_deref().unwrap_or(self.bucket.as_str())
+    }
 }
 
 /// What the deprovisioning job needs from the outside world.
@@ -197,7 +209,7 @@ impl Deprovisioner {
                  was deleted. Remove or tag it by hand, then retry"
             )));
         }
-        let (namespace, name) = (p.namespace.as_str(), p.bucket.as_str());
+        let (namespace, name) = (p.namespace.as_str(), p.secret_name());
         kube_secret::preflight(&self.kube, namespace, name, p.recorded_secret).await?;
         if p.delete_bucket && !p.force {
             let bucket = p.bucket.as_str();
@@ -215,7 +227,7 @@ impl Deprovisioner {
     async fn secret_step(&self, ctx: &JobContext, p: &DeprovisionPayload) -> Result<(), JobError> {
         let step = Step::RemoveSecret;
         ctx.step_with_own_commit(step.name(), step.position(), |attempt| async move {
-            let (namespace, name) = (p.namespace.as_str(), p.bucket.as_str());
+            let (namespace, name) = (p.namespace.as_str(), p.secret_name());
             let report =
                 kube_secret::remove(&self.kube, namespace, name, p.recorded_secret, Mode::Apply)
                     .await?;
@@ -248,7 +260,7 @@ impl Deprovisioner {
         let (namespace, recorded) = (p.namespace.as_str(), p.recorded_secret);
         let reports = [
             iam::deactivate_keys(iam, user, plan).await?,
-            kube_secret::remove(&self.kube, namespace, bucket, recorded, plan).await?,
+            kube_secret::remove(&self.kube, namespace, p.secret_name(), recorded, plan).await?,
             iam::delete_keys(iam, user, plan).await?,
             iam::leave_group(iam, user, group, plan).await?,
             iam::delete_user(iam, user, group, plan).await?,

@@ -25,6 +25,11 @@ pub fn payload_for(
     options: Options,
 ) -> Result<DeprovisionPayload, RequestError> {
     let resources = &row.resources.0;
+    // An adopted repository may use a Secret of another name (e.g. `pgo-s3-creds`).
+    let recorded_secret = resources
+        .secret
+        .as_ref()
+        .filter(|s| s.namespace == row.namespace);
     Ok(DeprovisionPayload {
         repository: RepositoryName::parse(&row.name)?,
         repository_id: row.id,
@@ -34,10 +39,8 @@ pub fn payload_for(
         delete_bucket: options.delete_bucket,
         force: options.force,
         recorded_user: resources.user.as_deref() == Some(row.bucket.as_str()),
-        recorded_secret: resources
-            .secret
-            .as_ref()
-            .is_some_and(|s| s.namespace == row.namespace && s.name == row.bucket),
+        recorded_secret: recorded_secret.is_some(),
+        secret_name: recorded_secret.map(|s| s.name.clone()),
     })
 }
 
