@@ -205,7 +205,7 @@ impl JobHandler for Provisioner {
         self.retire_step(ctx, &payload, &conf).await
     }
 
-    /// The job's steps in plan mode (see [`super::plan`]): read calls only.
+    /// The job's steps in plan mode (`plan.rs`: `plan_provisioning`): read calls only.
     async fn plan(&self, payload: serde_json::Value) -> Option<Result<serde_json::Value, JobError>> {
         Some(self.plan_provisioning(payload).await)
     }
