@@ -206,7 +206,10 @@ impl JobHandler for Provisioner {
     }
 
     /// The job's steps in plan mode (`plan.rs`: `plan_provisioning`): read calls only.
-    async fn plan(&self, payload: serde_json::Value) -> Option<Result<serde_json::Value, JobError>> {
+    async fn plan(
+        &self,
+        payload: serde_json::Value,
+    ) -> Option<Result<serde_json::Value, JobError>> {
         Some(self.plan_provisioning(payload).await)
     }
 }
