@@ -451,8 +451,13 @@ async fn without_adopt_a_hand_made_set_is_a_permanent_error_naming_what_is_in_th
     );
     let conf = env.s3_conf("zitadel", &bucket).await.expect("s3.conf");
     assert_eq!(conf, made.s3_conf, "left untouched");
+    env.app.stop().await;
+}
 
-    // The Secret under another name: the hand-made IAM user and what goes with it are named.
+/// The Secret under another name: the hand-made IAM user and what goes with it are named.
+#[tokio::test]
+async fn without_adopt_a_hand_made_user_is_a_permanent_error_naming_the_set() {
+    let env = env().await;
     let name = unique_name("noadoptp");
     let bucket = bucket_for(&name);
     let made = aws_by_hand(&env, &bucket).await;
@@ -544,5 +549,33 @@ async fn a_cipher_pass_change_is_refused_with_the_reason() {
     );
     let viewer = env.app.post_json(path, &env.app.viewer(), &json!({})).await;
     assert_eq!(viewer.status(), 403);
+    env.app.stop().await;
+}
+
+#[tokio::test]
+async fn adopt_switches_are_validated() {
+    let env = Env::builder(&["zitadel"]).workers(0).start().await;
+    let namespace = env.ns("zitadel");
+    let cases = [
+        (json!({ "secret_name": "pgo-s3-creds" }), "secret_name"),
+        (json!({ "repair": true }), "repair"),
+        (
+            json!({ "adopt": true, "secret_name": "Not_A_Name" }),
+            "secret_name",
+        ),
+    ];
+    for (extra, field) in cases {
+        let mut body = json!({ "name": "zitadel", "namespace": namespace });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let response = env
+            .app
+            .post_json("/v1/backup-repositories", &env.app.operator(), &body)
+            .await;
+        assert_eq!(response.status(), 422, "{body}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], field, "{problem:#}");
+    }
     env.app.stop().await;
 }
