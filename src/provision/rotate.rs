@@ -182,6 +182,39 @@ impl JobHandler for Rotator {
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
         let payload: RotatePayload = ctx.payload()?;
+        let rotated = self.rotate(ctx, &payload).await;
+        if let Err(err) = &rotated
+            && gives_up(ctx, err)
+        {
+            self.abandon(ctx, &payload, err).await;
+        }
+        rotated
+    }
+
+    async fn plan(
+        &self,
+        payload: serde_json::Value,
+    ) -> Option<Result<serde_json::Value, JobError>> {
+        Some(self.plan_rotation(payload).await)
+    }
+}
+
+/// Whether the job ends with `err` (no further attempt): a permanent failure, a cancel, or the
+/// last attempt. A lost lease is another worker's business.
+fn gives_up(ctx: &JobContext, err: &JobError) -> bool {
+    match err {
+        JobError::Permanent(_) | JobError::Cancelled => true,
+        JobError::LeaseLost => false,
+        JobError::Retryable(_) | JobError::Database(_) => {
+            ctx.job().attempts >= ctx.job().max_attempts
+        }
+    }
+}
+
+impl Rotator {
+    /// The rotation's steps, in order.
+    async fn rotate(&self, ctx: &JobContext, payload: &RotatePayload) -> Result<(), JobError> {
+        let payload = payload.clone();
         let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
         // This attempt's first read: s3.conf is built from it, and a Secret changed since is
         // not written over.
@@ -200,15 +233,53 @@ impl JobHandler for Rotator {
         self.schedule_step(ctx).await
     }
 
-    async fn plan(
-        &self,
-        payload: serde_json::Value,
-    ) -> Option<Result<serde_json::Value, JobError>> {
-        Some(self.plan_rotation(payload).await)
+    /// A rotation that ends before the Secret holds its new key deletes that key (best effort):
+    /// left sealed, a later reconcile would deliver it and delete the old key at once, without
+    /// a grace period. A key the Secret references is never deleted; with no Secret to read,
+    /// nothing is.
+    async fn abandon(&self, ctx: &JobContext, payload: &RotatePayload, why: &JobError) {
+        if let Err(e) = self.delete_undelivered_key(ctx, payload, why).await {
+            tracing::warn!(error = %e, "the abandoned rotation's new key was kept");
+        }
     }
-}
 
-impl Rotator {
+    async fn delete_undelivered_key(
+        &self,
+        ctx: &JobContext,
+        payload: &RotatePayload,
+        why: &JobError,
+    ) -> Result<(), JobError> {
+        let store = self.sealed(payload);
+        let Some(held) = store.get(ctx.pool(), sealed::Kind::AccessKey).await? else {
+            return Ok(());
+        };
+        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let existing = secret::read(&self.kube, namespace, name).await?;
+        let referenced = existing.as_ref().map(|s| s.access_key_id.as_deref());
+        if referenced.is_none() || referenced == Some(Some(held.key_id.as_str())) {
+            return Ok(());
+        }
+        let user = payload.bucket.iam_user_name();
+        delete_key(&self.aws.iam, user, &held.key_id).await?;
+        let mut tx = ctx.fenced_tx().await?;
+        store.forget(&mut *tx, sealed::Kind::AccessKey).await?;
+        let entry = crate::audit::AuditEntry {
+            actor: ctx.job().created_by.clone(),
+            subject: Some(payload.repository.to_string()),
+            job_id: Some(ctx.job().id),
+            action: format!("{}.abandon", RotateAccessKey::KIND),
+            outcome: Outcome::Deleted.as_str().to_owned(),
+            detail: json!({
+                "user_name": user, "access_key_id": held.key_id,
+                "reason": format!("the rotation ended before the Secret held its new key: {why}"),
+            }),
+            ..Default::default()
+        };
+        crate::audit::record(&mut *tx, &entry).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     fn sealed(&self, payload: &RotatePayload) -> sealed::Store<'_> {
         sealed::Store {
             key: &self.encryption_key,

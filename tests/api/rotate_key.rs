@@ -510,3 +510,111 @@ async fn the_schedule_rotates_a_key_older_than_the_maximum_age() {
     assert!(round.rotations.is_empty(), "{round:?}");
     env.app.stop().await;
 }
+
+/// Changes the Secret as an administrator would (a merge patch).
+async fn patch_secret(env: &Env, bucket: &str, patch: Value) {
+    use kube::api::{Patch, PatchParams};
+    env.kube
+        .secrets(env.ns(NS))
+        .patch(bucket, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch the Secret");
+}
+
+/// A rotation that fails before the Secret holds its new key (here the Secret was made
+/// immutable) deletes that key: left sealed, a later reconcile would deliver it and delete the
+/// old key at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_that_cannot_write_the_secret_deletes_its_new_key() {
+    let env = env_with_short_grace().await;
+    let (name, bucket, before) = ready_repository(&env, "rotfail").await;
+    let old = conf_value(&before, "repo2-s3-key");
+    patch_secret(&env, &bucket, json!({"immutable": true})).await;
+
+    let job = rotate(&env, &name).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("immutable"),
+        "{job:#}"
+    );
+    let ids: Vec<String> = keys(&env, &bucket)
+        .await
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![old],
+        "the new key is deleted, the Secret's key kept"
+    );
+    assert_eq!(
+        env.s3_conf(NS, &bucket).await.as_deref(),
+        Some(before.as_str())
+    );
+    let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
+        .fetch_one(&env.app.db)
+        .await
+        .unwrap();
+    assert_eq!(sealed, 0, "its sealed secret is forgotten");
+    let abandoned: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE repository = $1
+            AND action = 'rotate-access-key.abandon' AND outcome = 'deleted'",
+    )
+    .bind(&name)
+    .fetch_one(&env.app.db)
+    .await
+    .unwrap();
+    assert_eq!(abandoned, 1);
+    env.app.stop().await;
+}
+
+/// When the retirement is due but the Secret references the old key again (restored by hand),
+/// the key is kept: the retirement halts with the reason and is not queued again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_referencing_the_old_key_again_halts_its_retirement() {
+    let env = env_with_short_grace().await;
+    let (name, bucket, before) = ready_repository(&env, "rothalt").await;
+    let old = conf_value(&before, "repo2-s3-key");
+    assert_eq!(rotate(&env, &name).await["state"], "succeeded");
+    patch_secret(&env, &bucket, json!({"stringData": {"s3.conf": before}})).await;
+
+    let schedule = schedule(&env, None);
+    let halted = eventually(DEADLINE, "the retirement to halt", || async {
+        schedule.round().await.expect("round");
+        let reason: Option<Option<String>> =
+            sqlx::query_scalar("SELECT halt_reason FROM key_retirements WHERE old_key_id = $1")
+                .bind(&old)
+                .fetch_optional(&env.app.db)
+                .await
+                .unwrap();
+        reason.flatten()
+    })
+    .await;
+    assert!(halted.contains("references access key"), "{halted}");
+    assert_eq!(
+        status_of(&env, &bucket, &old).await.as_deref(),
+        Some("Active")
+    );
+    let failed: Option<String> = sqlx::query_scalar(
+        "SELECT last_error FROM jobs WHERE subject_name = $1 AND kind = 'retire-access-key'
+            AND state = 'failed'",
+    )
+    .bind(&name)
+    .fetch_optional(&env.app.db)
+    .await
+    .unwrap()
+    .flatten();
+    assert!(
+        failed.is_some_and(|e| e.contains("was kept")),
+        "the retire job failed, saying why"
+    );
+    let round = schedule.round().await.expect("round");
+    assert!(
+        round.retirements.is_empty(),
+        "a halted retirement is not queued: {round:?}"
+    );
+    env.app.stop().await;
+}
