@@ -15,9 +15,16 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crate::http_common::{REPOSITORIES, assert_problem, create_repository, job_id};
-use crate::support::app::{TestApp, spawn_app};
+use backup_provisioner::cloud::aws::CallCounter;
+use backup_provisioner::jobs::{Job, Registry, WorkerConfig, WorkerPool, queue};
+use backup_provisioner::provision::deprovision::Deprovisioner;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::app::{TestApp, eventually, spawn_app};
 use crate::support::aws_realism::{AwsRealism, Canned};
+use crate::support::crash_child::{self, ChildSpec};
 use crate::support::env::{Env, bucket_for, unique_name};
+use crate::support::moto::Moto;
 use crate::support::rbac::Rbac;
 
 const STEPS: [&str; 8] = [
@@ -597,4 +604,117 @@ async fn an_adopted_repository_loses_its_recorded_secret_and_user_but_nothing_un
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert!(env.secret("zitadel", "pgo-s3-creds").await.is_none());
     assert!(iam_leftovers(&env, &bucket).await.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash safety: a worker killed with SIGKILL after each step's external change
+// ---------------------------------------------------------------------------------------------
+
+const CRASH_CHILD_TEST: &str = "deprovision::deprovision_crash_child_worker";
+const CRASH_NS: &str = "dpcrash";
+const CRASH_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Not a test on its own: the worker process the crash tests start and see die of SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of the deprovision crash tests; does nothing when run directly"]
+async fn deprovision_crash_child_worker() {
+    let Some(spec) = ChildSpec::from_env() else {
+        eprintln!("the crash child's environment is not set: this test only runs as a child");
+        return;
+    };
+    crash_child::run(spec).await;
+}
+
+/// For every step: a worker dies right after the step's external change, before recording it;
+/// a fresh worker rescues the job, runs the step again (finding its work done) and the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_after_any_step_leaves_a_job_that_converges() {
+    for step in STEPS {
+        crash_deprovision(step).await;
+    }
+}
+
+async fn crash_deprovision(step: &str) {
+    let env = Env::builder(&[CRASH_NS]).workers(0).start().await;
+    let name = unique_name(&format!("dc-{}", step.replace('_', "-")));
+    let bucket = bucket_for(&name);
+    let body = json!({"name": name, "namespace": env.ns(CRASH_NS)});
+    let created = create_repository(&env.app, &env.app.operator(), &body).await;
+    let provisioned = run_in_process(&env, &job_id(&created)).await;
+    assert_eq!(
+        provisioned.state, "succeeded",
+        "{:?}",
+        provisioned.last_error
+    );
+
+    let response = delete(&env.app, &name, "?delete_bucket=true", None).await;
+    assert_eq!(response.status(), 202);
+    let job = job_id(&response.json().await.unwrap());
+    let spec = ChildSpec {
+        database_url: env.app.database_url.clone(),
+        moto_endpoint: env.moto_endpoint.clone(),
+        region: env.region.clone(),
+        kube_url: env.kube.proxy.url.clone(),
+        kube_ca_pem: env.kube.server.ca_pem.clone(),
+        kube_token: env.kube.service_token.clone(),
+        encryption_key: env.encryption_key.clone(),
+        kill_at: format!("{step}:before-record"),
+        worker_id: format!("deprovision-crash-child-{step}"),
+    };
+    crash_child::spawn(CRASH_CHILD_TEST, &spec)
+        .expect_sigkill(CRASH_DEADLINE)
+        .await;
+    let id = uuid::Uuid::parse_str(&job).unwrap();
+    let steps = queue::steps(&env.app.db, id).await.unwrap();
+    let row = steps
+        .iter()
+        .find(|r| r.step == step)
+        .expect("the step started");
+    assert_eq!((row.state.as_str(), row.attempts), ("running", 1), "{step}");
+
+    let ended = run_in_process(&env, &job).await;
+    assert_eq!(
+        ended.state, "succeeded",
+        "after a kill at {step}: {:?}",
+        ended.last_error
+    );
+    assert_eq!(ended.attempts, 2, "the killed worker, then the rescuer");
+    assert!(iam_leftovers(&env, &bucket).await.is_empty(), "{step}");
+    assert!(env.secret(CRASH_NS, &bucket).await.is_none(), "{step}");
+    assert_eq!(objects(&env, &bucket).await, None, "{step}");
+    assert_eq!(env.repository(&name).await["state"], "deleted", "{step}");
+    env.app.stop().await;
+}
+
+/// An in-process worker (the service's key and identity) runs until `job` ends; the rescuer
+/// re-queues a job whose killed worker's lease expired.
+async fn run_in_process(env: &Env, job: &str) -> Job {
+    let provisioner = env.provisioner(Moto::shared(), CallCounter::new()).await;
+    let registry = Registry::new()
+        .register(Deprovisioner::like(&provisioner))
+        .register(provisioner);
+    let config = WorkerConfig {
+        concurrency: 1,
+        lease: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(100),
+        retry_base: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(5),
+        worker_id: "rescuer".to_owned(),
+    };
+    let shutdown = CancellationToken::new();
+    let workers =
+        tokio::spawn(WorkerPool::new(env.app.db.clone(), registry, config).run(shutdown.clone()));
+    let id = uuid::Uuid::parse_str(job).unwrap();
+    let ended = eventually(CRASH_DEADLINE, "the job to end", || async {
+        let job = queue::get(&env.app.db, id).await.unwrap().unwrap();
+        job.state().is_terminal().then_some(job)
+    })
+    .await;
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), workers).await;
+    stopped
+        .expect("stopped")
+        .expect("no panic")
+        .expect("no database error");
+    ended
 }

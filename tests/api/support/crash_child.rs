@@ -224,9 +224,13 @@ pub async fn run(spec: ChildSpec) {
     let provisioner = provisioner(aws, kube, &spec.encryption_key);
     // The rotation kinds too (tests/api/rotate_crash.rs), with the default grace periods.
     let (rotator, retirer) = rotation_kinds(&provisioner, &super::app::worker_args(1));
+    // And deprovisioning (tests/api/deprovision.rs).
+    let deprovisioner =
+        backup_provisioner::provision::deprovision::Deprovisioner::like(&provisioner);
     let registry = Registry::new()
         .register(rotator)
         .register(retirer)
+        .register(deprovisioner)
         .register(provisioner);
     let config = WorkerConfig {
         concurrency: 1,
