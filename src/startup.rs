@@ -19,6 +19,7 @@ use crate::http::{self, AppState, HttpLimits, RequestPolicy};
 use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
 use crate::provision::Provisioner;
 use crate::provision::sweep::Sweeper;
+use crate::provision::verify_sweep::VerifySweeper;
 use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +206,9 @@ pub async fn run(
     let app = Application::build(pool, http, worker, registry).await?;
     let sweep = sweeper(worker, &app.db).await?;
     let app = app.with_sweeper(sweep);
+    if let Some((verify_sweep, tick)) = verify_sweeper(worker, &app.db) {
+        tokio::spawn(verify_sweep.run(tick, app.shutdown.clone()));
+    }
     if let Some((schedule, every)) = key_schedule(worker, &app.db).await? {
         tokio::spawn(schedule.run(every, app.shutdown.clone()));
     }
@@ -306,6 +310,25 @@ pub async fn key_schedule(
         max_attempts: worker.max_attempts,
     };
     Ok(Some((schedule, every)))
+}
+
+/// The periodic verification (`provision::verify_sweep`) and how often it tops up (every
+/// second, or `BP_POLL_INTERVAL` if shorter: a freed slot is refilled within it, one cheap
+/// query); none without workers or with `BP_VERIFY_INTERVAL=0s`.
+pub fn verify_sweeper(
+    worker: &WorkerSettingsArgs,
+    db: &PgPool,
+) -> Option<(VerifySweeper, Duration)> {
+    if worker.workers == 0 || worker.verify_interval.is_zero() {
+        return None;
+    }
+    let sweeper = VerifySweeper {
+        db: db.clone(),
+        interval: worker.verify_interval,
+        concurrency: worker.verify_concurrency,
+        max_attempts: worker.max_attempts,
+    };
+    Some((sweeper, worker.poll_interval.min(Duration::from_secs(1))))
 }
 
 /// Fires `token` on SIGTERM or SIGINT.

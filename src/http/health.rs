@@ -64,6 +64,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         Ok((counts, lag)) => state.metrics.set_job_states(&counts, lag),
         Err(e) => tracing::warn!(error = %e, "could not refresh job gauges"),
     }
+    match crate::telemetry::verification_stats(&state.db).await {
+        Ok(stats) => state.metrics.set_verification(&stats),
+        Err(e) => tracing::warn!(error = %e, "could not refresh verification gauges"),
+    }
     (
         StatusCode::OK,
         [(

@@ -39,6 +39,7 @@ pub mod secret;
 pub mod sweep;
 pub mod user;
 pub mod verify;
+pub mod verify_sweep;
 pub mod wiring;
 
 pub use job::{ProvisionPayload, ProvisionRepository, Provisioner};
