@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
+use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::provision::access_key::{self, KeyInfo};
 use backup_provisioner::provision::key_schedule::KeySchedule;
+use backup_provisioner::provision::sweep::{Sweeper, Swept};
 use backup_provisioner::provision::user;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -382,6 +384,28 @@ async fn with_two_keys_the_unreferenced_one_is_deleted_first_and_the_dry_run_cha
     assert_eq!(
         ids, expected,
         "the hand-made key is gone, the old one stays for its grace"
+    );
+
+    // The sweep of what failed jobs left keeps the old key too (neither referenced nor sealed,
+    // but in its grace period).
+    let sweeper = Sweeper {
+        db: env.app.db.clone(),
+        iam: env.admin.iam.clone(),
+        kube: env.kube.service_client(),
+        keys: EncryptionKey::from_base64(&env.encryption_key)
+            .unwrap()
+            .into(),
+        grace: Duration::ZERO,
+    };
+    let swept = sweeper.sweep_once().await.expect("sweep");
+    assert!(
+        matches!(&swept, Swept::Done(report) if report.failed.is_empty()),
+        "the sweep looked at the repository: {swept:?}"
+    );
+    assert_eq!(
+        status_of(&env, &bucket, &old).await.as_deref(),
+        Some("Active"),
+        "{swept:?}"
     );
 
     // The old key is still active in its grace period: another rotation must wait.

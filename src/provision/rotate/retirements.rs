@@ -221,13 +221,16 @@ impl Due {
     }
 }
 
-/// Retirements due now (not halted), whose repository has no active job.
+/// Retirements due now (not halted), whose repository has no active job and is not being (or
+/// was not) deprovisioned.
 pub async fn due(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<Due>, sqlx::Error> {
     sqlx::query_as(
         "SELECT k.id, k.repository_id, r.name AS repository, r.namespace, r.bucket, r.region,
                 k.deactivated_at IS NOT NULL AS deactivated
            FROM key_retirements k JOIN backup_repositories r ON r.id = k.repository_id
           WHERE k.deleted_at IS NULL AND k.superseded_at IS NULL AND k.halted_at IS NULL
+            -- Deprovisioning deletes every key of the user itself.
+            AND r.state NOT IN ('deprovisioning', 'deleted')
             AND ((k.deactivated_at IS NULL AND k.deactivate_after <= now())
               OR (k.deactivated_at IS NOT NULL AND k.delete_after <= now()))
             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.subject_id = r.id
