@@ -172,7 +172,8 @@ impl JobHandler for Provisioner {
         secret::refuse_unmanaged(existing.as_ref(), payload.secret(), adopt)?;
         if !adopt {
             let (bucket, region) = (payload.bucket.as_str(), payload.region.as_str());
-            in_the_way::refuse_hand_made(&self.aws, bucket, region).await?;
+            let (db, id) = (ctx.pool(), payload.repository_id);
+            in_the_way::refuse_hand_made_unless_known(&self.aws, db, id, bucket, region).await?;
         }
         let s3 = self.aws.s3_for_region(payload.region.as_str());
         // What would otherwise fail the job only after every AWS resource is made is checked

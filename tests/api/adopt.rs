@@ -579,3 +579,34 @@ async fn adopt_switches_are_validated() {
     }
     env.app.stop().await;
 }
+
+/// A user this service made whose tag was removed by hand is drift, not a hand-made set: the
+/// repository recorded it, and a reconcile puts the tag back.
+#[tokio::test]
+async fn a_managed_user_that_lost_its_tag_is_repaired_not_refused() {
+    let env = env().await;
+    let name = unique_name("untag");
+    let bucket = bucket_for(&name);
+    let job = env
+        .provision(json!({ "name": name, "namespace": env.ns("zitadel") }))
+        .await;
+    assert_eq!(job["state"], "succeeded", "job: {job:#}");
+    let iam = &env.admin.iam;
+    iam.untag_user()
+        .user_name(&bucket)
+        .tag_keys("managed-by")
+        .send()
+        .await
+        .expect("UntagUser");
+    let job = env.reconcile(&name).await;
+    assert_eq!(job["state"], "succeeded", "job: {job:#}");
+    let tags = iam
+        .list_user_tags()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let managed = tags.tags().iter().any(|t| t.key() == "managed-by");
+    assert!(managed, "the tag is back: {:?}", tags.tags());
+    env.app.stop().await;
+}

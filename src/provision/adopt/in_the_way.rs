@@ -7,6 +7,8 @@
 //! `adopt`. Read calls only.
 
 use aws_sdk_iam::error::ProvideErrorMetadata;
+use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::cloud::CloudError;
 use crate::cloud::aws::{AwsClients, classify};
@@ -14,6 +16,23 @@ use crate::jobs::JobError;
 use crate::provision::bucket::{MANAGED_BY_KEY, MANAGED_BY_VALUE};
 use crate::provision::user::list_tags;
 use crate::provision::{group, policy};
+use crate::repository;
+
+/// [`refuse_hand_made`], unless repository `repository_id` already recorded the user (our
+/// user step made or adopted it: a tag removed by hand since is drift the user step repairs).
+pub async fn refuse_hand_made_unless_known(
+    aws: &AwsClients,
+    db: &PgPool,
+    repository_id: Uuid,
+    bucket: &str,
+    region: &str,
+) -> Result<(), JobError> {
+    let row = repository::by_id(db, repository_id).await?;
+    if row.is_some_and(|row| row.resources.0.user.is_some()) {
+        return Ok(());
+    }
+    refuse_hand_made(aws, bucket, region).await
+}
 
 /// A permanent error when the bucket-named IAM user exists without our tag.
 pub async fn refuse_hand_made(
