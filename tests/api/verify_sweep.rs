@@ -438,3 +438,36 @@ async fn sweep_pace_at_the_default_rate() {
     );
     env.app.stop().await;
 }
+
+/// Bad values of the settings stop the worker with exit code 2 and one line naming them.
+#[test]
+fn bad_verify_and_rate_settings_exit_2_naming_the_variable() {
+    use backup_provisioner::crypto::EncryptionKey;
+    for (variable, value) in [
+        ("BP_VERIFY_CONCURRENCY", "0"),
+        ("BP_VERIFY_CONCURRENCY", "-1"),
+        ("BP_VERIFY_INTERVAL", "sometimes"),
+        ("BP_AWS_MAX_RPS", "-5"),
+        ("BP_AWS_MAX_RPS", "fast"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_backup-provisioner"))
+            .arg("worker")
+            .env_clear()
+            .env("RUST_LOG", "off")
+            .env(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            )
+            .env("BP_ENCRYPTION_KEY", EncryptionKey::generate_base64())
+            .env(variable, value)
+            .output()
+            .expect("run backup-provisioner");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{variable}={value}: {stderr}"
+        );
+        assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
+    }
+}
