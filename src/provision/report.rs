@@ -415,6 +415,36 @@ mod tests {
         assert_eq!(step.detail["settings"][0]["action"], "create");
     }
 
+    #[tokio::test]
+    async fn plan_mode_never_sends_a_mutating_call() {
+        let sent = std::sync::atomic::AtomicBool::new(false);
+        let call = || async {
+            sent.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(Some("REQ".to_owned()))
+        };
+        let plan = Report::with_mode("s3-bucket", "b", Mode::Plan);
+        assert_eq!(plan.perform(call()).await.unwrap(), None);
+        assert!(!sent.load(std::sync::atomic::Ordering::SeqCst));
+        let repair = Report::with_mode("s3-bucket", "b", Mode::Repair);
+        assert_eq!(
+            repair.perform(call()).await.unwrap().as_deref(),
+            Some("REQ")
+        );
+        assert!(sent.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!repair.creates() && Report::new("k", "n").creates());
+    }
+
+    #[test]
+    fn a_missing_resource_is_planned_with_every_setting() {
+        let mut report = Report::with_mode("iam-group", "g", Mode::Plan);
+        report.planned_new(&[("attached_policy", json!("arn"))]);
+        assert_eq!(report.drift(), 1);
+        let step = report.into_step_report(json!({}));
+        assert_eq!(step.detail["resource"]["action"], "create");
+        assert_eq!(step.detail["settings"][0]["action"], "create");
+        assert_eq!(step.detail["mode"], "plan");
+    }
+
     #[test]
     fn a_difference_left_alone_changes_nothing() {
         let mut report = Report::new("iam-policy", "p");

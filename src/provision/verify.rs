@@ -259,14 +259,29 @@ async fn run_check(
         Check::Group => {
             let arn = prior_field(prior, Check::Policy, "policy_arn");
             let arn = arn.unwrap_or_else(|| policy::planned_arn(name));
+            // Nothing can be attached while the policy is missing: only reported.
+            let mode = unless_missing(prior, Check::Policy, mode);
             group::ensure_with(iam, name, &arn, mode).await?
         }
-        Check::User => user::ensure_with(iam, name, repository, mode).await?,
+        Check::User => {
+            let mode = unless_missing(prior, Check::Group, mode);
+            user::ensure_with(iam, name, repository, mode).await?
+        }
         Check::AccessKey => check_access_key(clients, target, mode, found, prior).await?,
         Check::Credential => check_credential(clients, target, found, prior).await?,
         Check::Secret => check_secret(clients, target, mode, found).await?,
     };
     Ok(report)
+}
+
+/// `mode`, or plan mode when the resource of the earlier check `needed` is missing (a repair
+/// that depends on it, such as attaching a policy that does not exist, cannot be made).
+fn unless_missing(prior: &[Value], needed: Check, mode: Mode) -> Mode {
+    if prior_missing(prior, needed) {
+        Mode::Plan
+    } else {
+        mode
+    }
 }
 
 /// A string field of the report of an earlier check.
@@ -717,5 +732,58 @@ fn request_entry(actor: Actor<'_>, repository: &str, job_id: Uuid, repair: bool)
         outcome: "created".into(),
         detail: json!({ "repair": repair }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo3_is_compared_with_repo2_by_name_only() {
+        let same = "[global]\nrepo2-cipher-pass=p\nrepo2-s3-key=K\nrepo2-s3-key-secret=s\n\
+                    repo3-cipher-pass=p\nrepo3-s3-key=K\nrepo3-s3-key-secret=s\n";
+        assert!(repo3_differences(same).is_empty());
+        let spaced = same.replace("repo3-s3-key=K", "repo3-s3-key = K ");
+        assert!(
+            repo3_differences(&spaced).is_empty(),
+            "spacing is not drift"
+        );
+        let edited = same.replace("repo3-s3-key-secret=s", "repo3-s3-key-secret=other");
+        assert_eq!(repo3_differences(&edited), ["repo3-s3-key-secret"]);
+        let no_repo3 = "[global]\nrepo2-cipher-pass=p\nrepo2-s3-key=K\nrepo2-s3-key-secret=s\n";
+        assert_eq!(repo3_differences(no_repo3).len(), 3);
+        assert!(!format!("{:?}", repo3_differences(&edited)).contains("other"));
+    }
+
+    #[test]
+    fn drift_counts_settings_whose_action_is_not_none() {
+        let resources = vec![
+            json!({"settings": [{"action": "none"}, {"action": "update"}]}),
+            json!({"settings": [{"action": "leave"}, {"action": "create"}]}),
+            json!({"skipped": "no key"}),
+        ];
+        let verification = Verification::of(Mode::Repair, resources);
+        assert_eq!(verification.drift, 3);
+        assert_eq!(verification.mode, "repair");
+        assert_eq!(Verification::of(Mode::Plan, vec![]).mode, "plan");
+    }
+
+    #[test]
+    fn check_names_and_positions_are_stable() {
+        let names: Vec<&str> = Check::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "bucket",
+                "policy",
+                "group",
+                "user",
+                "access_key",
+                "credential",
+                "secret"
+            ]
+        );
+        assert_eq!(Check::Secret.position(), 7);
     }
 }

@@ -740,3 +740,52 @@ async fn verify_answers_404_409_403_and_503_for_a_dry_run_without_workers() {
         .unwrap();
     assert_problem(no_body, 409).await;
 }
+
+/// `verify::inspect` (what adoption reuses) on a repository of which nothing exists, in repair
+/// mode: every resource is reported missing and nothing is made.
+#[tokio::test]
+async fn inspect_reports_what_is_missing_and_repair_makes_nothing() {
+    use backup_provisioner::cloud::aws::CallCounter;
+    use backup_provisioner::provision::report::Mode;
+    use backup_provisioner::provision::verify::{Clients, Target, inspect};
+
+    let kube = crate::support::kube_env::KubeEnv::start(&[NS]).await;
+    let counter = CallCounter::new();
+    let region = crate::support::env::REGION;
+    let aws = crate::support::moto::Moto::shared()
+        .clients(region, Some(counter.clone()))
+        .await;
+    let name = unique_name("inspect");
+    let target = Target::new(
+        name.clone().try_into().unwrap(),
+        kube.ns(NS).to_owned().try_into().unwrap(),
+        bucket_for(&name).try_into().unwrap(),
+        region.to_owned().try_into().unwrap(),
+    );
+    let service_kube = kube.service_client();
+    let clients = Clients {
+        aws: &aws,
+        kube: &service_kube,
+        credential_check_budget: Duration::from_secs(1),
+        credential_check_backoff: Duration::from_millis(50),
+    };
+    let verification = inspect(&clients, &target, Mode::Repair).await.unwrap();
+    assert_eq!(counter.mutating_count(), 0, "{:?}", counter.mutating());
+    assert_eq!(kube.mutating_count(), 0);
+    let resources = json!(verification.resources);
+    let actions: Vec<&Value> = (0..4)
+        .map(|i| &resources[i]["resource"]["action"])
+        .collect();
+    assert_eq!(actions, [&json!("create"); 4], "{resources:#}");
+    assert_eq!(
+        setting_in(&resources, "iam-access-key", "referenced")["action"],
+        "leave"
+    );
+    assert!(resources[5]["skipped"].is_string());
+    assert_eq!(
+        setting_in(&resources, "kube-secret", "exists")["action"],
+        "leave"
+    );
+    assert_eq!(verification.mode, "repair");
+    assert!(verification.drift > 10, "{}", verification.drift);
+}
