@@ -640,5 +640,32 @@ async fn a_secret_referencing_the_old_key_again_halts_its_retirement() {
         round.retirements.is_empty(),
         "a halted retirement is not queued: {round:?}"
     );
+
+    // Rotating again moves the Secret off the old key and schedules its retirement afresh.
+    let job = rotate(&env, &name).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let newest = conf_value(&env.s3_conf(NS, &bucket).await.unwrap(), "repo2-s3-key");
+    let mut ids: Vec<String> = keys(&env, &bucket)
+        .await
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    ids.sort();
+    let mut expected = vec![old.clone(), newest];
+    expected.sort();
+    assert_eq!(ids, expected, "the first rotation's unused key made room");
+    let open: Vec<(bool, bool)> = sqlx::query_as(
+        "SELECT halted_at IS NOT NULL, superseded_at IS NOT NULL FROM key_retirements
+          WHERE old_key_id = $1 ORDER BY created_at",
+    )
+    .bind(&old)
+    .fetch_all(&env.app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        open,
+        vec![(true, true), (false, false)],
+        "the halted one is superseded"
+    );
     env.app.stop().await;
 }

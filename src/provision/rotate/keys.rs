@@ -28,15 +28,39 @@ pub struct RoomPlan {
     pub retire_early: Vec<(uuid::Uuid, String)>,
 }
 
-/// Why a rotation cannot start now.
+/// Why a rotation cannot start now: a key of an earlier rotation that consumers may still use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "access key {key} of an earlier rotation is still active in its grace period (deactivated \
-     after {deactivate_after}); consumers may still use it. Rotate again once it is deactivated"
-)]
+#[error("{message}")]
 pub struct InGrace {
     pub key: String,
-    pub deactivate_after: DateTime<Utc>,
+    pub message: String,
+}
+
+impl InGrace {
+    /// The key is active in its grace period.
+    pub fn grace(key: &str, deactivate_after: DateTime<Utc>) -> InGrace {
+        InGrace {
+            key: key.to_owned(),
+            message: format!(
+                "access key {key} of an earlier rotation is still active in its grace period \
+                 (deactivated after {deactivate_after}); consumers may still use it. Rotate \
+                 again once it is deactivated"
+            ),
+        }
+    }
+
+    /// The key's retirement halted and the key is still active.
+    pub fn halted(key: &str, reason: Option<&str>) -> InGrace {
+        InGrace {
+            key: key.to_owned(),
+            message: format!(
+                "the retirement of access key {key} of an earlier rotation halted ({}) and the \
+                 key is still active; deactivate or delete it by hand once nothing uses it, \
+                 then rotate",
+                reason.unwrap_or("no reason recorded")
+            ),
+        }
+    }
 }
 
 /// Decides which of the user's keys `in_iam` go before a rotation. Never the key the Secret
@@ -54,11 +78,13 @@ pub fn plan_room(
     };
     for key in in_iam.iter().filter(|k| k.id != referenced) {
         if let Some(retirement) = pending.iter().find(|r| r.old_key_id == key.id) {
-            if key.is_active() {
-                return Err(InGrace {
-                    key: key.id.clone(),
-                    deactivate_after: retirement.deactivate_after,
-                });
+            match (key.is_active(), retirement.halted_at) {
+                (true, None) => return Err(InGrace::grace(&key.id, retirement.deactivate_after)),
+                (true, Some(_)) => {
+                    let reason = retirement.halt_reason.as_deref();
+                    return Err(InGrace::halted(&key.id, reason));
+                }
+                (false, _) => {}
             }
             plan.retire_early.push((retirement.id, key.id.clone()));
         } else if Some(key.id.as_str()) == sealed && key.is_active() {
@@ -207,6 +233,13 @@ mod tests {
         let pending = [retiring("O")];
         let refused = plan_room(&[key("O", true), key("R", true)], "R", None, &pending);
         assert_eq!(refused.unwrap_err().key, "O");
+        let mut halted = retiring("O");
+        halted.halted_at = Some(Utc::now());
+        let refused = plan_room(&[key("O", true), key("R", true)], "R", None, &[halted]);
+        assert!(refused.unwrap_err().message.contains("halted"));
+        // The key the Secret references again (its retirement halted) is no obstacle.
+        let plan = plan_room(&[key("O", true)], "O", None, &pending).unwrap();
+        assert!(plan.delete.is_empty() && plan.retire_early.is_empty());
         let plan = plan_room(&[key("O", false), key("R", true)], "R", None, &pending).unwrap();
         assert_eq!(plan.retire_early, vec![(pending[0].id, "O".to_owned())]);
         assert!(plan.delete.is_empty());

@@ -68,16 +68,14 @@ pub async fn rotatable(db: &PgPool, name: &str) -> Result<RepositoryRow, RotateR
             state: row.state,
         });
     }
+    // A halted retirement is the job's to judge (its key may be the one the Secret references
+    // again, which the rotation replaces).
     let active_in_grace = retirements::pending(db, row.id)
         .await?
         .into_iter()
-        .find(|r| r.deactivated_at.is_none());
+        .find(|r| r.deactivated_at.is_none() && r.halted_at.is_none());
     if let Some(r) = active_in_grace {
-        return Err(InGrace {
-            key: r.old_key_id,
-            deactivate_after: r.deactivate_after,
-        }
-        .into());
+        return Err(InGrace::grace(&r.old_key_id, r.deactivate_after).into());
     }
     Ok(row)
 }
