@@ -18,7 +18,9 @@
 //! [`request`] is the use case behind the HTTP API (store the desired repository and queue its
 //! job in one transaction); [`wiring`] is what a PostgresCluster needs once its repository is
 //! ready. [`sweep`] cleans up what failed or cancelled jobs left (sealed material the Secret
-//! holds, access keys nobody can use).
+//! holds, access keys nobody can use). [`rotate`] replaces a ready repository's access key
+//! without downtime (the old key retired after a grace period); [`key_schedule`] queues the
+//! old keys' retirements and, optionally, rotations of old keys.
 
 pub mod access_key;
 pub mod adopt;
