@@ -486,7 +486,7 @@ async fn cors_allows_the_configured_origin_only() {
         .unwrap()
         .to_lowercase();
     assert!(
-        methods.contains("post") && methods.contains("get"),
+        methods.contains("post") && methods.contains("get") && methods.contains("delete"),
         "{methods}"
     );
     let allowed_headers = headers["access-control-allow-headers"]
