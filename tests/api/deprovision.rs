@@ -204,9 +204,11 @@ async fn deprovision_removes_every_iam_entity_and_the_secret_and_keeps_the_bucke
 
     // A deleted repository is gone for every operation but GET.
     let operator = env.app.operator();
-    let reconcile = format!("{REPOSITORIES}/{name}/reconcile");
-    let response = env.app.post_json(&reconcile, &operator, &json!({})).await;
-    assert_problem(response, 404).await;
+    for operation in ["reconcile", "verify", "rotate-key"] {
+        let path = format!("{REPOSITORIES}/{name}/{operation}");
+        let response = env.app.post_json(&path, &operator, &json!({})).await;
+        assert_problem(response, 404).await;
+    }
     assert_problem(delete(&env.app, &name, "", None).await, 404).await;
 }
 
