@@ -491,10 +491,21 @@ async fn without_adopt_a_hand_made_user_is_a_permanent_error_naming_the_set() {
     )
     .await;
     proxy(&env).reset_counts();
-    let job = env
-        .provision(json!({ "name": name, "namespace": env.ns("zitadel") }))
-        .await;
+    let body = json!({ "name": name, "namespace": env.ns("zitadel") });
+    let path = "/v1/backup-repositories?dry_run=true";
+    let planned = env.app.post_json(path, &env.app.operator(), &body).await;
+    assert_eq!(
+        planned.status(),
+        422,
+        "the dry run refuses as the job would"
+    );
+    let problem: Value = planned.json().await.unwrap();
     let user = format!("IAM user {bucket}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains(&user),
+        "{problem:#}"
+    );
+    let job = env.provision(body).await;
     let bucket_named = format!("bucket {bucket}");
     let policy = format!("IAM policy {bucket}");
     let group = format!("IAM group {bucket}");
