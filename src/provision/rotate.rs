@@ -71,9 +71,17 @@ pub struct RotatePayload {
     pub namespace: Namespace,
     pub bucket: BucketName,
     pub region: Region,
+    /// The Secret's name when it is not the bucket's (an adopted `pgo-s3-creds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
 }
 
 impl RotatePayload {
+    /// The repository's Secret: named after the bucket unless adopted under another name.
+    pub fn secret_name(&self) -> &str {
+        self.secret_name.as_deref().unwrap_or(self.bucket.as_str())
+    }
+
     pub fn secret(&self) -> RepositorySecret<'_> {
         RepositorySecret {
             repository: &self.repository,
@@ -154,9 +162,9 @@ pub struct Room {
 /// key is the one retired.
 pub fn ready_secret<'a>(
     existing: Option<&'a ExistingSecret>,
-    target: RepositorySecret<'_>,
+    namespace: &str,
+    name: &str,
 ) -> Result<&'a S3Conf, JobError> {
-    let (namespace, name) = (target.namespace, target.bucket);
     match existing {
         None => Err(JobError::Permanent(format!(
             "Secret {namespace}/{name} does not exist: there is no key to rotate; reconcile the \
@@ -215,7 +223,7 @@ impl Rotator {
     /// The rotation's steps, in order.
     async fn rotate(&self, ctx: &JobContext, payload: &RotatePayload) -> Result<(), JobError> {
         let payload = payload.clone();
-        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let (namespace, name) = (payload.namespace.as_str(), payload.secret_name());
         // This attempt's first read: s3.conf is built from it, and a Secret changed since is
         // not written over.
         let existing = secret::read(&self.kube, namespace, name).await?;
@@ -253,7 +261,7 @@ impl Rotator {
         let Some(held) = store.get(ctx.pool(), sealed::Kind::AccessKey).await? else {
             return Ok(());
         };
-        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let (namespace, name) = (payload.namespace.as_str(), payload.secret_name());
         let existing = secret::read(&self.kube, namespace, name).await?;
         let referenced = existing.as_ref().map(|s| s.access_key_id.as_deref());
         if referenced.is_none() || referenced == Some(Some(held.key_id.as_str())) {
@@ -295,7 +303,8 @@ impl Rotator {
     ) -> Result<Room, JobError> {
         let step = Step::MakeRoom;
         ctx.step_with_own_commit(step.name(), step.position(), |attempt| async move {
-            let conf = ready_secret(existing, payload.secret())?;
+            let namespace = payload.namespace.as_str();
+            let conf = ready_secret(existing, namespace, payload.secret_name())?;
             let old = conf.access_key_id.clone();
             let user = payload.bucket.iam_user_name();
             let listed = access_key::list(&self.aws.iam, user).await?;
@@ -489,7 +498,7 @@ impl Rotator {
         room: &Room,
     ) -> Result<String, JobError> {
         let step = Step::Secret;
-        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let (namespace, name) = (payload.namespace.as_str(), payload.secret_name());
         let basis = secret::Basis::of(existing);
         ctx.step_with_own_commit(step.name(), step.position(), |attempt| async move {
             let mut report =

@@ -33,9 +33,9 @@ impl Rotator {
     pub async fn plan_rotation(&self, payload: Value) -> Result<Value, JobError> {
         let payload: RotatePayload = serde_json::from_value(payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
-        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let (namespace, name) = (payload.namespace.as_str(), payload.secret_name());
         let existing = secret::read(&self.kube, namespace, name).await?;
-        let conf = ready_secret(existing.as_ref(), payload.secret())?;
+        let conf = ready_secret(existing.as_ref(), namespace, name)?;
         let old = conf.access_key_id.as_str();
         let user = payload.bucket.iam_user_name();
         let listed = access_key::list(&self.aws.iam, user).await?;
@@ -45,7 +45,7 @@ impl Rotator {
         plan.push(plan_new_key(user));
         plan.push(resource(
             "s3-probe",
-            name,
+            payload.bucket.as_str(),
             "create",
             vec![setting(
                 "put_get_delete_with_new_key",

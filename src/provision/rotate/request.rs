@@ -53,6 +53,7 @@ pub fn payload_for(row: &RepositoryRow) -> Result<RotatePayload, ValidationError
         namespace: Namespace::try_from(row.namespace.clone())?,
         bucket: BucketName::try_from(row.bucket.clone())?,
         region: Region::parse(&row.region)?,
+        secret_name: row.options.0.secret_name.clone(),
     })
 }
 
@@ -143,6 +144,7 @@ pub async fn enqueue_retirement(
         region: Region::parse(&due.region)?,
         retirement_id: due.id,
         phase: due.phase(),
+        secret_name: due.secret_name.clone(),
     };
     let name = due.repository.clone();
     let job_id =

@@ -50,6 +50,9 @@ pub struct RetirePayload {
     pub region: Region,
     pub retirement_id: Uuid,
     pub phase: Phase,
+    /// The Secret's name when it is not the bucket's (an adopted `pgo-s3-creds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
 }
 
 /// What the retirement job needs.
@@ -194,7 +197,11 @@ impl Retirer {
         payload: &RetirePayload,
         retirement: &Retirement,
     ) -> Result<(), JobError> {
-        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let name = payload.secret_name.as_deref();
+        let (namespace, name) = (
+            payload.namespace.as_str(),
+            name.unwrap_or(payload.bucket.as_str()),
+        );
         let existing = secret::read(&self.kube, namespace, name).await?;
         let old = &retirement.old_key_id;
         let reason = match existing.as_ref().map(|s| s.access_key_id.as_deref()) {

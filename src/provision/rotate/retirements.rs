@@ -208,6 +208,8 @@ pub struct Due {
     pub namespace: String,
     pub bucket: String,
     pub region: String,
+    /// The Secret's name when it is not the bucket's.
+    pub secret_name: Option<String>,
     pub deactivated: bool,
 }
 
@@ -226,6 +228,7 @@ impl Due {
 pub async fn due(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<Due>, sqlx::Error> {
     sqlx::query_as(
         "SELECT k.id, k.repository_id, r.name AS repository, r.namespace, r.bucket, r.region,
+                r.options ->> 'secret_name' AS secret_name,
                 k.deactivated_at IS NOT NULL AS deactivated
            FROM key_retirements k JOIN backup_repositories r ON r.id = k.repository_id
           WHERE k.deleted_at IS NULL AND k.superseded_at IS NULL AND k.halted_at IS NULL
