@@ -1,4 +1,4 @@
-//! `deploy/rbac.yaml`, the service's Kubernetes identity as the deploy manifests ship it, read
+//! `deploy/base/rbac.yaml`, the service's Kubernetes identity as the deploy manifests ship it, read
 //! by the tests so that the Role the tests run under IS the shipped one: its ServiceAccount is
 //! installed once per kube-apiserver, and its Role and RoleBinding are instantiated in each test
 //! namespace (the file's pairs differ only in their namespace, which [`Rbac::shipped`] checks).
@@ -36,7 +36,7 @@ pub struct Rbac {
 }
 
 pub fn manifest_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/rbac.yaml")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rbac.yaml")
 }
 
 fn without_namespace(mut meta: ObjectMeta) -> ObjectMeta {
@@ -45,7 +45,7 @@ fn without_namespace(mut meta: ObjectMeta) -> ObjectMeta {
 }
 
 impl Rbac {
-    /// `deploy/rbac.yaml`, parsed and checked once per process.
+    /// `deploy/base/rbac.yaml`, parsed and checked once per process.
     pub fn shipped() -> &'static Rbac {
         static SHIPPED: OnceLock<Rbac> = OnceLock::new();
         SHIPPED.get_or_init(|| {
