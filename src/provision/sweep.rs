@@ -375,7 +375,10 @@ fn not_held_reason(existing: Option<&ExistingSecret>, row: &SealedRow) -> Option
     }
 }
 
-/// Repositories whose latest job ended more than `grace` ago and that have no active job.
+/// Repositories whose latest job ended more than `grace` ago and that have no active job. A
+/// deleted repository is never swept: deprovisioning removed what it had, and its user, bucket
+/// and Secret names may belong to a new repository of the same name (whose sealed keys this
+/// sweep would not know, and whose keys it would delete).
 async fn settled(db: &PgPool, grace: Duration) -> Result<Vec<Settled>, sqlx::Error> {
     sqlx::query_as(
         "SELECT r.id, r.name, r.namespace, r.bucket, j.id AS latest_job,
@@ -384,6 +387,7 @@ async fn settled(db: &PgPool, grace: Duration) -> Result<Vec<Settled>, sqlx::Err
            JOIN LATERAL (SELECT id, state, finished_at FROM jobs WHERE subject_id = r.id
                           ORDER BY created_at DESC LIMIT 1) j ON true
           WHERE j.state IN ('succeeded', 'failed', 'cancelled')
+            AND r.state <> 'deleted'
             AND j.finished_at < now() - make_interval(secs => $1)
             AND NOT EXISTS (SELECT 1 FROM jobs a WHERE a.subject_id = r.id
                                AND a.state IN ('queued', 'running'))

@@ -16,8 +16,10 @@ use serde_json::{Value, json};
 
 use crate::http_common::{REPOSITORIES, assert_problem, create_repository, job_id};
 use backup_provisioner::cloud::aws::CallCounter;
+use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::{Job, Registry, WorkerConfig, WorkerPool, queue};
 use backup_provisioner::provision::deprovision::Deprovisioner;
+use backup_provisioner::provision::sweep::{Sweeper, Swept};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{TestApp, eventually, spawn_app};
@@ -719,4 +721,70 @@ async fn run_in_process(env: &Env, job: &str) -> Job {
         .expect("no panic")
         .expect("no database error");
     ended
+}
+
+/// The sweep of leftovers never looks at a deleted repository: its names now belong to the
+/// repository created again, whose in-flight key (here one made while it has an active job, as
+/// a rotation would) the deleted row knows nothing about and would delete.
+#[tokio::test]
+async fn a_deleted_repository_is_never_swept() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dpw");
+    let bucket = bucket_for(&name);
+    provisioned(&env, &name).await;
+    let job = deprovision(&env, &name, "", None).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    provisioned(&env, &name).await;
+    // The new repository is busy (a job in flight): its own sweep waits; its new key is made.
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, subject_id, subject_name, payload, state, created_by)
+         SELECT gen_random_uuid(), 'test-in-flight', id, name, '{}', 'running', 'test'
+           FROM backup_repositories WHERE name = $1 AND state = 'ready'",
+    )
+    .bind(&name)
+    .execute(&env.app.db)
+    .await
+    .unwrap();
+    let made = env
+        .admin
+        .iam
+        .create_access_key()
+        .user_name(&bucket)
+        .send()
+        .await;
+    let in_flight = made
+        .unwrap()
+        .access_key()
+        .unwrap()
+        .access_key_id()
+        .to_owned();
+
+    let sweeper = Sweeper {
+        db: env.app.db.clone(),
+        iam: env.admin.iam.clone(),
+        kube: env.kube.service_client(),
+        keys: EncryptionKey::from_base64(&env.encryption_key)
+            .unwrap()
+            .into(),
+        grace: Duration::ZERO,
+    };
+    let Swept::Done(report) = sweeper.sweep_once().await.unwrap() else {
+        panic!("nobody else holds this database's sweep lock");
+    };
+    assert!(report.keys_deleted.is_empty(), "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    let keys = env
+        .admin
+        .iam
+        .list_access_keys()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = keys
+        .access_key_metadata()
+        .iter()
+        .filter_map(|k| k.access_key_id())
+        .collect();
+    assert!(ids.contains(&in_flight.as_str()), "{ids:?}");
 }
