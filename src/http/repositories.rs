@@ -314,6 +314,7 @@ async fn plan_reconcile(state: &AppState, name: &str) -> Result<Response, ApiErr
     let row = repository::by_name(&state.db, name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+    provision::verify::refuse_busy(&state.db, &row).await?;
     let mut options = row.options.0.clone();
     if options.adopt {
         options.repair = true;
@@ -367,6 +368,7 @@ pub async fn verify_repository(
         let row = repository::by_name(&state.db, &name)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
+        provision::verify::refuse_busy(&state.db, &row).await?;
         let payload = provision::verify::dry_run_payload(&row)?;
         return dry_run::answer::<provision::verify::VerifyDryRun>(&state, &payload).await;
     }

@@ -679,6 +679,19 @@ impl VerifyPayload {
     }
 }
 
+/// A dry run (of verify, or of reconcile) of a repository whose job is queued or running
+/// answers as the request would: busy (and a replica without workers, where every repository's job stays queued, says so
+/// rather than that it cannot plan).
+pub async fn refuse_busy(db: &sqlx::PgPool, row: &RepositoryRow) -> Result<(), RequestError> {
+    let latest = queue::latest_per_subject(db, &[row.id]).await?;
+    match latest.first() {
+        Some(job) if matches!(job.state.as_str(), "queued" | "running") => {
+            Err(RequestError::Busy(row.name.clone()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The dry run's payload for `row`: its Secret's name when its record names one.
 pub fn dry_run_payload(row: &RepositoryRow) -> Result<VerifyDryRunPayload, ValidationError> {
     let named = row.resources.0.secret.as_ref().map(|s| s.name.clone());

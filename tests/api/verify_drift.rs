@@ -694,12 +694,9 @@ async fn dry_runs_of_create_reconcile_and_verify_change_and_store_nothing() {
 async fn verify_answers_404_409_403_and_503_for_a_dry_run_without_workers() {
     let app = spawn_app().await;
     let body = json!({"name": "zitadel", "namespace": "zitadel"});
-    assert_eq!(
-        app.post_json(REPOSITORIES, &app.operator(), &body)
-            .await
-            .status(),
-        202
-    );
+    let created = app.post_json(REPOSITORIES, &app.operator(), &body).await;
+    assert_eq!(created.status(), 202);
+    let created: Value = created.json().await.unwrap();
     let verify = format!("{REPOSITORIES}/zitadel/verify");
     let busy = app.post_json(&verify, &app.operator(), &json!({})).await;
     let problem = assert_problem(busy, 409).await;
@@ -723,14 +720,9 @@ async fn verify_answers_404_409_403_and_503_for_a_dry_run_without_workers() {
         .post_json(&verify, &app.operator(), &json!({"repair": "yes"}))
         .await;
     assert_problem(wrong, 422).await;
-    let plan = app
-        .post_json(
-            &format!("{verify}?dry_run=true"),
-            &app.operator(),
-            &json!({}),
-        )
-        .await;
-    assert_problem(plan, 503).await;
+    let dry_run = format!("{verify}?dry_run=true");
+    let plan = app.post_json(&dry_run, &app.operator(), &json!({})).await;
+    assert_problem(plan, 409).await;
     let no_body = app
         .client
         .post(app.url(&verify))
@@ -739,6 +731,25 @@ async fn verify_answers_404_409_403_and_503_for_a_dry_run_without_workers() {
         .await
         .unwrap();
     assert_problem(no_body, 409).await;
+    // Once the repository is idle, a replica without workers cannot plan (503); the request
+    // itself (no body) queues the verification.
+    let job = created["job"]["id"].as_str().unwrap();
+    let cancel = format!("/v1/jobs/{job}/cancel");
+    let cancelled = app.post_json(&cancel, &app.operator(), &json!({})).await;
+    assert!(cancelled.status().is_success(), "{}", cancelled.status());
+    let plan = app.post_json(&dry_run, &app.operator(), &json!({})).await;
+    assert_problem(plan, 503).await;
+    let queued = app
+        .client
+        .post(app.url(&verify))
+        .bearer_auth(app.operator())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status(), 202);
+    let queued: Value = queued.json().await.unwrap();
+    assert_eq!(queued["job"]["kind"], "verify-repository", "{queued:#}");
+    assert_eq!(count_rows(&app, "jobs").await, 2);
 }
 
 /// `verify::inspect` (what adoption reuses) on a repository of which nothing exists, in repair
