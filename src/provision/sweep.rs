@@ -88,7 +88,9 @@ struct Settled {
     namespace: String,
     bucket: String,
     latest_job: Uuid,
-    /// The user step ran (the IAM user exists).
+    /// The user step ran (the IAM user exists), and its keys may be ours: an adopted
+    /// repository's keys were made by hand (adoption never makes one) and may be in use
+    /// wherever its Secret, in whatever layout or name, was copied; they are never swept.
     has_user: bool,
     /// The Secret step succeeded once.
     secret_written: bool,
@@ -382,7 +384,9 @@ fn not_held_reason(existing: Option<&ExistingSecret>, row: &SealedRow) -> Option
 async fn settled(db: &PgPool, grace: Duration) -> Result<Vec<Settled>, sqlx::Error> {
     sqlx::query_as(
         "SELECT r.id, r.name, r.namespace, r.bucket, j.id AS latest_job,
-                r.resources ? 'user' AS has_user, r.resources ? 'secret' AS secret_written
+                r.resources ? 'user' AND NOT coalesce((r.options ->> 'adopt')::boolean, false)
+                    AS has_user,
+                r.resources ? 'secret' AS secret_written
            FROM backup_repositories r
            JOIN LATERAL (SELECT id, state, finished_at FROM jobs WHERE subject_id = r.id
                           ORDER BY created_at DESC LIMIT 1) j ON true

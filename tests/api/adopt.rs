@@ -643,3 +643,59 @@ async fn a_managed_user_that_lost_its_tag_is_repaired_not_refused() {
     assert!(managed, "the tag is back: {:?}", tags.tags());
     env.app.stop().await;
 }
+
+/// The sweep deletes keys of a repository's user that its Secret does not reference and whose
+/// secret nobody holds: for an adopted repository those are hand-made keys, maybe in use (the
+/// Secret in another layout references none the sweep can read; a second key may serve
+/// another consumer). They are never swept.
+#[tokio::test]
+async fn the_sweep_never_deletes_an_adopted_repositorys_keys() {
+    let env = env().await;
+    let name = unique_name("adoptsw");
+    let bucket = bucket_for(&name);
+    let made = aws_by_hand(&env, &bucket).await;
+    let iam = &env.admin.iam;
+    let other = iam
+        .create_access_key()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let other = other.access_key().unwrap().access_key_id().to_owned();
+    create_secret(
+        &env,
+        "zitadel",
+        &bucket,
+        &[("s3.conf", &pgo_s3_conf(&made))],
+    )
+    .await;
+    let job = adopt(&env, &name, json!({})).await;
+    assert_eq!(job["state"], "succeeded", "job: {job:#}");
+
+    let sweeper = backup_provisioner::provision::sweep::Sweeper {
+        db: env.app.db.clone(),
+        iam: iam.clone(),
+        kube: env.kube.service_client(),
+        keys: backup_provisioner::crypto::EncryptionKey::from_base64(&env.encryption_key)
+            .expect("key")
+            .into(),
+        grace: std::time::Duration::ZERO,
+    };
+    sweeper.sweep_once().await.expect("sweep");
+    let keys = iam
+        .list_access_keys()
+        .user_name(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = keys
+        .access_key_metadata()
+        .iter()
+        .filter_map(|k| k.access_key_id())
+        .collect();
+    ids.sort_unstable();
+    let mut expected = vec![made.access_key_id.as_str(), other.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "both hand-made keys are kept");
+    env.app.stop().await;
+}
