@@ -3,10 +3,12 @@
 //! records the action each step would take (expected, actual, action) without any mutating
 //! AWS or Kubernetes call.
 //!
-//! What a plan cannot know, and says so: the values of secrets (never revealed: the cipher
-//! pass is "reused" or "generated", the key "reused" or "created"); whether an unfinished
-//! earlier job sealed a cipher pass or a key in Postgres (the plan consults the Secret and
-//! IAM only); the credential check, which needs the key's secret and is skipped.
+//! Like the job, the plan first proves the Secret can be written with a server-side dry run
+//! (`dryRun=All`, which changes nothing). What a plan cannot know, and says so: the values of
+//! secrets (never revealed: the cipher pass is "reused" or "generated", the key "reused" or
+//! "created"); whether an unfinished earlier job sealed a cipher pass or a key in Postgres (the
+//! plan consults the Secret and IAM only); the credential check, which needs the key's secret
+//! and is skipped.
 
 use serde_json::{Value, json};
 
@@ -32,6 +34,10 @@ impl Provisioner {
         let existing = secret::read(&self.kube, namespace, name).await?;
         let adopt = payload.adopt_existing_secret;
         secret::refuse_unmanaged(existing.as_ref(), payload.secret(), adopt)?;
+        // The job's own first check that the Secret can be written (a server-side dry run:
+        // nothing is changed), so a missing namespace or permission fails the plan as it would
+        // fail the job.
+        secret::preflight(&self.kube, namespace, name).await?;
         if !adopt {
             let region = payload.region.as_str();
             in_the_way::refuse_hand_made(&self.aws, name, region).await?;
