@@ -10,6 +10,7 @@ mod crash_safety;
 mod database_roles;
 mod day_to_day_defects;
 mod deprovision;
+mod deploy_manifests;
 mod faults_beyond_aws;
 mod http_auth;
 mod http_common;
