@@ -651,6 +651,21 @@ async fn dry_runs_of_create_reconcile_and_verify_change_and_store_nothing() {
         .await;
     assert_eq!(missing.status(), 404, "a dry run stores no repository");
     assert_eq!(count_rows(&env.app, "jobs").await, 1, "and no job");
+    // What would fail the job fails its plan: a namespace that does not exist.
+    let nowhere = json!({"name": unique_name("dry-nowhere"), "namespace": "no-such-namespace"});
+    let path = format!("{REPOSITORIES}?dry_run=true");
+    let refused = env
+        .app
+        .post_json(&path, &env.app.operator(), &nowhere)
+        .await;
+    let problem = assert_problem(refused, 422).await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-namespace"),
+        "{problem}"
+    );
 
     let n = names(&env, &name).await;
     inject(&env, &n, Drift::PublicAccessBlockDeleted).await;
