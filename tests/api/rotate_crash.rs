@@ -91,12 +91,23 @@ async fn sigkill_after_deactivating_and_after_deleting_the_old_key_then_recovery
     let job = s.queue_rotation().await;
     assert_eq!(s.run_in_process(job).await.state, "succeeded");
     let old = s.old_key.clone();
-    for (phase, column, status) in [
-        ("deactivate", "deactivate_after", Some("Inactive")),
-        ("delete", "delete_after", None),
-    ] {
+    // The deactivation's job is killed twice: after reading the last use, then after
+    // UpdateAccessKey.
+    let phases: [(&str, &str, &[&str], Option<&str>); 2] = [
+        (
+            "deactivate",
+            "deactivate_after",
+            &["last_used", "deactivate"],
+            Some("Inactive"),
+        ),
+        ("delete", "delete_after", &["delete"], None),
+    ];
+    for (phase, column, kill_steps, status) in phases {
         let job = s.make_retirement_due(column).await;
-        s.kill_child_at(&format!("{phase}:before-record"), 1).await;
+        for (kill, step) in (1..).zip(kill_steps) {
+            s.kill_child_at(&format!("{step}:before-record"), kill)
+                .await;
+        }
         let job = s.run_in_process(job).await;
         assert_eq!(job.state, "succeeded", "{phase}: {:?}", job.last_error);
         assert_eq!(

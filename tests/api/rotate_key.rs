@@ -52,7 +52,19 @@ async fn post_rotate(env: &Env, name: &str, query: &str) -> (u16, Value) {
         .post_json(&path, &env.app.operator(), &json!({}))
         .await;
     let status = response.status().as_u16();
-    (status, response.json().await.expect("json"))
+    let location = response.headers().get("location").cloned();
+    let body: Value = response.json().await.expect("json");
+    if status == 202 {
+        let expected = format!(
+            "/v1/jobs/{}",
+            body["job"]["id"].as_str().unwrap_or_default()
+        );
+        assert_eq!(
+            location.as_ref().and_then(|l| l.to_str().ok()),
+            Some(expected.as_str())
+        );
+    }
+    (status, body)
 }
 
 /// Queues a rotation (202 with `Location`) and waits for its job.
