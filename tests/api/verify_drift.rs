@@ -560,6 +560,43 @@ async fn a_deleted_key_and_a_deleted_secret_are_reported_and_never_made_again() 
     );
     assert!(env.kube.secret(&n.ns, &n.bucket).await.is_none());
     assert_eq!(verified.repository["state"], "ready");
+    assert_audited(&env, &name, verified.job["id"].as_str().unwrap()).await;
+}
+
+/// The request is audited as `repository.verify` (with `repair`), each step of its job too.
+async fn assert_audited(env: &Env, name: &str, job_id: &str) {
+    let path = format!("/v1/audit?repository={name}&limit=200");
+    let page: Value = env
+        .app
+        .get(&path, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let of_job: Vec<&Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["job_id"] == job_id)
+        .collect();
+    let request = of_job.iter().find(|e| e["action"] == "repository.verify");
+    let request = request.unwrap_or_else(|| panic!("no repository.verify entry: {of_job:#?}"));
+    assert_eq!(request["detail"]["repair"], true, "{request:#}");
+    let steps: Vec<&str> = of_job.iter().filter_map(|e| e["step"].as_str()).collect();
+    for step in [
+        "bucket",
+        "policy",
+        "group",
+        "user",
+        "access_key",
+        "credential",
+        "secret",
+    ] {
+        assert!(
+            steps.contains(&step),
+            "no audit entry of step {step}: {steps:?}"
+        );
+    }
 }
 
 /// A dry run: 200 with the plan of `kind`.
