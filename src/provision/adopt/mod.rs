@@ -563,6 +563,45 @@ mod tests {
     }
 
     #[test]
+    fn adoption_switches_go_with_adopt_only() {
+        let options = |adopt, secret_name: Option<&str>, repair| RepositoryOptions {
+            adopt,
+            secret_name: secret_name.map(str::to_owned),
+            repair,
+            ..Default::default()
+        };
+        let fields = |o: &RepositoryOptions| -> Vec<String> {
+            check_options(o).into_iter().map(|e| e.field).collect()
+        };
+        assert!(fields(&options(true, Some("pgo-s3-creds"), true)).is_empty());
+        assert!(fields(&options(false, None, false)).is_empty());
+        assert_eq!(
+            fields(&options(false, Some("x"), true)),
+            ["secret_name", "repair"]
+        );
+        assert_eq!(
+            fields(&options(true, Some("Bad_Name"), false)),
+            ["secret_name"]
+        );
+    }
+
+    #[test]
+    fn the_verification_counts_every_setting_that_is_not_none() {
+        let resources = vec![
+            json!({"settings": [{"action": "none"}, {"action": "update"}]}),
+            json!({"settings": [{"action": "leave"}]}),
+            json!({"resource": {}}),
+        ];
+        let (report, drift) = verification(false, resources);
+        assert_eq!(drift, 2);
+        assert_eq!(
+            (report["mode"].as_str(), report["drift"].as_i64()),
+            (Some("plan"), Some(2))
+        );
+        assert_eq!(verification(true, vec![]).0["mode"], "repair");
+    }
+
+    #[test]
     fn step_names_are_stored_and_ordered() {
         let steps = [
             Step::FoundSecret,
