@@ -19,7 +19,12 @@
 //!
 //! Without `repair` nothing is changed and the job succeeds with the report in its steps: the
 //! repository is `ready` (its key works against its bucket), the drift is in the `inspect`
-//! step's audit entry. The repository records the Secret's name (`resources.secret`).
+//! step's audit entry and in the repository's latest verification. The repository records the
+//! Secret's name (`resources.secret`) for the jobs that follow; its options say `adopt`, so a
+//! reconcile adopts again (with repair) instead of provisioning, and the sweep never deletes its
+//! keys (made by hand).
+//!
+//! Without `adopt`, provisioning refuses a hand-made set in its way ([`in_the_way`]).
 //!
 //! The cipher pass is never changed by any operation ([`CIPHER_PASS_NEVER_CHANGED`]).
 
