@@ -227,10 +227,13 @@ pub async fn run(spec: ChildSpec) {
     // And deprovisioning (tests/api/deprovision.rs).
     let deprovisioner =
         backup_provisioner::provision::deprovision::Deprovisioner::like(&provisioner);
+    // And adoption (tests/api/adopt/crash.rs).
+    let adopter = backup_provisioner::provision::adopt::Adopter::like(&provisioner);
     let registry = Registry::new()
         .register(rotator)
         .register(retirer)
         .register(deprovisioner)
+        .register(adopter)
         .register(provisioner);
     let config = WorkerConfig {
         concurrency: 1,
