@@ -1,5 +1,6 @@
 //! The deploy manifests (`deploy/`, README.md there), rendered as an operator renders them
-//! (`kubectl kustomize` of the base and of each example overlay) and checked twice:
+//! (`kubectl kustomize` of the base and of each example overlay, by
+//! `scripts/render-manifests.sh`) and checked twice:
 //!
 //! - **By Kubernetes.** Every rendered object goes through a server-side dry run with strict
 //!   field validation on the real kube-apiserver of the tests (its own schemas: an unknown or
@@ -134,16 +135,18 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// `kubectl kustomize <dir>`, parsed.
+/// `scripts/render-manifests.sh <dir>` (`kubectl kustomize`, or a pinned kustomize where
+/// kubectl is missing), parsed.
 fn kustomize(dir: &Path) -> Vec<Value> {
-    let output = Command::new("kubectl")
-        .arg("kustomize")
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/render-manifests.sh");
+    let output = Command::new("bash")
+        .arg(&script)
         .arg(dir)
         .output()
-        .unwrap_or_else(|e| panic!("running kubectl (is it on PATH?): {e}"));
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
     assert!(
         output.status.success(),
-        "kubectl kustomize {}: {}\n{}",
+        "rendering {}: {}\n{}",
         dir.display(),
         output.status,
         String::from_utf8_lossy(&output.stderr)
