@@ -1,5 +1,5 @@
 //! `DELETE /v1/backup-repositories/{name}` end to end: moto for S3/IAM, the real kube-apiserver
-//! for the Secret (the service as the ServiceAccount and Role of `deploy/rbac.yaml`), the real
+//! for the Secret (the service as the ServiceAccount and Role of `deploy/base/rbac.yaml`), the real
 //! deprovisioning job on real workers. What it removes (read back through the SDK and the
 //! Kubernetes API), what it keeps (the bucket and its objects, the record, the audit log), the
 //! refusals (a non-empty bucket without the confirmation, a Role without `delete`), dry runs

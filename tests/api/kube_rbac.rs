@@ -1,4 +1,4 @@
-//! The service's Kubernetes permissions as shipped in `deploy/rbac.yaml`, proven on the real
+//! The service's Kubernetes permissions as shipped in `deploy/base/rbac.yaml`, proven on the real
 //! kube-apiserver: the ServiceAccount can do with Secrets exactly what provisioning (and
 //! deprovisioning: delete) needs (every
 //! other provisioning test runs as it), nothing cluster-wide and nothing outside the namespaces

@@ -1,5 +1,5 @@
 //! The s3.conf Secret step through the real kube client against the real kube-apiserver, as the
-//! service's ServiceAccount with the Role of `deploy/rbac.yaml` (through the recording/fault
+//! service's ServiceAccount with the Role of `deploy/base/rbac.yaml` (through the recording/fault
 //! proxy of `support::kube_proxy`), in namespaces of each test's own.
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The proof: provision through the service's API against moto with IAM authorization
 //! enforced and the real kube-apiserver (the service as the ServiceAccount and Role of
-//! `deploy/rbac.yaml`), take `s3.conf` from the Secret it wrote, and let pgBackRest back up and
+//! `deploy/base/rbac.yaml`), take `s3.conf` from the Secret it wrote, and let pgBackRest back up and
 //! restore a throwaway cluster into the bucket with nothing else.
 //!
 //! moto checks every request against IAM policies after its first three (unauthenticated)

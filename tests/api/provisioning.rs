@@ -1,5 +1,5 @@
 //! The runbook as a job, end to end through the API: moto for S3/IAM, the real kube-apiserver
-//! for the Secret (the service as the ServiceAccount and Role of `deploy/rbac.yaml`), the real
+//! for the Secret (the service as the ServiceAccount and Role of `deploy/base/rbac.yaml`), the real
 //! provisioning job on real workers.
 
 use serde_json::json;

@@ -2,7 +2,7 @@
 //! each of which failed on the tree before its fix. AWS is moto, behind the AWS realism proxy
 //! where AWS's own behaviour has to be reproduced (a lost create response, a read lagging
 //! behind a create, an error moto never answers); Kubernetes is the real kube-apiserver, the
-//! service running as the ServiceAccount and Role of `deploy/rbac.yaml`; the service runs with
+//! service running as the ServiceAccount and Role of `deploy/base/rbac.yaml`; the service runs with
 //! real workers behind its HTTP API.
 
 use std::time::Duration;

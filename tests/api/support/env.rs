@@ -1,5 +1,5 @@
 //! The one test-environment builder: moto (S3 + IAM), the real kube-apiserver (namespaces of
-//! the test's own, the service running as the ServiceAccount and Role of `deploy/rbac.yaml`,
+//! the test's own, the service running as the ServiceAccount and Role of `deploy/base/rbac.yaml`,
 //! through a recording/fault proxy: `support::kube_env`), and the service with workers running
 //! the real provisioning job through the real AWS SDK and kube clients.
 //!

@@ -16,7 +16,7 @@
 //!   at the next start.
 //! - **Identities.** `admin` (group `system:masters`) for test set-up and assertions;
 //!   `tester`, authenticated but granted nothing unless a test binds a Role to it; the service
-//!   runs as the ServiceAccount of `deploy/rbac.yaml` with a TokenRequest token
+//!   runs as the ServiceAccount of `deploy/base/rbac.yaml` with a TokenRequest token
 //!   (`support::kube_env`).
 //! - **Namespaces.** Every test makes its own (`support::kube_env::KubeEnv`), named after the
 //!   namespace the test asks for plus a random suffix; nothing is deleted (there is no namespace

@@ -1,5 +1,5 @@
 //! One test's Kubernetes: its own namespaces on the shared real kube-apiserver
-//! ([`KubeApiserver::shared`]), the service's identity (the ServiceAccount of `deploy/rbac.yaml`,
+//! ([`KubeApiserver::shared`]), the service's identity (the ServiceAccount of `deploy/base/rbac.yaml`,
 //! its Role bound in each namespace, a TokenRequest token), a recording/fault proxy the service
 //! reaches the server through, and an admin client for set-up and assertions.
 //!

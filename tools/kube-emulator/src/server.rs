@@ -317,7 +317,7 @@ impl Emulator {
     ) -> Answer {
         let target = route(path);
         // Authentication (public endpoints excepted, as system:public-info-viewer allows).
-        // Every valid token may do everything: the service's real permissions (deploy/rbac.yaml)
+        // Every valid token may do everything: the service's real permissions (deploy/base/rbac.yaml)
         // are tested against the real kube-apiserver.
         let authenticated = {
             let state = self.lock();
