@@ -168,40 +168,7 @@ async fn crash_rotation(step: &'static str, kills: i32) {
     );
 
     let new = s.assert_new_key_works().await;
-    let mut keys: Vec<(String, String)> = access_key::list(&s.env.admin.iam, &s.bucket)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|k| (k.id, k.status))
-        .collect();
-    keys.sort();
-    let mut expected = vec![
-        (s.old_key.clone(), "Active".to_owned()),
-        (new.clone(), "Active".to_owned()),
-    ];
-    expected.sort();
-    assert_eq!(
-        keys, expected,
-        "the old key (in its grace period) and the new one; not {by_hand}"
-    );
-    let retirements: Vec<(String, String)> =
-        sqlx::query_as("SELECT old_key_id, new_key_id FROM key_retirements")
-            .fetch_all(&s.env.app.db)
-            .await
-            .unwrap();
-    assert_eq!(
-        retirements,
-        vec![(s.old_key.clone(), new)],
-        "one retirement scheduled"
-    );
-    let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
-        .fetch_one(&s.env.app.db)
-        .await
-        .unwrap();
-    assert_eq!(
-        sealed, 0,
-        "the sealed key secret is wiped once the Secret holds it"
-    );
+    s.assert_rotated_once(&new, &by_hand).await;
     s.assert_audit_trail(job, step, kills).await;
     s.env.app.stop().await;
 }
@@ -403,6 +370,40 @@ impl Scenario {
             .await
             .expect("the new key works");
         new
+    }
+
+    /// The user holds the old key (active, in its grace period) and `new`, not the key made by
+    /// hand; one retirement is scheduled; the sealed key secret is wiped.
+    async fn assert_rotated_once(&self, new: &str, by_hand: &str) {
+        let listed = access_key::list(&self.env.admin.iam, &self.bucket).await;
+        let mut keys: Vec<(String, String)> = listed
+            .unwrap()
+            .into_iter()
+            .map(|k| (k.id, k.status))
+            .collect();
+        keys.sort();
+        let active = "Active".to_owned();
+        let mut expected = vec![
+            (self.old_key.clone(), active.clone()),
+            (new.to_owned(), active),
+        ];
+        expected.sort();
+        assert_eq!(keys, expected, "the old key and the new one; not {by_hand}");
+        let retirements: Vec<(String, String)> =
+            sqlx::query_as("SELECT old_key_id, new_key_id FROM key_retirements")
+                .fetch_all(&self.env.app.db)
+                .await
+                .unwrap();
+        let one = vec![(self.old_key.clone(), new.to_owned())];
+        assert_eq!(retirements, one, "one retirement scheduled");
+        let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
+            .fetch_one(&self.env.app.db)
+            .await
+            .unwrap();
+        assert_eq!(
+            sealed, 0,
+            "the sealed key secret is wiped once the Secret holds it"
+        );
     }
 
     /// One success entry per step, the crashed one on the attempt after the last kill; no

@@ -190,103 +190,89 @@ async fn a_rotation_moves_the_secret_to_a_new_key_and_retires_the_old_one() {
 
     let job = rotate(&env, &name).await;
     assert_eq!(job["state"], "succeeded", "rotation: {job:#}");
-    let after = env.s3_conf(NS, &bucket).await.expect("s3.conf");
+    let (after, new) = assert_rotated(&env, &name, &bucket, &before).await;
+
+    // A reconcile during the grace period keeps the old key (consumers may still use it).
+    let job = env.reconcile(&name).await;
+    assert_eq!(job["state"], "succeeded", "reconcile: {job:#}");
+    let active = Some("Active");
+    assert_eq!(status_of(&env, &bucket, &old).await.as_deref(), active);
+    assert_eq!(env.s3_conf(NS, &bucket).await, Some(after.clone()));
+
+    let retirement = deactivate_after_a_late_use(&env, &name, &bucket, &before).await;
+    assert_eq!(status_of(&env, &bucket, &new).await.as_deref(), active);
+
+    schedule_until(&env, &bucket, &old, None).await;
+    assert_timeline_recorded(&env, retirement).await;
+    assert_eq!(env.s3_conf(NS, &bucket).await, Some(after));
+    let ids: Vec<String> = keys(&env, &bucket)
+        .await
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(ids, vec![new], "only the key the Secret references is left");
+    let tags = user::list_tags(&env.admin.iam, &bucket).await.unwrap();
+    let old_tag = tags.iter().any(|(k, _)| k == &old);
+    assert!(!old_tag, "the old key's description tag: {tags:?}");
+    assert_eq!(env.repository(&name).await["state"], "ready");
+    env.app.stop().await;
+}
+
+/// Right after a rotation: the Secret references a new key (repo2 and repo3), everything else
+/// in s3.conf (the cipher pass) is byte for byte as `before`; both keys are active; the new key
+/// is recorded, described, and its sealed secret wiped. Returns the s3.conf and the new key.
+async fn assert_rotated(env: &Env, name: &str, bucket: &str, before: &str) -> (String, String) {
+    let old = conf_value(before, "repo2-s3-key");
+    let after = env.s3_conf(NS, bucket).await.expect("s3.conf");
     let new = conf_value(&after, "repo2-s3-key");
     assert_ne!(new, old, "the Secret references a new key");
     assert_eq!(conf_value(&after, "repo3-s3-key"), new);
-    assert_eq!(
-        without_key_lines(&after),
-        without_key_lines(&before),
-        "cipher pass and layout"
-    );
-    assert_eq!(
-        conf_value(&after, "repo2-cipher-pass"),
-        conf_value(&before, "repo2-cipher-pass")
-    );
-    assert_eq!(
-        status_of(&env, &bucket, &old).await.as_deref(),
-        Some("Active")
-    );
-    assert_eq!(
-        status_of(&env, &bucket, &new).await.as_deref(),
-        Some("Active")
-    );
-    assert_eq!(
-        env.repository(&name).await["resources"]["access_key_id"],
-        new.as_str()
-    );
+    let (kept, was) = (without_key_lines(&after), without_key_lines(before));
+    assert_eq!(kept, was, "cipher pass and layout");
+    let pass = "repo2-cipher-pass";
+    assert_eq!(conf_value(&after, pass), conf_value(before, pass));
+    for key in [&old, &new] {
+        assert_eq!(status_of(env, bucket, key).await.as_deref(), Some("Active"));
+    }
+    let resources = env.repository(name).await["resources"].clone();
+    assert_eq!(resources["access_key_id"], new.as_str());
     let sealed: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_material")
         .fetch_one(&env.app.db)
         .await
         .unwrap();
     assert_eq!(
         sealed, 0,
-        "the new key's sealed secret is wiped once the Secret holds it"
+        "the sealed key secret is wiped once the Secret holds it"
     );
-    let tags = user::list_tags(&env.admin.iam, &bucket).await.unwrap();
-    assert!(
-        tags.iter()
-            .any(|(k, v)| k == &new && v == access_key::DESCRIPTION),
-        "{tags:?}"
-    );
+    let tags = user::list_tags(&env.admin.iam, bucket).await.unwrap();
+    let described = tags
+        .iter()
+        .any(|(k, v)| k == &new && v == access_key::DESCRIPTION);
+    assert!(described, "{tags:?}");
+    (after, new)
+}
 
-    // A reconcile during the grace period keeps the old key (consumers may still use it).
-    let job = env.reconcile(&name).await;
-    assert_eq!(job["state"], "succeeded", "reconcile: {job:#}");
-    assert_eq!(
-        status_of(&env, &bucket, &old).await.as_deref(),
-        Some("Active")
-    );
-    assert_eq!(
-        env.s3_conf(NS, &bucket).await.as_deref(),
-        Some(after.as_str())
-    );
-
-    // A consumer still on the old key after the Secret changed is reported before deactivation.
+/// A consumer still on the old key after the Secret changed is reported before the key is
+/// deactivated (once its grace passed). Returns the retirement's id.
+async fn deactivate_after_a_late_use(env: &Env, name: &str, bucket: &str, before: &str) -> Uuid {
+    let old = conf_value(before, "repo2-s3-key");
     let (retirement, changed_at): (Uuid, chrono::DateTime<chrono::Utc>) =
         sqlx::query_as("SELECT id, secret_changed_at FROM key_retirements WHERE old_key_id = $1")
             .bind(&old)
             .fetch_one(&env.app.db)
             .await
             .expect("the retirement is scheduled");
-    use_old_key(&env, &bucket, &before, changed_at).await;
-    schedule_until(&env, &bucket, &old, Some("Inactive")).await;
-    let last_used = step_output(&env, &name, "retire-access-key", "last_used").await;
+    use_old_key(env, bucket, before, changed_at).await;
+    schedule_until(env, bucket, &old, Some("Inactive")).await;
+    let last_used = step_output(env, name, "retire-access-key", "last_used").await;
     assert_eq!(
         last_used["used_after_secret_changed"], true,
         "{last_used:#}"
     );
     let warning = last_used["warning"].as_str().unwrap_or_default();
     assert!(warning.contains("a consumer did not move"), "{last_used:#}");
-    assert_consumer_report_audited(&env, &name).await;
-    assert_eq!(
-        status_of(&env, &bucket, &new).await.as_deref(),
-        Some("Active")
-    );
-
-    schedule_until(&env, &bucket, &old, None).await;
-    assert_timeline_recorded(&env, retirement).await;
-    assert_eq!(
-        env.s3_conf(NS, &bucket).await.as_deref(),
-        Some(after.as_str())
-    );
-    let ids: Vec<String> = keys(&env, &bucket)
-        .await
-        .into_iter()
-        .map(|k| k.id)
-        .collect();
-    assert_eq!(
-        ids,
-        vec![new.clone()],
-        "only the key the Secret references is left"
-    );
-    let tags = user::list_tags(&env.admin.iam, &bucket).await.unwrap();
-    assert!(
-        !tags.iter().any(|(k, _)| k == &old),
-        "the old key's description tag: {tags:?}"
-    );
-    assert_eq!(env.repository(&name).await["state"], "ready");
-    env.app.stop().await;
+    assert_consumer_report_audited(env, name).await;
+    retirement
 }
 
 async fn assert_consumer_report_audited(env: &Env, name: &str) {
@@ -333,50 +319,23 @@ async fn assert_timeline_recorded(env: &Env, retirement: Uuid) {
 }
 
 /// IAM allows two keys: a key made by hand (the Secret does not reference it) is deleted to make
-/// room; the dry run before says so and changes nothing; a second rotation while the old key is
-/// in its grace period is refused.
+/// room; the dry run before says so and changes nothing; the sweep keeps the old key in its
+/// grace period; a second rotation meanwhile is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_keys_the_unreferenced_one_is_deleted_first_and_the_dry_run_changes_nothing() {
     let env = env_with_short_grace().await;
     let (name, bucket, before) = ready_repository(&env, "rot2").await;
     let old = conf_value(&before, "repo2-s3-key");
-    let by_hand = env
-        .admin
-        .iam
-        .create_access_key()
-        .user_name(&bucket)
-        .send()
-        .await
-        .unwrap();
-    let by_hand = by_hand.access_key().unwrap().access_key_id().to_owned();
+    let iam = &env.admin.iam;
+    let by_hand = iam.create_access_key().user_name(&bucket).send().await;
+    let by_hand = by_hand
+        .unwrap()
+        .access_key()
+        .unwrap()
+        .access_key_id()
+        .to_owned();
 
-    env.counter.reset();
-    env.kube.clear_requests();
-    let jobs_before = job_count(&env).await;
-    let (status, plan) = post_rotate(&env, &name, "?dry_run=true").await;
-    assert_eq!(status, 200, "dry run: {plan:#}");
-    assert_eq!(
-        (plan["dry_run"].clone(), plan["kind"].clone()),
-        (json!(true), json!("rotate-access-key"))
-    );
-    assert_dry_run_plan(&plan["plan"], &bucket, &by_hand, &old);
-    assert_eq!(
-        env.counter.mutating_count(),
-        0,
-        "mutating AWS calls: {:?}",
-        env.counter.mutating()
-    );
-    assert_eq!(
-        env.kube.mutating_count(),
-        0,
-        "Kubernetes writes: {:?}",
-        env.kube.mutating_requests()
-    );
-    assert_eq!(
-        job_count(&env).await,
-        jobs_before,
-        "a dry run queues nothing"
-    );
+    assert_dry_run_changes_nothing(&env, &name, &bucket, &by_hand, &old).await;
     assert_eq!(keys(&env, &bucket).await.len(), 2);
 
     let job = rotate(&env, &name).await;
@@ -398,8 +357,49 @@ async fn with_two_keys_the_unreferenced_one_is_deleted_first_and_the_dry_run_cha
         "the hand-made key is gone, the old one stays for its grace"
     );
 
-    // The sweep of what failed jobs left keeps the old key too (neither referenced nor sealed,
-    // but in its grace period).
+    assert_the_sweep_keeps(&env, &bucket, &old).await;
+    assert_refusals(&env, &name).await;
+    env.app.stop().await;
+}
+
+/// `?dry_run=true` answers the plan with zero mutating AWS calls, no Kubernetes write and no job.
+async fn assert_dry_run_changes_nothing(
+    env: &Env,
+    name: &str,
+    bucket: &str,
+    by_hand: &str,
+    old: &str,
+) {
+    env.counter.reset();
+    env.kube.clear_requests();
+    let jobs_before = job_count(env).await;
+    let (status, plan) = post_rotate(env, name, "?dry_run=true").await;
+    assert_eq!(status, 200, "dry run: {plan:#}");
+    let kind = (plan["dry_run"].clone(), plan["kind"].clone());
+    assert_eq!(kind, (json!(true), json!("rotate-access-key")));
+    assert_dry_run_plan(&plan["plan"], bucket, by_hand, old);
+    let mutating = env.counter.mutating();
+    assert_eq!(
+        env.counter.mutating_count(),
+        0,
+        "mutating AWS calls: {mutating:?}"
+    );
+    let writes = env.kube.mutating_requests();
+    assert_eq!(
+        env.kube.mutating_count(),
+        0,
+        "Kubernetes writes: {writes:?}"
+    );
+    assert_eq!(
+        job_count(env).await,
+        jobs_before,
+        "a dry run queues nothing"
+    );
+}
+
+/// The sweep of what failed jobs left keeps the old key (neither referenced nor sealed, but in
+/// its grace period).
+async fn assert_the_sweep_keeps(env: &Env, bucket: &str, old: &str) {
     let sweeper = Sweeper {
         db: env.app.db.clone(),
         iam: env.admin.iam.clone(),
@@ -410,29 +410,22 @@ async fn with_two_keys_the_unreferenced_one_is_deleted_first_and_the_dry_run_cha
         grace: Duration::ZERO,
     };
     let swept = sweeper.sweep_once().await.expect("sweep");
-    assert!(
-        matches!(&swept, Swept::Done(report) if report.failed.is_empty()),
-        "the sweep looked at the repository: {swept:?}"
-    );
-    assert_eq!(
-        status_of(&env, &bucket, &old).await.as_deref(),
-        Some("Active"),
-        "{swept:?}"
-    );
+    let looked = matches!(&swept, Swept::Done(report) if report.failed.is_empty());
+    assert!(looked, "the sweep looked at the repository: {swept:?}");
+    let status = status_of(env, bucket, old).await;
+    assert_eq!(status.as_deref(), Some("Active"), "{swept:?}");
+}
 
-    // The old key is still active in its grace period: another rotation must wait.
+/// While the old key is active in its grace period another rotation (and its dry run) is 409;
+/// an unknown repository 404, a viewer 403; only the one accepted request is audited.
+async fn assert_refusals(env: &Env, name: &str) {
     for query in ["", "?dry_run=true"] {
-        let (status, problem) = post_rotate(&env, &name, query).await;
+        let (status, problem) = post_rotate(env, name, query).await;
         assert_eq!(status, 409, "{query}: {problem:#}");
-        assert!(
-            problem["detail"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("grace period"),
-            "{problem:#}"
-        );
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("grace period"), "{problem:#}");
     }
-    let (status, _) = post_rotate(&env, "no-such-repository", "").await;
+    let (status, _) = post_rotate(env, "no-such-repository", "").await;
     assert_eq!(status, 404);
     let path = format!("/v1/backup-repositories/{name}/rotate-key");
     let viewer = env
@@ -443,15 +436,12 @@ async fn with_two_keys_the_unreferenced_one_is_deleted_first_and_the_dry_run_cha
     let audited: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM audit_events WHERE repository = $1 AND action = 'repository.rotate-key'",
     )
-    .bind(&name)
+    .bind(name)
     .fetch_one(&env.app.db)
     .await
     .unwrap();
-    assert_eq!(
-        audited, 1,
-        "one rotation was requested (the dry run and refusals are not audited)"
-    );
-    env.app.stop().await;
+    let why = "one rotation was requested (the dry run and refusals are not audited)";
+    assert_eq!(audited, 1, "{why}");
 }
 
 async fn job_count(env: &Env) -> i64 {
@@ -608,7 +598,8 @@ async fn a_rotation_that_cannot_write_the_secret_deletes_its_new_key() {
 }
 
 /// When the retirement is due but the Secret references the old key again (restored by hand),
-/// the key is kept: the retirement halts with the reason and is not queued again.
+/// the key is kept: the retirement halts with the reason and is not queued again. Rotating
+/// again then moves the Secret off the old key and schedules its retirement afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_referencing_the_old_key_again_halts_its_retirement() {
     let env = env_with_short_grace().await;
@@ -616,44 +607,8 @@ async fn a_secret_referencing_the_old_key_again_halts_its_retirement() {
     let old = conf_value(&before, "repo2-s3-key");
     assert_eq!(rotate(&env, &name).await["state"], "succeeded");
     patch_secret(&env, &bucket, json!({"stringData": {"s3.conf": before}})).await;
+    assert_retirement_halts(&env, &name, &bucket, &old).await;
 
-    let schedule = schedule(&env, None);
-    let halted = eventually(DEADLINE, "the retirement to halt", || async {
-        schedule.round().await.expect("round");
-        let reason: Option<Option<String>> =
-            sqlx::query_scalar("SELECT halt_reason FROM key_retirements WHERE old_key_id = $1")
-                .bind(&old)
-                .fetch_optional(&env.app.db)
-                .await
-                .unwrap();
-        reason.flatten()
-    })
-    .await;
-    assert!(halted.contains("references access key"), "{halted}");
-    assert_eq!(
-        status_of(&env, &bucket, &old).await.as_deref(),
-        Some("Active")
-    );
-    let failed: Option<String> = sqlx::query_scalar(
-        "SELECT last_error FROM jobs WHERE subject_name = $1 AND kind = 'retire-access-key'
-            AND state = 'failed'",
-    )
-    .bind(&name)
-    .fetch_optional(&env.app.db)
-    .await
-    .unwrap()
-    .flatten();
-    assert!(
-        failed.is_some_and(|e| e.contains("was kept")),
-        "the retire job failed, saying why"
-    );
-    let round = schedule.round().await.expect("round");
-    assert!(
-        round.retirements.is_empty(),
-        "a halted retirement is not queued: {round:?}"
-    );
-
-    // Rotating again moves the Secret off the old key and schedules its retirement afresh.
     let job = rotate(&env, &name).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let newest = conf_value(&env.s3_conf(NS, &bucket).await.unwrap(), "repo2-s3-key");
@@ -674,10 +629,43 @@ async fn a_secret_referencing_the_old_key_again_halts_its_retirement() {
     .fetch_all(&env.app.db)
     .await
     .unwrap();
-    assert_eq!(
-        open,
-        vec![(true, true), (false, false)],
-        "the halted one is superseded"
-    );
+    let superseded = vec![(true, true), (false, false)];
+    assert_eq!(open, superseded, "the halted one is superseded");
     env.app.stop().await;
+}
+
+/// The schedule's retirement of `old` halts: the key stays active, the retire job failed
+/// saying why, and the retirement is not queued again.
+async fn assert_retirement_halts(env: &Env, name: &str, bucket: &str, old: &str) {
+    let schedule = schedule(env, None);
+    let halted = eventually(DEADLINE, "the retirement to halt", || async {
+        schedule.round().await.expect("round");
+        let reason: Option<Option<String>> =
+            sqlx::query_scalar("SELECT halt_reason FROM key_retirements WHERE old_key_id = $1")
+                .bind(old)
+                .fetch_optional(&env.app.db)
+                .await
+                .unwrap();
+        reason.flatten()
+    })
+    .await;
+    assert!(halted.contains("references access key"), "{halted}");
+    assert_eq!(status_of(env, bucket, old).await.as_deref(), Some("Active"));
+    let failed: Option<String> = sqlx::query_scalar(
+        "SELECT last_error FROM jobs WHERE subject_name = $1 AND kind = 'retire-access-key'
+            AND state = 'failed'",
+    )
+    .bind(name)
+    .fetch_optional(&env.app.db)
+    .await
+    .unwrap()
+    .flatten();
+    let said_why = failed.is_some_and(|e| e.contains("was kept"));
+    assert!(said_why, "the retire job failed, saying why");
+    let round = schedule.round().await.expect("round");
+    let queued = &round.retirements;
+    assert!(
+        queued.is_empty(),
+        "a halted retirement is not queued: {round:?}"
+    );
 }
