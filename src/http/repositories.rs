@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use super::dry_run::DryRunQuery;
 use super::error::{PROBLEM_JSON, Problem};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::jobs::JobSummary;
@@ -18,7 +19,6 @@ use super::responses::{
     BadRequest, Forbidden, NotFound, PayloadTooLarge, TooManyRequests, Unauthorized, Unavailable,
     Unprocessable, UnsupportedMediaType,
 };
-use super::dry_run::DryRunQuery;
 use super::{ApiError, AppState, dry_run, pagination};
 use crate::auth::Role;
 use crate::domain::{
@@ -244,7 +244,9 @@ pub async fn create_repository(
     let ApiJson(request) = body?;
     if request.cipher_pass.is_some() {
         let why = provision::adopt::CIPHER_PASS_NEVER_CHANGED;
-        return Err(ApiError::Unprocessable(format!("\"cipher_pass\" is refused: {why}")));
+        return Err(ApiError::Unprocessable(format!(
+            "\"cipher_pass\" is refused: {why}"
+        )));
     }
     let desired = request.validate(&state)?;
     if query.dry_run {
