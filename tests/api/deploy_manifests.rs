@@ -14,6 +14,9 @@
 //!   grant exactly the verbs of `deploy/base/rbac.yaml` (those `kube_rbac` proves necessary) in
 //!   exactly the namespaces of `BP_ALLOWED_NAMESPACES`, settings the binary reads, and owner
 //!   credentials that only the migration Job sees.
+//! - **By running them.** The real binary, with the rendered settings and a Secret of the
+//!   rendered shape, as the manifests' ServiceAccount, becomes ready and stops on SIGTERM
+//!   within the Deployment's termination grace period.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,7 @@ use serde_json::{Value, json};
 
 use crate::support::kube_apiserver::KubeApiserver;
 use crate::support::rbac::Rbac;
+use crate::support::service_process::{ServiceProcess, ServiceSpec};
 
 /// What the tests render, relative to `deploy/`.
 const TARGETS: [&str; 3] = ["base", "overlays/example", "overlays/example-plain-secret"];
@@ -717,4 +721,76 @@ async fn the_dry_runs_refuse_a_misspelt_field_a_wrong_type_and_a_privileged_pod(
     pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = json!(true);
     let err = dry_run_pod(&client, "escalating", &pod).await.unwrap_err();
     assert!(err.contains("allowPrivilegeEscalation"), "{err}");
+}
+
+// ---- the real binary with the rendered settings ----
+
+/// `terminationGracePeriodSeconds` of the Deployment.
+fn termination_grace(r: &Rendered) -> Duration {
+    let seconds = r.deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    Duration::from_secs(seconds)
+}
+
+#[tokio::test]
+async fn the_rendered_settings_and_runtime_secret_make_a_ready_service_that_stops_in_its_grace() {
+    let r = rendered()
+        .iter()
+        .find(|r| r.target.ends_with("plain-secret"))
+        .expect("the plain-Secret overlay");
+    // The runtime Secret's keys are those a ServiceProcess sets (with working values).
+    let runtime = secret_keys(r, "backup-provisioner-runtime").expect("runtime Secret");
+    let provided = ["DATABASE_URL", "BP_ENCRYPTION_KEY", "BP_JWT_HS256_SECRET"];
+    assert_eq!(runtime, provided.iter().map(|k| (*k).to_owned()).collect());
+    // As the ServiceAccount of the manifests, with a token the TokenRequest API issues.
+    let server = KubeApiserver::shared();
+    let admin = server.admin_client();
+    Rbac::shipped().install_service_account(&admin).await;
+    let token = Rbac::shipped().token(&admin).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        server.kubeconfig(&server.url, &token, NAMESPACE),
+    )
+    .expect("kubeconfig");
+    let db = crate::support::app::fresh_database().await;
+    let key = backup_provisioner::crypto::EncryptionKey::generate_base64();
+    let args: Vec<&str> = r.deployment()["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // No AWS call is made (no job runs); a closed loopback port stands in for AWS.
+    let mut spec = ServiceSpec::new(
+        "deployed",
+        &args,
+        &db.url,
+        &key,
+        "http://127.0.0.1:9",
+        &kubeconfig,
+    );
+    for (variable, value) in r.settings()["data"].as_object().expect("data") {
+        // The test's own loopback port instead of 0.0.0.0:8080.
+        if variable != "BP_LISTEN_ADDR" {
+            spec = spec.env(variable, value.as_str().expect("a string"));
+        }
+    }
+    let mut service = ServiceProcess::spawn(dir.path(), &spec).await;
+    let http = reqwest::Client::new();
+    let readyz = service.url("/readyz");
+    crate::support::app::eventually(Duration::from_secs(30), "/readyz answers 200", || async {
+        let answer = http.get(&readyz).send().await.ok()?;
+        (answer.status() == 200).then_some(())
+    })
+    .await;
+    let grace = termination_grace(r);
+    let status = service.terminate(grace).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM: {status:?} within terminationGracePeriodSeconds ({grace:?})\n{}",
+        service.log()
+    );
 }
