@@ -164,3 +164,41 @@ fn plan_retirement(
         vec![deactivate, delete],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> KeyInfo {
+        KeyInfo {
+            id: id.to_owned(),
+            status: "Active".to_owned(),
+            created: None,
+        }
+    }
+
+    #[test]
+    fn the_plan_names_each_key_and_keeps_the_cipher_pass() {
+        let listed = [key("R"), key("X")];
+        let room = keys::plan_room(&listed, "R", None, &[]).unwrap();
+        let deleted = plan_make_room("u", &listed, &room);
+        assert_eq!(deleted.len(), 1);
+        assert_eq!(deleted[0]["resource"]["name"], "u/X");
+        assert_eq!(deleted[0]["resource"]["action"], "delete");
+        assert_eq!(plan_new_key("u")["resource"]["action"], "create");
+        let secret = plan_secret("ns", "s", "R");
+        let settings = secret["settings"].as_array().unwrap();
+        assert_eq!(settings[0]["actual"], "R");
+        assert_eq!(settings[1]["action"], "none");
+        let now = Utc::now();
+        let old = plan_retirement("u", "R", Some("Active".into()), now, now);
+        assert_eq!(old["resource"]["name"], "u/R");
+        let actions: Vec<&Value> = old["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| &s["action"])
+            .collect();
+        assert_eq!(actions, [&json!("update"), &json!("delete")]);
+    }
+}

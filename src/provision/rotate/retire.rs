@@ -233,3 +233,44 @@ impl Retirer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, Utc};
+
+    use super::*;
+
+    #[test]
+    fn only_a_use_after_the_secret_changed_is_reported() {
+        let changed = Utc::now();
+        let retirement = Retirement {
+            id: Uuid::new_v4(),
+            repository_id: Uuid::new_v4(),
+            rotation_job_id: Uuid::new_v4(),
+            old_key_id: "OLD".into(),
+            new_key_id: "NEW".into(),
+            secret_changed_at: changed,
+            deactivate_after: changed,
+            delete_after: changed,
+            deactivated_at: None,
+            deleted_at: None,
+            last_used: None,
+            halted_at: None,
+            halt_reason: None,
+        };
+        let used = |at| LastUsed {
+            access_key_id: "OLD".into(),
+            last_used_at: at,
+            service: Some("s3".into()),
+            region: None,
+        };
+        let late = not_moved_note(&used(Some(changed + Duration::minutes(5))), &retirement);
+        let late = late.expect("reported");
+        assert!(
+            late.contains("a consumer did not move") && late.contains("OLD"),
+            "{late}"
+        );
+        assert!(not_moved_note(&used(Some(changed - Duration::minutes(5))), &retirement).is_none());
+        assert!(not_moved_note(&used(None), &retirement).is_none());
+    }
+}
