@@ -20,6 +20,7 @@ mod http_jobs;
 mod http_oidc;
 mod http_repositories;
 mod http_validation;
+mod iam_policy;
 mod job_queue;
 mod kube_rbac;
 mod kube_secret;

@@ -54,13 +54,35 @@ impl Moto {
         Self::launch(Some(initial_no_auth_count), &[])
     }
 
+    /// A private moto server enforcing IAM authorization (after `initial_no_auth_count`
+    /// requests) with AWS's action names and resource ARNs: `support/moto_authz.py` (S3 requests
+    /// checked as the actions AWS evaluates, IAM requests against the user, group or policy
+    /// they name), so a resource-scoped least-privilege policy can be proven.
+    pub fn with_aws_authorization(initial_no_auth_count: u32) -> Moto {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let program = [
+            root.join(".venv/bin/python3"),
+            root.join("tests/api/support/moto_authz.py"),
+        ];
+        Self::launch_program(&program, Some(initial_no_auth_count), &[])
+    }
+
     /// Path of `.venv/bin/moto_server` (installed by `scripts/install-deps.sh`).
     pub fn binary() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
     }
 
     fn launch(initial_no_auth_count: Option<u32>, env: &[(&str, &str)]) -> Moto {
-        let binary = Self::binary();
+        Self::launch_program(&[Self::binary()], initial_no_auth_count, env)
+    }
+
+    /// Starts `program[0]` with the other elements as its first arguments, then moto's.
+    fn launch_program(
+        program: &[PathBuf],
+        initial_no_auth_count: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> Moto {
+        let binary = &program[0];
         assert!(
             binary.exists(),
             "{} is missing: run scripts/install-deps.sh",
@@ -71,8 +93,9 @@ impl Moto {
         while Instant::now() < deadline {
             let port = free_port();
             let log = tempfile::tempfile().expect("moto log file");
-            let mut command = Command::new(&binary);
+            let mut command = Command::new(binary);
             command
+                .args(&program[1..])
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .env("PYTHONUNBUFFERED", "1")
                 .stdin(Stdio::null())

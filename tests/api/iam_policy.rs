@@ -1,0 +1,223 @@
+//! The service's own IAM policy (`deploy/aws/provisioner-iam-policy.json`, issue 11 item 3) is
+//! enough, and every part of it is needed.
+//!
+//! moto runs with IAM authorization enforced and AWS's action names and resource ARNs
+//! (`support/moto_authz.py`: moto alone checks IAM calls against `*` and names many S3 calls
+//! after the wrong action). A bootstrap administrator makes a service user whose only
+//! permission is the policy; the service (its API, workers and real job kinds, the shipped
+//! Kubernetes Role) runs as that user through every day-2 flow of one repository
+//! ([`flows::run`]): provisioning, verification repairing drift, key rotation, the old key's
+//! retirement and deprovisioning with the bucket. The credential checks keep using the new
+//! key of the repository's user, which holds the runbook's per-bucket policy.
+//!
+//! - [`the_service_runs_every_flow_with_only_its_policy`]: everything passes, and the service
+//!   cannot touch a bucket, user or policy not named like a backup bucket.
+//! - [`removing_any_statement_or_action_breaks_a_flow`]: the same flows for a new repository
+//!   once per removal (each statement, then each action), on one moto and one service, with
+//!   the service user's policy replaced: some flow must fail with an access denial. Actions
+//!   moto cannot show to be needed are in [`NOT_PROVABLE`], with the reason; for them the test
+//!   checks that the flows indeed pass without them (so the list cannot go stale).
+
+mod flows;
+mod identities;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use self::identities::{POLICY, Removal, ServiceUser, admin, clients_as, moto, removals};
+use crate::support::env::{Env, REGION, bucket_for, unique_name};
+use crate::support::moto::iam_for_enforced_moto;
+
+/// Actions of the policy no flow against moto can show to be needed, and why they stay.
+pub const NOT_PROVABLE: &[(&str, &str)] = &[(
+    "s3:DeleteObject",
+    "emptying a bucket deletes what ListObjectVersions lists, and S3 lists every object with \
+     a VersionId (`null` in an unversioned bucket), so every DeleteObjects entry carries one \
+     and is authorized as s3:DeleteObjectVersion; s3:DeleteObject stays because AWS does not \
+     document which of the two it evaluates for a `null` version",
+)];
+
+/// The service as `service`, its rotated-out keys retired without grace periods.
+async fn env_as(service: &ServiceUser) -> Env {
+    Env::builder(&[flows::NS])
+        .moto(moto())
+        .aws_identity(&service.key.0, &service.key.1)
+        .map_service_aws(|mut aws| {
+            aws.iam = iam_for_enforced_moto(&aws.iam);
+            aws
+        })
+        .map_worker(|worker| {
+            worker.key_rotation.key_grace = Duration::ZERO;
+            worker.key_rotation.key_delete_grace = Duration::ZERO;
+        })
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_runs_every_flow_with_only_its_policy() {
+    let admin = admin().await;
+    let service = ServiceUser::create(&admin).await;
+    let env = env_as(&service).await;
+    let name = unique_name("iam");
+    let timings = flows::run(&env, &admin, &name)
+        .await
+        .unwrap_or_else(|stopped| panic!("with the shipped policy: {stopped:#?}"));
+    eprintln!("flows with the shipped policy: {timings:?}");
+    assert_all_gone(&admin, &bucket_for(&name)).await;
+    outside_the_pattern_is_denied(&admin, &service).await;
+    env.app.stop().await;
+}
+
+/// Deprovisioning left nothing of the repository in AWS.
+async fn assert_all_gone(admin: &backup_provisioner::cloud::aws::AwsClients, bucket: &str) {
+    let iam = &admin.iam;
+    assert!(
+        iam.get_user().user_name(bucket).send().await.is_err(),
+        "user"
+    );
+    assert!(
+        iam.get_group().group_name(bucket).send().await.is_err(),
+        "group"
+    );
+    let policy = backup_provisioner::provision::policy::find(iam, bucket).await;
+    assert!(policy.expect("list policies").is_none(), "policy");
+    let s3 = admin.s3_for_region(REGION);
+    assert!(
+        s3.head_bucket().bucket(bucket).send().await.is_err(),
+        "bucket"
+    );
+}
+
+/// The policy's resources are scoped: buckets, users, groups and policies not named like a
+/// backup bucket (`holos-*-backups`) are out of the service's reach.
+async fn outside_the_pattern_is_denied(
+    admin: &backup_provisioner::cloud::aws::AwsClients,
+    service: &ServiceUser,
+) {
+    let theirs = unique_name("team-data");
+    let s3 = admin.s3_for_region(REGION);
+    s3.create_bucket()
+        .bucket(&theirs)
+        .send()
+        .await
+        .expect("a bucket of others");
+    let own = clients_as(&service.key).await;
+    let own_s3 = own.s3_for_region(REGION);
+    let denied = |what: &str, status: Option<u16>| {
+        assert_eq!(status, Some(403), "{what} must be denied");
+    };
+    let head = own_s3.head_bucket().bucket(&theirs).send().await;
+    denied(
+        "HeadBucket of another bucket",
+        head.err().and_then(|e| status(&e)),
+    );
+    let tags = own_s3.get_bucket_tagging().bucket(&theirs).send().await;
+    denied(
+        "GetBucketTagging of another bucket",
+        tags.err().and_then(|e| status(&e)),
+    );
+    let create = own_s3
+        .create_bucket()
+        .bucket(unique_name("holos-data"))
+        .send()
+        .await;
+    denied(
+        "CreateBucket not ending -backups",
+        create.err().and_then(|e| status(&e)),
+    );
+    let user = own
+        .iam
+        .create_user()
+        .user_name(unique_name("alice"))
+        .send()
+        .await;
+    denied(
+        "CreateUser of another name",
+        user.err().and_then(|e| status(&e)),
+    );
+    let admin_user = own.iam.get_user().user_name("root-admin").send().await;
+    denied(
+        "GetUser of the administrator",
+        admin_user.err().and_then(|e| status(&e)),
+    );
+    let itself = own
+        .iam
+        .list_access_keys()
+        .user_name(&service.name)
+        .send()
+        .await;
+    denied(
+        "ListAccessKeys of its own user",
+        itself.err().and_then(|e| status(&e)),
+    );
+    let policy = own.iam.create_policy().policy_name(unique_name("admin")).policy_document(
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#,
+    );
+    denied(
+        "CreatePolicy of another name",
+        policy.send().await.err().and_then(|e| status(&e)),
+    );
+}
+
+fn status<E, R: 'static>(err: &aws_sdk_s3::error::SdkError<E, R>) -> Option<u16> {
+    backup_provisioner::cloud::aws::http_status(err)
+}
+
+/// What one removal did to the flows.
+enum Verdict {
+    /// Proven needed: this flow failed with an access denial.
+    Needed(&'static str),
+    /// Listed in [`NOT_PROVABLE`], and the flows pass without it.
+    NotProvable,
+    /// A failure of the proof.
+    Missed(String),
+}
+
+fn verdict(removal: &Removal, outcome: Result<flows::Timings, flows::Stopped>) -> Verdict {
+    let exception = removal
+        .action
+        .as_deref()
+        .and_then(|a| NOT_PROVABLE.iter().find(|(listed, _)| *listed == a));
+    match (outcome, exception) {
+        (Err(stopped), None) if stopped.is_access_denied() => Verdict::Needed(stopped.flow),
+        (Err(stopped), None) => Verdict::Missed(format!(
+            "{}: {} failed, but not with an access denial: {}",
+            removal.label, stopped.flow, stopped.error
+        )),
+        (Err(stopped), Some(_)) => Verdict::Missed(format!(
+            "{}: listed as not provable, but {} failed without it ({}): take it off \
+             NOT_PROVABLE",
+            removal.label, stopped.flow, stopped.error
+        )),
+        (Ok(_), Some(_)) => Verdict::NotProvable,
+        (Ok(_), None) => Verdict::Missed(format!(
+            "{}: every flow passed without it (not needed, or a flow misses the step that \
+             uses it)",
+            removal.label
+        )),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_any_statement_or_action_breaks_a_flow() {
+    let started = Instant::now();
+    let admin = admin().await;
+    let service = ServiceUser::create(&admin).await;
+    let env = env_as(&service).await;
+    let policy: Value = serde_json::from_str(POLICY).expect("policy");
+    let (mut proven, mut missed) = (Vec::new(), Vec::new());
+    for removal in removals(&policy) {
+        service.holds(&admin, &removal.document).await;
+        let outcome = flows::run(&env, &admin, &unique_name("rm")).await;
+        match verdict(&removal, outcome) {
+            Verdict::Needed(flow) => proven.push(format!("{} -> {flow}", removal.label)),
+            Verdict::NotProvable => proven.push(format!("{} -> (not provable)", removal.label)),
+            Verdict::Missed(why) => missed.push(why),
+        }
+    }
+    eprintln!("removals ({:?}):\n{}", started.elapsed(), proven.join("\n"));
+    assert!(missed.is_empty(), "not proven:\n{}", missed.join("\n"));
+    env.app.stop().await;
+}
