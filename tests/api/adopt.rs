@@ -700,3 +700,51 @@ async fn the_sweep_never_deletes_an_adopted_repositorys_keys() {
     assert_eq!(ids, expected, "both hand-made keys are kept");
     env.app.stop().await;
 }
+
+/// After adoption with repair, the repository is ours like any other: rotating its key writes
+/// the new key into the adopted Secret (under its own name), with the cipher pass byte for byte.
+#[tokio::test]
+async fn an_adopted_secret_under_another_name_is_where_a_rotation_writes() {
+    let env = env().await;
+    let name = unique_name("adoptk");
+    let bucket = bucket_for(&name);
+    let made = aws_by_hand(&env, &bucket).await;
+    create_secret(
+        &env,
+        "zitadel",
+        SECRET_ELSEWHERE,
+        &[("s3.conf", &pgo_s3_conf(&made))],
+    )
+    .await;
+    let body = json!({ "secret_name": SECRET_ELSEWHERE, "repair": true });
+    let job = adopt(&env, &name, body).await;
+    assert_eq!(job["state"], "succeeded", "job: {job:#}");
+
+    let path = format!("/v1/backup-repositories/{name}/rotate-key");
+    let response = env
+        .app
+        .post_json(&path, &env.app.operator(), &json!({}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let queued: Value = response.json().await.unwrap();
+    let job_id = queued["job"]["id"].as_str().expect("job id").to_owned();
+    let job = env
+        .app
+        .wait_for_job(&job_id, std::time::Duration::from_secs(90))
+        .await;
+    assert_eq!(job["state"], "succeeded", "rotation: {job:#}");
+    let conf = env
+        .s3_conf("zitadel", SECRET_ELSEWHERE)
+        .await
+        .expect("s3.conf");
+    let (key, _, pass) = conf_values(&conf);
+    assert_ne!(key, made.access_key_id, "a new key");
+    assert_eq!(pass, made.cipher_pass, "the cipher pass, byte for byte");
+    assert!(
+        env.secret("zitadel", &bucket).await.is_none(),
+        "no Secret under the bucket's name"
+    );
+    env.app.stop().await;
+}
+
+const SECRET_ELSEWHERE: &str = "pgo-s3-creds";
