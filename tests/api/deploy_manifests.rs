@@ -349,54 +349,93 @@ fn the_network_policy_admits_callers_to_the_api_and_lets_out_only_what_the_servi
     }
 }
 
+/// The Roles and RoleBindings of a rendering: each Role grants the rules of
+/// `deploy/base/rbac.yaml`, each is bound to the service's ServiceAccount, and their
+/// namespaces are exactly those of `BP_ALLOWED_NAMESPACES`.
+fn check_roles(r: &Rendered) -> Result<(), String> {
+    let expected_rules = serde_json::to_value(Rbac::shipped().rules()).expect("json");
+    let allowed: BTreeSet<String> = r
+        .setting("BP_ALLOWED_NAMESPACES")
+        .split(',')
+        .map(|n| n.trim().to_owned())
+        .collect();
+    let account =
+        json!([{"kind": "ServiceAccount", "name": "backup-provisioner", "namespace": NAMESPACE}]);
+    let mut role_namespaces = BTreeSet::new();
+    for role in r.of_kind("Role") {
+        let ns = role["metadata"]["namespace"].as_str().unwrap_or_default();
+        if role["rules"] != expected_rules {
+            return Err(format!(
+                "the Role in {ns} differs from deploy/base/rbac.yaml's"
+            ));
+        }
+        role_namespaces.insert(ns.to_owned());
+        let bound = r.of_kind("RoleBinding").into_iter().any(|b| {
+            b["metadata"]["namespace"] == ns
+                && b["roleRef"]["name"] == role["metadata"]["name"]
+                && b["subjects"] == account
+        });
+        if !bound {
+            return Err(format!(
+                "no RoleBinding of the Role to the ServiceAccount in {ns}"
+            ));
+        }
+    }
+    if role_namespaces != allowed {
+        return Err(format!(
+            "Roles in {role_namespaces:?}, BP_ALLOWED_NAMESPACES {allowed:?}"
+        ));
+    }
+    if r.of_kind("RoleBinding").len() != role_namespaces.len() || allowed.contains(NAMESPACE) {
+        return Err("a RoleBinding without its Role, or the service's own namespace".into());
+    }
+    Ok(())
+}
+
 #[test]
 fn roles_grant_the_proven_verbs_on_secrets_exactly_in_the_allowed_namespaces() {
-    let shipped = Rbac::shipped();
-    let expected_rules = serde_json::to_value(shipped.rules()).expect("json");
     for r in rendered() {
-        let at = r.target;
-        let allowed: BTreeSet<String> = r
-            .setting("BP_ALLOWED_NAMESPACES")
-            .split(',')
-            .map(|n| n.trim().to_owned())
-            .collect();
-        let mut role_namespaces = BTreeSet::new();
-        for role in r.of_kind("Role") {
-            let ns = role["metadata"]["namespace"].as_str().expect("namespace");
-            assert_eq!(role["rules"], expected_rules, "{at}: the Role in {ns}");
-            role_namespaces.insert(ns.to_owned());
-            let binding = r
-                .of_kind("RoleBinding")
-                .into_iter()
-                .find(|b| b["metadata"]["namespace"] == ns)
-                .unwrap_or_else(|| panic!("{at}: no RoleBinding in {ns}"));
-            assert_eq!(
-                binding["roleRef"]["name"], role["metadata"]["name"],
-                "{at} {ns}"
-            );
-            assert_eq!(
-                binding["subjects"],
-                json!([{"kind": "ServiceAccount", "name": "backup-provisioner", "namespace": NAMESPACE}]),
-                "{at} {ns}"
-            );
-        }
-        assert_eq!(
-            role_namespaces, allowed,
-            "{at}: Roles vs BP_ALLOWED_NAMESPACES"
-        );
-        assert_eq!(
-            r.of_kind("RoleBinding").len(),
-            role_namespaces.len(),
-            "{at}"
-        );
-        assert!(
-            !allowed.contains(NAMESPACE),
-            "{at}: the service's own namespace"
-        );
+        check_roles(r).unwrap_or_else(|e| panic!("{}: {e}", r.target));
     }
-    let mut verbs = shipped.secret_verbs();
+    let mut verbs = Rbac::shipped().secret_verbs();
     verbs.sort();
     assert_eq!(verbs, ["create", "delete", "get", "patch"]);
+}
+
+#[test]
+fn a_role_missing_widened_or_not_in_the_allowed_namespaces_is_caught() {
+    let example = &rendered()[1];
+    let edited = |edit: &dyn Fn(&mut Vec<Value>)| {
+        let mut objects = example.objects.clone();
+        edit(&mut objects);
+        check_roles(&Rendered {
+            target: "edited",
+            objects,
+        })
+        .unwrap_err()
+    };
+    let is_role_in = |o: &Value, ns: &str| o["kind"] == "Role" && o["metadata"]["namespace"] == ns;
+    let err = edited(&|objects| objects.retain(|o| !is_role_in(o, "example-app")));
+    assert!(err.contains("BP_ALLOWED_NAMESPACES"), "{err}");
+    let err = edited(&|objects| {
+        let role = objects
+            .iter_mut()
+            .find(|o| is_role_in(o, "holos"))
+            .expect("a Role");
+        role["rules"][0]["verbs"]
+            .as_array_mut()
+            .expect("verbs")
+            .push(json!("list"));
+    });
+    assert!(err.contains("differs"), "{err}");
+    let err = edited(&|objects| {
+        let binding = objects
+            .iter_mut()
+            .find(|o| o["kind"] == "RoleBinding" && o["metadata"]["namespace"] == "zitadel")
+            .expect("a RoleBinding");
+        binding["subjects"][0]["name"] = json!("default");
+    });
+    assert!(err.contains("no RoleBinding"), "{err}");
 }
 
 /// Every environment variable the binary reads (any subcommand), as clap declares them.
