@@ -93,7 +93,11 @@ pub async fn request(
         "namespace": row.namespace, "bucket": row.bucket, "region": row.region,
         "labels": desired.labels.as_map(), "options": desired.options,
     });
-    let audit = Audited::new(actor, "repository.create", detail);
+    let action = match desired.options.adopt {
+        true => "repository.adopt",
+        false => "repository.create",
+    };
+    let audit = Audited::new(actor, action, detail);
     let queued = queue_provisioning(db, tx, &row, &desired.options, audit, max_attempts).await?;
     Ok(Requested::Created(queued))
 }

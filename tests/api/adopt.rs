@@ -143,6 +143,15 @@ async fn adopting_a_runbook_set_changes_nothing_and_reports_the_drift() {
 
     let job = adopt(&env, &name, json!({})).await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
+    let url = format!("/v1/audit?repository={name}&limit=200");
+    let audit: Value = env
+        .app
+        .get(&url, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["items"][0]["action"], "repository.adopt", "{audit:#}");
     assert_eq!(
         proxy(&env).mutating_count(),
         0,
