@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::support::app::eventually;
+use crate::support::aws_realism::AwsRealism;
 use crate::support::env::{Env, bucket_for, conf_value, unique_name};
 
 const NS: &str = "rotate";
@@ -668,4 +669,93 @@ async fn assert_retirement_halts(env: &Env, name: &str, bucket: &str, old: &str)
         queued.is_empty(),
         "a halted retirement is not queued: {round:?}"
     );
+}
+
+/// Three rotations in a row behind realistic AWS (a 2 s consistency window for new keys, half
+/// of the create answers lost, a tenth of all calls failing): each converges, the old key is
+/// retired before the next, the user never holds more than two keys, and the Secret ends with
+/// a key that works and the original cipher pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_behind_realistic_aws_converge_within_two_keys() {
+    let realism = AwsRealism::builder()
+        .lost_response_rate(0.5)
+        .fault_rate(0.1)
+        .seed(7);
+    let env = Env::builder(&[NS])
+        .aws_realism(realism)
+        .map_worker(|w| {
+            w.key_rotation.key_grace = Duration::from_secs(1);
+            w.key_rotation.key_delete_grace = Duration::from_secs(1);
+            w.max_attempts = 25;
+            w.retry_base = Duration::from_millis(100);
+        })
+        .start()
+        .await;
+    let (name, bucket, before) = ready_repository(&env, "rotreal").await;
+    let most = KeyCount::start(&env, &bucket);
+    let mut conf = before.clone();
+    for _ in 0..3 {
+        let job = rotate(&env, &name).await;
+        assert_eq!(job["state"], "succeeded", "rotation: {job:#}");
+        let after = env.s3_conf(NS, &bucket).await.expect("s3.conf");
+        let old = conf_value(&conf, "repo2-s3-key");
+        assert_ne!(conf_value(&after, "repo2-s3-key"), old);
+        assert_eq!(without_key_lines(&after), without_key_lines(&before));
+        schedule_until(&env, &bucket, &old, Some("Inactive")).await;
+        conf = after;
+    }
+    let most = most.stop().await;
+    assert!(most <= 2, "the user held {most} keys at once");
+    let (id, secret) = (
+        conf_value(&conf, "repo2-s3-key"),
+        conf_value(&conf, "repo2-s3-key-secret"),
+    );
+    assert_eq!(
+        status_of(&env, &bucket, &id).await.as_deref(),
+        Some("Active")
+    );
+    let s3 = env
+        .admin
+        .s3_with_static_credentials(&env.region, &id, &secret);
+    s3.list_objects_v2()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("the key works");
+    if let Some(proxy) = &env.realism {
+        eprintln!("behind realistic AWS: {}", proxy.summary());
+    }
+    env.app.stop().await;
+}
+
+/// The most access keys the user held at once while it ran (ListAccessKeys every 100 ms).
+struct KeyCount {
+    stop: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<usize>,
+}
+
+impl KeyCount {
+    fn start(env: &Env, user: &str) -> KeyCount {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (stopped, iam, user) = (stop.clone(), env.admin.iam.clone(), user.to_owned());
+        let handle = tokio::spawn(async move {
+            let mut most = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return most,
+                    _ = tick.tick() => {}
+                }
+                if let Ok(keys) = access_key::list(&iam, &user).await {
+                    most = most.max(keys.len());
+                }
+            }
+        });
+        KeyCount { stop, handle }
+    }
+
+    async fn stop(self) -> usize {
+        self.stop.cancel();
+        self.handle.await.expect("key count")
+    }
 }
