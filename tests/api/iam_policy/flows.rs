@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
 use backup_provisioner::auth::Role;
 use backup_provisioner::cloud::aws::AwsClients;
 use backup_provisioner::provision::bucket::MANAGED_BY_KEY;
@@ -191,10 +192,20 @@ async fn drift(env: &Env, admin: &AwsClients, bucket: &str) {
         .expect("drift");
 }
 
-/// What deprovisioning must take away beyond what the service made: an object in the bucket,
-/// an inline and an attached policy on the user, an inline policy on the group.
+/// What deprovisioning must take away beyond what the service made: an object in the bucket
+/// (a real version: versioning turned on by hand, so emptying deletes a specific version), an
+/// inline and an attached policy on the user, an inline policy on the group.
 async fn made_by_hand(admin: &AwsClients, bucket: &str) {
     let s3 = admin.s3_for_region(REGION);
+    let enabled = VersioningConfiguration::builder()
+        .status(BucketVersioningStatus::Enabled)
+        .build();
+    s3.put_bucket_versioning()
+        .bucket(bucket)
+        .versioning_configuration(enabled)
+        .send()
+        .await
+        .expect("versioning");
     s3.put_object()
         .bucket(bucket)
         .key("archive/db/archive.info")

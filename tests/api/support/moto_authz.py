@@ -9,8 +9,8 @@ object). To prove a least-privilege policy, this launcher patches those two poin
 the Service Authorization Reference (S3 and IAM), then runs moto_server unchanged:
 
 - S3: each request is checked as the action AWS evaluates for it, against the bucket ARN or
-  the object ARN; DeleteObjects is checked once per object (s3:DeleteObjectVersion for an
-  entry with a VersionId, else s3:DeleteObject).
+  the object ARN; DeleteObjects is checked once per object as the S3 API reference says
+  (s3:DeleteObject always, and s3:DeleteObjectVersion for an entry with a VersionId).
 - IAM: each request is checked against the ARN of the user, group or policy it names
   (ListPolicies and other list-everything calls against "*").
 
@@ -96,17 +96,19 @@ def bucket_action(method, query):
 
 
 def delete_objects_checks(response, bucket):
+    """DeleteObjects: s3:DeleteObject for every entry ("you must always have the
+    s3:DeleteObject permission"), and s3:DeleteObjectVersion for an entry naming a version."""
     body = xmltodict.parse(response.body or b"<Delete/>", strip_whitespace=False)
     objects = (body.get("Delete") or {}).get("Object") or []
     if not isinstance(objects, list):
         objects = [objects]
-    return [
-        (
-            "s3:DeleteObjectVersion" if obj.get("VersionId") else "s3:DeleteObject",
-            f"arn:aws:s3:::{bucket}/{obj.get('Key', '')}",
-        )
-        for obj in objects
-    ]
+    checks = []
+    for obj in objects:
+        resource = f"arn:aws:s3:::{bucket}/{obj.get('Key', '')}"
+        checks.append(("s3:DeleteObject", resource))
+        if obj.get("VersionId"):
+            checks.append(("s3:DeleteObjectVersion", resource))
+    return checks
 
 
 def s3_checks(response, bucket, key):
