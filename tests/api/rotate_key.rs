@@ -759,3 +759,45 @@ impl KeyCount {
         self.handle.await.expect("key count")
     }
 }
+
+/// The runbook done by hand (the adoption tests' script), for an adopted repository.
+#[allow(dead_code)]
+#[path = "adopt/runbook_by_hand.rs"]
+mod runbook_by_hand;
+
+/// An adopted repository whose Secret has its own name (`pgo-s3-creds`, repaired into the
+/// runbook's s3.conf) rotates in that Secret: the same name, the cipher pass of the person who
+/// made it, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_repository_rotates_in_its_own_secret() {
+    let env = env_with_short_grace().await;
+    let name = unique_name("rotadopt");
+    let bucket = bucket_for(&name);
+    let made = runbook_by_hand::aws_by_hand(&env, &bucket).await;
+    let text = runbook_by_hand::runbook_s3_conf(&made);
+    runbook_by_hand::create_secret(&env, NS, "pgo-s3-creds", &[("s3.conf", &text)]).await;
+    let body = json!({
+        "name": name, "namespace": env.ns(NS), "bucket": bucket,
+        "adopt": true, "secret_name": "pgo-s3-creds", "repair": true,
+    });
+    let job = env.provision(body).await;
+    assert_eq!(job["state"], "succeeded", "adoption: {job:#}");
+
+    let job = rotate(&env, &name).await;
+    assert_eq!(job["state"], "succeeded", "rotation: {job:#}");
+    let after = env.s3_conf(NS, "pgo-s3-creds").await.expect("s3.conf");
+    assert_ne!(conf_value(&after, "repo2-s3-key"), made.access_key_id);
+    assert_eq!(conf_value(&after, "repo2-cipher-pass"), made.cipher_pass);
+    assert_eq!(without_key_lines(&after), without_key_lines(&text));
+    assert!(
+        env.s3_conf(NS, &bucket).await.is_none(),
+        "no Secret named after the bucket"
+    );
+    let old = status_of(&env, &bucket, &made.access_key_id).await;
+    assert_eq!(
+        old.as_deref(),
+        Some("Active"),
+        "the hand-made key stays for its grace"
+    );
+    env.app.stop().await;
+}
