@@ -298,22 +298,27 @@ impl Report {
         &self.settings
     }
 
-    /// `Created` for a new resource, `Updated` when a setting changed, else `AlreadyPresent`.
+    /// What was done: `Created` for a new resource, `Updated` when a setting changed, else
+    /// `AlreadyPresent`. In plan mode nothing is done (`AlreadyPresent`), and a missing resource
+    /// that repair mode does not make is not `Created`.
     pub fn outcome(&self) -> Outcome {
-        if self.created {
-            Outcome::Created
-        } else if self.settings.iter().any(|s| s.action.changes()) {
-            Outcome::Updated
-        } else {
-            Outcome::AlreadyPresent
+        let changed = self.settings.iter().any(|s| s.action.changes());
+        match self.mode {
+            Mode::Plan => Outcome::AlreadyPresent,
+            _ if self.created && self.mode.creates() => Outcome::Created,
+            _ if changed && !self.created => Outcome::Updated,
+            _ => Outcome::AlreadyPresent,
         }
     }
 
+    /// What was done to the resource, or in plan mode what would be.
     fn resource_action(&self) -> Action {
-        match self.outcome() {
-            Outcome::Created => Action::Create,
-            Outcome::Updated => Action::Update,
-            _ => Action::None,
+        if self.created {
+            Action::Create
+        } else if self.settings.iter().any(|s| s.action.changes()) {
+            Action::Update
+        } else {
+            Action::None
         }
     }
 
@@ -443,6 +448,17 @@ mod tests {
         assert_eq!(step.detail["resource"]["action"], "create");
         assert_eq!(step.detail["settings"][0]["action"], "create");
         assert_eq!(step.detail["mode"], "plan");
+        assert_eq!(step.outcome, Outcome::AlreadyPresent, "nothing was made");
+        let mut repair = Report::with_mode("iam-user", "u", Mode::Repair);
+        repair.planned_new(&[("tags", json!({}))]);
+        assert_eq!(
+            repair.outcome(),
+            Outcome::AlreadyPresent,
+            "repair makes nothing"
+        );
+        let mut repaired = Report::with_mode("iam-user", "u", Mode::Repair);
+        repaired.repaired("tags", json!(null), json!({}), Action::Create, None);
+        assert_eq!(repaired.outcome(), Outcome::Updated);
     }
 
     #[test]

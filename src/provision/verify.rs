@@ -558,7 +558,7 @@ impl JobHandler for Verifier {
         for check in &Check::ALL[..Check::ALL.len() - 1] {
             let work = async {
                 let report = run_check(*check, &clients, &target, mode, &found, &resources).await?;
-                Ok(done(report.detail.clone(), report))
+                Ok(finished(report))
             };
             let detail: Value = ctx.step(check.name(), check.position(), work).await?;
             resources.push(detail);
@@ -593,6 +593,22 @@ impl Verifier {
     }
 }
 
+/// A verification step's result: its output and audit detail are the resource's report; its
+/// audit outcome says what verify found or did (`verified`: as the runbook wants, `drift`:
+/// differences found and left, `repaired`: something was changed).
+fn finished(report: StepReport) -> jobs::StepDone<Value> {
+    let outcome = if report.outcome == crate::cloud::Outcome::Updated {
+        "repaired"
+    } else if drift_of(&report.detail) > 0 {
+        "drift"
+    } else {
+        "verified"
+    };
+    let mut finished = done(report.detail.clone(), report);
+    finished.outcome = outcome;
+    finished
+}
+
 /// The last step: the Secret's check, recorded together with the verification it completes.
 struct Last<'a> {
     clients: Clients<'a>,
@@ -617,7 +633,7 @@ impl Last<'_> {
                 let drift = verification.drift;
                 repository::record_verification(&mut *tx, self.repository_id, &stored, drift)
                     .await?;
-                let finished = done(report.detail.clone(), report);
+                let finished = finished(report);
                 ctx.finish_step(&mut tx, check.name(), attempt, &finished)
                     .await?;
                 tx.commit().await?;

@@ -603,6 +603,12 @@ async fn assert_audited(env: &Env, name: &str, job_id: &str) {
             "no audit entry of step {step}: {steps:?}"
         );
     }
+    let outcome = |step: &str| {
+        let entry = of_job.iter().find(|e| e["step"] == step).expect("an entry");
+        entry["outcome"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(outcome("bucket"), "verified");
+    assert_eq!(outcome("secret"), "drift", "the Secret is gone");
 }
 
 /// A dry run: 200 with the plan of `kind`.
