@@ -760,8 +760,9 @@ impl KeyCount {
     }
 }
 
-/// The runbook done by hand (the adoption tests' script), for an adopted repository.
-#[allow(dead_code)]
+/// The runbook done by hand (the adoption tests' script, private to `adopt`), for an adopted
+/// repository.
+#[allow(dead_code, clippy::duplicate_mod)]
 #[path = "adopt/runbook_by_hand.rs"]
 mod runbook_by_hand;
 
