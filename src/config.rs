@@ -38,6 +38,9 @@ pub enum Command {
     Openapi,
     /// Mint an HS256 token for simple installs and curl.
     Token(TokenArgs),
+    /// The admin CLI: every API operation over HTTP (exit codes: 0 ok, 1 job failed, 2 usage,
+    /// 3 refused (4xx), 4 unavailable, 5 --wait timed out).
+    Client(Box<crate::client::ClientArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod client;
 pub mod cloud;
 pub mod config;
 pub mod crypto;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use backup_provisioner::config::{Cli, Command, ConfigError, config_error_from_clap};
 use backup_provisioner::startup::{self, StartupError};
-use backup_provisioner::{auth, http, telemetry};
+use backup_provisioner::{auth, client, http, telemetry};
 use clap::Parser;
 
 #[tokio::main]
@@ -20,8 +20,13 @@ async fn main() -> ExitCode {
             None => err.exit(),
         },
     };
+    // The client prints its own answers; service logs would only mix into them.
+    let command = match cli.command {
+        Command::Client(args) => return ExitCode::from(client::run(*args).await),
+        command => command,
+    };
     telemetry::init_tracing(cli.log_json);
-    match run(cli.command).await {
+    match run(command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(StartupError::Config(e)) => {
             eprintln!("{e}");
@@ -59,5 +64,7 @@ async fn run(command: Command) -> Result<(), StartupError> {
         Command::Migrate(args) => startup::migrate(&args).await,
         Command::Serve(args) => startup::run(&args.database, Some(&args.http), &args.worker).await,
         Command::Worker(args) => startup::run(&args.database, None, &args.worker).await,
+        // Answered in main, before logging starts.
+        Command::Client(_) => Ok(()),
     }
 }

@@ -1,0 +1,154 @@
+//! The HTTP calls the client makes: the same API, paths and JSON bodies curl uses, with the
+//! answer classified into the client's exit codes.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// Why the client stopped; each maps to a documented exit code.
+#[derive(Debug)]
+pub enum ClientError {
+    /// A followed job ended failed or cancelled (exit 1).
+    JobFailed(String),
+    /// Bad arguments or settings the client caught itself (exit 2).
+    Usage(String),
+    /// The API refused the request: a 4xx problem (exit 3).
+    Refused { status: StatusCode, problem: Value },
+    /// The API could not be reached, timed out or answered 5xx (exit 4).
+    Unavailable(String),
+    /// `--wait` gave up while the job was still going (exit 5).
+    WaitTimedOut(String),
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::JobFailed(_) => 1,
+            ClientError::Usage(_) => 2,
+            ClientError::Refused { .. } => 3,
+            ClientError::Unavailable(_) => 4,
+            ClientError::WaitTimedOut(_) => 5,
+        }
+    }
+
+    /// `error: <detail>`, then one line per field error of a problem.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Refused { status, problem } => problem_message(*status, problem),
+            ClientError::JobFailed(m)
+            | ClientError::Usage(m)
+            | ClientError::Unavailable(m)
+            | ClientError::WaitTimedOut(m) => format!("error: {m}"),
+        }
+    }
+}
+
+fn problem_message(status: StatusCode, problem: &Value) -> String {
+    let detail = problem["detail"]
+        .as_str()
+        .or_else(|| problem["title"].as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("HTTP {status}"));
+    let mut message = format!("error: {detail}");
+    for error in problem["errors"].as_array().into_iter().flatten() {
+        let field = error["field"].as_str().unwrap_or("?");
+        let text = error["message"].as_str().unwrap_or("");
+        message.push_str(&format!("\n  {field}: {text}"));
+    }
+    message
+}
+
+/// An answer the API gave with a 2xx status.
+#[derive(Debug)]
+pub struct Answer {
+    pub body: Value,
+}
+
+/// The API at one base URL with one token.
+pub struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str, token: String) -> Result<Api, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // Above the longest long poll (30 s) the client asks for.
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Usage(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Api {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Answer, ClientError> {
+        self.send(Method::GET, path, query, None, &[]).await
+    }
+
+    /// Sends one request; `body` as JSON when given, `headers` added as they are.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> Result<Answer, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .bearer_auth(&self.token)
+            .query(query);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("{url}: {}", error_chain(&e))))?;
+        classify(response).await
+    }
+}
+
+async fn classify(response: reqwest::Response) -> Result<Answer, ClientError> {
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| ClientError::Unavailable(format!("reading the answer: {e}")))?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if status.is_success() {
+        return Ok(Answer { body });
+    }
+    if status.is_client_error() {
+        return Err(ClientError::Refused {
+            status,
+            problem: body,
+        });
+    }
+    let detail = body["detail"].as_str().map(str::to_owned);
+    Err(ClientError::Unavailable(
+        detail.unwrap_or_else(|| format!("HTTP {status}")),
+    ))
+}
+
+/// The error and its causes on one line (reqwest's own message omits the cause).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
