@@ -21,6 +21,7 @@
 mod flows;
 mod identities;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -32,6 +33,23 @@ use crate::support::moto::iam_for_enforced_moto;
 /// Actions of the policy no flow against moto can show to be needed, each with the reason it
 /// stays (none today: every action is proven).
 pub const NOT_PROVABLE: &[(&str, &str)] = &[];
+
+/// The documentation of the policy, whose tables name the flow proving each action needed.
+const README: &str = include_str!("../../deploy/aws/README.md");
+
+/// Action -> the last column ("proven by") of its row in [`README`].
+fn documented_flows() -> BTreeMap<String, String> {
+    README
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let action = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let flow = cells.get(cells.len().checked_sub(2)?)?;
+            (action.starts_with("s3:") || action.starts_with("iam:"))
+                .then(|| (action.to_owned(), (*flow).to_owned()))
+        })
+        .collect()
+}
 
 /// The service as `service`, its rotated-out keys retired without grace periods.
 async fn env_as(service: &ServiceUser) -> Env {
@@ -202,17 +220,28 @@ async fn removing_any_statement_or_action_breaks_a_flow() {
     let service = ServiceUser::create(&admin).await;
     let env = env_as(&service).await;
     let policy: Value = serde_json::from_str(POLICY).expect("policy");
-    let (mut proven, mut missed) = (Vec::new(), Vec::new());
+    let (mut proven, mut missed) = (BTreeMap::new(), Vec::new());
     for removal in removals(&policy) {
         service.holds(&admin, &removal.document).await;
         let outcome = flows::run(&env, &admin, &unique_name("rm")).await;
+        let key = removal.action.clone().unwrap_or(removal.label.clone());
         match verdict(&removal, outcome) {
-            Verdict::Needed(flow) => proven.push(format!("{} -> {flow}", removal.label)),
-            Verdict::NotProvable => proven.push(format!("{} -> (not provable)", removal.label)),
-            Verdict::Missed(why) => missed.push(why),
-        }
+            Verdict::Needed(flow) => proven.insert(key, flow.to_owned()),
+            Verdict::NotProvable => proven.insert(key, "(not provable)".to_owned()),
+            Verdict::Missed(why) => {
+                missed.push(why);
+                continue;
+            }
+        };
     }
-    eprintln!("removals ({:?}):\n{}", started.elapsed(), proven.join("\n"));
+    eprintln!("removals ({:?}):\n{proven:#?}", started.elapsed());
     assert!(missed.is_empty(), "not proven:\n{}", missed.join("\n"));
+    proven.retain(|key, _| !key.starts_with("statement "));
+    assert_eq!(
+        proven,
+        documented_flows(),
+        "the \"proven by\" column of deploy/aws/README.md (right) must name the flow that \
+         fails without each action (left)"
+    );
     env.app.stop().await;
 }
