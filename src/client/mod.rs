@@ -44,6 +44,7 @@ fn connect(args: &ClientArgs) -> Result<Api, ClientError> {
     let url = args
         .url
         .clone()
+        .filter(|u| !u.is_empty())
         .or_else(|| from_env("API"))
         .unwrap_or_else(|| DEFAULT_URL.to_owned());
     if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -54,6 +55,7 @@ fn connect(args: &ClientArgs) -> Result<Api, ClientError> {
     let token = args
         .token
         .clone()
+        .filter(|t| !t.is_empty())
         .or_else(|| from_env("TOKEN"))
         .ok_or_else(|| {
             ClientError::Usage(

@@ -6,6 +6,7 @@ mod audit_log;
 mod aws_realism;
 mod aws_steps;
 mod cli;
+mod client_cli;
 mod crash_safety;
 mod database_roles;
 mod day_to_day_defects;
