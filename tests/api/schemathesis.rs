@@ -6,7 +6,8 @@
 //! (`scripts/install-deps.sh`) into `~/.cache/backup-provisioner/venv-fuzz-<hash>`; the test
 //! fails when that venv is missing. The seed is fixed, so a run repeats; a failure prints
 //! schemathesis's report, which names each failing case with a `curl` line to reproduce it.
-//! Workers are off: a POST only queues a job.
+//! Workers are off: a POST only queues a job. The job kinds are registered against moto and the
+//! real kube-apiserver, so a `?dry_run=true` answers a real plan (read calls only).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,7 +15,13 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::support::app::{TestApp, spawn_app};
+use crate::support::app::TestApp;
+use crate::support::env::Env;
+
+/// The service with every job kind (for dry runs) and no worker.
+async fn service() -> Env {
+    Env::builder(&["fuzz"]).workers(0).start().await
+}
 
 /// The seed of every run (schemathesis prints it; change it here to explore other cases).
 const SEED: &str = "20261201";
@@ -100,16 +107,16 @@ async fn fuzz(app: &TestApp, role: &str, token: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_with_an_operator_token() {
-    let app = spawn_app().await;
-    let token = app.operator();
-    fuzz(&app, "operator", &token).await;
-    app.stop().await;
+    let env = service().await;
+    let token = env.app.operator();
+    fuzz(&env.app, "operator", &token).await;
+    env.app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_with_a_viewer_token() {
-    let app = spawn_app().await;
-    let token = app.viewer();
-    fuzz(&app, "viewer", &token).await;
-    app.stop().await;
+    let env = service().await;
+    let token = env.app.viewer();
+    fuzz(&env.app, "viewer", &token).await;
+    env.app.stop().await;
 }
