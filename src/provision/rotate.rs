@@ -264,7 +264,11 @@ impl Rotator {
         let (namespace, name) = (payload.namespace.as_str(), payload.secret_name());
         let existing = secret::read(&self.kube, namespace, name).await?;
         let referenced = existing.as_ref().map(|s| s.access_key_id.as_deref());
-        if referenced.is_none() || referenced == Some(Some(held.key_id.as_str())) {
+        if referenced == Some(Some(held.key_id.as_str())) {
+            // An earlier attempt wrote the Secret but did not record it: finish that record.
+            return self.schedule_unrecorded(ctx, payload, &held.key_id).await;
+        }
+        if referenced.is_none() {
             return Ok(());
         }
         let user = payload.bucket.iam_user_name();
@@ -284,6 +288,40 @@ impl Rotator {
             ..Default::default()
         };
         crate::audit::record(&mut *tx, &entry).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The Secret holds the new key `new_key` although the `secret` step was not recorded: the
+    /// old key's retirement is scheduled (else the sweep would delete it without a grace
+    /// period) and the sealed secret, which the Secret holds, is forgotten.
+    async fn schedule_unrecorded(
+        &self,
+        ctx: &JobContext,
+        payload: &RotatePayload,
+        new_key: &str,
+    ) -> Result<(), JobError> {
+        let Some(room) = ctx.completed_output::<Room>(Step::MakeRoom.name()).await? else {
+            return Ok(());
+        };
+        let mut tx = ctx.fenced_tx().await?;
+        self.sealed(payload)
+            .forget(&mut *tx, sealed::Kind::AccessKey)
+            .await?;
+        let retirement = retirements::NewRetirement {
+            repository_id: payload.repository_id,
+            rotation_job_id: ctx.job().id,
+            old_key_id: &room.old_key_id,
+            new_key_id: new_key,
+            grace: self.timeline.grace,
+            delete_grace: self.timeline.delete_grace,
+        };
+        retirements::schedule(&mut tx, &retirement).await?;
+        let resources = Resources {
+            access_key_id: Some(new_key.to_owned()),
+            ..Default::default()
+        };
+        repository::merge_resources(&mut *tx, payload.repository_id, &resources).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -132,6 +132,34 @@ async fn sigkill_after_deactivating_and_after_deleting_the_old_key_then_recovery
     s.env.app.stop().await;
 }
 
+/// A worker dies after writing the Secret, and the rotation is cancelled before another worker
+/// records it: the job ends cancelled, but the Secret holds the new key, so the old key's
+/// retirement is scheduled anyway (else the sweep would delete it without a grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_writing_the_secret_then_a_cancel_still_schedules_the_retirement() {
+    let s = Scenario::start("secret-cancel").await;
+    let monitor = Monitor::start(&s);
+    let job = s.queue_rotation().await;
+    s.kill_child_at("secret:before-record", 1).await;
+    let path = format!("/v1/jobs/{job}/cancel");
+    let cancel = s
+        .env
+        .app
+        .post_json(&path, &s.env.app.operator(), &json!({}))
+        .await;
+    assert!(cancel.status().is_success(), "cancel: {}", cancel.status());
+    let ended = s.run_in_process(job).await;
+    let (max_keys, violations) = monitor.stop().await;
+    assert_eq!(ended.state, "cancelled", "{:?}", ended.last_error);
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(max_keys <= 2, "the user held {max_keys} keys at once");
+    let new = s.assert_new_key_works().await;
+    s.assert_rotated_once(&new, "no key made by hand").await;
+    let recorded = s.env.repository(&s.name).await["resources"]["access_key_id"].clone();
+    assert_eq!(recorded, new.as_str());
+    s.env.app.stop().await;
+}
+
 /// Queues a rotation of a ready repository (whose user also holds a key made by hand, for
 /// `make_room` to delete), lets `kills` children die at `"<step>:before-record"`, then lets an
 /// in-process worker finish the job, and checks the end state.
