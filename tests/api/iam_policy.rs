@@ -16,7 +16,11 @@
 //!   once per removal (each statement, then each action), on one moto and one service, with
 //!   the service user's policy replaced: some flow must fail with an access denial. Actions
 //!   moto cannot show to be needed are in [`NOT_PROVABLE`], with the reason; for them the test
-//!   checks that the flows indeed pass without them (so the list cannot go stale).
+//!   checks that the flows indeed pass without them (so the list cannot go stale). The flow
+//!   that failed for each action must be the one `deploy/aws/README.md` names for it.
+//!
+//! The service runs in this process (`support::app`), its jobs on its own workers; one run of
+//! every flow takes under 2 s, all 59 removals about 40 s.
 
 mod flows;
 mod identities;
