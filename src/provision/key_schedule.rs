@@ -189,8 +189,9 @@ impl KeySchedule {
 }
 
 /// Ready repositories, with no active job and no pending retirement, that were made more than
-/// `max_age` ago and whose last rotation (if any) succeeded more than `max_age` ago: only
-/// those can hold a key that old, so IAM is asked about few.
+/// `max_age` ago and whose last rotation (if any) ended more than `max_age` ago: only those can
+/// hold a key that old, so IAM is asked about few. A rotation that failed (e.g. a Secret adopted
+/// without repair, which rotation refuses) is tried again only after `max_age`, not every round.
 async fn candidates(db: &PgPool, max_age: Duration) -> Result<Vec<Candidate>, sqlx::Error> {
     sqlx::query_as(
         "SELECT r.id, r.name, r.bucket FROM backup_repositories r
@@ -198,7 +199,7 @@ async fn candidates(db: &PgPool, max_age: Duration) -> Result<Vec<Candidate>, sq
             AND r.created_at < now() - make_interval(secs => $1)
             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.subject_id = r.id
                                AND (j.state IN ('queued', 'running')
-                                    OR (j.kind = 'rotate-access-key' AND j.state = 'succeeded'
+                                    OR (j.kind = 'rotate-access-key'
                                         AND j.finished_at > now() - make_interval(secs => $1))))
             AND NOT EXISTS (SELECT 1 FROM key_retirements k WHERE k.repository_id = r.id
                                AND k.deleted_at IS NULL AND k.superseded_at IS NULL)

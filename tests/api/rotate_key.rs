@@ -802,3 +802,36 @@ async fn an_adopted_repository_rotates_in_its_own_secret() {
     );
     env.app.stop().await;
 }
+
+/// An automatic rotation that fails (here: an immutable Secret) is not queued again at every
+/// round of the schedule, only once the maximum age has passed again since it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_automatic_rotation_is_not_queued_again_at_once() {
+    let env = env_with_short_grace().await;
+    let (name, bucket, _) = ready_repository(&env, "rotloop").await;
+    patch_secret(&env, &bucket, json!({"immutable": true})).await;
+    let aged = schedule(&env, Some(Duration::from_secs(2)));
+    eventually(DEADLINE, "the schedule to queue a rotation", || async {
+        let round = aged.round().await.expect("round");
+        (!round.rotations.is_empty()).then_some(())
+    })
+    .await;
+    let job_id: Uuid = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE subject_name = $1 AND kind = 'rotate-access-key'",
+    )
+    .bind(&name)
+    .fetch_one(&env.app.db)
+    .await
+    .unwrap();
+    let job = env
+        .app
+        .wait_for_job(&job_id.to_string(), Duration::from_secs(90))
+        .await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let round = aged.round().await.expect("round");
+    assert!(
+        round.rotations.is_empty(),
+        "a rotation that just failed waits a maximum age: {round:?}"
+    );
+    env.app.stop().await;
+}
