@@ -4,6 +4,9 @@ use serde_json::Value;
 
 use super::args::Output;
 
+/// The widest a table cell gets; longer values are cut (`--output json` has them whole).
+const MAX_CELL_CHARS: usize = 72;
+
 /// A table with a header row; columns are as wide as their widest cell.
 pub struct Table {
     header: Vec<&'static str>,
@@ -19,7 +22,7 @@ impl Table {
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(cells.into_iter().map(shorten).collect());
     }
 
     pub fn render(&self) -> String {
@@ -42,6 +45,16 @@ impl Table {
         }
         out
     }
+}
+
+/// `text` cut to [`MAX_CELL_CHARS`], ending in `…` when cut.
+fn shorten(text: String) -> String {
+    if text.chars().count() <= MAX_CELL_CHARS {
+        return text;
+    }
+    let mut short: String = text.chars().take(MAX_CELL_CHARS - 1).collect();
+    short.push('…');
+    short
 }
 
 /// A JSON value as one table cell: strings bare, null as `-`, anything else as compact JSON.
@@ -105,6 +118,15 @@ mod tests {
             table.render(),
             "NAME     STATE\nzitadel  ready\na        -\n"
         );
+    }
+
+    #[test]
+    fn long_cells_are_cut() {
+        let mut table = Table::new(&["v"]);
+        table.row(vec!["x".repeat(100)]);
+        let line = table.render().lines().nth(1).expect("row").to_owned();
+        assert_eq!(line.chars().count(), MAX_CELL_CHARS);
+        assert!(line.ends_with('…'));
     }
 
     #[test]

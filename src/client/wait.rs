@@ -22,16 +22,16 @@ pub async fn follow(api: &Api, id: &str, timeout: Duration) -> Result<Value, Cli
         progress.show(&view);
         match view["state"].as_str() {
             Some("succeeded") => {
-                progress.finish("succeeded");
+                progress.finish();
                 return Ok(view);
             }
             Some(state @ ("failed" | "cancelled")) => {
-                progress.finish(state);
+                progress.finish();
                 let error = view["last_error"].as_str().unwrap_or("no error recorded");
                 return Err(ClientError::JobFailed(format!("job {id} {state}: {error}")));
             }
             _ if Instant::now() >= deadline => {
-                progress.finish("still running");
+                progress.finish();
                 return Err(ClientError::WaitTimedOut(format!(
                     "job {id} still {} after {}",
                     view["state"].as_str().unwrap_or("unknown"),
@@ -66,7 +66,11 @@ impl Progress {
         }
     }
 
+    /// The steps' changes first, then the job's, so "succeeded" comes last.
     fn show(&mut self, view: &Value) {
+        for step in view["steps"].as_array().into_iter().flatten() {
+            self.show_step(step);
+        }
         let state = view["state"].as_str().unwrap_or("?");
         if state != self.job_state {
             self.job_state = state.to_owned();
@@ -77,9 +81,6 @@ impl Progress {
                 view["kind"].as_str().unwrap_or("?"),
                 view["attempts"]
             ));
-        }
-        for step in view["steps"].as_array().into_iter().flatten() {
-            self.show_step(step);
         }
     }
 
@@ -118,8 +119,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self, outcome: &str) {
+    fn finish(&self) {
         self.bar.finish_and_clear();
-        eprintln!("job {outcome}");
     }
 }
