@@ -1,15 +1,25 @@
 # backup-provisioner: two set-up commands on a fresh Debian machine.
 #   make demo   install what is missing, start Postgres, moto and the Kubernetes emulator,
 #               run the service and provision two repositories end to end.
+#   make run    start what is missing (as make demo does) and keep the service in the foreground;
+#               a second terminal runs `source .run/env` and follows the README's walkthrough.
+#   make install  cargo install the backup-provisioner binary (into ~/.cargo/bin).
 #   make test   install and start what the tests need (and build the real kube-apiserver and
 #               etcd once), then run every test.
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/backup-provisioner/target
 
-.PHONY: demo test deps kube kube-smoke build lint fmt openapi bench
+.PHONY: demo run install test deps kube kube-smoke build lint fmt openapi bench
 
 demo: deps
 	bash scripts/demo.sh
+
+run: deps
+	bash scripts/run.sh
+
+# The release binary into ~/.cargo/bin (on PATH with rustup), with the locked dependencies.
+install:
+	cargo install --path . --locked
 
 test: deps kube
 	bash scripts/test.sh
