@@ -23,6 +23,11 @@ if ! bash scripts/demo_retarget.sh >.run/demo-retarget.log 2>&1; then
   tail -40 .run/demo-retarget.log; echo "make test: make demo against a second target failed"; exit 1
 fi
 echo "make test: make demo provisioned a second target ($(( $(date +%s) - started ))s)"
+# The README's walkthrough (curl and the admin CLI), as written, against `make run`.
+if ! bash scripts/walkthrough-test.sh >.run/walkthrough-test.log 2>&1; then
+  tail -60 .run/walkthrough-test.log; echo "make test: the README's walkthrough failed against make run"; exit 1
+fi
+echo "make test: the README's walkthrough ran against make run ($(( $(date +%s) - started ))s)"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

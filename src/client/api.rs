@@ -51,7 +51,12 @@ fn problem_message(status: StatusCode, problem: &Value) -> String {
         .map(str::to_owned)
         .unwrap_or_else(|| format!("HTTP {status}"));
     let mut message = format!("error: {detail}");
-    for error in problem["errors"].as_array().into_iter().flatten() {
+    let errors = problem["errors"].as_array().cloned().unwrap_or_default();
+    // The detail names every field error; one per line only helps when there are several.
+    if errors.len() < 2 {
+        return message;
+    }
+    for error in &errors {
         let field = error["field"].as_str().unwrap_or("?");
         let text = error["message"].as_str().unwrap_or("");
         message.push_str(&format!("\n  {field}: {text}"));
