@@ -97,13 +97,20 @@ async fn create_wait_get_and_list_through_the_client() {
         ])
         .await;
     created.assert_code(0);
-    for step in ["✓ bucket succeeded", "✓ secret succeeded", "job succeeded"] {
+    for step in ["✓ bucket succeeded", "✓ secret succeeded"] {
         assert!(
             created.stderr.contains(step),
             "no '{step}' in:\n{}",
             created.stderr
         );
     }
+    // The job's own line comes last, after its steps.
+    let last = created.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("job ") && last.contains(" succeeded (provision-repository)"),
+        "{}",
+        created.stderr
+    );
     assert!(created.stdout.contains("succeeded"), "{}", created.stdout);
     assert_get_and_list(&cli, &name, &ns).await;
     assert_jobs_and_audit(&cli, &name).await;
