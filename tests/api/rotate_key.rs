@@ -600,15 +600,37 @@ async fn a_rotation_that_cannot_write_the_secret_deletes_its_new_key() {
 
 /// When the retirement is due but the Secret references the old key again (restored by hand),
 /// the key is kept: the retirement halts with the reason and is not queued again. Rotating
-/// again then moves the Secret off the old key and schedules its retirement afresh.
+/// again is refused while the key the first rotation moved consumers to is active (they may
+/// use it); once an operator deactivated it, rotating moves the Secret off the old key and
+/// schedules its retirement afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_referencing_the_old_key_again_halts_its_retirement() {
     let env = env_with_short_grace().await;
     let (name, bucket, before) = ready_repository(&env, "rothalt").await;
     let old = conf_value(&before, "repo2-s3-key");
     assert_eq!(rotate(&env, &name).await["state"], "succeeded");
+    let moved_to = conf_value(&env.s3_conf(NS, &bucket).await.unwrap(), "repo2-s3-key");
     patch_secret(&env, &bucket, json!({"stringData": {"s3.conf": before}})).await;
     assert_retirement_halts(&env, &name, &bucket, &old).await;
+
+    let refused = rotate(&env, &name).await;
+    assert_eq!(refused["state"], "failed", "{refused:#}");
+    let error = refused["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "access key {moved_to} is the key an earlier rotation moved the Secret to"
+        )),
+        "{error}"
+    );
+    let status = status_of(&env, &bucket, &moved_to).await;
+    assert_eq!(status.as_deref(), Some("Active"), "consumers' key kept");
+    let iam = &env.admin.iam;
+    let deactivate = iam
+        .update_access_key()
+        .user_name(&bucket)
+        .access_key_id(&moved_to);
+    let inactive = aws_sdk_iam::types::StatusType::Inactive;
+    deactivate.status(inactive).send().await.unwrap();
 
     let job = rotate(&env, &name).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");

@@ -49,6 +49,22 @@ impl InGrace {
         }
     }
 
+    /// The key an earlier rotation moved the Secret to, active, while the Secret references
+    /// another key now: consumers that moved to it may still use it.
+    pub fn moved_to(key: &str, retirement: &Retirement) -> InGrace {
+        InGrace {
+            key: key.to_owned(),
+            message: format!(
+                "access key {key} is the key an earlier rotation moved the Secret to (from access \
+                 key {}), and it is still active although the Secret references another key now; \
+                 consumers that moved to it may still use it, so it was not deleted. Restore the \
+                 Secret with access key {key}, or deactivate or delete {key} by hand once nothing \
+                 uses it, then rotate",
+                retirement.old_key_id
+            ),
+        }
+    }
+
     /// The key's retirement halted and the key is still active.
     pub fn halted(key: &str, reason: Option<&str>) -> InGrace {
         InGrace {
@@ -87,6 +103,8 @@ pub fn plan_room(
                 (false, _) => {}
             }
             plan.retire_early.push((retirement.id, key.id.clone()));
+        } else if let Some(retirement) = moved_to(pending, key) {
+            return Err(InGrace::moved_to(&key.id, retirement));
         } else if Some(key.id.as_str()) == sealed && key.is_active() {
             continue;
         } else {
@@ -94,6 +112,16 @@ pub fn plan_room(
         }
     }
     Ok(plan)
+}
+
+/// The pending (or halted) retirement whose rotation moved the Secret to `key`, when `key` is
+/// still active: consumers may have moved to it, even if the Secret references another key now
+/// (restored by hand).
+fn moved_to<'a>(pending: &'a [Retirement], key: &KeyInfo) -> Option<&'a Retirement> {
+    pending
+        .iter()
+        .find(|r| r.new_key_id == key.id)
+        .filter(|_| key.is_active())
 }
 
 /// What the `new_key` step does: reuse the key whose secret is sealed (an earlier attempt made
@@ -240,6 +268,11 @@ mod tests {
         // The key the Secret references again (its retirement halted) is no obstacle.
         let plan = plan_room(&[key("O", true)], "O", None, &pending).unwrap();
         assert!(plan.delete.is_empty() && plan.retire_early.is_empty());
+        // The key the Secret held before it was restored to the old key is no orphan.
+        let refused = plan_room(&[key("O", true), key("NEW", true)], "O", None, &pending);
+        assert!(refused.unwrap_err().message.contains("moved the Secret to"));
+        let plan = plan_room(&[key("O", true), key("NEW", false)], "O", None, &pending).unwrap();
+        assert_eq!(plan.delete, vec!["NEW".to_owned()]);
         let plan = plan_room(&[key("O", false), key("R", true)], "R", None, &pending).unwrap();
         assert_eq!(plan.retire_early, vec![(pending[0].id, "O".to_owned())]);
         assert!(plan.delete.is_empty());

@@ -112,7 +112,7 @@ impl Retirer {
     ) -> Result<(), JobError> {
         let (name, position) = LAST_USED;
         let _: serde_json::Value = ctx
-            .step(name, position, async {
+            .step_with_own_commit(name, position, |attempt| async move {
                 let used = keys::last_used(&self.iam, &retirement.old_key_id).await?;
                 let note = used.as_ref().and_then(|u| not_moved_note(u, retirement));
                 let detail = json!({
@@ -125,11 +125,15 @@ impl Retirer {
                 if let Some(note) = &note {
                     tracing::warn!(access_key_id = %retirement.old_key_id, "{note}");
                 }
-                retirements::record_last_used(ctx.pool(), retirement.id, &detail).await?;
-                Ok(done(
-                    detail.clone(),
-                    StepReport::new(Outcome::AlreadyPresent, detail),
-                ))
+                ctx.checkpoint(name, "before-record");
+                // Fenced like every write of the job: a worker that lost its lease writes nothing.
+                let mut tx = ctx.fenced_tx().await?;
+                retirements::record_last_used(&mut *tx, retirement.id, &detail).await?;
+                let report = StepReport::new(Outcome::AlreadyPresent, detail.clone());
+                ctx.finish_step(&mut tx, name, attempt, &done(detail.clone(), report))
+                    .await?;
+                tx.commit().await?;
+                Ok(detail)
             })
             .await?;
         Ok(())
@@ -211,8 +215,9 @@ impl Retirer {
             ),
             Some(Some(id)) if id == old => format!(
                 "Secret {namespace}/{name} references access key {old} again; it was kept \
-                 (rotate again, or restore the Secret with access key {})",
-                retirement.new_key_id
+                 (restore the Secret with access key {new}, or deactivate or delete {new} by \
+                 hand once nothing uses it, then rotate again)",
+                new = retirement.new_key_id
             ),
             Some(_) => return Ok(()),
         };
