@@ -73,7 +73,7 @@ USING_MOTO=no
 
 # The database: two roles as in production (README: Database roles); bp_owner migrates it.
 DB=${BP_RUN_DATABASE:-backup_provisioner_run}
-ADMIN="psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres"
+ADMIN="env PGOPTIONS=--client-min-messages=warning psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres"
 if [ "$USING_MOTO" = yes ]; then
   # moto starts empty, so the database does too: no repository that moto never saw.
   $ADMIN -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" postgres
