@@ -9,7 +9,7 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/backup-provisioner/target
 
-.PHONY: demo run install test deps kube kube-smoke build lint fmt openapi bench
+.PHONY: demo run install test deps kube kube-smoke build lint fmt openapi bench image image-test
 
 demo: deps
 	bash scripts/demo.sh
@@ -44,6 +44,15 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+# The runtime image, built with podman without any registry (deploy/image/Containerfile.offline
+# from the release binary that scripts/image-build-stage.sh, the Dockerfile's build stage, makes);
+# image-test also runs it (--version, migrate, serve /readyz) as UID 10001 on a read-only root.
+image: deps
+	bash scripts/build-image.sh
+
+image-test: deps
+	bash scripts/test-image.sh
 
 # Regenerates openapi/openapi.json from the code.
 openapi:

@@ -16,6 +16,13 @@ command -v jq >/dev/null || need_apt+=(jq)
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# The image test (scripts/test-image.sh) builds and runs the runtime image with podman; runc runs
+# it where crun cannot (hybrid cgroups); the image takes the CA certificates from the host.
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
+# Rootless podman maps the image's user 10001 through /etc/subuid with newuidmap.
+[ "$(id -u)" -eq 0 ] || command -v newuidmap >/dev/null || need_apt+=(uidmap)
 installed_postgres=no
 if ! command -v pg_ctlcluster >/dev/null; then need_apt+=(postgresql); installed_postgres=yes; fi
 if [ ${#need_apt[@]} -gt 0 ]; then
