@@ -165,6 +165,7 @@ impl From<RequestError> for ApiError {
             RequestError::Database(e) => e.into(),
             RequestError::InvalidStored(_) => ApiError::Internal(err.to_string()),
             RequestError::DifferentDesiredState { .. }
+            | RequestError::AdoptionSwitched { .. }
             | RequestError::BucketTaken { .. }
             | RequestError::Busy(_)
             | RequestError::DeletedConcurrently => ApiError::Conflict(err.to_string()),

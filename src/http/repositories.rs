@@ -219,7 +219,9 @@ pub struct CreatedRepository {
 /// The same request for an existing repository with the same desired state returns it (200)
 /// without queueing a duplicate; a different desired state is a 409 naming the differing fields.
 /// The same desired state with other safety switches (`allow_new_cipher_pass`,
-/// `adopt_existing_secret`) stores them and queues provisioning again (202).
+/// `adopt_existing_secret`, `repair`) stores them and queues provisioning (or adoption) again
+/// (202); `adopt` and `secret_name` cannot change once the repository made or adopted its
+/// resources (409).
 #[utoipa::path(
     post, path = "/v1/backup-repositories", tag = "repositories",
     request_body = CreateRepository,
@@ -228,7 +230,7 @@ pub struct CreatedRepository {
         (status = 202, description = "Created, or its safety switches changed; provisioning queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Already exists with this desired state; or, with `?dry_run=true`, the plan (nothing changed or queued)", body = CreatedRepository),
         BadRequest, Unauthorized, Forbidden,
-        (status = 409, description = "Exists with a different desired state, or the bucket is taken", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "Exists with a different desired state or other adoption switches (`adopt`, `secret_name`), or the bucket is taken", body = Problem, content_type = PROBLEM_JSON),
         PayloadTooLarge, UnsupportedMediaType, Unprocessable, TooManyRequests, Unavailable,
     ),
     security(("bearer" = []))
@@ -270,6 +272,9 @@ pub async fn create_repository(
 /// that name when it exists; nothing is stored.
 async fn plan_create(state: &AppState, desired: &DesiredRepository) -> Result<Response, ApiError> {
     let existing = repository::by_name(&state.db, desired.name.as_str()).await?;
+    if let Some(row) = &existing {
+        provision::request::refuse_adoption_switch(row, &desired.options)?;
+    }
     let id = existing.map_or_else(Uuid::new_v4, |row| row.id);
     if desired.options.adopt {
         let payload = provision::adopt::payload_for_desired(desired, id)

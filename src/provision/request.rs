@@ -3,7 +3,9 @@
 //!
 //! The same desired state asked again changes nothing (no duplicate job); a different desired
 //! state is a conflict naming the fields; the same desired state with other safety switches
-//! stores the switches and provisions again with them.
+//! stores the switches and provisions again with them, except `adopt` and `secret_name`,
+//! which never change once the repository recorded a resource
+//! ([`refuse_adoption_switch`]): an adopted repository is never provisioned.
 
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -13,7 +15,7 @@ use super::job::{ProvisionPayload, ProvisionRepository};
 use crate::audit::{self, Actor, AuditEntry};
 use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
 use crate::jobs::{self, EnqueueOptions, Job, JobKind, queue};
-use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow};
+use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow, Resources};
 
 /// A repository whose provisioning was just queued.
 #[derive(Debug)]
@@ -43,6 +45,18 @@ pub enum RequestError {
     #[error("repository '{name}' already exists with a different desired state: {} differ{}", .fields.join(", "), if .fields.len() == 1 { "s" } else { "" })]
     DifferentDesiredState {
         name: String,
+        fields: Vec<&'static str>,
+    },
+    #[error(
+        "repository '{name}' exists {how}; \"adopt\" and \"secret_name\" cannot change on an \
+         existing repository that has made or adopted its resources ({} differ{}). Send the \
+         request as it was created, or reconcile it; to manage it the other way, deprovision it \
+         and create it again", .fields.join(", "), if .fields.len() == 1 { "s" } else { "" }
+    )]
+    AdoptionSwitched {
+        name: String,
+        /// How it is managed now.
+        how: &'static str,
         fields: Vec<&'static str>,
     },
     #[error("bucket '{bucket}' is already used by {}", .by.as_ref().map_or("another repository".to_owned(), |name| format!("repository '{name}'")))]
@@ -139,6 +153,7 @@ async fn answer_existing(
             fields,
         });
     }
+    refuse_adoption_switch(&row, &desired.options)?;
     if row.options.0 != desired.options {
         let queued = change_options(db, row, &desired.options, actor, max_attempts).await?;
         return Ok(Requested::OptionsChanged(queued));
@@ -147,6 +162,37 @@ async fn answer_existing(
     Ok(Requested::Unchanged {
         repository: row,
         latest_job,
+    })
+}
+
+/// `adopt` and `secret_name` never change once the repository recorded a resource (made or
+/// adopted): an adopted repository provisioned would get a new cipher pass, key and Secret
+/// and lose its hand-made key; a provisioned one adopted would stop being swept. Before that
+/// (its first job failed before recording anything, e.g. provisioning refused a hand-made set
+/// in its way) they may change: each job's own guards still apply.
+pub fn refuse_adoption_switch(
+    row: &RepositoryRow,
+    options: &RepositoryOptions,
+) -> Result<(), RequestError> {
+    let stored = &row.options.0;
+    let secret_of = |o: &RepositoryOptions| o.secret_name.clone().unwrap_or(row.bucket.clone());
+    let mut fields = Vec::new();
+    if stored.adopt != options.adopt {
+        fields.push("adopt");
+    }
+    if stored.adopt && options.adopt && secret_of(stored) != secret_of(options) {
+        fields.push("secret_name");
+    }
+    if fields.is_empty() || row.resources.0 == Resources::default() {
+        return Ok(());
+    }
+    Err(RequestError::AdoptionSwitched {
+        name: row.name.clone(),
+        how: match stored.adopt {
+            true => "adopted (its resources were made by hand; adoption keeps them)",
+            false => "provisioned by backup-provisioner",
+        },
+        fields,
     })
 }
 

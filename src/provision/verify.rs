@@ -17,7 +17,8 @@
 //!
 //! With `repair: true` the sections run in [`Mode::Repair`]: settings of what exists converge
 //! (bucket settings and tags, the policy document, the group's attachment, the user's tags,
-//! membership and login profile, the key's description tag, the Secret's labels). A missing
+//! membership and login profile, the key's description tag, the Secret's labels, except on the
+//! Secret of a repository adopted without `repair`, which is not ours: reported only). A missing
 //! resource is reported, never made, and neither the cipher pass nor the access key is ever
 //! touched: a missing or inactive key is reported as needing `rotate-key` or `reconcile`.
 //!
@@ -85,6 +86,9 @@ pub struct Target {
     pub region: Region,
     /// The Secret's name (by default the bucket's).
     pub secret_name: String,
+    /// The repository was adopted: a Secret of it without our label was not taken over
+    /// (adopted without `repair`), and only adoption with `repair` takes it over.
+    pub adopted: bool,
 }
 
 impl Target {
@@ -102,6 +106,7 @@ impl Target {
             bucket,
             region,
             secret_name,
+            adopted: false,
         }
     }
 }
@@ -444,7 +449,11 @@ async fn check_secret(
         return Ok(report.into_step_report(identifiers));
     };
     report.unchanged("exists", json!(true));
-    secret::compare_labels(existing, name, &mut report);
+    if target.adopted && !managed_by_us(existing) {
+        leave_labels(existing, &mut report);
+    } else {
+        secret::compare_labels(existing, name, &mut report);
+    }
     let labels_drift = report.settings().last().is_some_and(|s| s.action.changes());
     if labels_drift {
         let version = existing.metadata.resource_version.clone();
@@ -455,6 +464,26 @@ async fn check_secret(
     check_data_keys(existing, &mut report);
     check_s3_conf(existing, &mut report);
     Ok(report.into_step_report(identifiers))
+}
+
+const NOT_TAKEN_OVER: &str = "the Secret of an adopted repository was adopted as it is (without \
+                              \"repair\") and is not ours: verify never labels it (rotation \
+                              would then rewrite it); adopt it with \"repair\" (or reconcile), \
+                              which checks that the rewrite erases nothing, to take it over";
+
+fn managed_by_us(existing: &Secret) -> bool {
+    let labels = existing.metadata.labels.as_ref();
+    let label = labels.and_then(|l| l.get(secret::MANAGED_BY_LABEL));
+    label.is_some_and(|v| v == secret::FIELD_MANAGER)
+}
+
+/// The labels of a Secret not taken over: reported, never written.
+fn leave_labels(existing: &Secret, report: &mut Report) {
+    let labels = existing.metadata.labels.as_ref();
+    let found = labels.and_then(|l| l.get(secret::MANAGED_BY_LABEL));
+    let actual = json!({ secret::MANAGED_BY_LABEL: found });
+    let expected = json!({ secret::MANAGED_BY_LABEL: secret::FIELD_MANAGER });
+    report.left("labels", actual, expected, NOT_TAKEN_OVER);
 }
 
 /// "a secret with a single key, `s3.conf`": other keys are reported (reconcile removes them).
@@ -588,6 +617,7 @@ impl Verifier {
         if let Some(name) = asked.secret_name {
             target.secret_name = name;
         }
+        target.adopted = asked.adopted;
         let verification = inspect(&self.clients(), &target, Mode::Plan).await?;
         Ok(Value::Array(verification.resources))
     }
@@ -650,6 +680,7 @@ async fn target_of(db: &sqlx::PgPool, payload: &VerifyPayload) -> Result<Target,
     let p = payload.clone();
     let mut target = Target::new(p.repository, p.namespace, p.bucket, p.region);
     if let Some(row) = repository::by_id(db, payload.repository_id).await? {
+        target.adopted = row.options.0.adopt;
         let named = row.resources.0.secret.map(|s| s.name);
         if let Some(name) = named.or(row.options.0.secret_name) {
             target.secret_name = name;
@@ -666,6 +697,9 @@ pub struct VerifyDryRunPayload {
     pub payload: VerifyPayload,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// The repository was adopted (see [`Target::adopted`]).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// The dry run of `verify-repository` (`http::dry_run::answer::<VerifyDryRun>`): never queued,
@@ -714,6 +748,7 @@ pub fn dry_run_payload(row: &RepositoryRow) -> Result<VerifyDryRunPayload, Valid
     Ok(VerifyDryRunPayload {
         payload: VerifyPayload::for_row(row, false)?,
         secret_name: named.or_else(|| row.options.0.secret_name.clone()),
+        adopted: row.options.0.adopt,
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod crash;
 mod runbook_by_hand;
+mod safety;
 
 use serde_json::{Value, json};
 

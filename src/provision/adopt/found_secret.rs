@@ -70,6 +70,11 @@ pub struct Layout {
     pub secret_type: String,
     /// Labelled `app.kubernetes.io/managed-by: backup-provisioner`.
     pub managed_by_us: bool,
+    /// What rewriting the Secret into the runbook's `s3.conf` (the values used, as repo2 and
+    /// repo3 of one data key) would drop, by name (never a value): settings holding another
+    /// value, other settings and lines, data keys with anything else in them. `repair` refuses
+    /// the rewrite while this is not empty ([`Layout::refuse_lossy_rewrite`]).
+    pub lost_by_rewrite: Vec<String>,
 }
 
 impl Layout {
@@ -83,6 +88,27 @@ impl Layout {
             None => "repository-less settings".to_owned(),
         };
         format!("{from} in data keys {}", self.data_keys.join(", "))
+    }
+
+    /// Why the Secret `secret` must not be rewritten: the rewrite would lose what
+    /// [`Layout::lost_by_rewrite`] names (another repository's key or cipher pass, credentials
+    /// for something else), and a Secret is the only copy of its values.
+    pub fn refuse_lossy_rewrite(&self, secret: &str) -> Result<(), String> {
+        if self.lost_by_rewrite.is_empty() {
+            return Ok(());
+        }
+        let used = match self.repo {
+            Some(n) => format!("repo{n}'s"),
+            None => "the repository-less".to_owned(),
+        };
+        Err(format!(
+            "Secret {secret} is not rewritten: \"repair\" rewrites it into the runbook's s3.conf, \
+             which keeps only {used} access key, its secret and the cipher pass (as repo2 and repo3 \
+             of one data key s3.conf), and would erase {}. Nothing was changed. Move those settings \
+             to another Secret (or make them equal to the ones kept), then adopt with \"repair\" \
+             again or reconcile; without \"repair\" the Secret is adopted as it is",
+            self.lost_by_rewrite.join(", ")
+        ))
     }
 }
 
@@ -201,7 +227,8 @@ pub fn parse(full_name: &str, secret: &Secret) -> Result<Found, Unusable> {
         access_key_id: key.expose_secret().to_owned(),
         secret_access_key: key_secret,
     };
-    let layout = layout(secret, repo, &seen, &data, settings);
+    let mut layout = layout(secret, repo, &seen, &data, settings);
+    layout.lost_by_rewrite = lost_by_rewrite(&data, &conf);
     Ok(Found {
         conf,
         layout,
@@ -369,6 +396,76 @@ fn layout(
             .as_ref()
             .and_then(|l| l.get(MANAGED_BY_LABEL))
             .is_some_and(|v| v == FIELD_MANAGER),
+        lost_by_rewrite: Vec::new(),
+    }
+}
+
+/// What rewriting into the runbook's `s3.conf` with `conf` would drop from `data` (see
+/// [`Layout::lost_by_rewrite`]): names of settings and data keys, never a value.
+fn lost_by_rewrite(data: &BTreeMap<String, Vec<u8>>, conf: &S3Conf) -> Vec<String> {
+    let mut lost = Vec::new();
+    for (data_key, bytes) in data {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => lost.extend(lost_in(data_key, text, conf)),
+            Err(_) => lost.push(format!("data key {data_key} (not text)")),
+        }
+    }
+    lost.dedup();
+    lost
+}
+
+/// What the rewrite would drop from one data key: recognised settings with another value than
+/// the one kept, and every other line (an unrecognised line may be anyone's credential).
+fn lost_in(data_key: &str, text: &str, conf: &S3Conf) -> Vec<String> {
+    let another_value = |place| {
+        format!(
+            "{} in data key {data_key} (another value)",
+            place_name(place)
+        )
+    };
+    if let Some(place) = setting_place(data_key) {
+        let value = text.trim();
+        return match value.is_empty() || kept(place.1, value, conf) {
+            true => Vec::new(),
+            false => vec![another_value(place)],
+        };
+    }
+    let lines = text.lines().map(str::trim);
+    let lines = lines.filter(|line| !line.is_empty() && !line.starts_with(['#', ';', '[']));
+    lines
+        .filter_map(|line| match line.split_once('=') {
+            Some((name, value)) => match setting_place(name) {
+                Some(place) if value.trim().is_empty() || kept(place.1, value.trim(), conf) => None,
+                Some(place) => Some(another_value(place)),
+                None => Some(other_line(data_key, name.trim())),
+            },
+            None => Some(other_line(data_key, "")),
+        })
+        .collect()
+}
+
+/// Whether `value` of `field` is the one the rewrite keeps.
+fn kept(field: Field, value: &str, conf: &S3Conf) -> bool {
+    let keeps = match field {
+        Field::S3Key => conf.access_key_id.as_str(),
+        Field::S3KeySecret => conf.secret_access_key.expose_secret(),
+        Field::CipherPass => conf.cipher_pass.expose_secret(),
+    };
+    keeps == value
+}
+
+/// A line that is no credential the rewrite keeps, named when its name looks like an option's
+/// (`repo1-path`); any other text is never shown (it may be a value).
+fn other_line(data_key: &str, name: &str) -> String {
+    let option_like = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.contains('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    match option_like {
+        true => format!("{name} in data key {data_key}"),
+        false => format!("other content in data key {data_key}"),
     }
 }
 
@@ -483,6 +580,39 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains("=A") && !shown.contains("=B"), "{shown}");
+    }
+
+    #[test]
+    fn what_a_rewrite_would_erase_is_named_without_values() {
+        let runbook = parse("ns/s", &secret(&[("s3.conf", RUNBOOK)])).unwrap();
+        assert!(runbook.layout.lost_by_rewrite.is_empty());
+        assert!(runbook.layout.refuse_lossy_rewrite("ns/s").is_ok());
+        let pgo = "[global]\nrepo1-s3-key=AKIA2\nrepo1-s3-key-secret=x=y\nrepo1-cipher-pass=Q\n";
+        let pgo = parse("ns/p", &secret(&[("s3.conf", pgo)])).unwrap();
+        assert!(pgo.layout.lost_by_rewrite.is_empty(), "same values, kept");
+
+        let text = RUNBOOK.replace("repo3-cipher-pass=P4ss", "repo3-cipher-pass=Other");
+        let extra = [
+            ("s3.conf", text.as_str()),
+            ("gcs.json", "{\"private_key\": \"TOKEN\"}"),
+            ("env", "repo1-s3-key=AKIA1\nrepo1-path=/pg\nSeCrEt=V4l\n"),
+        ];
+        let found = parse("ns/s", &secret(&extra)).unwrap();
+        let lost = &found.layout.lost_by_rewrite;
+        assert_eq!(
+            lost,
+            &[
+                "repo1-path in data key env",
+                "other content in data key env",
+                "other content in data key gcs.json",
+                "repo3-cipher-pass in data key s3.conf (another value)",
+            ],
+        );
+        let refused = found.layout.refuse_lossy_rewrite("ns/s").unwrap_err();
+        assert!(refused.contains("Move those settings"), "{refused}");
+        for value in ["Other", "TOKEN", "V4l", "P4ss", "SeCrEt"] {
+            assert!(!refused.contains(value), "{value} in {refused}");
+        }
     }
 
     #[test]

@@ -15,7 +15,10 @@
 //! 4. `credential_check`: the key can list the bucket (read-only).
 //! 5. with `"repair": true` only: `repair`, the safe differences converged (the sections in
 //!    repair mode: settings of what exists, never a new resource), then `secret`, the Secret
-//!    rewritten into the runbook's `s3.conf` with the same values (and our labels).
+//!    rewritten into the runbook's `s3.conf` with the same values (and our labels). Refused
+//!    (permanent, in step 1, before any change; a dry run answers 422) when the rewrite would
+//!    erase something: another repository's settings with other values, other settings or
+//!    data keys ([`found_secret::Layout::lost_by_rewrite`]).
 //!
 //! Without `repair` nothing is changed and the job succeeds with the report in its steps: the
 //! repository is `ready` (its key works against its bucket), the drift is in the `inspect`
@@ -25,6 +28,11 @@
 //! keys (made by hand).
 //!
 //! Without `adopt`, provisioning refuses a hand-made set in its way ([`in_the_way`]).
+//!
+//! Once a repository recorded its resources, `adopt` and `secret_name` never change (409,
+//! `request::refuse_adoption_switch`): an adopted repository is never provisioned (that would
+//! make a new cipher pass, key and Secret and delete the hand-made key). Provisioning's own
+//! switches (`allow_new_cipher_pass`, `adopt_existing_secret`) are refused with `adopt` (422).
 //!
 //! The cipher pass is never changed by any operation ([`CIPHER_PASS_NEVER_CHANGED`]).
 
@@ -136,7 +144,8 @@ pub fn payload_for_desired(
 
 /// What is wrong with the adoption switches of a request: `secret_name` and `repair` only go
 /// with `adopt` (without it the Secret is always the bucket's name and provisioning always
-/// converges), and `secret_name` must be a Secret's name.
+/// converges), `allow_new_cipher_pass` and `adopt_existing_secret` never do, and
+/// `secret_name` must be a Secret's name.
 pub fn check_options(options: &RepositoryOptions) -> Vec<ValidationError> {
     let mut errors = Vec::new();
     let only_with_adopt = "only applies with \"adopt\": true";
@@ -145,6 +154,22 @@ pub fn check_options(options: &RepositoryOptions) -> Vec<ValidationError> {
     }
     if !options.adopt && options.repair {
         errors.push(ValidationError::new("repair", only_with_adopt));
+    }
+    // Provisioning's switches: accepted with `adopt`, they would suggest an adopted
+    // repository can get a new cipher pass or Secret.
+    let not_with_adopt = "does not apply with \"adopt\": true: adoption keeps the cipher pass and \
+                          the Secret it reads and never makes either";
+    if options.adopt && options.allow_new_cipher_pass {
+        errors.push(ValidationError::new(
+            "allow_new_cipher_pass",
+            not_with_adopt,
+        ));
+    }
+    if options.adopt && options.adopt_existing_secret {
+        errors.push(ValidationError::new(
+            "adopt_existing_secret",
+            not_with_adopt,
+        ));
     }
     if let Some(name) = &options.secret_name
         && let Err(e) = check_secret_name(name)
@@ -308,6 +333,7 @@ impl Adopter {
     ) -> Result<Value, JobError> {
         let step = Step::FoundSecret;
         ctx.step(step.name(), step.position(), async {
+            refuse_lossy_rewrite(payload, found)?;
             let report = self.secret_report(payload, found).await?;
             let outcome = crate::cloud::Outcome::AlreadyPresent;
             Ok(done(report.clone(), StepReport::new(outcome, report)))
@@ -502,6 +528,7 @@ impl Adopter {
         let payload: AdoptPayload = serde_json::from_value(payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
         let found = self.read_secret(&payload).await?;
+        refuse_lossy_rewrite(&payload, &found)?;
         let secret = self.secret_report(&payload, &found).await?;
         let inspection = self.inspect(&payload, &found).await?;
         let key = self.check_key(&payload, &found).await?;
@@ -519,6 +546,20 @@ impl Adopter {
             true => plan,
             false => inspect::report_only(plan),
         }))
+    }
+}
+
+/// With `repair`, the Secret is rewritten into the runbook's `s3.conf`: refused, before any
+/// change, when that would erase something in it (see [`found_secret::Layout::lost_by_rewrite`]).
+/// The whole repair is refused, not only the Secret's rewrite: a repository half repaired
+/// would look converged while its Secret is not the runbook's.
+fn refuse_lossy_rewrite(payload: &AdoptPayload, found: &Found) -> Result<(), JobError> {
+    match payload.repair {
+        true => found
+            .layout
+            .refuse_lossy_rewrite(&payload.secret_full_name())
+            .map_err(JobError::Permanent),
+        false => Ok(()),
     }
 }
 
@@ -587,6 +628,16 @@ mod tests {
         assert_eq!(
             fields(&options(true, Some("Bad_Name"), false)),
             ["secret_name"]
+        );
+        let provisioning_switches = RepositoryOptions {
+            adopt: true,
+            allow_new_cipher_pass: true,
+            adopt_existing_secret: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(&provisioning_switches),
+            ["allow_new_cipher_pass", "adopt_existing_secret"]
         );
     }
 
