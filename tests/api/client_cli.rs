@@ -272,3 +272,52 @@ async fn failures_have_their_exit_codes() {
     let nowhere = client(&format!("http://127.0.0.1:{}", free_port()), "t", &["list"]).await;
     nowhere.assert_code(4);
 }
+
+/// Against an API without workers a queued job never ends: --wait gives up after
+/// --wait-timeout with exit 5 and the job's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_that_times_out_exits_5() {
+    let env = Env::builder(&[NS]).workers(0).start().await;
+    let url = format!("http://{}", env.app.addr);
+    let token = env.app.operator();
+    let name = unique_name("cli-queued");
+    let ns = env.ns(NS).to_owned();
+    let create = ["create", &name, "--namespace", &ns];
+    let waited = client(
+        &url,
+        &token,
+        &[&create[..], &["--wait", "--wait-timeout", "2s"]].concat(),
+    )
+    .await;
+    waited.assert_code(5);
+    assert!(
+        waited.stderr.contains("still queued after 2s"),
+        "{}",
+        waited.stderr
+    );
+}
+
+/// A 5xx problem (here from a stand-in server) is "unavailable": exit 4 with its detail.
+#[tokio::test]
+async fn a_5xx_answer_exits_4_with_its_detail() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let body = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"the database is unreachable"}"#;
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    let listed = client(&url, "t", &["list"]).await;
+    listed.assert_code(4);
+    assert_eq!(listed.stderr.trim(), "error: the database is unreachable");
+}
