@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::support::app::{TestApp, eventually, spawn_app};
 use crate::support::aws_realism::{AwsRealism, Canned};
 use crate::support::crash_child::{self, ChildSpec};
-use crate::support::env::{Env, bucket_for, unique_name};
+use crate::support::env::{Env, bucket_for, conf_value, unique_name};
+use crate::support::kube_proxy::{Fault as KubeFault, Held, Hold};
 use crate::support::moto::Moto;
 use crate::support::rbac::Rbac;
 
@@ -501,6 +502,11 @@ async fn a_role_without_delete_fails_deprovisioning_before_any_change() {
     );
     assert!(env.secret("zitadel", &bucket).await.is_some());
     assert_eq!(iam_leftovers(&env, &bucket).await.len(), 4);
+    let repo = env.repository(&name).await;
+    assert_eq!(
+        repo["state"], "ready",
+        "refused before any change: {repo:#}"
+    );
 }
 
 /// Without workers: roles, busy repositories, unknown names, a dry run this replica cannot make.
@@ -543,6 +549,26 @@ async fn deprovision_requests_are_refused_when_they_cannot_run() {
         .unwrap();
     assert_problem(bad, 415).await;
     assert_problem(delete(&app, "zitadel", "?bogus=1", None).await, 400).await;
+    // As if provisioned (no worker here): a deprovision cancelled before its first step
+    // leaves the repository ready, not cancelled.
+    sqlx::query("UPDATE backup_repositories SET state = 'ready' WHERE name = 'zitadel'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let response = delete(&app, "zitadel", "", None).await;
+    assert_eq!(response.status(), 202);
+    let cancel = format!(
+        "/v1/jobs/{}/cancel",
+        job_id(&response.json().await.unwrap())
+    );
+    let response = app.post_json(&cancel, &app.operator(), &json!({})).await;
+    assert_eq!(response.status(), 202);
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM backup_repositories WHERE name = 'zitadel'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(state, "ready", "the state it had before the deprovision");
     let response = delete(&app, "zitadel", "", None).await;
     assert_eq!(response.status(), 202);
     assert_problem(delete(&app, "zitadel", "", None).await, 409).await;
@@ -608,6 +634,114 @@ async fn an_adopted_repository_loses_its_recorded_secret_and_user_but_nothing_un
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert!(env.secret("zitadel", "pgo-s3-creds").await.is_none());
     assert!(iam_leftovers(&env, &bucket).await.is_empty());
+}
+
+/// The status of access key `key` of user `bucket`.
+async fn key_status(env: &Env, bucket: &str, key: &str) -> String {
+    let listed = env
+        .admin
+        .iam
+        .list_access_keys()
+        .user_name(bucket)
+        .send()
+        .await;
+    let listed = listed.expect("list keys");
+    let found = listed
+        .access_key_metadata()
+        .iter()
+        .find(|k| k.access_key_id() == Some(key));
+    found
+        .and_then(|k| k.status())
+        .expect("the key")
+        .as_str()
+        .to_owned()
+}
+
+/// A deprovisioning job whose Secret DELETE (the real one, not the preflight's dry run) is held
+/// at the kube proxy: the keys are deactivated by then. Returns the job's id, the key the
+/// Secret references, the Secret's path and the held request.
+async fn deprovision_held_at_the_secret(env: &Env, name: &str) -> (String, String, String, Held) {
+    let bucket = bucket_for(name);
+    provisioned(env, name).await;
+    let conf = env.s3_conf("zitadel", &bucket).await.unwrap();
+    let key = conf_value(&conf, "repo2-s3-key");
+    let path = format!("/api/v1/namespaces/{}/secrets/{bucket}", env.ns("zitadel"));
+    // The first DELETE is the preflight's dry run (kube-rs sends `dryRun` in the body).
+    let mut held = env.kube.proxy.hold(Hold::next("DELETE", &path).skip(1));
+    let response = delete(&env.app, name, "", None).await;
+    assert_eq!(response.status(), 202);
+    let job = job_id(&response.json().await.unwrap());
+    let request = tokio::time::timeout(Duration::from_secs(60), held.recv()).await;
+    let request = request.expect("the Secret's DELETE in time").expect("held");
+    let status = key_status(env, &bucket, &key).await;
+    assert_eq!(status, "Inactive", "deactivated before the Secret goes");
+    (job, key, path, request)
+}
+
+/// The job fails for good after deactivating the keys and before removing the Secret (its
+/// DELETE answered 403), which still references one: on its way out the job makes the keys
+/// active again (audited), so the repository is ready again; a retry deactivates them again
+/// and finishes the deprovisioning.
+#[tokio::test]
+async fn a_job_failing_before_the_secret_is_removed_reactivates_the_keys() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dpu");
+    let bucket = bucket_for(&name);
+    let (job, key, path, request) = deprovision_held_at_the_secret(&env, &name).await;
+    let forbidden = KubeFault::status(403).method("DELETE").path_prefix(&path);
+    env.kube.proxy.inject_fault(forbidden);
+    drop(request);
+    let ended = env.app.wait_for_job(&job, Duration::from_secs(90)).await;
+    assert_eq!(ended["state"], "failed", "{ended:#}");
+    assert_eq!(key_status(&env, &bucket, &key).await, "Active");
+    assert!(env.secret("zitadel", &bucket).await.is_some());
+    let repo = env.repository(&name).await;
+    assert_eq!(repo["state"], "ready", "nothing left changed: {repo:#}");
+    let actions = audit_actions(&env.app, &name).await;
+    let undo = "deprovision-repository.reactivate_keys".to_owned();
+    assert!(actions.contains(&undo), "{actions:?}");
+
+    let retry = format!("/v1/jobs/{job}/retry");
+    let response = env
+        .app
+        .post_json(&retry, &env.app.operator(), &json!({}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let ended = env.app.wait_for_job(&job, Duration::from_secs(90)).await;
+    assert_eq!(
+        ended["state"], "succeeded",
+        "the retry continues: {ended:#}"
+    );
+    assert!(iam_leftovers(&env, &bucket).await.is_empty());
+    assert!(env.secret("zitadel", &bucket).await.is_none());
+    assert_eq!(env.repository(&name).await["state"], "deleted");
+}
+
+/// Cancelled after deactivating the keys (the Secret's DELETE then fails, retryably): the next
+/// attempt stops at its first step and makes the keys active again on its way out.
+#[tokio::test]
+async fn a_cancel_before_the_secret_is_removed_reactivates_the_keys() {
+    let env = Env::start(&["zitadel"]).await;
+    let name = unique_name("dpv");
+    let bucket = bucket_for(&name);
+    let (job, key, path, request) = deprovision_held_at_the_secret(&env, &name).await;
+    let cancel = format!("/v1/jobs/{job}/cancel");
+    let response = env
+        .app
+        .post_json(&cancel, &env.app.operator(), &json!({}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let unavailable = KubeFault::status(503).method("DELETE").path_prefix(&path);
+    env.kube.proxy.inject_fault(unavailable);
+    drop(request);
+    let ended = env.app.wait_for_job(&job, Duration::from_secs(90)).await;
+    assert_eq!(ended["state"], "cancelled", "{ended:#}");
+    assert_eq!(key_status(&env, &bucket, &key).await, "Active");
+    let repo = env.repository(&name).await;
+    assert_eq!(repo["state"], "ready", "{repo:#}");
+    let actions = audit_actions(&env.app, &name).await;
+    let undo = "deprovision-repository.reactivate_keys".to_owned();
+    assert!(actions.contains(&undo), "{actions:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

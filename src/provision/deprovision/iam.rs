@@ -112,14 +112,30 @@ async fn keys(iam: &Client, user: &str) -> Result<Vec<(String, String)>, CloudEr
         .collect())
 }
 
+/// What [`deactivate_keys`] found and did: its report, and the keys it made inactive (active
+/// before), which [`reactivate_keys`] makes active again when the job ends before the Secret
+/// was removed.
+pub struct Deactivated {
+    pub report: Teardown,
+    pub keys: Vec<String>,
+}
+
 /// Deactivates every access key of the user first: whatever still uses one stops at once, and
-/// a key can still be reactivated if that was a mistake (deleting it cannot be undone).
-pub async fn deactivate_keys(iam: &Client, user: &str, mode: Mode) -> Result<Teardown, CloudError> {
+/// a key can still be reactivated if that was a mistake (deleting it cannot be undone). When a
+/// deactivation fails, those this call made are made active again before the error is
+/// returned: the step changed all of its keys or none, so its record names every key it
+/// deactivated.
+pub async fn deactivate_keys(
+    iam: &Client,
+    user: &str,
+    mode: Mode,
+) -> Result<Deactivated, CloudError> {
     let mut report = Teardown::new("iam-access-keys", user);
     let keys = keys(iam, user).await?;
     if keys.is_empty() {
         report.absent();
     }
+    let mut deactivated = Vec::new();
     for (id, status) in keys {
         let setting = format!("{id}.status");
         if status != StatusType::Active.as_str() {
@@ -127,18 +143,54 @@ pub async fn deactivate_keys(iam: &Client, user: &str, mode: Mode) -> Result<Tea
             continue;
         }
         if mode.applies() {
-            let sent = iam
-                .update_access_key()
-                .user_name(user)
-                .access_key_id(&id)
-                .status(StatusType::Inactive)
-                .send()
-                .await;
-            report.request(deleted("UpdateAccessKey", sent)?);
+            match set_status(iam, user, &id, StatusType::Inactive).await {
+                Ok(request_id) => report.request(request_id),
+                Err(err) => {
+                    // Best effort: the error that stops the step is the one to report.
+                    let _ = reactivate_keys(iam, user, &deactivated).await;
+                    return Err(err);
+                }
+            }
+            deactivated.push(id.clone());
         }
         report.setting(&setting, json!("Inactive"), json!(status), Action::Update);
     }
+    Ok(Deactivated {
+        report,
+        keys: deactivated,
+    })
+}
+
+/// Makes `keys` active again (a key that is gone counts as done): the undoing of
+/// [`deactivate_keys`].
+pub async fn reactivate_keys(
+    iam: &Client,
+    user: &str,
+    keys: &[String],
+) -> Result<Teardown, CloudError> {
+    let mut report = Teardown::new("iam-access-keys", user);
+    for id in keys {
+        report.request(set_status(iam, user, id, StatusType::Active).await?);
+        let setting = format!("{id}.status");
+        report.setting(&setting, json!("Active"), json!("Inactive"), Action::Update);
+    }
     Ok(report)
+}
+
+async fn set_status(
+    iam: &Client,
+    user: &str,
+    id: &str,
+    status: StatusType,
+) -> Result<Option<String>, CloudError> {
+    let sent = iam
+        .update_access_key()
+        .user_name(user)
+        .access_key_id(id)
+        .status(status)
+        .send()
+        .await;
+    deleted("UpdateAccessKey", sent)
 }
 
 /// Deletes every access key of the user.

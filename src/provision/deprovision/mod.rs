@@ -19,6 +19,13 @@
 //! after a crash or a failure converges. The repository's record and audit log stay; the
 //! trigger `backup_repository_follows_job` makes it `deleted` when the job succeeds.
 //!
+//! A job that ends (refused, failed, cancelled) before the Secret was removed undoes the
+//! deactivation on its way out ([`undo`]): the keys are made active again, audited
+//! (`reactivate_keys`), and the step is pending again (a retry deactivates them again and
+//! goes on). A job that changed nothing leaves the repository in the state it had before
+//! (migration `20261202000050`): a refused deprovision does not take a healthy repository out
+//! of the verify sweep and the automatic rotation.
+//!
 //! [`JobHandler::plan`] runs the same functions in [`Mode::Plan`] (read calls only): a dry run.
 
 pub mod iam;
@@ -26,6 +33,7 @@ pub mod kube_secret;
 pub mod request;
 pub mod storage;
 pub mod teardown;
+mod undo;
 
 use std::future::Future;
 
@@ -139,13 +147,26 @@ impl JobHandler for Deprovisioner {
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
         let p: DeprovisionPayload = ctx.payload()?;
+        match self.teardown(ctx, &p).await {
+            Err(err) if undo::job_ends(ctx, &err) => Err(self.on_the_way_out(ctx, &p, err).await),
+            other => other,
+        }
+    }
+
+    async fn plan(&self, payload: Value) -> Option<Result<Value, JobError>> {
+        Some(self.plan_of(payload).await)
+    }
+}
+
+impl Deprovisioner {
+    /// The preflight, then every step in order.
+    async fn teardown(&self, ctx: &JobContext, p: &DeprovisionPayload) -> Result<(), JobError> {
         let s3 = self.aws.s3_for_region(p.region.as_str());
-        self.preflight(&s3, &p).await?;
+        self.preflight(&s3, p).await?;
         let (iam, apply) = (&self.aws.iam, Mode::Apply);
         let (user, group) = (p.bucket.iam_user_name(), p.bucket.iam_group_name());
-        let deactivate = iam::deactivate_keys(iam, user, apply);
-        simple_step(ctx, Step::DeactivateKeys, deactivate).await?;
-        self.secret_step(ctx, &p).await?;
+        self.deactivate_step(ctx, user).await?;
+        self.secret_step(ctx, p).await?;
         simple_step(ctx, Step::DeleteKeys, iam::delete_keys(iam, user, apply)).await?;
         simple_step(
             ctx,
@@ -167,8 +188,17 @@ impl JobHandler for Deprovisioner {
         simple_step(ctx, Step::Bucket, bucket).await
     }
 
-    async fn plan(&self, payload: Value) -> Option<Result<Value, JobError>> {
-        Some(self.plan_of(payload).await)
+    /// Deactivates the user's keys; the step's output names those it made inactive (for
+    /// [`undo`]; `None` in steps recorded before it did).
+    async fn deactivate_step(&self, ctx: &JobContext, user: &str) -> Result<(), JobError> {
+        let step = Step::DeactivateKeys;
+        let _: Option<Vec<String>> = ctx
+            .step(step.name(), step.position(), async {
+                let deactivated = iam::deactivate_keys(&self.aws.iam, user, Mode::Apply).await?;
+                Ok(deactivated.report.done(Some(deactivated.keys)))
+            })
+            .await?;
+        Ok(())
     }
 }
 
@@ -259,7 +289,7 @@ impl Deprovisioner {
         );
         let (namespace, recorded) = (p.namespace.as_str(), p.recorded_secret);
         let reports = [
-            iam::deactivate_keys(iam, user, plan).await?,
+            iam::deactivate_keys(iam, user, plan).await?.report,
             kube_secret::remove(&self.kube, namespace, p.secret_name(), recorded, plan).await?,
             iam::delete_keys(iam, user, plan).await?,
             iam::leave_group(iam, user, group, plan).await?,
