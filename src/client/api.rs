@@ -120,7 +120,7 @@ impl Api {
         let response = request
             .send()
             .await
-            .map_err(|e| ClientError::Unavailable(format!("{url}: {}", error_chain(&e))))?;
+            .map_err(|e| unreachable(&self.base, &e))?;
         classify(response).await
     }
 }
@@ -147,13 +147,17 @@ async fn classify(response: reqwest::Response) -> Result<Answer, ClientError> {
     ))
 }
 
-/// The error and its causes on one line (reqwest's own message omits the cause).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
+/// A request that got no answer, named by its innermost cause (reqwest's own message hides it:
+/// "error sending request").
+fn unreachable(base: &str, err: &reqwest::Error) -> ClientError {
+    let mut cause: &dyn std::error::Error = err;
+    while let Some(source) = cause.source() {
+        cause = source;
     }
-    text
+    let what = if err.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        cause.to_string()
+    };
+    ClientError::Unavailable(format!("cannot reach {base}: {what}"))
 }

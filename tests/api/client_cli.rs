@@ -271,6 +271,13 @@ async fn failures_have_their_exit_codes() {
     assert!(no_token.stderr.contains("BP_TOKEN"), "{}", no_token.stderr);
     let nowhere = client(&format!("http://127.0.0.1:{}", free_port()), "t", &["list"]).await;
     nowhere.assert_code(4);
+    assert!(
+        nowhere
+            .stderr
+            .starts_with("error: cannot reach http://127.0.0.1:"),
+        "{}",
+        nowhere.stderr
+    );
 }
 
 /// Against an API without workers a queued job never ends: --wait gives up after
