@@ -144,7 +144,13 @@ impl KeySchedule {
         for candidate in candidates(&self.db, max_age).await? {
             match self.rotate_if_old(&candidate, max_age).await {
                 Ok(true) => round.rotations.push(candidate.name.clone()),
-                Ok(false) | Err(ScheduleError::Request(RotateRequestError::Busy(_))) => {}
+                // A job started, or the repository stopped being ready, meanwhile.
+                Ok(false)
+                | Err(ScheduleError::Request(
+                    RotateRequestError::Busy(_)
+                    | RotateRequestError::NotReady { .. }
+                    | RotateRequestError::NotFound(_),
+                )) => {}
                 Err(e) => round.failed.push((candidate.name.clone(), e.to_string())),
             }
         }

@@ -766,6 +766,12 @@ pub async fn request(
         .ok_or_else(|| RequestError::NotFound(name.to_owned()))?;
     let payload = VerifyPayload::for_row(&row, repair)?;
     let mut tx = db.begin().await?;
+    // Locked and checked again: a repository deleted since it was read gets no verification
+    // (its name and bucket may already belong to a new repository).
+    match repository::lock_state(&mut tx, row.id).await? {
+        Some(state) if state != repository::DELETED => {}
+        _ => return Err(RequestError::NotFound(row.name)),
+    }
     let options = EnqueueOptions {
         created_by: actor.subject,
         max_attempts,

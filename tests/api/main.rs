@@ -12,6 +12,7 @@ mod database_roles;
 mod day_to_day_defects;
 mod deploy_manifests;
 mod deprovision;
+mod enqueue_locks;
 mod faults_beyond_aws;
 mod http_auth;
 mod http_common;

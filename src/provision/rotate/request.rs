@@ -104,7 +104,9 @@ pub async fn rotate(
 }
 
 /// Queues a rotation in `tx` with its audit entry. A repository with an active job is
-/// [`RotateRequestError::Busy`].
+/// [`RotateRequestError::Busy`]; one that is no longer ready (or was deleted) since it was
+/// read is refused: its row is locked and its state checked again in `tx`, so a deprovisioning
+/// queued meanwhile is either seen here or queued after this rotation (and then busy).
 pub async fn enqueue_rotation(
     tx: &mut PgConnection,
     payload: &RotatePayload,
@@ -113,6 +115,13 @@ pub async fn enqueue_rotation(
     detail: serde_json::Value,
 ) -> Result<Uuid, RotateRequestError> {
     let name = payload.repository.to_string();
+    match repository::lock_state(&mut *tx, payload.repository_id).await? {
+        Some(state) if state == "ready" => {}
+        Some(state) if state != repository::DELETED => {
+            return Err(RotateRequestError::NotReady { name, state });
+        }
+        _ => return Err(RotateRequestError::NotFound(name)),
+    }
     let job_id =
         enqueue::<RotateAccessKey>(tx, payload, actor.subject, max_attempts, &name).await?;
     let entry = AuditEntry {
