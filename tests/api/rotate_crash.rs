@@ -132,6 +132,32 @@ async fn sigkill_after_deactivating_and_after_deleting_the_old_key_then_recovery
     s.env.app.stop().await;
 }
 
+/// A worker killed after reading the old key's last use, before recording the step, wrote
+/// nothing: the last use is recorded in the step's fenced transaction, not on the side (a
+/// worker that lost its lease could otherwise still write it). The rescuer records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_after_reading_the_last_use_recorded_nothing() {
+    let s = Scenario::start("lastused").await;
+    let job = s.queue_rotation().await;
+    assert_eq!(s.run_in_process(job).await.state, "succeeded");
+    let job = s.make_retirement_due("deactivate_after").await;
+    s.kill_child_at("last_used:before-record", 1).await;
+    s.assert_killed_before_record(job, "last_used", 1).await;
+    let last_used = || async {
+        let recorded: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT last_used FROM key_retirements")
+                .fetch_one(&s.env.app.db)
+                .await
+                .unwrap();
+        recorded
+    };
+    assert_eq!(last_used().await, None, "written outside the step's record");
+    let ended = s.run_in_process(job).await;
+    assert_eq!(ended.state, "succeeded", "{:?}", ended.last_error);
+    assert!(last_used().await.is_some(), "recorded with the step");
+    s.env.app.stop().await;
+}
+
 /// A worker dies after writing the Secret, and the rotation is cancelled before another worker
 /// records it: the job ends cancelled, but the Secret holds the new key, so the old key's
 /// retirement is scheduled anyway (else the sweep would delete it without a grace period).
