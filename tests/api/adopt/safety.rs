@@ -123,8 +123,10 @@ async fn verify_with_repair_leaves_the_labels(env: &Env, name: &str, before: &Va
     assert!(reason.contains("adopted as it is"), "{reason}");
 }
 
-/// The same create without `adopt` (or naming another Secret) is a 409 that says why, for
-/// the request and its dry run; nothing is queued and the hand-made key stays.
+/// Once adopted, the same create without `adopt` (or naming another Secret) is a 409 that says
+/// why, for the request and its dry run; nothing is queued and the hand-made key stays. Before
+/// anything was recorded (provisioning refused the hand-made set), switching to `adopt` is the
+/// remedy and is allowed.
 #[tokio::test]
 async fn a_create_never_switches_an_adopted_repository_to_provisioning() {
     let env = env().await;
@@ -133,12 +135,18 @@ async fn a_create_never_switches_an_adopted_repository_to_provisioning() {
     let made = aws_by_hand(&env, &bucket).await;
     let conf = runbook_s3_conf(&made);
     create_secret(&env, "zitadel", SECRET, &[("s3.conf", &conf)]).await;
+    // Provisioning refuses the hand-made set before recording anything: its remedy, the same
+    // request with "adopt", is still allowed.
+    let namespace = env.ns("zitadel");
+    let job = env
+        .provision(json!({ "name": name, "namespace": namespace }))
+        .await;
+    assert_permanent(&job, &["\"adopt\": true"]);
     let job = adopt(&env, &name, json!({ "secret_name": SECRET })).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     proxy(&env).reset_counts();
     env.kube.clear_requests();
 
-    let namespace = env.ns("zitadel");
     let switches = [
         (json!({ "name": name, "namespace": namespace }), "adopt"),
         (
