@@ -3,9 +3,12 @@
 //! job would change it: the keys deleted to make room, the new key, the probe, the Secret (new
 //! key, cipher pass unchanged) and the old key's retirement dates.
 //!
-//! What a plan cannot know: a key an unfinished earlier rotation sealed in Postgres (it would
-//! be reused instead of created); the HTTP handler refuses before planning when an earlier
-//! rotation's key is still active in its grace period.
+//! What a plan cannot know (it reads no Postgres): a key an unfinished earlier rotation sealed
+//! (it would be reused instead of created), and the retirements of earlier rotations. The HTTP
+//! handler refuses before planning when an earlier rotation's old key is still active in its
+//! grace period; an active key the plan would delete says that the job refuses instead when it
+//! is the key an earlier rotation moved the Secret to (the Secret was restored to an older key
+//! by hand since, e.g. after a halted retirement).
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -86,11 +89,20 @@ fn plan_make_room(user: &str, listed: &[KeyInfo], room: &RoomPlan) -> Vec<Value>
                 .iter()
                 .find(|k| &k.id == id)
                 .map(|k| k.status.clone());
+            let active = status.as_deref() == Some("Active");
             let mut deleted = setting("status", Value::Null, json!(status), "delete");
             deleted["reason"] = json!(
                 "not referenced by the Secret: deleted to make room for the new key within \
                  IAM's two keys per user"
             );
+            if active {
+                deleted["unless"] = json!(
+                    "it is the key an earlier rotation moved the Secret to (its old key's \
+                     retirement pending or halted, the Secret restored by hand since): consumers \
+                     may use it, so the rotation refuses; deactivate or delete it by hand once \
+                     nothing uses it, or restore the Secret with it"
+                );
+            }
             resource(
                 "iam-access-key",
                 &format!("{user}/{id}"),
@@ -185,6 +197,11 @@ mod tests {
         assert_eq!(deleted.len(), 1);
         assert_eq!(deleted[0]["resource"]["name"], "u/X");
         assert_eq!(deleted[0]["resource"]["action"], "delete");
+        let unless = &deleted[0]["settings"][0]["unless"];
+        assert!(
+            unless.as_str().unwrap().contains("rotation refuses"),
+            "{unless}"
+        );
         assert_eq!(plan_new_key("u")["resource"]["action"], "create");
         let secret = plan_secret("ns", "s", "R");
         let settings = secret["settings"].as_array().unwrap();
