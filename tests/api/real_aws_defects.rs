@@ -396,10 +396,17 @@ async fn limit_exceeded_right_after_deleting_keys_is_retried() {
     let proxy = env.realism.as_ref().expect("proxy");
     let name = unique_name("limit");
     let bucket = bucket_for(&name);
+    // Ours (tagged as the service tags its users), left with two orphan keys by earlier attempts.
+    let ours = aws_sdk_iam::types::Tag::builder()
+        .key(bucket::MANAGED_BY_KEY)
+        .value(bucket::MANAGED_BY_VALUE)
+        .build()
+        .expect("tag");
     env.admin
         .iam
         .create_user()
         .user_name(&bucket)
+        .tags(ours)
         .send()
         .await
         .expect("user");
