@@ -744,6 +744,55 @@ async fn a_cancel_before_the_secret_is_removed_reactivates_the_keys() {
     assert!(actions.contains(&undo), "{actions:?}");
 }
 
+/// Cancelled while queued for its next attempt (no worker runs it to undo anything) after
+/// deactivating the keys: the repository's last_error names the inactive keys and how to make
+/// them active again; a retry finishes the deprovisioning.
+#[tokio::test]
+async fn a_cancel_while_queued_after_deactivating_names_the_inactive_keys() {
+    let env = Env::builder(&["zitadel"])
+        .map_worker(|w| w.retry_base = Duration::from_secs(60))
+        .start()
+        .await;
+    let name = unique_name("dpw");
+    let bucket = bucket_for(&name);
+    let (job, key, path, request) = deprovision_held_at_the_secret(&env, &name).await;
+    let unavailable = KubeFault::status(503).method("DELETE").path_prefix(&path);
+    env.kube.proxy.inject_fault(unavailable);
+    drop(request);
+    let id = uuid::Uuid::parse_str(&job).unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the job back in the queue",
+        || async {
+            let job = queue::get(&env.app.db, id).await.unwrap().unwrap();
+            (job.state == "queued" && job.attempts == 1).then_some(())
+        },
+    )
+    .await;
+    let cancel = format!("/v1/jobs/{job}/cancel");
+    let response = env
+        .app
+        .post_json(&cancel, &env.app.operator(), &json!({}))
+        .await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(key_status(&env, &bucket, &key).await, "Inactive");
+    let repo = env.repository(&name).await;
+    assert_eq!(repo["state"], "cancelled", "{repo:#}");
+    let error = repo["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains(&key), "names the key: {error}");
+    assert!(error.contains("--status Active"), "says how: {error}");
+
+    let retry = format!("/v1/jobs/{job}/retry");
+    let response = env
+        .app
+        .post_json(&retry, &env.app.operator(), &json!({}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let ended = env.app.wait_for_job(&job, Duration::from_secs(90)).await;
+    assert_eq!(ended["state"], "succeeded", "{ended:#}");
+    assert_eq!(env.repository(&name).await["state"], "deleted");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Crash safety: a worker killed with SIGKILL after each step's external change
 // ---------------------------------------------------------------------------------------------
