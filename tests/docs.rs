@@ -37,6 +37,7 @@ const ITEMS: &[(&str, &str)] = &[
     ("src/provision/sealed.rs", "enum SealedError"),
     ("src/provision/rotate/keys.rs", "impl InGrace"),
     ("src/provision/rotate/retire.rs", "fn guard"),
+    ("src/provision/rotate/retire.rs", "fn delete_step"),
     ("src/cloud/kube.rs", "fn forbidden"),
     ("src/cloud/kube.rs", "fn not_found"),
 ];
