@@ -113,6 +113,7 @@ chroot_command() {
   local envs=()
   while [ "$1" != -- ]; do envs+=("$1"); shift; done
   shift
+  # shellcheck disable=SC2016 # the inner script's own arguments
   CHROOT=(unshare --mount --propagation private -- bash -c
     'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
     _ "$IMAGE_ROOT" "$RO_ROOT" env -i "${IMAGE_ENV[@]}" "${envs[@]}"

@@ -28,6 +28,13 @@ if ! bash scripts/walkthrough-test.sh >.run/walkthrough-test.log 2>&1; then
   tail -60 .run/walkthrough-test.log; echo "make test: the README's walkthrough failed against make run"; exit 1
 fi
 echo "make test: the README's walkthrough ran against make run ($(( $(date +%s) - started ))s)"
+# The runtime image, built offline with podman from the cached release build and run as the
+# Deployment runs it: UID 10001, read-only root (scripts/test-image.sh; .run/image.log).
+if ! bash scripts/test-image.sh >.run/image.log 2>&1; then
+  tail -60 .run/image.log; echo "make test: the image test failed"; exit 1
+fi
+grep '^image-test:' .run/image.log
+echo "make test: the image builds and runs ($(( $(date +%s) - started ))s)"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
