@@ -9,7 +9,7 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/backup-provisioner/target
 
-.PHONY: demo run install test deps kube kube-smoke build lint fmt openapi bench image image-test
+.PHONY: demo run install test deps kube kube-smoke build lint fmt openapi bench image image-test image-dockerfile-check
 
 demo: deps
 	bash scripts/demo.sh
@@ -53,6 +53,11 @@ image: deps
 
 image-test: deps
 	bash scripts/test-image.sh
+
+# The Dockerfile's build stage run on the host instruction by instruction (no rust image can be
+# pulled here): dependencies from the manifests alone, then the real release binary. Minutes.
+image-dockerfile-check:
+	bash scripts/check-dockerfile-build-stage.sh
 
 # Regenerates openapi/openapi.json from the code.
 openapi:
