@@ -24,7 +24,10 @@ bash scripts/image-build-stage.sh runtime-libs "$context/rootfs" >&2
 echo "build-image: release binary and runtime files ready ($(( $(date +%s) - started ))s)" >&2
 
 previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
-podman build --quiet --file deploy/image/Containerfile.offline \
+# --layers=false: podman's layer cache ignores a changed --build-arg (a new REVISION would keep
+# the old label, seen with podman 4.3); without layers there is no cache and no intermediate
+# image, and the build takes seconds (FROM scratch, one COPY).
+podman build --quiet --layers=false --file deploy/image/Containerfile.offline \
   --build-arg VERSION="$version" --build-arg REVISION="$revision" \
   --tag "$tag" "$context" >&2
 current=$(podman image inspect --format '{{.Id}}' "$tag")

@@ -78,8 +78,11 @@ check_image_config() {
       | all($l["org.opencontainers.image." + .] // "" | length > 0)
       and $l["org.opencontainers.image.version"] == $v' <<<"$config" >/dev/null ||
     fail "OCI labels missing: $(jq -c .Labels <<<"$config")"
+  local revision
+  revision=$(jq -r '.Labels["org.opencontainers.image.revision"]' <<<"$config")
+  [[ "$revision" == "$(git rev-parse HEAD)"* ]] || fail "revision label $revision is not HEAD's"
   SIZE=$(podman image inspect --format '{{.Size}}' "$TAG")
-  say "image $TAG: user 10001:10001, ENTRYPOINT [backup-provisioner], CMD [serve], OCI labels $(jq -r '.Labels["org.opencontainers.image.revision"]' <<<"$config" | cut -c1-12)"
+  say "image $TAG: user 10001:10001, ENTRYPOINT [backup-provisioner], CMD [serve], OCI labels (revision $revision)"
   say "image size: $SIZE bytes ($(awk -v s="$SIZE" 'BEGIN { printf "%.1f", s / 1048576 }') MiB)"
 }
 
