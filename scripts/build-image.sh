@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/target}"
 
 command -v podman >/dev/null || { echo "build-image: podman not found: run 'make deps'" >&2; exit 1; }
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+version=$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 # A tree with changes nobody committed is not that revision.
 git diff --quiet HEAD -- src migrations Cargo.toml Cargo.lock 2>/dev/null || revision="$revision-dirty"

@@ -60,6 +60,6 @@ while IFS= read -r line; do
 done <<<"$stage"
 
 binary=$work/out/usr/local/bin/backup-provisioner
-"$binary" --version | grep -q '^backup-provisioner ' || { echo "check-dockerfile: no real binary in /out" >&2; exit 1; }
+[[ "$("$binary" --version)" == "backup-provisioner "* ]] || { echo "check-dockerfile: no real binary in /out" >&2; exit 1; }
 grep -q '^backup-provisioner:x:10001:10001:' "$work/out/etc/passwd"
 echo "check-dockerfile: the Dockerfile's build stage built $("$binary" --version) and /etc/passwd with 10001"

@@ -75,7 +75,7 @@ build_release() {
   cargo build --release --locked -p "$BIN" --bin "$BIN"
   install -D -m 0755 "$CARGO_TARGET_DIR/release/$BIN" "$out/usr/local/bin/$BIN"
   # The real binary, not a placeholder's build (see build_deps).
-  "$out/usr/local/bin/$BIN" --version | grep -q "^$BIN " || die "release: the binary is not $BIN"
+  [[ "$("$out/usr/local/bin/$BIN" --version)" == "$BIN "* ]] || die "release: the binary is not $BIN"
   command -v strip >/dev/null || die "strip not found (binutils): install build-essential"
   strip --strip-all "$out/usr/local/bin/$BIN"
   mkdir -p "$out/etc"

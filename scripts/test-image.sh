@@ -61,13 +61,15 @@ check_containerfiles() {
     fail "the Dockerfile's runtime stage and deploy/image/Containerfile.offline differ (above)"
   [ "$(grep -c '^FROM ' Dockerfile)" -ge 2 ] || fail "the Dockerfile is not multi-stage"
   # Dependencies are built (and cached) before the sources are copied in.
-  grep -n 'image-build-stage.sh deps\|^COPY \. \.\|image-build-stage.sh release' Dockerfile |
-    cut -d: -f2- | tr '\n' '|' | grep -q 'deps.*|COPY \. \..*|.*release' ||
+  local order
+  order=$(grep -n 'image-build-stage.sh deps\|^COPY \. \.\|image-build-stage.sh release' Dockerfile |
+    cut -d: -f2- | tr '\n' '|')
+  [[ "$order" =~ deps.*\|COPY\ \.\ \..*\|.*release ]] ||
     fail "the Dockerfile must run image-build-stage.sh deps, then COPY . ., then release"
   say "Dockerfile: multi-stage, dependencies cached apart from the sources, runtime stage = Containerfile.offline"
 }
 
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+VERSION=$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)
 
 check_image_config() {
   local config
@@ -230,14 +232,15 @@ wait_ready() {
 # The serving process itself: UID/GID 10001, its root mounted read-only, logs as JSON lines (the
 # image's BP_LOG_JSON=true).
 check_process() {
-  local uid gid root_options
+  local uid gid root_options first_line
   uid=$(awk '/^Uid:/ { print $2, $3, $4, $5 }' "/proc/$SERVICE_PID/status")
   gid=$(awk '/^Gid:/ { print $2, $3, $4, $5 }' "/proc/$SERVICE_PID/status")
   [ "$uid $gid" = "10001 10001 10001 10001 10001 10001 10001 10001" ] ||
     fail "serve runs as uid '$uid' gid '$gid'"
   root_options=$(awk '$5 == "/" { print $6 }' "/proc/$SERVICE_PID/mountinfo" | tail -1)
   [[ "$root_options" == ro* ]] || fail "serve's root filesystem is mounted '$root_options'"
-  serve_log | head -1 | jq -e .level >/dev/null || fail "serve does not log JSON: $(serve_log | head -1)"
+  first_line=$(serve_log | sed -n 1p)
+  jq -e .level <<<"$first_line" >/dev/null || fail "serve does not log JSON: $first_line"
   say "serve: process $SERVICE_PID runs as uid/gid 10001 on a root mounted '$root_options', logs JSON"
 }
 
