@@ -103,8 +103,9 @@ podman_variant() {
   esac
 }
 
-# The chroot fallback: the image's root (podman image mount) bind-mounted read-only in a mount
-# namespace of its own, the image's environment, user and entrypoint, nothing of the host's.
+# The chroot fallback: the image's root (podman image mount, itself mounted ro) bind-mounted
+# read-only again in a mount namespace of its own (so that the root stays read-only whatever
+# podman does), the image's environment, user and entrypoint, nothing of the host's.
 chroot_prepare() {
   [ "$(id -u)" -eq 0 ] || fail "the chroot fallback needs root: run this script under 'podman unshare'"
   IMAGE_ROOT=$(podman image mount "$TAG")
