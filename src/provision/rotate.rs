@@ -305,8 +305,24 @@ impl Rotator {
             return Ok(());
         };
         let mut tx = ctx.fenced_tx().await?;
+        self.record_new_key(&mut tx, ctx, payload, &room, new_key)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// In the transaction `conn`: forgets the sealed key secret (the Secret now holds the new key), schedules
+    /// the old key's retirement and records `new_key` as the repository's access key.
+    async fn record_new_key(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        ctx: &JobContext,
+        payload: &RotatePayload,
+        room: &Room,
+        new_key: &str,
+    ) -> Result<(), JobError> {
         self.sealed(payload)
-            .forget(&mut *tx, sealed::Kind::AccessKey)
+            .forget(&mut *conn, sealed::Kind::AccessKey)
             .await?;
         let retirement = retirements::NewRetirement {
             repository_id: payload.repository_id,
@@ -316,13 +332,12 @@ impl Rotator {
             grace: self.timeline.grace,
             delete_grace: self.timeline.delete_grace,
         };
-        retirements::schedule(&mut tx, &retirement).await?;
+        retirements::schedule(&mut *conn, &retirement).await?;
         let resources = Resources {
             access_key_id: Some(new_key.to_owned()),
             ..Default::default()
         };
-        repository::merge_resources(&mut *tx, payload.repository_id, &resources).await?;
-        tx.commit().await?;
+        repository::merge_resources(&mut *conn, payload.repository_id, &resources).await?;
         Ok(())
     }
 
@@ -546,23 +561,8 @@ impl Rotator {
             report.detail["previous_access_key_id"] = json!(room.old_key_id);
             let new_key = conf.access_key_id.as_str();
             let mut tx = ctx.fenced_tx().await?;
-            self.sealed(payload)
-                .forget(&mut *tx, sealed::Kind::AccessKey)
+            self.record_new_key(&mut tx, ctx, payload, room, new_key)
                 .await?;
-            let retirement = retirements::NewRetirement {
-                repository_id: payload.repository_id,
-                rotation_job_id: ctx.job().id,
-                old_key_id: &room.old_key_id,
-                new_key_id: new_key,
-                grace: self.timeline.grace,
-                delete_grace: self.timeline.delete_grace,
-            };
-            retirements::schedule(&mut tx, &retirement).await?;
-            let resources = Resources {
-                access_key_id: Some(new_key.to_owned()),
-                ..Default::default()
-            };
-            repository::merge_resources(&mut *tx, payload.repository_id, &resources).await?;
             ctx.finish_step(
                 &mut tx,
                 step.name(),
