@@ -287,6 +287,37 @@ fn sqlstate(err: &sqlx::Error) -> Option<String> {
         .map(|code| code.into_owned())
 }
 
+/// Runs `work` only if this replica wins the session advisory lock `key` (`None` when another
+/// holds it), then releases the lock. The lock's connection is closed instead of going back
+/// to the pool should the unlock fail: pooled while still holding the session lock, no
+/// replica could win it until the connection is recycled.
+pub async fn with_advisory_lock<T, E, F, Fut>(
+    db: &PgPool,
+    key: i64,
+    work: F,
+) -> Result<Option<T>, E>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: From<sqlx::Error>,
+{
+    let mut lock = db.acquire().await?;
+    let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !won {
+        return Ok(None);
+    }
+    lock.close_on_drop();
+    let result = work().await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *lock)
+        .await?;
+    result.map(Some)
+}
+
 /// Name of the unique constraint or index a database error violated, if any.
 pub fn violated_constraint(err: &sqlx::Error) -> Option<&str> {
     match err {

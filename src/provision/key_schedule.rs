@@ -94,26 +94,15 @@ impl KeySchedule {
 
     /// One round, if this worker wins the lock.
     pub async fn round(&self) -> Result<Round, ScheduleError> {
-        let mut lock = self.db.acquire().await?;
-        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(KEY_SCHEDULE_LOCK)
-            .fetch_one(&mut *lock)
-            .await?;
-        if !won {
-            return Ok(Round {
-                skipped: true,
-                ..Round::default()
-            });
-        }
-        // Never back to the pool still holding the session lock (see `sweep`).
-        lock.close_on_drop();
-        let mut round = Round::default();
-        let result = self.queue_all(&mut round).await;
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(KEY_SCHEDULE_LOCK)
-            .execute(&mut *lock)
-            .await?;
-        result.map(|()| round)
+        let won = crate::db::with_advisory_lock(&self.db, KEY_SCHEDULE_LOCK, || async {
+            let mut round = Round::default();
+            self.queue_all(&mut round).await.map(|()| round)
+        })
+        .await?;
+        Ok(won.unwrap_or_else(|| Round {
+            skipped: true,
+            ..Round::default()
+        }))
     }
 
     async fn queue_all(&self, round: &mut Round) -> Result<(), ScheduleError> {

@@ -126,23 +126,9 @@ impl Sweeper {
 
     /// One sweep, if this worker wins the sweep lock.
     pub async fn sweep_once(&self) -> Result<Swept, SweepError> {
-        let mut lock = self.db.acquire().await?;
-        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(SWEEP_LOCK)
-            .fetch_one(&mut *lock)
-            .await?;
-        if !won {
-            return Ok(Swept::Skipped);
-        }
-        // A connection whose unlock fails must not go back to the pool still holding the
-        // session lock (no worker would sweep until it is recycled): close it instead.
-        lock.close_on_drop();
-        let swept = self.sweep_all().await;
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(SWEEP_LOCK)
-            .execute(&mut *lock)
-            .await?;
-        swept.map(Swept::Done)
+        let swept =
+            crate::db::with_advisory_lock(&self.db, SWEEP_LOCK, || self.sweep_all()).await?;
+        Ok(swept.map_or(Swept::Skipped, Swept::Done))
     }
 
     async fn sweep_all(&self) -> Result<SweepReport, SweepError> {

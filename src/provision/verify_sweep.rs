@@ -89,23 +89,9 @@ impl VerifySweeper {
 
     /// One top-up, if this replica wins the lock.
     pub async fn top_up_once(&self) -> Result<TopUp, sqlx::Error> {
-        let mut lock = self.db.acquire().await?;
-        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(VERIFY_SWEEP_LOCK)
-            .fetch_one(&mut *lock)
-            .await?;
-        if !won {
-            return Ok(TopUp::Skipped);
-        }
-        // As in provision::sweep: a connection whose unlock fails must not go back to the pool
-        // still holding the session lock.
-        lock.close_on_drop();
-        let queued = self.queue_due().await;
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(VERIFY_SWEEP_LOCK)
-            .execute(&mut *lock)
-            .await?;
-        queued.map(TopUp::Queued)
+        let queued =
+            crate::db::with_advisory_lock(&self.db, VERIFY_SWEEP_LOCK, || self.queue_due()).await?;
+        Ok(queued.map_or(TopUp::Skipped, TopUp::Queued))
     }
 
     async fn queue_due(&self) -> Result<Vec<String>, sqlx::Error> {
