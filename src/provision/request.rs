@@ -212,15 +212,15 @@ async fn change_options(
     queue_provisioning(db, tx, &row, options, audit, max_attempts).await
 }
 
-/// The audit entry of an API mutation, written with the job it queues.
-struct Audited<'a> {
-    actor: Actor<'a>,
-    action: &'static str,
-    detail: serde_json::Value,
+/// The audit entry of a request, written with the job it queues.
+pub struct Audited<'a> {
+    pub actor: Actor<'a>,
+    pub action: &'static str,
+    pub detail: serde_json::Value,
 }
 
 impl<'a> Audited<'a> {
-    fn new(actor: Actor<'a>, action: &'static str, detail: serde_json::Value) -> Self {
+    pub fn new(actor: Actor<'a>, action: &'static str, detail: serde_json::Value) -> Self {
         Audited {
             actor,
             action,
@@ -239,17 +239,19 @@ async fn queue_provisioning(
     audit: Audited<'_>,
     max_attempts: i32,
 ) -> Result<Queued, RequestError> {
+    let name = row.name.as_str();
     let job_id = match options.adopt {
         true => {
             let payload = adopt::payload_for(row, options)?;
-            enqueue_audited::<AdoptRepository>(&mut tx, &payload, row, audit, max_attempts).await?
+            enqueue_audited::<AdoptRepository>(&mut tx, &payload, name, audit, max_attempts).await?
         }
         false => {
             let payload = payload_for(row, options)?;
-            enqueue_audited::<ProvisionRepository>(&mut tx, &payload, row, audit, max_attempts)
+            enqueue_audited::<ProvisionRepository>(&mut tx, &payload, name, audit, max_attempts)
                 .await?
         }
-    };
+    }
+    .ok_or_else(|| RequestError::Busy(row.name.clone()))?;
     tx.commit().await?;
     let repository = repository::by_id(db, row.id)
         .await?
@@ -277,28 +279,35 @@ fn payload_for(
     })
 }
 
-async fn enqueue_audited<K: JobKind>(
+/// Locks the row of the repository `id` in `tx`; `false` when it is gone or deleted (its name
+/// and bucket may already belong to a new repository).
+pub async fn lock_live(tx: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+    let state = repository::lock_state(tx, id).await?;
+    Ok(state.is_some_and(|state| state != repository::DELETED))
+}
+
+/// Queues the job `payload` of the repository `name` in `tx`, with the audit entry of its
+/// request (`created`); `None` when the repository already has a queued or running job.
+pub async fn enqueue_audited<K: JobKind>(
     tx: &mut PgConnection,
     payload: &K::Payload,
-    row: &RepositoryRow,
+    name: &str,
     audit: Audited<'_>,
     max_attempts: i32,
-) -> Result<Uuid, RequestError> {
+) -> Result<Option<Uuid>, sqlx::Error> {
     let options = EnqueueOptions {
         created_by: audit.actor.subject,
         max_attempts,
     };
     let job_id = match jobs::enqueue::<K>(&mut *tx, payload, options).await {
-        Err(e) if queue::is_subject_busy(&e) => {
-            return Err(RequestError::Busy(row.name.clone()));
-        }
+        Err(e) if queue::is_subject_busy(&e) => return Ok(None),
         other => other?,
     };
     let entry = AuditEntry {
         actor: audit.actor.subject.to_owned(),
         request_id: audit.actor.request_id.map(str::to_owned),
         client_request_id: audit.actor.client_request_id.map(str::to_owned),
-        subject: Some(row.name.clone()),
+        subject: Some(name.to_owned()),
         job_id: Some(job_id),
         action: audit.action.into(),
         outcome: "created".into(),
@@ -306,7 +315,7 @@ async fn enqueue_audited<K: JobKind>(
         ..Default::default()
     };
     audit::record(&mut *tx, &entry).await?;
-    Ok(job_id)
+    Ok(Some(job_id))
 }
 
 async fn bucket_taken(db: &PgPool, bucket: &str) -> Result<RequestError, sqlx::Error> {

@@ -36,16 +36,14 @@ use uuid::Uuid;
 
 use super::job::Provisioner;
 use super::report::{Action, Mode, Report, done};
-use super::request::{Queued, RequestError};
+use super::request::{Audited, Queued, RequestError, enqueue_audited, lock_live};
 use super::secret::{self, S3Conf};
 use super::{access_key, bucket, credential_check, group, policy, user};
-use crate::audit::{self, Actor, AuditEntry};
+use crate::audit::Actor;
 use crate::cloud::aws::{AwsClients, classify};
 use crate::cloud::{CloudError, StepReport};
 use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
-use crate::jobs::{
-    self, EnqueueOptions, JobContext, JobError, JobHandler, JobKind, Subject, queue,
-};
+use crate::jobs::{self, JobContext, JobError, JobHandler, JobKind, Subject, queue};
 use crate::repository::{self, RepositoryRow};
 
 /// The verification job kind.
@@ -766,21 +764,15 @@ pub async fn request(
         .ok_or_else(|| RequestError::NotFound(name.to_owned()))?;
     let payload = VerifyPayload::for_row(&row, repair)?;
     let mut tx = db.begin().await?;
-    // Locked and checked again: a repository deleted since it was read gets no verification
-    // (its name and bucket may already belong to a new repository).
-    match repository::lock_state(&mut tx, row.id).await? {
-        Some(state) if state != repository::DELETED => {}
-        _ => return Err(RequestError::NotFound(row.name)),
+    // Locked and checked again: a repository deleted since it was read gets no verification.
+    if !lock_live(&mut tx, row.id).await? {
+        return Err(RequestError::NotFound(row.name));
     }
-    let options = EnqueueOptions {
-        created_by: actor.subject,
-        max_attempts,
-    };
-    let job_id = match jobs::enqueue::<VerifyRepository>(&mut tx, &payload, options).await {
-        Err(e) if queue::is_subject_busy(&e) => return Err(RequestError::Busy(row.name)),
-        other => other?,
-    };
-    audit::record(&mut *tx, &request_entry(actor, &row.name, job_id, repair)).await?;
+    let audit = Audited::new(actor, "repository.verify", json!({ "repair": repair }));
+    let job_id =
+        enqueue_audited::<VerifyRepository>(&mut tx, &payload, &row.name, audit, max_attempts)
+            .await?
+            .ok_or_else(|| RequestError::Busy(row.name.clone()))?;
     tx.commit().await?;
     let job = queue::get(db, job_id)
         .await?
@@ -789,20 +781,6 @@ pub async fn request(
         repository: row,
         job,
     })
-}
-
-fn request_entry(actor: Actor<'_>, repository: &str, job_id: Uuid, repair: bool) -> AuditEntry {
-    AuditEntry {
-        actor: actor.subject.to_owned(),
-        request_id: actor.request_id.map(str::to_owned),
-        client_request_id: actor.client_request_id.map(str::to_owned),
-        subject: Some(repository.to_owned()),
-        job_id: Some(job_id),
-        action: "repository.verify".into(),
-        outcome: "created".into(),
-        detail: json!({ "repair": repair }),
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]

@@ -4,10 +4,10 @@
 use serde_json::json;
 
 use super::{DeprovisionPayload, DeprovisionRepository};
-use crate::audit::{self, Actor, AuditEntry};
+use crate::audit::Actor;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
-use crate::jobs::{self, EnqueueOptions, queue};
-use crate::provision::request::{Queued, RequestError};
+use crate::jobs::queue;
+use crate::provision::request::{Audited, Queued, RequestError, enqueue_audited, lock_live};
 use crate::repository::{self, RepositoryRow};
 
 /// What the caller asked for besides the repository.
@@ -54,35 +54,19 @@ pub async fn queue_deprovisioning(
 ) -> Result<Queued, RequestError> {
     let name = payload.repository.to_string();
     let mut tx = db.begin().await?;
-    // Locked, so that a repository deleted since it was read is not deprovisioned again (its
-    // name and bucket may already belong to a new repository).
-    match repository::lock_state(&mut tx, payload.repository_id).await? {
-        Some(state) if state != repository::DELETED => {}
-        _ => return Err(RequestError::NotFound(name)),
+    // Locked, so that a repository deleted since it was read is not deprovisioned again.
+    if !lock_live(&mut tx, payload.repository_id).await? {
+        return Err(RequestError::NotFound(name));
     }
-    let options = EnqueueOptions {
-        created_by: actor.subject,
-        max_attempts,
-    };
-    let job_id = match jobs::enqueue::<DeprovisionRepository>(&mut tx, payload, options).await {
-        Err(e) if queue::is_subject_busy(&e) => return Err(RequestError::Busy(name)),
-        other => other?,
-    };
-    let entry = AuditEntry {
-        actor: actor.subject.to_owned(),
-        request_id: actor.request_id.map(str::to_owned),
-        client_request_id: actor.client_request_id.map(str::to_owned),
-        subject: Some(name),
-        job_id: Some(job_id),
-        action: "repository.deprovision".into(),
-        outcome: "created".into(),
-        detail: json!({
-            "namespace": payload.namespace, "bucket": payload.bucket,
-            "delete_bucket": payload.delete_bucket, "force": payload.force,
-        }),
-        ..Default::default()
-    };
-    audit::record(&mut *tx, &entry).await?;
+    let detail = json!({
+        "namespace": payload.namespace, "bucket": payload.bucket,
+        "delete_bucket": payload.delete_bucket, "force": payload.force,
+    });
+    let audit = Audited::new(actor, "repository.deprovision", detail);
+    let job_id =
+        enqueue_audited::<DeprovisionRepository>(&mut tx, payload, &name, audit, max_attempts)
+            .await?
+            .ok_or(RequestError::Busy(name))?;
     tx.commit().await?;
     let repository = repository::by_id(db, payload.repository_id)
         .await?

@@ -9,9 +9,10 @@ use super::keys::InGrace;
 use super::retire::{RetireAccessKey, RetirePayload};
 use super::retirements::{self, Due};
 use super::{RotateAccessKey, RotatePayload};
-use crate::audit::{self, Actor, AuditEntry};
+use crate::audit::Actor;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
-use crate::jobs::{self, EnqueueOptions, Job, JobKind, queue};
+use crate::jobs::{Job, queue};
+use crate::provision::request::{Audited, enqueue_audited};
 use crate::repository::{self, RepositoryRow};
 
 /// Who the schedule's entries and jobs name.
@@ -122,21 +123,10 @@ pub async fn enqueue_rotation(
         }
         _ => return Err(RotateRequestError::NotFound(name)),
     }
-    let job_id =
-        enqueue::<RotateAccessKey>(tx, payload, actor.subject, max_attempts, &name).await?;
-    let entry = AuditEntry {
-        actor: actor.subject.to_owned(),
-        request_id: actor.request_id.map(str::to_owned),
-        client_request_id: actor.client_request_id.map(str::to_owned),
-        subject: Some(name),
-        job_id: Some(job_id),
-        action: ROTATE_ACTION.into(),
-        outcome: "created".into(),
-        detail,
-        ..Default::default()
-    };
-    audit::record(&mut *tx, &entry).await?;
-    Ok(job_id)
+    let audit = Audited::new(actor, ROTATE_ACTION, detail);
+    enqueue_audited::<RotateAccessKey>(tx, payload, &name, audit, max_attempts)
+        .await?
+        .ok_or(RotateRequestError::Busy(name))
 }
 
 /// Queues the retirement job of a due retirement in `tx`, audited as [`RETIRE_ACTION`].
@@ -155,35 +145,15 @@ pub async fn enqueue_retirement(
         phase: due.phase(),
         secret_name: due.secret_name.clone(),
     };
-    let name = due.repository.clone();
-    let job_id =
-        enqueue::<RetireAccessKey>(tx, &payload, SCHEDULE_ACTOR, max_attempts, &name).await?;
-    let entry = AuditEntry {
-        actor: SCHEDULE_ACTOR.to_owned(),
-        subject: Some(name),
-        job_id: Some(job_id),
-        action: RETIRE_ACTION.into(),
-        outcome: "created".into(),
-        detail: serde_json::json!({ "retirement_id": due.id, "phase": payload.phase }),
-        ..Default::default()
+    let actor = Actor {
+        subject: SCHEDULE_ACTOR,
+        request_id: None,
+        client_request_id: None,
     };
-    audit::record(&mut *tx, &entry).await?;
-    Ok(job_id)
-}
-
-async fn enqueue<K: JobKind>(
-    tx: &mut PgConnection,
-    payload: &K::Payload,
-    created_by: &str,
-    max_attempts: i32,
-    name: &str,
-) -> Result<Uuid, RotateRequestError> {
-    let options = EnqueueOptions {
-        created_by,
-        max_attempts,
-    };
-    match jobs::enqueue::<K>(&mut *tx, payload, options).await {
-        Err(e) if queue::is_subject_busy(&e) => Err(RotateRequestError::Busy(name.to_owned())),
-        other => Ok(other?),
-    }
+    let detail = serde_json::json!({ "retirement_id": due.id, "phase": payload.phase });
+    let audit = Audited::new(actor, RETIRE_ACTION, detail);
+    let name = due.repository.as_str();
+    enqueue_audited::<RetireAccessKey>(tx, &payload, name, audit, max_attempts)
+        .await?
+        .ok_or_else(|| RotateRequestError::Busy(name.to_owned()))
 }
