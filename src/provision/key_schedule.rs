@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::access_key;
 use super::rotate::request::{self, RotateRequestError, SCHEDULE_ACTOR};
 use super::rotate::retirements;
+use super::sweep::on_ticks;
 use crate::audit::Actor;
 use crate::cloud::CloudError;
 use crate::repository;
@@ -72,14 +73,10 @@ struct Candidate {
 impl KeySchedule {
     /// Runs a round every `interval` until `shutdown` fires.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            match self.round().await {
+        let ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let this = &self;
+        on_ticks(ticks, shutdown, || async move {
+            match this.round().await {
                 Ok(round) if round.retirements.len() + round.rotations.len() > 0 => {
                     tracing::info!(?round, "key schedule queued jobs");
                 }
@@ -89,7 +86,8 @@ impl KeySchedule {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "key schedule failed"),
             }
-        }
+        })
+        .await
     }
 
     /// One round, if this worker wins the lock.

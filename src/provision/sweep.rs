@@ -104,24 +104,42 @@ struct SealedRow {
     nonce: Vec<u8>,
 }
 
+/// Runs `round` at each tick of `ticks` until `shutdown` fires; a tick missed while a round
+/// runs is delayed, not bunched. The loop of the periodic tasks (sweep, key schedule,
+/// verification top-up).
+pub async fn on_ticks<F, Fut>(
+    mut ticks: tokio::time::Interval,
+    shutdown: CancellationToken,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        round().await;
+    }
+}
+
 impl Sweeper {
     /// Sweeps every `interval` until `shutdown` fires.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            match self.sweep_once().await {
+        let ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let this = &self;
+        on_ticks(ticks, shutdown, || async move {
+            match this.sweep_once().await {
                 Ok(Swept::Done(report)) if report != SweepReport::default() => {
                     tracing::info!(?report, "sweep done");
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "sweep failed"),
             }
-        }
+        })
+        .await
     }
 
     /// One sweep, if this worker wins the sweep lock.

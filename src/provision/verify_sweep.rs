@@ -26,6 +26,7 @@ use uuid::Uuid;
 use crate::audit::{self, AuditEntry};
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
 use crate::jobs::{self, EnqueueOptions, JobKind};
+use crate::provision::sweep::on_ticks;
 use crate::provision::verify::{VerifyPayload, VerifyRepository};
 
 /// The advisory lock whose holder queues periodic verifications ("bpverif1").
@@ -70,21 +71,17 @@ struct Due {
 impl VerifySweeper {
     /// Tops up every `tick` until `shutdown` fires; the first right away.
     pub async fn run(self, tick: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(tick);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            match self.top_up_once().await {
+        let this = &self;
+        on_ticks(tokio::time::interval(tick), shutdown, || async move {
+            match this.top_up_once().await {
                 Ok(TopUp::Queued(names)) if !names.is_empty() => {
                     tracing::info!(repositories = ?names, "periodic verification queued");
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "periodic verification failed"),
             }
-        }
+        })
+        .await
     }
 
     /// One top-up, if this replica wins the lock.
