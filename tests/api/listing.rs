@@ -137,9 +137,10 @@ async fn repositories_are_listed_by_state_and_namespace_and_deleted_ones_only_wh
     let job = queue_deprovision(&app, "bravo").await;
     let busy = all_pages(&app, &format!("{REPOSITORIES}?state=deprovisioning"), 5).await;
     assert_eq!(field(&busy, "name"), ["bravo"]);
+    // It failed before any step (a refusal): the repository is back in the state it had.
     finish_job(&app, &job, "failed").await;
-    let failed = all_pages(&app, &format!("{REPOSITORIES}?state=failed"), 5).await;
-    assert_eq!(field(&failed, "name"), ["bravo"]);
+    let ready = all_pages(&app, &format!("{REPOSITORIES}?state=ready"), 5).await;
+    assert_eq!(field(&ready, "name"), ["bravo"]);
 
     // Unknown states are 422 problems naming the valid ones; bad cursors 400.
     let viewer = app.viewer();
