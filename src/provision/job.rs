@@ -27,7 +27,7 @@ use serde_json::json;
 use super::access_key::{self, KeyOutput, KeySource, UserKeys};
 use super::adopt::in_the_way;
 use super::report::done;
-use super::secret::{self, ExistingSecret, NotAssembled, RepositorySecret, S3Conf};
+use super::secret::{self, ExistingSecret, RepositorySecret, S3Conf};
 use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
 use crate::cloud::StepReport;
 use crate::cloud::aws::AwsClients;
@@ -414,19 +414,12 @@ impl Provisioner {
     ) -> Result<S3Conf, JobError> {
         let sealed = self.sealed(payload);
         let (key_id, target) = (key.access_key_id.as_str(), payload.secret());
-        match secret::s3_conf(ctx.pool(), sealed, existing, key_id, target).await {
-            Ok(conf) => Ok(conf),
-            Err(NotAssembled::Failed(err)) => Err(err),
-            Err(NotAssembled::KeySecretGone(err)) => {
-                ctx.reset_steps(&[
-                    Step::AccessKey.name(),
-                    Step::AccessKeyDescription.name(),
-                    Step::CredentialCheck.name(),
-                ])
-                .await?;
-                Err(err)
-            }
-        }
+        let key_steps = [
+            Step::AccessKey.name(),
+            Step::AccessKeyDescription.name(),
+            Step::CredentialCheck.name(),
+        ];
+        secret::s3_conf_in_job(ctx, sealed, existing, key_id, target, &key_steps).await
     }
 
     /// Proves the key works before the repository is `ready`: a new key writes, reads and

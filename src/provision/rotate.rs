@@ -38,7 +38,7 @@ use serde_json::json;
 
 use super::access_key::{self, KeyOutput, KeySource};
 use super::report::done;
-use super::secret::{self, ExistingSecret, NotAssembled, RepositorySecret, S3Conf};
+use super::secret::{self, ExistingSecret, RepositorySecret, S3Conf};
 use super::{credential_check, sealed};
 use crate::cloud::aws::AwsClients;
 use crate::cloud::{Outcome, StepReport};
@@ -503,19 +503,13 @@ impl Rotator {
         key: &KeyOutput,
     ) -> Result<S3Conf, JobError> {
         let (store, target) = (self.sealed(payload), payload.secret());
-        match secret::s3_conf(ctx.pool(), store, existing, &key.access_key_id, target).await {
-            Ok(conf) => Ok(conf),
-            Err(NotAssembled::Failed(err)) => Err(err),
-            Err(NotAssembled::KeySecretGone(err)) => {
-                ctx.reset_steps(&[
-                    Step::NewKey.name(),
-                    Step::NewKeyDescription.name(),
-                    Step::Prove.name(),
-                ])
-                .await?;
-                Err(err)
-            }
-        }
+        let key_steps = [
+            Step::NewKey.name(),
+            Step::NewKeyDescription.name(),
+            Step::Prove.name(),
+        ];
+        let key_id = key.access_key_id.as_str();
+        secret::s3_conf_in_job(ctx, store, existing, key_id, target, &key_steps).await
     }
 
     /// The new key writes, reads and deletes a probe object before any consumer gets it.

@@ -44,7 +44,7 @@ use super::sealed::{self, SealedError};
 use crate::cloud::kube::{SERVICE, classify};
 use crate::cloud::{CloudError, StepReport};
 use crate::domain::{BucketName, Namespace, RepositoryName};
-use crate::jobs::JobError;
+use crate::jobs::{JobContext, JobError};
 
 /// The server-side apply field manager of every write.
 pub const FIELD_MANAGER: &str = "backup-provisioner";
@@ -356,6 +356,26 @@ pub async fn s3_conf(
         access_key_id: access_key_id.to_owned(),
         secret_access_key,
     })
+}
+
+/// [`s3_conf`] for the job `ctx`: when the key's secret is held nowhere, its `key_steps` are
+/// reset, so that the next attempt runs them again and makes a new key.
+pub async fn s3_conf_in_job(
+    ctx: &JobContext,
+    sealed: sealed::Store<'_>,
+    existing: Option<&ExistingSecret>,
+    access_key_id: &str,
+    secret: RepositorySecret<'_>,
+    key_steps: &[&str],
+) -> Result<S3Conf, JobError> {
+    match s3_conf(ctx.pool(), sealed, existing, access_key_id, secret).await {
+        Ok(conf) => Ok(conf),
+        Err(NotAssembled::Failed(err)) => Err(err),
+        Err(NotAssembled::KeySecretGone(err)) => {
+            ctx.reset_steps(key_steps).await?;
+            Err(err)
+        }
+    }
 }
 
 /// The cipher pass in the Secret, else the one sealed in Postgres.
