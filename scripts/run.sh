@@ -128,7 +128,11 @@ In a second terminal, from $ROOT:
   source ${RUN#"$ROOT"/}/env
 
 It exports API=$API, TOKEN (an operator's, 12 h), BP_JWT_HS256_SECRET (to mint other tokens
-with backup-provisioner token), PATH with $BIN, and the emulators' AWS_* and KUBECONFIG.
+with backup-provisioner token), PATH with $BIN, and the emulators' AWS_* and KUBECONFIG
+(local, made for this run only):
+
+$(grep '^export ' "$RUN/env" | sed 's/^/  /')
+
 Then follow the README's "API walkthrough" (curl) or "Admin CLI" (backup-provisioner client).
 
 BANNER

@@ -173,6 +173,7 @@ fn every_rendering_has_the_service_objects_and_nothing_cluster_wide() {
             ("Service", "backup-provisioner"),
             ("PodDisruptionBudget", "backup-provisioner"),
             ("NetworkPolicy", "backup-provisioner"),
+            ("NetworkPolicy", "backup-provisioner-migrate"),
             ("Job", "backup-provisioner-migrate"),
         ] {
             r.one(kind, name);
@@ -320,33 +321,70 @@ fn the_network_policy_admits_callers_to_the_api_and_lets_out_only_what_the_servi
             );
             assert!(rule["from"].is_array(), "{at}: ingress from anywhere");
         }
-        let mut ports = BTreeSet::new();
-        for rule in policy["egress"].as_array().expect("egress rules") {
-            for port in rule["ports"]
-                .as_array()
-                .expect("every egress rule names ports")
-            {
-                ports.insert((
-                    port["port"].as_i64().expect("numeric"),
-                    port["protocol"].as_str().unwrap_or_default().to_owned(),
-                ));
-            }
-        }
-        let expected: BTreeSet<_> = [
-            (53, "UDP"),
-            (53, "TCP"),
-            (5432, "TCP"),
-            (443, "TCP"),
-            (6443, "TCP"),
-        ]
-        .into_iter()
-        .map(|(p, proto)| (p, proto.to_owned()))
-        .collect();
         assert_eq!(
-            ports, expected,
+            egress_ports(policy),
+            port_set(&[
+                (53, "UDP"),
+                (53, "TCP"),
+                (5432, "TCP"),
+                (443, "TCP"),
+                (6443, "TCP")
+            ]),
             "{at}: DNS, Postgres, AWS and the Kubernetes API only"
         );
     }
+}
+
+/// The migration Job holds the owner's credentials: no ingress at all, egress to DNS and
+/// Postgres only.
+#[test]
+fn the_migration_job_is_reachable_by_nothing_and_reaches_only_dns_and_postgres() {
+    for r in rendered() {
+        let at = r.target;
+        let policy = &r.one("NetworkPolicy", "backup-provisioner-migrate")["spec"];
+        let job = r.one("Job", "backup-provisioner-migrate");
+        let labels = &job["spec"]["template"]["metadata"]["labels"];
+        for (key, value) in policy["podSelector"]["matchLabels"]
+            .as_object()
+            .expect("labels")
+        {
+            assert_eq!(
+                &labels[key], value,
+                "{at}: the policy selects the Job's pod"
+            );
+        }
+        assert_eq!(policy["policyTypes"], json!(["Ingress", "Egress"]), "{at}");
+        assert_eq!(policy["ingress"], json!([]), "{at}: no ingress");
+        assert_eq!(
+            egress_ports(policy),
+            port_set(&[(53, "UDP"), (53, "TCP"), (5432, "TCP")]),
+            "{at}: DNS and Postgres only"
+        );
+    }
+}
+
+/// Every (port, protocol) a NetworkPolicy's egress rules name; each rule must name ports.
+fn egress_ports(policy: &Value) -> BTreeSet<(i64, String)> {
+    let mut ports = BTreeSet::new();
+    for rule in policy["egress"].as_array().expect("egress rules") {
+        for port in rule["ports"]
+            .as_array()
+            .expect("every egress rule names ports")
+        {
+            ports.insert((
+                port["port"].as_i64().expect("numeric"),
+                port["protocol"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    ports
+}
+
+fn port_set(ports: &[(i64, &str)]) -> BTreeSet<(i64, String)> {
+    ports
+        .iter()
+        .map(|(p, proto)| (*p, (*proto).to_owned()))
+        .collect()
 }
 
 /// The Roles and RoleBindings of a rendering: each Role grants the rules of
