@@ -62,6 +62,37 @@ where
     }
 }
 
+/// Sends the deleting call `operation` (made by `send`) for each of `items`, in order, each
+/// recorded in `report`; the first that fails stops the rest.
+async fn delete_each<I, T, E, R, F, Fut>(
+    items: I,
+    operation: &'static str,
+    report: &mut Teardown,
+    mut send: F,
+) -> Result<(), CloudError>
+where
+    I: IntoIterator,
+    F: FnMut(I::Item) -> Fut,
+    Fut: Future<Output = Result<T, SdkError<E, R>>>,
+    T: RequestId,
+    E: ProvideErrorMetadata + Error + Send + Sync + 'static,
+    R: Debug + 'static,
+{
+    for item in items {
+        report.request(deleted(operation, send(item).await)?);
+    }
+    Ok(())
+}
+
+/// `Delete` when something was found to delete, else `None`.
+fn delete_if_any<T>(found: &[T]) -> Action {
+    if found.is_empty() {
+        Action::None
+    } else {
+        Action::Delete
+    }
+}
+
 /// A read that may meet an entity that is gone: `None` then.
 fn found<T, E, R>(
     operation: &'static str,
@@ -281,15 +312,14 @@ pub async fn delete_user(
     remove_user_policies(iam, user, mode, &mut report).await?;
     remove_from_groups(iam, user, bucket_group, mode, &mut report).await?;
     if mode.applies() {
-        for (id, _) in keys(iam, user).await? {
-            let sent = iam
-                .delete_access_key()
+        let keys = keys(iam, user).await?;
+        delete_each(keys, "DeleteAccessKey", &mut report, |(id, _)| {
+            iam.delete_access_key()
                 .user_name(user)
-                .access_key_id(&id)
+                .access_key_id(id)
                 .send()
-                .await;
-            report.request(deleted("DeleteAccessKey", sent)?);
-        }
+        })
+        .await?;
         let sent = iam.delete_user().user_name(user).send().await;
         report.deleted(deleted("DeleteUser", sent)?);
     } else {
@@ -347,15 +377,13 @@ async fn remove_user_policies(
         return Ok(());
     }
     if mode.applies() {
-        for arn in &attached {
-            let sent = iam
-                .detach_user_policy()
+        delete_each(&attached, "DetachUserPolicy", report, |arn| {
+            iam.detach_user_policy()
                 .user_name(user)
                 .policy_arn(arn)
                 .send()
-                .await;
-            report.request(deleted("DetachUserPolicy", sent)?);
-        }
+        })
+        .await?;
     }
     let (expected, found) = (json!([]), json!(attached));
     report.setting("attached_policies", expected, found, Action::Delete);
@@ -381,15 +409,13 @@ async fn remove_inline_user_policies(
         return Ok(());
     }
     if mode.applies() {
-        for name in &inline {
-            let sent = iam
-                .delete_user_policy()
+        delete_each(&inline, "DeleteUserPolicy", report, |name| {
+            iam.delete_user_policy()
                 .user_name(user)
                 .policy_name(name)
                 .send()
-                .await;
-            report.request(deleted("DeleteUserPolicy", sent)?);
-        }
+        })
+        .await?;
     }
     report.setting("inline_policies", json!([]), json!(inline), Action::Delete);
     Ok(())
@@ -405,15 +431,13 @@ async fn remove_from_groups(
     let groups = groups_of(iam, user).await?.unwrap_or_default();
     let others: Vec<&String> = groups.iter().filter(|g| *g != bucket_group).collect();
     if mode.applies() {
-        for group in &groups {
-            let sent = iam
-                .remove_user_from_group()
+        delete_each(&groups, "RemoveUserFromGroup", report, |group| {
+            iam.remove_user_from_group()
                 .user_name(user)
                 .group_name(group)
                 .send()
-                .await;
-            report.request(deleted("RemoveUserFromGroup", sent)?);
-        }
+        })
+        .await?;
     }
     if !others.is_empty() {
         report.setting("other_groups", json!([]), json!(others), Action::Delete);
@@ -462,12 +486,7 @@ pub async fn delete_group(iam: &Client, group: &str, mode: Mode) -> Result<Teard
         ("attached_policies", &attached),
         ("inline_policies", &inline),
     ] {
-        let action = if found.is_empty() {
-            Action::None
-        } else {
-            Action::Delete
-        };
-        report.setting(setting, json!([]), json!(found), action);
+        report.setting(setting, json!([]), json!(found), delete_if_any(found));
     }
     Ok(report)
 }
@@ -480,34 +499,27 @@ async fn empty_group(
     inline: &[String],
     report: &mut Teardown,
 ) -> Result<(), CloudError> {
-    for user in members {
-        let sent = iam
-            .remove_user_from_group()
+    delete_each(members, "RemoveUserFromGroup", report, |user| {
+        iam.remove_user_from_group()
             .user_name(user)
             .group_name(group)
             .send()
-            .await;
-        report.request(deleted("RemoveUserFromGroup", sent)?);
-    }
-    for arn in attached {
-        let sent = iam
-            .detach_group_policy()
+    })
+    .await?;
+    delete_each(attached, "DetachGroupPolicy", report, |arn| {
+        iam.detach_group_policy()
             .group_name(group)
             .policy_arn(arn)
             .send()
-            .await;
-        report.request(deleted("DetachGroupPolicy", sent)?);
-    }
-    for name in inline {
-        let sent = iam
-            .delete_group_policy()
+    })
+    .await?;
+    delete_each(inline, "DeleteGroupPolicy", report, |name| {
+        iam.delete_group_policy()
             .group_name(group)
             .policy_name(name)
             .send()
-            .await;
-        report.request(deleted("DeleteGroupPolicy", sent)?);
-    }
-    Ok(())
+    })
+    .await
 }
 
 /// Deletes the bucket's policy: its non-default versions first (IAM refuses to delete a policy
@@ -532,25 +544,19 @@ pub async fn delete_policy(iam: &Client, name: &str, mode: Mode) -> Result<Teard
         })
         .unwrap_or_default();
     if mode.applies() {
-        for version in &versions {
-            let sent = iam
-                .delete_policy_version()
+        delete_each(&versions, "DeletePolicyVersion", &mut report, |version| {
+            iam.delete_policy_version()
                 .policy_arn(&arn)
                 .version_id(version)
                 .send()
-                .await;
-            report.request(deleted("DeletePolicyVersion", sent)?);
-        }
+        })
+        .await?;
         let sent = iam.delete_policy().policy_arn(&arn).send().await;
         report.deleted(deleted("DeletePolicy", sent)?);
     } else {
         report.deleted(None);
     }
-    let action = if versions.is_empty() {
-        Action::None
-    } else {
-        Action::Delete
-    };
+    let action = delete_if_any(&versions);
     report.setting("non_default_versions", json!([]), json!(versions), action);
     Ok(report)
 }
