@@ -50,11 +50,20 @@ async fn client(url: &str, token: &str, args: &[&str]) -> Ran {
         .await
         .expect("the client ended in time")
         .expect("run the client");
-    Ran {
+    let ran = Ran {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    // Whatever happened, a real token (a JWT; not the tests' one-letter stand-ins) is never
+    // printed.
+    if token.len() >= 20 {
+        assert!(
+            !ran.stdout.contains(token) && !ran.stderr.contains(token),
+            "the client printed its token (args {args:?})"
+        );
     }
+    ran
 }
 
 struct Cli {
