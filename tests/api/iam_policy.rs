@@ -176,6 +176,50 @@ async fn outside_the_pattern_is_denied(
         "CreatePolicy of another name",
         policy.send().await.err().and_then(|e| status(&e)),
     );
+    groups_and_objects_outside_the_pattern_are_denied(admin, &own, &theirs).await;
+}
+
+/// The group and object statements are scoped too: another group cannot be made, and an object
+/// of another bucket cannot be deleted.
+async fn groups_and_objects_outside_the_pattern_are_denied(
+    admin: &backup_provisioner::cloud::aws::AwsClients,
+    own: &backup_provisioner::cloud::aws::AwsClients,
+    theirs: &str,
+) {
+    admin
+        .s3_for_region(REGION)
+        .put_object()
+        .bucket(theirs)
+        .key("data")
+        .body(b"theirs".to_vec().into())
+        .send()
+        .await
+        .expect("an object of others");
+    let delete = own
+        .s3_for_region(REGION)
+        .delete_object()
+        .bucket(theirs)
+        .key("data")
+        .send()
+        .await;
+    let delete = delete.err().and_then(|e| status(&e));
+    assert_eq!(
+        delete,
+        Some(403),
+        "DeleteObject in another bucket must be denied"
+    );
+    let group = own
+        .iam
+        .create_group()
+        .group_name(unique_name("admins"))
+        .send()
+        .await;
+    let group = group.err().and_then(|e| status(&e));
+    assert_eq!(
+        group,
+        Some(403),
+        "CreateGroup of another name must be denied"
+    );
 }
 
 fn status<E, R: 'static>(err: &aws_sdk_s3::error::SdkError<E, R>) -> Option<u16> {

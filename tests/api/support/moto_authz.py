@@ -87,11 +87,23 @@ def query_of(response):
     return parse_qs(urlparse(response.uri).query, keep_blank_values=True)
 
 
+# Query parameters of the plain bucket requests (ListObjects(V2), ListObjectVersions' markers,
+# the SDK's x-id): any other parameter is a sub-resource this table does not know.
+LIST_PARAMETERS = {
+    "list-type", "prefix", "delimiter", "max-keys", "continuation-token", "start-after",
+    "encoding-type", "fetch-owner", "marker", "key-marker", "version-id-marker", "x-id",
+}
+
+
 def bucket_action(method, query):
+    """The action AWS evaluates; an unknown sub-resource maps to an action no policy grants, so
+    a call the service starts making is denied here until this table (and the policy) know it."""
     table = BUCKET_ACTIONS.get(method, {})
     for sub_resource, action in table.items():
         if sub_resource and sub_resource in query:
             return action
+    if set(query) - LIST_PARAMETERS:
+        return f"s3:Unknown{method}"
     return table.get("", f"s3:Unknown{method}")
 
 
@@ -164,18 +176,26 @@ def iam_resource(self):
     account = self.current_account
     param = self._get_param
     if action in USER_ACTIONS and param("UserName"):
-        path = param("Path") or "/" if action == "CreateUser" else "/"
+        path = param("Path") or "/" if action == "CreateUser" else entity_path(
+            self.backend.users, param("UserName"))
         return f"arn:aws:iam::{account}:user{path}{param('UserName')}"
     if action == "GetAccessKeyLastUsed":
         return key_owner_arn(self, param("AccessKeyId"))
     if action in GROUP_ACTIONS and param("GroupName"):
-        path = param("Path") or "/" if action == "CreateGroup" else "/"
+        path = param("Path") or "/" if action == "CreateGroup" else entity_path(
+            self.backend.groups, param("GroupName"))
         return f"arn:aws:iam::{account}:group{path}{param('GroupName')}"
     if action == "CreatePolicy":
         return f"arn:aws:iam::{account}:policy{param('Path') or '/'}{param('PolicyName')}"
     if action in POLICY_ACTIONS and param("PolicyArn"):
         return param("PolicyArn")
     return ORIGINAL_IAM_RESOURCE(self)
+
+
+def entity_path(entities, name):
+    """The IAM path of an existing user or group (its ARN has it); "/" for one not made yet."""
+    entity = entities.get(name)
+    return getattr(entity, "path", None) or "/"
 
 
 def key_owner_arn(self, access_key_id):
