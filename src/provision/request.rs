@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::adopt::{self, AdoptRepository};
 use super::job::{ProvisionPayload, ProvisionRepository};
 use crate::audit::{self, Actor, AuditEntry};
-use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
+use crate::domain::ValidationError;
 use crate::jobs::{self, EnqueueOptions, Job, JobKind, queue};
 use crate::repository::{self, DesiredRepository, RepositoryOptions, RepositoryRow, Resources};
 
@@ -269,13 +269,9 @@ fn payload_for(
     options: &RepositoryOptions,
 ) -> Result<ProvisionPayload, RequestError> {
     Ok(ProvisionPayload {
-        repository: RepositoryName::parse(&row.name)?,
-        repository_id: row.id,
-        namespace: Namespace::try_from(row.namespace.clone())?,
-        bucket: BucketName::try_from(row.bucket.clone())?,
-        region: Region::parse(&row.region)?,
         allow_new_cipher_pass: options.allow_new_cipher_pass,
         adopt_existing_secret: options.adopt_existing_secret,
+        ..ProvisionPayload::for_row(row)?
     })
 }
 
