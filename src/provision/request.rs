@@ -253,7 +253,16 @@ async fn queue_provisioning(
     }
     .ok_or_else(|| RequestError::Busy(row.name.clone()))?;
     tx.commit().await?;
-    let repository = repository::by_id(db, row.id)
+    read_back(db, row.id, job_id).await
+}
+
+/// The repository `repository_id` and its job `job_id` as they are once the job is queued.
+pub async fn read_back(
+    db: &PgPool,
+    repository_id: Uuid,
+    job_id: Uuid,
+) -> Result<Queued, RequestError> {
+    let repository = repository::by_id(db, repository_id)
         .await?
         .ok_or(RequestError::DeletedConcurrently)?;
     let job = queue::get(db, job_id)

@@ -6,9 +6,10 @@ use serde_json::json;
 use super::{DeprovisionPayload, DeprovisionRepository};
 use crate::audit::Actor;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
-use crate::jobs::queue;
-use crate::provision::request::{Audited, Queued, RequestError, enqueue_audited, lock_live};
-use crate::repository::{self, RepositoryRow};
+use crate::provision::request::{
+    Audited, Queued, RequestError, enqueue_audited, lock_live, read_back,
+};
+use crate::repository::RepositoryRow;
 
 /// What the caller asked for besides the repository.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -68,11 +69,5 @@ pub async fn queue_deprovisioning(
             .await?
             .ok_or(RequestError::Busy(name))?;
     tx.commit().await?;
-    let repository = repository::by_id(db, payload.repository_id)
-        .await?
-        .ok_or(RequestError::DeletedConcurrently)?;
-    let job = queue::get(db, job_id)
-        .await?
-        .ok_or(RequestError::DeletedConcurrently)?;
-    Ok(Queued { repository, job })
+    read_back(db, payload.repository_id, job_id).await
 }
