@@ -674,17 +674,23 @@ async fn assert_retirement_halts(env: &Env, name: &str, bucket: &str, old: &str)
     .await;
     assert!(halted.contains("references access key"), "{halted}");
     assert_eq!(status_of(env, bucket, old).await.as_deref(), Some("Active"));
-    let failed: Option<String> = sqlx::query_scalar(
-        "SELECT last_error FROM jobs WHERE subject_name = $1 AND kind = 'retire-access-key'
-            AND state = 'failed'",
-    )
-    .bind(name)
-    .fetch_optional(&env.app.db)
-    .await
-    .unwrap()
-    .flatten();
-    let said_why = failed.is_some_and(|e| e.contains("was kept"));
-    assert!(said_why, "the retire job failed, saying why");
+    // The halt is recorded by the job's step; the job itself fails a moment later.
+    let failed = eventually(DEADLINE, "the retire job to fail", || async {
+        let failed: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT last_error FROM jobs WHERE subject_name = $1 AND kind = 'retire-access-key'
+                AND state = 'failed'",
+        )
+        .bind(name)
+        .fetch_optional(&env.app.db)
+        .await
+        .unwrap();
+        failed.map(Option::unwrap_or_default)
+    })
+    .await;
+    assert!(
+        failed.contains("was kept"),
+        "the retire job failed, saying why: {failed}"
+    );
     let round = schedule.round().await.expect("round");
     let queued = &round.retirements;
     assert!(
