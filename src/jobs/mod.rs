@@ -94,7 +94,10 @@ pub trait JobHandler: Send + Sync + 'static {
 
     /// A dry run: what [`run`](Self::run) would do with `payload`, found with read calls only
     /// (no mutating call, no job, no step). `None` when the kind has no dry run.
-    async fn plan(&self, payload: serde_json::Value) -> Option<Result<serde_json::Value, JobError>> {
+    async fn plan(
+        &self,
+        payload: serde_json::Value,
+    ) -> Option<Result<serde_json::Value, JobError>> {
         let _ = payload;
         None
     }

@@ -278,7 +278,10 @@ pub async fn retire_keys_sparing(
 ) -> Result<StepReport, CloudError> {
     let mut deleted = Vec::new();
     let listed = list(iam, user).await?;
-    for key in listed.iter().filter(|k| k.id != keep && !in_grace.contains(&k.id)) {
+    for key in listed
+        .iter()
+        .filter(|k| k.id != keep && !in_grace.contains(&k.id))
+    {
         delete(iam, user, &key.id).await?;
         remove_description_tag(iam, user, &key.id).await?;
         deleted.push(key.id.clone());

@@ -186,7 +186,9 @@ impl<'a> EnvBuilder<'a> {
             .register(retirer)
             .register(Deprovisioner::like(&provisioner))
             .register(Adopter::like(&provisioner))
-            .register(backup_provisioner::provision::verify::Verifier::like(&provisioner))
+            .register(backup_provisioner::provision::verify::Verifier::like(
+                &provisioner,
+            ))
             .register(provisioner);
         let options = AppOptions {
             worker,
