@@ -35,6 +35,8 @@ if ! bash scripts/test-image.sh >.run/image.log 2>&1; then
 fi
 grep '^image-test:' .run/image.log
 echo "make test: the image builds and runs ($(( $(date +%s) - started ))s)"
+# Formatting is part of the contract (cargo fmt --all).
+cargo fmt --all -- --check
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

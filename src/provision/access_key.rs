@@ -473,6 +473,23 @@ fn truncate_chars(text: &str, max: usize) -> (String, bool) {
     }
 }
 
+/// The job step that puts the runbook's description tag on `key_id` (provisioning's
+/// `access_key_description`, rotation's `new_key_description`): `step` is its stored name and
+/// position.
+pub async fn description_step(
+    ctx: &JobContext,
+    step: (&'static str, i32),
+    iam: &Client,
+    user: &str,
+    key_id: &str,
+) -> Result<(), JobError> {
+    ctx.step(step.0, step.1, async {
+        let report = ensure_description_tag(iam, user, key_id).await?;
+        Ok(done((), report))
+    })
+    .await
+}
+
 /// Records the access key description as the user tag `<key id> = DESCRIPTION`, as the AWS
 /// console does. Reads the user's tags first; writes only if the tag is missing or different.
 pub async fn ensure_description_tag(

@@ -197,7 +197,12 @@ impl JobHandler for Provisioner {
         let key = self
             .access_key_step(ctx, &payload, existing.as_ref())
             .await?;
-        self.key_description_step(ctx, &payload, &key).await?;
+        let step = (
+            Step::AccessKeyDescription.name(),
+            Step::AccessKeyDescription.position(),
+        );
+        let (iam, user) = (&self.aws.iam, payload.bucket.iam_user_name());
+        access_key::description_step(ctx, step, iam, user, &key.access_key_id).await?;
         let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
         self.credential_check_step(ctx, &payload, &key, &conf)
             .await?;
@@ -385,22 +390,6 @@ impl Provisioner {
         };
         self.record_resources(ctx, payload, resources).await?;
         Ok(key)
-    }
-
-    async fn key_description_step(
-        &self,
-        ctx: &JobContext,
-        payload: &ProvisionPayload,
-        key: &KeyOutput,
-    ) -> Result<(), JobError> {
-        let step = Step::AccessKeyDescription;
-        ctx.step(step.name(), step.position(), async {
-            let user = payload.bucket.iam_user_name();
-            let report =
-                access_key::ensure_description_tag(&self.aws.iam, user, &key.access_key_id).await?;
-            Ok(done((), report))
-        })
-        .await
     }
 
     /// The Secret's content (see [`secret::s3_conf`]). When the key's secret is held nowhere,

@@ -233,7 +233,12 @@ impl Rotator {
         let key = self
             .new_key_step(ctx, &payload, existing.as_ref(), &room)
             .await?;
-        self.description_step(ctx, &payload, &key).await?;
+        let step = (
+            Step::NewKeyDescription.name(),
+            Step::NewKeyDescription.position(),
+        );
+        let (iam, user) = (&self.aws.iam, payload.bucket.iam_user_name());
+        access_key::description_step(ctx, step, iam, user, &key.access_key_id).await?;
         let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
         self.prove_step(ctx, &payload, &conf).await?;
         self.secret_step(ctx, &payload, &conf, existing.as_ref(), &room)
@@ -474,22 +479,6 @@ impl Rotator {
         let mut report = StepReport::new(Outcome::Created, json!({}));
         report.upstream_request_id = new.request_id.clone();
         Ok((output, report, Some(new)))
-    }
-
-    async fn description_step(
-        &self,
-        ctx: &JobContext,
-        payload: &RotatePayload,
-        key: &KeyOutput,
-    ) -> Result<(), JobError> {
-        let step = Step::NewKeyDescription;
-        ctx.step(step.name(), step.position(), async {
-            let user = payload.bucket.iam_user_name();
-            let report =
-                access_key::ensure_description_tag(&self.aws.iam, user, &key.access_key_id).await?;
-            Ok(done((), report))
-        })
-        .await
     }
 
     /// The Secret's next content: the new key (its secret sealed) and the cipher pass of the
