@@ -66,3 +66,4 @@ openapi:
 # Release-mode benchmarks against Postgres, moto and the real kube-apiserver (BENCHMARKS.md).
 bench: deps kube
 	cargo bench --bench provisioning
+	cargo bench --bench load
