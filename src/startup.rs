@@ -226,6 +226,9 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
     if worker.workers == 0 {
         return Ok(Registry::new());
     }
+    if let Some((checker, tick)) = freshness_checker(worker, &app.db).await? {
+        tokio::spawn(checker.run(tick, app.shutdown.clone()));
+    }
     let encryption_key = worker.encryption_keys()?;
     let (aws, kube) = worker_clients(worker).await?;
     let provisioner = Provisioner {
@@ -345,6 +348,49 @@ pub fn shutdown_on_signals(token: CancellationToken) {
             }
         };
         #[cfg(not(unix))]
+/// The periodic backup freshness check (`provision::freshness`) and how often it looks for
+/// due repositories (every minute, or `BP_FRESHNESS_INTERVAL` if shorter); none without
+/// workers or with `BP_FRESHNESS_INTERVAL=0s`.
+pub async fn freshness_checker(
+    worker: &WorkerSettingsArgs,
+    db: &PgPool,
+) -> Result<Option<(crate::provision::freshness::FreshnessChecker, Duration)>, StartupError> {
+    let interval = worker.freshness.freshness_interval;
+    if worker.workers == 0 || interval.is_zero() {
+        return Ok(None);
+    }
+    let (aws, _) = worker_clients(worker).await?;
+    let checker = crate::provision::freshness::FreshnessChecker {
+        db: db.clone(),
+        aws,
+        interval,
+        concurrency: worker.freshness.freshness_concurrency,
+    };
+    Ok(Some((checker, interval.min(Duration::from_secs(60)))))
+}
+
+/// The webhook sender (`webhooks::sender`), run next to the workers of every replica (claims
+/// do not collide); none without workers or without `BP_WEBHOOK_SECRET`.
+pub fn webhook_sender(
+    worker: &WorkerSettingsArgs,
+    db: &PgPool,
+) -> Result<Option<crate::webhooks::Sender>, StartupError> {
+    let settings = &worker.webhooks;
+    let Some(key) = settings.signing_key()? else {
+        return Ok(None);
+    };
+    let sender_settings = crate::webhooks::SenderSettings {
+        allowed: settings.allowed_hosts()?,
+        timeout: settings.webhook_timeout,
+        retry_base: settings.webhook_retry_base,
+        retry_window: settings.webhook_retry_window,
+        poll_interval: worker.poll_interval,
+    };
+    let sender = crate::webhooks::Sender::new(db.clone(), key, sender_settings)
+        .map_err(|e| ConfigError::new("BP_WEBHOOK_TIMEOUT", e))?;
+    Ok(Some(sender))
+}
+
         let term = std::future::pending::<()>();
         tokio::select! {
             _ = ctrl_c => {}

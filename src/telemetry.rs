@@ -44,6 +44,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepositoryLabels {
+    pub repository: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
     pub step: String,
     pub outcome: String,
@@ -75,6 +81,107 @@ pub struct Metrics {
     pub drift_settings: Gauge,
     pub repositories_never_verified: Gauge,
     pub oldest_verification_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Webhook deliveries `pending` (still retried) and `failed` (given up), from the outbox.
+    pub webhook_deliveries: Family<StateLabels, Gauge>,
+    /// Backup freshness per ready repository (see [`FreshnessAges`]).
+    pub freshness: FreshnessGauges,
+}
+
+type AgeFamily = Family<RepositoryLabels, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+/// Per ready repository: the ages of what the last freshness check found
+/// (`provision::freshness`). A repository has a series only for what was found: no full
+/// backup ever found means no `newest_full_backup_age_seconds` series (alert on it with
+/// `freshness_checked_age_seconds unless newest_full_backup_age_seconds`), never NaN.
+#[derive(Default)]
+pub struct FreshnessGauges {
+    pub newest_backup_age_seconds: AgeFamily,
+    pub newest_full_backup_age_seconds: AgeFamily,
+    pub newest_wal_age_seconds: AgeFamily,
+    pub checked_age_seconds: AgeFamily,
+    pub check_failing: Family<RepositoryLabels, Gauge>,
+    /// One refresh at a time: each clears the families and sets them again.
+    refreshing: Mutex<()>,
+}
+
+/// One ready repository's freshness ages in seconds, from `backup_freshness` (see
+/// [`freshness_ages`]); None where nothing was found.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct FreshnessAges {
+    pub repository: String,
+    pub namespace: String,
+    pub newest_backup: Option<f64>,
+    pub newest_full_backup: Option<f64>,
+    pub newest_wal: Option<f64>,
+    /// Since the last successful check.
+    pub checked: Option<f64>,
+    /// The last attempt failed.
+    pub failing: bool,
+}
+
+/// Reads [`FreshnessAges`] of every ready repository checked at least once.
+pub async fn freshness_ages(db: &sqlx::PgPool) -> Result<Vec<FreshnessAges>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.name AS repository, r.namespace,
+                extract(epoch FROM now() - f.newest_backup_at)::float8 AS newest_backup,
+                extract(epoch FROM now() - f.newest_full_backup_at)::float8 AS newest_full_backup,
+                extract(epoch FROM now() - f.newest_wal_at)::float8 AS newest_wal,
+                extract(epoch FROM now() - f.checked_at)::float8 AS checked,
+                f.error IS NOT NULL AS failing
+           FROM backup_repositories r JOIN backup_freshness f ON f.repository_id = r.id
+          WHERE r.state = 'ready'",
+    )
+    .fetch_all(db)
+    .await
+}
+
+impl FreshnessGauges {
+    fn register(&self, r: &mut Registry) {
+        let ages = [
+            ("newest_backup_age_seconds", "Age of the newest completed backup (full, differential or incremental) of a ready repository", &self.newest_backup_age_seconds),
+            ("newest_full_backup_age_seconds", "Age of the newest completed full backup of a ready repository", &self.newest_full_backup_age_seconds),
+            ("newest_wal_age_seconds", "Age of the newest archived WAL of a ready repository", &self.newest_wal_age_seconds),
+            ("freshness_checked_age_seconds", "Time since the last successful freshness check of a ready repository", &self.checked_age_seconds),
+        ];
+        for (name, help, family) in ages {
+            r.register(name, help, family.clone());
+        }
+        r.register(
+            "freshness_check_failing",
+            "1 when the last freshness check of a ready repository failed",
+            self.check_failing.clone(),
+        );
+    }
+
+    /// Replaces every series with `ages` (a repository no longer ready loses its series).
+    pub fn set(&self, ages: &[FreshnessAges]) {
+        let _one_at_a_time = self.refreshing.lock().expect("freshness gauges");
+        let families = [
+            &self.newest_backup_age_seconds,
+            &self.newest_full_backup_age_seconds,
+            &self.newest_wal_age_seconds,
+            &self.checked_age_seconds,
+        ];
+        for family in families {
+            family.clear();
+        }
+        self.check_failing.clear();
+        for age in ages {
+            let labels = RepositoryLabels {
+                repository: age.repository.clone(),
+                namespace: age.namespace.clone(),
+            };
+            let values = [age.newest_backup, age.newest_full_backup, age.newest_wal, age.checked];
+            for (family, value) in families.into_iter().zip(values) {
+                if let Some(seconds) = value {
+                    family.get_or_create(&labels).set(seconds);
+                }
+            }
+            self.check_failing
+                .get_or_create(&labels)
+                .set(i64::from(age.failing));
+        }
+    }
 }
 
 /// What the verifications stored on the repositories say (see [`verification_stats`]).
@@ -131,6 +238,8 @@ impl Metrics {
             drift_settings: Gauge::default(),
             repositories_never_verified: Gauge::default(),
             oldest_verification_age_seconds: Gauge::default(),
+            webhook_deliveries: Family::default(),
+            freshness: FreshnessGauges::default(),
         };
         {
             let mut r = metrics.registry.lock().expect("metrics registry");
@@ -161,6 +270,12 @@ impl Metrics {
                 metrics.queue_lag_seconds.clone(),
             );
             metrics.register_verification(&mut r);
+            r.register(
+                "webhook_deliveries",
+                "Webhook deliveries pending (still retried) or failed (given up)",
+                metrics.webhook_deliveries.clone(),
+            );
+            metrics.freshness.register(&mut r);
         }
         metrics
     }

@@ -12,6 +12,8 @@ pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
 pub mod pagination;
+pub mod manifests;
+pub mod me;
 pub mod rate_limit;
 pub mod raw_answers;
 pub mod repositories;

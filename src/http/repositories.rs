@@ -38,6 +38,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(verify_repository))
         .routes(routes!(rotate_access_key))
         .routes(routes!(rotate_cipher_pass))
+        .routes(routes!(super::manifests::get_manifests))
 }
 
 /// A request for a pgBackRest S3 repository.
@@ -185,6 +186,11 @@ impl RepositoryView {
     pub fn new(row: RepositoryRow, last_job: Option<JobSummary>) -> Self {
         let ready = row.state == "ready";
         let wiring = ready.then(|| provision::wiring::Wiring::for_repository(&row));
+    /// What the last backup freshness check found in the repository's prefix (newest backup,
+    /// full backup and WAL, when checked, why it failed); on `GET .../{name}` of a repository
+    /// checked at least once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<provision::freshness::Freshness>,
         RepositoryView {
             pgbackrest: wiring.as_ref().map(|w| w.pgbackrest.clone()),
             external_secret: wiring.map(|w| w.external_secret),
@@ -210,6 +216,7 @@ impl RepositoryView {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreatedRepository {
+            freshness: None,
     pub repository: RepositoryView,
     pub job: JobSummary,
 }
@@ -547,7 +554,11 @@ pub async fn get_repository(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
     let job = latest_job(&state, row.id).await?;
-    Ok(axum::Json(RepositoryView::new(row, job)))
+    let freshness = provision::freshness::store::of_repository(&state.db, row.id).await?;
+    Ok(axum::Json(RepositoryView {
+        freshness,
+        ..RepositoryView::new(row, job)
+    }))
 }
 
 #[derive(Debug, Clone, Default, Deserialize, IntoParams)]

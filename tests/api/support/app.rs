@@ -275,6 +275,8 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
     }
 }
 
+        freshness: Default::default(),
+        webhooks: Default::default(),
 pub struct TestApp {
     pub addr: SocketAddr,
     pub db: PgPool,
