@@ -232,97 +232,9 @@ pub struct WorkerSettingsArgs {
     /// Access key rotation: grace periods, automatic rotation, the key schedule.
     #[command(flatten)]
     pub key_rotation: KeyRotationArgs,
-}
-
-/// Access key rotation (`POST .../rotate-key`, `provision::rotate`, `provision::key_schedule`).
-#[derive(Debug, Clone, Args)]
-pub struct KeyRotationArgs {
-    /// How long a rotated-out access key stays active after the Secret holds the new one
-    /// (longer than an ExternalSecret's refresh interval), before it is deactivated.
-    #[arg(long, env = "BP_KEY_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub key_grace: Duration,
-    /// How long a rotated-out access key stays inactive before it is deleted (an operator can
-    /// still reactivate it meanwhile).
-    #[arg(long, env = "BP_KEY_DELETE_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
     /// The periodic backup freshness check.
     #[command(flatten)]
     pub freshness: FreshnessArgs,
-    /// Signed webhooks: the API checks `callback_url` against them, workers send.
-    #[command(flatten)]
-    pub webhooks: WebhookArgs,
-}
-
-/// Signed webhooks (`callback_url`, `webhooks`): read by the API (which callbacks to accept)
-/// and by workers (which send them).
-#[derive(Debug, Clone, Args)]
-pub struct WebhookArgs {
-    /// Signs webhook deliveries (Standard Webhooks): `whsec_` and the base64 of 24 to 64 random
-    /// bytes. Unset: a request with `callback_url` is refused (422).
-    #[arg(long, env = "BP_WEBHOOK_SECRET", hide_env_values = true)]
-    pub webhook_secret: Option<SecretString>,
-    /// Comma-separated hosts a `callback_url` may name: `host` (port 443), `host:port`,
-    /// `*.domain`; an entry written `http://host[:port]` allows plain HTTP to it.
-    #[arg(long, env = "BP_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
-    pub webhook_allowed_hosts: Vec<String>,
-    /// How long a receiver has to answer one delivery.
-    #[arg(long, env = "BP_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub webhook_timeout: Duration,
-    /// First retry delay of a delivery; doubles per attempt (with jitter), capped at 10 minutes.
-    #[arg(long, env = "BP_WEBHOOK_RETRY_BASE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub webhook_retry_base: Duration,
-    /// A delivery not answered 2xx within this long after the job ended is marked failed.
-    #[arg(long, env = "BP_WEBHOOK_RETRY_WINDOW", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub webhook_retry_window: Duration,
-}
-
-impl Default for WebhookArgs {
-    fn default() -> Self {
-        WebhookArgs {
-            webhook_secret: None,
-            webhook_allowed_hosts: Vec::new(),
-            webhook_timeout: Duration::from_secs(10),
-            webhook_retry_base: Duration::from_secs(10),
-            webhook_retry_window: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-impl WebhookArgs {
-    /// The key deliveries are signed with; None when webhooks are off.
-    pub fn signing_key(&self) -> Result<Option<crate::webhooks::SigningKey>, ConfigError> {
-        self.webhook_secret
-            .as_ref()
-            .map(crate::webhooks::SigningKey::from_secret)
-            .transpose()
-            .map_err(|e| ConfigError::new("BP_WEBHOOK_SECRET", e))
-    }
-
-    pub fn allowed_hosts(&self) -> Result<crate::webhooks::AllowedHosts, ConfigError> {
-        crate::webhooks::AllowedHosts::parse(&self.webhook_allowed_hosts)
-            .map_err(|e| ConfigError::new("BP_WEBHOOK_ALLOWED_HOSTS", e))
-    }
-
-    /// What the API accepts as a `callback_url`.
-    pub fn callback_policy(&self) -> Result<crate::webhooks::CallbackPolicy, ConfigError> {
-        Ok(crate::webhooks::CallbackPolicy {
-            allowed: self.allowed_hosts()?,
-            signing: self.signing_key()?.is_some(),
-        })
-    }
-
-    pub fn check(&self) -> Result<(), ConfigError> {
-        self.callback_policy()?;
-        for (variable, value) in [
-            ("BP_WEBHOOK_TIMEOUT", self.webhook_timeout),
-            ("BP_WEBHOOK_RETRY_BASE", self.webhook_retry_base),
-            ("BP_WEBHOOK_RETRY_WINDOW", self.webhook_retry_window),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::new(variable, "must be greater than 0s"));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The periodic backup freshness check (`provision::freshness`).
@@ -344,6 +256,18 @@ impl Default for FreshnessArgs {
             freshness_concurrency: 4,
         }
     }
+}
+
+/// Access key rotation (`POST .../rotate-key`, `provision::rotate`, `provision::key_schedule`).
+#[derive(Debug, Clone, Args)]
+pub struct KeyRotationArgs {
+    /// How long a rotated-out access key stays active after the Secret holds the new one
+    /// (longer than an ExternalSecret's refresh interval), before it is deactivated.
+    #[arg(long, env = "BP_KEY_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub key_grace: Duration,
+    /// How long a rotated-out access key stays inactive before it is deleted (an operator can
+    /// still reactivate it meanwhile).
+    #[arg(long, env = "BP_KEY_DELETE_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub key_delete_grace: Duration,
     /// Rotate a ready repository's access key automatically once it is older than this
     /// (e.g. 90d); unset: only on request.
@@ -645,15 +569,15 @@ impl WorkerSettingsArgs {
                 "must be at least 1 (BP_VERIFY_INTERVAL=0s turns the periodic verification off)",
             ));
         }
-        if self.workers > 0 {
-            self.encryption_keys()?;
-        }
-        Ok(())
-    }
-}
         if self.freshness.freshness_concurrency == 0 {
             return Err(ConfigError::new(
                 "BP_FRESHNESS_CONCURRENCY",
                 "must be at least 1 (BP_FRESHNESS_INTERVAL=0s turns the freshness check off)",
             ));
         }
+        if self.workers > 0 {
+            self.encryption_keys()?;
+        }
+        Ok(())
+    }
+}

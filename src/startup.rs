@@ -212,6 +212,9 @@ pub async fn run(
     if let Some((schedule, every)) = key_schedule(worker, &app.db).await? {
         tokio::spawn(schedule.run(every, app.shutdown.clone()));
     }
+    if let Some((checker, tick)) = freshness_checker(worker, &app.db).await? {
+        tokio::spawn(checker.run(tick, app.shutdown.clone()));
+    }
     if let Some(addr) = app.local_addr() {
         tracing::info!(%addr, workers = worker.workers, "serving");
     }
@@ -225,9 +228,6 @@ pub async fn run(
 pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupError> {
     if worker.workers == 0 {
         return Ok(Registry::new());
-    }
-    if let Some((checker, tick)) = freshness_checker(worker, &app.db).await? {
-        tokio::spawn(checker.run(tick, app.shutdown.clone()));
     }
     let encryption_key = worker.encryption_keys()?;
     let (aws, kube) = worker_clients(worker).await?;
@@ -334,20 +334,6 @@ pub fn verify_sweeper(
     Some((sweeper, worker.poll_interval.min(Duration::from_secs(1))))
 }
 
-/// Fires `token` on SIGTERM or SIGINT.
-pub fn shutdown_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
 /// The periodic backup freshness check (`provision::freshness`) and how often it looks for
 /// due repositories (every minute, or `BP_FRESHNESS_INTERVAL` if shorter); none without
 /// workers or with `BP_FRESHNESS_INTERVAL=0s`.
@@ -369,28 +355,20 @@ pub async fn freshness_checker(
     Ok(Some((checker, interval.min(Duration::from_secs(60)))))
 }
 
-/// The webhook sender (`webhooks::sender`), run next to the workers of every replica (claims
-/// do not collide); none without workers or without `BP_WEBHOOK_SECRET`.
-pub fn webhook_sender(
-    worker: &WorkerSettingsArgs,
-    db: &PgPool,
-) -> Result<Option<crate::webhooks::Sender>, StartupError> {
-    let settings = &worker.webhooks;
-    let Some(key) = settings.signing_key()? else {
-        return Ok(None);
-    };
-    let sender_settings = crate::webhooks::SenderSettings {
-        allowed: settings.allowed_hosts()?,
-        timeout: settings.webhook_timeout,
-        retry_base: settings.webhook_retry_base,
-        retry_window: settings.webhook_retry_window,
-        poll_interval: worker.poll_interval,
-    };
-    let sender = crate::webhooks::Sender::new(db.clone(), key, sender_settings)
-        .map_err(|e| ConfigError::new("BP_WEBHOOK_TIMEOUT", e))?;
-    Ok(Some(sender))
-}
-
+/// Fires `token` on SIGTERM or SIGINT.
+pub fn shutdown_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
         let term = std::future::pending::<()>();
         tokio::select! {
             _ = ctrl_c => {}

@@ -81,8 +81,6 @@ pub struct Metrics {
     pub drift_settings: Gauge,
     pub repositories_never_verified: Gauge,
     pub oldest_verification_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// Webhook deliveries `pending` (still retried) and `failed` (given up), from the outbox.
-    pub webhook_deliveries: Family<StateLabels, Gauge>,
     /// Backup freshness per ready repository (see [`FreshnessAges`]).
     pub freshness: FreshnessGauges,
 }
@@ -238,7 +236,6 @@ impl Metrics {
             drift_settings: Gauge::default(),
             repositories_never_verified: Gauge::default(),
             oldest_verification_age_seconds: Gauge::default(),
-            webhook_deliveries: Family::default(),
             freshness: FreshnessGauges::default(),
         };
         {
@@ -270,11 +267,6 @@ impl Metrics {
                 metrics.queue_lag_seconds.clone(),
             );
             metrics.register_verification(&mut r);
-            r.register(
-                "webhook_deliveries",
-                "Webhook deliveries pending (still retried) or failed (given up)",
-                metrics.webhook_deliveries.clone(),
-            );
             metrics.freshness.register(&mut r);
         }
         metrics

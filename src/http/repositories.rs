@@ -180,17 +180,17 @@ pub struct RepositoryView {
     /// each `{resource: {kind, name, action}, settings: [{setting, expected, actual, action}]}`.
     #[schema(value_type = Option<Object>)]
     pub verification: Option<serde_json::Value>,
+    /// What the last backup freshness check found in the repository's prefix (newest backup,
+    /// full backup and WAL, when checked, why it failed); on `GET .../{name}` of a repository
+    /// checked at least once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<provision::freshness::Freshness>,
 }
 
 impl RepositoryView {
     pub fn new(row: RepositoryRow, last_job: Option<JobSummary>) -> Self {
         let ready = row.state == "ready";
         let wiring = ready.then(|| provision::wiring::Wiring::for_repository(&row));
-    /// What the last backup freshness check found in the repository's prefix (newest backup,
-    /// full backup and WAL, when checked, why it failed); on `GET .../{name}` of a repository
-    /// checked at least once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub freshness: Option<provision::freshness::Freshness>,
         RepositoryView {
             pgbackrest: wiring.as_ref().map(|w| w.pgbackrest.clone()),
             external_secret: wiring.map(|w| w.external_secret),
@@ -210,13 +210,13 @@ impl RepositoryView {
             verified_at: row.verified_at,
             drift_count: row.drift_count,
             verification: row.verification.map(|v| v.0),
+            freshness: None,
         }
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreatedRepository {
-            freshness: None,
     pub repository: RepositoryView,
     pub job: JobSummary,
 }

@@ -272,11 +272,10 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
         verify_interval: Duration::ZERO,
         verify_concurrency: 4,
         key_rotation: Default::default(),
+        freshness: Default::default(),
     }
 }
 
-        freshness: Default::default(),
-        webhooks: Default::default(),
 pub struct TestApp {
     pub addr: SocketAddr,
     pub db: PgPool,
