@@ -16,6 +16,10 @@ command -v jq >/dev/null || need_apt+=(jq)
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# `make bench` (benches/load.rs): wrk drives the API; graphile-worker (npm), the queue's peer, runs on node.
+command -v wrk >/dev/null || need_apt+=(wrk)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 # The image test (scripts/test-image.sh) builds and runs the runtime image with podman; runc runs
 # it where crun cannot (hybrid cgroups); the image takes the CA certificates from the host.
 command -v podman >/dev/null || need_apt+=(podman)
@@ -64,6 +68,9 @@ if [ ! -x "$FUZZ_VENV/bin/st" ]; then
   python3 -m venv "$FUZZ_VENV"
   "$FUZZ_VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-fuzz.txt
 fi
+
+# graphile-worker for the queue benchmark, outside the clone (keyed by its package-lock.json).
+bash benches/graphile/install.sh >/dev/null
 
 # Postgres: the machine image runs it; a fresh Debian box may not.
 cluster_version=$(ls /etc/postgresql | sort -V | tail -1)
