@@ -41,6 +41,9 @@ pub enum Command {
     /// The admin CLI: every API operation over HTTP (exit codes: 0 ok, 1 job failed, 2 usage,
     /// 3 refused (4xx), 4 unavailable, 5 --wait timed out).
     Client(Box<crate::client::ClientArgs>),
+    /// The PostgresCluster controller alone: annotated PostgresClusters get their repositories
+    /// (jobs run on `serve` or `worker`).
+    Controller(Box<ControllerArgs>),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,6 +90,8 @@ pub struct ServeArgs {
     pub http: HttpArgs,
     #[command(flatten)]
     pub worker: WorkerSettingsArgs,
+    #[command(flatten)]
+    pub controller: ControllerSettingsArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -120,6 +125,10 @@ pub struct HttpArgs {
     /// Comma-separated origins allowed by CORS (the internal portal).
     #[arg(long, env = "BP_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// A job's event stream (`GET /v1/jobs/{id}/events`, `text/event-stream`) sends a
+    /// keep-alive comment after this long without an event, so proxies keep it open.
+    #[arg(long, env = "BP_EVENT_STREAM_KEEP_ALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub event_stream_keep_alive: Duration,
     /// Comma-separated namespaces a repository may target (empty: any).
     #[arg(long, env = "BP_ALLOWED_NAMESPACES", value_delimiter = ',')]
     pub allowed_namespaces: Vec<String>,
@@ -151,6 +160,14 @@ pub struct HttpArgs {
     /// Reading /v1 requests (GET, HEAD) per token subject; off by default.
     #[arg(long, env = "BP_RATE_LIMIT_READS_PER_SUBJECT", default_value = "off")]
     pub rate_limit_reads_per_subject: RateLimit,
+    /// The operator console's OIDC client id (`/ui`): it logs in with the authorization code
+    /// flow and PKCE against BP_OIDC_ISSUER, as a public client. Unset: it asks for a token.
+    #[arg(long, env = "BP_UI_OIDC_CLIENT_ID")]
+    pub ui_oidc_client_id: Option<String>,
+    /// Space-separated scopes the console asks for (add what puts the roles into the token,
+    /// e.g. ZITADEL's `urn:zitadel:iam:org:project:roles`).
+    #[arg(long, env = "BP_UI_OIDC_SCOPES", default_value = "openid profile")]
+    pub ui_oidc_scopes: String,
 }
 
 /// A request rate: `N/s`, `N/min` or `N/h` (a burst of N, refilled evenly), or `off`.
@@ -219,7 +236,7 @@ pub struct WorkerSettingsArgs {
     #[arg(long, env = "BP_SWEEP_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub sweep_grace: Duration,
     /// AWS requests per second of this process, all clients together, retries included
-    /// (evenly spaced, a burst of a quarter of it); 0: the default, never unlimited.
+    /// (evenly spaced, with a burst of the rate itself); 0: the default, never unlimited.
     #[arg(long, env = "BP_AWS_MAX_RPS", default_value_t = crate::cloud::rate_limit::DEFAULT_AWS_MAX_RPS)]
     pub aws_max_rps: u32,
     /// How old a ready repository's last verification may grow before the periodic sweep
@@ -235,6 +252,82 @@ pub struct WorkerSettingsArgs {
     /// The periodic backup freshness check.
     #[command(flatten)]
     pub freshness: FreshnessArgs,
+    /// Signed webhooks: the API checks `callback_url` against them, workers send.
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+}
+
+/// Signed webhooks (`callback_url`, `webhooks`): read by the API (which callbacks to accept)
+/// and by workers (which send them).
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// Signs webhook deliveries (Standard Webhooks): `whsec_` and the base64 of 24 to 64 random
+    /// bytes. Unset: a request with `callback_url` is refused (422).
+    #[arg(long, env = "BP_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<SecretString>,
+    /// Comma-separated hosts a `callback_url` may name: `host` (port 443), `host:port`,
+    /// `*.domain`; an entry written `http://host[:port]` allows plain HTTP to it.
+    #[arg(long, env = "BP_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub webhook_allowed_hosts: Vec<String>,
+    /// How long a receiver has to answer one delivery.
+    #[arg(long, env = "BP_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+    /// First retry delay of a delivery; doubles per attempt (with jitter), capped at 10 minutes.
+    #[arg(long, env = "BP_WEBHOOK_RETRY_BASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_retry_base: Duration,
+    /// A delivery not answered 2xx within this long after the job ended is marked failed.
+    #[arg(long, env = "BP_WEBHOOK_RETRY_WINDOW", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub webhook_retry_window: Duration,
+}
+
+impl Default for WebhookArgs {
+    fn default() -> Self {
+        WebhookArgs {
+            webhook_secret: None,
+            webhook_allowed_hosts: Vec::new(),
+            webhook_timeout: Duration::from_secs(10),
+            webhook_retry_base: Duration::from_secs(10),
+            webhook_retry_window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl WebhookArgs {
+    /// The key deliveries are signed with; None when webhooks are off.
+    pub fn signing_key(&self) -> Result<Option<crate::webhooks::SigningKey>, ConfigError> {
+        self.webhook_secret
+            .as_ref()
+            .map(crate::webhooks::SigningKey::from_secret)
+            .transpose()
+            .map_err(|e| ConfigError::new("BP_WEBHOOK_SECRET", e))
+    }
+
+    pub fn allowed_hosts(&self) -> Result<crate::webhooks::AllowedHosts, ConfigError> {
+        crate::webhooks::AllowedHosts::parse(&self.webhook_allowed_hosts)
+            .map_err(|e| ConfigError::new("BP_WEBHOOK_ALLOWED_HOSTS", e))
+    }
+
+    /// What the API accepts as a `callback_url`.
+    pub fn callback_policy(&self) -> Result<crate::webhooks::CallbackPolicy, ConfigError> {
+        Ok(crate::webhooks::CallbackPolicy {
+            allowed: self.allowed_hosts()?,
+            signing: self.signing_key()?.is_some(),
+        })
+    }
+
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.callback_policy()?;
+        for (variable, value) in [
+            ("BP_WEBHOOK_TIMEOUT", self.webhook_timeout),
+            ("BP_WEBHOOK_RETRY_BASE", self.webhook_retry_base),
+            ("BP_WEBHOOK_RETRY_WINDOW", self.webhook_retry_window),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(variable, "must be greater than 0s"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The periodic backup freshness check (`provision::freshness`).
@@ -463,6 +556,12 @@ impl HttpArgs {
             ));
         }
         self.check_connection_limits()?;
+        if self.event_stream_keep_alive.is_zero() {
+            return Err(ConfigError::new(
+                "BP_EVENT_STREAM_KEEP_ALIVE",
+                "must be greater than 0s",
+            ));
+        }
         for origin in &self.cors_origins {
             if origin.parse::<axum::http::HeaderValue>().is_err()
                 || url::Url::parse(origin).is_err()
@@ -479,6 +578,12 @@ impl HttpArgs {
         }
         self.bucket_pattern()?;
         self.auth_config()?;
+        if self.ui_oidc_client_id.is_some() && self.oidc_issuer.is_none() {
+            return Err(ConfigError::new(
+                "BP_UI_OIDC_CLIENT_ID",
+                "set only with BP_OIDC_ISSUER (the console logs in at that issuer)",
+            ));
+        }
         Ok(())
     }
 }
@@ -563,6 +668,7 @@ impl WorkerSettingsArgs {
             return Err(ConfigError::new("BP_JOB_LEASE", "must be at least 1s"));
         }
         self.key_rotation.check()?;
+        self.webhooks.check()?;
         if self.verify_concurrency == 0 {
             return Err(ConfigError::new(
                 "BP_VERIFY_CONCURRENCY",
@@ -577,6 +683,92 @@ impl WorkerSettingsArgs {
         }
         if self.workers > 0 {
             self.encryption_keys()?;
+        }
+        Ok(())
+    }
+}
+
+/// `controller`: the PostgresCluster controller alone, with the API's request rules.
+#[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub controller: ControllerSettingsArgs,
+    /// Comma-separated namespaces watched, the ones a repository may target (empty: every
+    /// namespace, which needs a ClusterRole the shipped RBAC does not grant).
+    #[arg(long, env = "BP_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespaces: Vec<String>,
+    /// Regular expression every bucket name must match.
+    #[arg(long, env = "BP_BUCKET_NAME_PATTERN", default_value = DEFAULT_BUCKET_PATTERN)]
+    pub bucket_name_pattern: String,
+    /// Attempts of the jobs the controller queues before a retryable failure becomes final.
+    #[arg(long, env = "BP_JOB_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: i32,
+}
+
+/// The PostgresCluster controller (`src/controller`): `controller`, or `serve` with
+/// `BP_WATCH_POSTGRESCLUSTERS=true`.
+#[derive(Debug, Clone, Args)]
+pub struct ControllerSettingsArgs {
+    /// `serve`: also run the PostgresCluster controller in this process (run it in one
+    /// replica only).
+    #[arg(long, env = "BP_WATCH_POSTGRESCLUSTERS", default_value_t = false)]
+    pub watch_postgresclusters: bool,
+    /// The controller's name: its audit actor is `controller:<name>`, its field manager and
+    /// Events' reporting controller `<name>-controller`.
+    #[arg(long, env = "BP_CONTROLLER_NAME", default_value = "backup-provisioner")]
+    pub controller_name: String,
+    /// Region of a bucket whose PostgresCluster has no `backup-provisioner.holos.run/region`.
+    #[arg(long, env = "BP_CONTROLLER_DEFAULT_REGION", default_value = crate::domain::DEFAULT_REGION)]
+    pub controller_default_region: String,
+    /// The API's address as users reach it (e.g. https://backup-provisioner.example.com): the
+    /// job annotation is `<url>/v1/jobs/<id>` (unset: `/v1/jobs/<id>`).
+    #[arg(long, env = "BP_CONTROLLER_API_URL")]
+    pub controller_api_url: Option<url::Url>,
+    /// How often a repository being provisioned is looked at again.
+    #[arg(long, env = "BP_CONTROLLER_FOLLOW_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub controller_follow_interval: Duration,
+    /// How often the PostgresClusters the controller linked are compared with the watched
+    /// ones, to record deletions it did not see (while stopped, or during a relist).
+    #[arg(long, env = "BP_CONTROLLER_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub controller_resync_interval: Duration,
+}
+
+impl Default for ControllerSettingsArgs {
+    fn default() -> Self {
+        ControllerSettingsArgs {
+            watch_postgresclusters: false,
+            controller_name: "backup-provisioner".into(),
+            controller_default_region: crate::domain::DEFAULT_REGION.into(),
+            controller_api_url: None,
+            controller_follow_interval: Duration::from_secs(5),
+            controller_resync_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ControllerSettingsArgs {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        crate::domain::RepositoryName::parse(&self.controller_name).map_err(|_| {
+            ConfigError::new(
+                "BP_CONTROLLER_NAME",
+                "must be a DNS-1123 label (lowercase letters, digits and '-')",
+            )
+        })?;
+        crate::domain::Region::parse(&self.controller_default_region)
+            .map_err(|e| ConfigError::new("BP_CONTROLLER_DEFAULT_REGION", e.message))?;
+        if self.controller_follow_interval.is_zero() {
+            return Err(ConfigError::new(
+                "BP_CONTROLLER_FOLLOW_INTERVAL",
+                "must be greater than 0s",
+            ));
+        }
+        if self.controller_resync_interval.is_zero() {
+            return Err(ConfigError::new(
+                "BP_CONTROLLER_RESYNC_INTERVAL",
+                "must be greater than 0s",
+            ));
         }
         Ok(())
     }

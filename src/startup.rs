@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::cloud::aws::{self, AwsClients, AwsSettings};
 use crate::cloud::rate_limit::AwsRateLimit;
-use crate::config::{ConfigError, DatabaseArgs, HttpArgs, MigrateArgs, WorkerSettingsArgs};
+use crate::config::{
+    ConfigError, ControllerArgs, ControllerSettingsArgs, DatabaseArgs, HttpArgs, MigrateArgs,
+    WorkerSettingsArgs,
+};
 use crate::http::{self, AppState, HttpLimits, RequestPolicy};
 use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
 use crate::provision::Provisioner;
@@ -58,6 +61,8 @@ pub struct Application {
     workers: Option<WorkerPool>,
     /// The sweep of what failed jobs left, and its interval (see [`sweeper`]).
     sweep: Option<(Sweeper, Duration)>,
+    /// Sends the webhook outbox (with workers and `BP_WEBHOOK_SECRET`; see [`webhook_sender`]).
+    webhook_sender: Option<crate::webhooks::Sender>,
     pub shutdown: CancellationToken,
 }
 
@@ -83,6 +88,7 @@ impl Application {
             limits: None,
             workers: None,
             sweep: None,
+            webhook_sender: None,
             shutdown,
         };
         if let Some(http) = http {
@@ -101,6 +107,7 @@ impl Application {
             let heartbeats = crate::db::heartbeat_pool(&db);
             let workers = WorkerPool::new(db, registry, config).with_heartbeat_pool(heartbeats);
             app.workers = Some(workers.with_metrics(metrics));
+            app.webhook_sender = webhook_sender(worker, &app.db)?;
         }
         Ok(app)
     }
@@ -119,6 +126,8 @@ impl Application {
             bucket_pattern: http.bucket_pattern()?,
             allowed_namespaces: http.allowed_namespaces.clone(),
             max_attempts: worker.max_attempts,
+            event_stream_keep_alive: http.event_stream_keep_alive,
+            webhooks: worker.webhooks.callback_policy()?,
         };
         let job_state_changes = JobStateChanges::start(self.db.clone(), self.shutdown.clone());
         self.state = Some(AppState {
@@ -143,6 +152,11 @@ impl Application {
                 global: http.rate_limit_global,
                 reads_per_subject: http.rate_limit_reads_per_subject,
             },
+            ui: http::ui::UiSettings::new(
+                http.oidc_issuer.as_ref(),
+                http.ui_oidc_client_id.as_deref(),
+                &http.ui_oidc_scopes,
+            ),
         });
         self.listener = Some(TcpListener::bind(http.listen_addr).await?);
         Ok(())
@@ -168,6 +182,9 @@ impl Application {
         let sweep = self
             .sweep
             .map(|(sweeper, every)| tokio::spawn(sweeper.run(every, shutdown.clone())));
+        if let Some(sender) = self.webhook_sender {
+            tokio::spawn(sender.run(shutdown.clone()));
+        }
         if let (Some(listener), Some(state), Some(limits)) =
             (self.listener, self.state, self.limits)
         {
@@ -195,6 +212,7 @@ pub async fn run(
     database: &DatabaseArgs,
     http: Option<&HttpArgs>,
     worker: &WorkerSettingsArgs,
+    controller: Option<&ControllerSettingsArgs>,
 ) -> Result<(), StartupError> {
     if let Some(http) = http {
         http.check()?;
@@ -214,6 +232,20 @@ pub async fn run(
     }
     if let Some((checker, tick)) = freshness_checker(worker, &app.db).await? {
         tokio::spawn(checker.run(tick, app.shutdown.clone()));
+    }
+    if let (Some(http), Some(controller)) = (http, controller)
+        && controller.watch_postgresclusters
+    {
+        let rules = (&http.allowed_namespaces, &http.bucket_name_pattern);
+        let settings = controller_settings(controller, rules, worker.max_attempts)?;
+        let kube = kube_client().await?;
+        let shutdown = app.shutdown.clone();
+        tokio::spawn(crate::controller::run(
+            app.db.clone(),
+            kube,
+            settings,
+            shutdown,
+        ));
     }
     if let Some(addr) = app.local_addr() {
         tracing::info!(%addr, workers = worker.workers, "serving");
@@ -236,7 +268,7 @@ pub async fn job_kinds(worker: &WorkerSettingsArgs) -> Result<Registry, StartupE
         kube,
         encryption_key,
         credential_check_budget: worker.credential_check_budget,
-        credential_check_backoff: Duration::from_millis(500),
+        credential_check_backoff: Duration::from_millis(50),
     };
     let timeline = crate::provision::rotate::Timeline {
         grace: worker.key_rotation.key_grace,
@@ -353,6 +385,91 @@ pub async fn freshness_checker(
         concurrency: worker.freshness.freshness_concurrency,
     };
     Ok(Some((checker, interval.min(Duration::from_secs(60)))))
+}
+
+/// The webhook sender (`webhooks::sender`), run next to the workers of every replica (claims
+/// do not collide); none without workers or without `BP_WEBHOOK_SECRET`.
+pub fn webhook_sender(
+    worker: &WorkerSettingsArgs,
+    db: &PgPool,
+) -> Result<Option<crate::webhooks::Sender>, StartupError> {
+    let settings = &worker.webhooks;
+    let Some(key) = settings.signing_key()? else {
+        return Ok(None);
+    };
+    let sender_settings = crate::webhooks::SenderSettings {
+        allowed: settings.allowed_hosts()?,
+        timeout: settings.webhook_timeout,
+        retry_base: settings.webhook_retry_base,
+        retry_window: settings.webhook_retry_window,
+        poll_interval: worker.poll_interval,
+    };
+    let sender = crate::webhooks::Sender::new(db.clone(), key, sender_settings)
+        .map_err(|e| ConfigError::new("BP_WEBHOOK_TIMEOUT", e))?;
+    Ok(Some(sender))
+}
+
+/// `controller`: the PostgresCluster controller alone until SIGTERM or SIGINT (its jobs run
+/// on the workers of `serve` or `worker`). The schema is prepared as `serve` does.
+pub async fn controller(args: &ControllerArgs) -> Result<(), StartupError> {
+    let rules = (&args.allowed_namespaces, &args.bucket_name_pattern);
+    let settings = controller_settings(&args.controller, rules, args.max_attempts)?;
+    let options = crate::db::options(&args.database.database_url)?;
+    let pool = crate::db::connect(options, 0).await?;
+    crate::db::prepare_schema(&pool).await?;
+    let kube = kube_client().await?;
+    let shutdown = CancellationToken::new();
+    shutdown_on_signals(shutdown.clone());
+    crate::controller::run(pool, kube, settings, shutdown).await;
+    Ok(())
+}
+
+/// The controller's settings from its arguments and the API's request rules (allowed
+/// namespaces, bucket pattern), checked as the API checks them.
+pub fn controller_settings(
+    args: &ControllerSettingsArgs,
+    (allowed_namespaces, bucket_pattern): (&Vec<String>, &String),
+    max_attempts: i32,
+) -> Result<crate::controller::Settings, ConfigError> {
+    args.check()?;
+    for namespace in allowed_namespaces {
+        crate::domain::Namespace::parse(namespace, &[])
+            .map_err(|e| ConfigError::new("BP_ALLOWED_NAMESPACES", e.to_string()))?;
+    }
+    let bucket_pattern = regex::Regex::new(bucket_pattern).map_err(|e| {
+        ConfigError::new(
+            "BP_BUCKET_NAME_PATTERN",
+            format!("not a valid regular expression: {e}"),
+        )
+    })?;
+    if max_attempts < 1 {
+        return Err(ConfigError::new(
+            "BP_JOB_MAX_ATTEMPTS",
+            "must be at least 1",
+        ));
+    }
+    Ok(crate::controller::Settings {
+        name: args.controller_name.clone(),
+        rules: crate::controller::RequestRules {
+            allowed_namespaces: allowed_namespaces.clone(),
+            bucket_pattern,
+            default_region: args.controller_default_region.clone(),
+        },
+        api_url: args.controller_api_url.as_ref().map(|url| url.to_string()),
+        follow_interval: args.controller_follow_interval,
+        resync_interval: args.controller_resync_interval,
+        max_attempts,
+    })
+}
+
+/// The Kubernetes client of `KUBECONFIG` or the in-cluster configuration.
+async fn kube_client() -> Result<kube::Client, StartupError> {
+    crate::cloud::kube::client_from_env().await.map_err(|e| {
+        StartupError::Config(ConfigError::new(
+            "KUBECONFIG",
+            format!("no usable Kubernetes configuration: {e}"),
+        ))
+    })
 }
 
 /// Fires `token` on SIGTERM or SIGINT.

@@ -5,8 +5,9 @@
 //! It sits under the SDK as its HTTP client ([`AwsRateLimit::wrap`]): every attempt the SDK
 //! sends, retries included, first waits for a permit. Permits come from one GCRA limiter
 //! (`governor`) at `per_second` evenly spaced, with a burst of [`burst_for`] `per_second`
-//! (a quarter of the rate, at least 1), so any sliding second sees at most `per_second + burst`
-//! requests. Waiters are served first come, first served (a fair mutex in front of the limiter),
+//! (the rate itself: a provisioning job sends its reads, and then its independent writes, as
+//! concurrent waves of up to ~20 requests, which a smaller burst would spread out into
+//! sequential round trips), so any sliding second sees at most `per_second + burst` requests. Waiters are served first come, first served (a fair mutex in front of the limiter),
 //! so no request starves behind a busy sweep.
 
 use std::fmt;
@@ -31,9 +32,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 /// for people and other tools using the same account.
 pub const DEFAULT_AWS_MAX_RPS: u32 = 20;
 
-/// The burst allowed on top of the steady rate: a quarter of it, at least 1.
+/// The burst allowed on top of the steady rate: the rate itself, so that one job's concurrent
+/// wave of reads (or of independent writes) goes out at once instead of being spaced by the
+/// limiter. Over any sliding second the account still sees at most twice the rate, and over a
+/// longer run the rate.
 pub fn burst_for(per_second: NonZeroU32) -> NonZeroU32 {
-    NonZeroU32::new(per_second.get() / 4).unwrap_or(NonZeroU32::MIN)
+    per_second
 }
 
 /// A shared limit on AWS requests. Cheap to clone: clones share the permits.
@@ -221,8 +225,8 @@ mod tests {
     async fn grants_the_rate_plus_the_burst_per_second() {
         let limit = AwsRateLimit::per_second(20);
         let granted = permits_within(&limit, Duration::from_millis(2000)).await;
-        // 2 s at 20/s after a burst of 5: 45 (a few more or less for timer granularity).
-        assert!((40..=46).contains(&granted), "granted {granted}");
+        // 2 s at 20/s after a burst of 20: 60 (a few more or less for timer granularity).
+        assert!((55..=61).contains(&granted), "granted {granted}");
     }
 
     #[tokio::test]
@@ -230,7 +234,7 @@ mod tests {
         let limit = AwsRateLimit::per_second(0);
         assert_eq!(limit.rate().get(), DEFAULT_AWS_MAX_RPS);
         let granted = permits_within(&limit, Duration::from_millis(500)).await;
-        assert!(granted <= 5 + 11, "granted {granted}");
+        assert!(granted <= 20 + 11, "granted {granted}");
     }
 
     #[test]
@@ -245,8 +249,11 @@ mod tests {
     }
 
     #[test]
-    fn burst_is_a_quarter_of_the_rate_at_least_one() {
+    fn the_burst_is_the_rate() {
         let burst = |n| burst_for(NonZeroU32::new(n).unwrap()).get();
-        assert_eq!((burst(1), burst(5), burst(20), burst(1000)), (1, 1, 5, 250));
+        assert_eq!(
+            (burst(1), burst(5), burst(20), burst(1000)),
+            (1, 5, 20, 1000)
+        );
     }
 }

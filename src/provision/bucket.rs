@@ -82,6 +82,111 @@ pub async fn ensure_with(
     repository: &str,
     mode: Mode,
 ) -> Result<StepReport, CloudError> {
+    let observed = observe(s3, bucket, region, true).await?;
+    ensure_observed(s3, bucket, region, repository, mode, observed).await
+}
+
+/// What one wave of concurrent reads found: whether the bucket exists (in `region`, ours to
+/// use) and, if so, every setting the runbook names.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    settings: Option<Settings>,
+}
+
+/// The bucket's settings as read.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    /// Object Lock's default retention, described, and the read's request id.
+    object_lock: Option<(String, Option<String>)>,
+    ownership: Vec<String>,
+    public_access: Option<PublicAccessFlags>,
+    encryption: Vec<Value>,
+    versioning: Option<BucketVersioningStatus>,
+    tags: Vec<(String, String)>,
+}
+
+impl Observed {
+    pub fn exists(&self) -> bool {
+        self.settings.is_some()
+    }
+
+    /// The check of [`preflight`] on what was read: an existing bucket with Object Lock is
+    /// refused (its region was checked by [`observe`]).
+    pub fn refuse_unusable(&self, bucket: &str) -> Result<(), CloudError> {
+        match self.settings.as_ref().and_then(|s| s.object_lock.clone()) {
+            None => Ok(()),
+            Some((retention, request_id)) => Err(object_lock_error(bucket, &retention, request_id)),
+        }
+    }
+}
+
+/// Reads the bucket in one concurrent wave: HeadBucket, its location and every setting. When
+/// `expect_exists` is false (a first provisioning), HeadBucket goes alone first, so that a
+/// missing bucket costs one read instead of eight failing ones. Fails like [`preflight`] on a
+/// bucket of another account or region.
+pub async fn observe(
+    s3: &Client,
+    bucket: &str,
+    region: &str,
+    expect_exists: bool,
+) -> Result<Observed, CloudError> {
+    let absent = Observed { settings: None };
+    if !expect_exists {
+        if !head(s3, bucket, region).await? {
+            return Ok(absent);
+        }
+        check_location(s3, bucket, region).await?;
+        let settings = read_settings(s3, bucket).await?;
+        return Ok(Observed {
+            settings: Some(settings),
+        });
+    }
+    let (exists, location, settings) = tokio::join!(
+        head(s3, bucket, region),
+        check_location(s3, bucket, region),
+        read_settings(s3, bucket)
+    );
+    // HeadBucket's answer comes first: the other reads fail on a missing or foreign bucket.
+    if !exists? {
+        return Ok(absent);
+    }
+    location?;
+    Ok(Observed {
+        settings: Some(settings?),
+    })
+}
+
+/// Every setting of an existing bucket, read concurrently.
+async fn read_settings(s3: &Client, bucket: &str) -> Result<Settings, CloudError> {
+    let (object_lock, ownership, public_access, encryption, versioning, tags) = tokio::try_join!(
+        object_lock_retention(s3, bucket),
+        read_ownership(s3, bucket),
+        read_public_access_block(s3, bucket),
+        read_encryption(s3, bucket),
+        versioning_status(s3, bucket),
+        read_tags(s3, bucket),
+    )?;
+    Ok(Settings {
+        object_lock,
+        ownership,
+        public_access,
+        encryption,
+        versioning,
+        tags,
+    })
+}
+
+/// [`ensure_with`] on what [`observe`] read: creates a missing bucket (apply mode), then
+/// changes every setting that differs, the writes concurrently. A bucket this call created
+/// gets every setting without reading it first (a new bucket has none of ours).
+pub async fn ensure_observed(
+    s3: &Client,
+    bucket: &str,
+    region: &str,
+    repository: &str,
+    mode: Mode,
+    observed: Observed,
+) -> Result<StepReport, CloudError> {
     let mut report = Report::with_mode(KIND, bucket, mode);
     let identifiers = json!({
         "bucket": bucket,
@@ -89,21 +194,153 @@ pub async fn ensure_with(
         "arn": arn(bucket),
         "repository": repository,
     });
-    if head(s3, bucket, region).await? {
-        check_location(s3, bucket, region).await?;
-    } else if report.creates() {
-        create(s3, bucket, region, &mut report).await?;
-    } else {
-        report.planned_new(&new_bucket_settings(repository));
-        return Ok(report.into_step_report(identifiers));
-    }
-    check_object_lock(s3, bucket, &mut report).await?;
-    ensure_ownership(s3, bucket, &mut report).await?;
-    ensure_public_access_block(s3, bucket, &mut report).await?;
-    ensure_encryption(s3, bucket, &mut report).await?;
-    check_versioning(s3, bucket, &mut report).await?;
-    ensure_tags(s3, bucket, repository, &mut report).await?;
+    let found = match observed.settings {
+        Some(found) => found,
+        None if report.creates() => {
+            if create(s3, bucket, region, &mut report).await? {
+                Settings::default()
+            } else {
+                // Ours already (an earlier attempt, or a resent request): read like any other.
+                read_settings(s3, bucket).await?
+            }
+        }
+        None => {
+            report.planned_new(&new_bucket_settings(repository));
+            return Ok(report.into_step_report(identifiers));
+        }
+    };
+    check_object_lock(bucket, found.object_lock.clone(), &mut report)?;
+    ensure_settings(s3, bucket, repository, found, &mut report).await?;
     Ok(report.into_step_report(identifiers))
+}
+
+/// Ownership, public access block, encryption and tags: each compared with the runbook, the
+/// ones that differ written concurrently; then versioning, reported only.
+async fn ensure_settings(
+    s3: &Client,
+    bucket: &str,
+    repository: &str,
+    found: Settings,
+    report: &mut Report,
+) -> Result<(), CloudError> {
+    let wanted = [
+        (MANAGED_BY_KEY, MANAGED_BY_VALUE),
+        (REPOSITORY_TAG_KEY, repository),
+    ];
+    let expected_ownership = ObjectOwnership::BucketOwnerEnforced.as_str();
+    let ownership_ok = found.ownership.len() == 1 && found.ownership[0] == expected_ownership;
+    let public_ok = found
+        .public_access
+        .is_some_and(|flags| flags.iter().all(|f| *f == Some(true)));
+    let encryption_ok = found.encryption.len() == 1 && found.encryption[0] == expected_encryption();
+    let mut tags = found.tags.clone();
+    let tags_found = merge_tags(&mut tags, &wanted);
+    let mode = report.mode();
+    let (ownership, public, encryption, tagged) = tokio::try_join!(
+        write_unless(mode, ownership_ok, put_ownership(s3, bucket)),
+        write_unless(mode, public_ok, put_public_access_block(s3, bucket)),
+        write_unless(mode, encryption_ok, put_encryption(s3, bucket)),
+        write_unless(mode, tags_found.is_empty(), put_tags(s3, bucket, &tags)),
+    )?;
+    let setting = |report: &mut Report, name, ok, found: Value, expected, absent, id| {
+        record_setting(report, name, ok, found, expected, absent, id)
+    };
+    let ownership_found = list_or_null(&found.ownership);
+    let absent = found.ownership.is_empty();
+    let expected = json!(expected_ownership);
+    setting(
+        report,
+        "object_ownership",
+        ownership_ok,
+        ownership_found,
+        expected,
+        absent,
+        ownership,
+    );
+    let public_found = found
+        .public_access
+        .map(public_access_json)
+        .unwrap_or(Value::Null);
+    let (expected, absent) = (
+        public_access_json([Some(true); 4]),
+        found.public_access.is_none(),
+    );
+    setting(
+        report,
+        "public_access_block",
+        public_ok,
+        public_found,
+        expected,
+        absent,
+        public,
+    );
+    let encryption_found = list_or_null(&found.encryption);
+    let absent = found.encryption.is_empty();
+    setting(
+        report,
+        "default_encryption",
+        encryption_ok,
+        encryption_found,
+        expected_encryption(),
+        absent,
+        encryption,
+    );
+    check_versioning(found.versioning, report);
+    record_tags(report, &wanted, tags_found, tagged);
+    Ok(())
+}
+
+/// Sends `write` unless the setting is as expected (`ok`) or the mode changes nothing.
+async fn write_unless(
+    mode: Mode,
+    ok: bool,
+    write: impl Future<Output = Result<Option<String>, CloudError>>,
+) -> Result<Option<String>, CloudError> {
+    if ok {
+        Ok(None)
+    } else {
+        mode.perform(write).await
+    }
+}
+
+/// Records one setting: unchanged, made with a bucket this step created, or repaired.
+fn record_setting(
+    report: &mut Report,
+    setting: &'static str,
+    ok: bool,
+    found: Value,
+    expected: Value,
+    absent: bool,
+    request_id: Option<String>,
+) {
+    if ok {
+        report.unchanged(setting, expected);
+    } else if report.was_created() {
+        report.made(setting, expected, request_id);
+    } else {
+        let action = Action::create_or_update(absent);
+        report.repaired(setting, found, expected, action, request_id);
+    }
+}
+
+/// Our tags (`managed-by`, the repository), next to any tags of others: `found` holds the
+/// previous value of each of ours that differed (written by the caller).
+fn record_tags(
+    report: &mut Report,
+    wanted: &[(&str, &str)],
+    found: Map<String, Value>,
+    request_id: Option<String>,
+) {
+    const SETTING: &str = "tags";
+    if found.is_empty() {
+        report.unchanged(SETTING, tags_json(wanted, |_| true));
+    } else if report.was_created() {
+        report.made(SETTING, tags_json(wanted, |_| true), request_id);
+    } else {
+        let expected = tags_json(wanted, |key| found.contains_key(key));
+        let action = Action::create_or_update(found.values().all(Value::is_null));
+        report.repaired(SETTING, Value::Object(found), expected, action, request_id);
+    }
 }
 
 /// Every setting a new bucket gets, as the report shows them.
@@ -134,6 +371,19 @@ pub async fn preflight(s3: &Client, bucket: &str, region: &str) -> Result<(), Cl
         refuse_object_lock(s3, bucket).await?;
     }
     Ok(())
+}
+
+/// [`has_objects`], known without a call for a bucket that did not exist when observed.
+pub async fn has_objects_unless_new(
+    s3: &Client,
+    bucket: &str,
+    observed_absent: bool,
+) -> Result<bool, CloudError> {
+    if observed_absent {
+        // Made by this attempt (or absent still): nothing has written to it yet.
+        return Ok(false);
+    }
+    has_objects(s3, bucket).await
 }
 
 /// Whether the bucket holds at least one object (one ListObjectsV2 page).
@@ -273,13 +523,14 @@ async fn check_location(s3: &Client, bucket: &str, region: &str) -> Result<(), C
     Ok(())
 }
 
-/// Creates the bucket; finding it already ours (same region) is not a creation.
+/// Creates the bucket; finding it already ours (same region) is not a creation. Returns
+/// whether this call made it.
 async fn create(
     s3: &Client,
     bucket: &str,
     region: &str,
     report: &mut Report,
-) -> Result<(), CloudError> {
+) -> Result<bool, CloudError> {
     let mut request = s3.create_bucket().bucket(bucket);
     if region != "us-east-1" {
         request = request.create_bucket_configuration(
@@ -289,13 +540,16 @@ async fn create(
         );
     }
     match request.send().await {
-        Ok(out) => report.created(output_request_id(&out)),
+        Ok(out) => {
+            report.created(output_request_id(&out));
+            Ok(true)
+        }
         Err(err) if err.code() == Some("BucketAlreadyOwnedByYou") => {
             check_location(s3, bucket, region).await?;
+            Ok(false)
         }
-        Err(err) => return Err(create_error(bucket, region, err)),
+        Err(err) => Err(create_error(bucket, region, err)),
     }
-    Ok(())
 }
 
 fn is_code<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>, codes: &[&str]) -> bool {
@@ -309,26 +563,6 @@ fn list_or_null(found: &[impl serde::Serialize]) -> Value {
     } else {
         json!(found)
     }
-}
-
-/// Object Ownership: `ACLs disabled` (`BucketOwnerEnforced`).
-async fn ensure_ownership(
-    s3: &Client,
-    bucket: &str,
-    report: &mut Report,
-) -> Result<(), CloudError> {
-    const SETTING: &str = "object_ownership";
-    let found = read_ownership(s3, bucket).await?;
-    let expected = ObjectOwnership::BucketOwnerEnforced.as_str();
-    if found.len() == 1 && found[0] == expected {
-        report.unchanged(SETTING, json!(expected));
-        return Ok(());
-    }
-    let request_id = report.perform(put_ownership(s3, bucket)).await?;
-    let action = Action::create_or_update(found.is_empty());
-    let found = list_or_null(&found);
-    report.repaired(SETTING, found, json!(expected), action, request_id);
-    Ok(())
 }
 
 async fn read_ownership(s3: &Client, bucket: &str) -> Result<Vec<String>, CloudError> {
@@ -383,26 +617,6 @@ fn public_access_json(flags: PublicAccessFlags) -> Value {
     })
 }
 
-/// Block Public Access settings for this bucket: **`Block all public access`** (all four).
-async fn ensure_public_access_block(
-    s3: &Client,
-    bucket: &str,
-    report: &mut Report,
-) -> Result<(), CloudError> {
-    const SETTING: &str = "public_access_block";
-    let found = read_public_access_block(s3, bucket).await?;
-    let expected = public_access_json([Some(true); 4]);
-    if found.is_some_and(|flags| flags.iter().all(|f| *f == Some(true))) {
-        report.unchanged(SETTING, expected);
-        return Ok(());
-    }
-    let request_id = report.perform(put_public_access_block(s3, bucket)).await?;
-    let action = Action::create_or_update(found.is_none());
-    let found = found.map(public_access_json).unwrap_or(Value::Null);
-    report.repaired(SETTING, found, expected, action, request_id);
-    Ok(())
-}
-
 async fn read_public_access_block(
     s3: &Client,
     bucket: &str,
@@ -437,25 +651,6 @@ async fn put_public_access_block(s3: &Client, bucket: &str) -> Result<Option<Str
         .await
         .map_err(|e| classify(S3, "PutPublicAccessBlock", e))?;
     Ok(output_request_id(&out))
-}
-
-/// Default encryption: SSE-S3 (`AES256`, no KMS key), Bucket Key: `Enable`.
-async fn ensure_encryption(
-    s3: &Client,
-    bucket: &str,
-    report: &mut Report,
-) -> Result<(), CloudError> {
-    const SETTING: &str = "default_encryption";
-    let found = read_encryption(s3, bucket).await?;
-    let expected = expected_encryption();
-    if found.len() == 1 && found[0] == expected {
-        report.unchanged(SETTING, expected);
-        return Ok(());
-    }
-    let request_id = report.perform(put_encryption(s3, bucket)).await?;
-    let action = Action::create_or_update(found.is_empty());
-    report.repaired(SETTING, list_or_null(&found), expected, action, request_id);
-    Ok(())
 }
 
 fn expected_encryption() -> Value {
@@ -540,14 +735,10 @@ pub async fn versioning_status(
 }
 
 /// Bucket Versioning: `Disable` (never enabled). Enabled or suspended is reported only.
-async fn check_versioning(
-    s3: &Client,
-    bucket: &str,
-    report: &mut Report,
-) -> Result<(), CloudError> {
+fn check_versioning(found: Option<BucketVersioningStatus>, report: &mut Report) {
     const SETTING: &str = "versioning";
     let expected = json!("Disabled");
-    match versioning_status(s3, bucket).await? {
+    match found {
         None => report.unchanged(SETTING, expected),
         Some(status @ (BucketVersioningStatus::Enabled | BucketVersioningStatus::Suspended)) => {
             report.left(
@@ -565,19 +756,18 @@ async fn check_versioning(
             "unknown versioning status",
         ),
     }
-    Ok(())
 }
 
 /// Object Lock: `Disable`. Enabled is a permanent error ([`refuse_object_lock`]) in apply
 /// mode; otherwise it is reported and left (it cannot be turned off).
-async fn check_object_lock(
-    s3: &Client,
+fn check_object_lock(
     bucket: &str,
+    found: Option<(String, Option<String>)>,
     report: &mut Report,
 ) -> Result<(), CloudError> {
     const SETTING: &str = "object_lock";
     let expected = json!("Disabled");
-    match object_lock_retention(s3, bucket).await? {
+    match found {
         None => report.unchanged(SETTING, expected),
         Some((retention, request_id)) if report.mode() == Mode::Apply => {
             return Err(object_lock_error(bucket, &retention, request_id));
@@ -653,31 +843,6 @@ async fn object_lock_retention(
         })
         .unwrap_or_else(|| "no default retention yet".to_owned());
     Ok(Some((retention, output_request_id(&out))))
-}
-
-/// Our tags (`managed-by`, the repository), next to any tags of others.
-async fn ensure_tags(
-    s3: &Client,
-    bucket: &str,
-    repository: &str,
-    report: &mut Report,
-) -> Result<(), CloudError> {
-    const SETTING: &str = "tags";
-    let wanted = [
-        (MANAGED_BY_KEY, MANAGED_BY_VALUE),
-        (REPOSITORY_TAG_KEY, repository),
-    ];
-    let mut tags = read_tags(s3, bucket).await?;
-    let found = merge_tags(&mut tags, &wanted);
-    if found.is_empty() {
-        report.unchanged(SETTING, tags_json(&wanted, |_| true));
-        return Ok(());
-    }
-    let request_id = report.perform(put_tags(s3, bucket, &tags)).await?;
-    let expected = tags_json(&wanted, |key| found.contains_key(key));
-    let action = Action::create_or_update(found.values().all(Value::is_null));
-    report.repaired(SETTING, Value::Object(found), expected, action, request_id);
-    Ok(())
 }
 
 async fn read_tags(s3: &Client, bucket: &str) -> Result<Vec<(String, String)>, CloudError> {

@@ -19,6 +19,11 @@ pub const PROBE_PREFIX: &str = "backup-provisioner/probe-";
 
 const S3: &str = "s3";
 
+/// The longest wait between two attempts: a new key becomes usable at an unknown moment
+/// within IAM's consistency delay (seconds), and the check should notice it within a fraction
+/// of that, so the backoff grows from the initial one (e.g. 50 ms) only up to this.
+pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Why one attempt failed.
 enum AttemptError {
     /// The key was not (yet) accepted: worth retrying within the budget.
@@ -33,21 +38,61 @@ enum AttemptError {
 
 /// Puts, gets (comparing bytes) and deletes a small probe object with `client_with_new_key`.
 /// AccessDenied / InvalidAccessKeyId / SignatureDoesNotMatch (and other retryable errors) are
-/// retried with exponential backoff starting at `initial_backoff` until `budget` is spent; then
-/// the result is a permanent error saying the key does not work.
+/// retried with exponential backoff starting at `initial_backoff`, capped at [`MAX_BACKOFF`],
+/// until `budget` is spent; then the result is a permanent error saying the key does not work.
 pub async fn verify(
     client_with_new_key: &Client,
     bucket: &str,
     budget: Duration,
     initial_backoff: Duration,
 ) -> Result<StepReport, CloudError> {
+    let (report, _) = check(client_with_new_key, bucket, budget, initial_backoff, true).await?;
+    Ok(report)
+}
+
+/// [`verify`] without the delete: the key has written and read back the probe object, whose
+/// key is returned; the caller deletes it with [`delete_probe`] off the critical path (e.g.
+/// alongside the Secret's write). A probe left by a crash in between is no backup: it does not
+/// count as data ([`super::bucket::has_objects`]) and is deleted by the next attempt.
+pub async fn verify_leaving_probe(
+    client_with_new_key: &Client,
+    bucket: &str,
+    budget: Duration,
+    initial_backoff: Duration,
+) -> Result<(StepReport, String), CloudError> {
+    check(client_with_new_key, bucket, budget, initial_backoff, false).await
+}
+
+/// Deletes the probe object `key` (absent: nothing to do, S3's delete is idempotent).
+pub async fn delete_probe(s3: &Client, bucket: &str, key: &str) -> Result<(), CloudError> {
+    s3.delete_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| classify(S3, "DeleteObject", e))?;
+    Ok(())
+}
+
+async fn check(
+    client_with_new_key: &Client,
+    bucket: &str,
+    budget: Duration,
+    initial_backoff: Duration,
+    delete: bool,
+) -> Result<(StepReport, String), CloudError> {
     let started = Instant::now();
     let mut probe_key = String::new();
     let (attempts, request_id) = with_budget(bucket, budget, initial_backoff, || {
         probe_key = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4());
-        attempt(client_with_new_key, bucket, probe_key.clone())
+        attempt(client_with_new_key, bucket, probe_key.clone(), delete)
     })
     .await?;
+    let checked: &[&str] = if delete {
+        &["PutObject", "GetObject", "DeleteObject"]
+    } else {
+        &["PutObject", "GetObject"]
+    };
     let mut report = StepReport::new(
         Outcome::Created,
         json!({
@@ -55,11 +100,11 @@ pub async fn verify(
             "probe_key": probe_key,
             "attempts": attempts,
             "elapsed_ms": started.elapsed().as_millis() as u64,
-            "checked": ["PutObject", "GetObject", "DeleteObject"],
+            "checked": checked,
         }),
     );
     report.upstream_request_id = request_id;
-    Ok(report)
+    Ok((report, probe_key))
 }
 
 /// Read-only variant for a key that is already in use (e.g. found in the Secret): lists the
@@ -129,7 +174,9 @@ where
             "credential check not passing yet; retrying"
         );
         tokio::time::sleep(backoff.min(deadline - now)).await;
-        backoff = backoff.saturating_mul(2);
+        backoff = backoff
+            .saturating_mul(2)
+            .min(MAX_BACKOFF.max(initial_backoff));
     }
 }
 
@@ -154,18 +201,27 @@ fn give_up(bucket: &str, last: AttemptError, attempts: u32, elapsed: Duration) -
     }
 }
 
-/// One put/get/delete round; returns the request id of the delete.
-async fn attempt(s3: &Client, bucket: &str, key: String) -> Result<Option<String>, AttemptError> {
+/// One put/get(/delete) round; returns the request id of the last call.
+async fn attempt(
+    s3: &Client,
+    bucket: &str,
+    key: String,
+    delete: bool,
+) -> Result<Option<String>, AttemptError> {
     let key = key.as_str();
     let body = format!("backup-provisioner credential check {key}\n").into_bytes();
-    s3.put_object()
+    let put = s3
+        .put_object()
         .bucket(bucket)
         .key(key)
         .body(ByteStream::from(body.clone()))
         .send()
         .await
         .map_err(|e| rejected_or_other("PutObject", e))?;
-    read_back(s3, bucket, key, &body).await?;
+    let read = read_back(s3, bucket, key, &body).await?;
+    if !delete {
+        return Ok(read.or(crate::cloud::aws::output_request_id(&put)));
+    }
     let deleted = s3
         .delete_object()
         .bucket(bucket)
@@ -176,8 +232,14 @@ async fn attempt(s3: &Client, bucket: &str, key: String) -> Result<Option<String
     Ok(crate::cloud::aws::output_request_id(&deleted))
 }
 
-/// Reads the probe object back and compares its bytes with what was written.
-async fn read_back(s3: &Client, bucket: &str, key: &str, body: &[u8]) -> Result<(), AttemptError> {
+/// Reads the probe object back and compares its bytes with what was written; returns the
+/// read's request id.
+async fn read_back(
+    s3: &Client,
+    bucket: &str,
+    key: &str,
+    body: &[u8],
+) -> Result<Option<String>, AttemptError> {
     let got = s3
         .get_object()
         .bucket(bucket)
@@ -185,6 +247,7 @@ async fn read_back(s3: &Client, bucket: &str, key: &str, body: &[u8]) -> Result<
         .send()
         .await
         .map_err(|e| rejected_or_other("GetObject", e))?;
+    let request_id = crate::cloud::aws::output_request_id(&got);
     let bytes = got
         .body
         .collect()
@@ -198,7 +261,7 @@ async fn read_back(s3: &Client, bucket: &str, key: &str, body: &[u8]) -> Result<
         })?
         .into_bytes();
     if bytes.as_ref() == body {
-        return Ok(());
+        return Ok(request_id);
     }
     Err(AttemptError::Other(CloudError::permanent(
         S3,

@@ -31,6 +31,7 @@
 
 mod operation;
 mod responses;
+pub mod round_trips;
 mod server;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +46,7 @@ use super::moto::{Moto, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY};
 
 pub use operation::Operation;
 pub use responses::Canned;
+pub use round_trips::{Received, round_trip_chain, sequential_round_trips};
 
 /// How a lost response is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +167,8 @@ pub struct AwsRealism {
     latency_rate: f64,
     latency: Latency,
     seed: Option<u64>,
+    /// The window hides new access keys only (new users, groups, policies are visible at once).
+    window_for_keys_only: bool,
 }
 
 /// The default consistency window.
@@ -183,6 +187,7 @@ impl AwsRealism {
             latency_rate: 0.0,
             latency: Latency::Fixed(Duration::ZERO),
             seed: None,
+            window_for_keys_only: false,
         }
     }
 
@@ -196,6 +201,13 @@ impl AwsRealism {
     /// How long a new IAM entity or access key stays invisible (zero: never).
     pub fn consistency_window(mut self, window: Duration) -> Self {
         self.consistency_window = window;
+        self
+    }
+
+    /// The consistency window hides new access keys only: new users, groups and policies are
+    /// visible at once (what a credential check waits for, alone).
+    pub fn window_for_keys_only(mut self) -> Self {
+        self.window_for_keys_only = true;
         self
     }
 
@@ -295,27 +307,9 @@ struct State {
     journal: Vec<(Duration, String, String)>,
     /// Every request as received, in order.
     received_log: Vec<Received>,
-}
-
-/// One request as the proxy received it (each SDK attempt is one), with the wall-clock time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    pub at: chrono::DateTime<chrono::Utc>,
-    /// `service:Operation`
-    pub operation: String,
-    /// The entity or bucket it is about (see `Operation::subject`).
-    pub subject: String,
-    /// Its parameters but `Action` and `Version`, sorted, as `k=v&k=v`: two requests with the
-    /// same operation, subject and parameters ask for the same change (S3 object keys are not
-    /// among them).
-    pub parameters: String,
-}
-
-impl Received {
-    /// See `CallCounter::is_mutating`.
-    pub fn is_mutating(&self) -> bool {
-        CallCounter::is_mutating(&self.operation)
-    }
+    /// The sequence number of each entry of `received_log` (for [`Shared::answered`]).
+    received_seq: Vec<u64>,
+    next_seq: u64,
 }
 
 /// A canned answer for every matching request.
@@ -327,6 +321,8 @@ struct Rule {
 
 /// Random draws for one request.
 pub(crate) struct Draws {
+    /// Which request this is, for [`Shared::answered`].
+    pub seq: u64,
     pub latency: Option<Duration>,
     pub fault: Option<Fault>,
     pub lose_response: bool,
@@ -358,8 +354,12 @@ impl Shared {
         parameters.sort();
         let mut state = self.lock();
         *state.received.entry(key.clone()).or_default() += 1;
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.received_seq.push(seq);
         state.received_log.push(Received {
             at: chrono::Utc::now(),
+            done_at: None,
             operation: key.clone(),
             subject: subject.clone(),
             parameters: parameters.join("&"),
@@ -403,9 +403,18 @@ impl Shared {
             None => (drawn_fault, false),
         };
         Draws {
+            seq,
             latency,
             fault,
             lose_response: op.is_create() && (scripted_loss || u_lost < r.lost_response_rate),
+        }
+    }
+
+    /// Notes when the answer to request `seq` ended (or its connection was reset).
+    pub(crate) fn answered(&self, seq: u64) {
+        let mut state = self.lock();
+        if let Some(i) = state.received_seq.iter().rposition(|s| *s == seq) {
+            state.received_log[i].done_at = Some(chrono::Utc::now());
         }
     }
 
@@ -473,7 +482,7 @@ impl Shared {
         let mut keys = Vec::new();
         let arn = responses::tag_value(body, "Arn");
         match op.name.as_str() {
-            "CreateUser" | "CreateGroup" | "CreatePolicy" => {
+            "CreateUser" | "CreateGroup" | "CreatePolicy" if !self.realism.window_for_keys_only => {
                 let (kind, param) = match op.name.as_str() {
                     "CreateUser" => ("user", "UserName"),
                     "CreateGroup" => ("group", "GroupName"),
@@ -649,6 +658,7 @@ impl AwsProxy {
         let mut state = self.shared.lock();
         state.received.clear();
         state.received_log.clear();
+        state.received_seq.clear();
         state.forwarded.clear();
         state.injected.clear();
     }

@@ -106,12 +106,17 @@ async fn reset_connection(reset: &Notify) -> Result<Response<Body>, Infallible> 
     std::future::pending().await
 }
 
+/// What the proxy does with a request: answer it, or reset its connection.
+enum Answer {
+    Respond(Response<Body>),
+    Reset,
+}
+
 async fn handle(
     context: Arc<Context>,
     reset: Arc<Notify>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let shared = &context.shared;
     let (parts, body) = request.into_parts();
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return reset_connection(&reset).await;
@@ -120,7 +125,26 @@ async fn handle(
     if parts.uri.path().starts_with("/moto-api") {
         return Ok(forward(&context, &op, parts, body).await.0);
     }
-    let draws = shared.receive(&op);
+    let draws = context.shared.receive(&op);
+    let seq = draws.seq;
+    let answer = judge(&context, draws, op, parts, body).await;
+    context.shared.answered(seq);
+    match answer {
+        Answer::Respond(response) => Ok(response),
+        Answer::Reset => reset_connection(&reset).await,
+    }
+}
+
+/// Applies the draws, rules and the consistency window to a request, forwarding it to moto
+/// when it gets through.
+async fn judge(
+    context: &Context,
+    draws: super::Draws,
+    op: Operation,
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+) -> Answer {
+    let shared = &context.shared;
     if let Some(delay) = draws.latency {
         shared.count_injected("latency", &op);
         tokio::time::sleep(delay).await;
@@ -128,18 +152,18 @@ async fn handle(
     if let Some(fault) = draws.fault {
         shared.count_injected(fault.label(), &op);
         return match fault {
-            Fault::Reset => reset_connection(&reset).await,
-            fault => Ok(fault_response(fault, &op)),
+            Fault::Reset => Answer::Reset,
+            fault => Answer::Respond(fault_response(fault, &op)),
         };
     }
     if let Some(answer) = shared.rule_for(&op) {
         shared.count_injected("canned", &op);
-        return Ok(answer.respond(&op));
+        return Answer::Respond(answer.respond(&op));
     }
     if let Some(response) = not_visible_yet(shared, &op) {
-        return Ok(response);
+        return Answer::Respond(response);
     }
-    let (response, text) = forward(&context, &op, parts, body).await;
+    let (response, text) = forward(context, &op, parts, body).await;
     let ok = response.status().is_success();
     let code = responses::tag_value(&text, "Code").unwrap_or_default();
     shared.note(&op, &format!("moto {} {code}", response.status().as_u16()));
@@ -150,17 +174,17 @@ async fn handle(
             if let LostResponse::Stall(stall) = shared.lost_response() {
                 tokio::time::sleep(stall).await;
             }
-            return reset_connection(&reset).await;
+            return Answer::Reset;
         }
     }
     if ok && op.is_iam_read() && !shared.window().is_zero() {
         let (stripped, removed) = responses::strip_hidden_members(&text, shared.hidden_check());
         if removed > 0 {
             shared.count_injected("hidden-member", &op);
-            return Ok(with_body(response, stripped));
+            return Answer::Respond(with_body(response, stripped));
         }
     }
-    Ok(response)
+    Answer::Respond(response)
 }
 
 /// The answer of a request signed with a new key, or naming a new entity, inside the window.

@@ -1,0 +1,109 @@
+//! The provisioning job's critical path, counted at the AWS realism proxy (not timed; the bench
+//! measures time): with every AWS request delayed by a fixed 20 ms, a first provisioning is at
+//! most 6 sequential round trips (the dependency chain: reads, creates, attachments and the key,
+//! the probe's put, get and delete), a re-run of a ready repository at most 2 and makes no
+//! mutating call; and with new access keys hidden for a window, provisioning still converges
+//! with exactly one key.
+
+use std::time::Duration;
+
+use backup_provisioner::provision::access_key;
+use serde_json::{Value, json};
+
+use crate::support::aws_realism::{
+    AwsProxy, AwsRealism, Latency, round_trip_chain, sequential_round_trips,
+};
+use crate::support::env::{Env, bucket_for, unique_name};
+
+const NAMESPACE: &str = "critical";
+const LATENCY: Duration = Duration::from_millis(20);
+const FIRST_RUN_ROUND_TRIPS: usize = 6;
+const RE_RUN_ROUND_TRIPS: usize = 2;
+
+fn measured(proxy: &AwsProxy) -> (usize, String) {
+    let received = proxy.received();
+    let chain = round_trip_chain(&received);
+    let described = format!(
+        "{} sequential round trips ({}) in {} calls: {:?}",
+        sequential_round_trips(&received),
+        chain.join(" → "),
+        received.len(),
+        proxy.calls()
+    );
+    (chain.len(), described)
+}
+
+async fn provision(env: &Env, name: &str) -> Value {
+    let job = env
+        .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_and_a_re_run_are_their_dependency_chains_only() {
+    let realism = AwsRealism::off().latency(1.0, Latency::Fixed(LATENCY));
+    let env = Env::builder(&[NAMESPACE])
+        .aws_realism(realism)
+        .start()
+        .await;
+    let proxy = env.realism.as_ref().expect("proxy");
+    let name = unique_name("cp");
+
+    provision(&env, &name).await;
+    let (first, first_described) = measured(proxy);
+    eprintln!("first run: {first_described}");
+    assert!(
+        first <= FIRST_RUN_ROUND_TRIPS,
+        "first run: {first_described}"
+    );
+
+    proxy.reset_counts();
+    let job = env.reconcile(&name).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (again, again_described) = measured(proxy);
+    eprintln!("re-run: {again_described}");
+    assert_eq!(
+        proxy.mutating_count(),
+        0,
+        "a re-run is read-only: {:?}",
+        proxy.mutating()
+    );
+    assert!(again <= RE_RUN_ROUND_TRIPS, "re-run: {again_described}");
+    env.app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_new_keys_hidden_provisioning_converges_with_one_key() {
+    let realism = AwsRealism::off()
+        .consistency_window(Duration::from_secs(2))
+        .window_for_keys_only();
+    let env = Env::builder(&[NAMESPACE])
+        .aws_realism(realism)
+        .start()
+        .await;
+    let proxy = env.realism.as_ref().expect("proxy");
+    let name = unique_name("cpw");
+
+    provision(&env, &name).await;
+    let bucket = bucket_for(&name);
+    let keys = access_key::list(&env.admin.iam, &bucket)
+        .await
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}; {}", proxy.summary());
+    assert_eq!(
+        proxy.access_keys_created(),
+        vec![keys[0].id.clone()],
+        "one key made, no duplicate: {}",
+        proxy.summary()
+    );
+    assert!(
+        proxy.injected_count("invalid-key") > 0,
+        "the new key was hidden for a while: {}",
+        proxy.summary()
+    );
+    let conf = env.s3_conf(NAMESPACE, &bucket).await.expect("the Secret");
+    assert!(conf.contains(&keys[0].id), "the Secret holds the key");
+    env.app.stop().await;
+}
