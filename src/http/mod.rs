@@ -10,6 +10,7 @@ pub mod hardening;
 pub mod health;
 pub mod idempotency;
 pub mod jobs;
+pub mod me;
 pub mod manifests;
 pub mod openapi;
 pub mod pagination;
@@ -18,6 +19,7 @@ pub mod raw_answers;
 pub mod repositories;
 pub mod responses;
 pub mod server;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +80,8 @@ pub struct HttpLimits {
     pub cors_origins: Vec<String>,
     pub connections: server::ConnectionLimits,
     pub rate_limits: rate_limit::RateLimitSettings,
+    /// The operator console's login settings (`/ui`).
+    pub ui: ui::UiSettings,
 }
 
 /// The API's routes, with their OpenAPI description gathered as they are registered.
@@ -86,6 +90,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(repositories::router())
         .merge(jobs::router())
         .merge(audit::router())
+        .merge(me::router())
         .merge(health::router())
 }
 
@@ -93,6 +98,7 @@ pub fn router(state: AppState, limits: &HttpLimits) -> Router {
     let (api, spec) = api_router().split_for_parts();
     let spec = Arc::new(spec);
     api.merge(openapi::docs_router(spec))
+        .merge(ui::router(&limits.ui))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(
             state.clone(),

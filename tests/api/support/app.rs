@@ -250,6 +250,8 @@ pub fn http_args() -> HttpArgs {
         rate_limit_per_subject: "100000/min".parse().unwrap(),
         rate_limit_global: "100000/min".parse().unwrap(),
         rate_limit_reads_per_subject: "off".parse().unwrap(),
+        ui_oidc_client_id: None,
+        ui_oidc_scopes: "openid profile".into(),
     }
 }
 
