@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod dry_run;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod hardening;
 pub mod health;
@@ -65,6 +66,8 @@ pub struct RequestPolicy {
     /// A request still in flight after this long was dropped (timeout, crash): its
     /// Idempotency-Key may be claimed again.
     pub idempotency_abandon_after: Duration,
+    /// An event stream's keep-alive comment interval (`events`).
+    pub event_stream_keep_alive: Duration,
 }
 
 impl RequestPolicy {
@@ -137,6 +140,7 @@ fn cors(origins: &[String]) -> CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             HeaderName::from_static("idempotency-key"),
+            events::LAST_EVENT_ID,
         ])
         .expose_headers([header::LOCATION, REQUEST_ID, header::RETRY_AFTER])
         .max_age(Duration::from_secs(600))

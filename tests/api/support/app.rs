@@ -239,6 +239,7 @@ pub fn http_args() -> HttpArgs {
         jwt_roles_claim: "roles".into(),
         jwt_max_lifetime: None,
         cors_origins: vec!["https://portal.example.com".into()],
+        event_stream_keep_alive: Duration::from_secs(15),
         allowed_namespaces: vec![],
         bucket_name_pattern: backup_provisioner::domain::DEFAULT_BUCKET_PATTERN.into(),
         max_body_bytes: 16 * 1024,
