@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod cloud;
 pub mod config;
+pub mod controller;
 pub mod crypto;
 pub mod db;
 pub mod domain;

@@ -62,8 +62,12 @@ async fn run(command: Command) -> Result<(), StartupError> {
             Ok(())
         }
         Command::Migrate(args) => startup::migrate(&args).await,
-        Command::Serve(args) => startup::run(&args.database, Some(&args.http), &args.worker).await,
-        Command::Worker(args) => startup::run(&args.database, None, &args.worker).await,
+        Command::Serve(args) => {
+            let controller = Some(&args.controller);
+            startup::run(&args.database, Some(&args.http), &args.worker, controller).await
+        }
+        Command::Worker(args) => startup::run(&args.database, None, &args.worker, None).await,
+        Command::Controller(args) => startup::controller(&args).await,
         // Answered in main, before logging starts.
         Command::Client(_) => Ok(()),
     }

@@ -27,10 +27,40 @@ fn the_shipped_manifest_grants_get_create_patch_delete_on_secrets_and_nothing_el
         "system:serviceaccount:backup-provisioner:backup-provisioner"
     );
     let rules = rbac.rules();
-    assert_eq!(rules.len(), 1, "{rules:?}");
-    assert_eq!(rules[0].api_groups, Some(vec![String::new()]));
-    assert_eq!(rules[0].resources, Some(vec!["secrets".to_owned()]));
-    assert_eq!(rules[0].resource_names, None);
+    // Secrets (provisioning), then the PostgresCluster controller's (tests/api/controller.rs):
+    // PostgresClusters to watch and annotate, Events to report on them.
+    let granted: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rules
+        .iter()
+        .map(|r| {
+            (
+                r.api_groups.clone().unwrap_or_default(),
+                r.resources.clone().unwrap_or_default(),
+                r.verbs.clone(),
+            )
+        })
+        .collect();
+    let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        granted,
+        [
+            (
+                strings(&[""]),
+                strings(&["secrets"]),
+                strings(&["get", "create", "patch", "delete"])
+            ),
+            (
+                strings(&["postgres-operator.crunchydata.com"]),
+                strings(&["postgresclusters"]),
+                strings(&["get", "list", "watch", "patch"])
+            ),
+            (
+                strings(&["events.k8s.io"]),
+                strings(&["events"]),
+                strings(&["create", "patch"])
+            ),
+        ]
+    );
+    assert!(rules.iter().all(|r| r.resource_names.is_none()));
     let mut verbs = rbac.secret_verbs();
     verbs.sort();
     assert_eq!(verbs, ["create", "delete", "get", "patch"]);

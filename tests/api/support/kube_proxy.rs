@@ -136,6 +136,11 @@ struct Shared {
     /// Requests seen per (method, path with the namespace's suffix removed), for the draws.
     seen: std::collections::HashMap<(String, String), u64>,
     holds: Vec<(Hold, tokio::sync::mpsc::UnboundedSender<Held>)>,
+    /// Cancelled to end every watch stream open now ([`KubeProxy::cut_watches`]).
+    watch_cut: tokio_util::sync::CancellationToken,
+    /// Watches to send with a stale `resourceVersion` ([`KubeProxy::expire_next_watch`]):
+    /// (path prefix, how many).
+    stale_watches: Vec<(String, usize)>,
 }
 
 /// Errors on a share of the requests, drawn from a seeded generator: each draw depends only on
@@ -369,6 +374,63 @@ impl KubeProxy {
     }
 }
 
+/// A `resourceVersion` the API server compacted away long ago: a watch from it is answered
+/// `410 Gone` ("too old resource version") by the server itself, as when a watch was broken
+/// for longer than the server keeps history.
+pub const STALE_RESOURCE_VERSION: &str = "1";
+
+impl KubeProxy {
+    /// Ends every watch stream open now, as a dropped connection or a restarted API server
+    /// would (the client sees its stream end and watches again).
+    pub fn cut_watches(&self) {
+        let mut shared = self.lock();
+        let cut = std::mem::take(&mut shared.watch_cut);
+        cut.cancel();
+    }
+
+    /// Sends the next watch whose path starts with `path_prefix` from
+    /// [`STALE_RESOURCE_VERSION`] instead of the client's: the real server answers it with its
+    /// own 410 Gone (Expired), and the client must list again.
+    pub fn expire_next_watch(&self, path_prefix: &str) {
+        self.lock().stale_watches.push((path_prefix.to_owned(), 1));
+    }
+
+    /// The watch requests answered so far whose path starts with `path_prefix`.
+    pub fn watches(&self, path_prefix: &str) -> Vec<RequestRecord> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with(path_prefix) && is_watch(&r.query))
+            .collect()
+    }
+}
+
+/// Whether a request's query asks for a watch (`watch=true` or `watch=1`).
+pub fn is_watch(query: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| pair == "watch=true" || pair == "watch=1")
+}
+
+/// `query` with `resourceVersion` replaced by [`STALE_RESOURCE_VERSION`] when a stale-watch
+/// rule matches this watch (the rule is used up).
+fn stale_query(shared: &mut Shared, path: &str, query: &str) -> Option<String> {
+    if !is_watch(query) {
+        return None;
+    }
+    let rule = shared
+        .stale_watches
+        .iter_mut()
+        .find(|(prefix, times)| *times > 0 && path.starts_with(prefix.as_str()))?;
+    rule.1 -= 1;
+    let pairs = query
+        .split('&')
+        .filter(|pair| !pair.starts_with("resourceVersion="))
+        .chain([format!("resourceVersion={STALE_RESOURCE_VERSION}").as_str()])
+        .collect::<Vec<_>>()
+        .join("&");
+    Some(pairs)
+}
+
 impl Drop for KubeProxy {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -519,6 +581,11 @@ async fn forward(State(state): State<ProxyState>, request: Request) -> Response 
             .and_then(|share| share.draw(&key.0, &key.1, dry_run, index));
         fault.or_else(|| drawn.map(Fault::status))
     };
+    let query = {
+        let mut shared = state.shared.lock().unwrap_or_else(|p| p.into_inner());
+        stale_query(&mut shared, &path, &query).unwrap_or(query)
+    };
+    record.query = query.clone();
     let response = match fault {
         Some(fault) => {
             record.injected = true;
@@ -564,6 +631,18 @@ async fn upstream(state: &ProxyState, request: Request, path: &str, query: &str)
     };
     let status = answer.status();
     let headers = forwarded(answer.headers());
+    if is_watch(query) {
+        let cut = state
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .watch_cut
+            .clone();
+        let mut response = Response::new(watch_body(answer, cut));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        return response;
+    }
     let bytes = match answer.bytes().await {
         Ok(bytes) => bytes,
         Err(e) => return bad_gateway(format!("reading kube-apiserver's answer: {e}")),
@@ -572,6 +651,27 @@ async fn upstream(state: &ProxyState, request: Request, path: &str, query: &str)
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// A watch's answer passed on as it arrives (a watch is a response that does not end), until
+/// the server ends it or `cut` fires.
+fn watch_body(answer: reqwest::Response, cut: tokio_util::sync::CancellationToken) -> Body {
+    let chunks = futures::stream::unfold(Some(answer), move |answer| {
+        let cut = cut.clone();
+        async move {
+            let mut answer = answer?;
+            let chunk = tokio::select! {
+                _ = cut.cancelled() => return None,
+                chunk = answer.chunk() => chunk,
+            };
+            match chunk {
+                Ok(Some(bytes)) => Some((Ok::<_, reqwest::Error>(bytes), Some(answer))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    });
+    Body::from_stream(chunks)
 }
 
 fn bad_gateway(message: String) -> Response {

@@ -268,9 +268,13 @@ impl Rbac {
         )
         .await;
         for rule in role.rules.unwrap_or_default() {
+            let groups = rule.api_groups.clone().unwrap_or_default();
             for resource in rule.resources.clone().unwrap_or_default() {
                 for verb in &rule.verbs {
-                    wait_until_allowed(admin, &self.user(), verb, &resource, namespace).await;
+                    for group in &groups {
+                        let resource = (group.as_str(), resource.as_str());
+                        wait_until_allowed_in(admin, &self.user(), verb, resource, namespace).await;
+                    }
                 }
             }
         }
@@ -318,6 +322,17 @@ pub async fn wait_until_allowed(
     resource: &str,
     namespace: &str,
 ) {
+    wait_until_allowed_in(admin, user, verb, ("", resource), namespace).await
+}
+
+/// [`wait_until_allowed`] for a resource of an API group (`("events.k8s.io", "events")`).
+pub async fn wait_until_allowed_in(
+    admin: &kube::Client,
+    user: &str,
+    verb: &str,
+    (group, resource): (&str, &str),
+    namespace: &str,
+) {
     let reviews = Api::<SubjectAccessReview>::all(admin.clone());
     let review = SubjectAccessReview {
         metadata: ObjectMeta::default(),
@@ -326,6 +341,7 @@ pub async fn wait_until_allowed(
             resource_attributes: Some(ResourceAttributes {
                 namespace: Some(namespace.to_owned()),
                 verb: Some(verb.to_owned()),
+                group: Some(group.to_owned()),
                 resource: Some(resource.to_owned()),
                 ..Default::default()
             }),
@@ -344,7 +360,7 @@ pub async fn wait_until_allowed(
         }
         assert!(
             Instant::now() < until,
-            "{user} may still not {verb} {resource} in {namespace} after {RBAC_DEADLINE:?}"
+            "{user} may still not {verb} {resource} ({group:?}) in {namespace} after {RBAC_DEADLINE:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
