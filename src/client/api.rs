@@ -125,6 +125,58 @@ impl Api {
     }
 }
 
+/// What a request for a job's event stream got.
+pub enum Opened {
+    /// The stream, to read chunk by chunk.
+    Stream(reqwest::Response),
+    /// 204: the job ended and the stream has nothing after the last event id sent.
+    NothingAfter,
+    /// No stream here: a server without it (404, 406, or its JSON answer to the same path).
+    Unsupported,
+}
+
+impl Api {
+    /// `GET path` asking for `text/event-stream`, resuming after `last_event_id`; the answer
+    /// may take up to `timeout` to be read to its end.
+    pub async fn open_event_stream(
+        &self,
+        path: &str,
+        last_event_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Opened, ClientError> {
+        let mut request = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(timeout);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.base, &e))?;
+        let status = response.status();
+        let is_stream = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        match status {
+            StatusCode::NO_CONTENT => Ok(Opened::NothingAfter),
+            _ if status.is_success() && is_stream => Ok(Opened::Stream(response)),
+            StatusCode::NOT_FOUND | StatusCode::NOT_ACCEPTABLE => Ok(Opened::Unsupported),
+            _ if status.is_success() => Ok(Opened::Unsupported),
+            _ => classify(response).await.map(|_| Opened::Unsupported),
+        }
+    }
+}
+
+/// The cause of a failed read of a streamed answer, as [`ClientError::Unavailable`].
+pub fn read_failed(err: &reqwest::Error) -> ClientError {
+    ClientError::Unavailable(format!("reading the event stream: {err}"))
+}
+
 async fn classify(response: reqwest::Response) -> Result<Answer, ClientError> {
     let status = response.status();
     let text = response

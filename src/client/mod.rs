@@ -10,6 +10,7 @@
 mod api;
 mod args;
 mod commands;
+mod sse;
 mod table;
 mod views;
 mod wait;

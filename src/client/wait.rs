@@ -1,19 +1,110 @@
-//! `--wait`: follows a job with `GET /v1/jobs/{id}?wait=1s` (a long poll that answers at once
-//! when the job ends) and shows its steps as they progress: a spinner with the running step on
-//! a terminal, and one line per step change on stderr either way.
+//! `--wait`: follows a job and shows its steps as they progress: a spinner with the running
+//! step on a terminal, and one line per step change on stderr either way.
+//!
+//! It reads the job's event stream (`GET /v1/jobs/{id}/events` with `Accept:
+//! text/event-stream`), which sends every transition as it happens. A stream that drops is
+//! resumed with `Last-Event-ID`, so nothing is missed or shown twice. Against a server without
+//! the stream (404, 406, or its JSON answer to that path) it long-polls
+//! `GET /v1/jobs/{id}?wait=1s` instead (an answer comes at once when the job ends). Either way
+//! the job's view at its end is what `--wait` returns.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
+use tokio::time::Instant;
 
-use super::api::{Api, ClientError};
+use super::api::{Api, ClientError, Opened, read_failed};
+use super::sse::{SseEvent, SseParser};
+
+/// Reconnects in a row that may fail before `--wait` gives up (exit 4).
+const MAX_RECONNECTS: u32 = 5;
+
+/// Without a byte for this long (events or keep-alive comments, every 15 s by default) a stream
+/// is taken as dropped and resumed.
+const SILENCE: Duration = Duration::from_secs(75);
 
 /// The job view at its end; `JobFailed` when it ended failed or cancelled.
 pub async fn follow(api: &Api, id: &str, timeout: Duration) -> Result<Value, ClientError> {
     let deadline = Instant::now() + timeout;
     let mut progress = Progress::new(id);
+    let streamed =
+        tokio::time::timeout_at(deadline, follow_stream(api, id, timeout, &mut progress)).await;
+    let result = match streamed {
+        // The stream showed the job's end (or there is none): its view, at once when it ended.
+        Ok(Ok(())) => long_poll(api, id, deadline, timeout, &mut progress).await,
+        Ok(Err(err)) => Err(err),
+        Err(_) => {
+            let view = api.get(&format!("/v1/jobs/{id}"), &[]).await?.body;
+            Err(still_going(id, &view, timeout))
+        }
+    };
+    progress.finish();
+    result
+}
+
+/// Shows the job's events until the one that ends it; returns at once when the server has no
+/// event stream.
+async fn follow_stream(
+    api: &Api,
+    id: &str,
+    timeout: Duration,
+    progress: &mut Progress,
+) -> Result<(), ClientError> {
+    let path = format!("/v1/jobs/{id}/events");
+    let mut parser = SseParser::default();
+    let mut failures = 0;
+    loop {
+        // The request may stream for the whole wait; `follow` stops it at the deadline.
+        let opened = api
+            .open_event_stream(&path, parser.last_id(), timeout + SILENCE)
+            .await;
+        let read = match opened {
+            Ok(Opened::Stream(response)) => read_stream(response, &mut parser, progress).await,
+            Ok(Opened::NothingAfter | Opened::Unsupported) => return Ok(()),
+            Err(err) => Err(err),
+        };
+        match read {
+            Ok(true) => return Ok(()),
+            // Ended early (the server stopped): resume after the last event.
+            Ok(false) => failures = 0,
+            Err(ClientError::Unavailable(_)) if failures < MAX_RECONNECTS => failures += 1,
+            Err(err) => return Err(err),
+        }
+        tokio::time::sleep(Duration::from_millis(250) * 2u32.pow(failures)).await;
+    }
+}
+
+/// Shows the events of one response until it ends; true when the last one ended the job.
+async fn read_stream(
+    mut response: reqwest::Response,
+    parser: &mut SseParser,
+    progress: &mut Progress,
+) -> Result<bool, ClientError> {
+    let mut ended = false;
+    loop {
+        let chunk = tokio::time::timeout(SILENCE, response.chunk())
+            .await
+            .map_err(|_| ClientError::Unavailable("the event stream went silent".into()))?
+            .map_err(|e| read_failed(&e))?;
+        let Some(chunk) = chunk else {
+            return Ok(ended);
+        };
+        for event in parser.feed(&chunk) {
+            ended = progress.show_event(&event);
+        }
+    }
+}
+
+/// Long-polls the job's view until it ends or the deadline passes.
+async fn long_poll(
+    api: &Api,
+    id: &str,
+    deadline: Instant,
+    timeout: Duration,
+    progress: &mut Progress,
+) -> Result<Value, ClientError> {
     loop {
         let view = api
             .get(&format!("/v1/jobs/{id}"), &[("wait", "1s".to_owned())])
@@ -21,26 +112,23 @@ pub async fn follow(api: &Api, id: &str, timeout: Duration) -> Result<Value, Cli
             .body;
         progress.show(&view);
         match view["state"].as_str() {
-            Some("succeeded") => {
-                progress.finish();
-                return Ok(view);
-            }
+            Some("succeeded") => return Ok(view),
             Some(state @ ("failed" | "cancelled")) => {
-                progress.finish();
                 let error = view["last_error"].as_str().unwrap_or("no error recorded");
                 return Err(ClientError::JobFailed(format!("job {id} {state}: {error}")));
             }
-            _ if Instant::now() >= deadline => {
-                progress.finish();
-                return Err(ClientError::WaitTimedOut(format!(
-                    "job {id} still {} after {}",
-                    view["state"].as_str().unwrap_or("unknown"),
-                    humantime::format_duration(timeout)
-                )));
-            }
+            _ if Instant::now() >= deadline => return Err(still_going(id, &view, timeout)),
             _ => {}
         }
     }
+}
+
+fn still_going(id: &str, view: &Value, timeout: Duration) -> ClientError {
+    ClientError::WaitTimedOut(format!(
+        "job {id} still {} after {}",
+        view["state"].as_str().unwrap_or("unknown"),
+        humantime::format_duration(timeout)
+    ))
 }
 
 /// What was last shown per step, so each change is printed once.
@@ -71,15 +159,39 @@ impl Progress {
         for step in view["steps"].as_array().into_iter().flatten() {
             self.show_step(step);
         }
-        let state = view["state"].as_str().unwrap_or("?");
+        self.show_job(view);
+    }
+
+    /// One event of the stream (its data has the fields of a view's step, or of the job);
+    /// true when it is the job's end.
+    fn show_event(&mut self, event: &SseEvent) -> bool {
+        let Ok(data) = serde_json::from_str::<Value>(&event.data) else {
+            return false;
+        };
+        match event.event.as_str() {
+            "step" => self.show_step(&data),
+            "job" => {
+                self.show_job(&data);
+                return matches!(
+                    data["state"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                );
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn show_job(&mut self, job: &Value) {
+        let state = job["state"].as_str().unwrap_or("?");
         if state != self.job_state {
             self.job_state = state.to_owned();
             self.line(format!(
                 "job {} {} ({}), attempt {}",
-                view["id"].as_str().unwrap_or("?"),
+                job["id"].as_str().unwrap_or("?"),
                 state,
-                view["kind"].as_str().unwrap_or("?"),
-                view["attempts"]
+                job["kind"].as_str().unwrap_or("?"),
+                job["attempts"]
             ));
         }
     }

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -17,7 +19,7 @@ use super::extract::{ApiPath, ApiQuery, Caller};
 use super::responses::{
     BadRequest, Forbidden, NotFound, TooManyRequests, Unauthorized, Unprocessable,
 };
-use super::{ApiError, AppState, pagination};
+use super::{ApiError, AppState, events, pagination};
 use crate::audit::AuditFilter;
 use crate::auth::Role;
 use crate::domain::RepositoryName;
@@ -299,12 +301,30 @@ pub struct PageQuery {
     pub limit: Option<i64>,
 }
 
-/// The audit events of one job, oldest first.
+/// The audit events of one job, oldest first, or its live event stream.
+///
+/// With `Accept: text/event-stream`: the job's and its steps' transitions as Server-Sent
+/// Events, live until the job ends: `event: step` (data: `job_id`, `name`, `position`,
+/// `state`, `attempts`, `started_at`, `finished_at`, `duration_ms`, `last_error`, `at`) and
+/// `event: job` (data: `id`, `kind`, `state`, `attempts`, `last_error`, `started_at`,
+/// `finished_at`, `at`), each with an `id:`; a reconnect with `Last-Event-ID` gets exactly
+/// the events after it. Comments (`: keep-alive`) keep an idle stream open. The stream ends
+/// after the `job` event of a terminal state (`succeeded`, `failed`, `cancelled`); a
+/// reconnect that already has it is answered 204. Without `text/event-stream` in `Accept`,
+/// the answer is the JSON audit page.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}/events", tag = "jobs",
-    params(("id" = Uuid, Path, description = "Job id"), PageQuery),
+    params(
+        ("id" = Uuid, Path, description = "Job id"),
+        PageQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Event stream only: the `id:` of the last event received; the stream starts after it"),
+    ),
     responses(
-        (status = 200, body = AuditPage),
+        (status = 200, description = "The job's audit events (JSON), or its event stream (`Accept: text/event-stream`)", content(
+            (AuditPage = "application/json"),
+            (String = "text/event-stream", example = "id: 42\nevent: step\ndata: {\"job_id\":\"…\",\"name\":\"bucket\",\"position\":1,\"state\":\"succeeded\",\"attempts\":1,\"duration_ms\":85,\"at\":\"…\"}\n\n"),
+        )),
+        (status = 204, description = "Event stream: the job ended and `Last-Event-ID` is its final event; nothing follows"),
         BadRequest, Unauthorized, NotFound,
     ),
     security(("bearer" = []))
@@ -313,9 +333,13 @@ pub async fn job_events(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
     ApiQuery(query): ApiQuery<PageQuery>,
-) -> Result<axum::Json<AuditPage>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Role::Viewer)?;
+    if events::wants_event_stream(&headers) {
+        return events::respond(&state, id, &headers).await;
+    }
     if queue::get(&state.db, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no job {id}")));
     }
@@ -325,7 +349,7 @@ pub async fn job_events(
     };
     audit_page(&state, filter, query.cursor.as_deref(), query.limit)
         .await
-        .map(axum::Json)
+        .map(|page| axum::Json(page).into_response())
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]
