@@ -68,8 +68,8 @@ CREATE TRIGGER jobs_record_event_update AFTER UPDATE OF state ON jobs
 -- shows where they are and, for an ended job, ends with its state.
 INSERT INTO job_events (job_id, kind, step, position, state, attempts, last_error, started_at,
                         finished_at, at)
-SELECT job_id, 'step', step, position, state, attempts, last_error, started_at, finished_at,
-       coalesce(finished_at, started_at, now())
+SELECT s.job_id, 'step', s.step, s.position, s.state, s.attempts, s.last_error, s.started_at,
+       s.finished_at, coalesce(s.finished_at, s.started_at, now())
   FROM job_steps s JOIN jobs j ON j.id = s.job_id
  ORDER BY j.created_at, j.id, s.position, s.step;
 INSERT INTO job_events (job_id, kind, state, attempts, last_error, started_at, finished_at, at)
