@@ -13,6 +13,8 @@ command -v nginx >/dev/null || need_apt+=(nginx-light)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl ca-certificates)
 command -v jq >/dev/null || need_apt+=(jq)
+# The backup freshness alerts' unit tests (tests/api/deploy_manifests.rs): promtool.
+command -v promtool >/dev/null || need_apt+=(prometheus)
 # The console's browser tests (tests/api/ui_console.rs): headless Chromium over WebDriver.
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)

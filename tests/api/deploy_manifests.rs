@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{Scope, pinned_kind};
+use regex::Regex;
 use serde_json::{Value, json};
 
 use crate::support::kube_apiserver::KubeApiserver;
@@ -688,13 +689,16 @@ async fn apply(client: &kube::Client, object: &Value, dry_run: bool) -> Result<(
 /// What the dry runs need to exist for real: the CRD (served), the namespaces (the service's
 /// with its Pod Security label), and the ServiceAccounts Pods are admitted with.
 async fn prepare(client: &kube::Client) {
-    let crd_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deploy/externalsecret-crd.yaml");
-    let crd: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(crd_path).expect("CRD")).expect("CRD YAML");
-    apply(client, &crd, false)
-        .await
-        .expect("installing the CRD");
+    for fixture in ["externalsecret-crd.yaml", "prometheusrule-crd.yaml"] {
+        let crd_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/deploy")
+            .join(fixture);
+        let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(crd_path).expect("CRD"))
+            .expect("CRD YAML");
+        apply(client, &crd, false)
+            .await
+            .expect("installing the CRD");
+    }
     let mut namespaces = BTreeSet::new();
     for r in rendered() {
         for object in &r.objects {
@@ -720,6 +724,7 @@ async fn prepare(client: &kube::Client) {
         .await
         .expect("the default ServiceAccount");
     wait_until_served(client, "external-secrets.io", "v1", "ExternalSecret").await;
+    wait_until_served(client, "monitoring.coreos.com", "v1", "PrometheusRule").await;
 }
 
 async fn wait_until_served(client: &kube::Client, group: &str, version: &str, kind: &str) {
@@ -870,4 +875,139 @@ async fn the_rendered_settings_and_runtime_secret_make_a_ready_service_that_stop
         "SIGTERM: {status:?} within terminationGracePeriodSeconds ({grace:?})\n{}",
         service.log()
     );
+}
+
+// ---- the backup freshness alerts (deploy/components/alerts) ----
+
+/// The rule groups of the example overlay's PrometheusRule, as a Prometheus rule file.
+fn alert_rules() -> Value {
+    let example = &rendered()[1];
+    let rule = example.one("PrometheusRule", "backup-provisioner-backup-freshness");
+    json!({"groups": rule["spec"]["groups"].clone()})
+}
+
+/// Every metric the binary exports (each freshness family with one series, so it is listed).
+fn exported_metrics() -> BTreeSet<String> {
+    use backup_provisioner::telemetry::{FreshnessAges, Metrics};
+    let metrics = Metrics::new();
+    metrics.freshness.set(&[FreshnessAges {
+        repository: "r".into(),
+        namespace: "n".into(),
+        newest_backup: Some(1.0),
+        newest_full_backup: Some(1.0),
+        newest_wal: Some(1.0),
+        checked: Some(1.0),
+        failing: false,
+    }]);
+    metrics
+        .encode()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `promtool` (Debian's `prometheus` package, scripts/install-deps.sh) in `dir`.
+fn promtool(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool (run scripts/install-deps.sh): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?}: {text}");
+    text
+}
+
+#[test]
+fn the_freshness_alerts_name_exported_metrics_and_pass_promtool_check() {
+    let rules = alert_rules();
+    let exported = exported_metrics();
+    let metric = Regex::new(r"backup_provisioner_[a-z_]+").expect("regex");
+    let mut alerts = BTreeSet::new();
+    for rule in rules["groups"][0]["rules"].as_array().expect("rules") {
+        alerts.insert(rule["alert"].as_str().expect("an alert").to_owned());
+        let expr = rule["expr"].as_str().expect("expr");
+        for name in metric.find_iter(expr).map(|m| m.as_str()) {
+            assert!(exported.contains(name), "{name} is exported by nothing");
+        }
+    }
+    for wanted in ["BackupRepositoryNoFullBackup", "BackupRepositoryNoWal"] {
+        assert!(alerts.contains(wanted), "{alerts:?}");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rules.yaml"), rules.to_string()).expect("rules");
+    promtool(dir.path(), &["check", "rules", "rules.yaml"]);
+}
+
+/// `promtool test rules`: series of five repositories over a day (annotations left out of
+/// the rule file, `promtool check rules` above checks their templates).
+const ALERT_TESTS: &str = r#"
+rule_files: [rules.yaml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # Backed up daily, WAL a minute old, checked a minute ago: nothing fires.
+      - {series: 'backup_provisioner_newest_full_backup_age_seconds{repository="fresh",namespace="a"}', values: '86400+0x40'}
+      - {series: 'backup_provisioner_newest_wal_age_seconds{repository="fresh",namespace="a"}', values: '60+0x40'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="fresh",namespace="a"}', values: '60+0x40'}
+      - {series: 'backup_provisioner_freshness_check_failing{repository="fresh",namespace="a"}', values: '0+0x40'}
+      # The last full backup over 8 days old when checked.
+      - {series: 'backup_provisioner_newest_full_backup_age_seconds{repository="stale-full",namespace="a"}', values: '700000+0x40'}
+      - {series: 'backup_provisioner_newest_wal_age_seconds{repository="stale-full",namespace="a"}', values: '60+0x40'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="stale-full",namespace="a"}', values: '60+0x40'}
+      # No WAL for two hours when checked.
+      - {series: 'backup_provisioner_newest_full_backup_age_seconds{repository="no-wal",namespace="a"}', values: '86400+0x40'}
+      - {series: 'backup_provisioner_newest_wal_age_seconds{repository="no-wal",namespace="a"}', values: '7200+0x40'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="no-wal",namespace="a"}', values: '60+0x40'}
+      # The WAL looks old only because the last check is old: no WAL alert, but a stale check.
+      - {series: 'backup_provisioner_newest_full_backup_age_seconds{repository="late-check",namespace="a"}', values: '90000+60x40'}
+      - {series: 'backup_provisioner_newest_wal_age_seconds{repository="late-check",namespace="a"}', values: '4000+60x40'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="late-check",namespace="a"}', values: '3000+60x40'}
+      # Checked for a day, never a full backup.
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="never",namespace="b"}', values: '60+0x1500'}
+      # The check fails for over an hour.
+      - {series: 'backup_provisioner_freshness_check_failing{repository="failing",namespace="b"}', values: '1+0x100'}
+    alert_rule_test:
+      - eval_time: 20m
+        alertname: BackupRepositoryNoFullBackup
+        exp_alerts:
+          - exp_labels: {severity: critical, repository: stale-full, namespace: a}
+      - eval_time: 10m
+        alertname: BackupRepositoryNoWal
+        exp_alerts:
+          - exp_labels: {severity: critical, repository: no-wal, namespace: a}
+      - eval_time: 30m
+        alertname: BackupFreshnessCheckStale
+        exp_alerts:
+          - exp_labels: {severity: warning, repository: late-check, namespace: a}
+      - eval_time: 30m
+        alertname: BackupRepositoryNeverBackedUp
+        exp_alerts: []
+      - eval_time: 1450m
+        alertname: BackupRepositoryNeverBackedUp
+        exp_alerts:
+          - exp_labels: {severity: warning, repository: never, namespace: b}
+      - eval_time: 70m
+        alertname: BackupFreshnessCheckFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, repository: failing, namespace: b}
+"#;
+
+#[test]
+fn the_freshness_alerts_fire_on_a_stale_full_backup_and_wal_and_not_on_a_late_check() {
+    let mut rules = alert_rules();
+    for rule in rules["groups"][0]["rules"].as_array_mut().expect("rules") {
+        rule.as_object_mut().expect("rule").remove("annotations");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rules.yaml"), rules.to_string()).expect("rules");
+    std::fs::write(dir.path().join("tests.yaml"), ALERT_TESTS).expect("tests");
+    promtool(dir.path(), &["test", "rules", "tests.yaml"]);
 }

@@ -1,7 +1,12 @@
 //! The proof: provision through the service's API against moto with IAM authorization
 //! enforced and the real kube-apiserver (the service as the ServiceAccount and Role of
-//! `deploy/base/rbac.yaml`), take `s3.conf` from the Secret it wrote, and let pgBackRest back up and
-//! restore a throwaway cluster into the bucket with nothing else.
+//! `deploy/base/rbac.yaml`), take `s3.conf` from the Secret it wrote and repo2's settings from
+//! the PostgresCluster fragment of `GET .../manifests` (`repo2-path`, bucket, region,
+//! `repo2-cipher-type`, retention; only the endpoint is moto's, behind a TLS proxy, since the
+//! fragment's dual-stack AWS endpoint is not reachable from the tests), and let pgBackRest
+//! back up (archiving WAL) and restore a throwaway cluster into the bucket with nothing else.
+//! Then the backup freshness check (`provision::freshness`, as the service's identity) finds
+//! that backup and that WAL: stored, on GET, and as gauges on /metrics.
 //!
 //! moto checks every request against IAM policies after its first three (unauthenticated)
 //! requests, which make the admin identity the service runs as. The service's IAM client sends
@@ -16,7 +21,9 @@ use serde_json::json;
 
 use crate::support::env::{Env, bucket_for, conf_value, unique_name};
 use crate::support::moto::{Moto, iam_for_enforced_moto};
-use crate::support::pgbackrest::{create_bucket, object_heads, round_trip_async, tail};
+use crate::support::pgbackrest::{
+    RepoSettings, create_bucket, object_heads, round_trip_with_async, tail,
+};
 
 const REGION: &str = "eu-west-1";
 const NAMESPACE: &str = "pgdemo";
@@ -99,21 +106,17 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
         .s3_conf(NAMESPACE, &bucket)
         .await
         .expect("the Secret holds s3.conf");
-    let report = round_trip_async(
-        conf.clone(),
-        bucket.clone(),
-        REGION.into(),
-        env.ns(NAMESPACE).to_owned(),
-        name.clone(),
-        moto.endpoint.clone(),
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "round trip failed: {e:#}\n--- moto log ---\n{}",
-            tail(&moto.log(), 40)
-        )
-    });
+    let settings = settings_from_manifests(&env, &name).await;
+    assert_eq!(settings.bucket, bucket);
+    let backup_started = chrono::Utc::now();
+    let report = round_trip_with_async(conf.clone(), settings, moto.endpoint.clone())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "round trip failed: {e:#}\n--- moto log ---\n{}",
+                tail(&moto.log(), 40)
+            )
+        });
     assert_eq!(report.restored_marker, report.marker);
     assert_eq!(
         report.repo_path,
@@ -124,6 +127,8 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
         repo["pgbackrest"]["global"]["repo2-path"],
         report.repo_path.as_str()
     );
+
+    assert_fresh(&env, &admin, &name, backup_started).await;
 
     // Every stored object is encrypted client-side with the Secret's cipher pass.
     let s3 = admin.s3_for_region(REGION);
@@ -175,4 +180,83 @@ async fn pgbackrest_backs_up_and_restores_with_the_provisioned_secret() {
         started.elapsed()
     );
     env.app.stop().await;
+}
+
+/// repo2's settings from the PostgresCluster fragment the service serves for `name`: bucket and
+/// region from `repos[repo2].s3`, `repo2-path` and every other option from `global` (the
+/// endpoint is not taken: the tests reach moto through a TLS proxy instead of AWS's dual-stack
+/// endpoint).
+async fn settings_from_manifests(env: &Env, name: &str) -> RepoSettings {
+    let response = env
+        .app
+        .get(
+            &format!("/v1/backup-repositories/{name}/manifests"),
+            &env.app.viewer(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let manifests: serde_json::Value = response.json().await.expect("manifests");
+    let pgbackrest = &manifests["postgres_cluster"]["spec"]["backups"]["pgbackrest"];
+    let repo = pgbackrest["repos"]
+        .as_array()
+        .and_then(|repos| repos.iter().find(|r| r["name"] == "repo2"))
+        .expect("repo2 in the fragment");
+    let global = pgbackrest["global"].as_object().expect("global");
+    let text = |v: &serde_json::Value| v.as_str().expect("a string").to_owned();
+    let options: Vec<(String, String)> = global
+        .iter()
+        .filter(|(k, _)| *k != "repo2-path")
+        .map(|(k, v)| (k.clone(), text(v)))
+        .collect();
+    for expected in [
+        "repo2-cipher-type",
+        "repo2-retention-full",
+        "repo2-retention-full-type",
+    ] {
+        assert!(options.iter().any(|(k, _)| k == expected), "{expected}");
+    }
+    RepoSettings {
+        bucket: text(&repo["s3"]["bucket"]),
+        region: text(&repo["s3"]["region"]),
+        path: text(&global["repo2-path"]),
+        options,
+    }
+}
+
+/// The freshness check of the service's identity finds the backup just made and the WAL it
+/// archived: dated since the backup started, on GET and on /metrics.
+async fn assert_fresh(
+    env: &Env,
+    identity: &AwsClients,
+    name: &str,
+    backup_started: chrono::DateTime<chrono::Utc>,
+) {
+    let checker = backup_provisioner::provision::freshness::FreshnessChecker {
+        aws: identity.clone(),
+        ..crate::freshness::checker(env, std::time::Duration::ZERO)
+    };
+    let checked = crate::freshness::refresh(&checker).await;
+    let found = checked[0].outcome.clone().expect("the check succeeds");
+    // moto dates objects to the second.
+    let since = backup_started - chrono::Duration::seconds(1);
+    for (what, at) in [
+        ("backup", found.newest_backup_at),
+        ("full backup", found.newest_full_backup_at),
+        ("WAL", found.newest_wal_at),
+    ] {
+        assert!(at.is_some_and(|at| at >= since), "{what}: {found:?}");
+    }
+    assert_eq!(found.newest_backup_at, found.newest_full_backup_at);
+    let view = env.repository(name).await;
+    for field in ["newest_backup_at", "newest_full_backup_at", "newest_wal_at"] {
+        assert!(view["freshness"][field].is_string(), "{field}: {view:#}");
+    }
+    for gauge in [
+        "newest_backup_age_seconds",
+        "newest_full_backup_age_seconds",
+        "newest_wal_age_seconds",
+    ] {
+        let age = crate::freshness::metric(env, gauge, name).await;
+        assert!(age.is_some_and(|a| a >= 0.0), "{gauge}: {age:?}");
+    }
 }

@@ -14,25 +14,45 @@ pub struct S3Repo {
     pub ca_file: Option<PathBuf>,
     /// `repo2-path`, e.g. `/pgbackrest/<namespace>/<name>/repo2`.
     pub path: String,
+    /// Further `[global]` options of repo2 (`repo2-cipher-type`, retention), as a
+    /// PostgresCluster's `spec.backups.pgbackrest.global` sets them.
+    pub options: Vec<(String, String)>,
+}
+
+/// repo2 as a PostgresCluster fragment configures it: bucket, region, `repo2-path` and the
+/// other `repo2-*` options of `spec.backups.pgbackrest.global`.
+#[derive(Debug, Clone)]
+pub struct RepoSettings {
+    pub bucket: String,
+    pub region: String,
+    pub path: String,
+    pub options: Vec<(String, String)>,
+}
+
+impl RepoSettings {
+    /// The PostgresCluster layout (`repo2-path=/pgbackrest/<namespace>/<name>/repo2`) with
+    /// client-side encryption.
+    pub fn for_cluster(bucket: &str, region: &str, namespace: &str, name: &str) -> RepoSettings {
+        RepoSettings {
+            bucket: bucket.to_owned(),
+            region: region.to_owned(),
+            path: repo_path(namespace, name),
+            options: vec![("repo2-cipher-type".into(), "aes-256-cbc".into())],
+        }
+    }
 }
 
 impl S3Repo {
-    /// The repository behind `proxy`, with the PostgresCluster layout
-    /// `repo2-path=/pgbackrest/<namespace>/<name>/repo2`.
-    pub fn behind(
-        proxy: &TlsProxy,
-        bucket: &str,
-        region: &str,
-        namespace: &str,
-        name: &str,
-    ) -> S3Repo {
+    /// The repository of `settings` behind `proxy`.
+    pub fn behind(proxy: &TlsProxy, settings: &RepoSettings) -> S3Repo {
         S3Repo {
-            bucket: bucket.to_owned(),
-            region: region.to_owned(),
+            bucket: settings.bucket.clone(),
+            region: settings.region.clone(),
             endpoint: "127.0.0.1".to_owned(),
             port: proxy.port,
             ca_file: Some(proxy.ca_file.clone()),
-            path: repo_path(namespace, name),
+            path: settings.path.clone(),
+            options: settings.options.clone(),
         }
     }
 
@@ -178,7 +198,7 @@ repo2-s3-bucket={bucket}
 repo2-s3-region={region}
 repo2-s3-uri-style=path
 {tls}
-repo2-cipher-type=aes-256-cbc
+{options}
 repo2-path={path}
 log-path={d}/log
 lock-path={d}/lock
@@ -198,6 +218,12 @@ pg1-socket-path={socket}
         bucket = repo.bucket,
         region = repo.region,
         path = repo.path,
+        options = repo
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         data = pg.data_dir.display(),
         pg_port = pg.port,
         socket = pg.socket_dir.display(),

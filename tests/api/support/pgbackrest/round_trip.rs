@@ -59,6 +59,17 @@ pub fn round_trip(
     name: &str,
     s3_endpoint: &str,
 ) -> anyhow::Result<RoundTripReport> {
+    let settings = RepoSettings::for_cluster(bucket, region, namespace, name);
+    round_trip_with(s3_conf_text, &settings, s3_endpoint)
+}
+
+/// [`round_trip`] with repo2 configured by `settings` (e.g. taken from a PostgresCluster
+/// fragment).
+pub fn round_trip_with(
+    s3_conf_text: &str,
+    settings: &RepoSettings,
+    s3_endpoint: &str,
+) -> anyhow::Result<RoundTripReport> {
     let started = Instant::now();
     let proxy = TlsProxy::try_start(s3_endpoint)?;
     let proxy_start = proxy.startup;
@@ -71,7 +82,7 @@ pub fn round_trip(
 
     let phase = Instant::now();
     let mut source = PgCluster::init().context("initdb/start of the source cluster")?;
-    let repo = S3Repo::behind(&proxy, bucket, region, namespace, name);
+    let repo = S3Repo::behind(&proxy, settings);
     let pgbackrest = PgBackRest::new(repo.clone(), s3_conf_text, &source)?;
     let marker = uuid::Uuid::new_v4().to_string();
     source.psql(&format!(
@@ -155,6 +166,17 @@ pub async fn round_trip_async(
     })
     .await
     .context("round trip task panicked")?
+}
+
+/// [`round_trip_with`] on the blocking thread pool, for async tests.
+pub async fn round_trip_with_async(
+    s3_conf_text: String,
+    settings: RepoSettings,
+    s3_endpoint: String,
+) -> anyhow::Result<RoundTripReport> {
+    tokio::task::spawn_blocking(move || round_trip_with(&s3_conf_text, &settings, &s3_endpoint))
+        .await
+        .context("round trip task panicked")?
 }
 
 /// The Secret's `s3.conf` text for one access key and cipher pass (repo3 = repo2, as in the
