@@ -22,6 +22,7 @@ pub mod provision;
 pub mod repository;
 pub mod startup;
 pub mod telemetry;
+pub mod webhooks;
 
 /// Selects aws-lc-rs as the process-wide rustls provider (reqwest, kube and sqlx share it).
 /// Safe to call more than once.

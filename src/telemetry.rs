@@ -81,6 +81,8 @@ pub struct Metrics {
     pub drift_settings: Gauge,
     pub repositories_never_verified: Gauge,
     pub oldest_verification_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Webhook deliveries `pending` (still retried) and `failed` (given up), from the outbox.
+    pub webhook_deliveries: Family<StateLabels, Gauge>,
     /// Backup freshness per ready repository (see [`FreshnessAges`]).
     pub freshness: FreshnessGauges,
 }
@@ -236,6 +238,7 @@ impl Metrics {
             drift_settings: Gauge::default(),
             repositories_never_verified: Gauge::default(),
             oldest_verification_age_seconds: Gauge::default(),
+            webhook_deliveries: Family::default(),
             freshness: FreshnessGauges::default(),
         };
         {
@@ -267,6 +270,11 @@ impl Metrics {
                 metrics.queue_lag_seconds.clone(),
             );
             metrics.register_verification(&mut r);
+            r.register(
+                "webhook_deliveries",
+                "Webhook deliveries pending (still retried) or failed (given up)",
+                metrics.webhook_deliveries.clone(),
+            );
             metrics.freshness.register(&mut r);
         }
         metrics
@@ -344,6 +352,15 @@ impl Metrics {
             "Age of the oldest verification of a ready repository (never verified: since its last change)",
             self.oldest_verification_age_seconds.clone(),
         );
+    }
+
+    pub fn set_webhook_deliveries(&self, pending: i64, failed: i64) {
+        for (state, count) in [("pending", pending), ("failed", failed)] {
+            let labels = StateLabels {
+                state: state.to_owned(),
+            };
+            self.webhook_deliveries.get_or_create(&labels).set(count);
+        }
     }
 
     pub fn set_verification(&self, stats: &VerificationStats) {

@@ -68,6 +68,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         Ok(stats) => state.metrics.set_verification(&stats),
         Err(e) => tracing::warn!(error = %e, "could not refresh verification gauges"),
     }
+    match crate::webhooks::outbox::stats(&state.db).await {
+        Ok((pending, failed)) => state.metrics.set_webhook_deliveries(pending, failed),
+        Err(e) => tracing::warn!(error = %e, "could not refresh webhook delivery gauges"),
+    }
     match crate::telemetry::freshness_ages(&state.db).await {
         Ok(ages) => state.metrics.freshness.set(&ages),
         Err(e) => tracing::warn!(error = %e, "could not refresh backup freshness gauges"),

@@ -3,6 +3,7 @@
 //! limit, timeout, metrics, rate limits), and the server that runs it (`server`).
 
 pub mod audit;
+pub mod deliveries;
 pub mod dry_run;
 pub mod error;
 pub mod events;
@@ -11,8 +12,8 @@ pub mod hardening;
 pub mod health;
 pub mod idempotency;
 pub mod jobs;
-pub mod me;
 pub mod manifests;
+pub mod me;
 pub mod openapi;
 pub mod pagination;
 pub mod rate_limit;
@@ -68,6 +69,8 @@ pub struct RequestPolicy {
     pub idempotency_abandon_after: Duration,
     /// An event stream's keep-alive comment interval (`events`).
     pub event_stream_keep_alive: Duration,
+    /// What a request's `callback_url` may be (`BP_WEBHOOK_*`).
+    pub webhooks: crate::webhooks::CallbackPolicy,
 }
 
 impl RequestPolicy {
@@ -92,6 +95,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
         .merge(repositories::router())
         .merge(jobs::router())
+        .merge(deliveries::router())
         .merge(audit::router())
         .merge(me::router())
         .merge(health::router())

@@ -82,6 +82,11 @@ pub struct CreateRepository {
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub cipher_pass: Option<serde_json::Value>,
+    /// Where the end of the queued job is reported: a signed webhook (Standard Webhooks) POSTed
+    /// when it succeeds, fails or is cancelled. An absolute `https` URL whose host is in
+    /// `BP_WEBHOOK_ALLOWED_HOSTS`; nothing is sent when nothing is queued (200).
+    #[schema(example = "https://holos.example.com/hooks/backup-provisioner")]
+    pub callback_url: Option<String>,
 }
 
 impl CreateRepository {
@@ -114,6 +119,7 @@ impl CreateRepository {
             .ok();
         let options = self.options();
         errors.extend(provision::adopt::check_options(&options));
+        errors.extend(check_callback(state, self.callback_url.as_deref()).err());
         match (name, namespace, bucket, region, labels) {
             (Some(name), Some(namespace), Some(bucket), Some(region), Some(labels))
                 if errors.is_empty() =>
@@ -261,8 +267,8 @@ pub async fn create_repository(
     if query.dry_run {
         return plan_create(&state, &desired).await;
     }
-    let max_attempts = state.policy.max_attempts;
-    match provision::request::request(&state.db, &desired, caller.actor(), max_attempts).await? {
+    let queueing = queueing(&state, request.callback_url.as_deref());
+    match provision::request::request(&state.db, &desired, caller.actor(), queueing).await? {
         Requested::Created(queued) | Requested::OptionsChanged(queued) => Ok(accepted(queued)),
         Requested::Unchanged {
             repository,
@@ -297,6 +303,7 @@ async fn plan_create(state: &AppState, desired: &DesiredRepository) -> Result<Re
 #[utoipa::path(
     post, path = "/v1/backup-repositories/{name}/reconcile", tag = "repositories",
     params(("name" = String, Path, description = "Repository name"), DryRunQuery),
+    request_body(content = Option<CallbackRequest>, description = "Optional: `{\"callback_url\": \"https://…\"}`"),
     responses(
         (status = 202, description = "Provisioning queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Dry run: the plan; nothing changed or queued", body = crate::http::dry_run::DryRunPlan),
@@ -311,15 +318,58 @@ pub async fn reconcile_repository(
     caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DryRunQuery>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    let request: CallbackRequest = optional_json_body(&headers, body)?;
+    let callback_url = request.checked_callback(&state)?;
     if query.dry_run {
         return plan_reconcile(&state, &name).await;
     }
-    let max_attempts = state.policy.max_attempts;
-    let queued =
-        provision::request::reconcile(&state.db, &name, caller.actor(), max_attempts).await?;
+    let queueing = queueing(&state, callback_url);
+    let queued = provision::request::reconcile(&state.db, &name, caller.actor(), queueing).await?;
     Ok(accepted(queued))
+}
+
+/// The optional body of a request that starts a job and has nothing else to say
+/// (`reconcile`, `rotate-key`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackRequest {
+    /// Where the end of the queued job is reported (a signed webhook): an absolute `https` URL
+    /// whose host is in `BP_WEBHOOK_ALLOWED_HOSTS`.
+    #[schema(example = "https://holos.example.com/hooks/backup-provisioner")]
+    pub callback_url: Option<String>,
+}
+
+impl CallbackRequest {
+    fn checked_callback(&self, state: &AppState) -> Result<Option<&str>, ApiError> {
+        check_callback(state, self.callback_url.as_deref())
+            .map_err(|e| ApiError::Validation(vec![e]))
+    }
+}
+
+/// A request's `callback_url`, if any, checked against `BP_WEBHOOK_*` (422 naming the field).
+fn check_callback<'a>(
+    state: &AppState,
+    callback_url: Option<&'a str>,
+) -> Result<Option<&'a str>, ValidationError> {
+    if let Some(url) = callback_url {
+        state.policy.webhooks.check(url)?;
+    }
+    Ok(callback_url)
+}
+
+/// How a request's job is queued: the configured attempts, and its checked `callback_url`.
+fn queueing<'a>(
+    state: &AppState,
+    callback_url: Option<&'a str>,
+) -> provision::request::Queueing<'a> {
+    provision::request::Queueing {
+        max_attempts: state.policy.max_attempts,
+        callback_url,
+    }
 }
 
 /// The plan of the job a reconcile would queue (adoption with repair for an adopted
@@ -349,6 +399,10 @@ pub struct VerifyRequest {
     /// nothing missing is made.
     #[serde(default)]
     pub repair: bool,
+    /// Where the end of the queued job is reported (a signed webhook): an absolute `https` URL
+    /// whose host is in `BP_WEBHOOK_ALLOWED_HOSTS`.
+    #[schema(example = "https://holos.example.com/hooks/backup-provisioner")]
+    pub callback_url: Option<String>,
 }
 
 /// Verify a repository against the runbook: every setting is checked read-only (with
@@ -378,6 +432,8 @@ pub async fn verify_repository(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
     let request: VerifyRequest = optional_json_body(&headers, body)?;
+    let callback_url = check_callback(&state, request.callback_url.as_deref())
+        .map_err(|e| ApiError::Validation(vec![e]))?;
     if query.dry_run {
         let row = repository::by_name(&state.db, &name)
             .await?
@@ -386,10 +442,10 @@ pub async fn verify_repository(
         let payload = provision::verify::dry_run_payload(&row)?;
         return dry_run::answer::<provision::verify::VerifyDryRun>(&state, &payload).await;
     }
-    let max_attempts = state.policy.max_attempts;
+    let queueing = queueing(&state, callback_url);
     let actor = caller.actor();
     let queued =
-        provision::verify::request(&state.db, &name, request.repair, actor, max_attempts).await?;
+        provision::verify::request(&state.db, &name, request.repair, actor, queueing).await?;
     Ok(accepted(queued))
 }
 
@@ -586,6 +642,10 @@ pub struct DeprovisionRequest {
     /// `confirm`.
     #[serde(default)]
     pub force: bool,
+    /// Where the end of the queued job is reported (a signed webhook): an absolute `https` URL
+    /// whose host is in `BP_WEBHOOK_ALLOWED_HOSTS`.
+    #[schema(example = "https://holos.example.com/hooks/backup-provisioner")]
+    pub callback_url: Option<String>,
 }
 
 impl DeprovisionRequest {
@@ -674,6 +734,8 @@ pub async fn deprovision_repository(
         _ => ApiError::BadRequest(e.body_text()),
     })?;
     let request = DeprovisionRequest::from_body(&headers, &body)?;
+    let callback_url = check_callback(&state, request.callback_url.as_deref())
+        .map_err(|e| ApiError::Validation(vec![e]))?;
     let row = repository::by_name(&state.db, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
@@ -685,12 +747,11 @@ pub async fn deprovision_repository(
     if options.delete_bucket && !options.force {
         refuse_non_empty_bucket(&state, &payload).await?;
     }
-    let max_attempts = state.policy.max_attempts;
     let queued = provision::deprovision::request::queue_deprovisioning(
         &state.db,
         &payload,
         caller.actor(),
-        max_attempts,
+        queueing(&state, callback_url),
     )
     .await?;
     Ok(accepted(queued))
@@ -750,6 +811,7 @@ pub async fn rotate_cipher_pass(
 #[utoipa::path(
     post, path = "/v1/backup-repositories/{name}/rotate-key", tag = "repositories",
     params(("name" = String, Path, description = "Repository name"), DryRunQuery),
+    request_body(content = Option<CallbackRequest>, description = "Optional: `{\"callback_url\": \"https://…\"}`"),
     responses(
         (status = 202, description = "Rotation queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Dry run: the plan; nothing changed", body = crate::http::dry_run::DryRunPlan),
@@ -764,9 +826,13 @@ pub async fn rotate_access_key(
     caller: Caller,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DryRunQuery>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     use provision::rotate::request::{self as rotation, RotateRequestError as E};
     caller.require(Role::Operator)?;
+    let request: CallbackRequest = optional_json_body(&headers, body)?;
+    let callback_url = request.checked_callback(&state)?;
     let refused = |e: E| match e {
         E::NotFound(_) => ApiError::NotFound(e.to_string()),
         E::NotReady { .. } | E::Busy(_) | E::InGrace(_) => ApiError::Conflict(e.to_string()),
@@ -780,8 +846,8 @@ pub async fn rotate_access_key(
         let payload = rotation::payload_for(&row).map_err(|e| refused(e.into()))?;
         return dry_run::answer::<provision::rotate::RotateAccessKey>(&state, &payload).await;
     }
-    let max_attempts = state.policy.max_attempts;
-    let queued = rotation::rotate(&state.db, &name, caller.actor(), max_attempts)
+    let queueing = queueing(&state, callback_url);
+    let queued = rotation::rotate(&state.db, &name, caller.actor(), queueing)
         .await
         .map_err(refused)?;
     let (repository, job) = (queued.repository, queued.job.into());

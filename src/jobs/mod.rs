@@ -60,11 +60,14 @@ pub trait JobKind {
     fn subject(payload: &Self::Payload) -> Option<Subject>;
 }
 
-/// Who queues a job and how many attempts it gets.
+/// Who queues a job, how many attempts it gets, and where its end is reported.
 #[derive(Debug, Clone, Copy)]
 pub struct EnqueueOptions<'a> {
     pub created_by: &'a str,
     pub max_attempts: i32,
+    /// Stored on the job; when the job ends, a delivery to it is written to the webhook outbox
+    /// in the same transaction (a trigger on `jobs`, see `webhooks`).
+    pub callback_url: Option<&'a str>,
 }
 
 /// Queues a job of kind `K` inside the caller's transaction, next to the domain write it
@@ -82,7 +85,11 @@ pub async fn enqueue<K: JobKind>(
         max_attempts: options.max_attempts,
         created_by: options.created_by,
     };
-    queue::enqueue(conn, job).await
+    let id = queue::enqueue(&mut *conn, job).await?;
+    if let Some(url) = options.callback_url {
+        queue::set_callback_url(conn, id, url).await?;
+    }
+    Ok(id)
 }
 
 /// A kind of job: a name stored with each job, and the code that runs it.

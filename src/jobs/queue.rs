@@ -131,6 +131,21 @@ pub async fn enqueue(conn: &mut PgConnection, job: NewJob<'_>) -> Result<Uuid, s
     Ok(id)
 }
 
+/// Stores where the end of job `id` is reported (see [`super::EnqueueOptions::callback_url`]);
+/// call it in the transaction that queued the job.
+pub async fn set_callback_url(
+    conn: &mut PgConnection,
+    id: Uuid,
+    url: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET callback_url = $2 WHERE id = $1")
+        .bind(id)
+        .bind(url)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// The unique index that allows one queued or running job per subject.
 pub const ONE_ACTIVE_PER_SUBJECT: &str = "jobs_one_active_per_subject";
 

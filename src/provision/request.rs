@@ -74,14 +74,34 @@ pub enum RequestError {
     Database(#[from] sqlx::Error),
 }
 
+/// How the job a request queues is queued: its attempts, and the URL its end is reported to
+/// (`callback_url`, already checked against `BP_WEBHOOK_ALLOWED_HOSTS`). A bare attempt count
+/// converts into it (no callback).
+#[derive(Debug, Clone, Copy)]
+pub struct Queueing<'a> {
+    pub max_attempts: i32,
+    pub callback_url: Option<&'a str>,
+}
+
+impl From<i32> for Queueing<'_> {
+    fn from(max_attempts: i32) -> Self {
+        Queueing {
+            max_attempts,
+            callback_url: None,
+        }
+    }
+}
+
 /// Creates the repository `desired` and queues its provisioning, or answers from the existing
-/// repository of that name (see the module doc).
-pub async fn request(
+/// repository of that name (see the module doc). An answer from the existing repository that
+/// queues nothing reports nothing to the callback.
+pub async fn request<'a>(
     db: &PgPool,
     desired: &DesiredRepository,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: impl Into<Queueing<'a>>,
 ) -> Result<Requested, RequestError> {
+    let queueing: Queueing = queueing.into();
     let mut tx = db.begin().await?;
     let inserted = match repository::insert_if_absent(&mut tx, desired, actor.subject).await {
         Ok(inserted) => inserted,
@@ -90,7 +110,7 @@ pub async fn request(
         Err(e) if crate::db::violated_constraint(&e) == Some("backup_repositories_bucket_key") => {
             drop(tx);
             return match repository::by_name(db, desired.name.as_str()).await? {
-                Some(row) => answer_existing(db, row, desired, actor, max_attempts).await,
+                Some(row) => answer_existing(db, row, desired, actor, queueing).await,
                 None => Err(bucket_taken(db, desired.bucket.as_str()).await?),
             };
         }
@@ -101,7 +121,7 @@ pub async fn request(
         let row = repository::by_name(db, desired.name.as_str())
             .await?
             .ok_or(RequestError::DeletedConcurrently)?;
-        return answer_existing(db, row, desired, actor, max_attempts).await;
+        return answer_existing(db, row, desired, actor, queueing).await;
     };
     let detail = serde_json::json!({
         "namespace": row.namespace, "bucket": row.bucket, "region": row.region,
@@ -111,28 +131,31 @@ pub async fn request(
         true => "repository.adopt",
         false => "repository.create",
     };
-    let audit = Audited::new(actor, action, detail);
+    let audit = Audited::new(actor, action, detail).with_callback(queueing.callback_url);
+    let max_attempts = queueing.max_attempts;
     let queued = queue_provisioning(db, tx, &row, &desired.options, audit, max_attempts).await?;
     Ok(Requested::Created(queued))
 }
 
 /// Queues provisioning of an existing repository again: it converges to the runbook's state,
 /// repairing drift, and changes nothing when nothing drifted.
-pub async fn reconcile(
+pub async fn reconcile<'a>(
     db: &PgPool,
     name: &str,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: impl Into<Queueing<'a>>,
 ) -> Result<Queued, RequestError> {
+    let queueing: Queueing = queueing.into();
     let row = repository::by_name(db, name)
         .await?
         .ok_or_else(|| RequestError::NotFound(name.to_owned()))?;
     let mut options = row.options.0.clone();
     // An adopted repository converges by adoption with repair: nothing is made.
     options.repair |= options.adopt;
-    let audit = Audited::new(actor, "repository.reconcile", serde_json::json!({}));
+    let audit = Audited::new(actor, "repository.reconcile", serde_json::json!({}))
+        .with_callback(queueing.callback_url);
     let tx = db.begin().await?;
-    queue_provisioning(db, tx, &row, &options, audit, max_attempts).await
+    queue_provisioning(db, tx, &row, &options, audit, queueing.max_attempts).await
 }
 
 async fn answer_existing(
@@ -140,7 +163,7 @@ async fn answer_existing(
     row: RepositoryRow,
     desired: &DesiredRepository,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: Queueing<'_>,
 ) -> Result<Requested, RequestError> {
     // Being deleted: the name is free again once its deprovision job succeeded.
     if row.state == "deprovisioning" {
@@ -155,7 +178,7 @@ async fn answer_existing(
     }
     refuse_adoption_switch(&row, &desired.options)?;
     if row.options.0 != desired.options {
-        let queued = change_options(db, row, &desired.options, actor, max_attempts).await?;
+        let queued = change_options(db, row, &desired.options, actor, queueing).await?;
         return Ok(Requested::OptionsChanged(queued));
     }
     let latest_job = queue::latest_per_subject(db, &[row.id]).await?.pop();
@@ -203,13 +226,14 @@ async fn change_options(
     row: RepositoryRow,
     options: &RepositoryOptions,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: Queueing<'_>,
 ) -> Result<Queued, RequestError> {
     let mut tx = db.begin().await?;
     repository::set_options(&mut *tx, row.id, options).await?;
     let detail = serde_json::json!({ "options": options, "previous_options": row.options.0 });
-    let audit = Audited::new(actor, "repository.update-options", detail);
-    queue_provisioning(db, tx, &row, options, audit, max_attempts).await
+    let audit = Audited::new(actor, "repository.update-options", detail)
+        .with_callback(queueing.callback_url);
+    queue_provisioning(db, tx, &row, options, audit, queueing.max_attempts).await
 }
 
 /// The audit entry of a request, written with the job it queues.
@@ -217,6 +241,8 @@ pub struct Audited<'a> {
     pub actor: Actor<'a>,
     pub action: &'static str,
     pub detail: serde_json::Value,
+    /// Where the job's end is reported; stored on the job and recorded in the entry's detail.
+    pub callback_url: Option<&'a str>,
 }
 
 impl<'a> Audited<'a> {
@@ -225,7 +251,14 @@ impl<'a> Audited<'a> {
             actor,
             action,
             detail,
+            callback_url: None,
         }
+    }
+
+    /// The job's end is reported to `callback_url` (when given).
+    pub fn with_callback(mut self, callback_url: Option<&'a str>) -> Self {
+        self.callback_url = callback_url;
+        self
     }
 }
 
@@ -303,11 +336,16 @@ pub async fn enqueue_audited<K: JobKind>(
     let options = EnqueueOptions {
         created_by: audit.actor.subject,
         max_attempts,
+        callback_url: audit.callback_url,
     };
     let job_id = match jobs::enqueue::<K>(&mut *tx, payload, options).await {
         Err(e) if queue::is_subject_busy(&e) => return Ok(None),
         other => other?,
     };
+    let mut detail = audit.detail;
+    if let (Some(url), Some(fields)) = (audit.callback_url, detail.as_object_mut()) {
+        fields.insert("callback_url".into(), url.into());
+    }
     let entry = AuditEntry {
         actor: audit.actor.subject.to_owned(),
         request_id: audit.actor.request_id.map(str::to_owned),
@@ -316,7 +354,7 @@ pub async fn enqueue_audited<K: JobKind>(
         job_id: Some(job_id),
         action: audit.action.into(),
         outcome: "created".into(),
-        detail: audit.detail,
+        detail,
         ..Default::default()
     };
     audit::record(&mut *tx, &entry).await?;

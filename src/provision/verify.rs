@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use super::job::Provisioner;
 use super::report::{Action, Mode, Report, done};
-use super::request::{Audited, Queued, RequestError, enqueue_audited, lock_live};
+use super::request::{Audited, Queued, Queueing, RequestError, enqueue_audited, lock_live};
 use super::secret::{self, S3Conf};
 use super::{access_key, bucket, credential_check, group, policy, user};
 use crate::audit::Actor;
@@ -752,13 +752,17 @@ pub fn dry_run_payload(row: &RepositoryRow) -> Result<VerifyDryRunPayload, Valid
 
 /// `POST /v1/backup-repositories/{name}/verify`: queues a verification of the repository
 /// `name`, audited as `repository.verify`, in one transaction.
-pub async fn request(
+pub async fn request<'a>(
     db: &sqlx::PgPool,
     name: &str,
     repair: bool,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: impl Into<Queueing<'a>>,
 ) -> Result<Queued, RequestError> {
+    let Queueing {
+        max_attempts,
+        callback_url,
+    } = queueing.into();
     let row = repository::by_name(db, name)
         .await?
         .ok_or_else(|| RequestError::NotFound(name.to_owned()))?;
@@ -768,7 +772,8 @@ pub async fn request(
     if !lock_live(&mut tx, row.id).await? {
         return Err(RequestError::NotFound(row.name));
     }
-    let audit = Audited::new(actor, "repository.verify", json!({ "repair": repair }));
+    let audit = Audited::new(actor, "repository.verify", json!({ "repair": repair }))
+        .with_callback(callback_url);
     let job_id =
         enqueue_audited::<VerifyRepository>(&mut tx, &payload, &row.name, audit, max_attempts)
             .await?

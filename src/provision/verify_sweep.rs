@@ -127,6 +127,7 @@ impl VerifySweeper {
         let options = EnqueueOptions {
             created_by: ACTOR,
             max_attempts: self.max_attempts,
+            callback_url: None,
         };
         let job_id = match jobs::enqueue::<VerifyRepository>(&mut tx, &payload, options).await {
             Ok(id) => id,

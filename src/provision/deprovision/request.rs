@@ -7,7 +7,7 @@ use super::{DeprovisionPayload, DeprovisionRepository};
 use crate::audit::Actor;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
 use crate::provision::request::{
-    Audited, Queued, RequestError, enqueue_audited, lock_live, read_back,
+    Audited, Queued, Queueing, RequestError, enqueue_audited, lock_live, read_back,
 };
 use crate::repository::RepositoryRow;
 
@@ -47,12 +47,16 @@ pub fn payload_for(
 
 /// Queues the deprovisioning of the repository `payload` names, audited. A repository with an
 /// active job is `Busy`; one deleted meanwhile is `NotFound`.
-pub async fn queue_deprovisioning(
+pub async fn queue_deprovisioning<'a>(
     db: &sqlx::PgPool,
     payload: &DeprovisionPayload,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: impl Into<Queueing<'a>>,
 ) -> Result<Queued, RequestError> {
+    let Queueing {
+        max_attempts,
+        callback_url,
+    } = queueing.into();
     let name = payload.repository.to_string();
     let mut tx = db.begin().await?;
     // Locked, so that a repository deleted since it was read is not deprovisioned again.
@@ -63,7 +67,7 @@ pub async fn queue_deprovisioning(
         "namespace": payload.namespace, "bucket": payload.bucket,
         "delete_bucket": payload.delete_bucket, "force": payload.force,
     });
-    let audit = Audited::new(actor, "repository.deprovision", detail);
+    let audit = Audited::new(actor, "repository.deprovision", detail).with_callback(callback_url);
     let job_id =
         enqueue_audited::<DeprovisionRepository>(&mut tx, payload, &name, audit, max_attempts)
             .await?

@@ -12,7 +12,7 @@ use super::{RotateAccessKey, RotatePayload};
 use crate::audit::Actor;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName, ValidationError};
 use crate::jobs::{Job, queue};
-use crate::provision::request::{Audited, enqueue_audited};
+use crate::provision::request::{Audited, Queueing, enqueue_audited};
 use crate::repository::{self, RepositoryRow};
 
 /// Who the schedule's entries and jobs name.
@@ -83,17 +83,17 @@ pub async fn rotatable(db: &PgPool, name: &str) -> Result<RepositoryRow, RotateR
 }
 
 /// Queues a rotation of the repository `name` (audited as [`ROTATE_ACTION`]).
-pub async fn rotate(
+pub async fn rotate<'a>(
     db: &PgPool,
     name: &str,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: impl Into<Queueing<'a>>,
 ) -> Result<QueuedRotation, RotateRequestError> {
     let row = rotatable(db, name).await?;
     let payload = payload_for(&row)?;
     let mut tx = db.begin().await?;
     let detail = serde_json::json!({ "reason": "requested" });
-    let job_id = enqueue_rotation(&mut tx, &payload, actor, max_attempts, detail).await?;
+    let job_id = enqueue_rotation(&mut tx, &payload, actor, queueing, detail).await?;
     tx.commit().await?;
     let repository = repository::by_id(db, row.id)
         .await?
@@ -108,13 +108,17 @@ pub async fn rotate(
 /// [`RotateRequestError::Busy`]; one that is no longer ready (or was deleted) since it was
 /// read is refused: its row is locked and its state checked again in `tx`, so a deprovisioning
 /// queued meanwhile is either seen here or queued after this rotation (and then busy).
-pub async fn enqueue_rotation(
+pub async fn enqueue_rotation<'a>(
     tx: &mut PgConnection,
     payload: &RotatePayload,
     actor: Actor<'_>,
-    max_attempts: i32,
+    queueing: impl Into<Queueing<'a>>,
     detail: serde_json::Value,
 ) -> Result<Uuid, RotateRequestError> {
+    let Queueing {
+        max_attempts,
+        callback_url,
+    } = queueing.into();
     let name = payload.repository.to_string();
     match repository::lock_state(&mut *tx, payload.repository_id).await? {
         Some(state) if state == "ready" => {}
@@ -123,7 +127,7 @@ pub async fn enqueue_rotation(
         }
         _ => return Err(RotateRequestError::NotFound(name)),
     }
-    let audit = Audited::new(actor, ROTATE_ACTION, detail);
+    let audit = Audited::new(actor, ROTATE_ACTION, detail).with_callback(callback_url);
     enqueue_audited::<RotateAccessKey>(tx, payload, &name, audit, max_attempts)
         .await?
         .ok_or(RotateRequestError::Busy(name))

@@ -276,6 +276,7 @@ pub fn worker_args(workers: usize) -> WorkerSettingsArgs {
         verify_concurrency: 4,
         key_rotation: Default::default(),
         freshness: Default::default(),
+        webhooks: Default::default(),
     }
 }
 
