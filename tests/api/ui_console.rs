@@ -9,6 +9,7 @@
 //! Without the browser (Debian's chromium and chromium-driver) the browser test is skipped
 //! with a message, except in CI (`CI=true`), where it fails.
 
+mod idp;
 mod webdriver;
 
 use std::path::PathBuf;
@@ -42,6 +43,18 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
             .await;
         assert_eq!(job["state"], "succeeded", "{job:#}");
     }
+    // A verification, so the pages show a drift report.
+    let verify = format!("/v1/backup-repositories/{alpha}/verify");
+    let queued: Value = env
+        .app
+        .post_json(&verify, &env.app.operator(), &json!({}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let job_id = queued["job"]["id"].as_str().expect("job id");
+    let verified = env.app.wait_for_job(job_id, webdriver::DEADLINE).await;
+    assert_eq!(verified["state"], "succeeded", "{verified:#}");
     let browser = Browser::launch(&tools).await;
     browser.set_window_size(1360, 1000).await;
     let dir = screenshots();
@@ -230,6 +243,7 @@ async fn watch_a_job_live(env: &Env, browser: &Browser, dir: &std::path::Path) {
             .await,
         "running"
     );
+    browser.screenshot(dir, "job").await;
     drop(request);
     browser
         .wait_for(
@@ -260,7 +274,7 @@ async fn watch_a_job_live(env: &Env, browser: &Browser, dir: &std::path::Path) {
         true,
         "the job page followed the job without a reload"
     );
-    browser.screenshot(dir, "job").await;
+    browser.screenshot(dir, "job-ended").await;
 }
 
 /// The reconcile button: a dry run in the confirmation dialog, then a new job.
@@ -276,6 +290,7 @@ async fn reconcile_as_operator(env: &Env, browser: &Browser, dir: &std::path::Pa
             json!([]),
         )
         .await;
+    browser.screenshot(dir, "reconcile-dry-run").await;
     browser.click("#confirm-ok").await;
     let hash = browser
         .wait_for(
@@ -459,5 +474,75 @@ async fn with_an_oidc_client_the_console_may_reach_the_issuer() {
             "redirect_path": "/ui/callback",
         }})
     );
+    app.stop().await;
+}
+
+/// OIDC sign-in in the browser: authorization code with PKCE against the issuer, the code
+/// exchanged from the page (the policy lets it reach the issuer), the access token kept in
+/// memory only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_signs_in_through_the_identity_provider_with_pkce() {
+    let Some(tools) = tools() else { return };
+    let idp = idp::Idp::start().await;
+    let app = spawn_app_with(AppOptions {
+        http: backup_provisioner::config::HttpArgs {
+            jwt_hs256_secret: None,
+            oidc_issuer: Some(idp.issuer.parse().unwrap()),
+            jwt_audience: Some(crate::support::app::AUDIENCE.into()),
+            ui_oidc_client_id: Some(idp::CLIENT_ID.into()),
+            ..http_args()
+        },
+        ..AppOptions::default()
+    })
+    .await;
+    let browser = Browser::launch(&tools).await;
+    browser.goto(&app.url("/ui/#/audit")).await;
+    browser
+        .wait_for(
+            "the identity provider's button",
+            "return !document.getElementById('login-oidc').hidden",
+            json!([]),
+        )
+        .await;
+    browser.click("#login-oidc-button").await;
+    browser
+        .wait_for(
+            "signed in through the identity provider",
+            "return document.getElementById('who-role').dataset.role === 'operator' \
+                 && document.getElementById('who-subject').textContent",
+            json!([]),
+        )
+        .await;
+    // Back where the sign-in started, at /ui/ (the code is gone from the address).
+    browser
+        .wait_for(
+            "the audit page after the sign-in",
+            "const view = document.getElementById('view'); \
+             return window.location.pathname === '/ui/' && window.location.search === '' \
+                 && view.dataset.page === 'audit' && view.dataset.loaded === 'true'",
+            json!([]),
+        )
+        .await;
+    let subject = browser
+        .eval(
+            "return document.getElementById('who-subject').textContent",
+            json!([]),
+        )
+        .await;
+    assert_eq!(subject, idp::SUBJECT);
+    let stored = browser
+        .eval(
+            "return [localStorage.length, sessionStorage.length]",
+            json!([]),
+        )
+        .await;
+    assert_eq!(stored, json!([0, 0]), "nothing is left in web storage");
+    let asked = idp.authorizations();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["code_challenge_method"], "S256");
+    assert_eq!(asked[0]["client_id"], idp::CLIENT_ID);
+    assert_eq!(asked[0]["redirect_uri"], app.url("/ui/callback"));
+    assert_eq!(idp.exchanges(), vec![200]);
+    browser.quit().await;
     app.stop().await;
 }

@@ -1,5 +1,5 @@
-// The API client. The bearer token lives in this module's memory only: never in
-// localStorage, sessionStorage or a cookie, so a reload (or a new tab) asks for it again.
+// The API client. The bearer token lives in this module's memory only: never in web storage
+// or a cookie, so a reload (or a new tab) asks for it again.
 
 let bearer = null;
 const listeners = new Set();

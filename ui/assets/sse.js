@@ -15,6 +15,8 @@ export async function readEvents(url, { headers = {}, lastEventId = null, signal
   const request = { ...headers, Accept: 'text/event-stream' };
   if (lastEventId) request['Last-Event-ID'] = lastEventId;
   const response = await fetch(url, { headers: request, signal, cache: 'no-store', credentials: 'omit' });
+  // 204: the client has seen the job's last event; nothing more will come.
+  if (response.status === 204) return lastEventId;
   if (!response.ok) {
     let problem;
     try { problem = await response.json(); } catch { problem = { detail: response.statusText }; }
