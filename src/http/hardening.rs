@@ -73,6 +73,25 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
+/// Drops every `Access-Control-*` header from an answer that allows no origin: tower-http's
+/// `CorsLayer` still describes the allowed methods and headers to an origin it refuses, and an
+/// origin that is not the portal's should learn nothing from a preflight.
+pub async fn cors_for_allowed_origins_only(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+        return response;
+    }
+    let cors: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in cors {
+        headers.remove(name);
+    }
+    response
+}
+
 /// 414 for a request target over [`MAX_URI_BYTES`].
 pub async fn uri_limit(request: Request, next: Next) -> Response {
     let length = request

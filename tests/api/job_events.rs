@@ -152,7 +152,9 @@ fn is_job_end(event: &Received) -> bool {
 /// which shows every step's transitions in order and ends with the job's success.
 #[tokio::test]
 async fn a_provisioning_streams_every_transition_and_resumes_exactly() {
-    let env = Env::start(&[NS]).await;
+    // Boxed: the environment's future is large, and the test's own on top of it overflowed
+    // the test thread's stack in a debug build.
+    let env = Box::pin(Env::start(&[NS])).await;
     let app = &env.app;
     let name = unique_name("events");
     let body = json!({"name": name, "namespace": env.ns(NS)});
@@ -176,7 +178,7 @@ async fn a_provisioning_streams_every_transition_and_resumes_exactly() {
         followed, replayed,
         "no gap and no duplicate across the reconnect"
     );
-    assert_in_order_with_every_step(app, &job, &replayed).await;
+    Box::pin(assert_in_order_with_every_step(app, &job, &replayed)).await;
 
     // From the middle of an ended job: exactly what came after.
     let middle = replayed.len() / 2;
@@ -343,12 +345,15 @@ async fn auth_errors_json_fallback_and_cors() {
         "{headers}"
     );
     let other = preflight("https://elsewhere.example.com").await.unwrap();
-    assert!(other.headers().get("access-control-allow-origin").is_none());
+    assert!(other.status().as_u16() < 500);
+    let cors: Vec<_> = other
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .collect();
     assert!(
-        other
-            .headers()
-            .get("access-control-allow-headers")
-            .is_none()
+        cors.is_empty(),
+        "no CORS headers for another origin: {cors:?}"
     );
     app.stop().await;
 }
