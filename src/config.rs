@@ -29,8 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP API and (unless --workers 0) job workers in one process.
     Serve(Box<ServeArgs>),
-    /// Run job workers only.
-    Worker(WorkerArgs),
+    /// Run job workers only (boxed: its settings make it the largest variant).
+    Worker(Box<WorkerArgs>),
     /// Apply database migrations as the schema's owner role and exit (--grant-to: and grant the
     /// runtime role what the service needs).
     Migrate(MigrateArgs),

@@ -282,3 +282,58 @@ fn external_secret(namespace: &str, secret: &str) -> ExternalSecret {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_yaml_stream_is_the_two_objects_with_numbers_and_crons_kept_strings() {
+        let pgbackrest = PgBackRestSpec {
+            configuration: Vec::new(),
+            global: [("repo2-retention-full".to_owned(), "14".to_owned())].into(),
+            repos: vec![Repo {
+                name: "repo2".into(),
+                s3: RepoS3 {
+                    bucket: "holos-zitadel-backups".into(),
+                    endpoint: s3_endpoint("us-east-1"),
+                    region: "us-east-1".into(),
+                },
+                schedules: Schedules {
+                    full: FULL_SCHEDULE.into(),
+                    differential: DIFFERENTIAL_SCHEDULE.into(),
+                },
+            }],
+        };
+        let manifests = Manifests {
+            postgres_cluster: PostgresClusterFragment {
+                api_version: PGO_API_VERSION.into(),
+                kind: "PostgresCluster".into(),
+                metadata: ObjectMeta {
+                    name: "zitadel".into(),
+                    namespace: "zitadel".into(),
+                },
+                spec: PostgresClusterSpec {
+                    backups: Backups { pgbackrest },
+                },
+            },
+            external_secret: external_secret("zitadel", "holos-zitadel-backups"),
+        };
+        let yaml = manifests.to_yaml().expect("yaml");
+        assert_eq!(yaml.matches("---\n").count(), 2, "{yaml}");
+        let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).expect("parse");
+        assert_eq!(
+            documents,
+            [
+                serde_json::to_value(&manifests.postgres_cluster).unwrap(),
+                serde_json::to_value(&manifests.external_secret).unwrap()
+            ],
+            "{yaml}"
+        );
+        assert_eq!(
+            documents[0]["spec"]["backups"]["pgbackrest"]["global"]["repo2-retention-full"],
+            "14"
+        );
+        assert_eq!(repo_path("ns", "pg"), "/pgbackrest/ns/pg/repo2");
+    }
+}
