@@ -134,7 +134,8 @@ impl Sender {
         let attempted_at = Utc::now();
         let started = Instant::now();
         let sent = match self.settings.allowed.check(&delivery.url) {
-            Ok(url) => self.post(url, delivery).await,
+            // Boxed: the HTTP client's futures are large, and a sender shares its thread.
+            Ok(url) => Box::pin(self.post(url, delivery)).await,
             Err(why) => Err(Refusal::Destination(why)),
         };
         let status_code = match &sent {

@@ -157,10 +157,12 @@ fn webhooks_to(receiver: &Receiver, secret: &str) -> WebhookArgs {
 
 async fn env_sending_to(receiver: &Receiver, secret: &str) -> Env {
     let webhooks = webhooks_to(receiver, secret);
-    Env::builder(&["zitadel"])
+    // Boxed: in a debug build the environment's start is a large future, and the test thread's
+    // stack (2 MiB) also polls the service's tasks (a stack overflow was seen once without it).
+    let start = Env::builder(&["zitadel"])
         .map_worker(move |worker| worker.webhooks = webhooks)
-        .start()
-        .await
+        .start();
+    Box::pin(start).await
 }
 
 /// Creates repository `name` with `callback_url`; returns the job id once the job ended.
