@@ -43,18 +43,18 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
             .await;
         assert_eq!(job["state"], "succeeded", "{job:#}");
     }
-    // A verification, so the pages show a drift report.
-    let verify = format!("/v1/backup-repositories/{alpha}/verify");
-    let queued: Value = env
-        .app
-        .post_json(&verify, &env.app.operator(), &json!({}))
+    // Verifications, so the pages show drift reports: bravo's bucket lost its public access
+    // block by hand.
+    env.admin
+        .s3_for_region(&env.region)
+        .delete_public_access_block()
+        .bucket(bucket_for(&bravo))
+        .send()
         .await
-        .json()
-        .await
-        .expect("json");
-    let job_id = queued["job"]["id"].as_str().expect("job id");
-    let verified = env.app.wait_for_job(job_id, webdriver::DEADLINE).await;
-    assert_eq!(verified["state"], "succeeded", "{verified:#}");
+        .expect("delete the public access block");
+    for name in [&alpha, &bravo] {
+        verify(&env, name).await;
+    }
     let browser = Browser::launch(&tools).await;
     browser.set_window_size(1360, 1000).await;
     let dir = screenshots();
@@ -92,6 +92,18 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
         )
         .await;
     assert_eq!(ready, "2", "the count of ready repositories");
+    let why = browser
+        .wait_for(
+            "bravo's drift said in one line",
+            "const row = document.querySelector(`tr[data-why-for='${arguments[0]}']`); \
+             return row && row.textContent",
+            json!([bravo]),
+        )
+        .await;
+    assert!(
+        why.as_str().unwrap_or_default().starts_with("Drifting: "),
+        "{why}"
+    );
     browser.screenshot(&dir, "fleet").await;
 
     watch_a_job_live(&env, &browser, &dir).await;
@@ -128,6 +140,20 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
     }
     browser.quit().await;
     env.app.stop().await;
+}
+
+async fn verify(env: &Env, name: &str) {
+    let path = format!("/v1/backup-repositories/{name}/verify");
+    let queued: Value = env
+        .app
+        .post_json(&path, &env.app.operator(), &json!({}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let job_id = queued["job"]["id"].as_str().expect("job id");
+    let verified = env.app.wait_for_job(job_id, webdriver::DEADLINE).await;
+    assert_eq!(verified["state"], "succeeded", "{verified:#}");
 }
 
 async fn sign_in(browser: &Browser, token: &str, role: &str) {

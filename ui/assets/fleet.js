@@ -31,6 +31,29 @@ export async function fleetPage(view, [query], ctx) {
     filters(repositories, state, namespace, choose),
     table(shown, jobsById),
   );
+  // The listing carries no backup freshness (GET of one repository does): fill those cells in.
+  if (!repositories.some((r) => 'freshness' in r)) fillFreshness(view, shown, ctx.signal);
+}
+
+const FRESHNESS_READS_AT_ONCE = 4;
+
+async function fillFreshness(view, repositories, signal) {
+  const queue = repositories.filter((r) => r.state === 'ready').slice(0, 200);
+  const worker = async () => {
+    for (let next = queue.shift(); next && !signal.aborted; next = queue.shift()) {
+      const one = await api(`/v1/backup-repositories/${encodeURIComponent(next.name)}`, { signal }).catch(() => null);
+      const freshness = one?.freshness;
+      if (!freshness) continue;
+      for (const field of ['newest_backup_at', 'newest_wal_at']) {
+        const cell = [...view.querySelectorAll('td[data-freshness]')]
+          .find((td) => td.dataset.freshness === field && td.dataset.for === next.name);
+        if (!cell) continue;
+        cell.textContent = ago(freshness[field]);
+        if (freshness.error) cell.title = `last check failed: ${freshness.error}`;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: FRESHNESS_READS_AT_ONCE }, worker));
 }
 
 function matches(repository, state) {
@@ -89,8 +112,8 @@ function rows(repository, jobsById) {
   h('td', null, ago(repository.verified_at)),
   h('td', null, repository.drift_count == null ? '—'
     : h('span', { class: `badge ${repository.drift_count > 0 ? 'drift-some' : 'state-ready'}` }, repository.drift_count)),
-  h('td', null, ago(freshness.newest_backup_at)),
-  h('td', null, ago(freshness.newest_wal_at)));
+  h('td', { 'data-freshness': 'newest_backup_at', 'data-for': repository.name }, ago(freshness.newest_backup_at)),
+  h('td', { 'data-freshness': 'newest_wal_at', 'data-for': repository.name }, ago(freshness.newest_wal_at)));
   if (!why) return row;
   return [row, h('tr', { class: `why ${why.kind}`, 'data-why-for': repository.name },
     h('td', { colspan: 10 }, why.text))];
