@@ -1,14 +1,22 @@
-//! `make bench` (`cargo bench --bench provisioning`): end-to-end numbers for the service against
-//! real Postgres (127.0.0.1:5432), moto (S3 + IAM) and the real kube-apiserver (the test
-//! harness's, `tests/api/support/kube_apiserver.rs`; the service reaches it through the
-//! recording proxy, which counts its requests).
+//! `make bench` (`cargo bench --bench provisioning`): the service's provisioning against real
+//! Postgres (127.0.0.1:5432), moto (S3 + IAM) behind the AWS realism proxy
+//! (`tests/api/support/aws_realism`) and the real kube-apiserver (the test harness's, reached
+//! through its recording proxy), side by side with what a user would otherwise run (issue 12):
 //!
-//! 1. provisioning wall time through the HTTP API: first runs and re-runs of ready repositories;
-//! 2. AWS calls (CallCounter) and Kubernetes requests (proxy log) per first run / re-run;
-//! 3. queue throughput (1000 no-op jobs, 4 and 16 slots) and idle claim latency (LISTEN/NOTIFY);
-//! 4. HTTP latency of POST /v1/backup-repositories (workers 0) and GET of one repository.
+//! 1. **Provisioning vs the runbook script**: every AWS request delayed by 20 ms at the proxy
+//!    (a real endpoint's round trip), then by 0 ms. `benches/runbook_script.py` (boto3, the
+//!    runbook's calls one after another, then one Secret write, through the same proxy and the
+//!    same Kubernetes proxy) timed inside itself, then the service's first provisionings and
+//!    re-runs through the HTTP API. AWS calls and sequential round trips counted at the proxy.
+//! 2. **IAM consistency**: the proxy hides every new access key for 2 s; POST → ready.
+//! 3. **Fleet sweep**: `BENCH_FLEET` (default 1000) ready repositories verified by the periodic
+//!    verification (`startup::verify_sweeper`) under `BP_AWS_MAX_RPS=100`; wall time against
+//!    calls ÷ rate, the busiest second and throttling counted at the proxy.
 //!
+//! The job queue, the HTTP API under load, memory and start-up are `benches/load.rs`.
 //! Results are printed as a table; BENCHMARKS.md records a run. Nothing here asserts timings.
+//! Sizes for a smoke run: BENCH_RUNS (10), BENCH_SCRIPT_RUNS (5), BENCH_CONSISTENCY_RUNS (3),
+//! BENCH_FLEET (1000; 0 skips the sweep), BENCH_FLEET_CONCURRENCY (8).
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
@@ -32,28 +40,41 @@ mod moto;
 #[path = "../tests/api/support/rbac.rs"]
 mod rbac;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use backup_provisioner::auth::Role;
-use backup_provisioner::jobs::queue::{self, NewJob};
-use backup_provisioner::jobs::{
-    JobContext, JobError, JobHandler, Registry, StepDone, WorkerConfig, WorkerPool,
+use aws_realism::{AwsProxy, AwsRealism, Latency, sequential_round_trips};
+use aws_smithy_runtime_api::client::http::{
+    HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
+    SharedHttpConnector,
 };
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_runtime_api::shared::IntoShared;
+use backup_provisioner::cloud::aws::{AwsClients, AwsSettings, CallCounter};
+use backup_provisioner::cloud::rate_limit::{self, AwsRateLimit, burst_for};
+use futures::StreamExt;
 use kube_proxy::RequestRecord;
 use serde_json::{Value, json};
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const FIRST_RUNS: usize = 10;
-const QUEUE_JOBS: usize = 1000;
-const CLAIM_SAMPLES: usize = 50;
-const HTTP_SAMPLES: usize = 300;
+const NAMESPACE: &str = "zitadel";
+const LATENCIES_MS: [u64; 2] = [20, 0];
 const MOTO_SAMPLES: usize = 30;
-const BENCH_KIND: &str = "bench-noop";
+/// The consistency window of section 2 (the default of the realism proxy, as on AWS).
+const KEY_WINDOW: Duration = aws_realism::DEFAULT_WINDOW;
+/// `BP_AWS_MAX_RPS` of the fleet sweep.
+const FLEET_RPS: u32 = 100;
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -68,107 +89,126 @@ async fn run() {
     backup_provisioner::install_crypto_provider();
     let mut databases = Vec::new();
     println!(
-        "backup-provisioner benchmarks (release build, {} CPUs)",
+        "backup-provisioner provisioning benchmarks (release build, {} CPUs)",
         cpus()
     );
     println!();
 
-    let prov = provisioning_bench(&mut databases).await;
-    let queue = queue_bench(&mut databases).await;
-    let http = http_bench(&mut databases).await;
+    let mut comparisons = Vec::new();
+    for latency in LATENCIES_MS {
+        comparisons.push(compare(Duration::from_millis(latency), &mut databases).await);
+    }
+    let consistency = consistency_bench(&mut databases).await;
+    let fleet = match setting("BENCH_FLEET", 1000) {
+        0 => None,
+        n => Some(fleet_bench(n, &mut databases).await),
+    };
 
-    print_report(&prov, &queue, &http);
+    eprintln!("report");
+    print_comparisons(&comparisons);
+    print_consistency(&consistency);
+    if let Some(fleet) = &fleet {
+        print_fleet(fleet);
+    }
     drop_databases(&databases).await;
     println!();
     println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1 + 2: provisioning through the API
+// 1: provisioning vs the runbook script
 // ---------------------------------------------------------------------------------------------
 
+/// One run of the service, as seen by the API, Postgres and the two proxies.
 struct RunSample {
     wall: Duration,
     /// created_at → started_at of the job (database clock).
     queue_wait: Duration,
-    /// started_at → finished_at of the job (database clock).
-    run: Duration,
     steps: Vec<(String, Duration)>,
+    /// AWS requests at the proxy, by `service:Operation`.
     aws: BTreeMap<String, u64>,
+    round_trips: usize,
+    /// One longest chain of sequential requests.
+    chain: Vec<String>,
     kube: Vec<RequestRecord>,
 }
 
-struct ProvisioningResults {
+struct ScriptSample {
+    /// As the script measured itself: clients built, calls made, Secret written.
+    total: Duration,
+    client_construction: Duration,
+    aws_calls: u64,
+    round_trips: usize,
+    kube_requests: usize,
+}
+
+struct Comparison {
+    latency: Duration,
+    script: Vec<ScriptSample>,
     first: Vec<RunSample>,
     rerun: Vec<RunSample>,
     moto_s3_head_bucket: Vec<Duration>,
     moto_iam_get_user: Vec<Duration>,
 }
 
-async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults {
-    let env = env::Env::start(&["zitadel"]).await;
+async fn compare(latency: Duration, databases: &mut Vec<String>) -> Comparison {
+    let runs = setting("BENCH_RUNS", 10);
+    let script_runs = setting("BENCH_SCRIPT_RUNS", 5);
+    let realism = AwsRealism::off().latency(1.0, Latency::Fixed(latency));
+    let env = env::Env::builder(&[NAMESPACE])
+        .aws_realism(realism)
+        .start()
+        .await;
     databases.push(db_name(&env.app.database_url));
-    eprintln!("[1/4] provisioning {FIRST_RUNS} repositories, then re-running each …");
+    let proxy = env.realism.as_ref().expect("proxy");
+    eprintln!(
+        "[1] {} ms per AWS request: {script_runs} script runs, {runs} first provisionings, \
+         {runs} re-runs …",
+        latency.as_millis()
+    );
 
-    // Warm-up (connections, SDK endpoint resolution); not measured.
+    // Warm-up of both (connections, SDK endpoint resolution, the interpreter's file cache).
     let warm = env::unique_name("warm");
     let view = env
-        .provision(json!({"name": warm, "namespace": env.ns("zitadel")}))
+        .provision(json!({"name": warm, "namespace": env.ns(NAMESPACE)}))
         .await;
     assert_eq!(view["state"], "succeeded", "warm-up provisioning: {view}");
+    let ca = tempfile::NamedTempFile::new().expect("CA file");
+    std::fs::write(ca.path(), &env.kube.server.ca_pem).expect("CA file");
+    run_script(&env, proxy, ca.path()).await;
 
+    let mut script = Vec::new();
+    for _ in 0..script_runs {
+        script.push(run_script(&env, proxy, ca.path()).await);
+    }
     let mut names = Vec::new();
     let mut first = Vec::new();
-    for _ in 0..FIRST_RUNS {
+    for _ in 0..runs {
         let name = env::unique_name("bench");
-        env.counter.reset();
-        env.kube.clear_requests();
+        reset(&env, proxy);
         let t = Instant::now();
         let view = env
-            .provision(json!({"name": name, "namespace": env.ns("zitadel")}))
+            .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
             .await;
         let wall = t.elapsed();
         assert_eq!(view["state"], "succeeded", "first provisioning: {view}");
-        first.push(sample(&env, &view, wall).await);
+        first.push(sample(&env, proxy, &view, wall).await);
         names.push(name);
     }
     let mut rerun = Vec::new();
     for name in &names {
-        env.counter.reset();
-        env.kube.clear_requests();
+        reset(&env, proxy);
         let t = Instant::now();
         let view = env.reconcile(name).await;
         let wall = t.elapsed();
         assert_eq!(view["state"], "succeeded", "re-run: {view}");
-        rerun.push(sample(&env, &view, wall).await);
+        rerun.push(sample(&env, proxy, &view, wall).await);
     }
-
-    // Raw moto latency for a cheap read of each service (admin clients, not counted).
-    let bucket = env::bucket_for(&names[0]);
-    let mut moto_s3_head_bucket = Vec::new();
-    let mut moto_iam_get_user = Vec::new();
-    for _ in 0..MOTO_SAMPLES {
-        let t = Instant::now();
-        env.admin
-            .s3
-            .head_bucket()
-            .bucket(&bucket)
-            .send()
-            .await
-            .expect("HeadBucket");
-        moto_s3_head_bucket.push(t.elapsed());
-        let t = Instant::now();
-        env.admin
-            .iam
-            .get_user()
-            .user_name(&bucket)
-            .send()
-            .await
-            .expect("GetUser");
-        moto_iam_get_user.push(t.elapsed());
-    }
+    let (moto_s3_head_bucket, moto_iam_get_user) = moto_round_trips(&env, &names[0]).await;
     env.app.stop().await;
-    ProvisioningResults {
+    Comparison {
+        latency,
+        script,
         first,
         rerun,
         moto_s3_head_bucket,
@@ -176,12 +216,54 @@ async fn provisioning_bench(databases: &mut Vec<String>) -> ProvisioningResults 
     }
 }
 
-async fn sample(env: &env::Env, view: &Value, wall: Duration) -> RunSample {
+fn reset(env: &env::Env, proxy: &AwsProxy) {
+    proxy.reset_counts();
+    env.counter.reset();
+    env.kube.clear_requests();
+}
+
+/// One run of `benches/runbook_script.py` through the AWS proxy and the Kubernetes proxy,
+/// with the ServiceAccount's token (the Role the service has: it may create Secrets).
+async fn run_script(env: &env::Env, proxy: &AwsProxy, ca: &std::path::Path) -> ScriptSample {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let name = format!("s-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    reset(env, proxy);
+    let output = tokio::process::Command::new(root.join(".venv/bin/python3"))
+        .arg(root.join("benches/runbook_script.py"))
+        .args(["--endpoint", &proxy.endpoint, "--region", &env.region])
+        .args(["--name", &name, "--namespace", env.ns(NAMESPACE)])
+        .args(["--kube-url", &env.kube.proxy.url])
+        .arg("--kube-ca")
+        .arg(ca)
+        .env("KUBE_TOKEN", &env.kube.service_token)
+        .env("AWS_ACCESS_KEY_ID", moto::TEST_ACCESS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", moto::TEST_SECRET_ACCESS_KEY)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .output()
+        .await
+        .expect("running benches/runbook_script.py");
+    assert!(
+        output.status.success(),
+        "runbook script failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the script's JSON");
+    let seconds = |key: &str| secs(report[key].as_f64().expect("seconds"));
+    ScriptSample {
+        total: seconds("seconds"),
+        client_construction: seconds("client_construction_seconds"),
+        aws_calls: proxy.total(),
+        round_trips: sequential_round_trips(&proxy.received()),
+        kube_requests: env.kube.requests().len(),
+    }
+}
+
+async fn sample(env: &env::Env, proxy: &AwsProxy, view: &Value, wall: Duration) -> RunSample {
     let job_id: Uuid = view["id"].as_str().expect("job id").parse().expect("uuid");
-    let (queue_wait, run): (f64, f64) = sqlx::query_as(
-        "SELECT extract(epoch FROM started_at - created_at)::float8,
-                extract(epoch FROM finished_at - started_at)::float8
-           FROM jobs WHERE id = $1",
+    let queue_wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM started_at - created_at)::float8 FROM jobs WHERE id = $1",
     )
     .bind(job_id)
     .fetch_one(&env.app.db)
@@ -195,278 +277,447 @@ async fn sample(env: &env::Env, view: &Value, wall: Duration) -> RunSample {
     .fetch_all(&env.app.db)
     .await
     .expect("step times");
+    let received = proxy.received();
     RunSample {
         wall,
         queue_wait: secs(queue_wait),
-        run: secs(run),
         steps: steps.into_iter().map(|(s, d)| (s, secs(d))).collect(),
-        aws: env.counter.snapshot(),
+        aws: proxy.calls(),
+        round_trips: sequential_round_trips(&received),
+        chain: aws_realism::round_trip_chain(&received),
         kube: env.kube.requests(),
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// 3: the queue
-// ---------------------------------------------------------------------------------------------
-
-/// A job kind with one no-op step; records when each job's handler started.
-#[derive(Clone, Default)]
-struct NoopJob {
-    started: Arc<Mutex<HashMap<Uuid, Instant>>>,
-    finished: Arc<AtomicUsize>,
-}
-
-#[async_trait::async_trait]
-impl JobHandler for NoopJob {
-    fn kind(&self) -> &'static str {
-        BENCH_KIND
+/// moto's own round trip for a cheap read of each service (admin clients, no proxy).
+async fn moto_round_trips(env: &env::Env, name: &str) -> (Vec<Duration>, Vec<Duration>) {
+    let bucket = env::bucket_for(name);
+    let mut s3 = Vec::new();
+    let mut iam = Vec::new();
+    for _ in 0..MOTO_SAMPLES {
+        let t = Instant::now();
+        env.admin
+            .s3
+            .head_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("HeadBucket");
+        s3.push(t.elapsed());
+        let t = Instant::now();
+        env.admin
+            .iam
+            .get_user()
+            .user_name(&bucket)
+            .send()
+            .await
+            .expect("GetUser");
+        iam.push(t.elapsed());
     }
-
-    async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
-        let now = Instant::now();
-        self.started.lock().expect("lock").insert(ctx.job().id, now);
-        ctx.step("noop", 0, async {
-            Ok(StepDone::new((), "noop", json!({})))
-        })
-        .await?;
-        self.finished.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
+    (s3, iam)
 }
 
-struct QueueResults {
-    /// (slots, enqueue time of the batch, time until all succeeded)
-    throughput: Vec<(usize, Duration, Duration)>,
-    claim: Vec<Duration>,
+// ---------------------------------------------------------------------------------------------
+// 2: IAM consistency
+// ---------------------------------------------------------------------------------------------
+
+struct ConsistencyResults {
+    walls: Vec<Duration>,
+    credential_check: Vec<Duration>,
+    /// Requests the proxy refused because they used a key still inside the window.
+    refused: Vec<u64>,
 }
 
-/// A fresh migrated database with a pool sized like production for the most slots measured
-/// (`db::connect` with 16 workers).
-async fn queue_database(databases: &mut Vec<String>) -> PgPool {
-    let app::TestDb {
-        pool: setup,
-        url,
-        guard,
-    } = app::migrated_db().await;
-    // Kept for the whole run: `drop_databases` drops it at the end.
-    guard.keep();
-    setup.close().await;
-    databases.push(db_name(&url));
-    let options = backup_provisioner::db::options(&secrecy::SecretString::from(url)).expect("url");
-    backup_provisioner::db::connect(options, 16)
-        .await
-        .expect("connect")
-}
-
-fn start_workers(
-    db: &PgPool,
-    handler: &NoopJob,
-    slots: usize,
-) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let config = WorkerConfig {
-        concurrency: slots,
-        lease: Duration::from_secs(30),
-        // Long, so that only LISTEN/NOTIFY (or a finishing job) wakes the worker.
-        poll_interval: Duration::from_secs(30),
-        retry_base: Duration::from_millis(50),
-        shutdown_grace: Duration::from_secs(5),
-        worker_id: "bench".into(),
-    };
-    let pool = WorkerPool::new(
-        db.clone(),
-        Registry::new().register(handler.clone()),
-        config,
+async fn consistency_bench(databases: &mut Vec<String>) -> ConsistencyResults {
+    let runs = setting("BENCH_CONSISTENCY_RUNS", 3);
+    eprintln!(
+        "[2] new access keys hidden for {KEY_WINDOW:?}: {runs} first provisionings, POST → ready …"
     );
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let task = tokio::spawn(async move {
-        pool.run(token).await.expect("worker pool");
-    });
-    (stop, task)
-}
-
-async fn enqueue_batch(db: &PgPool, count: usize) -> Vec<Uuid> {
-    let mut tx = db.begin().await.expect("begin");
-    let mut ids = Vec::with_capacity(count);
-    for _ in 0..count {
-        ids.push(
-            queue::enqueue(
-                &mut tx,
-                NewJob {
-                    kind: BENCH_KIND,
-                    subject: None,
-                    payload: json!({}),
-                    max_attempts: 1,
-                    created_by: "bench",
-                },
-            )
-            .await
-            .expect("enqueue"),
-        );
-    }
-    tx.commit().await.expect("commit");
-    ids
-}
-
-async fn succeeded(db: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'succeeded'")
-        .fetch_one(db)
-        .await
-        .expect("count")
-}
-
-async fn queue_bench(databases: &mut Vec<String>) -> QueueResults {
-    eprintln!("[2/4] queue throughput ({QUEUE_JOBS} no-op jobs) and claim latency …");
-    let mut throughput = Vec::new();
-    for slots in [4usize, 16] {
-        let db = queue_database(databases).await;
-        let handler = NoopJob::default();
-        let (stop, task) = start_workers(&db, &handler, slots);
-        tokio::time::sleep(Duration::from_millis(300)).await; // listener up, worker idle
-        let t = Instant::now();
-        enqueue_batch(&db, QUEUE_JOBS).await;
-        let enqueued = t.elapsed();
-        while handler.finished.load(Ordering::SeqCst) < QUEUE_JOBS {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        while succeeded(&db).await < QUEUE_JOBS as i64 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let all_done = t.elapsed();
-        let failed: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
-                .fetch_one(&db)
-                .await
-                .expect("count");
-        assert_eq!(failed, 0, "every bench job succeeds");
-        stop.cancel();
-        let _ = task.await;
-        db.close().await;
-        throughput.push((slots, enqueued, all_done));
-    }
-
-    // Claim latency: one job at a time into an idle worker; the poll interval is 30 s, so the
-    // wake-up can only come from the NOTIFY sent by the enqueueing transaction's commit.
-    let db = queue_database(databases).await;
-    let handler = NoopJob::default();
-    let (stop, task) = start_workers(&db, &handler, 4);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut claim = Vec::new();
-    for i in 0..CLAIM_SAMPLES {
-        let mut tx = db.begin().await.expect("begin");
-        let id = queue::enqueue(
-            &mut tx,
-            NewJob {
-                kind: BENCH_KIND,
-                subject: None,
-                payload: json!({}),
-                max_attempts: 1,
-                created_by: "bench",
-            },
-        )
-        .await
-        .expect("enqueue");
-        let t = Instant::now();
-        tx.commit().await.expect("commit");
-        while succeeded(&db).await < (i + 1) as i64 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let start = handler.started.lock().expect("lock")[&id];
-        claim.push(start.duration_since(t));
-        // Let the worker go back to waiting.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    let _ = task.await;
-    db.close().await;
-    QueueResults { throughput, claim }
-}
-
-// ---------------------------------------------------------------------------------------------
-// 4: HTTP
-// ---------------------------------------------------------------------------------------------
-
-struct HttpResults {
-    post: Vec<Duration>,
-    get: Vec<Duration>,
-}
-
-async fn http_bench(databases: &mut Vec<String>) -> HttpResults {
-    eprintln!("[3/4] HTTP: {HTTP_SAMPLES} × POST /v1/backup-repositories, GET … (workers 0)");
-    let app = app::spawn_app().await;
-    databases.push(db_name(&app.database_url));
-    let operator = app.token("operator@bench", &[Role::Operator]);
-    let viewer = app.token("viewer@bench", &[Role::Viewer]);
-    let prefix = &Uuid::new_v4().simple().to_string()[..6];
-    let create = |name: String| {
-        app.client
-            .post(app.url("/v1/backup-repositories"))
-            .bearer_auth(&operator)
-            .json(&json!({"name": name, "namespace": "zitadel"}))
-            .send()
+    let realism = AwsRealism::off()
+        .consistency_window(KEY_WINDOW)
+        .window_for_keys_only();
+    let env = env::Env::builder(&[NAMESPACE])
+        .aws_realism(realism)
+        .start()
+        .await;
+    databases.push(db_name(&env.app.database_url));
+    let proxy = env.realism.as_ref().expect("proxy");
+    let mut results = ConsistencyResults {
+        walls: Vec::new(),
+        credential_check: Vec::new(),
+        refused: Vec::new(),
     };
-    for i in 0..20 {
-        let response = create(format!("warm-{prefix}-{i}")).await.expect("POST");
-        assert_eq!(response.status(), 202, "warm-up POST");
-        response.bytes().await.expect("body");
-    }
-    let mut names = Vec::new();
-    let mut post = Vec::new();
-    for i in 0..HTTP_SAMPLES {
-        let name = format!("h-{prefix}-{i}");
+    for _ in 0..runs {
+        let name = env::unique_name("iam");
+        reset(&env, proxy);
         let t = Instant::now();
-        let response = create(name.clone()).await.expect("POST");
-        let status = response.status();
-        response.bytes().await.expect("body");
-        post.push(t.elapsed());
-        assert_eq!(status, 202, "POST {name}");
-        names.push(name);
+        let view = env
+            .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
+            .await;
+        results.walls.push(t.elapsed());
+        assert_eq!(view["state"], "succeeded", "provisioning: {view}");
+        let repository = env.repository(&name).await;
+        assert_eq!(repository["state"], "ready", "{repository}");
+        let run = sample(&env, proxy, &view, Duration::ZERO).await;
+        let check = run.steps.iter().find(|(s, _)| s == "credential_check");
+        results
+            .credential_check
+            .push(check.map(|(_, d)| *d).unwrap_or_default());
+        results.refused.push(proxy.injected_count("invalid-key"));
     }
-    let mut get = Vec::new();
-    for name in &names {
-        let t = Instant::now();
-        let response = app
-            .client
-            .get(app.url(&format!("/v1/backup-repositories/{name}")))
-            .bearer_auth(&viewer)
-            .send()
-            .await
-            .expect("GET");
-        let status = response.status();
-        response.bytes().await.expect("body");
-        get.push(t.elapsed());
-        assert_eq!(status, 200, "GET {name}");
+    env.app.stop().await;
+    results
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3: the fleet sweep
+// ---------------------------------------------------------------------------------------------
+
+/// `BP_AWS_MAX_RPS` that can be switched on: off while the fleet is seeded (so that seeding
+/// 1,000 repositories takes a minute, not the rate's hour), on for the sweep. When on, it is
+/// the service's own limiter (`AwsRateLimit`), applied where the service applies it: under the
+/// SDK, to every attempt.
+#[derive(Clone)]
+struct Pacing {
+    limit: AwsRateLimit,
+    on: Arc<AtomicBool>,
+}
+
+impl Pacing {
+    fn new(per_second: u32) -> Pacing {
+        Pacing {
+            limit: AwsRateLimit::per_second(per_second),
+            on: Arc::new(AtomicBool::new(false)),
+        }
     }
-    app.stop().await;
-    HttpResults { post, get }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+    }
+
+    /// The same clients (endpoint, credentials, counter) with every request paced when on.
+    fn apply(&self, aws: AwsClients) -> AwsClients {
+        let inner = aws
+            .sdk_config
+            .http_client()
+            .unwrap_or_else(rate_limit::default_https_client);
+        let client = PacedClient {
+            inner,
+            pacing: self.clone(),
+        };
+        let config = aws
+            .sdk_config
+            .to_builder()
+            .http_client(IntoShared::<SharedHttpClient>::into_shared(client))
+            .build();
+        let settings = AwsSettings {
+            endpoint_url: config.endpoint_url().map(str::to_owned),
+            region: config.region().map(|r| r.as_ref().to_owned()),
+        };
+        AwsClients::from_sdk_config(config, &settings, aws.counter().cloned())
+    }
+}
+
+#[derive(Clone)]
+struct PacedClient {
+    inner: SharedHttpClient,
+    pacing: Pacing,
+}
+
+impl std::fmt::Debug for PacedClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacedClient").finish_non_exhaustive()
+    }
+}
+
+impl HttpClient for PacedClient {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        SharedHttpConnector::new(PacedConnector {
+            inner: self.inner.http_connector(settings, components),
+            pacing: self.pacing.clone(),
+        })
+    }
+}
+
+#[derive(Clone)]
+struct PacedConnector {
+    inner: SharedHttpConnector,
+    pacing: Pacing,
+}
+
+impl std::fmt::Debug for PacedConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacedConnector").finish_non_exhaustive()
+    }
+}
+
+impl HttpConnector for PacedConnector {
+    fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+        let inner = self.inner.clone();
+        let pacing = self.pacing.clone();
+        HttpConnectorFuture::new(async move {
+            if pacing.on.load(Ordering::SeqCst) {
+                pacing.limit.acquire().await;
+            }
+            inner.call(request).await
+        })
+    }
+}
+
+struct FleetResults {
+    repositories: usize,
+    concurrency: usize,
+    seed_wall: Duration,
+    seed_calls: u64,
+    sweep_wall: Duration,
+    calls: u64,
+    mutating: u64,
+    throttled: u64,
+    busiest_second: usize,
+    verify_jobs: i64,
+    verify_failed: i64,
+    drifted: i64,
+}
+
+async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetResults {
+    let concurrency = setting("BENCH_FLEET_CONCURRENCY", 8);
+    eprintln!(
+        "[3] fleet: seeding {repositories} repositories through the API (no rate limit), then \
+         the verify sweep at {FLEET_RPS} AWS requests/s, {concurrency} at a time …"
+    );
+    // A moto of its own: the fleet's IAM entities do not slow the other sections' listings.
+    let moto = moto::Moto::start();
+    let pacing = Pacing::new(FLEET_RPS);
+    let paced = pacing.clone();
+    let env = env::Env::builder(&[NAMESPACE])
+        .moto(&moto)
+        .workers(concurrency)
+        .aws_realism(AwsRealism::off())
+        .map_service_aws(move |aws| paced.apply(aws))
+        .start()
+        .await;
+    databases.push(db_name(&env.app.database_url));
+    let proxy = env.realism.as_ref().expect("proxy");
+
+    let t = Instant::now();
+    seed_fleet(&env, repositories).await;
+    let seed_wall = t.elapsed();
+    let seed_calls = proxy.total();
+
+    // Due now: the sweep's interval is an hour, every repository last changed two hours ago.
+    sqlx::query("UPDATE backup_repositories SET updated_at = now() - interval '2 hours'")
+        .execute(&env.app.db)
+        .await
+        .expect("date back");
+    proxy.reset_counts();
+    pacing.set(true);
+    let mut worker = app::worker_args(concurrency);
+    worker.verify_interval = Duration::from_secs(3600);
+    worker.verify_concurrency = concurrency as u32;
+    worker.aws_max_rps = FLEET_RPS;
+    let (sweeper, tick) =
+        backup_provisioner::startup::verify_sweeper(&worker, &env.app.db).expect("the sweep");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let t = Instant::now();
+    tokio::spawn(sweeper.run(tick, stop.clone()));
+    wait_fleet_verified(&env, repositories).await;
+    let sweep_wall = t.elapsed();
+    stop.cancel();
+    pacing.set(false);
+
+    let (verify_jobs, verify_failed, drifted): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE kind = 'verify-repository'),
+                (SELECT count(*) FROM jobs WHERE kind = 'verify-repository'
+                    AND state <> 'succeeded'),
+                (SELECT count(*) FROM backup_repositories WHERE drift_count > 0)",
+    )
+    .fetch_one(&env.app.db)
+    .await
+    .expect("verify outcome");
+    let results = FleetResults {
+        repositories,
+        concurrency,
+        seed_wall,
+        seed_calls,
+        sweep_wall,
+        calls: proxy.total(),
+        mutating: proxy.mutating_count(),
+        throttled: proxy.injected_count("throttle"),
+        busiest_second: proxy.busiest(Duration::from_secs(1)),
+        verify_jobs,
+        verify_failed,
+        drifted,
+    };
+    env.app.stop().await;
+    results
+}
+
+/// Provisions `n` repositories through the API, 32 requests in flight, and waits until the
+/// workers made every one ready.
+async fn seed_fleet(env: &env::Env, n: usize) {
+    let operator = env.app.operator();
+    let prefix = &Uuid::new_v4().simple().to_string()[..4];
+    let namespace = env.ns(NAMESPACE).to_owned();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let body = json!({"name": format!("f{prefix}-{i}"), "namespace": namespace});
+            let operator = operator.clone();
+            async move {
+                let response = env
+                    .app
+                    .post_json("/v1/backup-repositories", &operator, &body)
+                    .await;
+                assert_eq!(response.status(), 202, "POST {body}");
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let mut last_report = Instant::now();
+    loop {
+        let (done, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'succeeded'),
+                    count(*) FILTER (WHERE state IN ('failed', 'cancelled'))
+               FROM jobs",
+        )
+        .fetch_one(&env.app.db)
+        .await
+        .expect("job states");
+        assert_eq!(failed, 0, "a seeding provisioning failed");
+        if done as usize >= n {
+            return;
+        }
+        if last_report.elapsed() > Duration::from_secs(15) {
+            eprintln!("    seeded {done} of {n}");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until every repository holds a verification and no verify job is active.
+async fn wait_fleet_verified(env: &env::Env, n: usize) {
+    let mut last_report = Instant::now();
+    loop {
+        let (verified, active): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM backup_repositories WHERE verified_at IS NOT NULL),
+                    (SELECT count(*) FROM jobs WHERE kind = 'verify-repository'
+                        AND state IN ('queued', 'running'))",
+        )
+        .fetch_one(&env.app.db)
+        .await
+        .expect("verified");
+        if verified as usize >= n && active == 0 {
+            return;
+        }
+        if last_report.elapsed() > Duration::from_secs(15) {
+            eprintln!("    verified {verified} of {n}");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
 
-fn print_report(prov: &ProvisioningResults, queue: &QueueResults, http: &HttpResults) {
-    eprintln!("[4/4] report");
-    println!("== 1. Provisioning through the API (POST → job succeeded, long-poll ?wait=5s) ==");
+fn print_comparisons(comparisons: &[Comparison]) {
     println!(
-        "{:<44} {:>5} {:>9} {:>9} {:>9} {:>9}",
-        "", "n", "min", "median", "p90", "max"
+        "== 1. Provisioning vs the runbook script (every AWS request delayed at the proxy) =="
     );
+    for c in comparisons {
+        print_comparison(c);
+    }
+    // Steps and calls do not depend on the latency; the first comparison (20 ms) shows them.
+    let c = &comparisons[0];
+    print_steps(c);
+    print_calls(c);
+}
+
+fn print_comparison(c: &Comparison) {
+    println!();
+    println!("-- {} ms per AWS request --", c.latency.as_millis());
+    stats_header("");
+    let script: Vec<Duration> = c.script.iter().map(|s| s.total).collect();
+    let construction: Vec<Duration> = c.script.iter().map(|s| s.client_construction).collect();
+    let script_calls: Vec<Duration> = c
+        .script
+        .iter()
+        .map(|s| s.total.saturating_sub(s.client_construction))
+        .collect();
+    stats_row("runbook script (boto3), total", &script);
+    stats_row("  of which building the 2 clients", &construction);
+    stats_row("  of which calls + Secret", &script_calls);
     for (label, runs) in [
-        ("first provisioning, wall", &prov.first),
-        ("re-run of a ready repository, wall", &prov.rerun),
+        ("first provisioning, wall", &c.first),
+        ("re-run of a ready repository, wall", &c.rerun),
     ] {
         let walls: Vec<Duration> = runs.iter().map(|r| r.wall).collect();
         stats_row(label, &walls);
         let waits: Vec<Duration> = runs.iter().map(|r| r.queue_wait).collect();
         stats_row("  job queued → claimed (db clock)", &waits);
-        let runs_: Vec<Duration> = runs.iter().map(|r| r.run).collect();
-        stats_row("  job claimed → finished (db clock)", &runs_);
     }
+    let script_median = percentile(&script, 50.0);
+    let calls_median = percentile(&script_calls, 50.0);
+    for (label, runs, target) in [("first run", &c.first, 0.5), ("re-run", &c.rerun, 0.25)] {
+        let walls: Vec<Duration> = runs.iter().map(|r| r.wall).collect();
+        let median = percentile(&walls, 50.0);
+        let ratio = median.as_secs_f64() / script_median.as_secs_f64();
+        println!(
+            "{label} / script, medians: {ratio:.2}× (target ≤ {target}×: {}); against the \
+             script's calls alone: {:.2}×",
+            verdict(ratio <= target),
+            median.as_secs_f64() / calls_median.as_secs_f64()
+        );
+    }
+    let script_trips: Vec<usize> = c.script.iter().map(|s| s.round_trips).collect();
+    let script_calls_n: Vec<u64> = c.script.iter().map(|s| s.aws_calls).collect();
+    let script_kube: Vec<usize> = c.script.iter().map(|s| s.kube_requests).collect();
+    println!(
+        "AWS calls per run (at the proxy): script {}, first run {}, re-run {}; Kubernetes \
+         requests: script {}",
+        spread(&script_calls_n),
+        spread(&c.first.iter().map(total_calls).collect::<Vec<_>>()),
+        spread(&c.rerun.iter().map(total_calls).collect::<Vec<_>>()),
+        spread(&script_kube),
+    );
+    let first_trips: Vec<usize> = c.first.iter().map(|r| r.round_trips).collect();
+    let rerun_trips: Vec<usize> = c.rerun.iter().map(|r| r.round_trips).collect();
+    println!(
+        "sequential AWS round trips (at the proxy; median, [min–max]): script {}, first run {} \
+         (target ≤ 6: {}), re-run {} (target ≤ 2: {})",
+        spread(&script_trips),
+        spread(&first_trips),
+        verdict(median_of(&first_trips) <= 6),
+        spread(&rerun_trips),
+        verdict(median_of(&rerun_trips) <= 2),
+    );
+    for (label, runs) in [("first run", &c.first), ("re-run", &c.rerun)] {
+        if let Some(run) = runs.first() {
+            println!("  a longest chain, {label}: {}", run.chain.join(" → "));
+        }
+    }
+    stats_header("moto round trip (admin client, no proxy)");
+    stats_row("  s3 HeadBucket", &c.moto_s3_head_bucket);
+    stats_row("  iam GetUser", &c.moto_iam_get_user);
+}
+
+fn print_steps(c: &Comparison) {
     println!();
-    println!("Per-step duration, median (bucket and policy run concurrently):");
+    println!(
+        "Per-step duration at {} ms, median (steps may overlap):",
+        c.latency.as_millis()
+    );
     println!("{:<26} {:>12} {:>12}", "step", "first run", "re-run");
-    for (step, _) in &prov.first[0].steps {
+    let Some(first) = c.first.first() else {
+        return;
+    };
+    for (step, _) in &first.steps {
         let of = |runs: &[RunSample]| {
             let d: Vec<Duration> = runs
                 .iter()
@@ -478,126 +729,143 @@ fn print_report(prov: &ProvisioningResults, queue: &QueueResults, http: &HttpRes
                 ms(percentile(&d, 50.0))
             }
         };
-        println!(
-            "{:<26} {:>12} {:>12}",
-            step,
-            of(&prov.first),
-            of(&prov.rerun)
-        );
+        println!("{:<26} {:>12} {:>12}", step, of(&c.first), of(&c.rerun));
     }
-    for (label, runs) in [("first run", &prov.first), ("re-run", &prov.rerun)] {
-        let outside: Vec<Duration> = runs.iter().map(between_steps).collect();
-        stats_row(&format!("  {label}: time between steps"), &outside);
-    }
-    println!(
-        "  (job run minus the steps' critical path, max(bucket, policy) + the rest: the Secret read,\n   \
-         step and audit bookkeeping in Postgres, and the access_key step's AWS calls, whose step\n   \
-         times are stamped inside its own transaction and so read near zero above)"
-    );
-    println!();
-    stats_header("moto round trip (admin client)");
-    stats_row("  s3 HeadBucket", &prov.moto_s3_head_bucket);
-    stats_row("  iam GetUser", &prov.moto_iam_get_user);
-    println!();
+}
 
-    println!("== 2. Calls per run ==");
-    for (label, runs) in [("first run", &prov.first), ("re-run", &prov.rerun)] {
-        let aws = &runs[0].aws;
+fn print_calls(c: &Comparison) {
+    println!();
+    println!("Calls per run (at the proxy / the recording Kubernetes proxy):");
+    for (label, runs) in [("first run", &c.first), ("re-run", &c.rerun)] {
+        let Some(run) = runs.first() else {
+            continue;
+        };
+        let aws = &run.aws;
         let same = runs.iter().all(|r| &r.aws == aws);
         let mutating: u64 = aws
             .iter()
-            .filter(|(op, _)| backup_provisioner::cloud::aws::CallCounter::is_mutating(op))
+            .filter(|(op, _)| CallCounter::is_mutating(op))
             .map(|(_, n)| n)
             .sum();
         let total: u64 = aws.values().sum();
-        let kube = &runs[0].kube;
-        let kube_mut = kube.iter().filter(|r| r.is_mutating()).count();
-        let kube_same = runs.iter().all(|r| {
-            r.kube.len() == kube.len()
-                && r.kube.iter().filter(|r| r.is_mutating()).count() == kube_mut
-        });
+        let kube_mut = run.kube.iter().filter(|r| r.is_mutating()).count();
         println!(
-            "{label}: AWS {total} calls ({mutating} mutating, {} reads){}; Kubernetes {} requests ({kube_mut} mutating, {} reads){}",
+            "{label}: AWS {total} ({mutating} mutating, {} reads){}; Kubernetes {} ({kube_mut} \
+             mutating)",
             total - mutating,
             if same {
                 ", identical in every run"
             } else {
                 ", VARIES between runs"
             },
-            kube.len(),
-            kube.len() - kube_mut,
-            if kube_same {
-                ", identical in every run"
-            } else {
-                ", VARIES between runs"
-            },
+            run.kube.len(),
         );
         for (op, n) in aws {
-            let kind = if backup_provisioner::cloud::aws::CallCounter::is_mutating(op) {
+            let kind = if CallCounter::is_mutating(op) {
                 "mutating"
             } else {
                 "read"
             };
             println!("    {op:<40} {n:>3}  {kind}");
         }
-        for r in kube {
+        for r in &run.kube {
             println!("    k8s {:<6} {} → {}", r.method, r.path, r.status);
         }
     }
-    println!();
+}
 
-    println!("== 3. Job queue (no-op job with one step; pool of 16 connections) ==");
-    for (slots, enqueued, all_done) in &queue.throughput {
-        let drain = all_done.saturating_sub(*enqueued);
-        println!(
-            "{QUEUE_JOBS} jobs, {slots:>2} slots: enqueue in 1 tx {}; commit → all succeeded {} → {:.0} jobs/s",
-            ms(*enqueued),
-            ms(drain),
-            QUEUE_JOBS as f64 / drain.as_secs_f64()
-        );
-    }
-    stats_header("claim latency, idle worker (commit → handler start)");
-    stats_row("  LISTEN/NOTIFY wake-up", &queue.claim);
+fn print_consistency(r: &ConsistencyResults) {
     println!();
-
-    println!("== 4. HTTP (workers 0, keep-alive client) ==");
     println!(
-        "{:<44} {:>5} {:>9} {:>9} {:>9} {:>9}",
-        "", "n", "median", "p90", "p99", "max"
+        "== 2. IAM consistency: new access keys invisible for {} s at the proxy ==",
+        KEY_WINDOW.as_secs_f64()
     );
-    for (label, samples) in [
-        ("POST /v1/backup-repositories (202)", &http.post),
-        ("GET /v1/backup-repositories/{name} (200)", &http.get),
-    ] {
-        println!(
-            "{:<44} {:>5} {:>9} {:>9} {:>9} {:>9}",
-            label,
-            samples.len(),
-            ms(percentile(samples, 50.0)),
-            ms(percentile(samples, 90.0)),
-            ms(percentile(samples, 99.0)),
-            ms(percentile(samples, 100.0)),
-        );
+    stats_header("");
+    stats_row("POST → ready, wall", &r.walls);
+    stats_row("  credential_check step", &r.credential_check);
+    let median = percentile(&r.walls, 50.0);
+    let ratio = median.as_secs_f64() / KEY_WINDOW.as_secs_f64();
+    let worst = percentile(&r.walls, 100.0).as_secs_f64() / KEY_WINDOW.as_secs_f64();
+    println!(
+        "median {ratio:.2}× the window, worst {worst:.2}× (target ≤ 1.2×: {}); requests refused \
+         with the hidden key per run: {}",
+        verdict(worst <= 1.2),
+        spread(&r.refused)
+    );
+}
+
+fn print_fleet(f: &FleetResults) {
+    println!();
+    println!(
+        "== 3. Fleet sweep: {} repositories verified at BP_AWS_MAX_RPS={FLEET_RPS}, \
+         BP_VERIFY_CONCURRENCY={} (moto behind the proxy, 0 ms) ==",
+        f.repositories, f.concurrency
+    );
+    println!(
+        "seeding: {} provisionings through the API, no rate limit, {} workers: {:.1} s, {} AWS \
+         calls",
+        f.repositories,
+        f.concurrency,
+        f.seed_wall.as_secs_f64(),
+        f.seed_calls
+    );
+    let ideal = f.calls as f64 / f64::from(FLEET_RPS);
+    let ratio = f.sweep_wall.as_secs_f64() / ideal;
+    let burst = burst_for(std::num::NonZeroU32::new(FLEET_RPS).expect("rate")).get();
+    println!(
+        "sweep: {:.1} s wall for {} AWS calls ({:.1} per repository, {} mutating); calls ÷ rate \
+         = {ideal:.1} s; wall / (calls ÷ rate) = {ratio:.3} (target ≤ 1.1: {})",
+        f.sweep_wall.as_secs_f64(),
+        f.calls,
+        f.calls as f64 / f.repositories as f64,
+        f.mutating,
+        verdict(ratio <= 1.1)
+    );
+    let paced = f.calls.saturating_sub(u64::from(burst)) as f64 / f64::from(FLEET_RPS);
+    println!(
+        "  (the limiter's burst of {burst} goes out at once: (calls − burst) ÷ rate = {paced:.1} \
+         s, wall / that = {:.3})",
+        f.sweep_wall.as_secs_f64() / paced.max(f64::EPSILON)
+    );
+    println!(
+        "throttling answers: {} (target 0: {}); busiest second {} requests (the limit allows \
+         {FLEET_RPS} + burst {burst}); verify jobs {} ({} not succeeded), repositories with drift \
+         {}",
+        f.throttled,
+        verdict(f.throttled == 0),
+        f.busiest_second,
+        f.verify_jobs,
+        f.verify_failed,
+        f.drifted
+    );
+}
+
+fn total_calls(run: &RunSample) -> u64 {
+    run.aws.values().sum()
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+/// `median [min–max]`, or the value alone when every run gave it.
+fn spread<T: Ord + Copy + std::fmt::Display>(values: &[T]) -> String {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    match (sorted.first(), sorted.last()) {
+        (Some(min), Some(max)) if min == max => format!("{min}"),
+        (Some(min), Some(max)) => format!("{} [{min}–{max}]", sorted[(sorted.len() - 1) / 2]),
+        _ => "-".to_owned(),
     }
 }
 
-/// The job's run time not covered by its steps' critical path (bucket and policy overlap).
-fn between_steps(run: &RunSample) -> Duration {
-    let of = |name: &str| {
-        run.steps
-            .iter()
-            .find(|(s, _)| s == name)
-            .map(|(_, d)| *d)
-            .unwrap_or_default()
-    };
-    let rest: Duration = run
-        .steps
-        .iter()
-        .filter(|(s, _)| s != "bucket" && s != "policy")
-        .map(|(_, d)| *d)
-        .sum();
-    run.run
-        .saturating_sub(of("bucket").max(of("policy")) + rest)
+fn median_of(values: &[usize]) -> usize {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted
+        .get((sorted.len().max(1) - 1) / 2)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn stats_header(title: &str) {
