@@ -154,15 +154,34 @@ pub async fn reconcile_access_key(
     keys: &UserKeys<'_>,
     referenced: Option<&str>,
 ) -> Result<KeyOutput, JobError> {
-    let listed = list(keys.iam, keys.user.iam_user_name()).await?;
+    let (listed, ready) = (async { Ok(None) }, async {});
+    reconcile_access_key_with(ctx, (step, attempt), keys, referenced, listed, ready).await
+}
+
+/// [`reconcile_access_key`] with the user's keys as `listed` (awaited after the step's own
+/// reads of Postgres; `None`: listed here), recording the step's success only once
+/// `before_record` is ready (the job's earlier steps are recorded): a new key's secret is
+/// sealed then, in the same transaction.
+pub async fn reconcile_access_key_with(
+    ctx: &JobContext,
+    (step, attempt): (&str, i32),
+    keys: &UserKeys<'_>,
+    referenced: Option<&str>,
+    listed: impl Future<Output = Result<Option<Vec<KeyInfo>>, JobError>>,
+    before_record: impl Future<Output = ()>,
+) -> Result<KeyOutput, JobError> {
     // The old key of a rotation in its grace period is neither kept nor deleted here.
     let repository_id = keys.sealed.repository_id;
     let in_grace = super::rotate::retirements::keys_in_grace(ctx.pool(), repository_id).await?;
+    let sealed = keys.sealed.get(ctx.pool(), sealed::Kind::AccessKey).await?;
+    let listed = match listed.await? {
+        Some(listed) => listed,
+        None => list(keys.iam, keys.user.iam_user_name()).await?,
+    };
     let listed: Vec<KeyInfo> = listed
         .into_iter()
         .filter(|k| !in_grace.contains(&k.id) || Some(k.id.as_str()) == referenced)
         .collect();
-    let sealed = keys.sealed.get(ctx.pool(), sealed::Kind::AccessKey).await?;
     let plan = plan_keys(
         &listed,
         sealed.as_ref().map(|h| h.key_id.as_str()),
@@ -183,7 +202,8 @@ pub async fn reconcile_access_key(
             (key, StepReport::new(outcome, json!({})), None)
         }
         None => {
-            let (output, report, new) = create_key(ctx, step, keys, &deleted).await?;
+            let (output, report, new) =
+                create_key(ctx, step, keys, &deleted, before_record).await?;
             (output, report, Some(new))
         }
     };
@@ -244,8 +264,10 @@ async fn create_key(
     step: &str,
     keys: &UserKeys<'_>,
     deleted: &[String],
+    before_record: impl Future<Output = ()>,
 ) -> Result<(KeyOutput, StepReport, NewAccessKey), JobError> {
     let new = create_after_deleting(keys.iam, keys.user.iam_user_name(), deleted).await?;
+    before_record.await;
     ctx.checkpoint(step, "before-record");
     let mut report = StepReport::new(Outcome::Created, json!({}));
     report.upstream_request_id = new.request_id.clone();
@@ -276,8 +298,20 @@ pub async fn retire_keys_sparing(
     keep: &str,
     in_grace: &[String],
 ) -> Result<StepReport, CloudError> {
-    let mut deleted = Vec::new();
     let listed = list(iam, user).await?;
+    retire_listed_keys(iam, user, keep, in_grace, &listed).await
+}
+
+/// [`retire_keys_sparing`] on the user's keys as `listed` (after the key the Secret holds now
+/// was made, so no key is missing from it; one already deleted counts as deleted).
+pub async fn retire_listed_keys(
+    iam: &Client,
+    user: &str,
+    keep: &str,
+    in_grace: &[String],
+    listed: &[KeyInfo],
+) -> Result<StepReport, CloudError> {
+    let mut deleted = Vec::new();
     for key in listed
         .iter()
         .filter(|k| k.id != keep && !in_grace.contains(&k.id))
@@ -483,9 +517,32 @@ pub async fn description_step(
     user: &str,
     key_id: &str,
 ) -> Result<(), JobError> {
+    description_step_with(ctx, step, (iam, user, key_id), None, async {}).await
+}
+
+/// [`description_step`] with the user's tags as already read this attempt (`None`: read
+/// here), recording the step only once `before_record` is ready.
+pub async fn description_step_with(
+    ctx: &JobContext,
+    step: (&'static str, i32),
+    (iam, user, key_id): (&Client, &str, &str),
+    tags: Option<Vec<(String, String)>>,
+    before_record: impl Future<Output = ()>,
+) -> Result<(), JobError> {
     ctx.step(step.0, step.1, async {
-        let report = ensure_description_tag(iam, user, key_id).await?;
-        Ok(done((), report))
+        let (value, truncated) = description_tag_value();
+        let mut report = Report::with_mode(TAG_KIND, format!("{user}/{key_id}"), Mode::Apply);
+        let tags = match tags {
+            Some(tags) => tags,
+            None => list_tags(iam, user).await?,
+        };
+        let found = record_description_tag(iam, (user, key_id), tags, &mut report).await?;
+        if found.is_none() {
+            report.created(None);
+        }
+        before_record.await;
+        let detail = description_detail(user, key_id, &value, truncated);
+        Ok(done((), report.into_step_report(detail)))
     })
     .await
 }
@@ -525,13 +582,20 @@ pub async fn check_description_tag(
     key_id: &str,
     report: &mut Report,
 ) -> Result<Option<String>, CloudError> {
+    let tags = list_tags(iam, user).await?;
+    record_description_tag(iam, (user, key_id), tags, report).await
+}
+
+/// [`check_description_tag`] on the user's `tags` as read.
+async fn record_description_tag(
+    iam: &Client,
+    (user, key_id): (&str, &str),
+    tags: Vec<(String, String)>,
+    report: &mut Report,
+) -> Result<Option<String>, CloudError> {
     const SETTING: &str = "description_tag";
     let (value, _) = description_tag_value();
-    let found = list_tags(iam, user)
-        .await?
-        .into_iter()
-        .find(|(k, _)| k == key_id)
-        .map(|(_, v)| v);
+    let found = tags.into_iter().find(|(k, _)| k == key_id).map(|(_, v)| v);
     let expected = json!(value);
     match &found {
         Some(found) if *found == value => report.unchanged(SETTING, expected),

@@ -142,9 +142,9 @@ pub async fn observe(
         });
     }
     let (exists, location, settings) = tokio::join!(
-        head(s3, bucket, region),
-        check_location(s3, bucket, region),
-        read_settings(s3, bucket)
+        Box::pin(head(s3, bucket, region)),
+        Box::pin(check_location(s3, bucket, region)),
+        Box::pin(read_settings(s3, bucket))
     );
     // HeadBucket's answer comes first: the other reads fail on a missing or foreign bucket.
     if !exists? {
@@ -159,12 +159,12 @@ pub async fn observe(
 /// Every setting of an existing bucket, read concurrently.
 async fn read_settings(s3: &Client, bucket: &str) -> Result<Settings, CloudError> {
     let (object_lock, ownership, public_access, encryption, versioning, tags) = tokio::try_join!(
-        object_lock_retention(s3, bucket),
-        read_ownership(s3, bucket),
-        read_public_access_block(s3, bucket),
-        read_encryption(s3, bucket),
-        versioning_status(s3, bucket),
-        read_tags(s3, bucket),
+        Box::pin(object_lock_retention(s3, bucket)),
+        Box::pin(read_ownership(s3, bucket)),
+        Box::pin(read_public_access_block(s3, bucket)),
+        Box::pin(read_encryption(s3, bucket)),
+        Box::pin(versioning_status(s3, bucket)),
+        Box::pin(read_tags(s3, bucket)),
     )?;
     Ok(Settings {
         object_lock,
@@ -237,10 +237,22 @@ async fn ensure_settings(
     let tags_found = merge_tags(&mut tags, &wanted);
     let mode = report.mode();
     let (ownership, public, encryption, tagged) = tokio::try_join!(
-        write_unless(mode, ownership_ok, put_ownership(s3, bucket)),
-        write_unless(mode, public_ok, put_public_access_block(s3, bucket)),
-        write_unless(mode, encryption_ok, put_encryption(s3, bucket)),
-        write_unless(mode, tags_found.is_empty(), put_tags(s3, bucket, &tags)),
+        Box::pin(write_unless(mode, ownership_ok, put_ownership(s3, bucket))),
+        Box::pin(write_unless(
+            mode,
+            public_ok,
+            put_public_access_block(s3, bucket)
+        )),
+        Box::pin(write_unless(
+            mode,
+            encryption_ok,
+            put_encryption(s3, bucket)
+        )),
+        Box::pin(write_unless(
+            mode,
+            tags_found.is_empty(),
+            put_tags(s3, bucket, &tags)
+        )),
     )?;
     let setting = |report: &mut Report, name, ok, found: Value, expected, absent, id| {
         record_setting(report, name, ok, found, expected, absent, id)

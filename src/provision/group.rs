@@ -4,7 +4,7 @@
 //! > Name: `holos-zitadel-backups` for `zitadel`
 //! > Attach permission policies: `holos-zitadel-backups`
 //!
-//! A group named after the bucket (`ensure_exists`) with the bucket's policy attached
+//! A group named after the bucket (`ensure_observed`) with the bucket's policy attached
 //! (`ensure_attached`); policies someone else attached are reported and left alone
 //! (`check_other_policies`).
 
@@ -38,49 +38,83 @@ pub async fn ensure_with(
     policy_arn: &str,
     mode: Mode,
 ) -> Result<StepReport, CloudError> {
+    let observed = observe(iam, bucket).await?;
+    let policy_arn = async { Ok::<_, CloudError>(policy_arn.to_owned()) };
+    ensure_observed(iam, bucket, mode, observed, || {}, policy_arn).await
+}
+
+/// What one wave of reads found: whether the group exists, and its attached policies.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    exists: bool,
+    attached: Vec<String>,
+}
+
+/// GetGroup and ListAttachedGroupPolicies, concurrently.
+pub async fn observe(iam: &Client, group: &str) -> Result<Observed, CloudError> {
+    let get = async {
+        match iam.get_group().group_name(group).max_items(1).send().await {
+            Ok(_) => Ok(true),
+            Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
+            Err(err) => Err(classify(IAM, "GetGroup", err)),
+        }
+    };
+    let (exists, attached) = tokio::join!(Box::pin(get), Box::pin(attached_policies(iam, group)));
+    if !exists? {
+        return Ok(Observed {
+            exists: false,
+            attached: Vec::new(),
+        });
+    }
+    Ok(Observed {
+        exists: true,
+        attached: attached?,
+    })
+}
+
+/// [`ensure_with`] on what [`observe`] read. The group is made (apply mode) before the policy's
+/// ARN is awaited, so both can be made at once; `on_exists` is called once the group exists
+/// (what adding the user to it waits for).
+pub async fn ensure_observed<E: From<CloudError>>(
+    iam: &Client,
+    bucket: &str,
+    mode: Mode,
+    observed: Observed,
+    on_exists: impl FnOnce(),
+    policy_arn: impl Future<Output = Result<String, E>>,
+) -> Result<StepReport, E> {
     let group = bucket;
     let mut report = Report::with_mode(KIND, group, mode);
+    let exists = observed.exists || (report.creates() && create(iam, group, &mut report).await?);
+    if exists {
+        on_exists();
+    }
+    let policy_arn = policy_arn.await?;
     let identifiers = json!({
         "group_name": group,
         "policy_arn": policy_arn,
     });
-    if !ensure_exists(iam, group, &mut report).await? {
+    if !exists {
         report.planned_new(&[("attached_policy", json!(policy_arn))]);
         return Ok(report.into_step_report(identifiers));
     }
-    let attached = if report.was_created() {
-        Vec::new()
-    } else {
-        attached_policies(iam, group).await?
-    };
-    check_other_policies(&attached, policy_arn, &mut report);
-    ensure_attached(iam, group, policy_arn, &attached, &mut report).await?;
+    let attached = observed.attached;
+    check_other_policies(&attached, &policy_arn, &mut report);
+    ensure_attached(iam, group, &policy_arn, &attached, &mut report).await?;
     Ok(report.into_step_report(identifiers))
-}
-
-/// Name: the bucket's name. Returns whether the group exists now (a missing one is made only
-/// in apply mode).
-async fn ensure_exists(iam: &Client, group: &str, report: &mut Report) -> Result<bool, CloudError> {
-    match iam.get_group().group_name(group).max_items(1).send().await {
-        Ok(_) => Ok(true),
-        Err(err) if err.code() == Some("NoSuchEntity") && !report.creates() => Ok(false),
-        Err(err) if err.code() == Some("NoSuchEntity") => {
-            create(iam, group, report).await.map(|()| true)
-        }
-        Err(err) => Err(classify(IAM, "GetGroup", err)),
-    }
 }
 
 /// Creates the group. `EntityAlreadyExists` (a resent request whose first answer was lost, or
 /// a read that lagged behind an earlier create) leaves the group to be checked like any
-/// existing one; reading it while it is not visible yet fails retryably.
-async fn create(iam: &Client, group: &str, report: &mut Report) -> Result<(), CloudError> {
+/// existing one; reading it while it is not visible yet fails retryably. Returns `true`: the
+/// group exists.
+async fn create(iam: &Client, group: &str, report: &mut Report) -> Result<bool, CloudError> {
     match iam.create_group().group_name(group).path("/").send().await {
         Ok(out) => report.created(output_request_id(&out)),
         Err(err) if err.code() == Some(ENTITY_ALREADY_EXISTS) => {}
         Err(err) => return Err(classify(IAM, "CreateGroup", err)),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Policies attached by someone else are not removed automatically.

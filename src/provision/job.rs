@@ -24,9 +24,9 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::access_key::{self, KeyOutput, KeySource, UserKeys};
+use super::access_key::{self, KeyInfo, KeyOutput, KeySource, UserKeys};
 use super::adopt::in_the_way;
-use super::report::done;
+use super::report::{Mode, done};
 use super::secret::{self, ExistingSecret, RepositorySecret, S3Conf};
 use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
 use crate::cloud::StepReport;
@@ -154,6 +154,25 @@ impl Step {
     }
 }
 
+mod progress;
+mod world;
+
+use progress::Progress;
+use world::World;
+
+/// Milestones of one attempt (see [`Progress`]).
+const POLICY_ARN: &str = "policy-arn";
+const GROUP_EXISTS: &str = "group-exists";
+/// Reached with `"created"` when this attempt made the user (it has no keys yet), else `""`.
+const USER_EXISTS: &str = "user-exists";
+/// Their first calls (the creates of a first run) go out together.
+const FIRST_WAVE: [&str; 4] = [
+    Step::Bucket.name(),
+    Step::Policy.name(),
+    Step::Group.name(),
+    Step::User.name(),
+];
+
 #[async_trait::async_trait]
 impl JobHandler for Provisioner {
     fn kind(&self) -> &'static str {
@@ -162,53 +181,34 @@ impl JobHandler for Provisioner {
 
     async fn run(&self, ctx: &JobContext) -> Result<(), JobError> {
         let payload: ProvisionPayload = ctx.payload()?;
-        let existing = secret::read(
-            &self.kube,
-            payload.namespace.as_str(),
-            payload.bucket.as_str(),
-        )
-        .await?;
+        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let (existing, row) = tokio::join!(
+            secret::read(&self.kube, namespace, name),
+            repository::by_id(ctx.pool(), payload.repository_id)
+        );
+        let (existing, row) = (existing?, row?);
         let adopt = payload.adopt_existing_secret;
         secret::refuse_unmanaged(existing.as_ref(), payload.secret(), adopt)?;
-        if !adopt {
-            let (bucket, region) = (payload.bucket.as_str(), payload.region.as_str());
-            let (db, id) = (ctx.pool(), payload.repository_id);
-            in_the_way::refuse_hand_made_unless_known(&self.aws, db, id, bucket, region).await?;
-        }
         let s3 = self.aws.s3_for_region(payload.region.as_str());
-        // What would otherwise fail the job only after every AWS resource is made is checked
-        // before the first AWS change: the Secret can be written, an existing bucket is usable.
-        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
-        secret::preflight(&self.kube, namespace, name).await?;
-        bucket::preflight(&s3, name, payload.region.as_str()).await?;
-        // The bucket and the IAM chain (policy, then group, then user) do not depend on each
-        // other: they run concurrently.
-        let iam_chain = async {
-            let policy_arn = self.policy_step(ctx, &payload).await?;
-            self.group_step(ctx, &payload, &policy_arn).await?;
-            self.user_step(ctx, &payload).await
-        };
-        // join, not try_join: a failure on one side lets the other finish and record its step
-        // instead of abandoning it half-way.
-        let (bucket, iam) = tokio::join!(self.bucket_step(ctx, &s3, &payload), iam_chain);
-        first_failure_of(bucket.map(drop), iam)?;
-        self.cipher_pass_step(ctx, &s3, &payload, existing.as_ref())
-            .await?;
-        let key = self
-            .access_key_step(ctx, &payload, existing.as_ref())
-            .await?;
-        let step = (
-            Step::AccessKeyDescription.name(),
-            Step::AccessKeyDescription.position(),
-        );
-        let (iam, user) = (&self.aws.iam, payload.bucket.iam_user_name());
-        access_key::description_step(ctx, step, iam, user, &key.access_key_id).await?;
+        let world =
+            Box::pin(self.preflight(&payload, &s3, existing.as_ref(), row.as_ref())).await?;
+        let progress = Progress::new();
+        let made = self.make_resources(ctx, &payload, &s3, existing.as_ref(), (&world, &progress));
+        let key = Box::pin(made).await?;
         let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
-        self.credential_check_step(ctx, &payload, &key, &conf)
+        let probe = self
+            .prove_key(ctx, &payload, (&key, &conf), (&world, &progress))
             .await?;
-        self.secret_step(ctx, &payload, &conf, existing.as_ref())
+        let listed = self
+            .deliver(
+                ctx,
+                &payload,
+                (&conf, existing.as_ref()),
+                probe,
+                (&world, &key),
+            )
             .await?;
-        self.retire_step(ctx, &payload, &conf).await
+        self.retire_step(ctx, &payload, &conf, &listed).await
     }
 
     /// The job's steps in plan mode (`plan.rs`: `plan_provisioning`): read calls only.
@@ -220,17 +220,196 @@ impl JobHandler for Provisioner {
     }
 }
 
-/// Combines two concurrent branches: a permanent failure on either side wins (retrying cannot
-/// help), then any other failure.
-fn first_failure_of(a: Result<(), JobError>, b: Result<(), JobError>) -> Result<(), JobError> {
-    match (a, b) {
-        (Err(e @ JobError::Permanent(_)), _) | (_, Err(e @ JobError::Permanent(_))) => Err(e),
-        (Err(e), _) | (_, Err(e)) => Err(e),
-        (Ok(()), Ok(())) => Ok(()),
+/// Combines concurrent branches: a permanent failure on any side wins (retrying cannot help),
+/// then any other failure.
+fn first_failure_of(
+    results: impl IntoIterator<Item = Result<(), JobError>>,
+) -> Result<(), JobError> {
+    let mut first = None;
+    for result in results {
+        match (result, &first) {
+            (Ok(()), _) => {}
+            (Err(e @ JobError::Permanent(_)), _) => return Err(e),
+            (Err(e), None) => first = Some(e),
+            (Err(_), Some(_)) => {}
+        }
     }
+    first.map_or(Ok(()), Err)
 }
 
 impl Provisioner {
+    /// Before the first AWS change: the observation wave alongside the Secret's dry-run apply,
+    /// then what would otherwise fail late fails now: a hand-made set in the way, a Secret that
+    /// cannot be written, an existing bucket that is unusable.
+    async fn preflight(
+        &self,
+        payload: &ProvisionPayload,
+        s3: &aws_sdk_s3::Client,
+        existing: Option<&ExistingSecret>,
+        row: Option<&RepositoryRow>,
+    ) -> Result<World, JobError> {
+        let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
+        let region = payload.region.as_str();
+        let known = row.map(|r| &r.resources.0);
+        let target = world::Target {
+            aws: &self.aws,
+            s3,
+            bucket: name,
+            region,
+            bucket_known: known.is_some_and(|k| k.bucket_arn.is_some()),
+            conf: existing.and_then(|s| s.conf.as_ref()),
+        };
+        let (world, writable) = tokio::join!(
+            world::observe(target),
+            secret::preflight(&self.kube, namespace, name)
+        );
+        let world = world?;
+        // A user our user step made or adopted is ours even if a tag was removed by hand since
+        // (drift the user step repairs).
+        let user_known = known.is_some_and(|k| k.user.is_some());
+        if !payload.adopt_existing_secret && !user_known {
+            let tags = world.user.tags();
+            in_the_way::refuse_hand_made_found(&self.aws, name, region, tags).await?;
+        }
+        writable?;
+        world.bucket.refuse_unusable(name)?;
+        Ok(world)
+    }
+
+    /// The bucket, the IAM chain and the key, each call as soon as what it needs exists:
+    /// the bucket ‖ policy ‖ group ‖ user are made at once, the policy is attached, the user
+    /// added to the group and its key made at once (the cipher pass is settled meanwhile).
+    /// join, not try_join: a failure on one side lets the others finish and record their
+    /// steps instead of abandoning them half-way.
+    async fn make_resources(
+        &self,
+        ctx: &JobContext,
+        payload: &ProvisionPayload,
+        s3: &aws_sdk_s3::Client,
+        existing: Option<&ExistingSecret>,
+        (world, progress): (&World, &Progress),
+    ) -> Result<KeyOutput, JobError> {
+        let settled = |step: Step, result: Result<(), JobError>| {
+            progress.settle(step.name());
+            result
+        };
+        let bucket = async {
+            let made = self.bucket_step(ctx, s3, payload, (world, progress)).await;
+            settled(Step::Bucket, made.map(drop))
+        };
+        let policy = async {
+            let made = self.policy_step(ctx, payload, (world, progress)).await;
+            match &made {
+                Ok(arn) => progress.reach(POLICY_ARN, arn.clone()),
+                Err(_) => progress.miss(POLICY_ARN),
+            }
+            settled(Step::Policy, made.map(drop))
+        };
+        let group = async {
+            let made = self.group_step(ctx, payload, world, progress).await;
+            progress.miss(GROUP_EXISTS);
+            settled(Step::Group, made)
+        };
+        let user = async {
+            let made = self.user_step(ctx, payload, world, progress).await;
+            progress.miss(USER_EXISTS);
+            settled(Step::User, made)
+        };
+        let cipher_pass = async {
+            let made = self.cipher_pass_step(ctx, s3, payload, existing, (world, progress));
+            settled(Step::CipherPass, made.await.map(drop))
+        };
+        let key = self.access_key_step(ctx, payload, existing, (world, progress));
+        // Boxed: the branches' futures together are too large for a worker thread's stack in
+        // a debug build.
+        let (bucket, policy, group, user, cipher_pass, key) = tokio::join!(
+            Box::pin(bucket),
+            Box::pin(policy),
+            Box::pin(group),
+            Box::pin(user),
+            Box::pin(cipher_pass),
+            Box::pin(key)
+        );
+        first_failure_of([bucket, policy, group, user, cipher_pass])?;
+        key
+    }
+
+    /// The key's description tag alongside the credential check (recorded after it). Returns
+    /// the probe object the check left for [`Self::deliver`] to delete.
+    async fn prove_key(
+        &self,
+        ctx: &JobContext,
+        payload: &ProvisionPayload,
+        (key, conf): (&KeyOutput, &S3Conf),
+        (world, progress): (&World, &Progress),
+    ) -> Result<Option<String>, JobError> {
+        let step = Step::AccessKeyDescription;
+        let (iam, user) = (&self.aws.iam, payload.bucket.iam_user_name());
+        // A key made by this attempt has no tag yet; otherwise the tags read at the start.
+        let tags = match key.source {
+            KeySource::Created => Some(Vec::new()),
+            _ => world.user.tags().map(<[_]>::to_vec),
+        };
+        let description = async {
+            let target = (iam, user, key.access_key_id.as_str());
+            let done = (step.name(), step.position());
+            let made = access_key::description_step_with(ctx, done, target, tags, async {}).await;
+            progress.settle(step.name());
+            made
+        };
+        let recorded_after = progress.settled([Step::AccessKeyDescription.name()]);
+        let check = self.credential_check_step(ctx, payload, (key, conf), world, recorded_after);
+        let (description, check) = tokio::join!(Box::pin(description), Box::pin(check));
+        first_failure_of([description, check.as_ref().map(drop).map_err(clone_error)])?;
+        check
+    }
+
+    /// The Secret (written and read back), with the probe object's delete and the listing of
+    /// the keys to retire alongside it. Returns the user's keys as listed after the new key
+    /// was made.
+    async fn deliver(
+        &self,
+        ctx: &JobContext,
+        payload: &ProvisionPayload,
+        (conf, existing): (&S3Conf, Option<&ExistingSecret>),
+        probe: Option<String>,
+        (world, key): (&World, &KeyOutput),
+    ) -> Result<Vec<KeyInfo>, JobError> {
+        let bucket = payload.bucket.as_str();
+        let delete_probe = async {
+            let Some(probe) = probe else { return Ok(()) };
+            let client = self.key_client(payload, conf);
+            credential_check::delete_probe(&client, bucket, &probe).await
+        };
+        // Unchanged since the start when the key is the Secret's: no key was made since.
+        let seen = world
+            .keys
+            .clone()
+            .filter(|_| key.source == KeySource::InSecret);
+        let listing = async {
+            match seen {
+                Some(keys) => Ok(keys),
+                None => access_key::list(&self.aws.iam, payload.bucket.iam_user_name()).await,
+            }
+        };
+        let (written, deleted, listed) = tokio::join!(
+            Box::pin(self.secret_step(ctx, payload, conf, existing)),
+            Box::pin(delete_probe),
+            Box::pin(listing)
+        );
+        written?;
+        deleted?;
+        Ok(listed?)
+    }
+
+    fn key_client(&self, payload: &ProvisionPayload, conf: &S3Conf) -> aws_sdk_s3::Client {
+        self.aws.s3_with_static_credentials(
+            payload.region.as_str(),
+            &conf.access_key_id,
+            conf.secret_access_key.expose_secret(),
+        )
+    }
+
     async fn record_resources(
         &self,
         ctx: &JobContext,
@@ -257,12 +436,18 @@ impl Provisioner {
         ctx: &JobContext,
         s3: &aws_sdk_s3::Client,
         payload: &ProvisionPayload,
+        (world, progress): (&World, &Progress),
     ) -> Result<String, JobError> {
         let (bucket, region) = (payload.bucket.as_str(), payload.region.as_str());
         let arn: String = ctx
             .step(Step::Bucket.name(), Step::Bucket.position(), async {
+                progress.start(Step::Bucket.name());
+                progress.all_started(FIRST_WAVE).await;
                 let repository = payload.repository.as_str();
-                let report = bucket::ensure(s3, bucket, region, repository).await?;
+                let seen = world.bucket.clone();
+                let report =
+                    bucket::ensure_observed(s3, bucket, region, repository, Mode::Apply, seen)
+                        .await?;
                 Ok(done(bucket::arn(bucket), report))
             })
             .await?;
@@ -274,14 +459,21 @@ impl Provisioner {
         Ok(arn)
     }
 
+    /// The policy's ARN is known to the group step as soon as the policy exists.
     async fn policy_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
+        (world, progress): (&World, &Progress),
     ) -> Result<String, JobError> {
         let arn: String = ctx
             .step(Step::Policy.name(), Step::Policy.position(), async {
-                let (report, arn) = policy::ensure(&self.aws.iam, payload.bucket.as_str()).await?;
+                progress.start(Step::Policy.name());
+                progress.all_started(FIRST_WAVE).await;
+                let (iam, bucket, seen) =
+                    (&self.aws.iam, payload.bucket.as_str(), world.policy.clone());
+                let (report, arn) = policy::ensure_observed(iam, bucket, Mode::Apply, seen).await?;
+                progress.reach(POLICY_ARN, arn.clone());
                 Ok(done(arn, report))
             })
             .await?;
@@ -293,62 +485,120 @@ impl Provisioner {
         Ok(arn)
     }
 
+    /// Made alongside the policy; the policy is attached once it exists; recorded after the
+    /// policy step.
     async fn group_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
-        policy_arn: &str,
+        world: &World,
+        progress: &Progress,
     ) -> Result<(), JobError> {
-        let name: String = ctx
+        let group_name = payload.bucket.iam_group_name();
+        let name: Result<String, JobError> = ctx
             .step(Step::Group.name(), Step::Group.position(), async {
+                progress.start(Step::Group.name());
+                progress.all_started(FIRST_WAVE).await;
+                let exists = || progress.reach(GROUP_EXISTS, String::new());
+                let policy_arn = async {
+                    progress.reached(POLICY_ARN).await.ok_or_else(|| {
+                        JobError::Retryable("the policy step did not finish in this attempt".into())
+                    })
+                };
+                let (iam, bucket, seen) =
+                    (&self.aws.iam, payload.bucket.as_str(), world.group.clone());
                 let report =
-                    group::ensure(&self.aws.iam, payload.bucket.as_str(), policy_arn).await?;
-                Ok(done(payload.bucket.iam_group_name().to_owned(), report))
+                    group::ensure_observed(iam, bucket, Mode::Apply, seen, exists, policy_arn)
+                        .await?;
+                progress.settled([Step::Policy.name()]).await;
+                Ok(done(group_name.to_owned(), report))
             })
-            .await?;
+            .await;
+        if name.is_ok() {
+            progress.reach(GROUP_EXISTS, String::new());
+        }
         let resources = Resources {
-            group: Some(name),
+            group: Some(name?),
             ..Default::default()
         };
         self.record_resources(ctx, payload, resources).await
     }
 
+    /// Made alongside the group; added to it once it exists; recorded after the group step.
     async fn user_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
+        world: &World,
+        progress: &Progress,
     ) -> Result<(), JobError> {
-        let name: String = ctx
+        let name: Result<String, JobError> = ctx
             .step(Step::User.name(), Step::User.position(), async {
+                progress.start(Step::User.name());
+                progress.all_started(FIRST_WAVE).await;
                 let (bucket, repository) = (payload.bucket.as_str(), payload.repository.as_str());
-                let report = user::ensure(&self.aws.iam, bucket, repository).await?;
+                let exists = |created: bool| {
+                    let how = if created { "created" } else { "" };
+                    progress.reach(USER_EXISTS, how.to_owned())
+                };
+                let group_exists = async {
+                    progress
+                        .reached(GROUP_EXISTS)
+                        .await
+                        .map(drop)
+                        .ok_or_else(|| {
+                            JobError::Retryable(
+                                "the group step did not finish in this attempt".into(),
+                            )
+                        })
+                };
+                let (iam, seen) = (&self.aws.iam, world.user.clone());
+                let report = user::ensure_observed(
+                    iam,
+                    bucket,
+                    repository,
+                    Mode::Apply,
+                    seen,
+                    exists,
+                    group_exists,
+                )
+                .await?;
+                progress.settled([Step::Group.name()]).await;
                 Ok(done(payload.bucket.iam_user_name().to_owned(), report))
             })
-            .await?;
+            .await;
+        if name.is_ok() {
+            progress.reach(USER_EXISTS, String::new());
+        }
         let resources = Resources {
-            user: Some(name),
+            user: Some(name?),
             ..Default::default()
         };
         self.record_resources(ctx, payload, resources).await
     }
 
     /// Settles which cipher pass the Secret will hold (see [`cipher_pass::decide`]); a newly
-    /// generated one is sealed in the same transaction as the step's success.
+    /// generated one is sealed in the same transaction as the step's success, recorded after
+    /// the bucket and IAM steps.
     async fn cipher_pass_step(
         &self,
         ctx: &JobContext,
         s3: &aws_sdk_s3::Client,
         payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
+        (world, progress): (&World, &Progress),
     ) -> Result<cipher_pass::Source, JobError> {
         let step = Step::CipherPass;
         let sealed = self.sealed(payload);
+        let earlier = [Step::Bucket, Step::Policy, Step::Group, Step::User].map(Step::name);
         ctx.step_with_own_commit(step.name(), step.position(), |attempt| async move {
             let copies = cipher_pass::Copies::find(existing, ctx.pool(), sealed).await?;
             let allow_new = payload.allow_new_cipher_pass;
-            let has_objects = || bucket::has_objects(s3, payload.bucket.as_str());
+            let (bucket, new) = (payload.bucket.as_str(), !world.bucket.exists());
+            let has_objects = || bucket::has_objects_unless_new(s3, bucket, new);
             let decision =
                 cipher_pass::decide(copies, allow_new, payload.secret(), has_objects).await?;
+            progress.settled(earlier).await;
             let mut tx = ctx.fenced_tx_unless_cancelled().await?;
             cipher_pass::seal_generated(&mut tx, sealed, &decision).await?;
             ctx.checkpoint(step.name(), "before-record");
@@ -362,15 +612,26 @@ impl Provisioner {
         .await
     }
 
-    /// Reconciles the user's access keys (see [`access_key::reconcile_access_key`], which also
-    /// records the step's success and seals a new key's secret).
+    /// Reconciles the user's access keys once the user exists (see
+    /// [`access_key::reconcile_access_key_with`], which also records the step's success, after
+    /// the cipher pass step, and seals a new key's secret). Starts at once, so that its own
+    /// bookkeeping is done by the time the user exists.
     async fn access_key_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
+        (world, progress): (&World, &Progress),
     ) -> Result<KeyOutput, JobError> {
         let step = Step::AccessKey;
+        // A user this attempt made has no keys; otherwise the keys listed at the start.
+        let listed = async {
+            let Some(how) = progress.reached(USER_EXISTS).await else {
+                let waited = "the user step did not finish in this attempt";
+                return Err(JobError::Retryable(waited.into()));
+            };
+            Ok(world.keys.clone().or((how == "created").then(Vec::new)))
+        };
         let keys = UserKeys {
             iam: &self.aws.iam,
             user: &payload.bucket,
@@ -381,7 +642,9 @@ impl Provisioner {
             .map(|c| c.access_key_id.as_str());
         let key: KeyOutput = ctx
             .step_with_own_commit(step.name(), step.position(), |attempt| {
-                access_key::reconcile_access_key(ctx, step.name(), attempt, &keys, referenced)
+                let after = progress.settled([Step::CipherPass.name()]);
+                let step = (step.name(), attempt);
+                access_key::reconcile_access_key_with(ctx, step, &keys, referenced, listed, after)
             })
             .await?;
         let resources = Resources {
@@ -411,34 +674,43 @@ impl Provisioner {
         secret::s3_conf_in_job(ctx, sealed, existing, key_id, target, &key_steps).await
     }
 
-    /// Proves the key works before the repository is `ready`: a new key writes, reads and
-    /// deletes a probe object; a key already in the Secret is checked read-only, so a re-run of
-    /// a ready repository makes no mutating call.
+    /// Proves the key works before the repository is `ready`: a new key writes and reads back
+    /// a probe object (returned: deleted alongside the Secret's write); a key already in the
+    /// Secret is checked read-only (by the observation wave when it passed there), so a re-run
+    /// of a ready repository makes no mutating call. Recorded once `recorded_after` is ready.
     async fn credential_check_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
-        key: &KeyOutput,
-        conf: &S3Conf,
-    ) -> Result<(), JobError> {
+        (key, conf): (&KeyOutput, &S3Conf),
+        world: &World,
+        recorded_after: impl Future<Output = ()>,
+    ) -> Result<Option<String>, JobError> {
         let step = Step::CredentialCheck;
         ctx.step(step.name(), step.position(), async {
-            let client = self.aws.s3_with_static_credentials(
-                payload.region.as_str(),
-                &conf.access_key_id,
-                conf.secret_access_key.expose_secret(),
-            );
+            let client = self.key_client(payload, conf);
             let bucket = payload.bucket.as_str();
             let (budget, backoff) = (self.credential_check_budget, self.credential_check_backoff);
-            let report = match key.source {
-                KeySource::InSecret => {
-                    credential_check::verify_read_only(&client, bucket, budget, backoff).await?
+            let seen = world.key_check.as_ref();
+            let seen = seen
+                .filter(|(id, _)| *id == conf.access_key_id)
+                .map(|(_, r)| r.clone());
+            let (report, probe) = match (key.source, seen) {
+                (KeySource::InSecret, Some(report)) => (report, None),
+                (KeySource::InSecret, None) => {
+                    let report =
+                        credential_check::verify_read_only(&client, bucket, budget, backoff);
+                    (report.await?, None)
                 }
-                KeySource::Created | KeySource::Sealed => {
-                    credential_check::verify(&client, bucket, budget, backoff).await?
+                (KeySource::Created | KeySource::Sealed, _) => {
+                    let checked =
+                        credential_check::verify_leaving_probe(&client, bucket, budget, backoff);
+                    let (report, probe) = checked.await?;
+                    (report, Some(probe))
                 }
             };
-            Ok(done((), report))
+            recorded_after.await;
+            Ok(done(probe, report))
         })
         .await
     }
@@ -457,6 +729,7 @@ impl Provisioner {
         let (namespace, name) = (payload.namespace.as_str(), payload.bucket.as_str());
         let adopt = payload.adopt_existing_secret;
         let basis = secret::Basis::of(existing);
+        // The repository's resources are recorded in the step's own transaction.
         let secret_ref: SecretRef = ctx
             .step_with_own_commit(step.name(), step.position(), |attempt| async move {
                 let report =
@@ -474,36 +747,53 @@ impl Provisioner {
                 let finished = done(output.clone(), report);
                 ctx.finish_step(&mut tx, step.name(), attempt, &finished)
                     .await?;
+                repository::merge_resources(
+                    &mut *tx,
+                    payload.repository_id,
+                    &Resources {
+                        secret: Some(output.clone()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(output)
             })
             .await?;
-        let resources = Resources {
-            secret: Some(secret_ref),
-            ..Default::default()
-        };
-        self.record_resources(ctx, payload, resources).await
+        drop(secret_ref);
+        Ok(())
     }
 
     /// Deletes every key but the one the Secret now holds: the key it replaced goes only now,
-    /// once the new one is proven and workloads can read it (make before break).
+    /// once the new one is proven and workloads can read it (make before break). `listed`: the
+    /// user's keys, listed after the new key was made.
     async fn retire_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         conf: &S3Conf,
+        listed: &[KeyInfo],
     ) -> Result<(), JobError> {
         let step = Step::RetireOldKeys;
         ctx.step(step.name(), step.position(), async {
             let user = payload.bucket.iam_user_name();
             let (db, id) = (ctx.pool(), payload.repository_id);
             let in_grace = super::rotate::retirements::keys_in_grace(db, id).await?;
-            let key = &conf.access_key_id;
-            let report =
-                access_key::retire_keys_sparing(&self.aws.iam, user, key, &in_grace).await?;
+            let (iam, key) = (&self.aws.iam, &conf.access_key_id);
+            let report = access_key::retire_listed_keys(iam, user, key, &in_grace, listed).await?;
             Ok(done((), report))
         })
         .await
+    }
+}
+
+/// A copy of a failure for [`first_failure_of`] (the original is returned by its branch).
+fn clone_error(err: &JobError) -> JobError {
+    match err {
+        JobError::Permanent(m) => JobError::Permanent(m.clone()),
+        JobError::Cancelled => JobError::Cancelled,
+        JobError::LeaseLost => JobError::LeaseLost,
+        other => JobError::Retryable(other.to_string()),
     }
 }
 
@@ -516,17 +806,17 @@ mod tests {
         let permanent = || Err(JobError::Permanent("denied".into()));
         let retryable = || Err(JobError::Retryable("throttled".into()));
         assert!(matches!(
-            first_failure_of(retryable(), permanent()),
+            first_failure_of([retryable(), permanent()]),
             Err(JobError::Permanent(_))
         ));
         assert!(matches!(
-            first_failure_of(permanent(), retryable()),
+            first_failure_of([permanent(), retryable()]),
             Err(JobError::Permanent(_))
         ));
         assert!(matches!(
-            first_failure_of(Ok(()), retryable()),
+            first_failure_of([Ok(()), retryable(), Ok(())]),
             Err(JobError::Retryable(_))
         ));
-        assert!(first_failure_of(Ok(()), Ok(())).is_ok());
+        assert!(first_failure_of([Ok(()), Ok(())]).is_ok());
     }
 }

@@ -139,8 +139,69 @@ pub async fn ensure_with(
     bucket: &str,
     mode: Mode,
 ) -> Result<(StepReport, String), CloudError> {
+    let observed = observe(iam, bucket).await?;
+    ensure_observed(iam, bucket, mode, observed).await
+}
+
+/// What the reads found: the policy as listed, and (when it exists) its description and
+/// default version's document, read concurrently.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    found: Option<Found>,
+}
+
+#[derive(Debug, Clone)]
+struct Found {
+    listed: Policy,
+    /// GetPolicy's answer (ListPolicies does not return descriptions).
+    got: Option<Policy>,
+    /// The document of the default version ListPolicies named: `None` when unparsable.
+    document: Option<Value>,
+}
+
+/// ListPolicies, then GetPolicy and GetPolicyVersion together: two sequential round trips.
+pub async fn observe(iam: &Client, bucket: &str) -> Result<Observed, CloudError> {
+    let Some(listed) = find(iam, bucket).await? else {
+        return Ok(Observed { found: None });
+    };
+    let found = read_found(iam, listed).await?;
+    Ok(Observed { found: Some(found) })
+}
+
+async fn read_found(iam: &Client, listed: Policy) -> Result<Found, CloudError> {
+    let arn = listed
+        .arn()
+        .ok_or_else(|| CloudError::retryable(IAM, "ListPolicies", "a policy without an ARN"))?;
+    let get = async {
+        iam.get_policy()
+            .policy_arn(arn)
+            .send()
+            .await
+            .map_err(|e| classify(IAM, "GetPolicy", e))
+    };
+    let read = async {
+        match listed.default_version_id() {
+            Some(version) => read_document(iam, arn, version).await,
+            None => Ok(None),
+        }
+    };
+    let (got, document) = tokio::try_join!(Box::pin(get), Box::pin(read))?;
+    Ok(Found {
+        got: got.policy().cloned(),
+        document,
+        listed,
+    })
+}
+
+/// [`ensure_with`] on what [`observe`] read.
+pub async fn ensure_observed(
+    iam: &Client,
+    bucket: &str,
+    mode: Mode,
+    observed: Observed,
+) -> Result<(StepReport, String), CloudError> {
     let mut report = Report::with_mode(KIND, bucket, mode);
-    let existing = match find(iam, bucket).await? {
+    let existing = match observed.found {
         Some(existing) => existing,
         None if !report.creates() => {
             report.planned_new(&[
@@ -154,10 +215,10 @@ pub async fn ensure_with(
             Some((arn, version)) => return Ok(finish(report, bucket, arn, version)),
             // Made by a resent request whose first answer was lost, or by an earlier attempt
             // the read above lagged behind: it is checked like any existing policy.
-            None => find_after_conflict(iam, bucket).await?,
+            None => read_found(iam, find_after_conflict(iam, bucket).await?).await?,
         },
     };
-    let (arn, version) = reconcile(iam, bucket, &existing, &mut report).await?;
+    let (arn, version) = reconcile(iam, bucket, existing, &mut report).await?;
     Ok(finish(report, bucket, arn, version))
 }
 
@@ -233,34 +294,35 @@ async fn find_after_conflict(iam: &Client, bucket: &str) -> Result<Policy, Cloud
 async fn reconcile(
     iam: &Client,
     bucket: &str,
-    existing: &Policy,
+    existing: Found,
     report: &mut Report,
 ) -> Result<(String, Option<String>), CloudError> {
-    let policy_arn = existing
+    let listed = &existing.listed;
+    let policy_arn = listed
         .arn()
         .ok_or_else(|| CloudError::retryable(IAM, "ListPolicies", "a policy without an ARN"))?
         .to_owned();
-    check_path(existing, report);
-    // ListPolicies does not return descriptions; GetPolicy does.
-    let got = iam
-        .get_policy()
-        .policy_arn(&policy_arn)
-        .send()
-        .await
-        .map_err(|e| classify(IAM, "GetPolicy", e))?;
-    let policy = got.policy().unwrap_or(existing);
+    check_path(listed, report);
+    let policy = existing.got.as_ref().unwrap_or(listed);
     check_description(policy, report);
     let default_version_id = policy
         .default_version_id()
-        .or(existing.default_version_id())
+        .or(listed.default_version_id())
         .ok_or_else(|| {
             CloudError::retryable(IAM, "GetPolicy", "the policy has no default version")
         })?;
+    // The document read with GetPolicy was of the version ListPolicies named; a default
+    // changed in between is read again.
+    let found = if listed.default_version_id() == Some(default_version_id) {
+        existing.document.clone()
+    } else {
+        read_document(iam, &policy_arn, default_version_id).await?
+    };
     let version = ensure_document(
         iam,
         &policy_arn,
         default_version_id,
-        document(bucket),
+        (found, document(bucket)),
         report,
     )
     .await?;
@@ -299,10 +361,9 @@ async fn ensure_document(
     iam: &Client,
     policy_arn: &str,
     default_version_id: &str,
-    expected: Value,
+    (found, expected): (Option<Value>, Value),
     report: &mut Report,
 ) -> Result<Option<String>, CloudError> {
-    let found = read_document(iam, policy_arn, default_version_id).await?;
     if found
         .as_ref()
         .is_some_and(|doc| documents_equivalent(doc, &expected))

@@ -5,7 +5,7 @@
 //! > Name: `holos-zitadel-backups` for `zitadel`
 //! > Group: `holos-zitadel-backups`
 //!
-//! A user named after the bucket, tagged as ours (`ensure_exists`, `ensure_tags`), member of
+//! A user named after the bucket, tagged as ours (`ensure_observed`, `ensure_tags`), member of
 //! the bucket's group (`ensure_membership`), without console access: no login profile
 //! (`ensure_no_console_access`).
 
@@ -44,6 +44,86 @@ pub async fn ensure_with(
     repository: &str,
     mode: Mode,
 ) -> Result<StepReport, CloudError> {
+    let observed = observe(iam, bucket).await?;
+    let group_exists = async { Ok::<_, CloudError>(()) };
+    ensure_observed(
+        iam,
+        bucket,
+        repository,
+        mode,
+        observed,
+        |_| {},
+        group_exists,
+    )
+    .await
+}
+
+/// What one wave of reads found about the user: `None` when there is no such user.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    found: Option<Found>,
+}
+
+#[derive(Debug, Clone)]
+struct Found {
+    tags: Vec<(String, String)>,
+    groups: Vec<String>,
+    login_profile: bool,
+}
+
+impl Observed {
+    /// The user's tags; `None` when there is no such user.
+    pub fn tags(&self) -> Option<&[(String, String)]> {
+        self.found.as_ref().map(|f| f.tags.as_slice())
+    }
+}
+
+/// GetUser, ListUserTags, ListGroupsForUser and GetLoginProfile, concurrently.
+pub async fn observe(iam: &Client, user: &str) -> Result<Observed, CloudError> {
+    let get = async {
+        match iam.get_user().user_name(user).send().await {
+            Ok(_) => Ok(true),
+            Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
+            Err(err) => Err(classify(IAM, "GetUser", err)),
+        }
+    };
+    let login_profile = async {
+        match iam.get_login_profile().user_name(user).send().await {
+            Ok(_) => Ok(true),
+            Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
+            Err(err) => Err(classify(IAM, "GetLoginProfile", err)),
+        }
+    };
+    let (exists, tags, groups, login_profile) = tokio::join!(
+        Box::pin(get),
+        Box::pin(list_tags(iam, user)),
+        Box::pin(groups_for_user(iam, user)),
+        Box::pin(login_profile)
+    );
+    if !exists? {
+        return Ok(Observed { found: None });
+    }
+    Ok(Observed {
+        found: Some(Found {
+            tags: tags?,
+            groups: groups?,
+            login_profile: login_profile?,
+        }),
+    })
+}
+
+/// [`ensure_with`] on what [`observe`] read. The user is made (apply mode) before the group is
+/// awaited, so both can be made at once; `on_exists` is called once the user exists, with
+/// whether this call made it (a new user has no access keys: what making its key waits for).
+pub async fn ensure_observed<E: From<CloudError>>(
+    iam: &Client,
+    bucket: &str,
+    repository: &str,
+    mode: Mode,
+    observed: Observed,
+    on_exists: impl FnOnce(bool),
+    group_exists: impl Future<Output = Result<(), E>>,
+) -> Result<StepReport, E> {
     let (user, group) = (bucket, bucket);
     let wanted_tags = [
         (MANAGED_BY_KEY, MANAGED_BY_VALUE),
@@ -55,20 +135,61 @@ pub async fn ensure_with(
         "group_name": group,
         "repository": repository,
     });
-    if !ensure_exists(iam, user, &wanted_tags, &mut report).await? {
-        report.planned_new(&[
-            ("tags", tags_json(&wanted_tags)),
-            ("group_membership", json!(group)),
-        ]);
-        report.unchanged("login_profile", json!("absent"));
-        return Ok(report.into_step_report(identifiers));
-    }
-    if !report.was_created() {
-        ensure_tags(iam, user, &wanted_tags, &mut report).await?;
-    }
-    ensure_membership(iam, user, group, &mut report).await?;
-    ensure_no_console_access(iam, user, &mut report).await?;
+    let found = match observed.found {
+        Some(found) => Some(found),
+        None if report.creates() => {
+            create(iam, user, &wanted_tags, &mut report).await?;
+            None
+        }
+        None => {
+            report.planned_new(&[
+                ("tags", tags_json(&wanted_tags)),
+                ("group_membership", json!(group)),
+            ]);
+            report.unchanged("login_profile", json!("absent"));
+            return Ok(report.into_step_report(identifiers));
+        }
+    };
+    on_exists(report.was_created());
+    ensure_settings(
+        iam,
+        (user, group),
+        &wanted_tags,
+        found,
+        &mut report,
+        group_exists,
+    )
+    .await?;
     Ok(report.into_step_report(identifiers))
+}
+
+/// Tags, membership and console access of a user that exists: `found` is what was read
+/// (`None`: made by this step, or found made by an earlier attempt; then read again when not
+/// made by this step).
+async fn ensure_settings<E: From<CloudError>>(
+    iam: &Client,
+    (user, group): (&str, &str),
+    wanted_tags: &Tags<'_>,
+    found: Option<Found>,
+    report: &mut Report,
+    group_exists: impl Future<Output = Result<(), E>>,
+) -> Result<(), E> {
+    let found = match found {
+        Some(found) => Some(found),
+        None if report.was_created() => None,
+        // EntityAlreadyExists: made by an earlier attempt or a resent request; read it.
+        None => observe(iam, user).await?.found,
+    };
+    if !report.was_created() {
+        let tags = found.as_ref().map(|f| f.tags.clone()).unwrap_or_default();
+        ensure_tags(iam, user, wanted_tags, &tags, report).await?;
+    }
+    let groups = found.as_ref().map(|f| f.groups.clone()).unwrap_or_default();
+    group_exists.await?;
+    ensure_membership(iam, user, group, &groups, report).await?;
+    let login_profile = found.as_ref().is_some_and(|f| f.login_profile);
+    ensure_no_console_access(iam, user, login_profile, report).await?;
+    Ok(())
 }
 
 fn tags_json(pairs: &Tags<'_>) -> Value {
@@ -77,24 +198,6 @@ fn tags_json(pairs: &Tags<'_>) -> Value {
         .map(|(k, v)| ((*k).to_owned(), json!(v)))
         .collect();
     Value::Object(map)
-}
-
-/// Name: the bucket's name; a new user gets our tags at creation. Returns whether the user
-/// exists now (a missing one is made only in apply mode).
-async fn ensure_exists(
-    iam: &Client,
-    user: &str,
-    wanted_tags: &Tags<'_>,
-    report: &mut Report,
-) -> Result<bool, CloudError> {
-    match iam.get_user().user_name(user).send().await {
-        Ok(_) => Ok(true),
-        Err(err) if err.code() == Some("NoSuchEntity") && !report.creates() => Ok(false),
-        Err(err) if err.code() == Some("NoSuchEntity") => {
-            create(iam, user, wanted_tags, report).await.map(|()| true)
-        }
-        Err(err) => Err(classify(IAM, "GetUser", err)),
-    }
 }
 
 /// Creates the user with our tags. `EntityAlreadyExists` (a resent request whose first answer
@@ -125,14 +228,15 @@ async fn create(
     Ok(())
 }
 
-/// Our tags on an existing user; missing or different ones are (re)written.
+/// Our tags on an existing user (`current`, as read); missing or different ones are
+/// (re)written.
 async fn ensure_tags(
     iam: &Client,
     user: &str,
     wanted_tags: &Tags<'_>,
+    current: &[(String, String)],
     report: &mut Report,
 ) -> Result<(), CloudError> {
-    let current = list_tags(iam, user).await?;
     let missing: Vec<(&str, &str)> = wanted_tags
         .iter()
         .filter(|(k, v)| !current.iter().any(|(ck, cv)| ck == k && cv == v))
@@ -142,7 +246,7 @@ async fn ensure_tags(
         report.unchanged("tags", tags_json(wanted_tags));
         return Ok(());
     }
-    let found = current_values(&current, &missing);
+    let found = current_values(current, &missing);
     let new_tags = tags(&missing)?;
     let tag = async {
         let out = iam
@@ -172,16 +276,17 @@ fn current_values(current: &[(String, String)], wanted: &Tags<'_>) -> Map<String
         .collect()
 }
 
-/// Group: the bucket's group (a new user is in no group).
+/// Group: the bucket's group (`groups`: the user's groups as read; a new user is in none).
 async fn ensure_membership(
     iam: &Client,
     user: &str,
     group: &str,
+    groups: &[String],
     report: &mut Report,
 ) -> Result<(), CloudError> {
     const SETTING: &str = "group_membership";
     let created = report.was_created();
-    if !created && groups_for_user(iam, user).await?.iter().any(|g| g == group) {
+    if !created && groups.iter().any(|g| g == group) {
         report.unchanged(SETTING, json!(group));
         return Ok(());
     }
@@ -210,25 +315,18 @@ async fn ensure_membership(
     Ok(())
 }
 
-/// Do not provide user access to the AWS Management Console: no login profile (a new user
-/// has none).
+/// Do not provide user access to the AWS Management Console: no login profile (`present`: as
+/// read; a new user has none).
 async fn ensure_no_console_access(
     iam: &Client,
     user: &str,
+    present: bool,
     report: &mut Report,
 ) -> Result<(), CloudError> {
     const SETTING: &str = "login_profile";
-    if report.was_created() {
+    if report.was_created() || !present {
         report.unchanged(SETTING, json!("absent"));
         return Ok(());
-    }
-    match iam.get_login_profile().user_name(user).send().await {
-        Ok(_) => {}
-        Err(err) if err.code() == Some("NoSuchEntity") => {
-            report.unchanged(SETTING, json!("absent"));
-            return Ok(());
-        }
-        Err(err) => return Err(classify(IAM, "GetLoginProfile", err)),
     }
     let delete = async {
         match iam.delete_login_profile().user_name(user).send().await {

@@ -23,12 +23,22 @@ const RE_RUN_ROUND_TRIPS: usize = 2;
 fn measured(proxy: &AwsProxy) -> (usize, String) {
     let received = proxy.received();
     let chain = round_trip_chain(&received);
+    let origin = received.first().map(|r| r.at);
+    let ms = |t: chrono::DateTime<chrono::Utc>| origin.map_or(0, |o| (t - o).num_milliseconds());
+    let timeline: Vec<String> = received
+        .iter()
+        .map(|r| {
+            let end = r.done_at.map_or(-1, ms);
+            format!("{}..{} {}", ms(r.at), end, r.operation)
+        })
+        .collect();
     let described = format!(
-        "{} sequential round trips ({}) in {} calls: {:?}",
+        "{} sequential round trips ({}) in {} calls: {:?}\n  {}",
         sequential_round_trips(&received),
         chain.join(" → "),
         received.len(),
-        proxy.calls()
+        proxy.calls(),
+        timeline.join("\n  ")
     );
     (chain.len(), described)
 }

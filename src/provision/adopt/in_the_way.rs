@@ -40,7 +40,18 @@ pub async fn refuse_hand_made(
     bucket: &str,
     region: &str,
 ) -> Result<(), JobError> {
-    let Some(tags) = user_tags(aws, bucket).await? else {
+    let tags = user_tags(aws, bucket).await?;
+    refuse_hand_made_found(aws, bucket, region, tags.as_deref()).await
+}
+
+/// [`refuse_hand_made`] on the user's `tags` as already read (`None`: no such user).
+pub async fn refuse_hand_made_found(
+    aws: &AwsClients,
+    bucket: &str,
+    region: &str,
+    tags: Option<&[(String, String)]>,
+) -> Result<(), JobError> {
+    let Some(tags) = tags else {
         return Ok(());
     };
     let ours = tags

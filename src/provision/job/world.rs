@@ -1,0 +1,91 @@
+//! What a provisioning attempt reads before it changes anything, in one concurrent wave: the
+//! bucket and its settings, the policy (then its description and document), the group, the
+//! user, its access keys, and the key the Secret holds checked read-only. Each step starts from
+//! its part instead of reading again, so a re-run of a ready repository is this wave and
+//! nothing after it (the policy's second read excepted), and a first run's reads cost one
+//! round trip. The wave is bounded by construction: a fixed set of about 17 reads per job
+//! (plus pagination), under the process-wide AWS rate limit (`cloud::rate_limit`).
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use crate::cloud::aws::AwsClients;
+use crate::cloud::{CloudError, StepReport};
+use crate::provision::access_key::{self, KeyInfo};
+use crate::provision::secret::S3Conf;
+use crate::provision::{bucket, credential_check, group, policy, user};
+
+/// One attempt's observation.
+pub struct World {
+    pub bucket: bucket::Observed,
+    pub policy: policy::Observed,
+    pub group: group::Observed,
+    pub user: user::Observed,
+    /// The user's access keys; `None` when they could not be listed (no user yet, or a read
+    /// that failed): the access key step lists them itself.
+    pub keys: Option<Vec<KeyInfo>>,
+    /// The key the Secret holds, checked read-only with one ListObjectsV2 (`None`: no Secret,
+    /// or the check did not pass at once; the credential check step retries it then).
+    pub key_check: Option<(String, StepReport)>,
+}
+
+/// Where the wave reads.
+pub struct Target<'a> {
+    pub aws: &'a AwsClients,
+    pub s3: &'a aws_sdk_s3::Client,
+    pub bucket: &'a str,
+    pub region: &'a str,
+    /// The repository recorded the bucket: it exists, read all its settings at once.
+    pub bucket_known: bool,
+    /// The existing Secret's `s3.conf`.
+    pub conf: Option<&'a S3Conf>,
+}
+
+/// Reads everything at once. A failed read fails the wave (the attempt retries), except the
+/// access key listing and the key check, which the steps redo.
+pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
+    let Target {
+        aws, s3, bucket, ..
+    } = target;
+    let iam = &aws.iam;
+    // Boxed: together they are too large for a worker thread's stack in a debug build.
+    let (bucket_seen, policy, group, user, keys, key_check) = tokio::join!(
+        Box::pin(bucket::observe(
+            s3,
+            bucket,
+            target.region,
+            target.bucket_known
+        )),
+        Box::pin(policy::observe(iam, bucket)),
+        Box::pin(group::observe(iam, bucket)),
+        Box::pin(user::observe(iam, bucket)),
+        Box::pin(access_key::list(iam, bucket)),
+        Box::pin(check_key(aws, bucket, target.region, target.conf)),
+    );
+    // The user first: the hand-made-set check reads it, and it comes first among the preflights.
+    let user = user?;
+    Ok(World {
+        bucket: bucket_seen?,
+        policy: policy?,
+        group: group?,
+        user,
+        keys: keys.ok(),
+        key_check,
+    })
+}
+
+/// The Secret's key lists the bucket (read-only), once.
+async fn check_key(
+    aws: &AwsClients,
+    bucket: &str,
+    region: &str,
+    conf: Option<&S3Conf>,
+) -> Option<(String, StepReport)> {
+    let conf = conf?;
+    let secret = conf.secret_access_key.expose_secret();
+    let client = aws.s3_with_static_credentials(region, &conf.access_key_id, secret);
+    let once = Duration::ZERO;
+    let report = credential_check::verify_read_only(&client, bucket, once, once).await;
+    Some((conf.access_key_id.clone(), report.ok()?))
+}
