@@ -428,3 +428,88 @@ async fn a_callback_without_a_webhook_secret_is_refused() {
     assert_eq!(jobs, 0);
     app.stop().await;
 }
+
+/// A service whose workers run no job kind (a queued job stays queued until cancelled) and
+/// whose sender sends to `receiver`, giving up after `window`.
+async fn idle_workers_sending_to(receiver: &Receiver, secret: &str, window: Duration) -> TestApp {
+    let worker = WorkerSettingsArgs {
+        webhooks: WebhookArgs {
+            webhook_retry_window: window,
+            ..webhooks_to(receiver, secret)
+        },
+        ..worker_args(1)
+    };
+    spawn_app_with(AppOptions {
+        worker,
+        ..AppOptions::default()
+    })
+    .await
+}
+
+/// Queues a provisioning with `callback_url` and cancels it while queued; returns the job id.
+async fn cancelled_job(app: &TestApp, callback_url: &str) -> String {
+    let body = json!({"name": "zitadel", "namespace": "zitadel", "callback_url": callback_url});
+    let operator = app.operator();
+    let created: Value = app
+        .post_json("/v1/backup-repositories", &operator, &body)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let job_id = created["job"]["id"].as_str().expect("job id").to_owned();
+    let path = format!("/v1/jobs/{job_id}/cancel");
+    let response = app.post_json(&path, &operator, &json!({})).await;
+    assert_eq!(response.status(), 202);
+    job_id
+}
+
+#[tokio::test]
+async fn a_job_cancelled_while_queued_reports_its_cancellation() {
+    let secret = new_secret();
+    let receiver = Receiver::start(&secret, &[]).await;
+    let app = idle_workers_sending_to(&receiver, &secret, Duration::from_secs(3600)).await;
+    let job_id = cancelled_job(&app, &receiver.url).await;
+    let delivery = settled_delivery(&app, &job_id).await;
+    assert_eq!(delivery["state"], "delivered", "{delivery}");
+    assert_eq!(delivery["event_type"], "job.cancelled");
+    let received = receiver.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert!(received[0].verified);
+    assert_eq!(received[0].body["data"]["state"], "cancelled");
+    assert_eq!(received[0].body["data"]["repository"], "zitadel");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_never_answered_2xx_fails_after_the_retry_window() {
+    let secret = new_secret();
+    let always_failing = [StatusCode::INTERNAL_SERVER_ERROR; 1000];
+    let receiver = Receiver::start(&secret, &always_failing).await;
+    let app = idle_workers_sending_to(&receiver, &secret, Duration::from_millis(500)).await;
+    let job_id = cancelled_job(&app, &receiver.url).await;
+    let delivery = settled_delivery(&app, &job_id).await;
+    assert_eq!(delivery["state"], "failed", "{delivery}");
+    assert!(delivery.get("next_attempt_at").is_none());
+    assert!(delivery["finished_at"].is_string());
+    let attempts = delivery["attempts"].as_array().expect("attempts");
+    assert!(!attempts.is_empty());
+    assert!(
+        attempts.iter().all(|a| a["status_code"] == 500),
+        "{delivery}"
+    );
+    assert_eq!(receiver.received().len(), attempts.len());
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("backup_provisioner_webhook_deliveries{state=\"failed\"} 1"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
