@@ -235,3 +235,89 @@ impl Progress {
         self.bar.finish_and_clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::routing::get;
+    use serde_json::json;
+
+    use super::*;
+
+    const JOB: &str = "0b5c0c3e-0000-4000-8000-000000000001";
+
+    fn view(state: &str) -> Value {
+        json!({"id": JOB, "kind": "test", "state": state, "attempts": 1, "steps": []})
+    }
+
+    /// An API at a local address answering with `router`.
+    async fn serve(router: Router) -> Api {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Api::new(&format!("http://{addr}"), "token".into()).unwrap()
+    }
+
+    /// The first stream ends after two events without the job's end (a server going away); the
+    /// client asks again after the last id it got and ends with the job.
+    #[tokio::test]
+    async fn a_dropped_stream_resumes_after_the_last_event() {
+        let asked: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let record = asked.clone();
+        let events = move |headers: HeaderMap| {
+            let last = headers
+                .get("last-event-id")
+                .map(|v| v.to_str().unwrap().to_owned());
+            record.lock().unwrap().push(last.clone());
+            let body = match last {
+                None => concat!(
+                    "id: 1\nevent: job\ndata: {\"state\":\"running\"}\n\n",
+                    ": keep-alive\n\n",
+                    "id: 2\nevent: step\ndata: {\"name\":\"a\",\"state\":\"running\",\"attempts\":1}\n\n",
+                ),
+                Some(_) => concat!(
+                    "id: 3\nevent: step\ndata: {\"name\":\"a\",\"state\":\"succeeded\",\"attempts\":1}\n\n",
+                    "id: 4\nevent: job\ndata: {\"state\":\"succeeded\"}\n\n",
+                ),
+            };
+            async move { ([(header::CONTENT_TYPE, "text/event-stream")], body) }
+        };
+        let router = Router::new()
+            .route("/v1/jobs/{id}/events", get(events))
+            .route(
+                "/v1/jobs/{id}",
+                get(|| async { axum::Json(view("succeeded")) }),
+            );
+        let done = follow(&serve(router).await, JOB, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(done["state"], "succeeded");
+        assert_eq!(*asked.lock().unwrap(), [None, Some("2".to_owned())]);
+    }
+
+    /// A server without the stream (404 at its path) is followed with the long poll.
+    #[tokio::test]
+    async fn a_server_without_the_stream_is_long_polled() {
+        let polls = Arc::new(Mutex::new(0));
+        let count = polls.clone();
+        let job = move || {
+            let mut polls = count.lock().unwrap();
+            *polls += 1;
+            let state = if *polls < 3 { "running" } else { "failed" };
+            async move { axum::Json(view(state)) }
+        };
+        let router = Router::new()
+            .route(
+                "/v1/jobs/{id}/events",
+                get(|| async { (StatusCode::NOT_FOUND, "no such route") }),
+            )
+            .route("/v1/jobs/{id}", get(job));
+        let ended = follow(&serve(router).await, JOB, Duration::from_secs(30)).await;
+        assert!(matches!(ended, Err(ClientError::JobFailed(_))), "{ended:?}");
+        assert_eq!(*polls.lock().unwrap(), 3);
+    }
+}
