@@ -219,3 +219,90 @@ async fn assert_external_secret_applies(env: &Env, external: &Value) {
     let refused = api.patch(name, &params, &Patch::Apply(&misspelt)).await;
     assert!(refused.is_err(), "strict validation is on");
 }
+
+/// The fragment merged into a PostgresCluster manifest (repo1 kept, repo2 and its settings
+/// added, as the README says to) is created by the real kube-apiserver with strict field
+/// validation, against PGO's PostgresCluster CRD of the controller tests
+/// (`tests/fixtures/pgo/postgresclusters-crd.yaml`: `spec.backups` keeps what it is given, so
+/// this proves the object around the fragment, not pgBackRest's fields, which the pgBackRest
+/// end-to-end run takes from the fragment).
+#[tokio::test]
+async fn the_fragment_merged_into_a_postgres_cluster_is_accepted_by_the_api_server() {
+    let env = Env::start(&[NAMESPACE]).await;
+    let name = unique_name("merged");
+    let ns = env.ns(NAMESPACE).to_owned();
+    let job = env.provision(json!({"name": name, "namespace": ns})).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let body: Value = manifests(&env, &name, None)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let fragment = &body["postgres_cluster"];
+    let pgbackrest = &fragment["spec"]["backups"]["pgbackrest"];
+    let mut repos = vec![json!({"name": "repo1", "volume": {"volumeClaimSpec": {}}})];
+    repos.extend(
+        pgbackrest["repos"]
+            .as_array()
+            .expect("repos")
+            .iter()
+            .cloned(),
+    );
+    let mut cluster = json!({
+        "apiVersion": fragment["apiVersion"],
+        "kind": fragment["kind"],
+        "metadata": fragment["metadata"],
+        "spec": {
+            "postgresVersion": 16,
+            "instances": [{"name": "pgha1", "replicas": 1}],
+            "backups": {"pgbackrest": pgbackrest.clone()},
+        },
+    });
+    cluster["spec"]["backups"]["pgbackrest"]["repos"] = Value::Array(repos);
+
+    let client = env.kube.admin();
+    let crd_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pgo/postgresclusters-crd.yaml");
+    let crd: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(crd_path).expect("CRD")).expect("CRD YAML");
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(client.clone());
+    crds.patch(
+        crd["metadata"]["name"].as_str().expect("name"),
+        &PatchParams::apply("test-harness").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("installing the PostgresCluster CRD");
+    let gvk = GroupVersionKind::gvk(
+        "postgres-operator.crunchydata.com",
+        "v1beta1",
+        "PostgresCluster",
+    );
+    let (resource, _) = eventually(
+        std::time::Duration::from_secs(30),
+        "PostgresCluster served",
+        || {
+            let client = client.clone();
+            let gvk = gvk.clone();
+            async move { pinned_kind(&client, &gvk).await.ok() }
+        },
+    )
+    .await;
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &resource);
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).validation_strict(),
+            &Patch::Apply(&cluster),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the PostgresCluster is refused: {e}"));
+    let stored = serde_json::to_value(&applied).expect("json");
+    let backups = &stored["spec"]["backups"]["pgbackrest"];
+    assert_eq!(backups["repos"][1], pgbackrest["repos"][0], "{stored:#}");
+    assert_eq!(backups["global"], pgbackrest["global"]);
+    assert_eq!(backups["configuration"], pgbackrest["configuration"]);
+    env.app.stop().await;
+}
