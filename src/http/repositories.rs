@@ -196,10 +196,13 @@ pub struct RepositoryView {
 impl RepositoryView {
     pub fn new(row: RepositoryRow, last_job: Option<JobSummary>) -> Self {
         let ready = row.state == "ready";
-        let wiring = ready.then(|| provision::wiring::Wiring::for_repository(&row));
+        // The same objects as `GET .../manifests` (one source: `provision::manifests`).
+        let wiring = ready.then(|| provision::manifests::Manifests::for_repository(&row));
         RepositoryView {
-            pgbackrest: wiring.as_ref().map(|w| w.pgbackrest.clone()),
-            external_secret: wiring.map(|w| w.external_secret),
+            pgbackrest: wiring.as_ref().and_then(|m| {
+                serde_json::to_value(&m.postgres_cluster.spec.backups.pgbackrest).ok()
+            }),
+            external_secret: wiring.and_then(|m| serde_json::to_value(m.external_secret).ok()),
             name: row.name,
             namespace: row.namespace,
             bucket: row.bucket,
