@@ -310,7 +310,7 @@ async fn plan_create(state: &AppState, desired: &DesiredRepository) -> Result<Re
     responses(
         (status = 202, description = "Provisioning queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Dry run: the plan; nothing changed or queued", body = crate::http::dry_run::DryRunPlan),
-        BadRequest, Unauthorized, Forbidden, NotFound, TooManyRequests,
+        BadRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, UnsupportedMediaType, TooManyRequests,
         (status = 409, description = "A job for this repository is already queued or running", body = Problem, content_type = PROBLEM_JSON),
         Unprocessable, Unavailable,
     ),
@@ -818,7 +818,7 @@ pub async fn rotate_cipher_pass(
     responses(
         (status = 202, description = "Rotation queued. `Location` names the job.", body = CreatedRepository),
         (status = 200, description = "Dry run: the plan; nothing changed", body = crate::http::dry_run::DryRunPlan),
-        BadRequest, Unauthorized, Forbidden, NotFound,
+        BadRequest, Unauthorized, Forbidden, NotFound, PayloadTooLarge, UnsupportedMediaType,
         (status = 409, description = "The repository is not ready, a job for it is queued or running, or the key of an earlier rotation is still active in its grace period", body = Problem, content_type = PROBLEM_JSON),
         Unprocessable, TooManyRequests, Unavailable,
     ),
