@@ -138,10 +138,26 @@ pub async fn freshness_ages(db: &sqlx::PgPool) -> Result<Vec<FreshnessAges>, sql
 impl FreshnessGauges {
     fn register(&self, r: &mut Registry) {
         let ages = [
-            ("newest_backup_age_seconds", "Age of the newest completed backup (full, differential or incremental) of a ready repository", &self.newest_backup_age_seconds),
-            ("newest_full_backup_age_seconds", "Age of the newest completed full backup of a ready repository", &self.newest_full_backup_age_seconds),
-            ("newest_wal_age_seconds", "Age of the newest archived WAL of a ready repository", &self.newest_wal_age_seconds),
-            ("freshness_checked_age_seconds", "Time since the last successful freshness check of a ready repository", &self.checked_age_seconds),
+            (
+                "newest_backup_age_seconds",
+                "Age of the newest completed backup (full, differential or incremental) of a ready repository",
+                &self.newest_backup_age_seconds,
+            ),
+            (
+                "newest_full_backup_age_seconds",
+                "Age of the newest completed full backup of a ready repository",
+                &self.newest_full_backup_age_seconds,
+            ),
+            (
+                "newest_wal_age_seconds",
+                "Age of the newest archived WAL of a ready repository",
+                &self.newest_wal_age_seconds,
+            ),
+            (
+                "freshness_checked_age_seconds",
+                "Time since the last successful freshness check of a ready repository",
+                &self.checked_age_seconds,
+            ),
         ];
         for (name, help, family) in ages {
             r.register(name, help, family.clone());
@@ -171,7 +187,12 @@ impl FreshnessGauges {
                 repository: age.repository.clone(),
                 namespace: age.namespace.clone(),
             };
-            let values = [age.newest_backup, age.newest_full_backup, age.newest_wal, age.checked];
+            let values = [
+                age.newest_backup,
+                age.newest_full_backup,
+                age.newest_wal,
+                age.checked,
+            ];
             for (family, value) in families.into_iter().zip(values) {
                 if let Some(seconds) = value {
                     family.get_or_create(&labels).set(seconds);
