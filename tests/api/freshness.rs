@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
+use backup_provisioner::cloud::rate_limit::{AwsRateLimit, burst_for};
 use backup_provisioner::provision::freshness::{
     FRESHNESS_LOCK, Found, FreshnessChecker, Refresh, key_prefix,
 };
@@ -17,8 +18,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use crate::support::app::eventually;
+use crate::support::aws_realism::AwsRealism;
 use crate::support::env::{Env, unique_name};
-use crate::support::moto::clients_at;
+use crate::support::moto::{Moto, clients_at};
 
 const NAMESPACE: &str = "zitadel";
 
@@ -258,5 +260,68 @@ async fn only_the_lock_holder_checks_and_only_ready_repositories() {
         check.refresh_once().await.expect("round"),
         Refresh::Checked(vec![])
     );
+    env.app.stop().await;
+}
+
+/// Under 5 requests a second (the process-wide limiter every AWS client of the service
+/// carries), a round checking three repositories at once sends only ListObjectsV2, a few per
+/// repository (counted at the AWS proxy), and never more in any second than the rate plus the
+/// limiter's burst (plus one for a request's arrival jitter, as in `verify_sweep`).
+#[tokio::test]
+async fn a_round_only_lists_and_stays_under_the_aws_rate_limit() {
+    const RPS: u32 = 5;
+    let env = Env::start(&[NAMESPACE]).await;
+    let ns = env.ns(NAMESPACE).to_owned();
+    let s3 = env.admin.s3_for_region(&env.region);
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let name = unique_name("paced");
+        let job = env.provision(json!({"name": name, "namespace": ns})).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        let bucket = env.repository(&name).await["bucket"]
+            .as_str()
+            .expect("bucket")
+            .to_owned();
+        let p = key_prefix(&ns, &name);
+        for key in [
+            "backup/db/20261201-010000F/backup.manifest",
+            "backup/db/20261201-010000F_20261202-010000D/backup.manifest",
+            "archive/db/15-1/0000000100000000/000000010000000000000001-ab.gz",
+        ] {
+            put(&s3, &bucket, &format!("{p}{key}")).await;
+        }
+        names.push(name);
+    }
+    let proxy = AwsRealism::off().start(Moto::shared());
+    let limit = AwsRateLimit::per_second(RPS);
+    let paced = FreshnessChecker {
+        aws: proxy
+            .reroute(Moto::shared().clients(&env.region, None).await)
+            .with_rate_limit(&limit),
+        concurrency: 3,
+        ..checker(&env, Duration::ZERO)
+    };
+    let checked = refresh(&paced).await;
+    assert_eq!(checked.len(), 3, "{checked:?}");
+    for one in &checked {
+        let found = one.outcome.as_ref().expect("checked");
+        assert!(found.newest_backup_at.is_some() && found.newest_full_backup_at.is_some());
+        assert!(found.newest_wal_at.is_some(), "{found:?}");
+    }
+    let calls = proxy.calls();
+    assert_eq!(
+        calls.keys().collect::<Vec<_>>(),
+        ["s3:ListObjectsV2"],
+        "{calls:?}"
+    );
+    assert_eq!(proxy.mutating_count(), 0);
+    let rate = std::num::NonZeroU32::new(RPS).expect("rate");
+    let most = (RPS + burst_for(rate).get() + 1) as usize;
+    let busiest = proxy.busiest(Duration::from_secs(1));
+    eprintln!(
+        "freshness: {} requests for 3 repositories, busiest second {busiest} (at most {most})",
+        proxy.total()
+    );
+    assert!(busiest <= most, "{busiest} requests in one second");
     env.app.stop().await;
 }
