@@ -107,6 +107,7 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
     browser.screenshot(&dir, "fleet").await;
 
     watch_a_job_live(&env, &browser, &dir).await;
+    cancel_and_retry_on_the_job_page(&env, &browser).await;
     reconcile_as_operator(&env, &browser, &dir, &alpha).await;
 
     // Audit: the operator's requests on alpha.
@@ -301,6 +302,73 @@ async fn watch_a_job_live(env: &Env, browser: &Browser, dir: &std::path::Path) {
         "the job page followed the job without a reload"
     );
     browser.screenshot(dir, "job-ended").await;
+}
+
+/// Cancel while the job is held at its Secret write (it stops at the next step boundary),
+/// then retry: the page follows both without a reload.
+async fn cancel_and_retry_on_the_job_page(env: &Env, browser: &Browser) {
+    let name = unique_name("cancel");
+    let ns = env.ns("zitadel").to_owned();
+    let secret = format!("/api/v1/namespaces/{ns}/secrets/{}", bucket_for(&name));
+    let mut held = env.kube.proxy.hold(Hold::next("PATCH", &secret));
+    let created: Value = env
+        .app
+        .post_json(
+            "/v1/backup-repositories",
+            &env.app.operator(),
+            &json!({ "name": name, "namespace": ns }),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let job_id = created["job"]["id"].as_str().expect("job id").to_owned();
+    show(browser, &format!("#/jobs/{job_id}"), "job").await;
+    let request = tokio::time::timeout(webdriver::DEADLINE, held.recv())
+        .await
+        .expect("the Secret write reached the proxy")
+        .expect("a held request");
+    confirm_with(browser, "#job-cancel").await;
+    browser
+        .wait_for(
+            "the cancel requested on the page",
+            "return document.getElementById('job').dataset.cancelRequested === 'true' \
+                 && document.getElementById('job-cancel').hidden",
+            json!([]),
+        )
+        .await;
+    drop(request);
+    browser
+        .wait_for(
+            "the job cancelled on the page, with a retry button",
+            "return document.getElementById('job').dataset.jobState === 'cancelled' \
+                 && !document.getElementById('job-retry').hidden",
+            json!([]),
+        )
+        .await;
+    confirm_with(browser, "#job-retry").await;
+    browser
+        .wait_for(
+            "the retried job done on the page",
+            "return document.getElementById('job').dataset.jobState === 'succeeded'",
+            json!([]),
+        )
+        .await;
+    let job = env.app.wait_for_job(&job_id, webdriver::DEADLINE).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+}
+
+/// Presses `button` and confirms in the dialog.
+async fn confirm_with(browser: &Browser, button: &str) {
+    browser.click(button).await;
+    browser
+        .wait_for(
+            "the confirmation dialog",
+            "return document.getElementById('confirm').open",
+            json!([]),
+        )
+        .await;
+    browser.click("#confirm-ok").await;
 }
 
 /// The reconcile button: a dry run in the confirmation dialog, then a new job.

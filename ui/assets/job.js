@@ -170,39 +170,54 @@ class JobPage {
     this.render();
   }
 
+  /** The page's frame, made once: its buttons stay the same elements while the job changes. */
+  frame() {
+    if (this.parts) return this.parts;
+    const button = (id, label, what) => h('button', {
+      type: 'button', id, hidden: true, onclick: () => this.control(what),
+    }, label);
+    const parts = {
+      card: h('div', { class: 'card', id: 'job' }),
+      title: h('h1'),
+      live: h('span', { id: 'live' }),
+      cancel: this.ctx.operator ? button('job-cancel', 'Cancel', 'cancel') : null,
+      retry: this.ctx.operator ? button('job-retry', 'Retry', 'retry') : null,
+      facts: h('div'),
+      steps: h('div'),
+    };
+    parts.card.append(
+      h('div', { class: 'row spread' }, parts.title,
+        h('div', { class: 'row' }, parts.live, h('div', { class: 'actions' }, parts.cancel, parts.retry))),
+      parts.facts);
+    this.view.replaceChildren(parts.card, h('div', { class: 'card' }, h('h2', null, 'Steps'), parts.steps));
+    this.parts = parts;
+    return parts;
+  }
+
   render() {
     if (!this.job || this.ctx.signal.aborted) return;
     const job = this.job;
-    this.view.replaceChildren(
-      h('div', { class: 'card', id: 'job', 'data-job-state': job.state },
-        h('div', { class: 'row spread' },
-          h('h1', null, `${job.kind} `, badge(job.state)),
-          h('div', { class: 'row' },
-            h('span', { class: `live live-${this.live}`, id: 'live', 'data-live': this.live }, this.liveText),
-            this.buttons())),
-        facts([
-          ['Job', h('span', { class: 'mono' }, job.id)],
-          ['Repository', job.repository ? h('a', { href: `#/repositories/${encodeURIComponent(job.repository)}` }, job.repository) : '—'],
-          ['Attempts', `${job.attempts} of ${job.max_attempts}`],
-          ['Created', h('span', null, when(job.created_at), ` by ${job.created_by}`)],
-          ['Started', when(job.started_at)],
-          ['Finished', job.finished_at ? h('span', null, when(job.finished_at), ` (${ago(job.finished_at)})`) : '—'],
-          job.state === 'queued' && job.attempts > 0 ? ['Next attempt', when(job.run_at)] : null,
-          job.cancel_requested ? ['Cancel', 'requested: the job stops at its next step boundary'] : null,
-          job.last_error ? ['Last error', h('span', { class: 'error' }, job.last_error)] : null,
-        ])),
-      h('div', { class: 'card' }, h('h2', null, 'Steps'), this.timeline()),
-    );
-  }
-
-  buttons() {
-    if (!this.ctx.operator) return null;
-    const job = this.job;
-    const cancel = ['queued', 'running'].includes(job.state) && !job.cancel_requested;
-    const retry = ['failed', 'cancelled'].includes(job.state);
-    return h('div', { class: 'actions' },
-      cancel ? h('button', { type: 'button', id: 'job-cancel', onclick: () => this.control('cancel') }, 'Cancel') : null,
-      retry ? h('button', { type: 'button', id: 'job-retry', onclick: () => this.control('retry') }, 'Retry') : null);
+    const parts = this.frame();
+    parts.card.dataset.jobState = job.state;
+    parts.card.dataset.cancelRequested = String(job.cancel_requested);
+    parts.title.replaceChildren(`${job.kind} `, badge(job.state));
+    parts.live.className = `live live-${this.live}`;
+    parts.live.dataset.live = this.live;
+    parts.live.textContent = this.liveText;
+    if (parts.cancel) parts.cancel.hidden = !(['queued', 'running'].includes(job.state) && !job.cancel_requested);
+    if (parts.retry) parts.retry.hidden = !['failed', 'cancelled'].includes(job.state);
+    parts.facts.replaceChildren(facts([
+      ['Job', h('span', { class: 'mono' }, job.id)],
+      ['Repository', job.repository ? h('a', { href: `#/repositories/${encodeURIComponent(job.repository)}` }, job.repository) : '—'],
+      ['Attempts', `${job.attempts} of ${job.max_attempts}`],
+      ['Created', h('span', null, when(job.created_at), ` by ${job.created_by}`)],
+      ['Started', when(job.started_at)],
+      ['Finished', job.finished_at ? h('span', null, when(job.finished_at), ` (${ago(job.finished_at)})`) : '—'],
+      job.state === 'queued' && job.attempts > 0 ? ['Next attempt', when(job.run_at)] : null,
+      job.cancel_requested ? ['Cancel', 'requested: the job stops at its next step boundary'] : null,
+      job.last_error ? ['Last error', h('span', { class: 'error' }, job.last_error)] : null,
+    ]));
+    parts.steps.replaceChildren(this.timeline());
   }
 
   async control(what) {
