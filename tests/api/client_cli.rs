@@ -106,7 +106,13 @@ async fn create_wait_get_and_list_through_the_client() {
         ])
         .await;
     created.assert_code(0);
-    for step in ["✓ bucket succeeded", "✓ secret succeeded"] {
+    // "running" lines too: --wait reads the job's event stream, which has every transition (a
+    // long poll may see a step only once it ended).
+    for step in [
+        "… bucket running (attempt 1)",
+        "✓ bucket succeeded",
+        "✓ secret succeeded",
+    ] {
         assert!(
             created.stderr.contains(step),
             "no '{step}' in:\n{}",
