@@ -187,8 +187,8 @@ pub struct RepositoryView {
     #[schema(value_type = Option<Object>)]
     pub verification: Option<serde_json::Value>,
     /// What the last backup freshness check found in the repository's prefix (newest backup,
-    /// full backup and WAL, when checked, why it failed); on `GET .../{name}` of a repository
-    /// checked at least once.
+    /// full backup and WAL, when checked, why it failed); on `GET .../{name}` and in the
+    /// listing, for a repository checked at least once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freshness: Option<provision::freshness::Freshness>,
 }
@@ -567,6 +567,7 @@ pub async fn list_repositories(
         pagination::split_keyed_page(rows, limit, |row| (row.name.clone(), row.id.to_string()));
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let jobs = queue::latest_per_subject(&state.db, &ids).await?;
+    let mut freshness = provision::freshness::store::of_repositories(&state.db, &ids).await?;
     let items = rows
         .into_iter()
         .map(|row| {
@@ -575,7 +576,11 @@ pub async fn list_repositories(
                 .find(|j| j.subject_id == Some(row.id))
                 .cloned()
                 .map(JobSummary::from);
-            RepositoryView::new(row, job)
+            let checked = freshness.iter().position(|(id, _)| *id == row.id);
+            RepositoryView {
+                freshness: checked.map(|i| freshness.swap_remove(i).1),
+                ..RepositoryView::new(row, job)
+            }
         })
         .collect();
     Ok(axum::Json(RepositoryPage { items, next_cursor }))

@@ -180,6 +180,19 @@ async fn a_check_dates_completed_backups_full_backups_and_wal_as_pgbackrest_lays
         date(&view, "newest_full_backup_at"),
         expected.newest_full_backup_at
     );
+    // The listing carries the same.
+    let page: Value = env
+        .app
+        .get("/v1/backup-repositories", &env.app.viewer())
+        .await
+        .json()
+        .await
+        .expect("page");
+    let listed = page["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["name"] == name.as_str()))
+        .expect("listed");
+    assert_eq!(listed["freshness"], view["freshness"], "{page:#}");
     assert_eq!(date(&view, "newest_wal_at"), expected.newest_wal_at);
     for gauge in [
         "newest_backup_age_seconds",

@@ -75,3 +75,28 @@ pub async fn of_repository(
     .fetch_optional(db)
     .await
 }
+
+/// The last check of each of `repository_ids` checked at least once (for a page of a listing).
+pub async fn of_repositories(
+    db: &PgPool,
+    repository_ids: &[Uuid],
+) -> Result<Vec<(Uuid, Freshness)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        repository_id: Uuid,
+        #[sqlx(flatten)]
+        freshness: Freshness,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT repository_id, newest_backup_at, newest_full_backup_at, newest_wal_at,
+                checked_at, attempted_at, error
+           FROM backup_freshness WHERE repository_id = ANY($1)",
+    )
+    .bind(repository_ids)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.repository_id, r.freshness))
+        .collect())
+}
