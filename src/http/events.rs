@@ -22,7 +22,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -117,9 +117,15 @@ pub async fn respond(
     let keep_alive = KeepAlive::new()
         .interval(state.policy.event_stream_keep_alive)
         .text("keep-alive");
-    Ok(Sse::new(follower.into_stream())
+    let mut response = Sse::new(follower.into_stream())
         .keep_alive(keep_alive)
-        .into_response())
+        .into_response();
+    // nginx (an ingress) would buffer the stream and deliver it in lumps without this.
+    response.headers_mut().insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    Ok(response)
 }
 
 /// Whether the job's newest event ended it and the client has it (its id is at most `after`).

@@ -60,6 +60,7 @@ impl EventStream {
             content_type.starts_with("text/event-stream"),
             "{content_type}"
         );
+        assert_eq!(response.headers()["x-accel-buffering"], "no");
         EventStream {
             response,
             pending: Vec::new(),
