@@ -143,6 +143,8 @@ struct ScriptSample {
 }
 
 struct Comparison {
+    /// The 1-minute load average before and after (the machine is shared).
+    load: (String, String),
     latency: Duration,
     script: Vec<ScriptSample>,
     first: Vec<RunSample>,
@@ -161,6 +163,7 @@ async fn compare(latency: Duration, databases: &mut Vec<String>) -> Comparison {
         .await;
     databases.push(db_name(&env.app.database_url));
     let proxy = env.realism.as_ref().expect("proxy");
+    let load_before = load_average();
     eprintln!(
         "[1] {} ms per AWS request: {script_runs} script runs, {runs} first provisionings, \
          {runs} re-runs …",
@@ -207,6 +210,7 @@ async fn compare(latency: Duration, databases: &mut Vec<String>) -> Comparison {
     let (moto_s3_head_bucket, moto_iam_get_user) = moto_round_trips(&env, &names[0]).await;
     env.app.stop().await;
     Comparison {
+        load: (load_before, load_average()),
         latency,
         script,
         first,
@@ -478,6 +482,10 @@ struct FleetResults {
     mutating: u64,
     throttled: u64,
     busiest_second: usize,
+    /// Requests the proxy received in each 10 s since the sweep started.
+    per_ten_seconds: Vec<usize>,
+    /// The 1-minute load average before and after the sweep (the machine is shared).
+    load: (String, String),
     verify_jobs: i64,
     verify_failed: i64,
     drifted: i64,
@@ -522,6 +530,8 @@ async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetR
     let (sweeper, tick) =
         backup_provisioner::startup::verify_sweeper(&worker, &env.app.db).expect("the sweep");
     let stop = tokio_util::sync::CancellationToken::new();
+    let load_before = load_average();
+    let sweep_started = chrono::Utc::now();
     let t = Instant::now();
     tokio::spawn(sweeper.run(tick, stop.clone()));
     wait_fleet_verified(&env, repositories).await;
@@ -548,12 +558,37 @@ async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetR
         mutating: proxy.mutating_count(),
         throttled: proxy.injected_count("throttle"),
         busiest_second: proxy.busiest(Duration::from_secs(1)),
+        per_ten_seconds: per_ten_seconds(&proxy.received(), sweep_started),
+        load: (load_before, load_average()),
         verify_jobs,
         verify_failed,
         drifted,
     };
     env.app.stop().await;
     results
+}
+
+fn per_ten_seconds(
+    received: &[aws_realism::Received],
+    since: chrono::DateTime<chrono::Utc>,
+) -> Vec<usize> {
+    let mut buckets = Vec::new();
+    for request in received {
+        let slot = ((request.at - since).num_milliseconds().max(0) / 10_000) as usize;
+        if buckets.len() <= slot {
+            buckets.resize(slot + 1, 0);
+        }
+        buckets[slot] += 1;
+    }
+    buckets
+}
+
+/// The 1-minute load average (`/proc/loadavg`), to tell a slow run from a busy machine.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 /// Provisions `n` repositories through the API, 32 requests in flight, and waits until the
@@ -641,7 +676,12 @@ fn print_comparisons(comparisons: &[Comparison]) {
 
 fn print_comparison(c: &Comparison) {
     println!();
-    println!("-- {} ms per AWS request --", c.latency.as_millis());
+    println!(
+        "-- {} ms per AWS request (1-minute load average {} before, {} after) --",
+        c.latency.as_millis(),
+        c.load.0,
+        c.load.1
+    );
     stats_header("");
     let script: Vec<Duration> = c.script.iter().map(|s| s.total).collect();
     let construction: Vec<Duration> = c.script.iter().map(|s| s.client_construction).collect();
@@ -837,6 +877,15 @@ fn print_fleet(f: &FleetResults) {
         f.verify_jobs,
         f.verify_failed,
         f.drifted
+    );
+    let timeline: Vec<String> = f.per_ten_seconds.iter().map(|n| n.to_string()).collect();
+    println!(
+        "AWS requests per 10 s during the sweep (1000 = the rate): {}",
+        timeline.join(" ")
+    );
+    println!(
+        "1-minute load average before / after the sweep: {} / {}",
+        f.load.0, f.load.1
     );
 }
 
