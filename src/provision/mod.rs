@@ -16,9 +16,10 @@
 //! (expected / actual / action), carried in its audit entry. [`sealed`] keeps an access key's
 //! secret and a new cipher pass encrypted in Postgres until the Secret holds them.
 //! [`request`] is the use case behind the HTTP API (store the desired repository and queue its
-//! job in one transaction); [`wiring`] is what a PostgresCluster needs once its repository is
-//! ready. [`sweep`] cleans up what failed or cancelled jobs left (sealed material the Secret
-//! holds, access keys nobody can use). [`rotate`] replaces a ready repository's access key
+//! job in one transaction); [`manifests`] is what a PostgresCluster needs once its repository
+//! is ready; [`freshness`] dates each ready repository's newest backup and WAL. [`sweep`]
+//! cleans up what failed or cancelled jobs left (sealed material the Secret holds, access keys
+//! nobody can use). [`rotate`] replaces a ready repository's access key
 //! without downtime (the old key retired after a grace period); [`key_schedule`] queues the
 //! old keys' retirements and, optionally, rotations of old keys.
 
