@@ -30,9 +30,11 @@ pub mod cipher_pass;
 pub mod credential_check;
 pub mod deprovision;
 pub mod freshness;
+pub mod freshness;
 pub mod group;
 pub mod job;
 pub mod key_schedule;
+pub mod manifests;
 pub mod manifests;
 pub mod plan;
 pub mod policy;
@@ -45,7 +47,6 @@ pub mod sweep;
 pub mod user;
 pub mod verify;
 pub mod verify_sweep;
-pub mod wiring;
 
 pub use job::{ProvisionPayload, ProvisionRepository, Provisioner};
 
