@@ -174,6 +174,9 @@ pub async fn reconcile_access_key_with(
     let repository_id = keys.sealed.repository_id;
     let in_grace = super::rotate::retirements::keys_in_grace(ctx.pool(), repository_id).await?;
     let sealed = keys.sealed.get(ctx.pool(), sealed::Kind::AccessKey).await?;
+    // Deleting and creating keys is new work: not after a cancel, not without the lease. Checked
+    // before the keys are awaited, so that the check does not delay a key the job waits for.
+    ctx.check_lease_unless_cancelled().await?;
     let listed = match listed.await? {
         Some(listed) => listed,
         None => list(keys.iam, keys.user.iam_user_name()).await?,
@@ -187,10 +190,6 @@ pub async fn reconcile_access_key_with(
         sealed.as_ref().map(|h| h.key_id.as_str()),
         referenced,
     );
-    if !plan.orphans.is_empty() || plan.keep.is_none() {
-        // Deleting and creating keys is new work: not after a cancel, not without the lease.
-        ctx.check_lease_unless_cancelled().await?;
-    }
     let deleted = delete_keys(keys, &plan.orphans).await?;
     let (output, mut report, new) = match plan.keep.clone() {
         Some(key) => {

@@ -83,7 +83,8 @@ pub async fn ensure_with(
     mode: Mode,
 ) -> Result<StepReport, CloudError> {
     let observed = observe(s3, bucket, region, true).await?;
-    ensure_observed(s3, bucket, region, repository, mode, observed).await
+    let target = (bucket, region, repository);
+    ensure_observed(s3, target, mode, observed, async {}).await
 }
 
 /// What one wave of concurrent reads found: whether the bucket exists (in `region`, ours to
@@ -178,14 +179,14 @@ async fn read_settings(s3: &Client, bucket: &str) -> Result<Settings, CloudError
 
 /// [`ensure_with`] on what [`observe`] read: creates a missing bucket (apply mode), then
 /// changes every setting that differs, the writes concurrently. A bucket this call created
-/// gets every setting without reading it first (a new bucket has none of ours).
+/// gets every setting without reading it first (a new bucket has none of ours). `exists` is
+/// awaited once the bucket exists, before its settings are written.
 pub async fn ensure_observed(
     s3: &Client,
-    bucket: &str,
-    region: &str,
-    repository: &str,
+    (bucket, region, repository): (&str, &str, &str),
     mode: Mode,
     observed: Observed,
+    exists: impl Future<Output = ()>,
 ) -> Result<StepReport, CloudError> {
     let mut report = Report::with_mode(KIND, bucket, mode);
     let identifiers = json!({
@@ -210,6 +211,7 @@ pub async fn ensure_observed(
         }
     };
     check_object_lock(bucket, found.object_lock.clone(), &mut report)?;
+    exists.await;
     ensure_settings(s3, bucket, repository, found, &mut report).await?;
     Ok(report.into_step_report(identifiers))
 }

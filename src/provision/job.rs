@@ -161,16 +161,28 @@ use progress::Progress;
 use world::World;
 
 /// Milestones of one attempt (see [`Progress`]).
+const BUCKET_EXISTS: &str = "bucket-exists";
 const POLICY_ARN: &str = "policy-arn";
 const GROUP_EXISTS: &str = "group-exists";
 /// Reached with `"created"` when this attempt made the user (it has no keys yet), else `""`.
 const USER_EXISTS: &str = "user-exists";
-/// Their first calls (the creates of a first run) go out together.
+/// Barriers: the creates of a first run go out together, then the calls that need them.
+const CREATES: &str = "creates";
+const AFTER_CREATES: &str = "after-creates";
+/// The steps whose creates go out together.
 const FIRST_WAVE: [&str; 4] = [
     Step::Bucket.name(),
     Step::Policy.name(),
     Step::Group.name(),
     Step::User.name(),
+];
+/// The steps whose calls after the creates (bucket settings, AttachGroupPolicy,
+/// AddUserToGroup, CreateAccessKey) go out together.
+const SECOND_WAVE: [&str; 4] = [
+    Step::Bucket.name(),
+    Step::Group.name(),
+    Step::User.name(),
+    Step::AccessKey.name(),
 ];
 
 #[async_trait::async_trait]
@@ -295,6 +307,10 @@ impl Provisioner {
         };
         let bucket = async {
             let made = self.bucket_step(ctx, s3, payload, (world, progress)).await;
+            if made.is_ok() {
+                progress.reach(BUCKET_EXISTS, String::new());
+            }
+            progress.miss(BUCKET_EXISTS);
             settled(Step::Bucket, made.map(drop))
         };
         let policy = async {
@@ -319,7 +335,12 @@ impl Provisioner {
             let made = self.cipher_pass_step(ctx, s3, payload, existing, (world, progress));
             settled(Step::CipherPass, made.await.map(drop))
         };
-        let key = self.access_key_step(ctx, payload, existing, (world, progress));
+        let key = async {
+            let made = self.access_key_step(ctx, payload, existing, (world, progress));
+            let made = made.await;
+            progress.settle(Step::AccessKey.name());
+            made
+        };
         // Boxed: the branches' futures together are too large for a worker thread's stack in
         // a debug build.
         let (bucket, policy, group, user, cipher_pass, key) = tokio::join!(
@@ -441,13 +462,16 @@ impl Provisioner {
         let (bucket, region) = (payload.bucket.as_str(), payload.region.as_str());
         let arn: String = ctx
             .step(Step::Bucket.name(), Step::Bucket.position(), async {
-                progress.start(Step::Bucket.name());
-                progress.all_started(FIRST_WAVE).await;
+                progress.arrive(CREATES, Step::Bucket.name());
+                progress.gather(CREATES, FIRST_WAVE).await;
                 let repository = payload.repository.as_str();
-                let seen = world.bucket.clone();
-                let report =
-                    bucket::ensure_observed(s3, bucket, region, repository, Mode::Apply, seen)
-                        .await?;
+                let (seen, target) = (world.bucket.clone(), (bucket, region, repository));
+                let exists = async {
+                    progress.reach(BUCKET_EXISTS, String::new());
+                    progress.arrive(AFTER_CREATES, Step::Bucket.name());
+                    progress.gather(AFTER_CREATES, SECOND_WAVE).await;
+                };
+                let report = bucket::ensure_observed(s3, target, Mode::Apply, seen, exists).await?;
                 Ok(done(bucket::arn(bucket), report))
             })
             .await?;
@@ -468,8 +492,8 @@ impl Provisioner {
     ) -> Result<String, JobError> {
         let arn: String = ctx
             .step(Step::Policy.name(), Step::Policy.position(), async {
-                progress.start(Step::Policy.name());
-                progress.all_started(FIRST_WAVE).await;
+                progress.arrive(CREATES, Step::Policy.name());
+                progress.gather(CREATES, FIRST_WAVE).await;
                 let (iam, bucket, seen) =
                     (&self.aws.iam, payload.bucket.as_str(), world.policy.clone());
                 let (report, arn) = policy::ensure_observed(iam, bucket, Mode::Apply, seen).await?;
@@ -497,11 +521,14 @@ impl Provisioner {
         let group_name = payload.bucket.iam_group_name();
         let name: Result<String, JobError> = ctx
             .step(Step::Group.name(), Step::Group.position(), async {
-                progress.start(Step::Group.name());
-                progress.all_started(FIRST_WAVE).await;
+                progress.arrive(CREATES, Step::Group.name());
+                progress.gather(CREATES, FIRST_WAVE).await;
                 let exists = || progress.reach(GROUP_EXISTS, String::new());
                 let policy_arn = async {
-                    progress.reached(POLICY_ARN).await.ok_or_else(|| {
+                    let arn = progress.reached(POLICY_ARN).await;
+                    progress.arrive(AFTER_CREATES, Step::Group.name());
+                    progress.gather(AFTER_CREATES, SECOND_WAVE).await;
+                    arn.ok_or_else(|| {
                         JobError::Retryable("the policy step did not finish in this attempt".into())
                     })
                 };
@@ -534,23 +561,20 @@ impl Provisioner {
     ) -> Result<(), JobError> {
         let name: Result<String, JobError> = ctx
             .step(Step::User.name(), Step::User.position(), async {
-                progress.start(Step::User.name());
-                progress.all_started(FIRST_WAVE).await;
+                progress.arrive(CREATES, Step::User.name());
+                progress.gather(CREATES, FIRST_WAVE).await;
                 let (bucket, repository) = (payload.bucket.as_str(), payload.repository.as_str());
                 let exists = |created: bool| {
                     let how = if created { "created" } else { "" };
                     progress.reach(USER_EXISTS, how.to_owned())
                 };
                 let group_exists = async {
-                    progress
-                        .reached(GROUP_EXISTS)
-                        .await
-                        .map(drop)
-                        .ok_or_else(|| {
-                            JobError::Retryable(
-                                "the group step did not finish in this attempt".into(),
-                            )
-                        })
+                    let group = progress.reached(GROUP_EXISTS).await;
+                    progress.arrive(AFTER_CREATES, Step::User.name());
+                    progress.gather(AFTER_CREATES, SECOND_WAVE).await;
+                    group.map(drop).ok_or_else(|| {
+                        JobError::Retryable("the group step did not finish in this attempt".into())
+                    })
                 };
                 let (iam, seen) = (&self.aws.iam, world.user.clone());
                 let report = user::ensure_observed(
@@ -624,12 +648,19 @@ impl Provisioner {
         (world, progress): (&World, &Progress),
     ) -> Result<KeyOutput, JobError> {
         let step = Step::AccessKey;
-        // A user this attempt made has no keys; otherwise the keys listed at the start.
+        // A user this attempt made has no keys; otherwise the keys listed at the start. No key
+        // is made for a bucket that could not be made (e.g. another account's).
         let listed = async {
-            let Some(how) = progress.reached(USER_EXISTS).await else {
-                let waited = "the user step did not finish in this attempt";
+            let (user, bucket) = tokio::join!(
+                progress.reached(USER_EXISTS),
+                progress.reached(BUCKET_EXISTS)
+            );
+            let (Some(how), Some(_)) = (user, bucket) else {
+                let waited = "the user or bucket step did not finish in this attempt";
                 return Err(JobError::Retryable(waited.into()));
             };
+            progress.arrive(AFTER_CREATES, Step::AccessKey.name());
+            progress.gather(AFTER_CREATES, SECOND_WAVE).await;
             Ok(world.keys.clone().or((how == "created").then(Vec::new)))
         };
         let keys = UserKeys {

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 #[derive(Default)]
 struct State {
-    started: HashSet<&'static str>,
+    /// (barrier, step) for every step that reached a barrier.
+    arrived: HashSet<(&'static str, &'static str)>,
     settled: HashSet<&'static str>,
     /// `None`: the step that was to reach it failed first.
     reached: HashMap<&'static str, Option<String>>,
@@ -28,23 +29,23 @@ impl Progress {
         }
     }
 
-    /// The step's work began (its bookkeeping is done).
-    pub fn start(&self, step: &'static str) {
+    /// `step` reached `barrier`: its next call is ready to go.
+    pub fn arrive(&self, barrier: &'static str, step: &'static str) {
         self.state.send_modify(|s| {
-            s.started.insert(step);
+            s.arrived.insert((barrier, step));
         });
     }
 
-    /// Waits until every step of `steps` began its work or is settled: independent calls of
+    /// Waits until every step of `steps` reached `barrier` or is settled: independent calls of
     /// several steps then go out together, as one wave, instead of each after its own step's
-    /// bookkeeping.
-    pub async fn all_started<const N: usize>(&self, steps: [&'static str; N]) {
+    /// bookkeeping or its own inputs (a wave that straggles costs sequential round trips).
+    pub async fn gather<const N: usize>(&self, barrier: &'static str, steps: [&'static str; N]) {
         let mut seen = self.state.subscribe();
         let _ = seen
             .wait_for(|s| {
                 steps
                     .iter()
-                    .all(|step| s.started.contains(step) || s.settled.contains(step))
+                    .all(|step| s.arrived.contains(&(barrier, step)) || s.settled.contains(step))
             })
             .await;
     }
