@@ -120,6 +120,35 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
         .await;
     assert!(rows.as_u64().unwrap_or(0) > 0, "audit rows: {rows}");
     browser.screenshot(&dir, "audit").await;
+    // The whole log runs over more than one page (50 entries): the next page follows the
+    // last entry of this one.
+    show(&browser, "#/audit", "audit").await;
+    let last_of_first = audit_ids(&browser).await.last().copied().expect("entries");
+    browser.click("#audit-next").await;
+    browser
+        .wait_for(
+            "the audit log's second page",
+            "const view = document.getElementById('view'); \
+             return window.location.hash.includes('trail=') && view.dataset.page === 'audit' \
+                 && view.dataset.loaded === 'true'",
+            json!([]),
+        )
+        .await;
+    let second = audit_ids(&browser).await;
+    assert!(
+        second.first().is_some_and(|first| *first > last_of_first),
+        "page 2 {second:?} after {last_of_first}"
+    );
+    // The fleet filtered by namespace: gitea's only.
+    let gitea = env.ns("gitea").to_owned();
+    show(&browser, &format!("#/fleet?namespace={gitea}"), "fleet").await;
+    let shown = browser
+        .eval(
+            "return [...document.querySelectorAll('#fleet-table tr[data-repository]')].map((r) => r.dataset.repository)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown, json!([bravo]));
     assert_eq!(
         browser
             .eval("return window.__notReloaded === true", json!([]))
@@ -141,6 +170,17 @@ async fn an_operator_watches_a_job_live_and_reconciles_a_viewer_only_reads() {
     }
     browser.quit().await;
     env.app.stop().await;
+}
+
+/// The ids of the audit entries on the page, in order.
+async fn audit_ids(browser: &Browser) -> Vec<i64> {
+    let ids = browser
+        .eval(
+            "return [...document.querySelectorAll('#audit-table tr[data-audit]')].map((r) => Number(r.dataset.audit))",
+            json!([]),
+        )
+        .await;
+    serde_json::from_value(ids).expect("ids")
 }
 
 async fn verify(env: &Env, name: &str) {
