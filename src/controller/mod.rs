@@ -132,7 +132,8 @@ pub async fn run(
 
 /// One namespace's (or every namespace's) Controller and its retention check. The watch is
 /// built here (`watcher` → `reflector`) so that its delete events, which a Controller does not
-/// reconcile, wake the retention check; everything else goes to the Controller as usual.
+/// reconcile, and its complete listings wake the retention check; everything else goes to the
+/// Controller as usual.
 async fn watch(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
     let api: Api<PostgresCluster> = match &namespace {
         Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
@@ -141,13 +142,14 @@ async fn watch(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancellat
     let config = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
     let (store, writer) = reflector::store();
     let wake = Arc::new(Notify::new());
-    let deleted = wake.clone();
+    let listed_or_deleted = wake.clone();
     let clusters = watcher(api, config)
         .default_backoff()
         .reflect(writer)
         .inspect_ok(move |event| {
-            if let watcher::Event::Delete(_) = event {
-                deleted.notify_one();
+            // A complete listing (the first, or after a relist) or a deletion: compare.
+            if let watcher::Event::InitDone | watcher::Event::Delete(_) = event {
+                listed_or_deleted.notify_one();
             }
         })
         .applied_objects();

@@ -62,7 +62,9 @@ pub async fn reconcile(
                 client_request_id: None,
             };
             let max_attempts = ctx.settings.max_attempts;
-            let answer = request::request(&ctx.db, &desired, actor, max_attempts).await;
+            // Boxed: the use case's future is large, and a Controller polls reconciles deep down a
+            // stack of stream adapters.
+            let answer = Box::pin(request::request(&ctx.db, &desired, actor, max_attempts)).await;
             let report = from_answer(answer)?;
             if let Some(repository_id) = report.1 {
                 super::retention::link(&ctx, &cluster, repository_id).await?;
@@ -70,7 +72,7 @@ pub async fn reconcile(
             report.0
         }
     };
-    publish(&cluster, &ctx, &report).await?;
+    Box::pin(publish(&cluster, &ctx, &report)).await?;
     Ok(match report.in_progress() {
         true => Action::requeue(ctx.settings.follow_interval),
         false => Action::await_change(),

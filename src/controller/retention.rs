@@ -137,8 +137,10 @@ pub async fn audit_deletions(
     Ok(recorded)
 }
 
-/// Compares links with `store` once it is ready, then on every `wake` (a watch delete) and
-/// every `every`, until `shutdown`.
+/// Compares links with `store` on every `wake` (the watch's first and every later complete
+/// listing, and its delete events) and every `every` after the first listing, until
+/// `shutdown`. (Not `Store::wait_until_ready`: its readiness wakes one waiter only, the
+/// Controller's.)
 pub async fn run(
     ctx: Arc<Context>,
     store: Store<PostgresCluster>,
@@ -149,7 +151,7 @@ pub async fn run(
 ) {
     tokio::select! {
         _ = shutdown.cancelled() => return,
-        ready = store.wait_until_ready() => if ready.is_err() { return },
+        _ = wake.notified() => {}
     }
     loop {
         let present: HashSet<String> = store.state().iter().filter_map(|c| c.uid()).collect();
