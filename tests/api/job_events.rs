@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use crate::http_common::{assert_problem, create_repository, job_id, repository_body};
 use crate::support::app::{AppOptions, TestApp, http_args, spawn_app_with};
 use crate::support::env::{Env, unique_name};
+use crate::support::test_jobs::{self, StepSpec};
 
 const NS: &str = "zitadel";
 
@@ -356,5 +357,66 @@ async fn auth_errors_json_fallback_and_cors() {
         cors.is_empty(),
         "no CORS headers for another origin: {cors:?}"
     );
+    app.stop().await;
+}
+
+fn states(events: &[Received], kind: &str, name: Option<&str>) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.event == kind && name.is_none_or(|n| e.data["name"] == n))
+        .map(|e| e.data["state"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A retried step and a job queued again for its backoff do not end the stream; a job that
+/// failed ends it, and after an operator's retry the stream resumed from that end goes on to
+/// the job's new end.
+#[tokio::test]
+async fn retries_and_a_retried_failure_continue_the_stream() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    test_jobs::install(&app.db).await;
+    let steps = vec![
+        StepSpec::new("a").fail_retryable(1),
+        StepSpec::new("b").fail_permanent(1),
+    ];
+    let job = test_jobs::enqueue(&app.db, steps, 5).await.to_string();
+    let mut stream = EventStream::open(&app, &job, None).await;
+    let pool = test_jobs::start_pool(&app.database_url, test_jobs::worker_config("w1", 1)).await;
+
+    let first = stream.rest().await;
+    assert_eq!(
+        states(&first, "job", None),
+        ["queued", "running", "queued", "running", "failed"]
+    );
+    assert_eq!(
+        states(&first, "step", Some("a")),
+        ["running", "failed", "running", "succeeded"]
+    );
+    assert_eq!(states(&first, "step", Some("b")), ["running", "failed"]);
+
+    let retried = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{job}/retry")))
+        .bearer_auth(app.operator())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 202);
+    let failed_at = first.last().unwrap().id;
+    let after = EventStream::open(&app, &job, Some(failed_at))
+        .await
+        .rest()
+        .await;
+    assert_eq!(
+        states(&after, "job", None),
+        ["queued", "running", "succeeded"]
+    );
+    // b was set back to pending by the retry, then ran again; a (succeeded) did not.
+    assert_eq!(
+        states(&after, "step", Some("b")),
+        ["pending", "running", "succeeded"]
+    );
+    assert!(states(&after, "step", Some("a")).is_empty());
+    pool.stop().await;
     app.stop().await;
 }
