@@ -69,11 +69,16 @@ struct ControllerEnv {
 
 impl ControllerEnv {
     async fn start() -> ControllerEnv {
-        let env = Env::start(&["zitadel"]).await;
-        install_crd(&env.kube.admin()).await;
-        let mut this = ControllerEnv { env, running: None };
+        let mut this = Self::without_controller().await;
         this.start_controller();
         this
+    }
+
+    /// The environment and the CRD; the controller runs elsewhere (the binary).
+    async fn without_controller() -> ControllerEnv {
+        let env = Env::start(&["zitadel"]).await;
+        install_crd(&env.kube.admin()).await;
+        ControllerEnv { env, running: None }
     }
 
     fn settings(&self) -> Settings {
@@ -486,4 +491,62 @@ async fn deleting_a_postgrescluster_keeps_the_repository_and_is_audited() {
         assert_eq!(entries, 1, "{name}: audited once");
         assert_eq!(env.jobs_of(name).await, 1, "{name}: no deprovisioning job");
     }
+}
+
+/// The binary: `serve` with `BP_WATCH_POSTGRESCLUSTERS=true` runs the controller next to the
+/// API and workers (as the ServiceAccount, through the proxy, from a kubeconfig), and
+/// `controller` refuses a bad setting naming its variable (exit 2).
+#[tokio::test]
+async fn serve_runs_the_controller_when_asked_and_the_subcommand_checks_its_settings() {
+    use crate::support::service_process::{ServiceProcess, ServiceSpec};
+    let env = ControllerEnv::without_controller().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, env.env.kube.service_kubeconfig("zitadel")).expect("kubeconfig");
+    let spec = ServiceSpec::new(
+        "serve-controller",
+        &["serve"],
+        &env.env.app.database_url,
+        &env.env.encryption_key,
+        &env.env.moto_endpoint,
+        &kubeconfig,
+    )
+    .env("BP_WATCH_POSTGRESCLUSTERS", "true")
+    .env("BP_ALLOWED_NAMESPACES", env.ns())
+    .env(
+        "BP_CONTROLLER_API_URL",
+        "https://backup-provisioner.example.com",
+    );
+    let mut service = ServiceProcess::spawn(dir.path(), &spec).await;
+    let name = unique_name("srv");
+    env.create_cluster(&name, annotated(&bucket_for(&name)))
+        .await;
+    let annotations = env.wait_for_state(&name, "ready").await;
+    let job = annotations.get(JOB_ANNOTATION).expect("the job annotation");
+    assert!(
+        job.starts_with("https://backup-provisioner.example.com/v1/jobs/"),
+        "{job}"
+    );
+    let repository = env.env.repository(&name).await;
+    assert_eq!(repository["created_by"], "controller:backup-provisioner");
+    assert!(
+        service.log().contains("watching PostgresClusters"),
+        "{}",
+        service.log()
+    );
+    service
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("stopped on SIGTERM");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_backup-provisioner"))
+        .arg("controller")
+        .env_clear()
+        .env("DATABASE_URL", &env.env.app.database_url)
+        .env("BP_CONTROLLER_FOLLOW_INTERVAL", "0s")
+        .output()
+        .expect("run the binary");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("BP_CONTROLLER_FOLLOW_INTERVAL"), "{stderr}");
 }
