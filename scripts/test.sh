@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/backup-provisioner/target}"
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
 export RUST_BACKTRACE=1
+# The integration tests drive whole services in one test thread: debug builds need more than
+# libtest's 2 MiB stack for their deepest futures.
+export RUST_MIN_STACK="${RUST_MIN_STACK:-8388608}"
 # The real kube-apiserver and etcd (scripts/build-kube.sh; instant once built).
 KUBE_BIN_DIR="${KUBE_BIN_DIR:-$(bash scripts/build-kube.sh | tail -1)}"
 export KUBE_BIN_DIR
