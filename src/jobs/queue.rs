@@ -154,7 +154,11 @@ pub fn is_subject_busy(err: &sqlx::Error) -> bool {
     crate::db::violated_constraint(err) == Some(ONE_ACTIVE_PER_SUBJECT)
 }
 
-/// Claims the oldest runnable job of the given kinds, if any, with a fresh lease token.
+/// Claims the runnable job of the given kinds that has waited longest (earliest `run_at`), if
+/// any, with a fresh lease token. The order is exactly the `jobs_claimable` index's, so a claim
+/// reads one index entry: ordering by `created_at` after `run_at` too made Postgres read and
+/// sort every queued job on each claim (jobs queued together have the same `run_at` and the
+/// same `created_at` anyway).
 pub async fn claim(
     pool: &PgPool,
     kinds: &[&str],
@@ -162,15 +166,16 @@ pub async fn claim(
     lease: Duration,
 ) -> Result<Option<Job>, sqlx::Error> {
     let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
-    let mut tx = pool.begin().await?;
-    let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+    // One statement, so no explicit transaction: it commits on its own, and BEGIN and COMMIT
+    // would be two more round trips for every job claimed.
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs
             SET state = 'running', attempts = attempts + 1, lease_token = gen_random_uuid(),
                 lease_expires_at = now() + make_interval(secs => $3), locked_by = $2,
                 started_at = coalesce(started_at, now())
           WHERE id = (SELECT id FROM jobs
                        WHERE state = 'queued' AND run_at <= now() AND kind = ANY($1)
-                       ORDER BY run_at, created_at
+                       ORDER BY run_at
                        FOR UPDATE SKIP LOCKED
                        LIMIT 1)
         RETURNING {JOB_COLUMNS}"
@@ -178,10 +183,8 @@ pub async fn claim(
     .bind(&kinds)
     .bind(worker)
     .bind(lease.as_secs_f64())
-    .fetch_optional(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(job)
+    .fetch_optional(pool)
+    .await
 }
 
 /// How long until the earliest queued job of these kinds becomes runnable (a backoff ends).
