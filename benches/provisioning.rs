@@ -16,7 +16,7 @@
 //! The job queue, the HTTP API under load, memory and start-up are `benches/load.rs`.
 //! Results are printed as a table; BENCHMARKS.md records a run. Nothing here asserts timings.
 //! Sizes for a smoke run: BENCH_RUNS (10), BENCH_SCRIPT_RUNS (5), BENCH_CONSISTENCY_RUNS (3),
-//! BENCH_FLEET (1000; 0 skips the sweep), BENCH_FLEET_CONCURRENCY (8).
+//! BENCH_FLEET (1000; 0 skips the sweep), BENCH_FLEET_CONCURRENCY (16).
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
@@ -487,12 +487,15 @@ struct FleetResults {
     /// The 1-minute load average before and after the sweep (the machine is shared).
     load: (String, String),
     verify_jobs: i64,
+    /// Median of a verify job's run (claimed → finished) and queue wait (queued → claimed).
+    verify_job_run: Duration,
+    verify_job_wait: Duration,
     verify_failed: i64,
     drifted: i64,
 }
 
 async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetResults {
-    let concurrency = setting("BENCH_FLEET_CONCURRENCY", 8);
+    let concurrency = setting("BENCH_FLEET_CONCURRENCY", 16);
     eprintln!(
         "[3] fleet: seeding {repositories} repositories through the API (no rate limit), then \
          the verify sweep at {FLEET_RPS} AWS requests/s, {concurrency} at a time …"
@@ -548,7 +551,19 @@ async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetR
     .fetch_one(&env.app.db)
     .await
     .expect("verify outcome");
+    let (job_run, job_wait): (f64, f64) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY
+                    extract(epoch FROM finished_at - started_at))::float8,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY
+                    extract(epoch FROM started_at - created_at))::float8
+           FROM jobs WHERE kind = 'verify-repository'",
+    )
+    .fetch_one(&env.app.db)
+    .await
+    .expect("verify job times");
     let results = FleetResults {
+        verify_job_run: secs(job_run),
+        verify_job_wait: secs(job_wait),
         repositories,
         concurrency,
         seed_wall,
@@ -877,6 +892,15 @@ fn print_fleet(f: &FleetResults) {
         f.verify_jobs,
         f.verify_failed,
         f.drifted
+    );
+    println!(
+        "a verify job, median: {} running (its calls paced by the limit), {} queued; {} slots \
+         ÷ that run = {:.1} jobs/s, the rate needs {:.1}",
+        ms(f.verify_job_run),
+        ms(f.verify_job_wait),
+        f.concurrency,
+        f.concurrency as f64 / f.verify_job_run.as_secs_f64().max(f64::EPSILON),
+        f64::from(FLEET_RPS) * f.repositories as f64 / f.calls.max(1) as f64
     );
     let timeline: Vec<String> = f.per_ten_seconds.iter().map(|n| n.to_string()).collect();
     println!(
