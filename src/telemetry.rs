@@ -100,8 +100,8 @@ pub struct FreshnessGauges {
     pub newest_wal_age_seconds: AgeFamily,
     pub checked_age_seconds: AgeFamily,
     pub check_failing: Family<RepositoryLabels, Gauge>,
-    /// One refresh at a time: each clears the families and sets them again.
-    refreshing: Mutex<()>,
+    /// The series of the last refresh; held for the whole of one (one refresh at a time).
+    series: Mutex<std::collections::HashSet<RepositoryLabels>>,
 }
 
 /// One ready repository's freshness ages in seconds, from `backup_freshness` (see
@@ -171,17 +171,16 @@ impl FreshnessGauges {
 
     /// Replaces every series with `ages` (a repository no longer ready loses its series).
     pub fn set(&self, ages: &[FreshnessAges]) {
-        let _one_at_a_time = self.refreshing.lock().expect("freshness gauges");
+        // Replaced in place, stale series removed, never cleared first: a scrape encoding
+        // meanwhile still sees every current series.
+        let mut previous = self.series.lock().expect("freshness gauges");
         let families = [
             &self.newest_backup_age_seconds,
             &self.newest_full_backup_age_seconds,
             &self.newest_wal_age_seconds,
             &self.checked_age_seconds,
         ];
-        for family in families {
-            family.clear();
-        }
-        self.check_failing.clear();
+        let mut current = std::collections::HashSet::new();
         for age in ages {
             let labels = RepositoryLabels {
                 repository: age.repository.clone(),
@@ -196,12 +195,22 @@ impl FreshnessGauges {
             for (family, value) in families.into_iter().zip(values) {
                 if let Some(seconds) = value {
                     family.get_or_create(&labels).set(seconds);
+                } else {
+                    family.remove(&labels);
                 }
             }
             self.check_failing
                 .get_or_create(&labels)
                 .set(i64::from(age.failing));
+            current.insert(labels);
         }
+        for gone in previous.difference(&current) {
+            for family in families {
+                family.remove(gone);
+            }
+            self.check_failing.remove(gone);
+        }
+        *previous = current;
     }
 }
 
@@ -418,5 +427,48 @@ mod tests {
         assert!(text.contains("method=\"other\""), "{text}");
         assert!(text.contains("method=\"GET\"") && text.contains("method=\"POST\""));
         assert_eq!(method_label("DELETE"), "DELETE");
+    }
+
+    #[test]
+    fn freshness_series_exist_only_for_what_was_found_and_for_ready_repositories() {
+        let metrics = Metrics::new();
+        let found = FreshnessAges {
+            repository: "zitadel".into(),
+            namespace: "zitadel".into(),
+            newest_backup: Some(60.0),
+            newest_full_backup: Some(3600.0),
+            newest_wal: Some(30.0),
+            checked: Some(5.0),
+            failing: false,
+        };
+        let series = |text: &str, name: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("backup_provisioner_{name}{{")))
+                .count()
+        };
+        metrics.freshness.set(std::slice::from_ref(&found));
+        let text = metrics.encode();
+        assert!(text.contains(
+            "backup_provisioner_newest_full_backup_age_seconds{repository=\"zitadel\",namespace=\"zitadel\"} 3600"
+        ), "{text}");
+        let emptied = FreshnessAges {
+            newest_backup: None,
+            newest_full_backup: None,
+            ..found.clone()
+        };
+        metrics.freshness.set(&[emptied]);
+        let text = metrics.encode();
+        assert_eq!(series(&text, "newest_full_backup_age_seconds"), 0, "{text}");
+        assert_eq!(series(&text, "newest_wal_age_seconds"), 1, "{text}");
+        assert!(!text.contains("NaN"), "{text}");
+        metrics.freshness.set(&[]);
+        let text = metrics.encode();
+        for name in [
+            "newest_wal_age_seconds",
+            "freshness_checked_age_seconds",
+            "freshness_check_failing",
+        ] {
+            assert_eq!(series(&text, name), 0, "{name}: {text}");
+        }
     }
 }
