@@ -396,6 +396,25 @@ async fn a_watch_that_expires_is_relisted_and_what_changed_meanwhile_converges()
         .position(|r| r.path == path && r.query.split('&').any(|p| p == stale))
         .unwrap_or_else(|| panic!("the stale watch was sent: {after:#?}"));
     let expired_record = &after[expired];
+    // What the server answers such a watch (here asked directly, as admin): 200 and one
+    // ERROR event, 410 Expired ("too old resource version").
+    let stale_rv = crate::support::kube_proxy::STALE_RESOURCE_VERSION;
+    let first = {
+        use futures::StreamExt as _;
+        let watch = env
+            .clusters()
+            .watch(&kube::api::WatchParams::default().timeout(5), stale_rv)
+            .await
+            .expect("a watch");
+        Box::pin(watch).next().await
+    };
+    match first {
+        Some(Ok(kube::api::WatchEvent::Error(status))) => {
+            assert_eq!(status.code, 410, "{status:?}")
+        }
+        Some(Err(kube::Error::Api(status))) => assert_eq!(status.code, 410, "{status:?}"),
+        other => panic!("the server did not expire the watch: {other:?}"),
+    }
     let relisted = after[expired + 1..].iter().any(|r| {
         r.method == "GET" && r.path == path && !crate::support::kube_proxy::is_watch(&r.query)
     });
