@@ -177,14 +177,11 @@ pub async fn reconcile_access_key_with(
     // Deleting and creating keys is new work: not after a cancel, not without the lease. Checked
     // before the keys are awaited, so that the check does not delay a key the job waits for.
     ctx.check_lease_unless_cancelled().await?;
-    let listed = match listed.await? {
+    let mut listed = match listed.await? {
         Some(listed) => listed,
         None => list(keys.iam, keys.user.iam_user_name()).await?,
     };
-    let listed: Vec<KeyInfo> = listed
-        .into_iter()
-        .filter(|k| !in_grace.contains(&k.id) || Some(k.id.as_str()) == referenced)
-        .collect();
+    listed.retain(|k| !in_grace.contains(&k.id) || Some(k.id.as_str()) == referenced);
     let plan = plan_keys(
         &listed,
         sealed.as_ref().map(|h| h.key_id.as_str()),

@@ -229,25 +229,20 @@ async fn ensure_settings(
         (MANAGED_BY_KEY, MANAGED_BY_VALUE),
         (REPOSITORY_TAG_KEY, repository),
     ];
-    let expected_ownership = ObjectOwnership::BucketOwnerEnforced.as_str();
-    let ownership_ok = found.ownership.len() == 1 && found.ownership[0] == expected_ownership;
-    let public_ok = found
-        .public_access
-        .is_some_and(|flags| flags.iter().all(|f| *f == Some(true)));
-    let encryption_ok = found.encryption.len() == 1 && found.encryption[0] == expected_encryption();
+    let [ownership, public, encryption] = compare(&found);
     let mut tags = found.tags.clone();
     let tags_found = merge_tags(&mut tags, &wanted);
     let mode = report.mode();
-    let (ownership, public, encryption, tagged) = tokio::try_join!(
-        Box::pin(write_unless(mode, ownership_ok, put_ownership(s3, bucket))),
+    let (ownership_id, public_id, encryption_id, tagged) = tokio::try_join!(
+        Box::pin(write_unless(mode, ownership.ok, put_ownership(s3, bucket))),
         Box::pin(write_unless(
             mode,
-            public_ok,
+            public.ok,
             put_public_access_block(s3, bucket)
         )),
         Box::pin(write_unless(
             mode,
-            encryption_ok,
+            encryption.ok,
             put_encryption(s3, bucket)
         )),
         Box::pin(write_unless(
@@ -256,52 +251,65 @@ async fn ensure_settings(
             put_tags(s3, bucket, &tags)
         )),
     )?;
-    let setting = |report: &mut Report, name, ok, found: Value, expected, absent, id| {
-        record_setting(report, name, ok, found, expected, absent, id)
-    };
-    let ownership_found = list_or_null(&found.ownership);
-    let absent = found.ownership.is_empty();
-    let expected = json!(expected_ownership);
-    setting(
-        report,
-        "object_ownership",
-        ownership_ok,
-        ownership_found,
-        expected,
-        absent,
-        ownership,
-    );
-    let public_found = found
-        .public_access
-        .map(public_access_json)
-        .unwrap_or(Value::Null);
-    let (expected, absent) = (
-        public_access_json([Some(true); 4]),
-        found.public_access.is_none(),
-    );
-    setting(
-        report,
-        "public_access_block",
-        public_ok,
-        public_found,
-        expected,
-        absent,
-        public,
-    );
-    let encryption_found = list_or_null(&found.encryption);
-    let absent = found.encryption.is_empty();
-    setting(
-        report,
-        "default_encryption",
-        encryption_ok,
-        encryption_found,
-        expected_encryption(),
-        absent,
-        encryption,
-    );
+    ownership.record(report, ownership_id);
+    public.record(report, public_id);
+    encryption.record(report, encryption_id);
     check_versioning(found.versioning, report);
     record_tags(report, &wanted, tags_found, tagged);
     Ok(())
+}
+
+/// One setting compared with the runbook.
+struct Compared {
+    setting: &'static str,
+    ok: bool,
+    found: Value,
+    expected: Value,
+    /// Not set at all (a repair creates it).
+    absent: bool,
+}
+
+impl Compared {
+    /// Records it: unchanged, made with a bucket this step created, or repaired.
+    fn record(self, report: &mut Report, request_id: Option<String>) {
+        if self.ok {
+            report.unchanged(self.setting, self.expected);
+        } else if report.was_created() {
+            report.made(self.setting, self.expected, request_id);
+        } else {
+            let action = Action::create_or_update(self.absent);
+            report.repaired(self.setting, self.found, self.expected, action, request_id);
+        }
+    }
+}
+
+/// Ownership, public access block and encryption as found, against the runbook.
+fn compare(found: &Settings) -> [Compared; 3] {
+    let ownership = ObjectOwnership::BucketOwnerEnforced.as_str();
+    let public = found.public_access;
+    [
+        Compared {
+            setting: "object_ownership",
+            ok: found.ownership.len() == 1 && found.ownership[0] == ownership,
+            found: list_or_null(&found.ownership),
+            expected: json!(ownership),
+            absent: found.ownership.is_empty(),
+        },
+        Compared {
+            setting: "public_access_block",
+            ok: public.is_some_and(|flags| flags.iter().all(|f| *f == Some(true))),
+            found: public.map(public_access_json).unwrap_or(Value::Null),
+            expected: public_access_json([Some(true); 4]),
+            absent: public.is_none(),
+        },
+        Compared {
+            setting: "default_encryption",
+            ok: found.encryption.len() == 1 && found.encryption[0] == expected_encryption(),
+            found: list_or_null(&found.encryption),
+            expected: expected_encryption(),
+            absent: found.encryption.is_empty(),
+        },
+    ]
 }
 
 /// Sends `write` unless the setting is as expected (`ok`) or the mode changes nothing.
@@ -314,26 +322,6 @@ async fn write_unless(
         Ok(None)
     } else {
         mode.perform(write).await
-    }
-}
-
-/// Records one setting: unchanged, made with a bucket this step created, or repaired.
-fn record_setting(
-    report: &mut Report,
-    setting: &'static str,
-    ok: bool,
-    found: Value,
-    expected: Value,
-    absent: bool,
-    request_id: Option<String>,
-) {
-    if ok {
-        report.unchanged(setting, expected);
-    } else if report.was_created() {
-        report.made(setting, expected, request_id);
-    } else {
-        let action = Action::create_or_update(absent);
-        report.repaired(setting, found, expected, action, request_id);
     }
 }
 

@@ -162,6 +162,9 @@ use world::World;
 
 /// Milestones of one attempt (see [`Progress`]).
 const BUCKET_EXISTS: &str = "bucket-exists";
+/// No access key is made before the cipher pass is settled (a bucket holding backups without
+/// one refuses the job).
+const CIPHER_PASS_DECIDED: &str = "cipher-pass-decided";
 const POLICY_ARN: &str = "policy-arn";
 const GROUP_EXISTS: &str = "group-exists";
 /// Reached with `"created"` when this attempt made the user (it has no keys yet), else `""`.
@@ -331,16 +334,7 @@ impl Provisioner {
             progress.miss(USER_EXISTS);
             settled(Step::User, made)
         };
-        let cipher_pass = async {
-            let made = self.cipher_pass_step(ctx, s3, payload, existing, (world, progress));
-            settled(Step::CipherPass, made.await.map(drop))
-        };
-        let key = async {
-            let made = self.access_key_step(ctx, payload, existing, (world, progress));
-            let made = made.await;
-            progress.settle(Step::AccessKey.name());
-            made
-        };
+        let (cipher_pass, key) = self.key_branch(ctx, payload, s3, existing, (world, progress));
         // Boxed: the branches' futures together are too large for a worker thread's stack in
         // a debug build.
         let (bucket, policy, group, user, cipher_pass, key) = tokio::join!(
@@ -353,6 +347,41 @@ impl Provisioner {
         );
         first_failure_of([bucket, policy, group, user, cipher_pass])?;
         key
+    }
+
+    /// The cipher pass step and the access key step, concurrently (see [`Self::make_resources`]).
+    #[allow(clippy::type_complexity)]
+    fn key_branch<'a>(
+        &'a self,
+        ctx: &'a JobContext,
+        payload: &'a ProvisionPayload,
+        s3: &'a aws_sdk_s3::Client,
+        existing: Option<&'a ExistingSecret>,
+        (world, progress): (&'a World, &'a Progress),
+    ) -> (
+        impl Future<Output = Result<(), JobError>> + 'a,
+        impl Future<Output = Result<KeyOutput, JobError>> + 'a,
+    ) {
+        let settled = |step: Step, result: Result<(), JobError>| {
+            progress.settle(step.name());
+            result
+        };
+        let cipher_pass = async move {
+            let made = self.cipher_pass_step(ctx, s3, payload, existing, (world, progress));
+            let made = made.await;
+            if made.is_ok() {
+                progress.reach(CIPHER_PASS_DECIDED, String::new());
+            }
+            progress.miss(CIPHER_PASS_DECIDED);
+            settled(Step::CipherPass, made.map(drop))
+        };
+        let key = async move {
+            let made = self.access_key_step(ctx, payload, existing, (world, progress));
+            let made = made.await;
+            progress.settle(Step::AccessKey.name());
+            made
+        };
+        (cipher_pass, key)
     }
 
     /// The key's description tag alongside the credential check (recorded after it). Returns
@@ -622,6 +651,7 @@ impl Provisioner {
             let has_objects = || bucket::has_objects_unless_new(s3, bucket, new);
             let decision =
                 cipher_pass::decide(copies, allow_new, payload.secret(), has_objects).await?;
+            progress.reach(CIPHER_PASS_DECIDED, String::new());
             progress.settled(earlier).await;
             let mut tx = ctx.fenced_tx_unless_cancelled().await?;
             cipher_pass::seal_generated(&mut tx, sealed, &decision).await?;
@@ -649,14 +679,16 @@ impl Provisioner {
     ) -> Result<KeyOutput, JobError> {
         let step = Step::AccessKey;
         // A user this attempt made has no keys; otherwise the keys listed at the start. No key
-        // is made for a bucket that could not be made (e.g. another account's).
+        // is made for a bucket that could not be made (e.g. another account's), nor before
+        // the cipher pass is settled.
         let listed = async {
-            let (user, bucket) = tokio::join!(
+            let (user, bucket, cipher_pass) = tokio::join!(
                 progress.reached(USER_EXISTS),
-                progress.reached(BUCKET_EXISTS)
+                progress.reached(BUCKET_EXISTS),
+                progress.reached(CIPHER_PASS_DECIDED)
             );
-            let (Some(how), Some(_)) = (user, bucket) else {
-                let waited = "the user or bucket step did not finish in this attempt";
+            let (Some(how), Some(_), Some(_)) = (user, bucket, cipher_pass) else {
+                let waited = "the user, bucket or cipher pass step did not finish in this attempt";
                 return Err(JobError::Retryable(waited.into()));
             };
             progress.arrive(AFTER_CREATES, Step::AccessKey.name());
