@@ -233,6 +233,21 @@ async fn an_annotated_postgrescluster_gets_a_ready_repository_and_others_get_non
     )
     .await;
 
+    // A repository of the same name made through the API with another bucket: a conflict.
+    let taken = unique_name("taken");
+    let response = env
+        .env
+        .app
+        .post_json(
+            "/v1/backup-repositories",
+            &env.env.app.operator(),
+            &json!({"name": taken, "namespace": env.ns()}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    env.create_cluster(&taken, annotated(&bucket_for(&format!("{taken}-other"))))
+        .await;
+
     let annotations = env.wait_for_state(&name, "ready").await;
     let repository = env.env.repository(&name).await;
     assert_eq!(repository["state"], "ready", "{repository:#}");
@@ -286,6 +301,18 @@ async fn an_annotated_postgrescluster_gets_a_ready_repository_and_others_get_non
             .get(JOB_ANNOTATION),
         None
     );
+    env.wait_for_state(&taken, "conflict").await;
+    let conflict = eventually(DEADLINE, "the RepositoryConflict Event", || async {
+        env.events(&taken)
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("RepositoryConflict"))
+    })
+    .await;
+    assert_eq!(conflict.type_.as_deref(), Some("Warning"));
+    let note = conflict.note.unwrap_or_default();
+    assert!(note.contains("bucket"), "{note}");
+    assert_eq!(env.jobs_of(&taken).await, 1, "only the API's job");
     for other in [&plain, &invalid] {
         let response = env
             .env
