@@ -154,11 +154,15 @@ class JobPage {
     })();
   }
 
+  /** Reads the job again; a read overtaken by a newer one (or by a button's answer) is dropped. */
   async refresh() {
+    this.generation = (this.generation ?? 0) + 1;
+    const generation = this.generation;
     const [job, events] = await Promise.all([
       api(`/v1/jobs/${this.id}`, { signal: this.ctx.signal }),
       this.auditEvents(),
     ]);
+    if (generation !== this.generation) return;
     this.job = job;
     this.attempts = events;
     this.render();
@@ -230,6 +234,7 @@ class JobPage {
       confirmLabel: what === 'cancel' ? 'Cancel the job' : 'Retry',
     });
     if (!done) return;
+    this.generation = (this.generation ?? 0) + 1;
     this.job = done;
     this.render();
     if (what === 'retry' && !this.following) this.follow();

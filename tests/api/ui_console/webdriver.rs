@@ -3,6 +3,7 @@
 //!
 //! Conditions are waited for with a deadline ([`Browser::wait_for`]); nothing sleeps.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -65,7 +66,30 @@ pub struct Browser {
 }
 
 impl Drop for Browser {
+    /// Also after a failed assertion: the session is ended as on a normal quit (Chromium
+    /// exits), then chromedriver's whole process group, whatever is left of the browser in it.
     fn drop(&mut self) {
+        let session = self.session.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let delete = reqwest::Client::new().delete(&session).send();
+                tokio::time::timeout(Duration::from_secs(10), delete)
+                    .await
+                    .ok()
+            });
+            Some(())
+        })
+        .join();
+        if let Ok(group) = i32::try_from(self.driver.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -76,6 +100,8 @@ impl Browser {
         let port = free_port();
         let driver = Command::new(&tools.chromedriver)
             .arg(format!("--port={port}"))
+            // A group of its own, so that dropping the browser ends every process of it.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -198,6 +224,7 @@ impl Browser {
         path
     }
 
+    /// Ends the session (dropping the browser does the same, and more, also after a panic).
     pub async fn quit(self) {
         let _ = self.http.delete(&self.session).send().await;
     }
@@ -222,6 +249,7 @@ async fn new_session(http: &reqwest::Client, base: &str, tools: &Tools, profile:
         "--disable-component-update",
         "--disable-sync",
         "--disable-dev-shm-usage",
+        "--disable-breakpad",
         "--window-size=1280,900",
         &format!("--user-data-dir={}", profile.display()),
     ];
