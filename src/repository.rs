@@ -226,12 +226,14 @@ pub async fn list(
     db: impl PgExecutor<'_>,
     filter: &ListFilter,
 ) -> Result<Vec<RepositoryRow>, sqlx::Error> {
+    // The cursor is one row comparison (no cursor: after the empty name, which sorts before
+    // every name) so that even a generic plan starts the index scan at the cursor.
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM backup_repositories
           WHERE (state = $1 OR ($1::text IS NULL AND state <> 'deleted'))
             AND ($2::text IS NULL OR namespace = $2)
-            AND ($3::text IS NULL
-                 OR (name, id) > ($3, coalesce($5, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)))
+            AND (name, id) > (coalesce($3::text, ''),
+                              coalesce($5, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
           ORDER BY name, id
           LIMIT $4"
     )))
