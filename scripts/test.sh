@@ -10,6 +10,8 @@ export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:543
 export RUST_BACKTRACE=1
 # The integration tests drive whole services in one test thread: debug builds need more than
 # libtest's 2 MiB stack for their deepest futures.
+# The console's browser test saves a screenshot of each page here: the test run's artifacts.
+export BP_UI_SCREENSHOTS="${BP_UI_SCREENSHOTS:-$PWD/.run/ui-screenshots}"
 export RUST_MIN_STACK="${RUST_MIN_STACK:-8388608}"
 # The real kube-apiserver and etcd (scripts/build-kube.sh; instant once built).
 KUBE_BIN_DIR="${KUBE_BIN_DIR:-$(bash scripts/build-kube.sh | tail -1)}"
@@ -45,3 +47,5 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+echo "make test: console screenshots (artifacts) in $BP_UI_SCREENSHOTS:"
+ls -l "$BP_UI_SCREENSHOTS" 2>/dev/null || true
