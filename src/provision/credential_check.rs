@@ -53,7 +53,8 @@ pub async fn verify(
 /// [`verify`] without the delete: the key has written and read back the probe object, whose
 /// key is returned; the caller deletes it with [`delete_probe`] off the critical path (e.g.
 /// alongside the Secret's write). A probe left by a crash in between is no backup: it does not
-/// count as data ([`super::bucket::has_objects`]) and is deleted by the next attempt.
+/// count as data (the bucket module's `has_objects`), and once the check is recorded the next
+/// attempt deletes it.
 pub async fn verify_leaving_probe(
     client_with_new_key: &Client,
     bucket: &str,
