@@ -155,36 +155,51 @@ pub fn is_subject_busy(err: &sqlx::Error) -> bool {
 }
 
 /// Claims the runnable job of the given kinds that has waited longest (earliest `run_at`), if
-/// any, with a fresh lease token. The order is exactly the `jobs_claimable` index's, so a claim
-/// reads one index entry: ordering by `created_at` after `run_at` too made Postgres read and
-/// sort every queued job on each claim (jobs queued together have the same `run_at` and the
-/// same `created_at` anyway).
+/// any, with a fresh lease token.
 pub async fn claim(
     pool: &PgPool,
     kinds: &[&str],
     worker: &str,
     lease: Duration,
 ) -> Result<Option<Job>, sqlx::Error> {
+    Ok(claim_up_to(pool, kinds, worker, lease, 1).await?.pop())
+}
+
+/// Claims up to `limit` runnable jobs of the given kinds, those that have waited longest first
+/// (earliest `run_at`), each with its own fresh lease token. The order is exactly the
+/// `jobs_claimable` index's, so a claim reads `limit` index entries: ordering by `created_at`
+/// after `run_at` too made Postgres read and sort every queued job on each claim.
+pub async fn claim_up_to(
+    pool: &PgPool,
+    kinds: &[&str],
+    worker: &str,
+    lease: Duration,
+    limit: usize,
+) -> Result<Vec<Job>, sqlx::Error> {
     let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
-    // One statement, so no explicit transaction: it commits on its own, and BEGIN and COMMIT
-    // would be two more round trips for every job claimed.
-    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+    // One statement for every free slot, so no explicit transaction: it commits on its own,
+    // and BEGIN and COMMIT would be two more round trips. `gen_random_uuid()` is volatile, so
+    // each row gets a token of its own.
+    let mut jobs = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs
             SET state = 'running', attempts = attempts + 1, lease_token = gen_random_uuid(),
                 lease_expires_at = now() + make_interval(secs => $3), locked_by = $2,
                 started_at = coalesce(started_at, now())
-          WHERE id = (SELECT id FROM jobs
-                       WHERE state = 'queued' AND run_at <= now() AND kind = ANY($1)
-                       ORDER BY run_at
-                       FOR UPDATE SKIP LOCKED
-                       LIMIT 1)
+          WHERE id IN (SELECT id FROM jobs
+                        WHERE state = 'queued' AND run_at <= now() AND kind = ANY($1)
+                        ORDER BY run_at
+                        FOR UPDATE SKIP LOCKED
+                        LIMIT $4)
         RETURNING {JOB_COLUMNS}"
     )))
     .bind(&kinds)
     .bind(worker)
     .bind(lease.as_secs_f64())
-    .fetch_optional(pool)
-    .await
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?;
+    jobs.sort_by_key(|job| job.run_at);
+    Ok(jobs)
 }
 
 /// How long until the earliest queued job of these kinds becomes runnable (a backoff ends).

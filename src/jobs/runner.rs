@@ -120,30 +120,45 @@ impl WorkerPool {
         job_stop: &CancellationToken,
         running: &mut JoinSet<()>,
     ) {
-        while let Ok(permit) = slots.clone().try_acquire_owned() {
-            // The lease runs from no earlier than now: the heartbeat counts from here.
+        loop {
+            let free = slots.available_permits();
+            if free == 0 {
+                return;
+            }
+            // The leases run from no earlier than now: the heartbeats count from here.
             let leased_at = Instant::now();
-            match queue::claim(
+            let claimed = match queue::claim_up_to(
                 &self.pool,
                 &self.registry.kinds(),
                 &self.config.worker_id,
                 self.config.lease,
+                free,
             )
             .await
             {
-                Ok(Some(job)) => {
-                    let this = self.clone();
-                    let stop = job_stop.child_token();
-                    running.spawn(async move {
-                        this.execute(job, stop, leased_at).await;
-                        drop(permit);
-                    });
-                }
-                Ok(None) => break,
+                Ok(jobs) => jobs,
                 Err(e) => {
-                    tracing::warn!(error = %e, "claiming a job failed");
-                    break;
+                    tracing::warn!(error = %e, "claiming jobs failed");
+                    return;
                 }
+            };
+            let all_slots_filled = claimed.len() == free;
+            for job in claimed {
+                // Only this loop takes permits, so each of the `free` claimed jobs has one.
+                let permit = slots
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("a free slot per claim");
+                let this = self.clone();
+                let stop = job_stop.child_token();
+                running.spawn(async move {
+                    this.execute(job, stop, leased_at).await;
+                    drop(permit);
+                });
+            }
+            // Fewer jobs than free slots: the queue is drained for now.
+            if !all_slots_filled {
+                return;
             }
         }
     }
