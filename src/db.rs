@@ -130,6 +130,33 @@ async fn missing_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
         .collect())
 }
 
+/// True when the database has applied every migration this binary knows, each with the same
+/// checksum (what [`migrate`] would check before doing nothing). Any doubt (an error, a failed
+/// or edited migration) is false: [`migrate`] then runs and says what is wrong.
+async fn schema_is_current(pool: &PgPool) -> bool {
+    let applied: Vec<(i64, Vec<u8>)> = match sqlx::query_as(
+        "SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(applied) => applied,
+        Err(_) => return false,
+    };
+    let known: Vec<(i64, &[u8])> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| (m.version, &*m.checksum))
+        .collect();
+    applied.len() == known.len()
+        && applied
+            .iter()
+            .zip(&known)
+            .all(|((version, sum), (known_version, known_sum))| {
+                version == known_version && sum.as_slice() == *known_sum
+            })
+}
+
 /// Why the service does not start on a database's schema.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -160,11 +187,20 @@ pub async fn can_migrate(pool: &PgPool) -> Result<bool, sqlx::Error> {
 /// (with a warning: that role could also rewrite the audit log); any other role only checks that
 /// every migration this binary knows is applied, and [`SchemaError::Stale`] says what to run.
 pub async fn prepare_schema(pool: &PgPool) -> Result<(), SchemaError> {
-    if can_migrate(pool).await? {
+    let may_migrate = can_migrate(pool).await?;
+    if may_migrate {
         tracing::warn!(
             "the service's database role owns the schema and migrates it, so it could also \
              rewrite the audit log: run the service as a runtime role (README: Database roles)"
         );
+    }
+    // The common start, on a current schema: both checks ran on the pool's first connection,
+    // and the migration's own connection (closed after use, so a second connection set-up at
+    // every start, with TLS the costliest part of starting) is not needed.
+    if may_migrate && schema_is_current(pool).await {
+        return Ok(());
+    }
+    if may_migrate {
         migrate(pool).await?;
         return Ok(());
     }
