@@ -1011,3 +1011,57 @@ fn the_freshness_alerts_fire_on_a_stale_full_backup_and_wal_and_not_on_a_late_ch
     std::fs::write(dir.path().join("tests.yaml"), ALERT_TESTS).expect("tests");
     promtool(dir.path(), &["test", "rules", "tests.yaml"]);
 }
+
+/// Two replicas scraped: each serves the same freshness series under its own instance and pod
+/// labels. Unaggregated, `A - on (repository, namespace) B` fails the evaluation (duplicate
+/// series for the match group); the rules must fire once per repository, not once per pod.
+const TWO_REPLICA_ALERT_TESTS: &str = r#"
+rule_files: [rules.yaml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - {series: 'backup_provisioner_newest_full_backup_age_seconds{repository="stale-full",namespace="a",instance="10.0.0.1:8080",pod="bp-0"}', values: '700000+0x40'}
+      - {series: 'backup_provisioner_newest_full_backup_age_seconds{repository="stale-full",namespace="a",instance="10.0.0.2:8080",pod="bp-1"}', values: '700000+0x40'}
+      - {series: 'backup_provisioner_newest_wal_age_seconds{repository="stale-full",namespace="a",instance="10.0.0.1:8080",pod="bp-0"}', values: '9000+0x40'}
+      - {series: 'backup_provisioner_newest_wal_age_seconds{repository="stale-full",namespace="a",instance="10.0.0.2:8080",pod="bp-1"}', values: '9000+0x40'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="stale-full",namespace="a",instance="10.0.0.1:8080",pod="bp-0"}', values: '3600+0x1500'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="stale-full",namespace="a",instance="10.0.0.2:8080",pod="bp-1"}', values: '3600+0x1500'}
+      - {series: 'backup_provisioner_freshness_check_failing{repository="stale-full",namespace="a",instance="10.0.0.1:8080",pod="bp-0"}', values: '1+0x100'}
+      - {series: 'backup_provisioner_freshness_check_failing{repository="stale-full",namespace="a",instance="10.0.0.2:8080",pod="bp-1"}', values: '1+0x100'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="never",namespace="b",instance="10.0.0.1:8080",pod="bp-0"}', values: '60+0x1500'}
+      - {series: 'backup_provisioner_freshness_checked_age_seconds{repository="never",namespace="b",instance="10.0.0.2:8080",pod="bp-1"}', values: '60+0x1500'}
+    alert_rule_test:
+      - eval_time: 20m
+        alertname: BackupRepositoryNoFullBackup
+        exp_alerts:
+          - exp_labels: {severity: critical, repository: stale-full, namespace: a}
+      - eval_time: 10m
+        alertname: BackupRepositoryNoWal
+        exp_alerts:
+          - exp_labels: {severity: critical, repository: stale-full, namespace: a}
+      - eval_time: 30m
+        alertname: BackupFreshnessCheckStale
+        exp_alerts:
+          - exp_labels: {severity: warning, repository: stale-full, namespace: a}
+      - eval_time: 70m
+        alertname: BackupFreshnessCheckFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, repository: stale-full, namespace: a}
+      - eval_time: 1450m
+        alertname: BackupRepositoryNeverBackedUp
+        exp_alerts:
+          - exp_labels: {severity: warning, repository: never, namespace: b}
+"#;
+
+#[test]
+fn the_freshness_alerts_fire_once_per_repository_when_two_replicas_are_scraped() {
+    let mut rules = alert_rules();
+    for rule in rules["groups"][0]["rules"].as_array_mut().expect("rules") {
+        rule.as_object_mut().expect("rule").remove("annotations");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rules.yaml"), rules.to_string()).expect("rules");
+    std::fs::write(dir.path().join("tests.yaml"), TWO_REPLICA_ALERT_TESTS).expect("tests");
+    promtool(dir.path(), &["test", "rules", "tests.yaml"]);
+}
