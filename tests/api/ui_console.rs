@@ -272,17 +272,19 @@ async fn watch_a_job_live(env: &Env, browser: &Browser, dir: &std::path::Path) {
         .await
         .expect("the Secret write reached the proxy")
         .expect("a held request");
-    let live = streams_events(&env.app, &job_id).await;
-    eprintln!("the service streams job events: {live}");
-    if live {
-        browser
-            .wait_for(
-                "the live indicator",
-                "return document.getElementById('live').dataset.live === 'on'",
-                json!([]),
-            )
-            .await;
-    }
+    // The page could fall back to polling and still end right: it must be on the stream while
+    // the job is held, or this test would pass without SSE.
+    assert!(
+        streams_events(&env.app, &job_id).await,
+        "the service streams job events"
+    );
+    browser
+        .wait_for(
+            "the live indicator on, the job still held",
+            "return document.getElementById('live').dataset.live === 'on'",
+            json!([]),
+        )
+        .await;
     // Held at the Secret: the job is unfinished, so what the page shows next comes live.
     let view: Value = env
         .app
@@ -292,15 +294,13 @@ async fn watch_a_job_live(env: &Env, browser: &Browser, dir: &std::path::Path) {
         .await
         .expect("job");
     assert_eq!(view["state"], "running", "{view:#}");
-    if live {
-        browser
-            .wait_for(
-                "the Secret step running on the page",
-                "return document.querySelector(\"#steps li[data-step='secret'][data-state='running']\") !== null",
-                json!([]),
-            )
-            .await;
-    }
+    browser
+        .wait_for(
+            "the Secret step running on the page",
+            "return document.querySelector(\"#steps li[data-step='secret'][data-state='running']\") !== null",
+            json!([]),
+        )
+        .await;
     assert_eq!(
         browser
             .eval(
