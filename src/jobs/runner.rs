@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,8 @@ pub struct WorkerPool {
     registry: Registry,
     config: WorkerConfig,
     metrics: Option<Arc<Metrics>>,
+    /// Records the ends of attempts, many per commit ([`Finisher`]); started by [`Self::run`].
+    finisher: Option<Finisher>,
 }
 
 impl WorkerPool {
@@ -64,6 +66,7 @@ impl WorkerPool {
             registry,
             config,
             metrics: None,
+            finisher: None,
         }
     }
 
@@ -80,7 +83,8 @@ impl WorkerPool {
 
     /// Runs until `shutdown` fires, then stops claiming and drains in-flight jobs: they may
     /// finish within the grace period; after it their leases are released for another worker.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), sqlx::Error> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), sqlx::Error> {
+        self.finisher = Some(Finisher::start(self.pool.clone()));
         let this = Arc::new(self);
         let mut listener = PgListener::connect_with(&this.pool).await?;
         listener.listen("bp_jobs_queued").await?;
@@ -290,13 +294,64 @@ impl WorkerPool {
             Finish::Failed { .. } => Finish::Failed { error: &message },
             other => other,
         };
-        match queue::finish(&self.pool, job.id, token, finish).await {
+        let ending = queue::Ending::new(job.id, token, finish);
+        let recorded = match &self.finisher {
+            Some(finisher) => finisher.finish(ending).await,
+            None => queue::finish_all(&self.pool, &[ending])
+                .await
+                .map(|held| !held.is_empty())
+                .map_err(|e| e.to_string()),
+        };
+        match recorded {
             Ok(true) => label,
             Ok(false) => "lease_lost",
             Err(e) => {
                 tracing::error!(error = %e, "recording the end of a job failed; the rescuer will retry it");
                 "unrecorded"
             }
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<bool, String>>;
+
+/// Records the ends of attempts for the pool's jobs: the ends that arrive while one statement
+/// is in flight go together in the next ([`queue::finish_all`]), so an idle queue waits for
+/// nothing and a busy one commits once for many jobs.
+struct Finisher {
+    endings: mpsc::UnboundedSender<(queue::Ending, Reply)>,
+}
+
+impl Finisher {
+    fn start(pool: PgPool) -> Self {
+        let (endings, queued) = mpsc::unbounded_channel();
+        tokio::spawn(finish_batches(pool, queued));
+        Finisher { endings }
+    }
+
+    /// True once the end is recorded; false when the lease was lost; the error's text else.
+    async fn finish(&self, ending: queue::Ending) -> Result<bool, String> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || "the job finisher stopped".to_owned();
+        self.endings.send((ending, reply)).map_err(|_| stopped())?;
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// Runs until every [`Finisher`] handle is gone.
+async fn finish_batches(pool: PgPool, mut queued: mpsc::UnboundedReceiver<(queue::Ending, Reply)>) {
+    const MOST_PER_STATEMENT: usize = 256;
+    let mut batch = Vec::new();
+    while queued.recv_many(&mut batch, MOST_PER_STATEMENT).await > 0 {
+        let endings: Vec<queue::Ending> = batch.iter().map(|(ending, _)| ending.clone()).collect();
+        let recorded = queue::finish_all(&pool, &endings).await;
+        for (ending, reply) in batch.drain(..) {
+            let answer = match &recorded {
+                Ok(held) => Ok(held.contains(&ending.id)),
+                Err(e) => Err(e.to_string()),
+            };
+            // A job whose task is gone needs no answer.
+            let _ = reply.send(answer);
         }
     }
 }
