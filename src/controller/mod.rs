@@ -8,9 +8,16 @@
 //! Built on kube-rs's runtime: one [`kube::runtime::Controller`] per allowed namespace (the
 //! shipped RBAC grants namespaced Roles only; with no allow list, one cluster-wide watch). Its
 //! watcher lists, watches, and relists when a watch expires (410 Gone); its reconciles are
-//! level-triggered: a start or a relist reconciles every object, and a repository that is
-//! already as asked answers `Unchanged` (nothing stored, queued, or sent to AWS). Jobs run on
-//! the workers (`serve` or `worker`), not here. Deletions: [`retention`].
+//! level-triggered: a start reconciles every object, and a repository that is already as asked
+//! answers `Unchanged` (nothing stored, queued, or sent to AWS). Only a change of an object's
+//! generation (its spec) or annotations reaches a reconcile: PGO updates `status` often, and
+//! each would otherwise cost a reconcile; a repository on its way is followed by the
+//! reconcile's own requeue. Jobs run on the workers (`serve` or `worker`), not here.
+//! Deletions: [`retention`].
+//!
+//! One replica runs it: the one holding the session advisory lock [`CONTROLLER_LOCK`] for as
+//! long as it watches. The others try again every [`LOCK_RETRY`]; the holder checks its lock's
+//! connection as often and stops watching if it is lost (the lock went with it).
 
 mod postgrescluster;
 mod reconcile;
@@ -24,8 +31,10 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use kube::Api;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+use kube::runtime::{Predicate as _, PredicateConfig, WatchStreamExt as _, predicates};
+use kube::runtime::{reflector, watcher};
 use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +47,14 @@ pub use reconcile::{ReconcileError, Report};
 /// How long the API server keeps one watch open (below the client's read timeout, so a quiet
 /// watch ends on the server's terms and is resumed, not cut as a timeout).
 const WATCH_TIMEOUT_SECS: u32 = 25;
+
+/// The session advisory lock whose holder runs the controller ("bpctrl01"): two replicas
+/// with `BP_WATCH_POSTGRESCLUSTERS=true` would otherwise reconcile, and write Events, twice.
+pub const CONTROLLER_LOCK: i64 = 0x6270_6374_726c_3031;
+
+/// How often a replica without [`CONTROLLER_LOCK`] tries to take it, and how often its holder
+/// checks that the lock's connection is still there.
+pub const LOCK_RETRY: Duration = Duration::from_secs(5);
 
 /// What the controller needs besides its clients.
 #[derive(Debug, Clone)]
@@ -106,15 +123,84 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown`: one watch per allowed namespace (or one for all).
+/// Runs the controller until `shutdown` whenever this replica holds [`CONTROLLER_LOCK`]:
+/// one watch per allowed namespace (or one for all).
 pub async fn run(
     db: PgPool,
     client: kube::Client,
     settings: Settings,
     shutdown: CancellationToken,
 ) {
-    let namespaces = settings.rules.allowed_namespaces.clone();
     let ctx = Arc::new(Context::new(db, client, settings));
+    let mut waiting_logged = false;
+    while !shutdown.is_cancelled() {
+        match lead(&ctx, &shutdown).await {
+            Ok(true) => waiting_logged = false,
+            Ok(false) if !waiting_logged => {
+                waiting_logged = true;
+                tracing::info!("another replica runs the PostgresCluster controller; waiting");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "the PostgresCluster controller's lock"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(LOCK_RETRY) => {}
+        }
+    }
+}
+
+/// Watches while this replica holds [`CONTROLLER_LOCK`]. `Ok(false)`: another replica holds
+/// it; `Ok(true)`: held, then released on shutdown; an error: the lock's connection failed
+/// (the session, and so the lock, is gone: the watches stop).
+async fn lead(ctx: &Arc<Context>, shutdown: &CancellationToken) -> Result<bool, sqlx::Error> {
+    let mut lock = ctx.db.acquire().await?;
+    let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(CONTROLLER_LOCK)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !won {
+        return Ok(false);
+    }
+    // Never back in the pool holding the lock, should the unlock below not run.
+    lock.close_on_drop();
+    let stop = shutdown.child_token();
+    let watching = tokio::spawn({
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        async move {
+            // Watches that end on their own (they do not, short of a shutdown) end the hold.
+            let _stop_holding = stop.clone().drop_guard();
+            watch_all(ctx, stop).await;
+        }
+    });
+    let held = keep_alive(&mut lock, &stop).await;
+    stop.cancel();
+    let _ = watching.await;
+    held?;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(CONTROLLER_LOCK)
+        .execute(&mut *lock)
+        .await?;
+    Ok(true)
+}
+
+/// Until `stop`, checks every [`LOCK_RETRY`] that the lock's session is still there.
+async fn keep_alive(
+    lock: &mut PoolConnection<sqlx::Postgres>,
+    stop: &CancellationToken,
+) -> Result<(), sqlx::Error> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(LOCK_RETRY) => {}
+        }
+        sqlx::query("SELECT 1").execute(&mut **lock).await?;
+    }
+}
+
+/// The watches, until `shutdown`.
+async fn watch_all(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let namespaces = ctx.settings.rules.allowed_namespaces.clone();
     tracing::info!(
         actor = %ctx.actor,
         namespaces = ?namespaces,
@@ -152,7 +238,13 @@ async fn watch(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancellat
                 listed_or_deleted.notify_one();
             }
         })
-        .applied_objects();
+        .applied_objects()
+        // A status update (PGO's, often) changes neither: no reconcile. The requeues a
+        // reconcile asks for are the Controller's own, and deletions are seen above.
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations),
+            PredicateConfig::default(),
+        );
     let retention = tokio::spawn(retention::run(
         ctx.clone(),
         store.clone(),

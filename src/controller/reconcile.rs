@@ -192,6 +192,21 @@ fn of_repository(repository: RepositoryRow, job: Option<uuid::Uuid>) -> Report {
 /// Writes the report on the cluster when it differs from what the cluster carries: an Event
 /// when the state changed, and the annotations (server-side apply of metadata only, as the
 /// controller's field manager; `status` is PGO's).
+/// Kubernetes refuses an Event whose note is over 1 KiB, in bytes (not characters).
+const EVENT_NOTE_MAX_BYTES: usize = 1024;
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn within_bytes(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let end = (0..=max)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    &text[..end]
+}
+
 async fn publish(
     cluster: &PostgresCluster,
     ctx: &Context,
@@ -220,7 +235,7 @@ async fn publish(
         let event = Event {
             type_: report.event,
             reason: report.reason.into(),
-            note: Some(note.chars().take(1000).collect()),
+            note: Some(within_bytes(&note, EVENT_NOTE_MAX_BYTES).to_owned()),
             action: "RequestBackupRepository".into(),
             secondary: None,
         };
@@ -236,4 +251,23 @@ async fn publish(
     api.patch(&cluster.name_any(), &params, &Patch::Apply(&patch))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_note_is_cut_to_1_kib_on_a_character_boundary() {
+        assert_eq!(within_bytes("short", EVENT_NOTE_MAX_BYTES), "short");
+        let ascii = "a".repeat(2000);
+        assert_eq!(within_bytes(&ascii, EVENT_NOTE_MAX_BYTES).len(), 1024);
+        // 1000 three-byte characters: 1000 characters would be 3000 bytes.
+        let wide = "€".repeat(1000);
+        let cut = within_bytes(&wide, EVENT_NOTE_MAX_BYTES);
+        assert_eq!(cut.len(), 1023);
+        assert_eq!(cut.chars().count(), 341);
+        let mixed = format!("{}{}", "a".repeat(1023), "é");
+        assert_eq!(within_bytes(&mixed, EVENT_NOTE_MAX_BYTES), "a".repeat(1023));
+    }
 }
