@@ -182,10 +182,30 @@ async fn answer_existing(
         return Ok(Requested::OptionsChanged(queued));
     }
     let latest_job = queue::latest_per_subject(db, &[row.id]).await?.pop();
+    if let (Some(url), Some(job)) = (queueing.callback_url, &latest_job) {
+        attach_callback(db, job.id, url).await?;
+    }
     Ok(Requested::Unchanged {
         repository: row,
         latest_job,
     })
+}
+
+/// A create answered from the existing repository queues nothing, so its `callback_url` goes to
+/// the repository's active job if that job has none: its end is then delivered there. A job that
+/// already ended, or reports to another callback, keeps as it is (the URL is not registered;
+/// README "Webhooks"). One statement: the job's end (which writes the delivery from the row it
+/// updates) either sees the URL or makes the `WHERE` miss. Whether it was attached.
+async fn attach_callback(db: &PgPool, job: Uuid, url: &str) -> Result<bool, sqlx::Error> {
+    let attached = sqlx::query(
+        "UPDATE jobs SET callback_url = $2
+          WHERE id = $1 AND callback_url IS NULL AND state IN ('queued', 'running')",
+    )
+    .bind(job)
+    .bind(url)
+    .execute(db)
+    .await?;
+    Ok(attached.rows_affected() == 1)
 }
 
 /// `adopt` and `secret_name` never change once the repository recorded a resource (made or

@@ -513,3 +513,50 @@ async fn a_delivery_never_answered_2xx_fails_after_the_retry_window() {
     );
     app.stop().await;
 }
+
+/// A create answered 200 (the repository exists as asked, its job still queued) queues
+/// nothing: its `callback_url` goes to that job, which had none, and the job's end is
+/// delivered there. A later one, the job having its callback, is not registered.
+#[tokio::test]
+async fn a_callback_on_a_repeated_create_is_attached_to_the_active_job_without_one() {
+    let secret = new_secret();
+    let receiver = Receiver::start(&secret, &[]).await;
+    let app = idle_workers_sending_to(&receiver, &secret, Duration::from_secs(3600)).await;
+    let operator = app.operator();
+    let create = |callback_url: Option<&str>| {
+        let mut body = json!({"name": "zitadel", "namespace": "zitadel"});
+        if let Some(url) = callback_url {
+            body["callback_url"] = url.into();
+        }
+        let (app, operator) = (&app, &operator);
+        async move {
+            let response = app
+                .post_json("/v1/backup-repositories", operator, &body)
+                .await;
+            let status = response.status().as_u16();
+            let answer: Value = response.json().await.expect("json");
+            (
+                status,
+                answer["job"]["id"].as_str().expect("job id").to_owned(),
+            )
+        }
+    };
+    let (status, job_id) = create(None).await;
+    assert_eq!(status, 202);
+    let (status, again) = create(Some(&receiver.url)).await;
+    assert_eq!((status, &again), (200, &job_id));
+    let elsewhere = format!("http://{}/elsewhere", receiver.authority);
+    let (status, again) = create(Some(&elsewhere)).await;
+    assert_eq!((status, &again), (200, &job_id));
+    let path = format!("/v1/jobs/{job_id}/cancel");
+    let response = app.post_json(&path, &operator, &json!({})).await;
+    assert_eq!(response.status(), 202);
+    let delivery = settled_delivery(&app, &job_id).await;
+    assert_eq!(delivery["state"], "delivered", "{delivery}");
+    assert_eq!(delivery["event_type"], "job.cancelled");
+    let received = receiver.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].path, "/hook");
+    assert!(received[0].verified);
+    app.stop().await;
+}
