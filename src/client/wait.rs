@@ -25,6 +25,13 @@ const MAX_RECONNECTS: u32 = 5;
 /// is taken as dropped and resumed.
 const SILENCE: Duration = Duration::from_secs(75);
 
+/// The first pause before reconnecting, doubled per failure in a row.
+const RECONNECT_DELAY: Duration = Duration::from_millis(250);
+
+/// The longest pause after streams that end without a new event (a proxy closing them early):
+/// each such end in a row doubles the pause up to this, rather than asking 4 times a second.
+const MAX_QUIET_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
 /// The job view at its end; `JobFailed` when it ended failed or cancelled.
 pub async fn follow(api: &Api, id: &str, timeout: Duration) -> Result<Value, ClientError> {
     let deadline = Instant::now() + timeout;
@@ -55,7 +62,10 @@ async fn follow_stream(
     let path = format!("/v1/jobs/{id}/events");
     let mut parser = SseParser::default();
     let mut failures = 0;
+    // Streams in a row that ended without a new event.
+    let mut quiet_ends = 0;
     loop {
+        let seen = parser.last_id().map(str::to_owned);
         // The request may stream for the whole wait; `follow` stops it at the deadline.
         let opened = api
             .open_event_stream(&path, parser.last_id(), timeout + SILENCE)
@@ -68,12 +78,27 @@ async fn follow_stream(
         match read {
             Ok(true) => return Ok(()),
             // Ended early (the server stopped): resume after the last event.
-            Ok(false) => failures = 0,
+            Ok(false) => {
+                failures = 0;
+                quiet_ends = match parser.last_id() == seen.as_deref() {
+                    true => quiet_ends + 1,
+                    false => 0,
+                };
+            }
             Err(ClientError::Unavailable(_)) if failures < MAX_RECONNECTS => failures += 1,
             Err(err) => return Err(err),
         }
-        tokio::time::sleep(Duration::from_millis(250) * 2u32.pow(failures)).await;
+        tokio::time::sleep(reconnect_delay(failures, quiet_ends)).await;
     }
+}
+
+/// The pause before reconnecting after `failures` failed attempts in a row, or `quiet_ends`
+/// streams in a row that ended without a new event.
+fn reconnect_delay(failures: u32, quiet_ends: u32) -> Duration {
+    let after_failures = RECONNECT_DELAY * 2u32.pow(failures.min(MAX_RECONNECTS));
+    let after_quiet_ends =
+        (RECONNECT_DELAY * 2u32.pow(quiet_ends.min(8))).min(MAX_QUIET_RECONNECT_DELAY);
+    after_failures.max(after_quiet_ends)
 }
 
 /// Shows the events of one response until it ends; true when the last one ended the job.
@@ -248,6 +273,17 @@ mod tests {
     use super::*;
 
     const JOB: &str = "0b5c0c3e-0000-4000-8000-000000000001";
+
+    #[test]
+    fn streams_ending_without_an_event_are_asked_again_ever_more_slowly_up_to_5_s() {
+        assert_eq!(reconnect_delay(0, 0), Duration::from_millis(250));
+        assert_eq!(reconnect_delay(0, 1), Duration::from_millis(500));
+        assert_eq!(reconnect_delay(0, 4), Duration::from_secs(4));
+        assert_eq!(reconnect_delay(0, 5), Duration::from_secs(5));
+        assert_eq!(reconnect_delay(0, 1000), Duration::from_secs(5));
+        // Failures back off as before.
+        assert_eq!(reconnect_delay(3, 0), Duration::from_secs(2));
+    }
 
     fn view(state: &str) -> Value {
         json!({"id": JOB, "kind": "test", "state": state, "attempts": 1, "steps": []})

@@ -43,8 +43,8 @@ pub struct FreshnessChecker {
     pub db: PgPool,
     /// Rate-limited clients of the service's own identity (S3 per bucket region from these).
     pub aws: AwsClients,
-    /// `BP_FRESHNESS_INTERVAL`: a repository is due when its last check is older (0: every
-    /// ready repository at every round).
+    /// `BP_FRESHNESS_INTERVAL`: a repository is due when its last check is older (never 0:
+    /// `0s` turns the check off, and startup makes no checker).
     pub interval: Duration,
     /// `BP_FRESHNESS_CONCURRENCY`: repositories checked at once.
     pub concurrency: usize,
