@@ -233,8 +233,10 @@ pub async fn prepare_schema(pool: &PgPool) -> Result<(), SchemaError> {
     )))
 }
 
-/// Tables the runtime role may only read and append to (SELECT, INSERT).
-pub const APPEND_ONLY_TABLES: [&str; 1] = ["audit_events"];
+/// Tables the runtime role may only read and append to (SELECT, INSERT). `job_events` is
+/// written only by the triggers on `jobs` and `job_steps` (INSERT, as the role changing the
+/// job); its rows go only with their job (ON DELETE CASCADE, run as the table's owner).
+pub const APPEND_ONLY_TABLES: [&str; 2] = ["audit_events", "job_events"];
 
 /// Why `migrate --grant-to` did not grant.
 #[derive(Debug, thiserror::Error)]
