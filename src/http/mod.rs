@@ -129,7 +129,9 @@ pub fn router(state: AppState, limits: &HttpLimits) -> Router {
         .layer(RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(middleware::map_response(error::ensure_problem_json))
         .layer(cors(&limits.cors_origins))
-        .layer(middleware::map_response(hardening::cors_for_allowed_origins_only))
+        .layer(middleware::map_response(
+            hardening::cors_for_allowed_origins_only,
+        ))
         .layer(middleware::from_fn(hardening::uri_limit))
         .layer(middleware::from_fn(hardening::request_ids))
         .layer(middleware::from_fn(hardening::security_headers))
