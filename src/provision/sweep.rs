@@ -125,28 +125,71 @@ pub async fn on_ticks<F, Fut>(
     }
 }
 
+/// Runs `round` at each tick of `ticks` until `shutdown` fires, hands what a round did to
+/// `report` and logs a failed round as `failed`: the loop of the periodic tasks that take the
+/// lock per round (sweep, freshness, verification top-up).
+pub async fn report_rounds<R, E, F, Fut>(
+    ticks: tokio::time::Interval,
+    shutdown: CancellationToken,
+    failed: &'static str,
+    round: F,
+    report: impl Fn(R),
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<R, E>>,
+    E: std::fmt::Display,
+{
+    let (round, report) = (&round, &report);
+    on_ticks(ticks, shutdown, move || async move {
+        match round().await {
+            Ok(done) => report(done),
+            Err(e) => tracing::warn!(error = %e, "{failed}"),
+        }
+    })
+    .await
+}
+
+/// One round of a periodic task: `work`, if this replica wins the advisory lock `lock`, its
+/// result made into `R` by `done`; `R::default()` (skipped) while another replica holds it.
+pub async fn round_under_lock<T, R, E, F, Fut>(
+    db: &PgPool,
+    lock: i64,
+    work: F,
+    done: impl FnOnce(T) -> R,
+) -> Result<R, E>
+where
+    R: Default,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: From<sqlx::Error>,
+{
+    let won = crate::db::with_advisory_lock(db, lock, work).await?;
+    Ok(won.map_or_else(R::default, done))
+}
+
 impl Sweeper {
     /// Sweeps every `interval` until `shutdown` fires.
     pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
         let ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let this = &self;
-        on_ticks(ticks, shutdown, || async move {
-            match this.sweep_once().await {
-                Ok(Swept::Done(report)) if report != SweepReport::default() => {
+        let sweep = || self.sweep_once();
+        report_rounds(
+            ticks,
+            shutdown,
+            "sweep failed",
+            sweep,
+            |swept| match swept {
+                Swept::Done(report) if report != SweepReport::default() => {
                     tracing::info!(?report, "sweep done");
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "sweep failed"),
-            }
-        })
+                _ => {}
+            },
+        )
         .await
     }
 
     /// One sweep, if this worker wins the sweep lock.
     pub async fn sweep_once(&self) -> Result<Swept, SweepError> {
-        let swept =
-            crate::db::with_advisory_lock(&self.db, SWEEP_LOCK, || self.sweep_all()).await?;
-        Ok(swept.map_or(Swept::Skipped, Swept::Done))
+        round_under_lock(&self.db, SWEEP_LOCK, || self.sweep_all(), Swept::Done).await
     }
 
     async fn sweep_all(&self) -> Result<SweepReport, SweepError> {

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::audit::{self, AuditEntry};
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
 use crate::jobs::{self, EnqueueOptions, JobKind};
-use crate::provision::sweep::on_ticks;
+use crate::provision::sweep::{report_rounds, round_under_lock};
 use crate::provision::verify::{VerifyPayload, VerifyRepository};
 
 /// The advisory lock whose holder queues periodic verifications ("bpverif1").
@@ -71,24 +71,33 @@ struct Due {
 impl VerifySweeper {
     /// Tops up every `tick` until `shutdown` fires; the first right away.
     pub async fn run(self, tick: Duration, shutdown: CancellationToken) {
-        let this = &self;
-        on_ticks(tokio::time::interval(tick), shutdown, || async move {
-            match this.top_up_once().await {
-                Ok(TopUp::Queued(names)) if !names.is_empty() => {
+        let top_up = || self.top_up_once();
+        let ticks = tokio::time::interval(tick);
+        report_rounds(
+            ticks,
+            shutdown,
+            "periodic verification failed",
+            top_up,
+            |done| {
+                if let TopUp::Queued(names) = done
+                    && !names.is_empty()
+                {
                     tracing::info!(repositories = ?names, "periodic verification queued");
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "periodic verification failed"),
-            }
-        })
+            },
+        )
         .await
     }
 
     /// One top-up, if this replica wins the lock.
     pub async fn top_up_once(&self) -> Result<TopUp, sqlx::Error> {
-        let queued =
-            crate::db::with_advisory_lock(&self.db, VERIFY_SWEEP_LOCK, || self.queue_due()).await?;
-        Ok(queued.map_or(TopUp::Skipped, TopUp::Queued))
+        round_under_lock(
+            &self.db,
+            VERIFY_SWEEP_LOCK,
+            || self.queue_due(),
+            TopUp::Queued,
+        )
+        .await
     }
 
     async fn queue_due(&self) -> Result<Vec<String>, sqlx::Error> {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cloud::aws::AwsClients;
-use crate::provision::sweep::on_ticks;
+use crate::provision::sweep::{report_rounds, round_under_lock};
 
 pub use scan::Found;
 pub use store::Freshness;
@@ -80,27 +80,35 @@ struct Due {
 impl FreshnessChecker {
     /// Checks the due repositories every `tick` until `shutdown` fires; the first right away.
     pub async fn run(self, tick: Duration, shutdown: CancellationToken) {
-        let this = &self;
-        on_ticks(tokio::time::interval(tick), shutdown, || async move {
-            match this.refresh_once().await {
-                Ok(Refresh::Checked(checked)) => {
-                    for failed in checked.iter().filter(|c| c.outcome.is_err()) {
-                        tracing::warn!(repository = %failed.repository,
-                            error = ?failed.outcome.as_ref().err(), "freshness check failed");
-                    }
+        let refresh = || self.refresh_once();
+        let ticks = tokio::time::interval(tick);
+        report_rounds(
+            ticks,
+            shutdown,
+            "freshness round failed",
+            refresh,
+            |refreshed| {
+                let Refresh::Checked(checked) = refreshed else {
+                    return;
+                };
+                for failed in checked.iter().filter(|c| c.outcome.is_err()) {
+                    tracing::warn!(repository = %failed.repository,
+                        error = ?failed.outcome.as_ref().err(), "freshness check failed");
                 }
-                Ok(Refresh::Skipped) => {}
-                Err(e) => tracing::warn!(error = %e, "freshness round failed"),
-            }
-        })
+            },
+        )
         .await
     }
 
     /// One round, if this replica wins the lock.
     pub async fn refresh_once(&self) -> Result<Refresh, sqlx::Error> {
-        let checked =
-            crate::db::with_advisory_lock(&self.db, FRESHNESS_LOCK, || self.check_due()).await?;
-        Ok(checked.map_or(Refresh::Skipped, Refresh::Checked))
+        round_under_lock(
+            &self.db,
+            FRESHNESS_LOCK,
+            || self.check_due(),
+            Refresh::Checked,
+        )
+        .await
     }
 
     async fn check_due(&self) -> Result<Vec<Checked>, sqlx::Error> {
