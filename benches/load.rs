@@ -20,6 +20,9 @@
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
 mod app;
+#[allow(dead_code)]
+#[path = "common/mod.rs"]
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +42,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use common::{Databases, ms, percentile, setting};
+
 /// Long, so that only LISTEN/NOTIFY (or a finishing job) wakes an idle worker; the same for
 /// graphile-worker.
 const POLL_INTERVAL: Duration = Duration::from_secs(30);
@@ -47,37 +52,15 @@ const PICKUP_SLOTS: usize = 4;
 const CONNECTIONS: usize = 32;
 const WRK_THREADS: usize = 2;
 
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run());
-}
-
-async fn run() {
-    let started = Instant::now();
-    backup_provisioner::install_crypto_provider();
-    let mut databases = Databases::default();
-    println!(
-        "backup-provisioner load benchmarks (release build, {} CPUs)",
-        cpus()
-    );
-    println!();
-    let queue = queue_bench(&mut databases).await;
-    print_queue(&queue);
-    let service = service_bench(&mut databases).await;
-    print_service(&service);
-    databases.drop_all().await;
-    println!();
-    println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
+    common::main_of("load", async {
+        let mut databases = Databases::default();
+        let queue = queue_bench(&mut databases).await;
+        print_queue(&queue);
+        let service = service_bench(&mut databases).await;
+        print_service(&service);
+        databases.drop_all().await;
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -169,8 +152,8 @@ struct QueueResults {
 }
 
 async fn queue_bench(databases: &mut Databases) -> QueueResults {
-    let jobs = setting("BENCH_QUEUE_JOBS", 2000) as usize;
-    let samples = setting("BENCH_PICKUP_SAMPLES", 100) as usize;
+    let jobs: usize = setting("BENCH_QUEUE_JOBS", 2000);
+    let samples: usize = setting("BENCH_PICKUP_SAMPLES", 100);
     let graphile = Graphile::install();
     let mut batches = Vec::new();
     let mut graphile_version = String::new();
@@ -629,7 +612,7 @@ async fn service_bench(databases: &mut Databases) -> ServiceResults {
     let url = database.url.clone();
     databases.keep(database.guard);
     let dir = tempfile::tempdir().expect("temporary directory");
-    let starts_n = setting("BENCH_STARTS", 7) as usize;
+    let starts_n: usize = setting("BENCH_STARTS", 7);
     eprintln!("[start] 2 × {starts_n} starts of the release binary on a migrated database …");
     let mut starts = Vec::new();
     let mut idle_rss = Vec::new();
@@ -727,8 +710,8 @@ async fn load_rounds(service: &Service, dir: &Path) -> (Vec<(usize, u64, u64)>, 
     let script = dir.join("post.lua");
     std::fs::write(&script, POST_SCRIPT).expect("write post.lua");
     let run_id = &Uuid::new_v4().simple().to_string()[..6];
-    let rounds = setting("BENCH_LOAD_ROUNDS", 3) as usize;
-    let seconds = setting("BENCH_LOAD_SECONDS", 10);
+    let rounds: usize = setting("BENCH_LOAD_ROUNDS", 3);
+    let seconds: u64 = setting("BENCH_LOAD_SECONDS", 10);
     // Not measured: the pool opens its connections (a TLS handshake each) and the caches fill.
     let warm_up = [
         "-H".to_owned(),
@@ -905,72 +888,4 @@ fn print_service(results: &ServiceResults) {
             ms(percentile(starts, 100.0)),
         );
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------------------------
-
-/// The databases this run made; dropped at the end.
-#[derive(Default)]
-struct Databases(Vec<String>);
-
-impl Databases {
-    fn keep(&mut self, guard: app::DatabaseGuard) {
-        self.0.push(guard.keep());
-    }
-
-    async fn drop_all(&self) {
-        let Ok(admin) = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/postgres", app::postgres_base_url()))
-            .await
-        else {
-            return;
-        };
-        let mut dropped = 0;
-        for name in self
-            .0
-            .iter()
-            .filter(|n| n.starts_with(app::DATABASE_PREFIX))
-        {
-            match sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&admin)
-            .await
-            {
-                Ok(_) => dropped += 1,
-                Err(e) => eprintln!("dropping {name}: {e}"),
-            }
-        }
-        eprintln!("dropped the {dropped} databases this run created");
-        admin.close().await;
-    }
-}
-
-/// Nearest-rank percentile (0 = min, 100 = max).
-fn percentile(samples: &[Duration], p: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    let v = d.as_secs_f64() * 1000.0;
-    if v < 10.0 {
-        format!("{v:.2} ms")
-    } else {
-        format!("{v:.0} ms")
-    }
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }

@@ -27,6 +27,9 @@ mod app;
 #[path = "../tests/api/support/aws_realism/mod.rs"]
 mod aws_realism;
 #[allow(dead_code)]
+#[path = "common/mod.rs"]
+mod common;
+#[allow(dead_code)]
 #[path = "../tests/api/support/env.rs"]
 mod env;
 #[path = "../tests/api/support/kube_apiserver.rs"]
@@ -61,6 +64,8 @@ use kube_proxy::RequestRecord;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use common::{Databases, ms, percentile, setting};
+
 const NAMESPACE: &str = "zitadel";
 const LATENCIES_MS: [u64; 2] = [20, 0];
 const MOTO_SAMPLES: usize = 30;
@@ -69,50 +74,27 @@ const KEY_WINDOW: Duration = aws_realism::DEFAULT_WINDOW;
 /// `BP_AWS_MAX_RPS` of the fleet sweep.
 const FLEET_RPS: u32 = 100;
 
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(run());
-}
+    common::main_of("provisioning", async {
+        let mut databases = Databases::default();
+        let mut comparisons = Vec::new();
+        for latency in LATENCIES_MS {
+            comparisons.push(compare(Duration::from_millis(latency), &mut databases).await);
+        }
+        let consistency = consistency_bench(&mut databases).await;
+        let fleet = match setting("BENCH_FLEET", 1000) {
+            0 => None,
+            n => Some(fleet_bench(n, &mut databases).await),
+        };
 
-async fn run() {
-    let started = Instant::now();
-    backup_provisioner::install_crypto_provider();
-    let mut databases = Vec::new();
-    println!(
-        "backup-provisioner provisioning benchmarks (release build, {} CPUs)",
-        cpus()
-    );
-    println!();
-
-    let mut comparisons = Vec::new();
-    for latency in LATENCIES_MS {
-        comparisons.push(compare(Duration::from_millis(latency), &mut databases).await);
-    }
-    let consistency = consistency_bench(&mut databases).await;
-    let fleet = match setting("BENCH_FLEET", 1000) {
-        0 => None,
-        n => Some(fleet_bench(n, &mut databases).await),
-    };
-
-    eprintln!("report");
-    print_comparisons(&comparisons);
-    print_consistency(&consistency);
-    if let Some(fleet) = &fleet {
-        print_fleet(fleet);
-    }
-    drop_databases(&databases).await;
-    println!();
-    println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
+        eprintln!("report");
+        print_comparisons(&comparisons);
+        print_consistency(&consistency);
+        if let Some(fleet) = &fleet {
+            print_fleet(fleet);
+        }
+        databases.drop_all().await;
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -153,7 +135,7 @@ struct Comparison {
     moto_iam_get_user: Vec<Duration>,
 }
 
-async fn compare(latency: Duration, databases: &mut Vec<String>) -> Comparison {
+async fn compare(latency: Duration, databases: &mut Databases) -> Comparison {
     let runs = setting("BENCH_RUNS", 10);
     let script_runs = setting("BENCH_SCRIPT_RUNS", 5);
     let realism = AwsRealism::off().latency(1.0, Latency::Fixed(latency));
@@ -161,7 +143,7 @@ async fn compare(latency: Duration, databases: &mut Vec<String>) -> Comparison {
         .aws_realism(realism)
         .start()
         .await;
-    databases.push(db_name(&env.app.database_url));
+    databases.keep_url(&env.app.database_url);
     let proxy = env.realism.as_ref().expect("proxy");
     let load_before = load_average();
     eprintln!(
@@ -332,7 +314,7 @@ struct ConsistencyResults {
     refused: Vec<u64>,
 }
 
-async fn consistency_bench(databases: &mut Vec<String>) -> ConsistencyResults {
+async fn consistency_bench(databases: &mut Databases) -> ConsistencyResults {
     let runs = setting("BENCH_CONSISTENCY_RUNS", 3);
     eprintln!(
         "[2] new access keys hidden for {KEY_WINDOW:?}: {runs} first provisionings, POST → ready …"
@@ -344,7 +326,7 @@ async fn consistency_bench(databases: &mut Vec<String>) -> ConsistencyResults {
         .aws_realism(realism)
         .start()
         .await;
-    databases.push(db_name(&env.app.database_url));
+    databases.keep_url(&env.app.database_url);
     let proxy = env.realism.as_ref().expect("proxy");
     let mut results = ConsistencyResults {
         walls: Vec::new(),
@@ -494,7 +476,7 @@ struct FleetResults {
     drifted: i64,
 }
 
-async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetResults {
+async fn fleet_bench(repositories: usize, databases: &mut Databases) -> FleetResults {
     let concurrency = setting("BENCH_FLEET_CONCURRENCY", 16);
     eprintln!(
         "[3] fleet: seeding {repositories} repositories through the API (no rate limit), then \
@@ -511,7 +493,7 @@ async fn fleet_bench(repositories: usize, databases: &mut Vec<String>) -> FleetR
         .map_service_aws(move |aws| paced.apply(aws))
         .start()
         .await;
-    databases.push(db_name(&env.app.database_url));
+    databases.keep_url(&env.app.database_url);
     let proxy = env.realism.as_ref().expect("proxy");
 
     let t = Instant::now();
@@ -960,61 +942,6 @@ fn stats_row(label: &str, samples: &[Duration]) {
     );
 }
 
-/// Nearest-rank percentile (0 = min, 100 = max).
-fn percentile(samples: &[Duration], p: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    let v = d.as_secs_f64() * 1000.0;
-    if v < 10.0 {
-        format!("{v:.2} ms")
-    } else {
-        format!("{v:.0} ms")
-    }
-}
-
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn db_name(url: &str) -> String {
-    url.rsplit('/').next().unwrap_or_default().to_owned()
-}
-
-/// Drops the databases this run created (they are not needed afterwards).
-async fn drop_databases(names: &[String]) {
-    let Ok(admin) = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", app::postgres_base_url()))
-        .await
-    else {
-        return;
-    };
-    let mut dropped = 0;
-    for name in names.iter().filter(|n| n.starts_with("bp_test_")) {
-        match sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&admin)
-        .await
-        {
-            Ok(_) => dropped += 1,
-            Err(e) => eprintln!("dropping {name}: {e}"),
-        }
-    }
-    eprintln!("dropped the {dropped} databases this run created");
-    admin.close().await;
 }
