@@ -68,36 +68,33 @@ struct Due {
     verified_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// Logs the repositories a top-up queued, if any.
+fn log_queued(done: TopUp) {
+    if let TopUp::Queued(names) = done
+        && !names.is_empty()
+    {
+        tracing::info!(repositories = ?names, "periodic verification queued");
+    }
+}
+
 impl VerifySweeper {
     /// Tops up every `tick` until `shutdown` fires; the first right away.
     pub async fn run(self, tick: Duration, shutdown: CancellationToken) {
-        let top_up = || self.top_up_once();
-        let ticks = tokio::time::interval(tick);
+        let (ticks, top_up) = (tokio::time::interval(tick), || self.top_up_once());
         report_rounds(
             ticks,
             shutdown,
             "periodic verification failed",
             top_up,
-            |done| {
-                if let TopUp::Queued(names) = done
-                    && !names.is_empty()
-                {
-                    tracing::info!(repositories = ?names, "periodic verification queued");
-                }
-            },
+            log_queued,
         )
         .await
     }
 
     /// One top-up, if this replica wins the lock.
     pub async fn top_up_once(&self) -> Result<TopUp, sqlx::Error> {
-        round_under_lock(
-            &self.db,
-            VERIFY_SWEEP_LOCK,
-            || self.queue_due(),
-            TopUp::Queued,
-        )
-        .await
+        let queue = || self.queue_due();
+        round_under_lock(&self.db, VERIFY_SWEEP_LOCK, queue, TopUp::Queued).await
     }
 
     async fn queue_due(&self) -> Result<Vec<String>, sqlx::Error> {

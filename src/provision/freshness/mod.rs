@@ -80,35 +80,21 @@ struct Due {
 impl FreshnessChecker {
     /// Checks the due repositories every `tick` until `shutdown` fires; the first right away.
     pub async fn run(self, tick: Duration, shutdown: CancellationToken) {
-        let refresh = || self.refresh_once();
-        let ticks = tokio::time::interval(tick);
+        let (ticks, refresh) = (tokio::time::interval(tick), || self.refresh_once());
         report_rounds(
             ticks,
             shutdown,
             "freshness round failed",
             refresh,
-            |refreshed| {
-                let Refresh::Checked(checked) = refreshed else {
-                    return;
-                };
-                for failed in checked.iter().filter(|c| c.outcome.is_err()) {
-                    tracing::warn!(repository = %failed.repository,
-                        error = ?failed.outcome.as_ref().err(), "freshness check failed");
-                }
-            },
+            warn_failed,
         )
         .await
     }
 
     /// One round, if this replica wins the lock.
     pub async fn refresh_once(&self) -> Result<Refresh, sqlx::Error> {
-        round_under_lock(
-            &self.db,
-            FRESHNESS_LOCK,
-            || self.check_due(),
-            Refresh::Checked,
-        )
-        .await
+        let check = || self.check_due();
+        round_under_lock(&self.db, FRESHNESS_LOCK, check, Refresh::Checked).await
     }
 
     async fn check_due(&self) -> Result<Vec<Checked>, sqlx::Error> {
@@ -134,6 +120,17 @@ impl FreshnessChecker {
             repository: repository.name,
             outcome,
         })
+    }
+}
+
+/// Logs each repository whose check failed in a round.
+fn warn_failed(refreshed: Refresh) {
+    let Refresh::Checked(checked) = refreshed else {
+        return;
+    };
+    for failed in checked.iter().filter(|c| c.outcome.is_err()) {
+        tracing::warn!(repository = %failed.repository,
+            error = ?failed.outcome.as_ref().err(), "freshness check failed");
     }
 }
 
