@@ -10,13 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use aws_sdk_iam::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_iam::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_smithy_runtime_api::client::http::{
+    HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
+    SharedHttpConnector,
+};
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_runtime_api::shared::IntoShared;
 use backup_provisioner::cloud::aws::AwsClients;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::provision::{access_key, sealed};
 use serde_json::json;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::support::env::{Env, bucket_for, conf_value, unique_name};
@@ -33,54 +39,74 @@ const DEADLINE: Duration = Duration::from_secs(90);
 struct GateEvent {
     action: String,
     access_key_id: Option<String>,
-    _release: std::sync::mpsc::Sender<()>,
+    _release: oneshot::Sender<()>,
 }
 
-/// Holds the service's IAM calls of the given actions (while armed) until the test drops the
-/// [`GateEvent`] it receives for each.
-#[derive(Debug)]
+/// Holds the service's IAM requests of the given actions (while armed) until the test drops
+/// the [`GateEvent`] it receives for each. It wraps the SDK's HTTP client, so a held request is
+/// a future awaiting the test: the job's other steps (branches of the same task) go on running,
+/// as they would while a real request is in flight.
+#[derive(Debug, Clone)]
 struct IamGate {
     actions: &'static [&'static str],
     armed: Arc<AtomicBool>,
     events: UnboundedSender<GateEvent>,
+    inner: SharedHttpClient,
 }
 
-impl Intercept for IamGate {
-    fn name(&self) -> &'static str {
-        "IamGate"
-    }
-
-    fn read_before_transmit(
-        &self,
-        context: &BeforeTransmitInterceptorContextRef<'_>,
-        _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), aws_sdk_iam::error::BoxError> {
+impl IamGate {
+    /// The event for `request` if the gate holds it: armed, and one of the gated actions.
+    fn hold(&self, request: &HttpRequest) -> Option<(GateEvent, oneshot::Receiver<()>)> {
         if !self.armed.load(Ordering::SeqCst) {
-            return Ok(());
+            return None;
         }
-        let Some(body) = context.request().body().bytes() else {
-            return Ok(());
-        };
+        let body = request.body().bytes()?;
         let form: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
         let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let Some(action) = field("Action").filter(|a| self.actions.contains(&a.as_str())) else {
-            return Ok(());
-        };
-        let (release, released) = std::sync::mpsc::channel();
+        let action = field("Action").filter(|a| self.actions.contains(&a.as_str()))?;
+        let (release, released) = oneshot::channel();
         let event = GateEvent {
             action,
             access_key_id: field("AccessKeyId"),
             _release: release,
         };
-        if self.events.send(event).is_ok() {
-            // Interceptors are synchronous: park this worker thread (its other tasks move to
-            // another one) until the test has looked and dropped the event.
-            tokio::task::block_in_place(|| {
-                let _ = released.recv();
-            });
-        }
-        Ok(())
+        Some((event, released))
+    }
+}
+
+impl HttpClient for IamGate {
+    fn http_connector(
+        &self,
+        settings: &HttpConnectorSettings,
+        components: &RuntimeComponents,
+    ) -> SharedHttpConnector {
+        SharedHttpConnector::new(GatedConnector {
+            gate: self.clone(),
+            inner: self.inner.http_connector(settings, components),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct GatedConnector {
+    gate: IamGate,
+    inner: SharedHttpConnector,
+}
+
+impl HttpConnector for GatedConnector {
+    fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
+        let held = self.gate.hold(&request);
+        let events = self.gate.events.clone();
+        let inner = self.inner.clone();
+        HttpConnectorFuture::new(async move {
+            if let Some((event, released)) = held
+                && events.send(event).is_ok()
+            {
+                // Err once the test drops the event: that is the release.
+                let _ = released.await;
+            }
+            inner.call(request).await
+        })
     }
 }
 
@@ -97,13 +123,21 @@ impl Gate {
     ) -> (Gate, impl FnOnce(AwsClients) -> AwsClients + 'static) {
         let (events, receiver) = unbounded_channel();
         let armed = Arc::new(AtomicBool::new(false));
-        let interceptor = IamGate {
-            actions,
-            armed: armed.clone(),
-            events,
-        };
+        let armed_for_client = armed.clone();
         let map = move |mut aws: AwsClients| {
-            let config = aws.iam.config().to_builder().interceptor(interceptor);
+            let inner = aws
+                .iam
+                .config()
+                .http_client()
+                .unwrap_or_else(backup_provisioner::cloud::rate_limit::default_https_client);
+            let gate = IamGate {
+                actions,
+                armed: armed_for_client,
+                events,
+                inner,
+            };
+            let gate: SharedHttpClient = gate.into_shared();
+            let config = aws.iam.config().to_builder().http_client(gate);
             aws.iam = aws_sdk_iam::Client::from_conf(config.build());
             aws
         };
@@ -179,9 +213,27 @@ async fn queue_repository(env: &Env, name: &str) -> Uuid {
     Uuid::parse_str(created["job"]["id"].as_str().expect("job id")).expect("uuid")
 }
 
-/// Another connection can lock the job's row at once, and no other session of the test's
-/// database is idle inside a transaction.
+/// While the call is held, a moment comes when another connection can lock the job's row at
+/// once and no other session of the test's database is idle inside a transaction. The job's
+/// other steps run on meanwhile (their short transactions may be seen open at any one instant),
+/// but a transaction or lock held across the call would last as long as the gate holds it,
+/// so it would never let that moment come.
 async fn assert_row_lockable(env: &Env, job_id: Uuid) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let Err(holder) = probe_row_and_transactions(env, job_id).await else {
+            return;
+        };
+        assert!(
+            tokio::time::Instant::now() < until,
+            "held across CreateAccessKey for the whole of the call: {holder}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One look: Err names the row lock or the idle transactions seen.
+async fn probe_row_and_transactions(env: &Env, job_id: Uuid) -> Result<(), String> {
     let mut probe = env.app.db.begin().await.expect("begin");
     let locked = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE NOWAIT")
         .bind(job_id)
@@ -189,7 +241,7 @@ async fn assert_row_lockable(env: &Env, job_id: Uuid) {
         .await;
     if let Err(e) = &locked {
         let code = e.as_database_error().and_then(|d| d.code());
-        panic!("the job's row is locked during CreateAccessKey ({code:?}): {e}");
+        return Err(format!("the job's row is locked ({code:?}): {e}"));
     }
     let idle_in_tx: Vec<String> = sqlx::query_scalar(
         "SELECT coalesce(query, '') FROM pg_stat_activity
@@ -200,10 +252,10 @@ async fn assert_row_lockable(env: &Env, job_id: Uuid) {
     .await
     .expect("pg_stat_activity");
     probe.rollback().await.expect("rollback");
-    assert!(
-        idle_in_tx.is_empty(),
-        "sessions idle in a transaction during CreateAccessKey: {idle_in_tx:?}"
-    );
+    match idle_in_tx.is_empty() {
+        true => Ok(()),
+        false => Err(format!("sessions idle in a transaction: {idle_in_tx:?}")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
