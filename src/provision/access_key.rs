@@ -464,6 +464,14 @@ pub fn create_error(err: SdkError<CreateAccessKeyError>, room: Option<&[String]>
     }
 }
 
+/// Whether `err` is [`create_error`]'s retryable `LimitExceeded`: the step saw room, but IAM
+/// has not shown it the keys made since or still counts the ones it deleted. Both pass within
+/// seconds, so a step may list again and retry at once rather than fail its attempt.
+pub fn is_room_not_yet_visible(err: &CloudError) -> bool {
+    matches!(err, CloudError::Retryable { operation: "CreateAccessKey", message, .. }
+        if message.ends_with("[LimitExceeded]"))
+}
+
 /// Deletes an access key. A key that is already gone counts as deleted
 /// (`Outcome::AlreadyPresent` with `"already_absent": true`).
 pub async fn delete(iam: &Client, user: &str, key_id: &str) -> Result<StepReport, CloudError> {
@@ -707,8 +715,10 @@ mod tests {
         let e = create_error(create_failure("LimitExceeded", 409), Some(&[]));
         assert!(e.is_retryable(), "{e}");
         assert!(e.to_string().contains("answer was lost"), "{e}");
+        assert!(is_room_not_yet_visible(&e));
         // Nothing known about the user's keys: the quota itself, permanent.
         let e = create_error(create_failure("LimitExceeded", 409), None);
+        assert!(!is_room_not_yet_visible(&e));
         assert!(!e.is_retryable(), "{e}");
         assert!(e.to_string().contains("delete unused keys"), "{e}");
         // Other errors keep their classification.

@@ -41,11 +41,17 @@ use super::report::done;
 use super::secret::{self, ExistingSecret, RepositorySecret, S3Conf};
 use super::{credential_check, sealed};
 use crate::cloud::aws::AwsClients;
-use crate::cloud::{Outcome, StepReport};
+use crate::cloud::{CloudError, Outcome, StepReport};
 use crate::crypto::Keyring;
 use crate::domain::{BucketName, Namespace, Region, RepositoryName};
 use crate::jobs::{JobContext, JobError, JobHandler, JobKind, Subject};
 use crate::repository::{self, Resources};
+
+/// The longest pause between listings while IAM does not show the room a step made.
+const ROOM_BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+/// A key the `new_key` step made (with its secret) or reused, and its report.
+type KeyMade = (KeyOutput, StepReport, Option<access_key::NewAccessKey>);
 
 /// The rotation job kind: one repository's access key, replaced without downtime.
 pub struct RotateAccessKey;
@@ -417,19 +423,13 @@ impl Rotator {
         let step = Step::NewKey;
         ctx.step_with_own_commit(step.name(), step.position(), |attempt| async move {
             let user = payload.bucket.iam_user_name();
-            let listed = access_key::list(&self.aws.iam, user).await?;
             let store = self.sealed(payload);
-            let sealed = store.get(ctx.pool(), sealed::Kind::AccessKey).await?;
-            let grace = retirements::keys_in_grace(ctx.pool(), payload.repository_id).await?;
-            let mut spare: Vec<&str> = grace.iter().map(String::as_str).collect();
-            spare.push(&room.old_key_id);
-            spare.extend(existing.and_then(|s| s.access_key_id.as_deref()));
-            let sealed_id = sealed.as_ref().map(|s| s.key_id.as_str());
-            let plan = keys::plan_new_key(&listed, sealed_id, &spare);
-            let (output, mut report, new) = self.make_or_reuse(ctx, user, &plan).await?;
+            let (deleted, (output, mut report, new)) = self
+                .key_once_room_shows(ctx, payload, existing, room)
+                .await?;
             report.detail = json!({
                 "user_name": user, "access_key_id": output.access_key_id,
-                "source": output.source, "deleted": plan.delete,
+                "source": output.source, "deleted": deleted,
             });
             // Recorded even after a cancel: the key exists now, and its secret is lost unless
             // sealed.
@@ -447,6 +447,63 @@ impl Rotator {
         .await
     }
 
+    /// Lists the user's keys, deletes those nobody can use and makes (or reuses) one; returns
+    /// every key it deleted. When IAM
+    /// refuses the new key although the listing left room (keys made by a lost answer not
+    /// listed yet, deleted keys still counted), lists again after a short capped backoff, within
+    /// the credential check's budget, instead of failing the attempt: both pass within seconds.
+    async fn key_once_room_shows(
+        &self,
+        ctx: &JobContext,
+        payload: &RotatePayload,
+        existing: Option<&ExistingSecret>,
+        room: &Room,
+    ) -> Result<(Vec<String>, KeyMade), JobError> {
+        let until = tokio::time::Instant::now() + self.credential_check_budget;
+        let mut pause = self.credential_check_backoff;
+        let mut deleted = Vec::new();
+        loop {
+            let plan = self.plan_new_key(ctx, payload, existing, room).await?;
+            let user = payload.bucket.iam_user_name();
+            let made = self.make_or_reuse(ctx, user, &plan).await?;
+            deleted.extend(plan.delete);
+            match made {
+                Ok(made) => return Ok((deleted, made)),
+                Err(e) if access_key::is_room_not_yet_visible(&e) => {
+                    if tokio::time::Instant::now() + pause > until {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ROOM_BACKOFF_CAP);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Which key to reuse and which to delete: every key but the sealed one, the one the Secret
+    /// references and those in their grace period.
+    async fn plan_new_key(
+        &self,
+        ctx: &JobContext,
+        payload: &RotatePayload,
+        existing: Option<&ExistingSecret>,
+        room: &Room,
+    ) -> Result<keys::NewKeyPlan, JobError> {
+        let user = payload.bucket.iam_user_name();
+        let listed = access_key::list(&self.aws.iam, user).await?;
+        let sealed = self
+            .sealed(payload)
+            .get(ctx.pool(), sealed::Kind::AccessKey)
+            .await?;
+        let grace = retirements::keys_in_grace(ctx.pool(), payload.repository_id).await?;
+        let mut spare: Vec<&str> = grace.iter().map(String::as_str).collect();
+        spare.push(&room.old_key_id);
+        spare.extend(existing.and_then(|s| s.access_key_id.as_deref()));
+        let sealed_id = sealed.as_ref().map(|s| s.key_id.as_str());
+        Ok(keys::plan_new_key(&listed, sealed_id, &spare))
+    }
+
     /// Deletes the keys `plan` names, then reuses the sealed key or makes one. The checkpoint
     /// `new_key:before-record` lies between CreateAccessKey and sealing its secret.
     async fn make_or_reuse(
@@ -454,7 +511,7 @@ impl Rotator {
         ctx: &JobContext,
         user: &str,
         plan: &keys::NewKeyPlan,
-    ) -> Result<(KeyOutput, StepReport, Option<access_key::NewAccessKey>), JobError> {
+    ) -> Result<Result<KeyMade, CloudError>, JobError> {
         if plan.reuse.is_none() || !plan.delete.is_empty() {
             // New work: not after a cancel, not without the lease.
             ctx.check_lease_unless_cancelled().await?;
@@ -468,9 +525,12 @@ impl Rotator {
                 source: KeySource::Sealed,
             };
             let report = StepReport::new(Outcome::AlreadyPresent, json!({}));
-            return Ok((output, report, None));
+            return Ok(Ok((output, report, None)));
         }
-        let new = access_key::create_after_deleting(&self.aws.iam, user, &plan.delete).await?;
+        let new = match access_key::create_after_deleting(&self.aws.iam, user, &plan.delete).await {
+            Ok(new) => new,
+            Err(e) => return Ok(Err(e)),
+        };
         ctx.checkpoint(Step::NewKey.name(), "before-record");
         let output = KeyOutput {
             access_key_id: new.id.clone(),
@@ -478,7 +538,7 @@ impl Rotator {
         };
         let mut report = StepReport::new(Outcome::Created, json!({}));
         report.upstream_request_id = new.request_id.clone();
-        Ok((output, report, Some(new)))
+        Ok(Ok((output, report, Some(new))))
     }
 
     /// The Secret's next content: the new key (its secret sealed) and the cipher pass of the
