@@ -75,11 +75,17 @@ pub fn pool_size(workers: usize) -> u32 {
 /// The service's pool, sized for `workers` jobs ([`pool_size`]), every session starting with
 /// [`SESSION_SETTINGS`].
 pub async fn connect(options: PgConnectOptions, workers: usize) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(pool_size(workers))
         .acquire_timeout(Duration::from_secs(5))
-        .connect_with(with_session_settings(options))
-        .await
+        .connect_lazy_with(with_session_settings(options));
+    // Two connections, opened at once: the LISTEN connection takes one out of the pool for
+    // good, and `/readyz` must not wait for another to be made only when it asks. Opened one
+    // after the other (as `min_connections` does), each TLS handshake adds its own wait: sqlx
+    // does not set TCP_NODELAY, so a handshake stalls on delayed ACKs (~130 ms here).
+    let (first, second) = tokio::try_join!(pool.acquire(), pool.acquire())?;
+    drop((first, second));
+    Ok(pool)
 }
 
 fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {

@@ -111,15 +111,15 @@ impl JobContext {
         T: Serialize + DeserializeOwned,
         F: Future<Output = Result<StepDone<T>, JobError>>,
     {
-        if let Some(output) = self.completed_output(name).await? {
-            return Ok(output);
-        }
-        let attempt = self.start_step(name, position).await?;
+        let attempt = match self.begin_step(name, position).await? {
+            Begun::Earlier(output) => return Ok(output),
+            Begun::Attempt(attempt) => attempt,
+        };
         match work.await {
             Ok(done) => {
                 self.checkpoint(name, "before-record");
                 // The work is done: record it even if a cancel arrived meanwhile (the job stops
-                // at the next step boundary, in start_step), so its output and audit entry are
+                // at the next step boundary, in begin_step), so its output and audit entry are
                 // kept. Only a lost lease refuses the write.
                 let mut tx = self.fenced_tx().await?;
                 self.finish_step(&mut tx, name, attempt, &done).await?;
@@ -149,10 +149,10 @@ impl JobContext {
         F: FnOnce(i32) -> Fut,
         Fut: Future<Output = Result<T, JobError>>,
     {
-        if let Some(output) = self.completed_output(name).await? {
-            return Ok(output);
-        }
-        let attempt = self.start_step(name, position).await?;
+        let attempt = match self.begin_step(name, position).await? {
+            Begun::Earlier(output) => return Ok(output),
+            Begun::Attempt(attempt) => attempt,
+        };
         match work(attempt).await {
             Ok(output) => Ok(output),
             Err(err) => {
@@ -187,35 +187,59 @@ impl JobContext {
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
-        match output {
-            Some(value) => serde_json::from_value(value.unwrap_or(serde_json::Value::Null))
-                .map(Some)
-                .map_err(|e| {
-                    JobError::Permanent(format!("stored output of step {name} is unreadable: {e}"))
-                }),
-            None => Ok(None),
-        }
+        output.map(|value| stored_output(name, value)).transpose()
     }
 
-    /// Marks a step running and counts the attempt; stops here if a cancel was requested.
-    /// Returns the attempt number.
-    pub async fn start_step(&self, name: &str, position: i32) -> Result<i32, JobError> {
-        let mut tx = self.fenced_tx_unless_cancelled().await?;
-        let attempt: i32 = sqlx::query_scalar(
-            "INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
-             VALUES ($1, $2, $3, 'running', 1, clock_timestamp())
-             ON CONFLICT (job_id, step) DO UPDATE
-                SET state = 'running', attempts = job_steps.attempts + 1, started_at = clock_timestamp(),
-                    finished_at = NULL
-             RETURNING attempts",
+    /// The step's output if an earlier attempt succeeded; else marks it running and counts the
+    /// attempt, fenced by the lease, and stops here if a cancel was requested. One statement
+    /// (one round trip, one commit): the job's row lock is held only for it, so the concurrent
+    /// steps of a job do not queue behind each other's BEGIN/SELECT/INSERT/COMMIT.
+    async fn begin_step<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        position: i32,
+    ) -> Result<Begun<T>, JobError> {
+        let (earlier, output, cancel_requested, attempt): (
+            bool,
+            Option<serde_json::Value>,
+            Option<bool>,
+            Option<i32>,
+        ) = sqlx::query_as(
+            "WITH lease AS (
+                 SELECT cancel_requested FROM jobs
+                  WHERE id = $1 AND lease_token = $4 AND state = 'running' FOR UPDATE),
+             earlier AS (
+                 SELECT output FROM job_steps
+                  WHERE job_id = $1 AND step = $2 AND state = 'succeeded'),
+             started AS (
+                 INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
+                 SELECT $1, $2, $3, 'running', 1, clock_timestamp() FROM lease
+                  WHERE NOT lease.cancel_requested AND NOT EXISTS (SELECT 1 FROM earlier)
+                 ON CONFLICT (job_id, step) DO UPDATE
+                    SET state = 'running', attempts = job_steps.attempts + 1,
+                        started_at = clock_timestamp(), finished_at = NULL
+                 RETURNING attempts)
+             SELECT EXISTS (SELECT 1 FROM earlier), (SELECT output FROM earlier),
+                    (SELECT cancel_requested FROM lease), (SELECT attempts FROM started)",
         )
         .bind(self.job.id)
         .bind(name)
         .bind(position)
-        .fetch_one(&mut *tx)
+        .bind(self.token)
+        .fetch_one(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(attempt)
+        if earlier {
+            return stored_output(name, output).map(Begun::Earlier);
+        }
+        match (cancel_requested, attempt) {
+            (None, _) => Err(JobError::LeaseLost),
+            (Some(true), _) => Err(JobError::Cancelled),
+            (Some(false), Some(attempt)) => Ok(Begun::Attempt(attempt)),
+            // Not seen: the insert answers a row whenever the lease holds and no cancel came.
+            (Some(false), None) => Err(JobError::Retryable(format!(
+                "step {name} was not marked running"
+            ))),
+        }
     }
 
     /// Opens a transaction fenced by the job's lease: it holds the job's row lock, or fails with
@@ -342,4 +366,20 @@ impl JobContext {
             upstream_request_id,
         }
     }
+}
+
+/// How a step begins: with the output of an earlier attempt that succeeded, or as this attempt.
+enum Begun<T> {
+    Earlier(T),
+    Attempt(i32),
+}
+
+/// A succeeded step's stored output, read back as `T`.
+fn stored_output<T: DeserializeOwned>(
+    name: &str,
+    value: Option<serde_json::Value>,
+) -> Result<T, JobError> {
+    serde_json::from_value(value.unwrap_or(serde_json::Value::Null)).map_err(|e| {
+        JobError::Permanent(format!("stored output of step {name} is unreadable: {e}"))
+    })
 }

@@ -143,6 +143,17 @@ pub async fn ensure_with(
     ensure_observed(iam, bucket, mode, observed).await
 }
 
+/// [`ensure_with`], starting from the policy's ARN when a run recorded it ([`observe_at`]).
+pub async fn ensure_with_known(
+    iam: &Client,
+    bucket: &str,
+    mode: Mode,
+    known_arn: Option<&str>,
+) -> Result<(StepReport, String), CloudError> {
+    let observed = observe_at(iam, bucket, known_arn).await?;
+    ensure_observed(iam, bucket, mode, observed).await
+}
+
 /// What the reads found: the policy as listed, and (when it exists) its description and
 /// default version's document, read concurrently.
 #[derive(Debug, Clone)]
@@ -165,6 +176,39 @@ pub async fn observe(iam: &Client, bucket: &str) -> Result<Observed, CloudError>
         return Ok(Observed { found: None });
     };
     let found = read_found(iam, listed).await?;
+    Ok(Observed { found: Some(found) })
+}
+
+/// [`observe`] from the ARN an earlier run recorded: GetPolicy, then GetPolicyVersion, and no
+/// listing. ListPolicies reads up to 1000 of the account's policies per page to find one, so
+/// a fleet's verifications would read the whole fleet's policies each; GetPolicy reads one. A
+/// policy no longer at that ARN (deleted, or made again under another path) is looked for by
+/// name, as when no ARN is known.
+pub async fn observe_at(
+    iam: &Client,
+    bucket: &str,
+    known_arn: Option<&str>,
+) -> Result<Observed, CloudError> {
+    let Some(arn) = known_arn else {
+        return observe(iam, bucket).await;
+    };
+    let got = match iam.get_policy().policy_arn(arn).send().await {
+        Ok(out) => out.policy().cloned(),
+        Err(err) if err.code() == Some("NoSuchEntity") => None,
+        Err(err) => return Err(classify(IAM, "GetPolicy", err)),
+    };
+    let Some(policy) = got.filter(|p| p.policy_name() == Some(bucket)) else {
+        return observe(iam, bucket).await;
+    };
+    let document = match policy.default_version_id() {
+        Some(version) => read_document(iam, arn, version).await?,
+        None => None,
+    };
+    let found = Found {
+        listed: policy.clone(),
+        got: Some(policy),
+        document,
+    };
     Ok(Observed { found: Some(found) })
 }
 

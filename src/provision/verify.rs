@@ -87,6 +87,8 @@ pub struct Target {
     /// The repository was adopted: a Secret of it without our label was not taken over
     /// (adopted without `repair`), and only adoption with `repair` takes it over.
     pub adopted: bool,
+    /// The policy's ARN as the repository recorded it (read there, without a listing).
+    pub policy_arn: Option<String>,
 }
 
 impl Target {
@@ -105,6 +107,7 @@ impl Target {
             region,
             secret_name,
             adopted: false,
+            policy_arn: None,
         }
     }
 }
@@ -258,7 +261,10 @@ async fn run_check(
             let region = target.region.as_str();
             bucket::ensure_with(&s3, name, region, repository, mode).await?
         }
-        Check::Policy => policy::ensure_with(iam, name, mode).await?.0,
+        Check::Policy => {
+            let known = target.policy_arn.as_deref();
+            policy::ensure_with_known(iam, name, mode, known).await?.0
+        }
         Check::Group => {
             let arn = prior_field(prior, Check::Policy, "policy_arn");
             let arn = arn.unwrap_or_else(|| policy::planned_arn(name));
@@ -679,6 +685,7 @@ async fn target_of(db: &sqlx::PgPool, payload: &VerifyPayload) -> Result<Target,
     let mut target = Target::new(p.repository, p.namespace, p.bucket, p.region);
     if let Some(row) = repository::by_id(db, payload.repository_id).await? {
         target.adopted = row.options.0.adopt;
+        target.policy_arn = row.resources.0.policy_arn.clone();
         let named = row.resources.0.secret.map(|s| s.name);
         if let Some(name) = named.or(row.options.0.secret_name) {
             target.secret_name = name;

@@ -38,6 +38,8 @@ pub struct Target<'a> {
     pub region: &'a str,
     /// The repository recorded the bucket: it exists, read all its settings at once.
     pub bucket_known: bool,
+    /// The policy's ARN as the repository recorded it: read it there, without a listing.
+    pub policy_arn: Option<&'a str>,
     /// The existing Secret's `s3.conf`.
     pub conf: Option<&'a S3Conf>,
 }
@@ -57,7 +59,7 @@ pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
             target.region,
             target.bucket_known
         )),
-        Box::pin(policy::observe(iam, bucket)),
+        Box::pin(policy::observe_at(iam, bucket, target.policy_arn)),
         Box::pin(group::observe(iam, bucket)),
         Box::pin(user::observe(iam, bucket)),
         Box::pin(access_key::list(iam, bucket)),
