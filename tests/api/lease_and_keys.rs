@@ -30,6 +30,9 @@ use crate::support::tcp_proxy::Forwarder;
 
 const NAMESPACE: &str = "lease-keys";
 const DEADLINE: Duration = Duration::from_secs(90);
+/// How long a held call may show a lock or an open transaction before the test fails: less
+/// than the service sessions' `idle_in_transaction_session_timeout` (`db::SESSION_SETTINGS`).
+const PROBE_WINDOW: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
 // The IAM gate
@@ -217,9 +220,11 @@ async fn queue_repository(env: &Env, name: &str) -> Uuid {
 /// once and no other session of the test's database is idle inside a transaction. The job's
 /// other steps run on meanwhile (their short transactions may be seen open at any one instant),
 /// but a transaction or lock held across the call would last as long as the gate holds it,
-/// so it would never let that moment come.
+/// so it would never let that moment come. The wait stays well under the service's
+/// `idle_in_transaction_session_timeout` (10 s), which would otherwise end such a transaction
+/// and let the moment come after all.
 async fn assert_row_lockable(env: &Env, job_id: Uuid) {
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let until = tokio::time::Instant::now() + PROBE_WINDOW;
     loop {
         let Err(holder) = probe_row_and_transactions(env, job_id).await else {
             return;
