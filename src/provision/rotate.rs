@@ -463,13 +463,19 @@ impl Rotator {
         let mut pause = self.credential_check_backoff;
         let mut deleted = Vec::new();
         loop {
-            let plan = self.plan_new_key(ctx, payload, existing, room).await?;
+            let (plan, kept) = self.plan_new_key(ctx, payload, existing, room).await?;
             let user = payload.bucket.iam_user_name();
             let made = self.make_or_reuse(ctx, user, &plan).await?;
-            deleted.extend(plan.delete);
+            for id in plan.delete {
+                // A key IAM still lists after its delete is deleted again: named once.
+                if !deleted.contains(&id) {
+                    deleted.push(id);
+                }
+            }
             match made {
                 Ok(made) => return Ok((deleted, made)),
-                Err(e) if access_key::is_room_not_yet_visible(&e) => {
+                // With two keys kept (none of them deletable) the quota is real: no wait helps.
+                Err(e) if kept < 2 && access_key::is_room_not_yet_visible(&e) => {
                     if tokio::time::Instant::now() + pause > until {
                         return Err(e.into());
                     }
@@ -482,14 +488,14 @@ impl Rotator {
     }
 
     /// Which key to reuse and which to delete: every key but the sealed one, the one the Secret
-    /// references and those in their grace period.
+    /// references and those in their grace period. Also returns how many listed keys it keeps.
     async fn plan_new_key(
         &self,
         ctx: &JobContext,
         payload: &RotatePayload,
         existing: Option<&ExistingSecret>,
         room: &Room,
-    ) -> Result<keys::NewKeyPlan, JobError> {
+    ) -> Result<(keys::NewKeyPlan, usize), JobError> {
         let user = payload.bucket.iam_user_name();
         let listed = access_key::list(&self.aws.iam, user).await?;
         let sealed = self
@@ -501,7 +507,9 @@ impl Rotator {
         spare.push(&room.old_key_id);
         spare.extend(existing.and_then(|s| s.access_key_id.as_deref()));
         let sealed_id = sealed.as_ref().map(|s| s.key_id.as_str());
-        Ok(keys::plan_new_key(&listed, sealed_id, &spare))
+        let plan = keys::plan_new_key(&listed, sealed_id, &spare);
+        let kept = listed.len().saturating_sub(plan.delete.len());
+        Ok((plan, kept))
     }
 
     /// Deletes the keys `plan` names, then reuses the sealed key or makes one. The checkpoint
