@@ -15,7 +15,8 @@
 //! Results are printed as a table; BENCHMARKS.md records a run. Nothing here asserts timings.
 //! Every database the run creates is dropped at the end. Sizes can be shrunk for a smoke run:
 //! BENCH_QUEUE_JOBS (2000), BENCH_PICKUP_SAMPLES (100), BENCH_LOAD_SECONDS (10),
-//! BENCH_LOAD_ROUNDS (3), BENCH_STARTS (7).
+//! BENCH_LOAD_ROUNDS (3), BENCH_STARTS (7). BENCH_SECTIONS (`queue,service`, the default) runs
+//! only the sections named.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
@@ -55,10 +56,14 @@ const WRK_THREADS: usize = 2;
 fn main() {
     common::main_of("load", async {
         let mut databases = Databases::default();
-        let queue = queue_bench(&mut databases).await;
-        print_queue(&queue);
-        let service = service_bench(&mut databases).await;
-        print_service(&service);
+        if common::section_wanted("queue") {
+            let queue = queue_bench(&mut databases).await;
+            print_queue(&queue);
+        }
+        if common::section_wanted("service") {
+            let service = service_bench(&mut databases).await;
+            print_service(&service);
+        }
         databases.drop_all().await;
     });
 }

@@ -18,6 +18,14 @@ pub fn setting<T: FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Whether `BENCH_SECTIONS` (a comma-separated list; every section when unset) names
+/// `section`: to re-run one part of a bench while working on it.
+pub fn section_wanted(section: &str) -> bool {
+    std::env::var("BENCH_SECTIONS")
+        .map(|wanted| wanted.split(',').any(|s| s.trim() == section))
+        .unwrap_or(true)
+}
+
 /// Runs the bench `name` on a multi-threaded runtime, between the report's header (which build,
 /// how many CPUs) and its total time.
 pub fn main_of<F: Future<Output = ()>>(name: &str, bench: F) {

@@ -5,6 +5,8 @@
 //!
 //! - enqueue happens in the caller's transaction, next to the domain write;
 //! - workers claim with `FOR UPDATE SKIP LOCKED`, woken by LISTEN/NOTIFY with polling as fallback;
+//!   under load a slot's end and its next claim are one statement, batched across slots
+//!   (`runner::Turnover`): a NOTIFYing commit serialises the server, so fewer commits is speed;
 //! - a claimed job carries a lease token; heartbeats extend the lease, a rescuer re-queues jobs
 //!   whose lease expired, and every write by a worker is fenced by its token;
 //! - retryable errors back off exponentially with jitter; permanent errors fail at once;

@@ -51,7 +51,7 @@ impl JobState {
     }
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct Job {
     pub id: Uuid,
     pub kind: String,
@@ -326,29 +326,76 @@ impl Ending {
 /// flushed, so such commits cannot overlap: one commit for many ends is what lets the queue's
 /// throughput grow beyond one flush per job.
 pub async fn finish_all(pool: &PgPool, endings: &[Ending]) -> Result<Vec<Uuid>, sqlx::Error> {
+    let nothing_claimed = (&[][..], "", Duration::ZERO);
+    let (held, _) = finish_and_claim(pool, endings, nothing_claimed, 0).await?;
+    Ok(held)
+}
+
+/// [`finish_all`] and [`claim_up_to`] (`want` jobs) in one statement, so in one commit: a
+/// slot's end and its next job cost one NOTIFY commit, not two. Both parts see the same
+/// snapshot, so a job ended here (even one queued again for a retry) is not claimed by it.
+/// Returns the ended ids whose lease held and the claimed jobs, oldest first.
+pub async fn finish_and_claim(
+    pool: &PgPool,
+    endings: &[Ending],
+    (kinds, worker, lease): (&[&str], &str, Duration),
+    want: usize,
+) -> Result<(Vec<Uuid>, Vec<Job>), sqlx::Error> {
     let ids: Vec<Uuid> = endings.iter().map(|e| e.id).collect();
     let tokens: Vec<Uuid> = endings.iter().map(|e| e.token).collect();
     let states: Vec<&str> = endings.iter().map(|e| e.state).collect();
     let errors: Vec<Option<&str>> = endings.iter().map(|e| e.error.as_deref()).collect();
     let delays: Vec<f64> = endings.iter().map(|e| e.delay.as_secs_f64()).collect();
-    sqlx::query_scalar(
-        "UPDATE jobs j
-            SET state = e.state, last_error = coalesce(e.error, j.last_error), lease_token = NULL,
-                lease_expires_at = NULL, locked_by = NULL,
-                run_at = now() + make_interval(secs => e.delay),
-                finished_at = CASE WHEN e.state = 'queued' THEN NULL ELSE now() END
-           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::float8[])
-                AS e(id, token, state, error, delay)
-          WHERE j.id = e.id AND j.lease_token = e.token AND j.state = 'running'
-        RETURNING j.id",
-    )
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&states)
-    .bind(&errors)
-    .bind(&delays)
-    .fetch_all(pool)
-    .await
+    let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
+    // The two parts return different rows: one column each, the other NULL.
+    let rows: Vec<(Option<Uuid>, Option<sqlx::types::Json<Job>>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH ended AS (
+                UPDATE jobs j
+                   SET state = e.state, last_error = coalesce(e.error, j.last_error),
+                       lease_token = NULL, lease_expires_at = NULL, locked_by = NULL,
+                       run_at = now() + make_interval(secs => e.delay),
+                       finished_at = CASE WHEN e.state = 'queued' THEN NULL ELSE now() END
+                  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::float8[])
+                       AS e(id, token, state, error, delay)
+                 WHERE j.id = e.id AND j.lease_token = e.token AND j.state = 'running'
+                RETURNING j.id
+             ), claimed AS (
+                UPDATE jobs
+                   SET state = 'running', attempts = attempts + 1,
+                       lease_token = gen_random_uuid(),
+                       lease_expires_at = now() + make_interval(secs => $8), locked_by = $7,
+                       started_at = coalesce(started_at, now())
+                 WHERE id IN (SELECT id FROM jobs
+                               WHERE state = 'queued' AND run_at <= now() AND kind = ANY($6)
+                               ORDER BY run_at
+                               FOR UPDATE SKIP LOCKED
+                               LIMIT $9)
+                RETURNING {JOB_COLUMNS}
+             )
+             SELECT id, NULL::jsonb FROM ended
+             UNION ALL
+             SELECT NULL, to_jsonb(claimed) FROM claimed"
+        )))
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&states)
+        .bind(&errors)
+        .bind(&delays)
+        .bind(&kinds)
+        .bind(worker)
+        .bind(lease.as_secs_f64())
+        .bind(i64::try_from(want).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    let mut held = Vec::new();
+    let mut claimed = Vec::new();
+    for (ended, job) in rows {
+        held.extend(ended);
+        claimed.extend(job.map(|json| json.0));
+    }
+    claimed.sort_by_key(|job| job.run_at);
+    Ok((held, claimed))
 }
 
 /// Gives a job back to the queue without counting the attempt (graceful shutdown).

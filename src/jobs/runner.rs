@@ -54,8 +54,9 @@ pub struct WorkerPool {
     registry: Registry,
     config: WorkerConfig,
     metrics: Option<Arc<Metrics>>,
-    /// Records the ends of attempts, many per commit ([`Finisher`]); started by [`Self::run`].
-    finisher: Option<Finisher>,
+    /// Records the ends of attempts and hands out the next jobs, many per commit
+    /// ([`Turnover`]); started by [`Self::run`].
+    turnover: Option<Turnover>,
 }
 
 impl WorkerPool {
@@ -66,7 +67,7 @@ impl WorkerPool {
             registry,
             config,
             metrics: None,
-            finisher: None,
+            turnover: None,
         }
     }
 
@@ -84,7 +85,12 @@ impl WorkerPool {
     /// Runs until `shutdown` fires, then stops claiming and drains in-flight jobs: they may
     /// finish within the grace period; after it their leases are released for another worker.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), sqlx::Error> {
-        self.finisher = Some(Finisher::start(self.pool.clone()));
+        let claimant = Claimant {
+            kinds: self.registry.kinds(),
+            worker: self.config.worker_id.clone(),
+            lease: self.config.lease,
+        };
+        self.turnover = Some(Turnover::start(self.pool.clone(), claimant));
         let this = Arc::new(self);
         let mut listener = PgListener::connect_with(&this.pool).await?;
         listener.listen("bp_jobs_queued").await?;
@@ -95,7 +101,7 @@ impl WorkerPool {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(worker = %this.config.worker_id, concurrency = this.config.concurrency, "workers started");
         loop {
-            this.claim_while_possible(&slots, &job_stop, &mut running)
+            this.claim_while_possible(&slots, (&job_stop, &shutdown), &mut running)
                 .await;
             // A job in backoff becomes runnable without any NOTIFY: wake when it is due.
             // With every slot busy, a finishing job wakes the loop instead.
@@ -121,7 +127,7 @@ impl WorkerPool {
     async fn claim_while_possible(
         self: &Arc<Self>,
         slots: &Arc<Semaphore>,
-        job_stop: &CancellationToken,
+        (job_stop, shutdown): (&CancellationToken, &CancellationToken),
         running: &mut JoinSet<()>,
     ) {
         loop {
@@ -154,9 +160,9 @@ impl WorkerPool {
                     .try_acquire_owned()
                     .expect("a free slot per claim");
                 let this = self.clone();
-                let stop = job_stop.child_token();
+                let (job_stop, shutdown) = (job_stop.clone(), shutdown.clone());
                 running.spawn(async move {
-                    this.execute(job, stop, leased_at).await;
+                    this.run_slot((job, leased_at), &job_stop, &shutdown).await;
                     drop(permit);
                 });
             }
@@ -206,25 +212,61 @@ impl WorkerPool {
         }
     }
 
-    /// Runs one claimed job to the end of this attempt.
-    async fn execute(&self, job: Job, stop: CancellationToken, leased_at: Instant) {
-        let Some(handler) = self.registry.get(&job.kind) else {
-            return;
-        };
-        let (id, token) = (job.id, job.lease_token.expect("claimed job has a token"));
-        let span = tracing::info_span!("job", %id, kind = %job.kind, attempt = job.attempts);
-        self.execute_in_span(job, handler, stop, (id, token, leased_at))
-            .instrument(span)
-            .await;
+    /// Runs `job` in a slot, then, while the pool is not shutting down and jobs are waiting,
+    /// the jobs this slot is handed as it records each end: under load a slot's end and its
+    /// next job are one statement ([`Turnover`]), and the slots' ends go together, instead of a
+    /// commit for each end and each claim. An idle slot ends; the pool's loop claims for it on
+    /// the next notification.
+    async fn run_slot(
+        &self,
+        (mut job, mut leased_at): (Job, Instant),
+        job_stop: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            let attempt = self.attempt(job, job_stop.child_token(), leased_at).await;
+            let wants_job = !shutdown.is_cancelled();
+            // The next lease runs from no earlier than the request.
+            let asked_at = Instant::now();
+            let Some(next) = self.end_and_take(attempt, wants_job).await else {
+                return;
+            };
+            (job, leased_at) = (next, asked_at);
+        }
     }
 
-    async fn execute_in_span(
+    /// Runs one claimed job's handler to the end of this attempt. None when there is nothing
+    /// to record: no handler for the kind, or the lease was handed back on shutdown.
+    async fn attempt(
         &self,
         job: Job,
+        stop: CancellationToken,
+        leased_at: Instant,
+    ) -> Option<Attempt> {
+        let handler = self.registry.get(&job.kind)?;
+        let (id, token) = (job.id, job.lease_token.expect("claimed job has a token"));
+        let span = tracing::info_span!("job", %id, kind = %job.kind, attempt = job.attempts);
+        let started = std::time::Instant::now();
+        let result = self
+            .run_handler(&job, handler, stop, (id, token, leased_at))
+            .instrument(span.clone())
+            .await?;
+        Some(Attempt {
+            job,
+            token,
+            result,
+            started,
+            span,
+        })
+    }
+
+    async fn run_handler(
+        &self,
+        job: &Job,
         handler: Arc<dyn super::JobHandler>,
         stop: CancellationToken,
         (id, token, leased_at): (Uuid, Uuid, Instant),
-    ) {
+    ) -> Option<Result<(), JobError>> {
         // Fires when the lease is lost or about to expire unrenewed: the select below then
         // drops the job's future, so it makes no further call.
         let lease_lost = stop.child_token();
@@ -241,7 +283,6 @@ impl WorkerPool {
         ));
         let ctx = JobContext::new(self.pool.clone(), job.clone(), lease_lost.clone())
             .with_metrics(self.metrics.clone());
-        let started = std::time::Instant::now();
         let result = tokio::select! {
             result = handler.run(&ctx) => result,
             _ = lease_lost.cancelled() => Err(if stop.is_cancelled() { JobError::Cancelled } else { JobError::LeaseLost }),
@@ -251,32 +292,55 @@ impl WorkerPool {
             // Shutdown interrupted the job: hand it back without counting the attempt.
             let _ = queue::release(&self.pool, id, token).await;
             tracing::info!("released lease on shutdown");
-            return;
+            return None;
         }
-        let outcome = self.record_end(&job, token, result).await;
-        if let Some(metrics) = &self.metrics {
-            metrics.observe_job(&job.kind, outcome, started.elapsed());
-        }
+        Some(result)
     }
 
-    async fn record_end(
+    /// Records how `attempt` ended and, when `wants_job`, takes the slot's next job in the same
+    /// statement.
+    async fn end_and_take(&self, attempt: Option<Attempt>, wants_job: bool) -> Option<Job> {
+        let Some(attempt) = attempt else {
+            return self.exchange(None, wants_job).await.next;
+        };
+        let _entered = attempt.span.enter();
+        let (ending, label) = self.ending_of(&attempt.job, attempt.token, &attempt.result);
+        drop(_entered);
+        let answer = self.exchange(ending, wants_job).await;
+        let outcome = match answer.recorded {
+            None | Some(Ok(true)) => label,
+            Some(Ok(false)) => "lease_lost",
+            Some(Err(e)) => {
+                attempt.span.in_scope(|| tracing::error!(error = %e, "recording the end of a job failed; the rescuer will retry it"));
+                "unrecorded"
+            }
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_job(&attempt.job.kind, outcome, attempt.started.elapsed());
+        }
+        answer.next
+    }
+
+    /// The row change recording an attempt's result (none when the lease was lost: the job is
+    /// another worker's now), and the result's label for the metrics.
+    fn ending_of(
         &self,
         job: &Job,
         token: Uuid,
-        result: Result<(), JobError>,
-    ) -> &'static str {
-        let (finish, label) = match &result {
+        result: &Result<(), JobError>,
+    ) -> (Option<queue::Ending>, &'static str) {
+        let (finish, label) = match result {
             Ok(()) => (Finish::Succeeded, "succeeded"),
             Err(JobError::Cancelled) => (Finish::Cancelled, "cancelled"),
             Err(JobError::LeaseLost) => {
                 tracing::warn!("lease lost; another worker owns the job now");
-                return "lease_lost";
+                return (None, "lease_lost");
             }
-            Err(JobError::Retryable(_) | JobError::Database(_))
+            Err(e @ (JobError::Retryable(_) | JobError::Database(_)))
                 if job.attempts < job.max_attempts =>
             {
                 let delay = backoff::delay(self.config.retry_base, job.attempts);
-                tracing::warn!(error = %result.as_ref().unwrap_err(), ?delay, "attempt failed; will retry");
+                tracing::warn!(error = %e, ?delay, "attempt failed; will retry");
                 (Finish::Retry { error: "", delay }, "retry")
             }
             Err(_) => (Finish::Failed { error: "" }, "failed"),
@@ -294,64 +358,129 @@ impl WorkerPool {
             Finish::Failed { .. } => Finish::Failed { error: &message },
             other => other,
         };
-        let ending = queue::Ending::new(job.id, token, finish);
-        let recorded = match &self.finisher {
-            Some(finisher) => finisher.finish(ending).await,
-            None => queue::finish_all(&self.pool, &[ending])
-                .await
-                .map(|held| !held.is_empty())
-                .map_err(|e| e.to_string()),
-        };
-        match recorded {
-            Ok(true) => label,
-            Ok(false) => "lease_lost",
-            Err(e) => {
-                tracing::error!(error = %e, "recording the end of a job failed; the rescuer will retry it");
-                "unrecorded"
-            }
+        (Some(queue::Ending::new(job.id, token, finish)), label)
+    }
+
+    async fn exchange(&self, ending: Option<queue::Ending>, wants_job: bool) -> Answer {
+        if ending.is_none() && !wants_job {
+            return Answer::default();
+        }
+        match &self.turnover {
+            Some(turnover) => turnover.exchange(ending, wants_job).await,
+            None => Answer {
+                recorded: ending.map(|_| Err(TURNOVER_STOPPED.to_owned())),
+                next: None,
+            },
         }
     }
 }
 
-type Reply = oneshot::Sender<Result<bool, String>>;
-
-/// Records the ends of attempts for the pool's jobs: the ends that arrive while one statement
-/// is in flight go together in the next ([`queue::finish_all`]), so an idle queue waits for
-/// nothing and a busy one commits once for many jobs.
-struct Finisher {
-    endings: mpsc::UnboundedSender<(queue::Ending, Reply)>,
+/// How one attempt ended, to be recorded.
+struct Attempt {
+    job: Job,
+    token: Uuid,
+    result: Result<(), JobError>,
+    started: std::time::Instant,
+    span: tracing::Span,
 }
 
-impl Finisher {
-    fn start(pool: PgPool) -> Self {
-        let (endings, queued) = mpsc::unbounded_channel();
-        tokio::spawn(finish_batches(pool, queued));
-        Finisher { endings }
+/// A slot's request to [`Turnover`]: the end of its last attempt, if any to record, and
+/// whether it takes another job.
+struct Request {
+    ending: Option<queue::Ending>,
+    wants_job: bool,
+    reply: oneshot::Sender<Answer>,
+}
+
+#[derive(Default)]
+struct Answer {
+    /// For an ending: true once recorded, false when the lease was lost, the error's text else.
+    recorded: Option<Result<bool, String>>,
+    /// The slot's next job, when it wanted one and one was waiting.
+    next: Option<Job>,
+}
+
+const TURNOVER_STOPPED: &str = "the job finisher stopped";
+
+/// Records the ends of attempts and hands slots their next jobs: the requests that arrive
+/// while one statement is in flight go together in the next ([`queue::finish_and_claim`]), so
+/// an idle queue waits for nothing and a busy one commits once for many ends and claims.
+struct Turnover {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// Who claims through a [`Turnover`]: the pool's kinds, its worker id and lease.
+struct Claimant {
+    kinds: Vec<&'static str>,
+    worker: String,
+    lease: Duration,
+}
+
+impl Turnover {
+    fn start(pool: PgPool, claimant: Claimant) -> Self {
+        let (requests, queued) = mpsc::unbounded_channel();
+        tokio::spawn(turn_over(pool, claimant, queued));
+        Turnover { requests }
     }
 
-    /// True once the end is recorded; false when the lease was lost; the error's text else.
-    async fn finish(&self, ending: queue::Ending) -> Result<bool, String> {
+    async fn exchange(&self, ending: Option<queue::Ending>, wants_job: bool) -> Answer {
+        let stopped = |ending: &Option<queue::Ending>| Answer {
+            recorded: ending.as_ref().map(|_| Err(TURNOVER_STOPPED.to_owned())),
+            next: None,
+        };
+        let failed = stopped(&ending);
         let (reply, answer) = oneshot::channel();
-        let stopped = || "the job finisher stopped".to_owned();
-        self.endings.send((ending, reply)).map_err(|_| stopped())?;
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        let request = Request {
+            ending,
+            wants_job,
+            reply,
+        };
+        if self.requests.send(request).is_err() {
+            return failed;
+        }
+        answer.await.unwrap_or(failed)
     }
 }
 
-/// Runs until every [`Finisher`] handle is gone.
-async fn finish_batches(pool: PgPool, mut queued: mpsc::UnboundedReceiver<(queue::Ending, Reply)>) {
+/// Runs until every [`Turnover`] handle is gone.
+async fn turn_over(pool: PgPool, claimant: Claimant, mut queued: mpsc::UnboundedReceiver<Request>) {
     const MOST_PER_STATEMENT: usize = 256;
     let mut batch = Vec::new();
     while queued.recv_many(&mut batch, MOST_PER_STATEMENT).await > 0 {
-        let endings: Vec<queue::Ending> = batch.iter().map(|(ending, _)| ending.clone()).collect();
-        let recorded = queue::finish_all(&pool, &endings).await;
-        for (ending, reply) in batch.drain(..) {
-            let answer = match &recorded {
+        // Slots handed jobs by the last statement are finishing short ones at this moment: a
+        // moment's yield lets them join this statement instead of waiting for the next.
+        tokio::task::yield_now().await;
+        while batch.len() < MOST_PER_STATEMENT
+            && let Ok(request) = queued.try_recv()
+        {
+            batch.push(request);
+        }
+        let endings: Vec<queue::Ending> = batch.iter().filter_map(|r| r.ending.clone()).collect();
+        let want = batch.iter().filter(|r| r.wants_job).count();
+        let claims = (
+            &claimant.kinds[..],
+            claimant.worker.as_str(),
+            claimant.lease,
+        );
+        let (held, mut jobs) = match queue::finish_and_claim(&pool, &endings, claims, want).await {
+            Ok((held, jobs)) => (Ok(held), jobs.into_iter()),
+            Err(e) => (Err(e.to_string()), Vec::new().into_iter()),
+        };
+        for request in batch.drain(..) {
+            let recorded = request.ending.as_ref().map(|ending| match &held {
                 Ok(held) => Ok(held.contains(&ending.id)),
-                Err(e) => Err(e.to_string()),
-            };
-            // A job whose task is gone needs no answer.
-            let _ = reply.send(answer);
+                Err(e) => Err(e.clone()),
+            });
+            let next = if request.wants_job { jobs.next() } else { None };
+            let answer = Answer { recorded, next };
+            // A slot whose task is gone (aborted at shutdown) cannot run what it was given.
+            if let Err(Answer {
+                next: Some(job), ..
+            }) = request.reply.send(answer)
+                && let Some(token) = job.lease_token
+            {
+                let _ = queue::release(&pool, job.id, token).await;
+            }
         }
     }
 }

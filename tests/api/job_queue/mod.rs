@@ -15,6 +15,7 @@ mod exclusion;
 mod failures;
 mod fencing;
 mod lifecycle;
+mod turnover;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
