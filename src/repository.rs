@@ -125,7 +125,7 @@ impl RepositoryRow {
     }
 }
 
-const COLUMNS: &str = "id, name, namespace, bucket, region, labels, options, state, resources, last_error, \
+pub(crate) const COLUMNS: &str = "id, name, namespace, bucket, region, labels, options, state, resources, last_error, \
                        created_by, created_at, updated_at, verified_at, verification, drift_count";
 
 /// Inserts the repository unless one of that name exists (and is not deleted). Returns the new

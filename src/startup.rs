@@ -18,7 +18,7 @@ use crate::config::{
     ConfigError, ControllerArgs, ControllerSettingsArgs, DatabaseArgs, HttpArgs, MigrateArgs,
     WorkerSettingsArgs,
 };
-use crate::http::{self, AppState, HttpLimits, RequestPolicy};
+use crate::http::{self, AppState, AppStateParts, HttpLimits, RequestPolicy};
 use crate::jobs::{JobStateChanges, Registry, WorkerConfig, WorkerPool};
 use crate::provision::Provisioner;
 use crate::provision::sweep::Sweeper;
@@ -130,14 +130,14 @@ impl Application {
             webhooks: worker.webhooks.callback_policy()?,
         };
         let job_state_changes = JobStateChanges::start(self.db.clone(), self.shutdown.clone());
-        self.state = Some(AppState {
+        self.state = Some(AppState::new(AppStateParts {
             db: self.db.clone(),
             auth,
             metrics,
             policy: Arc::new(policy),
             job_state_changes,
             job_kinds,
-        });
+        }));
         self.limits = Some(HttpLimits {
             max_body_bytes: http.max_body_bytes,
             request_timeout: http.request_timeout,

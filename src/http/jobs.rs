@@ -99,10 +99,9 @@ pub struct JobView {
 }
 
 async fn load_view(db: &PgPool, id: Uuid) -> Result<Option<JobView>, ApiError> {
-    let Some(job) = queue::get(db, id).await? else {
+    let Some((job, steps)) = queue::get_with_steps(db, id).await? else {
         return Ok(None);
     };
-    let steps = queue::steps(db, id).await?;
     Ok(Some(JobView {
         id: job.id,
         kind: job.kind.clone(),

@@ -499,11 +499,6 @@ fn created_response(status: StatusCode, row: RepositoryRow, job: JobSummary) -> 
     (status, headers, axum::Json(body)).into_response()
 }
 
-async fn latest_job(state: &AppState, repository_id: Uuid) -> Result<Option<JobSummary>, ApiError> {
-    let jobs = queue::latest_per_subject(&state.db, &[repository_id]).await?;
-    Ok(jobs.into_iter().next().map(JobSummary::from))
-}
-
 #[derive(Debug, Clone, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -614,14 +609,13 @@ pub async fn get_repository(
     ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<RepositoryView>, ApiError> {
     caller.require(Role::Viewer)?;
-    let row = repository::by_name_or_deleted(&state.db, &name)
+    let found = provision::overview::by_name(&state.db, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no backup repository named '{name}'")))?;
-    let job = latest_job(&state, row.id).await?;
-    let freshness = provision::freshness::store::of_repository(&state.db, row.id).await?;
+    let job = found.latest_job.map(JobSummary::from);
     Ok(axum::Json(RepositoryView {
-        freshness,
-        ..RepositoryView::new(row, job)
+        freshness: found.freshness,
+        ..RepositoryView::new(found.row, job)
     }))
 }
 

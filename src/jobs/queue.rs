@@ -78,12 +78,14 @@ impl Job {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
 pub struct StepRow {
     pub step: String,
     pub position: i32,
     pub state: String,
     pub attempts: i32,
+    /// None where a query leaves it out ([`get_with_steps`]).
+    #[serde(default)]
     pub output: Option<serde_json::Value>,
     pub last_error: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
@@ -569,6 +571,28 @@ pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Job>, sqlx:
     .bind(id)
     .fetch_optional(db)
     .await
+}
+
+/// A job and its steps (in [`steps`]' order, without their outputs) in one query: what a job's
+/// page shows, read often while clients follow a job.
+pub async fn get_with_steps(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+) -> Result<Option<(Job, Vec<StepRow>)>, sqlx::Error> {
+    type Row = (sqlx::types::Json<Job>, sqlx::types::Json<Vec<StepRow>>);
+    let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT to_jsonb(j),
+                coalesce((SELECT jsonb_agg(to_jsonb(s) ORDER BY s.position, s.step)
+                            FROM (SELECT step, position, state, attempts, last_error, started_at,
+                                         finished_at
+                                    FROM job_steps WHERE job_id = j.id) s),
+                         '[]'::jsonb)
+           FROM (SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1) j"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(job, steps)| (job.0, steps.0)))
 }
 
 pub async fn steps(db: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<StepRow>, sqlx::Error> {

@@ -17,7 +17,7 @@
 //! secret and a new cipher pass encrypted in Postgres until the Secret holds them.
 //! [`request`] is the use case behind the HTTP API (store the desired repository and queue its
 //! job in one transaction); [`manifests`] is what a PostgresCluster needs once its repository
-//! is ready; [`freshness`] dates each ready repository's newest backup and WAL. [`sweep`]
+//! is ready; [`overview`] reads a repository's page in one query; [`freshness`] dates each ready repository's newest backup and WAL. [`sweep`]
 //! cleans up what failed or cancelled jobs left (sealed material the Secret holds, access keys
 //! nobody can use). [`rotate`] replaces a ready repository's access key
 //! without downtime (the old key retired after a grace period); [`key_schedule`] queues the
@@ -34,6 +34,7 @@ pub mod group;
 pub mod job;
 pub mod key_schedule;
 pub mod manifests;
+pub mod overview;
 pub mod plan;
 pub mod policy;
 pub mod report;

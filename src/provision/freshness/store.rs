@@ -61,21 +61,6 @@ pub async fn record(
     Ok(())
 }
 
-/// The last check of a repository; None before the first.
-pub async fn of_repository(
-    db: &PgPool,
-    repository_id: Uuid,
-) -> Result<Option<Freshness>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT newest_backup_at, newest_full_backup_at, newest_wal_at, checked_at,
-                attempted_at, error
-           FROM backup_freshness WHERE repository_id = $1",
-    )
-    .bind(repository_id)
-    .fetch_optional(db)
-    .await
-}
-
 /// The last check of each of `repository_ids` checked at least once (for a page of a listing).
 pub async fn of_repositories(
     db: &PgPool,
