@@ -1,5 +1,6 @@
 //! Logging and Prometheus metrics.
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,8 +16,11 @@ use tracing_subscriber::fmt::format::FmtSpan;
 /// Initialises logging once per process (`RUST_LOG` filters, default `info`).
 pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: escape codes in a log file or a log shipper's
+    // input are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_span_events(FmtSpan::NONE);
     let _ = if json {
         builder.json().try_init()

@@ -170,7 +170,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-/// One log line and one metric sample per request. Metric labels come from closed sets: the
+/// One log line (debug for a successful read, else info) and one metric sample per request. Metric labels come from closed sets: the
 /// route template (`unmatched` when no route matched) and the method (`other` unless standard);
 /// the method and path the client sent are logged cut to a bounded length.
 async fn record_metrics(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -190,15 +190,29 @@ async fn record_metrics(State(state): State<AppState>, request: Request, next: N
     state
         .metrics
         .observe_http(method.as_str(), &route, status, elapsed);
-    tracing::info!(
-        method = %hardening::loggable(method.as_str(), 16),
-        %route,
-        %path,
-        status,
-        latency_ms = elapsed.as_millis() as u64,
-        %request_id,
-        client_request_id = client_request_id.as_deref().unwrap_or(""),
-        "request"
-    );
+    // Successful reads are the bulk of the traffic (portals and scripts polling a job or a
+    // repository) and are counted in the metrics: their lines are debug. Changes, refusals and
+    // failures are info.
+    let read_ok = matches!(method, Method::GET | Method::HEAD) && status < 400;
+    macro_rules! log_request {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                method = %hardening::loggable(method.as_str(), 16),
+                %route,
+                %path,
+                status,
+                latency_ms = elapsed.as_millis() as u64,
+                %request_id,
+                client_request_id = client_request_id.as_deref().unwrap_or(""),
+                "request"
+            )
+        };
+    }
+    if read_ok {
+        log_request!(tracing::Level::DEBUG);
+    } else {
+        log_request!(tracing::Level::INFO);
+    }
     response
 }
