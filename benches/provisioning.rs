@@ -183,11 +183,14 @@ async fn compare(latency: Duration, databases: &mut Databases) -> Comparison {
     let mut rerun = Vec::new();
     for name in &names {
         reset(&env, proxy);
-        let t = Instant::now();
+        let (t, at) = (Instant::now(), chrono::Utc::now());
         let view = env.reconcile(name).await;
         let wall = t.elapsed();
         assert_eq!(view["state"], "succeeded", "re-run: {view}");
         rerun.push(sample(&env, proxy, &view, wall).await);
+        if std::env::var_os("BENCH_TIMELINE").is_some() {
+            print_timeline(&env, proxy, &view, (at, wall)).await;
+        }
     }
     let (moto_s3_head_bucket, moto_iam_get_user) = moto_round_trips(&env, &names[0]).await;
     env.app.stop().await;
@@ -272,6 +275,52 @@ async fn sample(env: &env::Env, proxy: &AwsProxy, view: &Value, wall: Duration) 
         round_trips: sequential_round_trips(&received),
         chain: aws_realism::round_trip_chain(&received),
         kube: env.kube.requests(),
+    }
+}
+
+type At = chrono::DateTime<chrono::Utc>;
+
+/// With `BENCH_TIMELINE` set: one run's events in order, in ms from the request that queued
+/// it (job and step times from the database's clock, AWS requests from the proxy's).
+async fn print_timeline(
+    env: &env::Env,
+    proxy: &AwsProxy,
+    view: &Value,
+    (at, wall): (At, Duration),
+) {
+    let job_id: Uuid = view["id"].as_str().expect("job id").parse().expect("uuid");
+    let off = |t: At| (t - at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+    let mut events: Vec<(f64, String)> = Vec::new();
+    let job: (At, Option<At>, Option<At>) =
+        sqlx::query_as("SELECT created_at, started_at, finished_at FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&env.app.db)
+            .await
+            .expect("job times");
+    events.push((off(job.0), "job created".into()));
+    events.extend(job.1.map(|t| (off(t), "job claimed".into())));
+    events.extend(job.2.map(|t| (off(t), "job finished".into())));
+    let steps: Vec<(String, Option<At>, Option<At>)> =
+        sqlx::query_as("SELECT step, started_at, finished_at FROM job_steps WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_all(&env.app.db)
+            .await
+            .expect("step times");
+    for (step, begun, ended) in steps {
+        events.extend(begun.map(|t| (off(t), format!("step {step} begins"))));
+        events.extend(ended.map(|t| (off(t), format!("step {step} ends"))));
+    }
+    for r in proxy.received() {
+        let done = r
+            .done_at
+            .map(|d| format!(" → {:.1}", off(d)))
+            .unwrap_or_default();
+        events.push((off(r.at), format!("aws {}{done}", r.operation)));
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    println!("timeline of job {job_id} (wall {} ms):", wall.as_millis());
+    for (t, what) in events {
+        println!("  {t:8.1} ms  {what}");
     }
 }
 

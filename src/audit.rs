@@ -38,34 +38,49 @@ pub struct AuditEntry {
 
 /// Appends an entry; a duplicate step attempt is ignored. Returns whether a row was written.
 pub async fn record(db: impl PgExecutor<'_>, entry: &AuditEntry) -> Result<bool, sqlx::Error> {
+    let sql = insert_sql("VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)");
+    let result = bind_entry(sqlx::query(sqlx::AssertSqlSafe(sql)), entry)
+        .execute(db)
+        .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// The statement appending one entry whose values `source` gives as `$1` to `$11` (a VALUES
+/// list, or a SELECT that decides whether a row is written), bound by [`bind_entry`].
+pub(crate) fn insert_sql(source: &str) -> String {
+    format!(
+        "INSERT INTO audit_events
+            (actor, request_id, repository, job_id, step, attempt, action, outcome, detail,
+             upstream_request_id, client_request_id)
+         {source}
+         ON CONFLICT (job_id, step, attempt, action)
+            WHERE job_id IS NOT NULL AND step IS NOT NULL AND attempt IS NOT NULL
+         DO NOTHING"
+    )
+}
+
+/// Binds `entry` as `$1` to `$11` of [`insert_sql`].
+pub(crate) fn bind_entry<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    entry: &'q AuditEntry,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let detail = if entry.detail.is_null() {
         serde_json::json!({})
     } else {
         entry.detail.clone()
     };
-    let result = sqlx::query(
-        "INSERT INTO audit_events
-            (actor, request_id, repository, job_id, step, attempt, action, outcome, detail, upstream_request_id,
-             client_request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-         ON CONFLICT (job_id, step, attempt, action)
-            WHERE job_id IS NOT NULL AND step IS NOT NULL AND attempt IS NOT NULL
-         DO NOTHING",
-    )
-    .bind(&entry.actor)
-    .bind(&entry.request_id)
-    .bind(&entry.subject)
-    .bind(entry.job_id)
-    .bind(&entry.step)
-    .bind(entry.attempt)
-    .bind(&entry.action)
-    .bind(&entry.outcome)
-    .bind(detail)
-    .bind(&entry.upstream_request_id)
-    .bind(&entry.client_request_id)
-    .execute(db)
-    .await?;
-    Ok(result.rows_affected() == 1)
+    query
+        .bind(&entry.actor)
+        .bind(&entry.request_id)
+        .bind(&entry.subject)
+        .bind(entry.job_id)
+        .bind(&entry.step)
+        .bind(entry.attempt)
+        .bind(&entry.action)
+        .bind(&entry.outcome)
+        .bind(detail)
+        .bind(&entry.upstream_request_id)
+        .bind(&entry.client_request_id)
 }
 
 /// An audit entry as read back.

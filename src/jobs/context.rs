@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -121,9 +121,7 @@ impl JobContext {
                 // The work is done: record it even if a cancel arrived meanwhile (the job stops
                 // at the next step boundary, in begin_step), so its output and audit entry are
                 // kept. Only a lost lease refuses the write.
-                let mut tx = self.fenced_tx().await?;
-                self.finish_step(&mut tx, name, attempt, &done).await?;
-                tx.commit().await?;
+                self.record_success(name, attempt, &done).await?;
                 Ok(done.output)
             }
             Err(err) => {
@@ -307,6 +305,57 @@ impl JobContext {
             done.upstream_request_id.clone(),
         );
         audit::record(&mut **tx, &entry).await?;
+        Ok(())
+    }
+
+    /// What [`Self::finish_step`] writes, in one statement that holds the job's row lock (the
+    /// lease check) only while it runs: concurrent steps of a job finishing together do not
+    /// queue behind each other's BEGIN/SELECT/UPDATE/INSERT/COMMIT. For steps with no writes of
+    /// their own.
+    async fn record_success<T: Serialize>(
+        &self,
+        name: &str,
+        attempt: i32,
+        done: &StepDone<T>,
+    ) -> Result<(), JobError> {
+        let output = serde_json::to_value(&done.output).map_err(|e| {
+            JobError::Permanent(format!("step {name} output is not serializable: {e}"))
+        })?;
+        let entry = self.audit_entry(
+            name,
+            attempt,
+            done.outcome,
+            done.detail.clone(),
+            done.upstream_request_id.clone(),
+        );
+        let audit =
+            audit::insert_sql("SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM lease");
+        let sql = format!(
+            "WITH lease AS (
+                 SELECT 1 FROM jobs
+                  WHERE id = $12 AND lease_token = $13 AND state = 'running' FOR UPDATE),
+             done AS (
+                 UPDATE job_steps
+                    SET state = 'succeeded', output = $15, last_error = NULL,
+                        finished_at = clock_timestamp()
+                  WHERE job_id = $12 AND step = $14 AND EXISTS (SELECT 1 FROM lease)
+              RETURNING extract(epoch FROM finished_at - started_at)::float8 AS seconds),
+             logged AS ({audit})
+             SELECT EXISTS (SELECT 1 FROM lease), (SELECT seconds FROM done)"
+        );
+        let query = audit::bind_entry(sqlx::query(sqlx::AssertSqlSafe(sql)), &entry);
+        let row = query
+            .bind(self.job.id)
+            .bind(self.token)
+            .bind(name)
+            .bind(output)
+            .fetch_one(&self.pool)
+            .await?;
+        let (held, seconds): (bool, Option<f64>) = (row.try_get(0)?, row.try_get(1)?);
+        if !held {
+            return Err(JobError::LeaseLost);
+        }
+        self.observe_step(name, done.outcome, seconds);
         Ok(())
     }
 

@@ -121,7 +121,8 @@ impl Observed {
     }
 }
 
-/// Reads the bucket in one concurrent wave: HeadBucket, its location and every setting. When
+/// Reads the bucket in one concurrent wave: HeadBucket (which answers its region) and every
+/// setting. When
 /// `expect_exists` is false (a first provisioning), HeadBucket goes alone first, so that a
 /// missing bucket costs one read instead of eight failing ones. Fails like [`preflight`] on a
 /// bucket of another account or region.
@@ -133,25 +134,24 @@ pub async fn observe(
 ) -> Result<Observed, CloudError> {
     let absent = Observed { settings: None };
     if !expect_exists {
-        if !head(s3, bucket, region).await? {
+        let Some(found) = head(s3, bucket, region).await? else {
             return Ok(absent);
-        }
-        check_location(s3, bucket, region).await?;
+        };
+        found.check_region(s3, bucket, region).await?;
         let settings = read_settings(s3, bucket).await?;
         return Ok(Observed {
             settings: Some(settings),
         });
     }
-    let (exists, location, settings) = tokio::join!(
+    let (found, settings) = tokio::join!(
         Box::pin(head(s3, bucket, region)),
-        Box::pin(check_location(s3, bucket, region)),
         Box::pin(read_settings(s3, bucket))
     );
     // HeadBucket's answer comes first: the other reads fail on a missing or foreign bucket.
-    if !exists? {
+    let Some(found) = found? else {
         return Ok(absent);
-    }
-    location?;
+    };
+    found.check_region(s3, bucket, region).await?;
     Ok(Observed {
         settings: Some(settings?),
     })
@@ -368,8 +368,8 @@ fn new_bucket_settings(repository: &str) -> [(&'static str, Value); 6] {
 /// another region, Object Lock), run before any AWS change so that a bucket we cannot use
 /// fails the job before the IAM entities are made. A missing bucket passes.
 pub async fn preflight(s3: &Client, bucket: &str, region: &str) -> Result<(), CloudError> {
-    if head(s3, bucket, region).await? {
-        check_location(s3, bucket, region).await?;
+    if let Some(found) = head(s3, bucket, region).await? {
+        found.check_region(s3, bucket, region).await?;
         refuse_object_lock(s3, bucket).await?;
     }
     Ok(())
@@ -450,14 +450,42 @@ pub fn location_to_region(location: Option<&str>) -> String {
     }
 }
 
-/// `true` if the bucket exists and we can access it, `false` if it does not exist.
-async fn head(s3: &Client, bucket: &str, region: &str) -> Result<bool, CloudError> {
+/// What HeadBucket answered for a bucket that exists and that we can access.
+struct Found {
+    /// `x-amz-bucket-region`, which S3 sends on every HeadBucket answer.
+    region: Option<String>,
+    request_id: Option<String>,
+}
+
+impl Found {
+    /// Fails unless the bucket is in `region`: from HeadBucket's answer, or (an answer without
+    /// the header) from GetBucketLocation.
+    async fn check_region(self, s3: &Client, bucket: &str, region: &str) -> Result<(), CloudError> {
+        match self.region {
+            Some(found) if found == region => Ok(()),
+            Some(found) => Err(wrong_region(
+                bucket,
+                &found,
+                region,
+                self.request_id,
+                "HeadBucket",
+            )),
+            None => check_location(s3, bucket, region).await,
+        }
+    }
+}
+
+/// Some if the bucket exists and we can access it, None if it does not exist.
+async fn head(s3: &Client, bucket: &str, region: &str) -> Result<Option<Found>, CloudError> {
     match s3.head_bucket().bucket(bucket).send().await {
-        Ok(_) => Ok(true),
+        Ok(out) => Ok(Some(Found {
+            region: out.bucket_region().map(str::to_owned),
+            request_id: output_request_id(&out),
+        })),
         Err(err) => {
             let status = crate::cloud::aws::http_status(&err);
             if err.as_service_error().is_some_and(|e| e.is_not_found()) || status == Some(404) {
-                return Ok(false);
+                return Ok(None);
             }
             let request_id = error_request_id(&err);
             match status {
