@@ -43,33 +43,65 @@ pub async fn ensure_with(
     ensure_observed(iam, bucket, mode, observed, || {}, policy_arn).await
 }
 
-/// What one wave of reads found: whether the group exists, and its attached policies.
+/// What one wave of reads found: whether the group exists, its members and its attached
+/// policies.
 #[derive(Debug, Clone)]
 pub struct Observed {
     exists: bool,
+    members: Vec<String>,
     attached: Vec<String>,
 }
 
-/// GetGroup and ListAttachedGroupPolicies, concurrently.
+impl Observed {
+    /// Whether `user` is in the group, as read (the user's observation takes it from here
+    /// instead of asking IAM for the user's groups).
+    pub fn has_member(&self, user: &str) -> bool {
+        self.members.iter().any(|member| member == user)
+    }
+}
+
+/// GetGroup (with its members) and ListAttachedGroupPolicies, concurrently.
 pub async fn observe(iam: &Client, group: &str) -> Result<Observed, CloudError> {
-    let get = async {
-        match iam.get_group().group_name(group).max_items(1).send().await {
-            Ok(_) => Ok(true),
-            Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
-            Err(err) => Err(classify(IAM, "GetGroup", err)),
-        }
-    };
-    let (exists, attached) = tokio::join!(Box::pin(get), Box::pin(attached_policies(iam, group)));
-    if !exists? {
+    let (members, attached) = tokio::join!(
+        Box::pin(members(iam, group)),
+        Box::pin(attached_policies(iam, group))
+    );
+    let Some(members) = members? else {
         return Ok(Observed {
             exists: false,
+            members: Vec::new(),
             attached: Vec::new(),
         });
-    }
+    };
     Ok(Observed {
         exists: true,
+        members,
         attached: attached?,
     })
+}
+
+/// The group's members (GetGroup, paginated); None when there is no such group.
+async fn members(iam: &Client, group: &str) -> Result<Option<Vec<String>>, CloudError> {
+    let mut members = Vec::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let out = match iam
+            .get_group()
+            .group_name(group)
+            .set_marker(marker.take())
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(err) if err.code() == Some("NoSuchEntity") => return Ok(None),
+            Err(err) => return Err(classify(IAM, "GetGroup", err)),
+        };
+        members.extend(out.users().iter().map(|u| u.user_name().to_owned()));
+        match out.marker() {
+            Some(next) if out.is_truncated() => marker = Some(next.to_owned()),
+            _ => return Ok(Some(members)),
+        }
+    }
 }
 
 /// [`ensure_with`] on what [`observe`] read. The group is made (apply mode) before the policy's

@@ -72,18 +72,46 @@ struct Found {
 }
 
 impl Observed {
+    /// The user's membership of `group`, as the group's members list shows it (the only group
+    /// the user steps ask about).
+    pub fn in_group(mut self, group: &str, member: bool) -> Self {
+        if let Some(found) = &mut self.found {
+            found.groups = if member {
+                vec![group.to_owned()]
+            } else {
+                Vec::new()
+            };
+        }
+        self
+    }
+
     /// The user's tags; `None` when there is no such user.
     pub fn tags(&self) -> Option<&[(String, String)]> {
         self.found.as_ref().map(|f| f.tags.as_slice())
     }
 }
 
-/// GetUser, ListUserTags, ListGroupsForUser and GetLoginProfile, concurrently.
+/// GetUser (which answers the user's tags too), ListGroupsForUser and GetLoginProfile,
+/// concurrently.
 pub async fn observe(iam: &Client, user: &str) -> Result<Observed, CloudError> {
+    observe_with_groups(iam, user, groups_for_user(iam, user)).await
+}
+
+/// [`observe`] without ListGroupsForUser, for a wave that reads the group's members anyway:
+/// [`Observed::in_group`] completes it (one call fewer).
+pub async fn observe_without_groups(iam: &Client, user: &str) -> Result<Observed, CloudError> {
+    observe_with_groups(iam, user, async { Ok(Vec::new()) }).await
+}
+
+async fn observe_with_groups(
+    iam: &Client,
+    user: &str,
+    groups: impl Future<Output = Result<Vec<String>, CloudError>>,
+) -> Result<Observed, CloudError> {
     let get = async {
         match iam.get_user().user_name(user).send().await {
-            Ok(_) => Ok(true),
-            Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
+            Ok(out) => Ok(Some(user_tags(out.user()))),
+            Err(err) if err.code() == Some("NoSuchEntity") => Ok(None),
             Err(err) => Err(classify(IAM, "GetUser", err)),
         }
     };
@@ -94,22 +122,27 @@ pub async fn observe(iam: &Client, user: &str) -> Result<Observed, CloudError> {
             Err(err) => Err(classify(IAM, "GetLoginProfile", err)),
         }
     };
-    let (exists, tags, groups, login_profile) = tokio::join!(
-        Box::pin(get),
-        Box::pin(list_tags(iam, user)),
-        Box::pin(groups_for_user(iam, user)),
-        Box::pin(login_profile)
-    );
-    if !exists? {
+    let (tags, groups, login_profile) =
+        tokio::join!(Box::pin(get), Box::pin(groups), Box::pin(login_profile));
+    let Some(tags) = tags? else {
         return Ok(Observed { found: None });
-    }
+    };
     Ok(Observed {
         found: Some(Found {
-            tags: tags?,
+            tags,
             groups: groups?,
             login_profile: login_profile?,
         }),
     })
+}
+
+/// GetUser answers every tag of the user (IAM allows 50; ListUserTags pages the same list).
+fn user_tags(user: Option<&aws_sdk_iam::types::User>) -> Vec<(String, String)> {
+    user.map(|u| u.tags())
+        .unwrap_or_default()
+        .iter()
+        .map(|t| (t.key().to_owned(), t.value().to_owned()))
+        .collect()
 }
 
 /// [`ensure_with`] on what [`observe`] read. The user is made (apply mode) before the group is

@@ -61,16 +61,18 @@ pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
         )),
         Box::pin(policy::observe_at(iam, bucket, target.policy_arn)),
         Box::pin(group::observe(iam, bucket)),
-        Box::pin(user::observe(iam, bucket)),
+        Box::pin(user::observe_without_groups(iam, bucket)),
         Box::pin(access_key::list(iam, bucket)),
         Box::pin(check_key(aws, bucket, target.region, target.conf)),
     );
     // The user first: the hand-made-set check reads it, and it comes first among the preflights.
-    let user = user?;
+    // The group is the bucket's name, as is the user.
+    let (user, group) = (user?, group?);
+    let user = user.in_group(bucket, group.has_member(bucket));
     Ok(World {
         bucket: bucket_seen?,
         policy: policy?,
-        group: group?,
+        group,
         user,
         keys: keys.ok(),
         key_check,
