@@ -16,7 +16,8 @@
 //! The job queue, the HTTP API under load, memory and start-up are `benches/load.rs`.
 //! Results are printed as a table; BENCHMARKS.md records a run. Nothing here asserts timings.
 //! Sizes for a smoke run: BENCH_RUNS (10), BENCH_SCRIPT_RUNS (5), BENCH_CONSISTENCY_RUNS (3),
-//! BENCH_FLEET (1000; 0 skips the sweep), BENCH_FLEET_CONCURRENCY (32).
+//! BENCH_FLEET (1000; 0 skips the sweep), BENCH_FLEET_CONCURRENCY (32). BENCH_TIMELINE (unset)
+//! prints each run's job, step and AWS request times in order.
 
 #[allow(dead_code)]
 #[path = "../tests/api/support/app.rs"]
@@ -171,13 +172,16 @@ async fn compare(latency: Duration, databases: &mut Databases) -> Comparison {
     for _ in 0..runs {
         let name = env::unique_name("bench");
         reset(&env, proxy);
-        let t = Instant::now();
+        let (t, at) = (Instant::now(), chrono::Utc::now());
         let view = env
             .provision(json!({"name": name, "namespace": env.ns(NAMESPACE)}))
             .await;
         let wall = t.elapsed();
         assert_eq!(view["state"], "succeeded", "first provisioning: {view}");
         first.push(sample(&env, proxy, &view, wall).await);
+        if std::env::var_os("BENCH_TIMELINE").is_some() {
+            print_timeline(&env, proxy, &view, (at, wall)).await;
+        }
         names.push(name);
     }
     let mut rerun = Vec::new();
