@@ -62,16 +62,38 @@ impl Observed {
 
 /// GetGroup (with its members) and ListAttachedGroupPolicies, concurrently.
 pub async fn observe(iam: &Client, group: &str) -> Result<Observed, CloudError> {
+    observe_expecting(iam, group, true).await
+}
+
+/// [`observe`]; when the group is not expected to exist (a repository that never recorded
+/// it), GetGroup goes alone first, so that a missing group costs one read instead of two.
+pub async fn observe_expecting(
+    iam: &Client,
+    group: &str,
+    expect_exists: bool,
+) -> Result<Observed, CloudError> {
+    let absent = Observed {
+        exists: false,
+        members: Vec::new(),
+        attached: Vec::new(),
+    };
+    if !expect_exists {
+        let Some(members) = members(iam, group).await? else {
+            return Ok(absent);
+        };
+        let attached = attached_policies(iam, group).await?;
+        return Ok(Observed {
+            exists: true,
+            members,
+            attached,
+        });
+    }
     let (members, attached) = tokio::join!(
         Box::pin(members(iam, group)),
         Box::pin(attached_policies(iam, group))
     );
     let Some(members) = members? else {
-        return Ok(Observed {
-            exists: false,
-            members: Vec::new(),
-            attached: Vec::new(),
-        });
+        return Ok(absent);
     };
     Ok(Observed {
         exists: true,

@@ -272,6 +272,7 @@ impl Provisioner {
             bucket: name,
             region,
             bucket_known: known.is_some_and(|k| k.bucket_arn.is_some()),
+            iam_known: known.is_some_and(|k| k.user.is_some() && k.group.is_some()),
             policy_arn: known.and_then(|k| k.policy_arn.as_deref()),
             conf: existing.and_then(|s| s.conf.as_ref()),
         };

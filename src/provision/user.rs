@@ -103,27 +103,48 @@ pub async fn observe_without_groups(iam: &Client, user: &str) -> Result<Observed
     observe_with_groups(iam, user, async { Ok(Vec::new()) }).await
 }
 
+/// [`observe_without_groups`] for a user not expected to exist (a repository that never
+/// recorded it): GetUser alone first, so that a missing user costs one read instead of two.
+pub async fn observe_unexpected(iam: &Client, user: &str) -> Result<Observed, CloudError> {
+    let Some(tags) = get(iam, user).await? else {
+        return Ok(Observed { found: None });
+    };
+    Ok(Observed {
+        found: Some(Found {
+            tags,
+            groups: Vec::new(),
+            login_profile: has_login_profile(iam, user).await?,
+        }),
+    })
+}
+
+/// GetUser: the user's tags, or None when there is no such user.
+async fn get(iam: &Client, user: &str) -> Result<Option<Vec<(String, String)>>, CloudError> {
+    match iam.get_user().user_name(user).send().await {
+        Ok(out) => Ok(Some(user_tags(out.user()))),
+        Err(err) if err.code() == Some("NoSuchEntity") => Ok(None),
+        Err(err) => Err(classify(IAM, "GetUser", err)),
+    }
+}
+
+async fn has_login_profile(iam: &Client, user: &str) -> Result<bool, CloudError> {
+    match iam.get_login_profile().user_name(user).send().await {
+        Ok(_) => Ok(true),
+        Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
+        Err(err) => Err(classify(IAM, "GetLoginProfile", err)),
+    }
+}
+
 async fn observe_with_groups(
     iam: &Client,
     user: &str,
     groups: impl Future<Output = Result<Vec<String>, CloudError>>,
 ) -> Result<Observed, CloudError> {
-    let get = async {
-        match iam.get_user().user_name(user).send().await {
-            Ok(out) => Ok(Some(user_tags(out.user()))),
-            Err(err) if err.code() == Some("NoSuchEntity") => Ok(None),
-            Err(err) => Err(classify(IAM, "GetUser", err)),
-        }
-    };
-    let login_profile = async {
-        match iam.get_login_profile().user_name(user).send().await {
-            Ok(_) => Ok(true),
-            Err(err) if err.code() == Some("NoSuchEntity") => Ok(false),
-            Err(err) => Err(classify(IAM, "GetLoginProfile", err)),
-        }
-    };
-    let (tags, groups, login_profile) =
-        tokio::join!(Box::pin(get), Box::pin(groups), Box::pin(login_profile));
+    let (tags, groups, login_profile) = tokio::join!(
+        Box::pin(get(iam, user)),
+        Box::pin(groups),
+        Box::pin(has_login_profile(iam, user))
+    );
     let Some(tags) = tags? else {
         return Ok(Observed { found: None });
     };

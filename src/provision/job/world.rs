@@ -38,6 +38,8 @@ pub struct Target<'a> {
     pub region: &'a str,
     /// The repository recorded the bucket: it exists, read all its settings at once.
     pub bucket_known: bool,
+    /// The repository recorded its IAM group and user: read all of theirs at once.
+    pub iam_known: bool,
     /// The policy's ARN as the repository recorded it: read it there, without a listing.
     pub policy_arn: Option<&'a str>,
     /// The existing Secret's `s3.conf`.
@@ -52,7 +54,7 @@ pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
     } = target;
     let iam = &aws.iam;
     // Boxed: together they are too large for a worker thread's stack in a debug build.
-    let (bucket_seen, policy, group, user, keys, key_check) = tokio::join!(
+    let (bucket_seen, policy, group, (user, keys), key_check) = tokio::join!(
         Box::pin(bucket::observe(
             s3,
             bucket,
@@ -60,9 +62,8 @@ pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
             target.bucket_known
         )),
         Box::pin(policy::observe_at(iam, bucket, target.policy_arn)),
-        Box::pin(group::observe(iam, bucket)),
-        Box::pin(user::observe_without_groups(iam, bucket)),
-        Box::pin(access_key::list(iam, bucket)),
+        Box::pin(group::observe_expecting(iam, bucket, target.iam_known)),
+        Box::pin(user_and_keys(iam, bucket, target.iam_known)),
         Box::pin(check_key(aws, bucket, target.region, target.conf)),
     );
     // The user first: the hand-made-set check reads it, and it comes first among the preflights.
@@ -77,6 +78,36 @@ pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
         keys: keys.ok(),
         key_check,
     })
+}
+
+/// The user and its access keys, at once when the repository recorded the user; else GetUser
+/// alone first (a missing user: one read), the rest once it is found.
+async fn user_and_keys(
+    iam: &aws_sdk_iam::Client,
+    user: &str,
+    known: bool,
+) -> (
+    Result<user::Observed, CloudError>,
+    Result<Vec<KeyInfo>, CloudError>,
+) {
+    if known {
+        return tokio::join!(
+            Box::pin(user::observe_without_groups(iam, user)),
+            Box::pin(access_key::list(iam, user))
+        );
+    }
+    let observed = user::observe_unexpected(iam, user).await;
+    let exists = observed.as_ref().is_ok_and(|o| o.tags().is_some());
+    let keys = match exists {
+        true => access_key::list(iam, user).await,
+        // No user, no keys: the access key step lists them itself once the user exists.
+        false => Err(CloudError::permanent(
+            "iam",
+            "ListAccessKeys",
+            "no user yet",
+        )),
+    };
+    (observed, keys)
 }
 
 /// The Secret's key lists the bucket (read-only), once.
