@@ -285,9 +285,7 @@ impl JobContext {
         attempt: i32,
         done: &StepDone<T>,
     ) -> Result<(), JobError> {
-        let output = serde_json::to_value(&done.output).map_err(|e| {
-            JobError::Permanent(format!("step {name} output is not serializable: {e}"))
-        })?;
+        let (output, entry) = self.success_record(name, attempt, done)?;
         let seconds: Option<f64> = sqlx::query_scalar(
             "UPDATE job_steps SET state = 'succeeded', output = $3, last_error = NULL, finished_at = clock_timestamp()
               WHERE job_id = $1 AND step = $2
@@ -300,27 +298,17 @@ impl JobContext {
         .await?
         .flatten();
         self.observe_step(name, done.outcome, seconds);
-        let entry = self.audit_entry(
-            name,
-            attempt,
-            done.outcome,
-            done.detail.clone(),
-            done.upstream_request_id.clone(),
-        );
         audit::record(&mut **tx, &entry).await?;
         Ok(())
     }
 
-    /// What [`Self::finish_step`] writes, in one statement that holds the job's row lock (the
-    /// lease check, shared as in [`Self::begin_step`]) only while it runs: concurrent steps of a job finishing together do not
-    /// queue behind each other's BEGIN/SELECT/UPDATE/INSERT/COMMIT. For steps with no writes of
-    /// their own.
-    async fn record_success<T: Serialize>(
+    /// A succeeded step's stored output and its audit entry.
+    fn success_record<T: Serialize>(
         &self,
         name: &str,
         attempt: i32,
         done: &StepDone<T>,
-    ) -> Result<(), JobError> {
+    ) -> Result<(serde_json::Value, AuditEntry), JobError> {
         let output = serde_json::to_value(&done.output).map_err(|e| {
             JobError::Permanent(format!("step {name} output is not serializable: {e}"))
         })?;
@@ -331,6 +319,20 @@ impl JobContext {
             done.detail.clone(),
             done.upstream_request_id.clone(),
         );
+        Ok((output, entry))
+    }
+
+    /// What [`Self::finish_step`] writes, in one statement that holds the job's row lock (the
+    /// lease check, shared as in [`Self::begin_step`]) only while it runs: concurrent steps of
+    /// a job finishing together do not queue behind each other's BEGIN/SELECT/UPDATE/INSERT/
+    /// COMMIT. For steps with no writes of their own.
+    async fn record_success<T: Serialize>(
+        &self,
+        name: &str,
+        attempt: i32,
+        done: &StepDone<T>,
+    ) -> Result<(), JobError> {
+        let (output, entry) = self.success_record(name, attempt, done)?;
         let audit =
             audit::insert_sql("SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM lease");
         let sql = format!(

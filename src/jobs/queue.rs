@@ -178,29 +178,9 @@ pub async fn claim_up_to(
     lease: Duration,
     limit: usize,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
     // One statement for every free slot, so no explicit transaction: it commits on its own,
-    // and BEGIN and COMMIT would be two more round trips. `gen_random_uuid()` is volatile, so
-    // each row gets a token of its own.
-    let mut jobs = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs
-            SET state = 'running', attempts = attempts + 1, lease_token = gen_random_uuid(),
-                lease_expires_at = now() + make_interval(secs => $3), locked_by = $2,
-                started_at = coalesce(started_at, now())
-          WHERE id IN (SELECT id FROM jobs
-                        WHERE state = 'queued' AND run_at <= now() AND kind = ANY($1)
-                        ORDER BY run_at
-                        FOR UPDATE SKIP LOCKED
-                        LIMIT $4)
-        RETURNING {JOB_COLUMNS}"
-    )))
-    .bind(&kinds)
-    .bind(worker)
-    .bind(lease.as_secs_f64())
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(pool)
-    .await?;
-    jobs.sort_by_key(|job| job.run_at);
+    // and BEGIN and COMMIT would be two more round trips.
+    let (_, jobs) = finish_and_claim(pool, &[], (kinds, worker, lease), limit).await?;
     Ok(jobs)
 }
 
@@ -366,6 +346,7 @@ pub async fn finish_and_claim(
                  WHERE j.id = e.id AND j.lease_token = e.token AND j.state = 'running'
                 RETURNING j.id
              ), claimed AS (
+                -- `gen_random_uuid()` is volatile: each row gets a token of its own.
                 UPDATE jobs
                    SET state = 'running', attempts = attempts + 1,
                        lease_token = gen_random_uuid(),
