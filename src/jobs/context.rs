@@ -191,10 +191,9 @@ impl JobContext {
     /// The step's output if an earlier attempt succeeded; else marks it running and counts the
     /// attempt, fenced by the lease, and stops here if a cancel was requested. One statement
     /// (one round trip, one commit): the job's row lock is held only for it, so the concurrent
-    /// steps of a job do not queue behind each other's BEGIN/SELECT/INSERT/COMMIT. The lock is
-    /// shared (`FOR SHARE`): it keeps the lease from changing (a rescue, a cancel or the job's
-    /// end update the row, and wait for it) while the job's concurrent steps begin and record
-    /// side by side.
+    /// steps of a job do not queue behind each other's BEGIN/SELECT/INSERT/COMMIT. The lock
+    /// stays exclusive: two transactions writing events of one job must not overlap, so that
+    /// their `job_events` ids are in commit order (what the live stream relies on).
     async fn begin_step<T: DeserializeOwned>(
         &self,
         name: &str,
@@ -208,7 +207,7 @@ impl JobContext {
         ) = sqlx::query_as(
             "WITH lease AS (
                  SELECT cancel_requested FROM jobs
-                  WHERE id = $1 AND lease_token = $4 AND state = 'running' FOR SHARE),
+                  WHERE id = $1 AND lease_token = $4 AND state = 'running' FOR UPDATE),
              earlier AS (
                  SELECT output FROM job_steps
                   WHERE job_id = $1 AND step = $2 AND state = 'succeeded'),
@@ -323,9 +322,9 @@ impl JobContext {
     }
 
     /// What [`Self::finish_step`] writes, in one statement that holds the job's row lock (the
-    /// lease check, shared as in [`Self::begin_step`]) only while it runs: concurrent steps of
-    /// a job finishing together do not queue behind each other's BEGIN/SELECT/UPDATE/INSERT/
-    /// COMMIT. For steps with no writes of their own.
+    /// lease check) only while it runs: concurrent steps of a job finishing together do not
+    /// queue behind each other's BEGIN/SELECT/UPDATE/INSERT/COMMIT. For steps with no writes of
+    /// their own.
     async fn record_success<T: Serialize>(
         &self,
         name: &str,
@@ -338,7 +337,7 @@ impl JobContext {
         let sql = format!(
             "WITH lease AS (
                  SELECT 1 FROM jobs
-                  WHERE id = $12 AND lease_token = $13 AND state = 'running' FOR SHARE),
+                  WHERE id = $12 AND lease_token = $13 AND state = 'running' FOR UPDATE),
              done AS (
                  UPDATE job_steps
                     SET state = 'succeeded', output = $15, last_error = NULL,

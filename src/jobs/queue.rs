@@ -217,9 +217,8 @@ pub async fn heartbeat(
 }
 
 /// Locks the job row if `token` still holds its lease: the fence every worker write passes.
-/// The lock is shared: the lease cannot change until the transaction ends (a rescue, a cancel
-/// or the job's end update the row and wait for it), while the job's own concurrent steps
-/// record side by side instead of one after another.
+/// Exclusive, so that a job's transactions that write its events never overlap (their
+/// `job_events` ids are then in commit order, which the live stream relies on).
 pub async fn hold_lease(
     conn: &mut PgConnection,
     id: Uuid,
@@ -227,7 +226,7 @@ pub async fn hold_lease(
 ) -> Result<Option<bool>, sqlx::Error> {
     sqlx::query_scalar::<_, bool>(
         "SELECT cancel_requested FROM jobs
-          WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR SHARE",
+          WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
     )
     .bind(id)
     .bind(token)

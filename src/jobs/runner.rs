@@ -231,6 +231,13 @@ impl WorkerPool {
             let Some(next) = self.end_and_take(attempt, wants_job).await else {
                 return;
             };
+            // Shutdown began while the claim was in flight: the job goes back untouched.
+            if shutdown.is_cancelled() {
+                if let Some(token) = next.lease_token {
+                    let _ = queue::release(&self.pool, next.id, token).await;
+                }
+                return;
+            }
             (job, leased_at) = (next, asked_at);
         }
     }
@@ -306,6 +313,8 @@ impl WorkerPool {
         let _entered = attempt.span.enter();
         let (ending, label) = self.ending_of(&attempt.job, attempt.token, &attempt.result);
         drop(_entered);
+        // The attempt's duration, not the wait for its record or the next claim.
+        let elapsed = attempt.started.elapsed();
         let answer = self.exchange(ending, wants_job).await;
         let outcome = match answer.recorded {
             None | Some(Ok(true)) => label,
@@ -316,7 +325,7 @@ impl WorkerPool {
             }
         };
         if let Some(metrics) = &self.metrics {
-            metrics.observe_job(&attempt.job.kind, outcome, attempt.started.elapsed());
+            metrics.observe_job(&attempt.job.kind, outcome, elapsed);
         }
         answer.next
     }
@@ -442,6 +451,22 @@ impl Turnover {
     }
 }
 
+/// After `failed`, the ends on their own: the claim's part of the statement can fail (a lock
+/// timeout on a claimed job's subject) where recording the ends would not.
+async fn record_alone(
+    pool: &PgPool,
+    endings: &[queue::Ending],
+    failed: &sqlx::Error,
+) -> Result<Vec<Uuid>, String> {
+    tracing::warn!(error = %failed, "recording job ends with the next claims failed; recording the ends alone");
+    if endings.is_empty() {
+        return Ok(Vec::new());
+    }
+    queue::finish_all(pool, endings)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Runs until every [`Turnover`] handle is gone.
 async fn turn_over(pool: PgPool, claimant: Claimant, mut queued: mpsc::UnboundedReceiver<Request>) {
     const MOST_PER_STATEMENT: usize = 256;
@@ -464,7 +489,10 @@ async fn turn_over(pool: PgPool, claimant: Claimant, mut queued: mpsc::Unbounded
         );
         let (held, mut jobs) = match queue::finish_and_claim(&pool, &endings, claims, want).await {
             Ok((held, jobs)) => (Ok(held), jobs.into_iter()),
-            Err(e) => (Err(e.to_string()), Vec::new().into_iter()),
+            Err(e) => (
+                record_alone(&pool, &endings, &e).await,
+                Vec::new().into_iter(),
+            ),
         };
         for request in batch.drain(..) {
             let recorded = request.ending.as_ref().map(|ending| match &held {

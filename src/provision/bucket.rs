@@ -124,7 +124,7 @@ impl Observed {
 /// Reads the bucket in one concurrent wave: HeadBucket (which answers its region) and every
 /// setting. When
 /// `expect_exists` is false (a first provisioning), HeadBucket goes alone first, so that a
-/// missing bucket costs one read instead of eight failing ones. Fails like [`preflight`] on a
+/// missing bucket costs one read instead of seven failing ones. Fails like [`preflight`] on a
 /// bucket of another account or region.
 pub async fn observe(
     s3: &Client,

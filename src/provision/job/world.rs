@@ -4,7 +4,7 @@
 //! its part instead of reading again, so a re-run of a ready repository is this wave and
 //! nothing after it (the policy's second read excepted), and a first run's reads cost one
 //! round trip (the bucket, group and user a repository never recorded are read existence
-//! first: two when one exists after all). The wave is bounded by construction: a fixed set of
+//! first: two or three when one exists after all). The wave is bounded by construction: a fixed set of
 //! at most 14 reads per job (plus pagination), under the process-wide AWS rate limit
 //! (`cloud::rate_limit`).
 
@@ -68,13 +68,14 @@ pub async fn observe(target: Target<'_>) -> Result<World, CloudError> {
         Box::pin(user_and_keys(iam, bucket, target.iam_known)),
         Box::pin(check_key(aws, bucket, target.region, target.conf)),
     );
-    // The user first: the hand-made-set check reads it, and it comes first among the preflights.
+    // The user first: the hand-made-set check reads it, and it comes first among the preflights;
+    // then in the order the failures were reported before the group's members were read here.
+    let (user, bucket_seen, policy, group) = (user?, bucket_seen?, policy?, group?);
     // The group is the bucket's name, as is the user.
-    let (user, group) = (user?, group?);
     let user = user.in_group(bucket, group.has_member(bucket));
     Ok(World {
-        bucket: bucket_seen?,
-        policy: policy?,
+        bucket: bucket_seen,
+        policy,
         group,
         user,
         keys: keys.ok(),
