@@ -269,12 +269,23 @@ pub async fn lock_state(conn: &mut PgConnection, id: Uuid) -> Result<Option<Stri
 }
 
 /// Merges newly known identifiers into the repository's resources.
+/// [`merge_resources`] as the statement of `jobs::JobContext::fenced_write`: `$3` the
+/// repository's id, `$4` the patch ([`resources_patch`]).
+pub const MERGE_RESOURCES_IF_LEASED: &str = "UPDATE backup_repositories
+    SET resources = resources || $4, updated_at = now()
+  WHERE id = $3 AND EXISTS (SELECT 1 FROM lease)";
+
+/// What [`merge_resources`] merges into the stored resources.
+pub fn resources_patch(patch: &Resources) -> serde_json::Value {
+    serde_json::to_value(patch).unwrap_or_default()
+}
+
 pub async fn merge_resources(
     db: impl PgExecutor<'_>,
     id: Uuid,
     patch: &Resources,
 ) -> Result<(), sqlx::Error> {
-    let patch = serde_json::to_value(patch).unwrap_or_default();
+    let patch = resources_patch(patch);
     sqlx::query("UPDATE backup_repositories SET resources = resources || $2, updated_at = now() WHERE id = $1")
         .bind(id)
         .bind(patch)

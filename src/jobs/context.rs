@@ -266,6 +266,32 @@ impl JobContext {
         }
     }
 
+    /// Runs one data-modifying statement fenced by the lease, in one round trip (the job's row
+    /// lock held only while it runs): `statement` is a data-modifying statement that must read
+    /// the CTE `lease` (e.g. `... WHERE id = $3 AND EXISTS (SELECT 1 FROM lease)`); its own
+    /// parameters start at `$3`, bound by `bind`. Fails with `LeaseLost` when the lease is gone.
+    pub async fn fenced_write<'q>(
+        &self,
+        statement: &str,
+        bind: impl FnOnce(PgQuery<'q>) -> PgQuery<'q>,
+    ) -> Result<(), JobError> {
+        let sql = format!(
+            "WITH lease AS (
+                 SELECT 1 FROM jobs
+                  WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE),
+             written AS ({statement})
+             SELECT EXISTS (SELECT 1 FROM lease)"
+        );
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(self.job.id)
+            .bind(self.token);
+        let held: bool = bind(query).fetch_one(&self.pool).await?.try_get(0)?;
+        if !held {
+            return Err(JobError::LeaseLost);
+        }
+        Ok(())
+    }
+
     /// Fails with `LeaseLost` or `Cancelled` unless this worker still owns the job and no
     /// cancel was requested; holds no lock afterwards. For a step about to start external work
     /// that must not run inside a transaction (an AWS or Kubernetes call).
@@ -426,6 +452,9 @@ enum Begun<T> {
     Earlier(T),
     Attempt(i32),
 }
+
+/// A query of [`JobContext::fenced_write`].
+pub type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 /// A succeeded step's stored output, read back as `T`.
 fn stored_output<T: DeserializeOwned>(

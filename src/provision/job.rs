@@ -468,11 +468,14 @@ impl Provisioner {
         payload: &ProvisionPayload,
         patch: Resources,
     ) -> Result<(), JobError> {
-        // Fenced like every other write of the job: a worker that lost its lease stays quiet.
-        let mut tx = ctx.fenced_tx().await?;
-        repository::merge_resources(&mut *tx, payload.repository_id, &patch).await?;
-        tx.commit().await?;
-        Ok(())
+        // Fenced like every other write of the job (a worker that lost its lease stays quiet),
+        // in one statement: the job's row lock is held for one round trip.
+        let patch = repository::resources_patch(&patch);
+        let statement = repository::MERGE_RESOURCES_IF_LEASED;
+        ctx.fenced_write(statement, |query| {
+            query.bind(payload.repository_id).bind(patch)
+        })
+        .await
     }
 
     /// The repository's sealed material (an access key's secret, a new cipher pass).
