@@ -333,8 +333,32 @@ pub async fn finish_and_claim(
     let kinds: Vec<String> = kinds.iter().map(|k| k.to_string()).collect();
     // The two parts return different rows: one column each, the other NULL.
     let rows: Vec<(Option<Uuid>, Option<sqlx::types::Json<Job>>)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH ended AS (
+        sqlx::query_as(sqlx::AssertSqlSafe(finish_and_claim_sql()))
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&states)
+            .bind(&errors)
+            .bind(&delays)
+            .bind(&kinds)
+            .bind(worker)
+            .bind(lease.as_secs_f64())
+            .bind(i64::try_from(want).unwrap_or(i64::MAX))
+            .fetch_all(pool)
+            .await?;
+    let mut held = Vec::new();
+    let mut claimed = Vec::new();
+    for (ended, job) in rows {
+        held.extend(ended);
+        claimed.extend(job.map(|json| json.0));
+    }
+    claimed.sort_by_key(|job| job.run_at);
+    Ok((held, claimed))
+}
+
+/// [`finish_and_claim`]'s statement: `$1`–`$5` the ends, `$6`–`$9` the claim.
+fn finish_and_claim_sql() -> String {
+    format!(
+        "WITH ended AS (
                 UPDATE jobs j
                    SET state = e.state, last_error = coalesce(e.error, j.last_error),
                        lease_token = NULL, lease_expires_at = NULL, locked_by = NULL,
@@ -361,26 +385,7 @@ pub async fn finish_and_claim(
              SELECT id, NULL::jsonb FROM ended
              UNION ALL
              SELECT NULL, to_jsonb(claimed) FROM claimed"
-        )))
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&states)
-        .bind(&errors)
-        .bind(&delays)
-        .bind(&kinds)
-        .bind(worker)
-        .bind(lease.as_secs_f64())
-        .bind(i64::try_from(want).unwrap_or(i64::MAX))
-        .fetch_all(pool)
-        .await?;
-    let mut held = Vec::new();
-    let mut claimed = Vec::new();
-    for (ended, job) in rows {
-        held.extend(ended);
-        claimed.extend(job.map(|json| json.0));
-    }
-    claimed.sort_by_key(|job| job.run_at);
-    Ok((held, claimed))
+    )
 }
 
 /// Gives a job back to the queue without counting the attempt (graceful shutdown).

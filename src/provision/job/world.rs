@@ -104,10 +104,10 @@ async fn user_and_keys(
     let keys = match exists {
         true => access_key::list(iam, user).await,
         // No user, no keys: the access key step lists them itself once the user exists.
-        false => Err(CloudError::permanent(
+        false => Err(CloudError::retryable(
             "iam",
             "ListAccessKeys",
-            "no user yet",
+            "no user to list the keys of yet",
         )),
     };
     (observed, keys)
