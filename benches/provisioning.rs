@@ -886,6 +886,8 @@ fn print_consistency(r: &ConsistencyResults) {
         verdict(worst <= 1.2),
         spread(&r.refused)
     );
+    let walls: Vec<String> = r.walls.iter().map(|w| ms(*w)).collect();
+    println!("POST → ready per run, in order: {}", walls.join(", "));
 }
 
 fn print_fleet(f: &FleetResults) {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::JobError;
+use super::begins;
 use super::queue::{self, Job};
 use crate::audit::{self, AuditEntry};
 use crate::telemetry::Metrics;
@@ -55,6 +56,8 @@ pub struct JobContext {
     /// Fires when the lease is lost or the process must stop; long steps should watch it.
     pub stop: CancellationToken,
     metrics: Option<Arc<Metrics>>,
+    /// This attempt's step begins, batched (see [`begins`]).
+    begins: begins::Begins,
 }
 
 impl JobContext {
@@ -66,6 +69,7 @@ impl JobContext {
             token,
             stop,
             metrics: None,
+            begins: begins::Begins::default(),
         }
     }
 
@@ -189,49 +193,26 @@ impl JobContext {
     }
 
     /// The step's output if an earlier attempt succeeded; else marks it running and counts the
-    /// attempt, fenced by the lease, and stops here if a cancel was requested. One statement
-    /// (one round trip, one commit): the job's row lock is held only for it, so the concurrent
-    /// steps of a job do not queue behind each other's BEGIN/SELECT/INSERT/COMMIT. The lock
-    /// stays exclusive: two transactions writing events of one job must not overlap, so that
-    /// their `job_events` ids are in commit order (what the live stream relies on).
+    /// attempt, fenced by the lease, and stops here if a cancel was requested. Begins that come
+    /// together are one statement (see [`begins`]): the job's row lock is held only while it
+    /// runs. The lock stays exclusive: two transactions writing events of one job must not
+    /// overlap, so that their `job_events` ids are in commit order (what the live stream
+    /// relies on).
     async fn begin_step<T: DeserializeOwned>(
         &self,
         name: &str,
         position: i32,
     ) -> Result<Begun<T>, JobError> {
-        let (earlier, output, cancel_requested, attempt): (
-            bool,
-            Option<serde_json::Value>,
-            Option<bool>,
-            Option<i32>,
-        ) = sqlx::query_as(
-            "WITH lease AS (
-                 SELECT cancel_requested FROM jobs
-                  WHERE id = $1 AND lease_token = $4 AND state = 'running' FOR UPDATE),
-             earlier AS (
-                 SELECT output FROM job_steps
-                  WHERE job_id = $1 AND step = $2 AND state = 'succeeded'),
-             started AS (
-                 INSERT INTO job_steps (job_id, step, position, state, attempts, started_at)
-                 SELECT $1, $2, $3, 'running', 1, clock_timestamp() FROM lease
-                  WHERE NOT lease.cancel_requested AND NOT EXISTS (SELECT 1 FROM earlier)
-                 ON CONFLICT (job_id, step) DO UPDATE
-                    SET state = 'running', attempts = job_steps.attempts + 1,
-                        started_at = clock_timestamp(), finished_at = NULL
-                 RETURNING attempts)
-             SELECT EXISTS (SELECT 1 FROM earlier), (SELECT output FROM earlier),
-                    (SELECT cancel_requested FROM lease), (SELECT attempts FROM started)",
-        )
-        .bind(self.job.id)
-        .bind(name)
-        .bind(position)
-        .bind(self.token)
-        .fetch_one(&self.pool)
-        .await?;
-        if earlier {
-            return stored_output(name, output).map(Begun::Earlier);
+        let lease = begins::Lease {
+            pool: &self.pool,
+            job: self.job.id,
+            token: self.token,
+        };
+        let row = self.begins.begin(lease, name, position).await?;
+        if row.earlier {
+            return stored_output(name, row.output).map(Begun::Earlier);
         }
-        match (cancel_requested, attempt) {
+        match (row.cancel_requested, row.attempt) {
             (None, _) => Err(JobError::LeaseLost),
             (Some(true), _) => Err(JobError::Cancelled),
             (Some(false), Some(attempt)) => Ok(Begun::Attempt(attempt)),

@@ -13,6 +13,7 @@
 //! - step outputs persist, so a retried job resumes where it stopped.
 
 pub mod backoff;
+mod begins;
 pub mod context;
 pub mod control;
 pub mod queue;

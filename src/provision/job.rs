@@ -169,6 +169,10 @@ const POLICY_ARN: &str = "policy-arn";
 const GROUP_EXISTS: &str = "group-exists";
 /// Reached with `"created"` when this attempt made the user (it has no keys yet), else `""`.
 const USER_EXISTS: &str = "user-exists";
+/// Reached when the group's policy is attached, and when the user is in the group: the key's
+/// proof can start then, before those steps are recorded.
+const GROUP_READY: &str = "group-ready";
+const USER_READY: &str = "user-ready";
 /// Barriers: the creates of a first run go out together, then the calls that need them.
 const CREATES: &str = "creates";
 const AFTER_CREATES: &str = "after-creates";
@@ -179,10 +183,10 @@ const FIRST_WAVE: [&str; 4] = [
     Step::Group.name(),
     Step::User.name(),
 ];
-/// The steps whose calls after the creates (bucket settings, AttachGroupPolicy,
-/// AddUserToGroup, CreateAccessKey) go out together.
-const SECOND_WAVE: [&str; 4] = [
-    Step::Bucket.name(),
+/// The steps whose calls after the creates (AttachGroupPolicy, AddUserToGroup,
+/// CreateAccessKey) go out together: the key's proof needs all three. The bucket's settings
+/// go out as soon as the bucket exists: nothing later waits for them.
+const SECOND_WAVE: [&str; 3] = [
     Step::Group.name(),
     Step::User.name(),
     Step::AccessKey.name(),
@@ -209,11 +213,7 @@ impl JobHandler for Provisioner {
             Box::pin(self.preflight(&payload, &s3, existing.as_ref(), row.as_ref())).await?;
         let progress = Progress::new();
         let made = self.make_resources(ctx, &payload, &s3, existing.as_ref(), (&world, &progress));
-        let key = Box::pin(made).await?;
-        let conf = self.s3_conf(ctx, &payload, existing.as_ref(), &key).await?;
-        let probe = self
-            .prove_key(ctx, &payload, (&key, &conf), (&world, &progress))
-            .await?;
+        let ProvenKey { key, conf, probe } = Box::pin(made).await?;
         let listed = self
             .deliver(
                 ctx,
@@ -233,6 +233,14 @@ impl JobHandler for Provisioner {
     ) -> Option<Result<serde_json::Value, JobError>> {
         Some(self.plan_provisioning(payload).await)
     }
+}
+
+/// The access key, proven to work, and the Secret's content built with it.
+struct ProvenKey {
+    key: KeyOutput,
+    conf: S3Conf,
+    /// The probe object the credential check left, for [`Provisioner::deliver`] to delete.
+    probe: Option<String>,
 }
 
 /// Combines concurrent branches: a permanent failure on any side wins (retrying cannot help),
@@ -295,7 +303,8 @@ impl Provisioner {
 
     /// The bucket, the IAM chain and the key, each call as soon as what it needs exists:
     /// the bucket ‖ policy ‖ group ‖ user are made at once, the policy is attached, the user
-    /// added to the group and its key made at once (the cipher pass is settled meanwhile).
+    /// added to the group and its key made at once (the cipher pass is settled meanwhile),
+    /// and the key is proven as soon as IAM can let it work (see [`Self::proven_key`]).
     /// join, not try_join: a failure on one side lets the others finish and record their
     /// steps instead of abandoning them half-way.
     async fn make_resources(
@@ -305,9 +314,9 @@ impl Provisioner {
         s3: &aws_sdk_s3::Client,
         existing: Option<&ExistingSecret>,
         (world, progress): (&World, &Progress),
-    ) -> Result<KeyOutput, JobError> {
+    ) -> Result<ProvenKey, JobError> {
         let settled = |step: Step, result: Result<(), JobError>| {
-            progress.settle(step.name());
+            progress.settle(step.name(), result.is_ok());
             result
         };
         let bucket = async {
@@ -329,11 +338,14 @@ impl Provisioner {
         let group = async {
             let made = self.group_step(ctx, payload, world, progress).await;
             progress.miss(GROUP_EXISTS);
+            // Also when an earlier attempt did the step's work.
+            progress.conclude(GROUP_READY, made.is_ok());
             settled(Step::Group, made)
         };
         let user = async {
             let made = self.user_step(ctx, payload, world, progress).await;
             progress.miss(USER_EXISTS);
+            progress.conclude(USER_READY, made.is_ok());
             settled(Step::User, made)
         };
         let (cipher_pass, key) = self.key_branch(ctx, payload, s3, existing, (world, progress));
@@ -351,7 +363,8 @@ impl Provisioner {
         key
     }
 
-    /// The cipher pass step and the access key step, concurrently (see [`Self::make_resources`]).
+    /// The cipher pass step, and concurrently the access key step and its proof (see
+    /// [`Self::make_resources`]).
     #[allow(clippy::type_complexity)]
     fn key_branch<'a>(
         &'a self,
@@ -362,10 +375,10 @@ impl Provisioner {
         (world, progress): (&'a World, &'a Progress),
     ) -> (
         impl Future<Output = Result<(), JobError>> + 'a,
-        impl Future<Output = Result<KeyOutput, JobError>> + 'a,
+        impl Future<Output = Result<ProvenKey, JobError>> + 'a,
     ) {
         let settled = |step: Step, result: Result<(), JobError>| {
-            progress.settle(step.name());
+            progress.settle(step.name(), result.is_ok());
             result
         };
         let cipher_pass = async move {
@@ -380,10 +393,36 @@ impl Provisioner {
         let key = async move {
             let made = self.access_key_step(ctx, payload, existing, (world, progress));
             let made = made.await;
-            progress.settle(Step::AccessKey.name());
-            made
+            progress.settle(Step::AccessKey.name(), made.is_ok());
+            self.proven_key(ctx, payload, made?, (world, progress))
+                .await
         };
         (cipher_pass, key)
+    }
+
+    /// Once the key is recorded: its proof as soon as IAM can let it work (the policy is
+    /// attached to the group, the user is in it, the bucket exists), while those steps record
+    /// and the bucket's settings may still be going out: the check's probe needs none of that.
+    async fn proven_key(
+        &self,
+        ctx: &JobContext,
+        payload: &ProvisionPayload,
+        (key, conf): (KeyOutput, S3Conf),
+        (world, progress): (&World, &Progress),
+    ) -> Result<ProvenKey, JobError> {
+        let ready = tokio::join!(
+            progress.reached(GROUP_READY),
+            progress.reached(USER_READY),
+            progress.reached(BUCKET_EXISTS)
+        );
+        if !matches!(ready, (Some(_), Some(_), Some(_))) {
+            let waited = "the bucket, policy, group or user step did not finish in this attempt";
+            return Err(JobError::Retryable(waited.into()));
+        }
+        let probe = self
+            .prove_key(ctx, payload, (&key, &conf), (world, progress))
+            .await?;
+        Ok(ProvenKey { key, conf, probe })
     }
 
     /// The key's description tag alongside the credential check (recorded after it). Returns
@@ -402,16 +441,22 @@ impl Provisioner {
             KeySource::Created => Some(Vec::new()),
             _ => world.user.tags().map(<[_]>::to_vec),
         };
+        // Both are recorded after every step before them in the job's order (the cipher pass
+        // and the key were recorded before the proof began).
+        let made = [Step::Bucket, Step::Policy, Step::Group, Step::User].map(Step::name);
         let description = async {
             let target = (iam, user, key.access_key_id.as_str());
             let done = (step.name(), step.position());
-            let made = access_key::description_step_with(ctx, done, target, tags, async {}).await;
-            progress.settle(step.name());
+            let recorded_after = progress.settled(made);
+            let made =
+                access_key::description_step_with(ctx, done, target, tags, recorded_after).await;
+            progress.settle(step.name(), made.is_ok());
             made
         };
         let recorded_after = progress.settled([Step::AccessKeyDescription.name()]);
         let check = self.credential_check_step(ctx, payload, (key, conf), world, recorded_after);
-        let (description, check) = tokio::join!(Box::pin(description), Box::pin(check));
+        // The check first: its probe's put is on the job's critical path, the tag is not.
+        let (check, description) = tokio::join!(Box::pin(check), Box::pin(description));
         first_failure_of([description, check.as_ref().map(drop).map_err(clone_error)])?;
         check
     }
@@ -502,8 +547,6 @@ impl Provisioner {
                 let (seen, target) = (world.bucket.clone(), (bucket, region, repository));
                 let exists = async {
                     progress.reach(BUCKET_EXISTS, String::new());
-                    progress.arrive(AFTER_CREATES, Step::Bucket.name());
-                    progress.gather(AFTER_CREATES, SECOND_WAVE).await;
                 };
                 let report = bucket::ensure_observed(s3, target, Mode::Apply, seen, exists).await?;
                 Ok(done(bucket::arn(bucket), report))
@@ -571,6 +614,7 @@ impl Provisioner {
                 let report =
                     group::ensure_observed(iam, bucket, Mode::Apply, seen, exists, policy_arn)
                         .await?;
+                progress.reach(GROUP_READY, String::new());
                 progress.settled([Step::Policy.name()]).await;
                 Ok(done(group_name.to_owned(), report))
             })
@@ -621,6 +665,7 @@ impl Provisioner {
                     group_exists,
                 )
                 .await?;
+                progress.reach(USER_READY, String::new());
                 progress.settled([Step::Group.name()]).await;
                 Ok(done(payload.bucket.iam_user_name().to_owned(), report))
             })
@@ -636,8 +681,8 @@ impl Provisioner {
     }
 
     /// Settles which cipher pass the Secret will hold (see [`cipher_pass::decide`]); a newly
-    /// generated one is sealed in the same transaction as the step's success, recorded after
-    /// the bucket and IAM steps.
+    /// generated one is sealed in the same transaction as the step's success, recorded as soon
+    /// as it is decided (before the access key step records, which waits for it).
     async fn cipher_pass_step(
         &self,
         ctx: &JobContext,
@@ -648,7 +693,6 @@ impl Provisioner {
     ) -> Result<cipher_pass::Source, JobError> {
         let step = Step::CipherPass;
         let sealed = self.sealed(payload);
-        let earlier = [Step::Bucket, Step::Policy, Step::Group, Step::User].map(Step::name);
         ctx.step_with_own_commit(step.name(), step.position(), |attempt| async move {
             let copies = cipher_pass::Copies::find(existing, ctx.pool(), sealed).await?;
             let allow_new = payload.allow_new_cipher_pass;
@@ -657,7 +701,9 @@ impl Provisioner {
             let decision =
                 cipher_pass::decide(copies, allow_new, payload.secret(), has_objects).await?;
             progress.reach(CIPHER_PASS_DECIDED, String::new());
-            progress.settled(earlier).await;
+            // Recorded once the creates are out: its transaction holds the job's row lock,
+            // which the other steps' begins need before their creates can go.
+            progress.gather(CREATES, FIRST_WAVE).await;
             let mut tx = ctx.fenced_tx_unless_cancelled().await?;
             cipher_pass::seal_generated(&mut tx, sealed, &decision).await?;
             ctx.checkpoint(step.name(), "before-record");
@@ -674,14 +720,15 @@ impl Provisioner {
     /// Reconciles the user's access keys once the user exists (see
     /// [`access_key::reconcile_access_key_with`], which also records the step's success, after
     /// the cipher pass step, and seals a new key's secret). Starts at once, so that its own
-    /// bookkeeping is done by the time the user exists.
+    /// bookkeeping is done by the time the user exists. Returns the key with the Secret's
+    /// content built with it (alongside the record of the key's id).
     async fn access_key_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         existing: Option<&ExistingSecret>,
         (world, progress): (&World, &Progress),
-    ) -> Result<KeyOutput, JobError> {
+    ) -> Result<(KeyOutput, S3Conf), JobError> {
         let step = Step::AccessKey;
         // A user this attempt made has no keys; otherwise the keys listed at the start. No key
         // is made for a bucket that could not be made (e.g. another account's), nor before
@@ -719,8 +766,17 @@ impl Provisioner {
             access_key_id: Some(key.access_key_id.clone()),
             ..Default::default()
         };
-        self.record_resources(ctx, payload, resources).await?;
-        Ok(key)
+        let conf = async {
+            // The Secret's content holds the cipher pass: recorded, or this attempt stops here.
+            if !progress.succeeded([Step::CipherPass.name()]).await {
+                let waited = "the cipher pass step did not finish in this attempt";
+                return Err(JobError::Retryable(waited.into()));
+            }
+            self.s3_conf(ctx, payload, existing, &key).await
+        };
+        let (recorded, conf) = tokio::join!(self.record_resources(ctx, payload, resources), conf);
+        recorded?;
+        Ok((key, conf?))
     }
 
     /// The Secret's content (see [`secret::s3_conf`]). When the key's secret is held nowhere,

@@ -12,7 +12,8 @@ use tokio::sync::watch;
 struct State {
     /// (barrier, step) for every step that reached a barrier.
     arrived: HashSet<(&'static str, &'static str)>,
-    settled: HashSet<&'static str>,
+    /// Every settled step, and whether it succeeded.
+    settled: HashMap<&'static str, bool>,
     /// `None`: the step that was to reach it failed first.
     reached: HashMap<&'static str, Option<String>>,
 }
@@ -43,17 +44,17 @@ impl Progress {
         let mut seen = self.state.subscribe();
         let _ = seen
             .wait_for(|s| {
-                steps
-                    .iter()
-                    .all(|step| s.arrived.contains(&(barrier, step)) || s.settled.contains(step))
+                steps.iter().all(|step| {
+                    s.arrived.contains(&(barrier, step)) || s.settled.contains_key(step)
+                })
             })
             .await;
     }
 
-    /// The step is recorded (or will never run in this attempt).
-    pub fn settle(&self, step: &'static str) {
+    /// The step is recorded (`succeeded`: as a success), or will never run in this attempt.
+    pub fn settle(&self, step: &'static str, succeeded: bool) {
         self.state.send_modify(|s| {
-            s.settled.insert(step);
+            s.settled.entry(step).or_insert(succeeded);
         });
     }
 
@@ -62,6 +63,15 @@ impl Progress {
         self.state.send_modify(|s| {
             s.reached.entry(milestone).or_insert(Some(value));
         });
+    }
+
+    /// `milestone` is reached (with no value) when `reached`, else missed (unless it already
+    /// was either).
+    pub fn conclude(&self, milestone: &'static str, reached: bool) {
+        match reached {
+            true => self.reach(milestone, String::new()),
+            false => self.miss(milestone),
+        }
     }
 
     /// `milestone` will not be reached in this attempt (unless it already was).
@@ -73,11 +83,17 @@ impl Progress {
 
     /// Waits until every step of `steps` is settled.
     pub async fn settled<const N: usize>(&self, steps: [&'static str; N]) {
+        self.succeeded(steps).await;
+    }
+
+    /// Waits until every step of `steps` is settled: whether all of them succeeded.
+    pub async fn succeeded<const N: usize>(&self, steps: [&'static str; N]) -> bool {
         let mut seen = self.state.subscribe();
         // The sender lives as long as `self`: the wait ends when the condition holds.
-        let _ = seen
-            .wait_for(|s| steps.iter().all(|step| s.settled.contains(step)))
+        let state = seen
+            .wait_for(|s| steps.iter().all(|step| s.settled.contains_key(step)))
             .await;
+        state.is_ok_and(|s| steps.iter().all(|step| s.settled.get(step) == Some(&true)))
     }
 
     /// Waits for `milestone`: its value, or `None` when it was missed.
@@ -97,19 +113,23 @@ mod tests {
     #[tokio::test]
     async fn waits_end_when_reached_missed_or_settled() {
         let progress = Progress::new();
-        let (reached, missed, settled, _) = tokio::join!(
+        let (reached, missed, settled, succeeded, failed, _) = tokio::join!(
             progress.reached("arn"),
             progress.reached("user"),
             progress.settled(["policy", "group"]),
+            progress.succeeded(["policy"]),
+            progress.succeeded(["policy", "group"]),
             async {
                 progress.reach("arn", "A".into());
                 progress.reach("arn", "B".into());
                 progress.miss("user");
-                progress.settle("policy");
-                progress.settle("group");
+                progress.settle("policy", true);
+                progress.settle("group", false);
+                progress.settle("group", true);
             }
         );
         assert_eq!((reached.as_deref(), missed), (Some("A"), None));
+        assert_eq!((succeeded, failed), (true, false), "the first settle wins");
         settled
     }
 }
