@@ -338,9 +338,26 @@ impl JobContext {
         attempt: i32,
         done: &StepDone<T>,
     ) -> Result<(), JobError> {
+        self.record_success_with(name, attempt, done, None, |query| query)
+            .await
+    }
+
+    /// Like [`Self::record_success`], with `also` written by the same statement (durable
+    /// together with the step's success): a data-modifying statement that must read the CTE
+    /// `lease` (e.g. `... SELECT ... FROM lease`); its own parameters start at `$16`, bound by
+    /// `bind` (owned values). Recorded even after a cancel; fails with `LeaseLost` when the lease is gone.
+    pub async fn record_success_with<T: Serialize>(
+        &self,
+        name: &str,
+        attempt: i32,
+        done: &StepDone<T>,
+        also: Option<&str>,
+        bind: impl for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q>,
+    ) -> Result<(), JobError> {
         let (output, entry) = self.success_record(name, attempt, done)?;
         let audit =
             audit::insert_sql("SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM lease");
+        let also = also.map(|s| format!(", also AS ({s})")).unwrap_or_default();
         let sql = format!(
             "WITH lease AS (
                  SELECT 1 FROM jobs
@@ -351,17 +368,16 @@ impl JobContext {
                         finished_at = clock_timestamp()
                   WHERE job_id = $12 AND step = $14 AND EXISTS (SELECT 1 FROM lease)
               RETURNING extract(epoch FROM finished_at - started_at)::float8 AS seconds),
-             logged AS ({audit})
+             logged AS ({audit}){also}
              SELECT EXISTS (SELECT 1 FROM lease), (SELECT seconds FROM done)"
         );
-        let query = audit::bind_entry(sqlx::query(sqlx::AssertSqlSafe(sql)), &entry);
-        let row = query
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let query = audit::bind_entry(query, &entry)
             .bind(self.job.id)
             .bind(self.token)
             .bind(name)
-            .bind(output)
-            .fetch_one(&self.pool)
-            .await?;
+            .bind(output);
+        let row = bind(query).fetch_one(&self.pool).await?;
         let (held, seconds): (bool, Option<f64>) = (row.try_get(0)?, row.try_get(1)?);
         if !held {
             return Err(JobError::LeaseLost);

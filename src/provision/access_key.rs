@@ -221,9 +221,9 @@ pub async fn reconcile_access_key_with(
     Ok(output)
 }
 
-/// Records the step's success in one short fenced transaction, together with the sealed secret
-/// of a key this attempt made. Recorded even after a cancel: the key exists now, and its secret
-/// is lost unless sealed.
+/// Records the step's success in one fenced statement, together with the sealed secret of a
+/// key this attempt made (one round trip after CreateAccessKey answers). Recorded even after a
+/// cancel: the key exists now, and its secret is lost unless sealed.
 async fn record(
     ctx: &JobContext,
     step: &str,
@@ -232,14 +232,15 @@ async fn record(
     new: Option<&NewAccessKey>,
     finished: StepDone<KeyOutput>,
 ) -> Result<(), JobError> {
-    let mut tx = ctx.fenced_tx().await?;
-    if let Some(new) = new {
-        let kind = sealed::Kind::AccessKey;
-        keys.sealed.put(&mut tx, kind, &new.id, &new.secret).await?;
-    }
-    ctx.finish_step(&mut tx, step, attempt, &finished).await?;
-    tx.commit().await?;
-    Ok(())
+    let Some(new) = new else {
+        return ctx
+            .record_success_with(step, attempt, &finished, None, |query| query)
+            .await;
+    };
+    let sealed = keys.sealed.seal_access_key(&new.id, &new.secret);
+    let store = Some(sealed::SealedAccessKey::STORE);
+    ctx.record_success_with(step, attempt, &finished, store, |query| sealed.bind(query))
+        .await
 }
 
 /// Deletes the given keys of the user (and their description tags).

@@ -77,6 +77,39 @@ pub async fn put(
     Ok(())
 }
 
+/// A new access key's secret, sealed, to be stored by the statement that records its step's
+/// success ([`crate::jobs::JobContext::record_success_with`] with [`Self::STORE`]).
+pub struct SealedAccessKey {
+    repository_id: Uuid,
+    key_id: String,
+    sealed: Sealed,
+    encryption_key_id: String,
+}
+
+impl SealedAccessKey {
+    /// [`put`]'s write for an access key (which a newer one replaces), as a statement of
+    /// `record_success_with`: written only while the lease holds; parameters `$16` to `$20`.
+    pub const STORE: &'static str = "
+        INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext, encryption_key_id)
+        SELECT $16, 'access-key', $17, $18, $19, $20 FROM lease
+        ON CONFLICT (repository_id, kind) DO UPDATE
+           SET key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
+               encryption_key_id = excluded.encryption_key_id, created_at = now()";
+
+    /// Binds `$16` to `$20` of [`Self::STORE`].
+    pub fn bind<'q>(
+        self,
+        query: crate::jobs::context::PgQuery<'q>,
+    ) -> crate::jobs::context::PgQuery<'q> {
+        query
+            .bind(self.repository_id)
+            .bind(self.key_id)
+            .bind(self.sealed.nonce)
+            .bind(self.sealed.ciphertext)
+            .bind(self.encryption_key_id)
+    }
+}
+
 /// Material we hold, opened: its key id and secret.
 pub struct Unsealed {
     pub key_id: String,
@@ -228,6 +261,18 @@ impl Store<'_> {
         kind: Kind,
     ) -> Result<Option<Unsealed>, SealedError> {
         get(db, self.key, self.repository_id, kind).await
+    }
+
+    /// An access key's secret sealed for [`SealedAccessKey::STORE`].
+    pub fn seal_access_key(&self, key_id: &str, secret: &SecretString) -> SealedAccessKey {
+        let (kind, current) = (Kind::AccessKey, self.key.current());
+        let aad = aad(self.repository_id, kind, key_id);
+        SealedAccessKey {
+            repository_id: self.repository_id,
+            key_id: key_id.to_owned(),
+            sealed: current.seal(secret.expose_secret().as_bytes(), &aad),
+            encryption_key_id: current.id(),
+        }
     }
 
     /// See [`put`]: call it in the transaction that records the step's success.

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use crate::support::app::{TestDb, migrated_db};
 use crate::support::test_jobs as tj;
 
+mod begins;
 mod exclusion;
 mod failures;
 mod fencing;

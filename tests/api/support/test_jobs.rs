@@ -79,6 +79,9 @@ pub struct TestPayload {
     /// Copied into audit entries by `JobContext` (it reads `payload.repository`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
+    /// The steps run concurrently (the branches of one join) instead of one after another.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concurrent: bool,
 }
 
 /// The handler. `worker` names the pool it runs in, for the bookkeeping tables.
@@ -94,6 +97,9 @@ impl TestJob {
     }
 
     async fn run_steps(&self, ctx: &JobContext, payload: &TestPayload) -> Result<Value, JobError> {
+        if payload.concurrent {
+            return self.run_steps_concurrently(ctx, payload).await;
+        }
         let mut outputs = serde_json::Map::new();
         for (position, spec) in payload.steps.iter().enumerate() {
             let output: Value = ctx
@@ -102,6 +108,22 @@ impl TestJob {
             outputs.insert(spec.name.clone(), output);
         }
         Ok(Value::Object(outputs))
+    }
+
+    async fn run_steps_concurrently(
+        &self,
+        ctx: &JobContext,
+        payload: &TestPayload,
+    ) -> Result<Value, JobError> {
+        let steps = payload.steps.iter().enumerate().map(|(position, spec)| {
+            let output = ctx.step(&spec.name, position as i32, self.execute_step(ctx, spec));
+            async move { Ok::<_, JobError>((spec.name.clone(), output.await?)) }
+        });
+        let outputs: Vec<Result<(String, Value), JobError>> =
+            futures::future::join_all(steps).await;
+        let outputs: Result<serde_json::Map<String, Value>, JobError> =
+            outputs.into_iter().collect();
+        Ok(Value::Object(outputs?))
     }
 
     /// The body of one step; only polled when the step has not already succeeded.
@@ -276,8 +298,22 @@ pub fn payload(steps: Vec<StepSpec>, repository: Option<&str>) -> Value {
     serde_json::to_value(TestPayload {
         steps,
         repository: repository.map(str::to_owned),
+        concurrent: false,
     })
     .unwrap()
+}
+
+/// Enqueues a test job whose steps run concurrently (autocommit) and returns its id.
+pub async fn enqueue_concurrent(db: &PgPool, steps: Vec<StepSpec>, max_attempts: i32) -> Uuid {
+    let payload = TestPayload {
+        steps,
+        repository: None,
+        concurrent: true,
+    };
+    let payload = serde_json::to_value(payload).unwrap();
+    enqueue_payload(db, payload, max_attempts, None)
+        .await
+        .expect("enqueue test job")
 }
 
 /// Enqueues a test job (autocommit) and returns its id.
@@ -294,6 +330,16 @@ pub async fn enqueue_for(
     max_attempts: i32,
     repository: Option<(Uuid, &str)>,
 ) -> Result<Uuid, sqlx::Error> {
+    let payload = payload(steps, repository.map(|(_, name)| name));
+    enqueue_payload(db, payload, max_attempts, repository).await
+}
+
+async fn enqueue_payload(
+    db: &PgPool,
+    payload: Value,
+    max_attempts: i32,
+    repository: Option<(Uuid, &str)>,
+) -> Result<Uuid, sqlx::Error> {
     let mut tx = db.begin().await?;
     let id = queue::enqueue(
         &mut tx,
@@ -303,7 +349,7 @@ pub async fn enqueue_for(
                 id,
                 name: name.to_owned(),
             }),
-            payload: payload(steps, repository.map(|(_, name)| name)),
+            payload,
             max_attempts,
             created_by: "test@jobs",
         },
