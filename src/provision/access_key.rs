@@ -11,7 +11,7 @@
 //! secret is sealed in Postgres, else the active key the Secret references ([`plan_keys`]).
 //! Orphans (no secret held, not referenced by the Secret) are deleted first, which leaves room
 //! within IAM's two keys per user; a key is created only when none is usable, outside any
-//! transaction, and its secret is sealed in the short transaction that records the step.
+//! transaction, and its secret is sealed by the statement that records the step.
 //! Make before break: the key the Secret references is never deleted here, even when it is
 //! being replaced; the retire step ([`retire_keys_except`]) deletes it once the new key is
 //! proven and in the Secret. The description is recorded the way the AWS console does: a user
@@ -160,8 +160,8 @@ pub async fn reconcile_access_key(
 
 /// [`reconcile_access_key`] with the user's keys as `listed` (awaited after the step's own
 /// reads of Postgres; `None`: listed here), recording the step's success only once
-/// `before_record` is ready (the job's earlier steps are recorded): a new key's secret is
-/// sealed then, in the same transaction.
+/// `before_record` is ready (for provisioning: the cipher pass is recorded): a new key's secret
+/// is sealed then, by the same statement.
 pub async fn reconcile_access_key_with(
     ctx: &JobContext,
     (step, attempt): (&str, i32),

@@ -8,8 +8,8 @@
 //!   ([`secret::refuse_unmanaged`]);
 //! - a cipher pass found anywhere (the Secret, or sealed in Postgres) is reused, never replaced
 //!   ([`cipher_pass::decide`]); a new one is sealed with the step's success;
-//! - an access key's secret is sealed in the short transaction that records the key step's
-//!   success, right after CreateAccessKey returns; no transaction is open during the call,
+//! - an access key's secret is sealed by the statement that records the key step's success,
+//!   right after CreateAccessKey returns; no transaction is open during the call,
 //!   and the lease (given up before it expires, see `jobs::runner`) keeps other workers away
 //!   ([`access_key::reconcile_access_key`]);
 //! - keys we cannot use (no secret held, not referenced by the Secret) are deleted before a new
@@ -169,9 +169,10 @@ const POLICY_ARN: &str = "policy-arn";
 const GROUP_EXISTS: &str = "group-exists";
 /// Reached with `"created"` when this attempt made the user (it has no keys yet), else `""`.
 const USER_EXISTS: &str = "user-exists";
-/// Reached when the group's policy is attached, and when the user is in the group: the key's
-/// proof can start then, before those steps are recorded.
+/// Reached when the group's policy is attached: the key's proof can start then, before the
+/// group step is recorded.
 const GROUP_READY: &str = "group-ready";
+/// Reached when the user is in the group (as [`GROUP_READY`]).
 const USER_READY: &str = "user-ready";
 /// Barriers: the creates of a first run go out together, then the calls that need them.
 const CREATES: &str = "creates";
@@ -214,16 +215,14 @@ impl JobHandler for Provisioner {
         let progress = Progress::new();
         let made = self.make_resources(ctx, &payload, &s3, existing.as_ref(), (&world, &progress));
         let ProvenKey { key, conf, probe } = Box::pin(made).await?;
-        let listed = self
-            .deliver(
-                ctx,
-                &payload,
-                (&conf, existing.as_ref()),
-                probe,
-                (&world, &key),
-            )
-            .await?;
-        self.retire_step(ctx, &payload, &conf, &listed).await
+        self.deliver(
+            ctx,
+            &payload,
+            (&conf, existing.as_ref()),
+            probe,
+            (&world, &key),
+        )
+        .await
     }
 
     /// The job's steps in plan mode (`plan.rs`: `plan_provisioning`): read calls only.
@@ -359,8 +358,29 @@ impl Provisioner {
             Box::pin(cipher_pass),
             Box::pin(key)
         );
-        first_failure_of([bucket, policy, group, user, cipher_pass])?;
-        key
+        let others = first_failure_of([bucket, policy, group, user, cipher_pass]);
+        match (others, key) {
+            (Ok(()), key) => key,
+            (Err(other), Err(key)) => {
+                Err(first_failure_of([Err(other), Err(key)]).expect_err("two failures"))
+            }
+            (Err(other), Ok(proven)) => {
+                // The probe is deleted only by `deliver`, which this attempt does not reach.
+                self.forget_probe(payload, &proven).await;
+                Err(other)
+            }
+        }
+    }
+
+    /// Deletes the probe object of a proven key whose attempt stops before delivering it (best
+    /// effort: a probe left behind is not a backup, see [`bucket::has_objects`]).
+    async fn forget_probe(&self, payload: &ProvisionPayload, proven: &ProvenKey) {
+        let Some(probe) = &proven.probe else { return };
+        let client = self.key_client(payload, &proven.conf);
+        let bucket = payload.bucket.as_str();
+        if let Err(e) = credential_check::delete_probe(&client, bucket, probe).await {
+            tracing::warn!(error = %e, "the credential check's probe object was not deleted");
+        }
     }
 
     /// The cipher pass step, and concurrently the access key step and its proof (see
@@ -455,15 +475,15 @@ impl Provisioner {
         };
         let recorded_after = progress.settled([Step::AccessKeyDescription.name()]);
         let check = self.credential_check_step(ctx, payload, (key, conf), world, recorded_after);
-        // The check first: its probe's put is on the job's critical path, the tag is not.
+        // The check first (on the first poll): its probe's put is on the job's critical path,
+        // the tag is not.
         let (check, description) = tokio::join!(Box::pin(check), Box::pin(description));
         first_failure_of([description, check.as_ref().map(drop).map_err(clone_error)])?;
         check
     }
 
-    /// The Secret (written and read back), with the probe object's delete and the listing of
-    /// the keys to retire alongside it. Returns the user's keys as listed after the new key
-    /// was made.
+    /// The Secret (written and read back), with the listing of the keys to retire alongside
+    /// it, then the retirement of every other key; the probe object's delete alongside both.
     async fn deliver(
         &self,
         ctx: &JobContext,
@@ -471,7 +491,7 @@ impl Provisioner {
         (conf, existing): (&S3Conf, Option<&ExistingSecret>),
         probe: Option<String>,
         (world, key): (&World, &KeyOutput),
-    ) -> Result<Vec<KeyInfo>, JobError> {
+    ) -> Result<(), JobError> {
         let bucket = payload.bucket.as_str();
         let delete_probe = async {
             let Some(probe) = probe else { return Ok(()) };
@@ -489,14 +509,17 @@ impl Provisioner {
                 None => access_key::list(&self.aws.iam, payload.bucket.iam_user_name()).await,
             }
         };
-        let (written, deleted, listed) = tokio::join!(
-            Box::pin(self.secret_step(ctx, payload, conf, existing)),
-            Box::pin(delete_probe),
-            Box::pin(listing)
-        );
-        written?;
-        deleted?;
-        Ok(listed?)
+        let delivered = async {
+            let (written, listed) = tokio::join!(
+                Box::pin(self.secret_step(ctx, payload, conf, existing)),
+                Box::pin(listing)
+            );
+            written?;
+            self.retire_step(ctx, payload, conf, &listed?).await
+        };
+        let (delivered, deleted) = tokio::join!(Box::pin(delivered), Box::pin(delete_probe));
+        delivered?;
+        Ok(deleted?)
     }
 
     fn key_client(&self, payload: &ProvisionPayload, conf: &S3Conf) -> aws_sdk_s3::Client {
@@ -775,8 +798,8 @@ impl Provisioner {
             self.s3_conf(ctx, payload, existing, &key).await
         };
         let (recorded, conf) = tokio::join!(self.record_resources(ctx, payload, resources), conf);
-        recorded?;
-        Ok((key, conf?))
+        let failed = conf.as_ref().map(drop).map_err(clone_error);
+        Ok((key, first_failure_of([recorded, failed]).and(conf)?))
     }
 
     /// The Secret's content (see [`secret::s3_conf`]). When the key's secret is held nowhere,

@@ -1,8 +1,8 @@
 //! What the concurrent steps of one provisioning attempt wait for from each other: milestones
 //! inside a step (the policy's ARN is known, the group exists, the user exists), which let the
 //! next call start before the step that made it has recorded, and steps settled (recorded as
-//! succeeded or failed), which a step waits for before recording its own success, so that the
-//! steps are recorded in the job's order even though their calls overlap.
+//! succeeded or failed), which a step waits for before recording its own success where the
+//! job's order of records matters (policy → group → user; the key's proof after all of them).
 
 use std::collections::{HashMap, HashSet};
 
