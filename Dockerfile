@@ -15,6 +15,8 @@ WORKDIR /src
 # it (placeholder sources, like cargo-chef).
 COPY Cargo.toml Cargo.lock ./
 COPY tools/kube-emulator/Cargo.toml tools/kube-emulator/
+# Patched dependencies (vendor/README.md) are dependencies: built with the others.
+COPY vendor/ vendor/
 COPY scripts/image-build-stage.sh scripts/
 RUN bash scripts/image-build-stage.sh deps
 # Then the sources (.dockerignore keeps target/, .git and local state out).

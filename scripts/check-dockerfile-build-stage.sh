@@ -49,7 +49,12 @@ while IFS= read -r line; do
       else
         for src in "${@:1:$#-1}"; do
           mkdir -p "$root$dir/$dest"
-          cp -p "$repo/$src" "$root$dir/$dest"
+          # A directory's contents, as COPY copies them.
+          if [ -d "$repo/$src" ]; then
+            cp -pr "$repo/$src/." "$root$dir/$dest"
+          else
+            cp -p "$repo/$src" "$root$dir/$dest"
+          fi
         done
       fi ;;
     RUN)

@@ -60,7 +60,7 @@ build_deps() {
   local manifest
   while IFS= read -r manifest; do
     placeholders_for "$(dirname "$manifest")"
-  done < <(find . -name Cargo.toml -not -path './target/*')
+  done < <(find . -name Cargo.toml -not -path './target/*' -not -path './vendor/*')
   cargo build --release --locked -p "$BIN" --bin "$BIN"
   touch "$DEPS_MARKER"
 }
