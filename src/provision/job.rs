@@ -214,12 +214,17 @@ impl JobHandler for Provisioner {
             Box::pin(self.preflight(&payload, &s3, existing.as_ref(), row.as_ref())).await?;
         let progress = Progress::new();
         let made = self.make_resources(ctx, &payload, &s3, existing.as_ref(), (&world, &progress));
-        let ProvenKey { key, conf, probe } = Box::pin(made).await?;
+        let ProvenKey {
+            key,
+            conf,
+            client,
+            probe,
+        } = Box::pin(made).await?;
         self.deliver(
             ctx,
             &payload,
             (&conf, existing.as_ref()),
-            probe,
+            (probe, &client),
             (&world, &key),
         )
         .await
@@ -238,6 +243,8 @@ impl JobHandler for Provisioner {
 struct ProvenKey {
     key: KeyOutput,
     conf: S3Conf,
+    /// An S3 client that signs with the key (it proved the key; it deletes the probe).
+    client: aws_sdk_s3::Client,
     /// The probe object the credential check left, for [`Provisioner::deliver`] to delete.
     probe: Option<String>,
 }
@@ -376,9 +383,8 @@ impl Provisioner {
     /// effort: a probe left behind is not a backup, see [`bucket::has_objects`]).
     async fn forget_probe(&self, payload: &ProvisionPayload, proven: &ProvenKey) {
         let Some(probe) = &proven.probe else { return };
-        let client = self.key_client(payload, &proven.conf);
         let bucket = payload.bucket.as_str();
-        if let Err(e) = credential_check::delete_probe(&client, bucket, probe).await {
+        if let Err(e) = credential_check::delete_probe(&proven.client, bucket, probe).await {
             tracing::warn!(error = %e, "the credential check's probe object was not deleted");
         }
     }
@@ -430,6 +436,8 @@ impl Provisioner {
         (key, conf): (KeyOutput, S3Conf),
         (world, progress): (&World, &Progress),
     ) -> Result<ProvenKey, JobError> {
+        // Built while IAM's calls are out: a client costs its configuration's set-up.
+        let client = self.key_client(payload, &conf);
         let ready = tokio::join!(
             progress.reached(GROUP_READY),
             progress.reached(USER_READY),
@@ -440,9 +448,14 @@ impl Provisioner {
             return Err(JobError::Retryable(waited.into()));
         }
         let probe = self
-            .prove_key(ctx, payload, (&key, &conf), (world, progress))
+            .prove_key(ctx, payload, (&key, &conf, &client), (world, progress))
             .await?;
-        Ok(ProvenKey { key, conf, probe })
+        Ok(ProvenKey {
+            key,
+            conf,
+            client,
+            probe,
+        })
     }
 
     /// The key's description tag alongside the credential check (recorded after it). Returns
@@ -451,7 +464,7 @@ impl Provisioner {
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
-        (key, conf): (&KeyOutput, &S3Conf),
+        (key, conf, client): (&KeyOutput, &S3Conf, &aws_sdk_s3::Client),
         (world, progress): (&World, &Progress),
     ) -> Result<Option<String>, JobError> {
         let step = Step::AccessKeyDescription;
@@ -474,7 +487,8 @@ impl Provisioner {
             made
         };
         let recorded_after = progress.settled([Step::AccessKeyDescription.name()]);
-        let check = self.credential_check_step(ctx, payload, (key, conf), world, recorded_after);
+        let proving = (key, conf, client);
+        let check = self.credential_check_step(ctx, payload, proving, world, recorded_after);
         // The check first (on the first poll): its probe's put is on the job's critical path,
         // the tag is not.
         let (check, description) = tokio::join!(Box::pin(check), Box::pin(description));
@@ -489,14 +503,13 @@ impl Provisioner {
         ctx: &JobContext,
         payload: &ProvisionPayload,
         (conf, existing): (&S3Conf, Option<&ExistingSecret>),
-        probe: Option<String>,
+        (probe, client): (Option<String>, &aws_sdk_s3::Client),
         (world, key): (&World, &KeyOutput),
     ) -> Result<(), JobError> {
         let bucket = payload.bucket.as_str();
         let delete_probe = async {
             let Some(probe) = probe else { return Ok(()) };
-            let client = self.key_client(payload, conf);
-            credential_check::delete_probe(&client, bucket, &probe).await
+            credential_check::delete_probe(client, bucket, &probe).await
         };
         // Unchanged since the start when the key is the Secret's: no key was made since.
         let seen = world
@@ -829,13 +842,12 @@ impl Provisioner {
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
-        (key, conf): (&KeyOutput, &S3Conf),
+        (key, conf, client): (&KeyOutput, &S3Conf, &aws_sdk_s3::Client),
         world: &World,
         recorded_after: impl Future<Output = ()>,
     ) -> Result<Option<String>, JobError> {
         let step = Step::CredentialCheck;
         ctx.step(step.name(), step.position(), async {
-            let client = self.key_client(payload, conf);
             let bucket = payload.bucket.as_str();
             let (budget, backoff) = (self.credential_check_budget, self.credential_check_backoff);
             let seen = world.key_check.as_ref();
@@ -846,12 +858,12 @@ impl Provisioner {
                 (KeySource::InSecret, Some(report)) => (report, None),
                 (KeySource::InSecret, None) => {
                     let report =
-                        credential_check::verify_read_only(&client, bucket, budget, backoff);
+                        credential_check::verify_read_only(client, bucket, budget, backoff);
                     (report.await?, None)
                 }
                 (KeySource::Created | KeySource::Sealed, _) => {
                     let checked =
-                        credential_check::verify_leaving_probe(&client, bucket, budget, backoff);
+                        credential_check::verify_leaving_probe(client, bucket, budget, backoff);
                     let (report, probe) = checked.await?;
                     (report, Some(probe))
                 }
