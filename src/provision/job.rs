@@ -366,13 +366,24 @@ impl Provisioner {
             Box::pin(key)
         );
         let others = first_failure_of([bucket, policy, group, user, cipher_pass]);
+        self.attempt_result(payload, others, key).await
+    }
+
+    /// The key branch's result unless another branch failed (see [`first_failure_of`]); a key
+    /// proven meanwhile has its probe deleted, as `deliver`, which the attempt does not reach,
+    /// would have.
+    async fn attempt_result(
+        &self,
+        payload: &ProvisionPayload,
+        others: Result<(), JobError>,
+        key: Result<ProvenKey, JobError>,
+    ) -> Result<ProvenKey, JobError> {
         match (others, key) {
             (Ok(()), key) => key,
             (Err(other), Err(key)) => {
                 Err(first_failure_of([Err(other), Err(key)]).expect_err("two failures"))
             }
             (Err(other), Ok(proven)) => {
-                // The probe is deleted only by `deliver`, which this attempt does not reach.
                 self.forget_probe(payload, &proven).await;
                 Err(other)
             }
