@@ -11,8 +11,8 @@ ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
-# Dependencies first, in a layer of their own: only a change of Cargo.toml/Cargo.lock rebuilds
-# it (placeholder sources, like cargo-chef).
+# Dependencies first, in a layer of their own: only a change of Cargo.toml/Cargo.lock (or of a
+# patched dependency in vendor/) rebuilds it (placeholder sources, like cargo-chef).
 COPY Cargo.toml Cargo.lock ./
 COPY tools/kube-emulator/Cargo.toml tools/kube-emulator/
 # Patched dependencies (vendor/README.md) are dependencies: built with the others.

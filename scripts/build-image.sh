@@ -21,7 +21,7 @@ command -v podman >/dev/null || { echo "build-image: podman not found: run 'make
 version=$(awk -F'"' '/^version = / { print $2; exit }' Cargo.toml)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 # A tree with changes nobody committed is not that revision.
-git diff --quiet HEAD -- src migrations Cargo.toml Cargo.lock 2>/dev/null || revision="$revision-dirty"
+git diff --quiet HEAD -- src migrations vendor Cargo.toml Cargo.lock 2>/dev/null || revision="$revision-dirty"
 tag=${1:-localhost/backup-provisioner:$version}
 
 context=$(mktemp -d "${TMPDIR:-/tmp}/bp-image.XXXXXX")

@@ -3,7 +3,7 @@
 # build would (no registry here to pull rust:…-bookworm): WORKDIR, COPY (files keep their mtimes,
 # as COPY does; `COPY . .` copies what git knows minus .dockerignore) and RUN, in an empty
 # directory, with a target dir of its own seeded from the host's release cache. Checks that the
-# dependency step builds from the manifests alone and that the release step then builds the real
+# dependency step builds from the manifests (and vendor/) alone and that the release step then builds the real
 # binary (not the placeholders': cargo trusts mtimes) into /out. Not part of `make test`: it
 # compiles the crate in release once more (minutes). `make image-dockerfile-check`.
 set -euo pipefail

@@ -4,7 +4,8 @@
 # offline from deploy/image/Containerfile.offline).
 #
 #   image-build-stage.sh deps
-#       In a tree holding only the workspace's Cargo.toml files and Cargo.lock: writes
+#       In a tree holding only the workspace's Cargo.toml files, Cargo.lock and vendor/ (patched
+#       dependencies, whole crates): writes
 #       placeholder sources for every target and builds the dependencies in release mode, so
 #       that the Dockerfile caches them in a layer of their own (what cargo-chef does).
 #   image-build-stage.sh release OUT

@@ -243,7 +243,7 @@ impl JobHandler for Provisioner {
 struct ProvenKey {
     key: KeyOutput,
     conf: S3Conf,
-    /// An S3 client that signs with the key (it proved the key; it deletes the probe).
+    /// An S3 client that signs with the key (for the credential check, and the probe's delete).
     client: aws_sdk_s3::Client,
     /// The probe object the credential check left, for [`Provisioner::deliver`] to delete.
     probe: Option<String>,
