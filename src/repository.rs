@@ -268,7 +268,6 @@ pub async fn lock_state(conn: &mut PgConnection, id: Uuid) -> Result<Option<Stri
         .await
 }
 
-/// Merges newly known identifiers into the repository's resources.
 /// [`merge_resources`] as the statement of `jobs::JobContext::fenced_write`: `$3` the
 /// repository's id, `$4` the patch ([`resources_patch`]).
 pub const MERGE_RESOURCES_IF_LEASED: &str = "UPDATE backup_repositories
@@ -280,6 +279,7 @@ pub fn resources_patch(patch: &Resources) -> serde_json::Value {
     serde_json::to_value(patch).unwrap_or_default()
 }
 
+/// Merges newly known identifiers into the repository's resources.
 pub async fn merge_resources(
     db: impl PgExecutor<'_>,
     id: Uuid,

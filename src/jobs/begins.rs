@@ -85,7 +85,11 @@ impl Begins {
 async fn write(lease: Lease<'_>, batch: Vec<Waiting>) {
     let steps: Vec<&str> = batch.iter().map(|w| w.step.as_str()).collect();
     let positions: Vec<i32> = batch.iter().map(|w| w.position).collect();
-    let rows: Result<Vec<BeginRow>, sqlx::Error> = sqlx::query_as(BEGIN_STEPS)
+    let sql = format!(
+        "WITH lease AS ({}), {BEGIN_STEPS}",
+        super::queue::held_lease(1, 2)
+    );
+    let rows: Result<Vec<BeginRow>, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(lease.job)
         .bind(lease.token)
         .bind(&steps)
@@ -115,11 +119,9 @@ async fn write(lease: Lease<'_>, batch: Vec<Waiting>) {
 /// Marks each wanted step running (a new row, or the next attempt of a failed or interrupted
 /// one) unless it already succeeded, only while the lease holds and no cancel was requested;
 /// answers for each whether it succeeded earlier (and its output), the cancel flag (`NULL`:
-/// the lease is gone) and the attempt's number.
+/// the lease is gone) and the attempt's number. Follows the CTE `lease`
+/// ([`super::queue::held_lease`]).
 const BEGIN_STEPS: &str = "
-WITH lease AS (
-     SELECT cancel_requested FROM jobs
-      WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE),
  wanted AS (
      SELECT * FROM unnest($3::text[], $4::int4[]) WITH ORDINALITY AS w(step, position, n)),
  earlier AS (

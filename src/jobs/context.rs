@@ -256,10 +256,9 @@ impl JobContext {
         statement: &str,
         bind: impl FnOnce(PgQuery<'q>) -> PgQuery<'q>,
     ) -> Result<(), JobError> {
+        let lease = queue::held_lease(1, 2);
         let sql = format!(
-            "WITH lease AS (
-                 SELECT 1 FROM jobs
-                  WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE),
+            "WITH lease AS ({lease}),
              written AS ({statement})
              SELECT EXISTS (SELECT 1 FROM lease)"
         );
@@ -358,10 +357,9 @@ impl JobContext {
         let audit =
             audit::insert_sql("SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM lease");
         let also = also.map(|s| format!(", also AS ({s})")).unwrap_or_default();
+        let lease = queue::held_lease(12, 13);
         let sql = format!(
-            "WITH lease AS (
-                 SELECT 1 FROM jobs
-                  WHERE id = $12 AND lease_token = $13 AND state = 'running' FOR UPDATE),
+            "WITH lease AS ({lease}),
              done AS (
                  UPDATE job_steps
                     SET state = 'succeeded', output = $15, last_error = NULL,

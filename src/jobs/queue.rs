@@ -224,14 +224,21 @@ pub async fn hold_lease(
     id: Uuid,
     token: Uuid,
 ) -> Result<Option<bool>, sqlx::Error> {
-    sqlx::query_scalar::<_, bool>(
+    sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(held_lease(1, 2)))
+        .bind(id)
+        .bind(token)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The fence of [`hold_lease`] as a query (its job's `cancel_requested` when the lease holds,
+/// no row otherwise), with the job's id and the lease token as parameters `$id` and `$token`:
+/// the `lease` CTE of the one-statement fenced writes (`JobContext`, `jobs::begins`).
+pub(crate) fn held_lease(id: u8, token: u8) -> String {
+    format!(
         "SELECT cancel_requested FROM jobs
-          WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
+          WHERE id = ${id} AND lease_token = ${token} AND state = 'running' FOR UPDATE"
     )
-    .bind(id)
-    .bind(token)
-    .fetch_optional(conn)
-    .await
 }
 
 /// How a worker's attempt at a job ended.

@@ -4,9 +4,9 @@
 //! its part instead of reading again, so a re-run of a ready repository is this wave and
 //! nothing after it (the policy's second read excepted), and a first run's reads cost one
 //! round trip (the bucket, group and user a repository never recorded are read existence
-//! first: two or three when one exists after all). The wave is bounded by construction: a fixed set of
-//! at most 14 reads per job (plus pagination), under the process-wide AWS rate limit
-//! (`cloud::rate_limit`).
+//! first: two or three when one exists after all). The wave is bounded by construction: a
+//! fixed set of at most 14 reads per job (plus pagination), under the process-wide AWS rate
+//! limit (`cloud::rate_limit`).
 
 use std::time::Duration;
 
