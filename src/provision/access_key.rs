@@ -238,9 +238,11 @@ async fn record(
             .await;
     };
     let sealed = keys.sealed.seal_access_key(&new.id, &new.secret);
-    let store = Some(sealed::SealedAccessKey::STORE);
-    ctx.record_success_with(step, attempt, &finished, store, |query| sealed.bind(query))
-        .await
+    let store = sealed::SealedRow::store_with_success();
+    ctx.record_success_with(step, attempt, &finished, Some(&store), |query| {
+        sealed.bind(query)
+    })
+    .await
 }
 
 /// Deletes the given keys of the user (and their description tags).

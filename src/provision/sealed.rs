@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::crypto::{self, Keyring, Sealed};
 use crate::jobs::JobError;
+use crate::jobs::context::PgQuery;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -48,26 +49,12 @@ pub async fn put(
     key_id: &str,
     secret: &SecretString,
 ) -> Result<(), sqlx::Error> {
-    let sealed = keys.current().seal(
-        secret.expose_secret().as_bytes(),
-        &aad(repository_id, kind, key_id),
-    );
-    let stored = sqlx::query(
-        "INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext, encryption_key_id)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (repository_id, kind) DO UPDATE
-            SET key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
-                encryption_key_id = excluded.encryption_key_id, created_at = now()
-          WHERE secret_material.kind <> 'cipher-pass'",
-    )
-    .bind(repository_id)
-    .bind(kind.as_str())
-    .bind(key_id)
-    .bind(&sealed.nonce)
-    .bind(&sealed.ciphertext)
-    .bind(keys.current().id())
-    .execute(conn)
-    .await?;
+    let row = SealedRow::seal(keys, repository_id, kind, key_id, secret);
+    let sql = store_sql("VALUES ($1, $2, $3, $4, $5, $6)");
+    let stored = row
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .execute(conn)
+        .await?;
     if stored.rows_affected() == 0 {
         return Err(sqlx::Error::Protocol(format!(
             "a {} is already sealed for this repository; it is never replaced",
@@ -77,32 +64,59 @@ pub async fn put(
     Ok(())
 }
 
-/// A new access key's secret, sealed, to be stored by the statement that records its step's
-/// success ([`crate::jobs::JobContext::record_success_with`] with [`Self::STORE`]).
-pub struct SealedAccessKey {
+/// The write of one sealed row whose values `source` gives as six parameters (a VALUES list,
+/// or a SELECT that decides whether it is written), bound by [`SealedRow::bind`]. A cipher
+/// pass already sealed is left as it is (no row written).
+fn store_sql(source: &str) -> String {
+    format!(
+        "INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext, encryption_key_id)
+         {source}
+         ON CONFLICT (repository_id, kind) DO UPDATE
+            SET key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
+                encryption_key_id = excluded.encryption_key_id, created_at = now()
+          WHERE secret_material.kind <> 'cipher-pass'"
+    )
+}
+
+/// Material sealed with the current key, ready to be stored ([`store_sql`]).
+pub struct SealedRow {
     repository_id: Uuid,
+    kind: Kind,
     key_id: String,
     sealed: Sealed,
     encryption_key_id: String,
 }
 
-impl SealedAccessKey {
-    /// [`put`]'s write for an access key (which a newer one replaces), as a statement of
-    /// `record_success_with`: written only while the lease holds; parameters `$16` to `$20`.
-    pub const STORE: &'static str = "
-        INSERT INTO secret_material (repository_id, kind, key_id, nonce, ciphertext, encryption_key_id)
-        SELECT $16, 'access-key', $17, $18, $19, $20 FROM lease
-        ON CONFLICT (repository_id, kind) DO UPDATE
-           SET key_id = excluded.key_id, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
-               encryption_key_id = excluded.encryption_key_id, created_at = now()";
+impl SealedRow {
+    fn seal(
+        keys: &Keyring,
+        repository_id: Uuid,
+        kind: Kind,
+        key_id: &str,
+        secret: &SecretString,
+    ) -> Self {
+        let current = keys.current();
+        let aad = aad(repository_id, kind, key_id);
+        SealedRow {
+            repository_id,
+            kind,
+            key_id: key_id.to_owned(),
+            sealed: current.seal(secret.expose_secret().as_bytes(), &aad),
+            encryption_key_id: current.id(),
+        }
+    }
 
-    /// Binds `$16` to `$20` of [`Self::STORE`].
-    pub fn bind<'q>(
-        self,
-        query: crate::jobs::context::PgQuery<'q>,
-    ) -> crate::jobs::context::PgQuery<'q> {
+    /// The write as a statement of `JobContext::record_success_with` (durable with the step's
+    /// success): written only while the lease holds; parameters `$16` to `$21`.
+    pub fn store_with_success() -> String {
+        store_sql("SELECT $16, $17, $18, $19, $20, $21 FROM lease")
+    }
+
+    /// Binds the row's six values (the next six parameters).
+    pub fn bind(self, query: PgQuery<'_>) -> PgQuery<'_> {
         query
             .bind(self.repository_id)
+            .bind(self.kind.as_str())
             .bind(self.key_id)
             .bind(self.sealed.nonce)
             .bind(self.sealed.ciphertext)
@@ -263,16 +277,10 @@ impl Store<'_> {
         get(db, self.key, self.repository_id, kind).await
     }
 
-    /// An access key's secret sealed for [`SealedAccessKey::STORE`].
-    pub fn seal_access_key(&self, key_id: &str, secret: &SecretString) -> SealedAccessKey {
-        let (kind, current) = (Kind::AccessKey, self.key.current());
-        let aad = aad(self.repository_id, kind, key_id);
-        SealedAccessKey {
-            repository_id: self.repository_id,
-            key_id: key_id.to_owned(),
-            sealed: current.seal(secret.expose_secret().as_bytes(), &aad),
-            encryption_key_id: current.id(),
-        }
+    /// An access key's secret sealed for [`SealedRow::store_with_success`].
+    pub fn seal_access_key(&self, key_id: &str, secret: &SecretString) -> SealedRow {
+        let kind = Kind::AccessKey;
+        SealedRow::seal(self.key, self.repository_id, kind, key_id, secret)
     }
 
     /// See [`put`]: call it in the transaction that records the step's success.
