@@ -32,8 +32,7 @@ command -v runc >/dev/null || need_apt+=(runc)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 # Rootless podman maps the image's user 10001 through /etc/subuid with newuidmap.
 [ "$(id -u)" -eq 0 ] || command -v newuidmap >/dev/null || need_apt+=(uidmap)
-installed_postgres=no
-if ! command -v pg_ctlcluster >/dev/null; then need_apt+=(postgresql); installed_postgres=yes; fi
+command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-deps: apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -77,18 +76,23 @@ fi
 # graphile-worker for the queue benchmark, outside the clone (keyed by its package-lock.json).
 bash benches/graphile/install.sh >/dev/null
 
-# Postgres: the machine image runs it; a fresh Debian box may not.
+# Postgres: installed from Debian here when missing, and started if it is not running. Tests
+# connect as postgres over 127.0.0.1 without a password, as on the CI machines: a cluster that
+# asks for one (Debian's default scram-sha-256, also on a machine that had PostgreSQL already)
+# is switched to trust on the loopback addresses and reloaded.
 cluster_version=$(ls /etc/postgresql | sort -V | tail -1)
-if [ "$installed_postgres" = yes ]; then
-  # Tests connect as postgres over 127.0.0.1 without a password, as on the CI machines.
-  hba=/etc/postgresql/$cluster_version/main/pg_hba.conf
+hba=/etc/postgresql/$cluster_version/main/pg_hba.conf
+hba_changed=no
+if $SUDO grep -qE '^(host\s+all\s+all\s+(127\.0\.0\.1/32|::1/128)|local\s+all\s+postgres)\s+(\S+\s+)?(scram-sha-256|md5|password|peer)\s*$' "$hba"; then
   $SUDO sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
   $SUDO sed -i -E 's/^(local\s+all\s+postgres\s+)\S+/\1trust/' "$hba"
+  hba_changed=yes
 fi
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "install-deps: starting PostgreSQL $cluster_version"
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$cluster_version" main start
   for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
-elif [ "$installed_postgres" = yes ]; then
+elif [ "$hba_changed" = yes ]; then
+  echo "install-deps: PostgreSQL $cluster_version trusts 127.0.0.1 now (reloaded)"
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$cluster_version" main reload
 fi
