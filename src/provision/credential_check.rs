@@ -3,6 +3,11 @@
 //! ([`verify`]); a key already in use is checked read-only ([`verify_read_only`]). IAM is
 //! eventually consistent, so a brand-new key may be rejected for a few seconds; rejections are
 //! retried with exponential backoff within a time budget.
+//!
+//! A first provisioning proves its key in one round trip instead of two: the service writes a
+//! read probe with its own credentials as soon as the bucket exists ([`put_read_probe`]), and
+//! the new key then puts its own probe while it reads the service's back
+//! ([`verify_leaving_probe`] with a read probe).
 
 use std::time::{Duration, Instant};
 
@@ -50,22 +55,80 @@ pub async fn verify(
     budget: Duration,
     initial_backoff: Duration,
 ) -> Result<StepReport, CloudError> {
-    let (report, _) = check(client_with_new_key, bucket, budget, initial_backoff, true).await?;
+    let timing = (budget, initial_backoff);
+    let (report, _) = check(client_with_new_key, bucket, timing, Probing::Full).await?;
     Ok(report)
 }
 
-/// [`verify`] without the delete: the key has written and read back the probe object, whose
-/// key is returned; the caller deletes it with [`delete_probe`] off the critical path (e.g.
-/// alongside the Secret's write). A probe left by a crash in between is no backup: it does not
-/// count as data (the bucket module's `has_objects`), and once the check is recorded the next
-/// attempt deletes it.
+/// [`verify`] without the delete: the key has written a probe object and read one back, and
+/// the key of the one it wrote is returned; the caller deletes it (and `read_probe`) with
+/// [`delete_probe`] off the critical path (e.g. alongside the Secret's write). With
+/// `read_probe` (written by [`put_read_probe`]) the key reads that object back while it puts
+/// its own, in one round trip; without, it reads back its own after the put. A probe left by a
+/// crash in between is no backup: it does not count as data (the bucket module's
+/// `has_objects`), and once the check is recorded the next attempt deletes it.
 pub async fn verify_leaving_probe(
     client_with_new_key: &Client,
     bucket: &str,
-    budget: Duration,
-    initial_backoff: Duration,
+    (budget, initial_backoff): (Duration, Duration),
+    read_probe: Option<&str>,
 ) -> Result<(StepReport, String), CloudError> {
-    check(client_with_new_key, bucket, budget, initial_backoff, false).await
+    let (mut report, probe) = check(
+        client_with_new_key,
+        bucket,
+        (budget, initial_backoff),
+        Probing::LeavingProbe { read_probe },
+    )
+    .await?;
+    if let Some(read_probe) = read_probe {
+        report.detail["read_probe_key"] = json!(read_probe);
+    }
+    Ok((report, probe))
+}
+
+/// The probe objects a new key's check left for its caller to delete: the check step's
+/// recorded output (a list; records of earlier versions, one key or `null`, still read).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "RecordedProbes")]
+pub struct Probes(pub Vec<String>);
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum RecordedProbes {
+    Keys(Vec<String>),
+    Key(Option<String>),
+}
+
+impl From<RecordedProbes> for Probes {
+    fn from(recorded: RecordedProbes) -> Self {
+        match recorded {
+            RecordedProbes::Keys(keys) => Probes(keys),
+            RecordedProbes::Key(key) => Probes(key.into_iter().collect()),
+        }
+    }
+}
+
+/// A new name for a read probe (see [`put_read_probe`]).
+pub fn new_read_probe_key() -> String {
+    format!("{PROBE_PREFIX}{}-read", uuid::Uuid::new_v4())
+}
+
+/// Writes the read probe `key` with the service's own credentials (`s3`), for a new key's
+/// check to read back (see [`verify_leaving_probe`]). Its content follows from its name.
+pub async fn put_read_probe(s3: &Client, bucket: &str, key: &str) -> Result<(), CloudError> {
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(probe_body(key)))
+        .send()
+        .await
+        .map_err(|e| classify(S3, "PutObject", e))?;
+    Ok(())
+}
+
+/// What a probe object named `key` holds.
+fn probe_body(key: &str) -> Vec<u8> {
+    format!("backup-provisioner credential check {key}\n").into_bytes()
 }
 
 /// Deletes the probe object `key` (absent: nothing to do, S3's delete is idempotent).
@@ -79,24 +142,31 @@ pub async fn delete_probe(s3: &Client, bucket: &str, key: &str) -> Result<(), Cl
     Ok(())
 }
 
+/// What one attempt of a check does with its probe object.
+#[derive(Clone, Copy)]
+enum Probing<'a> {
+    /// Put, get, delete.
+    Full,
+    /// Put and get (of the probe put, or of `read_probe` at the same time); the caller deletes.
+    LeavingProbe { read_probe: Option<&'a str> },
+}
+
 async fn check(
     client_with_new_key: &Client,
     bucket: &str,
-    budget: Duration,
-    initial_backoff: Duration,
-    delete: bool,
+    (budget, initial_backoff): (Duration, Duration),
+    probing: Probing<'_>,
 ) -> Result<(StepReport, String), CloudError> {
     let started = Instant::now();
     let mut probe_key = String::new();
     let (attempts, request_id) = with_budget(bucket, budget, initial_backoff, || {
         probe_key = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4());
-        attempt(client_with_new_key, bucket, probe_key.clone(), delete)
+        attempt(client_with_new_key, bucket, probe_key.clone(), probing)
     })
     .await?;
-    let checked: &[&str] = if delete {
-        &["PutObject", "GetObject", "DeleteObject"]
-    } else {
-        &["PutObject", "GetObject"]
+    let checked: &[&str] = match probing {
+        Probing::Full => &["PutObject", "GetObject", "DeleteObject"],
+        Probing::LeavingProbe { .. } => &["PutObject", "GetObject"],
     };
     let mut report = StepReport::new(
         Outcome::Created,
@@ -211,21 +281,36 @@ async fn attempt(
     s3: &Client,
     bucket: &str,
     key: String,
-    delete: bool,
+    probing: Probing<'_>,
 ) -> Result<Option<String>, AttemptError> {
     let key = key.as_str();
-    let body = format!("backup-provisioner credential check {key}\n").into_bytes();
-    let put = s3
-        .put_object()
-        .bucket(bucket)
-        .key(key)
-        .body(ByteStream::from(body.clone()))
-        .send()
-        .await
-        .map_err(|e| rejected_or_other("PutObject", e))?;
+    let body = probe_body(key);
+    let put = async {
+        let put = s3
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body.clone()))
+            .send()
+            .await
+            .map_err(|e| rejected_or_other("PutObject", e))?;
+        Ok(crate::cloud::aws::output_request_id(&put))
+    };
+    let read_probe = match probing {
+        Probing::LeavingProbe { read_probe } => read_probe,
+        Probing::Full => None,
+    };
+    if let Some(read_probe) = read_probe {
+        // The service's object exists already: read it while the key writes its own.
+        let expected = probe_body(read_probe);
+        let read = read_back(s3, bucket, read_probe, &expected);
+        let (put, read) = tokio::join!(put, read);
+        return both(put, read);
+    }
+    let put = put.await?;
     let read = read_back(s3, bucket, key, &body).await?;
-    if !delete {
-        return Ok(read.or(crate::cloud::aws::output_request_id(&put)));
+    if let Probing::LeavingProbe { .. } = probing {
+        return Ok(read.or(put));
     }
     let deleted = s3
         .delete_object()
@@ -235,6 +320,25 @@ async fn attempt(
         .await
         .map_err(|e| rejected_or_other("DeleteObject", e))?;
     Ok(crate::cloud::aws::output_request_id(&deleted))
+}
+
+/// The put's and the read's results as one: the read's request id; of two failures, one that
+/// retrying cannot mend (e.g. the bytes read back differ) wins.
+// Large like every attempt's error (the async fns' too, where the lint does not look); it is
+// moved once per attempt.
+#[allow(clippy::result_large_err)]
+fn both(
+    put: Result<Option<String>, AttemptError>,
+    read: Result<Option<String>, AttemptError>,
+) -> Result<Option<String>, AttemptError> {
+    match (put, read) {
+        (Ok(put), Ok(read)) => Ok(read.or(put)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(put), Err(read)) => match read {
+            AttemptError::Other(ref e) if !e.is_retryable() => Err(read),
+            _ => Err(put),
+        },
+    }
 }
 
 /// Reads the probe object back and compares its bytes with what was written; returns the
@@ -301,5 +405,33 @@ where
         }
     } else {
         AttemptError::Other(classify(S3, operation, err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_probes_of_every_version_read() {
+        let read = |text: &str| serde_json::from_str::<Probes>(text).expect(text);
+        assert_eq!(read("null"), Probes(vec![]));
+        assert_eq!(read(r#""p-1""#), Probes(vec!["p-1".into()]));
+        assert_eq!(
+            read(r#"["p-1","p-2"]"#),
+            Probes(vec!["p-1".into(), "p-2".into()])
+        );
+        let written = serde_json::to_string(&Probes(vec!["p-1".into()])).expect("json");
+        assert_eq!(written, r#"["p-1"]"#);
+    }
+
+    #[test]
+    fn a_failure_retrying_cannot_mend_wins_over_a_rejection() {
+        let rejected = || AttemptError::Other(CloudError::retryable(S3, "PutObject", "slow down"));
+        let differs = || AttemptError::Other(CloudError::permanent(S3, "GetObject", "differs"));
+        let kept = both(Err(rejected()), Err(differs()));
+        assert!(matches!(kept, Err(AttemptError::Other(e)) if !e.is_retryable()));
+        let kept = both(Ok(Some("put".into())), Ok(None));
+        assert_eq!(kept.ok().flatten().as_deref(), Some("put"));
     }
 }

@@ -26,6 +26,7 @@ use serde_json::json;
 
 use super::access_key::{self, KeyInfo, KeyOutput, KeySource, UserKeys};
 use super::adopt::in_the_way;
+use super::credential_check::Probes;
 use super::report::{Mode, done};
 use super::secret::{self, ExistingSecret, RepositorySecret, S3Conf};
 use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
@@ -174,6 +175,9 @@ const USER_EXISTS: &str = "user-exists";
 const GROUP_READY: &str = "group-ready";
 /// Reached when the user is in the group (as [`GROUP_READY`]).
 const USER_READY: &str = "user-ready";
+/// Reached with the read probe's key once the service wrote it (a key is to be made, see
+/// [`Provisioner::read_probe`]), else missed.
+const READ_PROBE: &str = "read-probe";
 /// Barriers: the creates of a first run go out together, then the calls that need them.
 const CREATES: &str = "creates";
 const AFTER_CREATES: &str = "after-creates";
@@ -218,13 +222,13 @@ impl JobHandler for Provisioner {
             key,
             conf,
             client,
-            probe,
+            probes,
         } = Box::pin(made).await?;
         self.deliver(
             ctx,
             &payload,
             (&conf, existing.as_ref()),
-            (probe, &client),
+            (probes, &client),
             (&world, &key),
         )
         .await
@@ -243,10 +247,10 @@ impl JobHandler for Provisioner {
 struct ProvenKey {
     key: KeyOutput,
     conf: S3Conf,
-    /// An S3 client that signs with the key (for the credential check, and the probe's delete).
+    /// An S3 client that signs with the key (for the credential check, and the probes' delete).
     client: aws_sdk_s3::Client,
-    /// The probe object the credential check left, for [`Provisioner::deliver`] to delete.
-    probe: Option<String>,
+    /// The probe objects the credential check left, for [`Provisioner::deliver`] to delete.
+    probes: Probes,
 }
 
 /// Combines concurrent branches: a permanent failure on any side wins (retrying cannot help),
@@ -355,18 +359,74 @@ impl Provisioner {
             settled(Step::User, made)
         };
         let (cipher_pass, key) = self.key_branch(ctx, payload, s3, existing, (world, progress));
+        let read_probe = self.read_probe(payload, s3, existing, progress);
         // Boxed: the branches' futures together are too large for a worker thread's stack in
         // a debug build.
-        let (bucket, policy, group, user, cipher_pass, key) = tokio::join!(
+        let (bucket, policy, group, user, cipher_pass, key, read_probe) = tokio::join!(
             Box::pin(bucket),
             Box::pin(policy),
             Box::pin(group),
             Box::pin(user),
             Box::pin(cipher_pass),
-            Box::pin(key)
+            Box::pin(key),
+            Box::pin(read_probe)
         );
         let others = first_failure_of([bucket, policy, group, user, cipher_pass]);
-        self.attempt_result(payload, others, key).await
+        let result = self.attempt_result(payload, others, key).await;
+        self.forget_unused_read_probe(payload, s3, read_probe, &result)
+            .await;
+        result
+    }
+
+    /// A read probe for the new key's check (see [`credential_check::put_read_probe`]), written
+    /// with the service's credentials as soon as the bucket exists, alongside the bucket's
+    /// settings and the IAM calls that make the key: the key's proof then puts and reads at
+    /// once, one round trip instead of two. Only when no Secret holds a key (one is to be
+    /// made). Its failure (e.g. a service policy without `s3:PutObject` on probes) costs that
+    /// round trip, not the attempt: the check reads back its own probe instead. Returns the
+    /// probe's key when written.
+    async fn read_probe(
+        &self,
+        payload: &ProvisionPayload,
+        s3: &aws_sdk_s3::Client,
+        existing: Option<&ExistingSecret>,
+        progress: &Progress,
+    ) -> Option<String> {
+        let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
+        if !key_to_make || progress.reached(BUCKET_EXISTS).await.is_none() {
+            progress.miss(READ_PROBE);
+            return None;
+        }
+        let key = credential_check::new_read_probe_key();
+        let written = credential_check::put_read_probe(s3, payload.bucket.as_str(), &key).await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "no read probe: the new key's check reads its own back");
+            progress.miss(READ_PROBE);
+            return None;
+        }
+        progress.reach(READ_PROBE, key.clone());
+        Some(key)
+    }
+
+    /// Deletes the read probe unless the attempt's proven key holds it for `deliver` to delete
+    /// (best effort, as [`Self::forget_probe`]).
+    async fn forget_unused_read_probe(
+        &self,
+        payload: &ProvisionPayload,
+        s3: &aws_sdk_s3::Client,
+        read_probe: Option<String>,
+        result: &Result<ProvenKey, JobError>,
+    ) {
+        let Some(read_probe) = read_probe else { return };
+        if let Ok(proven) = result
+            && proven.probes.0.contains(&read_probe)
+        {
+            return;
+        }
+        let bucket = payload.bucket.as_str();
+        if let Err(e) = credential_check::delete_probe(s3, bucket, &read_probe).await {
+            tracing::warn!(error = %e, "the unused read probe was not deleted");
+        }
     }
 
     /// The key branch's result unless another branch failed (see [`first_failure_of`]); a key
@@ -393,10 +453,10 @@ impl Provisioner {
     /// Deletes the probe object of a proven key whose attempt stops before delivering it (best
     /// effort: a probe left behind is not a backup, see [`bucket::has_objects`]).
     async fn forget_probe(&self, payload: &ProvisionPayload, proven: &ProvenKey) {
-        let Some(probe) = &proven.probe else { return };
         let bucket = payload.bucket.as_str();
-        if let Err(e) = credential_check::delete_probe(&proven.client, bucket, probe).await {
-            tracing::warn!(error = %e, "the credential check's probe object was not deleted");
+        let deleted = delete_probes(&proven.client, bucket, &proven.probes).await;
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "the credential check's probe objects were not deleted");
         }
     }
 
@@ -458,26 +518,26 @@ impl Provisioner {
             let waited = "the bucket, policy, group or user step did not finish in this attempt";
             return Err(JobError::Retryable(waited.into()));
         }
-        let probe = self
+        let probes = self
             .prove_key(ctx, payload, (&key, &conf, &client), (world, progress))
             .await?;
         Ok(ProvenKey {
             key,
             conf,
             client,
-            probe,
+            probes,
         })
     }
 
     /// The key's description tag alongside the credential check (recorded after it). Returns
-    /// the probe object the check left for [`Self::deliver`] to delete.
+    /// the probe objects the check left for [`Self::deliver`] to delete.
     async fn prove_key(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         (key, conf, client): (&KeyOutput, &S3Conf, &aws_sdk_s3::Client),
         (world, progress): (&World, &Progress),
-    ) -> Result<Option<String>, JobError> {
+    ) -> Result<Probes, JobError> {
         let step = Step::AccessKeyDescription;
         let (iam, user) = (&self.aws.iam, payload.bucket.iam_user_name());
         // A key made by this attempt has no tag yet; otherwise the tags read at the start.
@@ -499,7 +559,8 @@ impl Provisioner {
         };
         let recorded_after = progress.settled([Step::AccessKeyDescription.name()]);
         let proving = (key, conf, client);
-        let check = self.credential_check_step(ctx, payload, proving, world, recorded_after);
+        let waits = (recorded_after, progress.reached(READ_PROBE));
+        let check = self.credential_check_step(ctx, payload, proving, world, waits);
         // The check first (on the first poll): its probe's put is on the job's critical path,
         // the tag is not.
         let (check, description) = tokio::join!(Box::pin(check), Box::pin(description));
@@ -508,20 +569,17 @@ impl Provisioner {
     }
 
     /// The Secret (written and read back), with the listing of the keys to retire alongside
-    /// it, then the retirement of every other key; the probe object's delete alongside both.
+    /// it, then the retirement of every other key; the probe objects' deletes alongside both.
     async fn deliver(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         (conf, existing): (&S3Conf, Option<&ExistingSecret>),
-        (probe, client): (Option<String>, &aws_sdk_s3::Client),
+        (probes, client): (Probes, &aws_sdk_s3::Client),
         (world, key): (&World, &KeyOutput),
     ) -> Result<(), JobError> {
         let bucket = payload.bucket.as_str();
-        let delete_probe = async {
-            let Some(probe) = probe else { return Ok(()) };
-            credential_check::delete_probe(client, bucket, &probe).await
-        };
+        let delete_probe = delete_probes(client, bucket, &probes);
         // Unchanged since the start when the key is the Secret's: no key was made since.
         let seen = world
             .keys
@@ -543,7 +601,7 @@ impl Provisioner {
         };
         let (delivered, deleted) = tokio::join!(Box::pin(delivered), Box::pin(delete_probe));
         delivered?;
-        Ok(deleted?)
+        deleted
     }
 
     fn key_client(&self, payload: &ProvisionPayload, conf: &S3Conf) -> aws_sdk_s3::Client {
@@ -845,42 +903,55 @@ impl Provisioner {
         secret::s3_conf_in_job(ctx, sealed, existing, key_id, target, &key_steps).await
     }
 
-    /// Proves the key works before the repository is `ready`: a new key writes and reads back
-    /// a probe object (returned: deleted alongside the Secret's write); a key already in the
-    /// Secret is checked read-only (by the observation wave when it passed there), so a re-run
-    /// of a ready repository makes no mutating call. Recorded once `recorded_after` is ready.
+    /// Proves the key works before the repository is `ready`: a new key writes a probe object
+    /// and reads one back (the service's read probe when `read_probe` yields one, else its own;
+    /// both returned: deleted alongside the Secret's write); a key already in the Secret is
+    /// checked read-only (by the observation wave when it passed there), so a re-run of a
+    /// ready repository makes no mutating call. Recorded once `recorded_after` is ready.
     async fn credential_check_step(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         (key, conf, client): (&KeyOutput, &S3Conf, &aws_sdk_s3::Client),
         world: &World,
-        recorded_after: impl Future<Output = ()>,
-    ) -> Result<Option<String>, JobError> {
+        (recorded_after, read_probe): (
+            impl Future<Output = ()>,
+            impl Future<Output = Option<String>>,
+        ),
+    ) -> Result<Probes, JobError> {
         let step = Step::CredentialCheck;
         ctx.step(step.name(), step.position(), async {
             let bucket = payload.bucket.as_str();
-            let (budget, backoff) = (self.credential_check_budget, self.credential_check_backoff);
+            let timing = (self.credential_check_budget, self.credential_check_backoff);
             let seen = world.key_check.as_ref();
             let seen = seen
                 .filter(|(id, _)| *id == conf.access_key_id)
                 .map(|(_, r)| r.clone());
-            let (report, probe) = match (key.source, seen) {
-                (KeySource::InSecret, Some(report)) => (report, None),
+            let (report, probes) = match (key.source, seen) {
+                (KeySource::InSecret, Some(report)) => (report, Probes::default()),
                 (KeySource::InSecret, None) => {
+                    let (budget, backoff) = timing;
                     let report =
                         credential_check::verify_read_only(client, bucket, budget, backoff);
-                    (report.await?, None)
+                    (report.await?, Probes::default())
                 }
                 (KeySource::Created | KeySource::Sealed, _) => {
-                    let checked =
-                        credential_check::verify_leaving_probe(client, bucket, budget, backoff);
+                    let read_probe = read_probe.await;
+                    let checked = credential_check::verify_leaving_probe(
+                        client,
+                        bucket,
+                        timing,
+                        read_probe.as_deref(),
+                    );
                     let (report, probe) = checked.await?;
-                    (report, Some(probe))
+                    (
+                        report,
+                        Probes([Some(probe), read_probe].into_iter().flatten().collect()),
+                    )
                 }
             };
             recorded_after.await;
-            Ok(done(probe, report))
+            Ok(done(probes, report))
         })
         .await
     }
@@ -955,6 +1026,20 @@ impl Provisioner {
         })
         .await
     }
+}
+
+/// Deletes the probe objects `probes` with `s3`, all at once.
+async fn delete_probes(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    probes: &Probes,
+) -> Result<(), JobError> {
+    let deletes = probes
+        .0
+        .iter()
+        .map(|probe| credential_check::delete_probe(s3, bucket, probe));
+    futures::future::try_join_all(deletes).await?;
+    Ok(())
 }
 
 /// A copy of a failure for [`first_failure_of`] (the original is returned by its branch).

@@ -1,23 +1,23 @@
 //! The provisioning job's critical path, counted at the AWS realism proxy (not timed; the bench
 //! measures time): with every AWS request delayed by a fixed 20 ms, a first provisioning is at
-//! most 6 sequential round trips (the dependency chain: reads, creates, attachments and the key,
-//! the probe's put, get and delete), a re-run of a ready repository at most 2 and makes no
-//! mutating call; and with new access keys hidden for a window, provisioning still converges
-//! with exactly one key.
+//! most 5 sequential round trips (the dependency chain: reads, creates, attachments and the key,
+//! the key's probe put while it reads back the service's read probe, the probes' deletes), a
+//! re-run of a ready repository at most 2 and makes no mutating call; and with new access keys
+//! hidden for a window, provisioning still converges with exactly one key.
 
 use std::time::Duration;
 
-use backup_provisioner::provision::access_key;
+use backup_provisioner::provision::{access_key, credential_check};
 use serde_json::{Value, json};
 
 use crate::support::aws_realism::{
     AwsProxy, AwsRealism, Latency, round_trip_chain, sequential_round_trips,
 };
-use crate::support::env::{Env, bucket_for, unique_name};
+use crate::support::env::{Env, REGION, bucket_for, unique_name};
 
 const NAMESPACE: &str = "critical";
 const LATENCY: Duration = Duration::from_millis(20);
-const FIRST_RUN_ROUND_TRIPS: usize = 6;
+const FIRST_RUN_ROUND_TRIPS: usize = 5;
 const RE_RUN_ROUND_TRIPS: usize = 2;
 
 fn measured(proxy: &AwsProxy) -> (usize, String) {
@@ -56,6 +56,47 @@ async fn provision(env: &Env, name: &str) -> Value {
 /// another's answer; the path is what the best of a few runs shows.
 const TRIES: usize = 3;
 
+/// The first run's key read back the service's read probe while it put its own probe, and
+/// both probes are gone: the bucket holds nothing.
+async fn read_probe_used_and_deleted(env: &Env, name: &str, job: &Value) {
+    let path = format!("/v1/jobs/{}/events?limit=200", job["id"].as_str().unwrap());
+    let events: Value = env
+        .app
+        .get(&path, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let check = events["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .rev()
+        .find(|e| e["step"] == "credential_check")
+        .map(|e| e["detail"].clone())
+        .unwrap_or_else(|| panic!("no credential_check event: {events:#}"));
+    let read_probe = check["read_probe_key"].as_str().unwrap_or_default();
+    assert!(
+        read_probe.starts_with(credential_check::PROBE_PREFIX),
+        "the check read the service's read probe: {check:#}"
+    );
+    assert_eq!(
+        check["checked"],
+        json!(["PutObject", "GetObject"]),
+        "{check:#}"
+    );
+    let s3 = env.admin.s3_for_region(REGION);
+    let listed = s3.list_objects_v2().bucket(bucket_for(name)).send().await;
+    let keys: Vec<_> = listed
+        .expect("list")
+        .contents()
+        .iter()
+        .filter_map(|o| o.key())
+        .map(str::to_owned)
+        .collect();
+    assert!(keys.is_empty(), "both probes are deleted: {keys:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_run_and_a_re_run_are_their_dependency_chains_only() {
     let realism = AwsRealism::off().latency(1.0, Latency::Fixed(LATENCY));
@@ -71,9 +112,11 @@ async fn a_first_run_and_a_re_run_are_their_dependency_chains_only() {
     for _ in 0..TRIES {
         proxy.reset_counts();
         let name = unique_name("cp");
-        provision(&env, &name).await;
+        let job = provision(&env, &name).await;
         let (first, first_described) = measured(proxy);
         eprintln!("first run: {first_described}");
+
+        read_probe_used_and_deleted(&env, &name, &job).await;
 
         proxy.reset_counts();
         let job = env.reconcile(&name).await;
