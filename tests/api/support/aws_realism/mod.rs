@@ -350,6 +350,7 @@ impl Shared {
             .iter()
             .filter(|(k, _)| k != "Action" && k != "Version")
             .map(|(k, v)| format!("{k}={v}"))
+            .chain(op.object.iter().map(|object| format!("object={object}")))
             .collect();
         parameters.sort();
         let mut state = self.lock();

@@ -16,6 +16,8 @@ pub struct Operation {
     pub params: Vec<(String, String)>,
     /// The bucket of an S3 request (path-style).
     pub bucket: Option<String>,
+    /// The object key of an S3 object request (path-style, as sent).
+    pub object: Option<String>,
     /// The access key id that signed the request.
     pub access_key_id: Option<String>,
     pub method: Method,
@@ -145,14 +147,22 @@ pub fn identify(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) ->
         (Some(action), _) => (action.clone(), None),
         (None, _) => (format!("Unknown{}", method.as_str()), None),
     };
+    let object = (service == "s3").then(|| object_key(uri.path())).flatten();
     Operation {
         service,
         name,
         params,
         bucket,
+        object,
         access_key_id,
         method: method.clone(),
     }
+}
+
+/// The object key of a path-style S3 request (`/bucket/key`), if it names one.
+fn object_key(path: &str) -> Option<String> {
+    let (_, object) = path.trim_start_matches('/').split_once('/')?;
+    (!object.is_empty()).then(|| object.to_owned())
 }
 
 /// The signer's access key id and the service of the credential scope
@@ -298,6 +308,10 @@ mod tests {
             assert_eq!(op.access_key_id.as_deref(), Some("AKIAX"));
         }
         assert_eq!(s3(Method::PUT, "/b/k").bucket.as_deref(), Some("b"));
+        let object = |uri: &str| s3(Method::PUT, uri).object;
+        assert_eq!(object("/b/k/x?x-id=PutObject").as_deref(), Some("k/x"));
+        assert_eq!(object("/b?encryption"), None);
+        assert_eq!(object("/b/"), None);
     }
 
     #[test]

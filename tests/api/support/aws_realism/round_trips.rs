@@ -16,9 +16,9 @@ pub struct Received {
     pub operation: String,
     /// The entity or bucket it is about (see `Operation::subject`).
     pub subject: String,
-    /// Its parameters but `Action` and `Version`, sorted, as `k=v&k=v`: two requests with the
-    /// same operation, subject and parameters ask for the same change (S3 object keys are not
-    /// among them).
+    /// Its parameters but `Action` and `Version`, and an S3 request's object key as `object`,
+    /// sorted, as `k=v&k=v`: two requests with the same operation, subject and parameters ask
+    /// for the same change.
     pub parameters: String,
 }
 
