@@ -390,7 +390,8 @@ pub async fn has_objects_unless_new(
 
 /// Whether the bucket holds at least one object (one ListObjectsV2 page).
 ///
-/// Probe objects left by an interrupted credential check are not backups and do not count.
+/// Probe objects (the credential check's, left by an interrupted attempt) are not backups and
+/// do not count.
 pub async fn has_objects(s3: &Client, bucket: &str) -> Result<bool, CloudError> {
     let out = s3
         .list_objects_v2()

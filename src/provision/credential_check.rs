@@ -19,7 +19,8 @@ use serde_json::json;
 use crate::cloud::aws::{CREDENTIAL_REJECTED_CODES, classify, http_status};
 use crate::cloud::{CloudError, Outcome, StepReport};
 
-/// Prefix of probe objects; the full key is `backup-provisioner/probe-<uuid>`.
+/// Prefix of probe objects: `backup-provisioner/probe-<job id>` (a provisioning's new key),
+/// its read probe `…-read`, and `backup-provisioner/probe-<uuid>` (a rotation's new key).
 pub const PROBE_PREFIX: &str = "backup-provisioner/probe-";
 
 const S3: &str = "s3";
@@ -56,61 +57,46 @@ pub async fn verify(
     initial_backoff: Duration,
 ) -> Result<StepReport, CloudError> {
     let timing = (budget, initial_backoff);
-    let (report, _) = check(client_with_new_key, bucket, timing, Probing::Full).await?;
-    Ok(report)
+    check(client_with_new_key, bucket, timing, Probing::Full).await
 }
 
-/// [`verify`] without the delete: the key has written a probe object and read one back, and
-/// the key of the one it wrote is returned; the caller deletes it (and `read_probe`) with
-/// [`delete_probe`] off the critical path (e.g. alongside the Secret's write). With
-/// `read_probe` (written by [`put_read_probe`]) the key reads that object back while it puts
-/// its own, in one round trip; without, it reads back its own after the put. A probe left by a
-/// crash in between is no backup: it does not count as data (the bucket module's
-/// `has_objects`), and once the check is recorded the next attempt deletes it.
+/// [`verify`] without the delete: the key has written the probe object `probe` and read one
+/// back; the caller deletes `probe` (and `read_probe`) with [`delete_probe`] off the critical
+/// path (e.g. alongside the Secret's write). With `read_probe` (written by [`put_read_probe`])
+/// the key reads that object back while it puts its own, in one round trip; without, it reads
+/// back its own after the put. A probe left by a crash in between is no backup: it does not
+/// count as data (the bucket module's `has_objects`), and the next attempt, which writes the
+/// same names, deletes it.
 pub async fn verify_leaving_probe(
     client_with_new_key: &Client,
     bucket: &str,
     (budget, initial_backoff): (Duration, Duration),
-    read_probe: Option<&str>,
-) -> Result<(StepReport, String), CloudError> {
-    let (mut report, probe) = check(
+    (probe, read_probe): (&str, Option<&str>),
+) -> Result<StepReport, CloudError> {
+    let probing = Probing::LeavingProbe { probe, read_probe };
+    let mut report = check(
         client_with_new_key,
         bucket,
         (budget, initial_backoff),
-        Probing::LeavingProbe { read_probe },
+        probing,
     )
     .await?;
     if let Some(read_probe) = read_probe {
         report.detail["read_probe_key"] = json!(read_probe);
     }
-    Ok((report, probe))
+    Ok(report)
 }
 
-/// The probe objects a new key's check left for its caller to delete: the check step's
-/// recorded output (a list; records of earlier versions, one key or `null`, still read).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(from = "RecordedProbes")]
-pub struct Probes(pub Vec<String>);
-
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum RecordedProbes {
-    Keys(Vec<String>),
-    Key(Option<String>),
+/// The probe object a job's new key writes: one name for every try of every attempt of the
+/// job, so that an attempt killed after its put is followed by one that writes and deletes the
+/// same object instead of leaving it behind.
+pub fn job_probe_key(job_id: uuid::Uuid) -> String {
+    format!("{PROBE_PREFIX}{job_id}")
 }
 
-impl From<RecordedProbes> for Probes {
-    fn from(recorded: RecordedProbes) -> Self {
-        match recorded {
-            RecordedProbes::Keys(keys) => Probes(keys),
-            RecordedProbes::Key(key) => Probes(key.into_iter().collect()),
-        }
-    }
-}
-
-/// A new name for a read probe (see [`put_read_probe`]).
-pub fn new_read_probe_key() -> String {
-    format!("{PROBE_PREFIX}{}-read", uuid::Uuid::new_v4())
+/// The read probe that goes with the probe object `probe` (see [`put_read_probe`]).
+pub fn read_probe_key(probe: &str) -> String {
+    format!("{probe}-read")
 }
 
 /// Writes the read probe `key` with the service's own credentials (`s3`), for a new key's
@@ -145,10 +131,13 @@ pub async fn delete_probe(s3: &Client, bucket: &str, key: &str) -> Result<(), Cl
 /// What one attempt of a check does with its probe object.
 #[derive(Clone, Copy)]
 enum Probing<'a> {
-    /// Put, get, delete.
+    /// Put, get, delete a probe of a new name.
     Full,
-    /// Put and get (of the probe put, or of `read_probe` at the same time); the caller deletes.
-    LeavingProbe { read_probe: Option<&'a str> },
+    /// Put `probe` and get it (or `read_probe`, at the same time); the caller deletes.
+    LeavingProbe {
+        probe: &'a str,
+        read_probe: Option<&'a str>,
+    },
 }
 
 async fn check(
@@ -156,12 +145,16 @@ async fn check(
     bucket: &str,
     (budget, initial_backoff): (Duration, Duration),
     probing: Probing<'_>,
-) -> Result<(StepReport, String), CloudError> {
+) -> Result<StepReport, CloudError> {
     let started = Instant::now();
-    let mut probe_key = String::new();
+    // One name for every try: a put that succeeded before a rejected read is overwritten by
+    // the next try, not left behind.
+    let probe_key = match probing {
+        Probing::Full => format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4()),
+        Probing::LeavingProbe { probe, .. } => probe.to_owned(),
+    };
     let (attempts, request_id) = with_budget(bucket, budget, initial_backoff, || {
-        probe_key = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4());
-        attempt(client_with_new_key, bucket, probe_key.clone(), probing)
+        attempt(client_with_new_key, bucket, &probe_key, probing)
     })
     .await?;
     let checked: &[&str] = match probing {
@@ -179,7 +172,7 @@ async fn check(
         }),
     );
     report.upstream_request_id = request_id;
-    Ok((report, probe_key))
+    Ok(report)
 }
 
 /// Read-only variant for a key that is already in use (e.g. found in the Secret): lists the
@@ -280,10 +273,9 @@ fn give_up(bucket: &str, last: AttemptError, attempts: u32, elapsed: Duration) -
 async fn attempt(
     s3: &Client,
     bucket: &str,
-    key: String,
+    key: &str,
     probing: Probing<'_>,
 ) -> Result<Option<String>, AttemptError> {
-    let key = key.as_str();
     let body = probe_body(key);
     let put = async {
         let put = s3
@@ -297,7 +289,7 @@ async fn attempt(
         Ok(crate::cloud::aws::output_request_id(&put))
     };
     let read_probe = match probing {
-        Probing::LeavingProbe { read_probe } => read_probe,
+        Probing::LeavingProbe { read_probe, .. } => read_probe,
         Probing::Full => None,
     };
     if let Some(read_probe) = read_probe {
@@ -322,8 +314,10 @@ async fn attempt(
     Ok(crate::cloud::aws::output_request_id(&deleted))
 }
 
-/// The put's and the read's results as one: the read's request id; of two failures, one that
-/// retrying cannot mend (e.g. the bytes read back differ) wins.
+/// The put's and the read's results as one: the read's request id. Of two failures the one
+/// that says the most wins: one retrying cannot mend (e.g. the bytes read back differ), then a
+/// rejection of the key (which becomes "still rejected" when the budget is spent), then any
+/// other.
 // Large like every attempt's error (the async fns' too, where the lint does not look); it is
 // moved once per attempt.
 #[allow(clippy::result_large_err)]
@@ -331,13 +325,16 @@ fn both(
     put: Result<Option<String>, AttemptError>,
     read: Result<Option<String>, AttemptError>,
 ) -> Result<Option<String>, AttemptError> {
+    let rank = |e: &AttemptError| match e {
+        AttemptError::Other(e) if !e.is_retryable() => 0,
+        AttemptError::Rejected { .. } => 1,
+        AttemptError::Other(_) => 2,
+    };
     match (put, read) {
         (Ok(put), Ok(read)) => Ok(read.or(put)),
         (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
-        (Err(put), Err(read)) => match read {
-            AttemptError::Other(ref e) if !e.is_retryable() => Err(read),
-            _ => Err(put),
-        },
+        (Err(put), Err(read)) if rank(&read) < rank(&put) => Err(read),
+        (Err(put), Err(_)) => Err(put),
     }
 }
 
@@ -413,24 +410,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn recorded_probes_of_every_version_read() {
-        let read = |text: &str| serde_json::from_str::<Probes>(text).expect(text);
-        assert_eq!(read("null"), Probes(vec![]));
-        assert_eq!(read(r#""p-1""#), Probes(vec!["p-1".into()]));
-        assert_eq!(
-            read(r#"["p-1","p-2"]"#),
-            Probes(vec!["p-1".into(), "p-2".into()])
-        );
-        let written = serde_json::to_string(&Probes(vec!["p-1".into()])).expect("json");
-        assert_eq!(written, r#"["p-1"]"#);
-    }
-
-    #[test]
-    fn a_failure_retrying_cannot_mend_wins_over_a_rejection() {
-        let rejected = || AttemptError::Other(CloudError::retryable(S3, "PutObject", "slow down"));
+    fn of_two_failures_the_one_saying_the_most_wins() {
+        let throttled = || AttemptError::Other(CloudError::retryable(S3, "PutObject", "slow"));
         let differs = || AttemptError::Other(CloudError::permanent(S3, "GetObject", "differs"));
-        let kept = both(Err(rejected()), Err(differs()));
-        assert!(matches!(kept, Err(AttemptError::Other(e)) if !e.is_retryable()));
+        let rejected = || AttemptError::Rejected {
+            operation: "GetObject",
+            error: CloudError::retryable(S3, "GetObject", "denied"),
+            code: "InvalidAccessKeyId".into(),
+        };
+        let permanent = |r| matches!(r, Err(AttemptError::Other(e)) if !e.is_retryable());
+        let rejection = |r| matches!(r, Err(AttemptError::Rejected { .. }));
+        assert!(permanent(both(Err(throttled()), Err(differs()))));
+        assert!(permanent(both(Err(rejected()), Err(differs()))));
+        assert!(rejection(both(Err(throttled()), Err(rejected()))));
+        assert!(rejection(both(Err(rejected()), Err(throttled()))));
+        assert!(rejection(both(Ok(None), Err(rejected()))));
         let kept = both(Ok(Some("put".into())), Ok(None));
         assert_eq!(kept.ok().flatten().as_deref(), Some("put"));
     }

@@ -26,7 +26,6 @@ use serde_json::json;
 
 use super::access_key::{self, KeyInfo, KeyOutput, KeySource, UserKeys};
 use super::adopt::in_the_way;
-use super::credential_check::Probes;
 use super::report::{Mode, done};
 use super::secret::{self, ExistingSecret, RepositorySecret, S3Conf};
 use super::{bucket, cipher_pass, credential_check, group, policy, sealed, user};
@@ -222,13 +221,13 @@ impl JobHandler for Provisioner {
             key,
             conf,
             client,
-            probes,
+            probe,
         } = Box::pin(made).await?;
         self.deliver(
             ctx,
             &payload,
             (&conf, existing.as_ref()),
-            (probes, &client),
+            (probe, &client),
             (&world, &key),
         )
         .await
@@ -249,8 +248,9 @@ struct ProvenKey {
     conf: S3Conf,
     /// An S3 client that signs with the key (for the credential check, and the probes' delete).
     client: aws_sdk_s3::Client,
-    /// The probe objects the credential check left, for [`Provisioner::deliver`] to delete.
-    probes: Probes,
+    /// The probe object the credential check left, for [`Provisioner::deliver`] to delete
+    /// with its read probe.
+    probe: Option<String>,
 }
 
 /// Combines concurrent branches: a permanent failure on any side wins (retrying cannot help),
@@ -359,7 +359,7 @@ impl Provisioner {
             settled(Step::User, made)
         };
         let (cipher_pass, key) = self.key_branch(ctx, payload, s3, existing, (world, progress));
-        let read_probe = self.read_probe(payload, s3, existing, progress);
+        let read_probe = self.read_probe(ctx, payload, s3, existing, progress);
         // Boxed: the branches' futures together are too large for a worker thread's stack in
         // a debug build.
         let (bucket, policy, group, user, cipher_pass, key, read_probe) = tokio::join!(
@@ -372,32 +372,41 @@ impl Provisioner {
             Box::pin(read_probe)
         );
         let others = first_failure_of([bucket, policy, group, user, cipher_pass]);
-        let result = self.attempt_result(payload, others, key).await;
-        self.forget_unused_read_probe(payload, s3, read_probe, &result)
-            .await;
-        result
+        if key.is_err() {
+            self.forget_read_probe(payload, s3, read_probe).await;
+        }
+        self.attempt_result(payload, others, key).await
     }
 
     /// A read probe for the new key's check (see [`credential_check::put_read_probe`]), written
-    /// with the service's credentials as soon as the bucket exists, alongside the bucket's
-    /// settings and the IAM calls that make the key: the key's proof then puts and reads at
-    /// once, one round trip instead of two. Only when no Secret holds a key (one is to be
-    /// made). Its failure (e.g. a service policy without `s3:PutObject` on probes) costs that
+    /// with the service's credentials once the bucket exists and the cipher pass is settled (a
+    /// bucket holding backups without one refuses the job: nothing is written to it), alongside
+    /// the bucket's settings and the IAM calls that make the key: the key's proof then puts and
+    /// reads at once, one round trip instead of two. Only when no Secret holds a key (one is to
+    /// be made). Its failure (e.g. a service policy without `s3:PutObject` on probes) costs that
     /// round trip, not the attempt: the check reads back its own probe instead. Returns the
     /// probe's key when written.
     async fn read_probe(
         &self,
+        ctx: &JobContext,
         payload: &ProvisionPayload,
         s3: &aws_sdk_s3::Client,
         existing: Option<&ExistingSecret>,
         progress: &Progress,
     ) -> Option<String> {
         let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
-        if !key_to_make || progress.reached(BUCKET_EXISTS).await.is_none() {
+        let ready = async {
+            let (bucket, cipher_pass) = tokio::join!(
+                progress.reached(BUCKET_EXISTS),
+                progress.reached(CIPHER_PASS_DECIDED)
+            );
+            bucket.is_some() && cipher_pass.is_some()
+        };
+        if !key_to_make || !ready.await {
             progress.miss(READ_PROBE);
             return None;
         }
-        let key = credential_check::new_read_probe_key();
+        let key = credential_check::read_probe_key(&credential_check::job_probe_key(ctx.job().id));
         let written = credential_check::put_read_probe(s3, payload.bucket.as_str(), &key).await;
         if let Err(e) = written {
             tracing::warn!(error = %e, "no read probe: the new key's check reads its own back");
@@ -408,21 +417,15 @@ impl Provisioner {
         Some(key)
     }
 
-    /// Deletes the read probe unless the attempt's proven key holds it for `deliver` to delete
-    /// (best effort, as [`Self::forget_probe`]).
-    async fn forget_unused_read_probe(
+    /// Deletes the read probe of an attempt whose key branch failed (a proven key's probe is
+    /// deleted with its read probe), best effort as [`Self::forget_probe`].
+    async fn forget_read_probe(
         &self,
         payload: &ProvisionPayload,
         s3: &aws_sdk_s3::Client,
         read_probe: Option<String>,
-        result: &Result<ProvenKey, JobError>,
     ) {
         let Some(read_probe) = read_probe else { return };
-        if let Ok(proven) = result
-            && proven.probes.0.contains(&read_probe)
-        {
-            return;
-        }
         let bucket = payload.bucket.as_str();
         if let Err(e) = credential_check::delete_probe(s3, bucket, &read_probe).await {
             tracing::warn!(error = %e, "the unused read probe was not deleted");
@@ -454,7 +457,8 @@ impl Provisioner {
     /// effort: a probe left behind is not a backup, see [`bucket::has_objects`]).
     async fn forget_probe(&self, payload: &ProvisionPayload, proven: &ProvenKey) {
         let bucket = payload.bucket.as_str();
-        let deleted = delete_probes(&proven.client, bucket, &proven.probes).await;
+        let Some(probe) = &proven.probe else { return };
+        let deleted = delete_probes(&proven.client, bucket, probe).await;
         if let Err(e) = deleted {
             tracing::warn!(error = %e, "the credential check's probe objects were not deleted");
         }
@@ -518,26 +522,26 @@ impl Provisioner {
             let waited = "the bucket, policy, group or user step did not finish in this attempt";
             return Err(JobError::Retryable(waited.into()));
         }
-        let probes = self
+        let probe = self
             .prove_key(ctx, payload, (&key, &conf, &client), (world, progress))
             .await?;
         Ok(ProvenKey {
             key,
             conf,
             client,
-            probes,
+            probe,
         })
     }
 
     /// The key's description tag alongside the credential check (recorded after it). Returns
-    /// the probe objects the check left for [`Self::deliver`] to delete.
+    /// the probe object the check left for [`Self::deliver`] to delete (with its read probe).
     async fn prove_key(
         &self,
         ctx: &JobContext,
         payload: &ProvisionPayload,
         (key, conf, client): (&KeyOutput, &S3Conf, &aws_sdk_s3::Client),
         (world, progress): (&World, &Progress),
-    ) -> Result<Probes, JobError> {
+    ) -> Result<Option<String>, JobError> {
         let step = Step::AccessKeyDescription;
         let (iam, user) = (&self.aws.iam, payload.bucket.iam_user_name());
         // A key made by this attempt has no tag yet; otherwise the tags read at the start.
@@ -575,11 +579,14 @@ impl Provisioner {
         ctx: &JobContext,
         payload: &ProvisionPayload,
         (conf, existing): (&S3Conf, Option<&ExistingSecret>),
-        (probes, client): (Probes, &aws_sdk_s3::Client),
+        (probe, client): (Option<String>, &aws_sdk_s3::Client),
         (world, key): (&World, &KeyOutput),
     ) -> Result<(), JobError> {
         let bucket = payload.bucket.as_str();
-        let delete_probe = delete_probes(client, bucket, &probes);
+        let delete_probe = async {
+            let Some(probe) = probe else { return Ok(()) };
+            delete_probes(client, bucket, &probe).await
+        };
         // Unchanged since the start when the key is the Secret's: no key was made since.
         let seen = world
             .keys
@@ -903,11 +910,12 @@ impl Provisioner {
         secret::s3_conf_in_job(ctx, sealed, existing, key_id, target, &key_steps).await
     }
 
-    /// Proves the key works before the repository is `ready`: a new key writes a probe object
-    /// and reads one back (the service's read probe when `read_probe` yields one, else its own;
-    /// both returned: deleted alongside the Secret's write); a key already in the Secret is
-    /// checked read-only (by the observation wave when it passed there), so a re-run of a
-    /// ready repository makes no mutating call. Recorded once `recorded_after` is ready.
+    /// Proves the key works before the repository is `ready`: a new key writes the job's probe
+    /// object and reads one back (the service's read probe when `read_probe` yields one, else
+    /// its own); the probe is returned, deleted with its read probe alongside the Secret's
+    /// write. A key already in the Secret is checked read-only (by the observation wave when
+    /// it passed there), so a re-run of a ready repository makes no mutating call. Recorded
+    /// once `recorded_after` is ready.
     async fn credential_check_step(
         &self,
         ctx: &JobContext,
@@ -918,7 +926,7 @@ impl Provisioner {
             impl Future<Output = ()>,
             impl Future<Output = Option<String>>,
         ),
-    ) -> Result<Probes, JobError> {
+    ) -> Result<Option<String>, JobError> {
         let step = Step::CredentialCheck;
         ctx.step(step.name(), step.position(), async {
             let bucket = payload.bucket.as_str();
@@ -927,31 +935,25 @@ impl Provisioner {
             let seen = seen
                 .filter(|(id, _)| *id == conf.access_key_id)
                 .map(|(_, r)| r.clone());
-            let (report, probes) = match (key.source, seen) {
-                (KeySource::InSecret, Some(report)) => (report, Probes::default()),
+            let (report, probe) = match (key.source, seen) {
+                (KeySource::InSecret, Some(report)) => (report, None),
                 (KeySource::InSecret, None) => {
                     let (budget, backoff) = timing;
                     let report =
                         credential_check::verify_read_only(client, bucket, budget, backoff);
-                    (report.await?, Probes::default())
+                    (report.await?, None)
                 }
                 (KeySource::Created | KeySource::Sealed, _) => {
+                    let probe = credential_check::job_probe_key(ctx.job().id);
                     let read_probe = read_probe.await;
-                    let checked = credential_check::verify_leaving_probe(
-                        client,
-                        bucket,
-                        timing,
-                        read_probe.as_deref(),
-                    );
-                    let (report, probe) = checked.await?;
-                    (
-                        report,
-                        Probes([Some(probe), read_probe].into_iter().flatten().collect()),
-                    )
+                    let probes = (probe.as_str(), read_probe.as_deref());
+                    let checked =
+                        credential_check::verify_leaving_probe(client, bucket, timing, probes);
+                    (checked.await?, Some(probe))
                 }
             };
             recorded_after.await;
-            Ok(done(probes, report))
+            Ok(done(probe, report))
         })
         .await
     }
@@ -1028,18 +1030,17 @@ impl Provisioner {
     }
 }
 
-/// Deletes the probe objects `probes` with `s3`, all at once.
-async fn delete_probes(
-    s3: &aws_sdk_s3::Client,
-    bucket: &str,
-    probes: &Probes,
-) -> Result<(), JobError> {
-    let deletes = probes
-        .0
-        .iter()
-        .map(|probe| credential_check::delete_probe(s3, bucket, probe));
-    futures::future::try_join_all(deletes).await?;
-    Ok(())
+/// Deletes the probe object `probe` and its read probe with `s3`, at once. The read probe
+/// may not exist (the check read back its own, or an earlier attempt's check was recorded):
+/// S3's delete of a missing object succeeds.
+async fn delete_probes(s3: &aws_sdk_s3::Client, bucket: &str, probe: &str) -> Result<(), JobError> {
+    let read_probe = credential_check::read_probe_key(probe);
+    let (probe, read_probe) = tokio::join!(
+        credential_check::delete_probe(s3, bucket, probe),
+        credential_check::delete_probe(s3, bucket, &read_probe)
+    );
+    probe?;
+    Ok(read_probe?)
 }
 
 /// A copy of a failure for [`first_failure_of`] (the original is returned by its branch).

@@ -260,6 +260,15 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
         sealed, 0,
         "sealed material must be wiped once the Secret holds it"
     );
+    // The probes a killed attempt wrote have the job's names: the rescuer deleted them.
+    let listed = s.env.admin.s3_for_region(&s.env.region).list_objects_v2();
+    let listed = listed
+        .bucket(&s.bucket)
+        .send()
+        .await
+        .expect("list the bucket");
+    let objects: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert!(objects.is_empty(), "the bucket holds {objects:?}");
 
     eprintln!(
         "crash safety at {kill_at} x{kills}: killed after {crashed_at:?}, ready after {recovered_at:?}; \
@@ -438,7 +447,8 @@ impl Scenario {
                 );
             }
             "credential_check" => {
-                // The probe object is written and deleted: nothing stays behind to look at.
+                // The probes are written, not yet deleted: the rescuer's attempt, which writes
+                // the same names, deletes them (checked once it has run).
                 assert_eq!(
                     self.sealed_kinds().await,
                     vec!["access-key".to_owned(), "cipher-pass".to_owned()]

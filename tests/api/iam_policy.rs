@@ -20,7 +20,7 @@
 //!   that failed for each action must be the one `deploy/aws/README.md` names for it.
 //!
 //! The service runs in this process (`support::app`), its jobs on its own workers; one run of
-//! every flow takes under 2 s, all 59 removals about 40 s.
+//! every flow takes under 2 s, all 60 removals about 40 s.
 
 mod flows;
 mod identities;
@@ -89,13 +89,35 @@ async fn the_service_runs_every_flow_with_only_its_policy() {
     let service = ServiceUser::create(&admin).await;
     let env = env_as(&service).await;
     let name = unique_name("iam");
-    let timings = flows::run(&env, &admin, &name)
+    let ran = flows::run(&env, &admin, &name)
         .await
         .unwrap_or_else(|stopped| panic!("with the shipped policy: {stopped:#?}"));
-    eprintln!("flows with the shipped policy: {timings:?}");
+    eprintln!("flows with the shipped policy: {:?}", ran.timings);
+    read_probe_used(&env, &ran.provision).await;
     assert_all_gone(&admin, &bucket_for(&name)).await;
     outside_the_pattern_is_denied(&admin, &service).await;
     env.app.stop().await;
+}
+
+/// The provisioning's credential check read back the read probe the service wrote: the
+/// statement `CredentialCheckReadProbes` works (without it the check falls back, see
+/// [`NOT_PROVABLE`]).
+async fn read_probe_used(env: &Env, job: &Value) {
+    let path = format!("/v1/jobs/{}/events?limit=200", job["id"].as_str().unwrap());
+    let events: Value = env
+        .app
+        .get(&path, &env.app.viewer())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = events["items"].as_array().expect("items");
+    let check = items.iter().rev().find(|e| e["step"] == "credential_check");
+    let check = check.map(|e| e["detail"].clone()).unwrap_or_default();
+    assert!(
+        check["read_probe_key"].is_string(),
+        "the credential check read the service's read probe: {check:#}"
+    );
 }
 
 /// Deprovisioning left nothing of the repository in AWS.
@@ -262,7 +284,7 @@ enum Verdict {
     Missed(String),
 }
 
-fn verdict(removal: &Removal, outcome: Result<flows::Timings, flows::Stopped>) -> Verdict {
+fn verdict(removal: &Removal, outcome: Result<flows::Ran, flows::Stopped>) -> Verdict {
     let exception = removal
         .action
         .as_deref()

@@ -39,12 +39,18 @@ impl Stopped {
 /// How long each flow took.
 pub type Timings = Vec<(&'static str, Duration)>;
 
+/// What the flows did: each one's time, and the provisioning job's view.
+pub struct Ran {
+    pub timings: Timings,
+    pub provision: Value,
+}
+
 /// Every flow for a new repository `name`; `admin` makes the drift and the hand-made extras.
-pub async fn run(env: &Env, admin: &AwsClients, name: &str) -> Result<Timings, Stopped> {
+pub async fn run(env: &Env, admin: &AwsClients, name: &str) -> Result<Ran, Stopped> {
     let bucket = bucket_for(name);
     let mut timings = Vec::new();
     let started = Instant::now();
-    ended("provision", provision(env, name).await)?;
+    let provisioned = ended("provision", provision(env, name).await)?;
     timings.push(("provision", started.elapsed()));
     let started = Instant::now();
     drift(env, admin, &bucket).await;
@@ -64,7 +70,10 @@ pub async fn run(env: &Env, admin: &AwsClients, name: &str) -> Result<Timings, S
     made_by_hand(admin, &bucket).await;
     ended("deprovision", deprovision(env, name, &bucket).await)?;
     timings.push(("deprovision", started.elapsed()));
-    Ok(timings)
+    Ok(Ran {
+        timings,
+        provision: provisioned,
+    })
 }
 
 /// `Ok` for a succeeded job view, else what stopped it.
