@@ -81,8 +81,9 @@ pub async fn connect(options: PgConnectOptions, workers: usize) -> Result<PgPool
         .connect_lazy_with(with_session_settings(options));
     // Two connections, opened at once: the LISTEN connection takes one out of the pool for
     // good, and `/readyz` must not wait for another to be made only when it asks. Opened one
-    // after the other (as `min_connections` does), each TLS handshake adds its own wait: sqlx
-    // does not set TCP_NODELAY, so a handshake stalls on delayed ACKs (~130 ms here).
+    // after the other (as `min_connections` does), each TLS handshake adds its own wait (and
+    // without TCP_NODELAY, which sqlx-core 0.9.0 lost, see vendor/README.md, a handshake
+    // stalled on delayed ACKs: ~130 ms here).
     let (first, second) = tokio::try_join!(pool.acquire(), pool.acquire())?;
     drop((first, second));
     Ok(pool)
