@@ -55,25 +55,6 @@ async fn adopt(env: &Env, name: &str, body: Value) -> Value {
     job
 }
 
-/// The detail of the job's last audit entry for `step`.
-async fn step_detail(env: &Env, job: &Value, step: &str) -> Value {
-    let path = format!("/v1/jobs/{}/events?limit=200", job["id"].as_str().unwrap());
-    let events: Value = env
-        .app
-        .get(&path, &env.app.viewer())
-        .await
-        .json()
-        .await
-        .unwrap();
-    let items = events["items"].as_array().expect("items");
-    items
-        .iter()
-        .rev()
-        .find(|e| e["step"] == step)
-        .map(|e| e["detail"].clone())
-        .unwrap_or_else(|| panic!("no {step} event: {events:#}"))
-}
-
 /// The settings of `kind` that differ, by name, in a list of resource reports.
 fn differing(reports: &Value, kind: &str) -> Vec<String> {
     let report = reports
@@ -170,7 +151,7 @@ async fn adopting_a_runbook_set_changes_nothing_and_reports_the_drift() {
         after, before,
         "without repair the Secret is left exactly as it was"
     );
-    let inspect = step_detail(&env, &job, "inspect").await;
+    let inspect = env.step_detail(&job, "inspect").await;
     let bucket_drift = differing(&inspect["resources"], "s3-bucket");
     assert!(
         bucket_drift.contains(&"public_access_block".to_owned()),
@@ -275,7 +256,7 @@ async fn a_secret_in_another_layout_is_kept_without_repair_and_rewritten_with_it
     let job = adopt(&env, &name, json!({ "secret_name": "pgo-s3-creds" })).await;
     assert_eq!(job["state"], "succeeded", "job: {job:#}");
     assert_eq!(env.secret("zitadel", "pgo-s3-creds").await.unwrap(), before);
-    let found = step_detail(&env, &job, "found_secret").await;
+    let found = env.step_detail(&job, "found_secret").await;
     assert_eq!(found["layout"]["runbook"], false, "{found:#}");
     assert_eq!(found["layout"]["repo"], 1, "{found:#}");
     let repository = env.repository(&name).await;

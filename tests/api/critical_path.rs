@@ -59,22 +59,7 @@ const TRIES: usize = 3;
 /// The first run's key read back the service's read probe while it put its own probe, and
 /// both probes are gone: the bucket holds nothing.
 async fn read_probe_used_and_deleted(env: &Env, name: &str, job: &Value) {
-    let path = format!("/v1/jobs/{}/events?limit=200", job["id"].as_str().unwrap());
-    let events: Value = env
-        .app
-        .get(&path, &env.app.viewer())
-        .await
-        .json()
-        .await
-        .unwrap();
-    let check = events["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .rev()
-        .find(|e| e["step"] == "credential_check")
-        .map(|e| e["detail"].clone())
-        .unwrap_or_else(|| panic!("no credential_check event: {events:#}"));
+    let check = env.step_detail(job, "credential_check").await;
     let read_probe = check["read_probe_key"].as_str().unwrap_or_default();
     assert!(
         read_probe.starts_with(credential_check::PROBE_PREFIX),

@@ -103,17 +103,7 @@ async fn the_service_runs_every_flow_with_only_its_policy() {
 /// statement `CredentialCheckReadProbes` works (without it the check falls back, see
 /// [`NOT_PROVABLE`]).
 async fn read_probe_used(env: &Env, job: &Value) {
-    let path = format!("/v1/jobs/{}/events?limit=200", job["id"].as_str().unwrap());
-    let events: Value = env
-        .app
-        .get(&path, &env.app.viewer())
-        .await
-        .json()
-        .await
-        .unwrap();
-    let items = events["items"].as_array().expect("items");
-    let check = items.iter().rev().find(|e| e["step"] == "credential_check");
-    let check = check.map(|e| e["detail"].clone()).unwrap_or_default();
+    let check = env.step_detail(job, "credential_check").await;
     assert!(
         check["read_probe_key"].is_string(),
         "the credential check read the service's read probe: {check:#}"

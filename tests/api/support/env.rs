@@ -266,6 +266,21 @@ impl Env {
             .await
     }
 
+    /// The detail of the last audit entry of `job` (a job view) for `step`, from the job's
+    /// events.
+    pub async fn step_detail(&self, job: &serde_json::Value, step: &str) -> serde_json::Value {
+        let path = format!("/v1/jobs/{}/events?limit=200", job["id"].as_str().unwrap());
+        let response = self.app.get(&path, &self.app.viewer()).await;
+        let events: serde_json::Value = response.json().await.expect("events json");
+        let items = events["items"].as_array().expect("items");
+        items
+            .iter()
+            .rev()
+            .find(|e| e["step"] == step)
+            .map(|e| e["detail"].clone())
+            .unwrap_or_else(|| panic!("no {step} event: {events:#}"))
+    }
+
     /// Queues provisioning again for an existing repository and waits for it.
     pub async fn reconcile(&self, name: &str) -> serde_json::Value {
         let path = format!("/v1/backup-repositories/{name}/reconcile");
