@@ -5,7 +5,7 @@
 //! retried with exponential backoff within a time budget.
 //!
 //! A first provisioning proves its key in one round trip instead of two: the service writes a
-//! read probe with its own credentials as soon as the bucket exists ([`put_read_probe`]), and
+//! read probe with its own credentials once the bucket exists ([`put_read_probe`]), and
 //! the new key then puts its own probe while it reads the service's back
 //! ([`verify_leaving_probe`] with a read probe).
 

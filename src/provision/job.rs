@@ -331,10 +331,7 @@ impl Provisioner {
         };
         let bucket = async {
             let made = self.bucket_step(ctx, s3, payload, (world, progress)).await;
-            if made.is_ok() {
-                progress.reach(BUCKET_EXISTS, String::new());
-            }
-            progress.miss(BUCKET_EXISTS);
+            progress.conclude(BUCKET_EXISTS, made.is_ok());
             settled(Step::Bucket, made.map(drop))
         };
         let policy = async {
@@ -362,7 +359,7 @@ impl Provisioner {
         let read_probe = self.read_probe(ctx, payload, s3, existing, progress);
         // Boxed: the branches' futures together are too large for a worker thread's stack in
         // a debug build.
-        let (bucket, policy, group, user, cipher_pass, key, read_probe) = tokio::join!(
+        let (bucket, policy, group, user, cipher_pass, key, ()) = tokio::join!(
             Box::pin(bucket),
             Box::pin(policy),
             Box::pin(group),
@@ -373,7 +370,8 @@ impl Provisioner {
         );
         let others = first_failure_of([bucket, policy, group, user, cipher_pass]);
         if key.is_err() {
-            self.forget_read_probe(payload, s3, read_probe).await;
+            self.forget_job_probes(ctx, payload, s3, existing, progress)
+                .await;
         }
         self.attempt_result(payload, others, key).await
     }
@@ -384,8 +382,7 @@ impl Provisioner {
     /// the bucket's settings and the IAM calls that make the key: the key's proof then puts and
     /// reads at once, one round trip instead of two. Only when no Secret holds a key (one is to
     /// be made). Its failure (e.g. a service policy without `s3:PutObject` on probes) costs that
-    /// round trip, not the attempt: the check reads back its own probe instead. Returns the
-    /// probe's key when written.
+    /// round trip, not the attempt: the check reads back its own probe instead.
     async fn read_probe(
         &self,
         ctx: &JobContext,
@@ -393,7 +390,7 @@ impl Provisioner {
         s3: &aws_sdk_s3::Client,
         existing: Option<&ExistingSecret>,
         progress: &Progress,
-    ) -> Option<String> {
+    ) {
         let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
         let ready = async {
             let (bucket, cipher_pass) = tokio::join!(
@@ -403,32 +400,42 @@ impl Provisioner {
             bucket.is_some() && cipher_pass.is_some()
         };
         if !key_to_make || !ready.await {
-            progress.miss(READ_PROBE);
-            return None;
+            return progress.miss(READ_PROBE);
         }
         let key = credential_check::read_probe_key(&credential_check::job_probe_key(ctx.job().id));
         let written = credential_check::put_read_probe(s3, payload.bucket.as_str(), &key).await;
         if let Err(e) = written {
             tracing::warn!(error = %e, "no read probe: the new key's check reads its own back");
-            progress.miss(READ_PROBE);
-            return None;
+            return progress.miss(READ_PROBE);
         }
-        progress.reach(READ_PROBE, key.clone());
-        Some(key)
+        progress.reach(READ_PROBE, key);
     }
 
-    /// Deletes the read probe of an attempt whose key branch failed (a proven key's probe is
-    /// deleted with its read probe), best effort as [`Self::forget_probe`].
-    async fn forget_read_probe(
+    /// Deletes the job's probe objects with the service's credentials when the key branch
+    /// failed (a proven key's own delete them): the read probe may be written, and the check
+    /// may have put its probe before it failed. Only when one of them may exist: a key was to
+    /// be made (no Secret holds one; a re-run of a ready repository stays read-only) and the
+    /// read probe was written or the key made. Best effort, as [`Self::forget_probe`].
+    async fn forget_job_probes(
         &self,
+        ctx: &JobContext,
         payload: &ProvisionPayload,
         s3: &aws_sdk_s3::Client,
-        read_probe: Option<String>,
+        existing: Option<&ExistingSecret>,
+        progress: &Progress,
     ) {
-        let Some(read_probe) = read_probe else { return };
-        let bucket = payload.bucket.as_str();
-        if let Err(e) = credential_check::delete_probe(s3, bucket, &read_probe).await {
-            tracing::warn!(error = %e, "the unused read probe was not deleted");
+        let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
+        let read_probe = progress.reached(READ_PROBE).await.is_some();
+        let key_made = progress.succeeded([Step::AccessKey.name()]).await;
+        if !key_to_make || !(read_probe || key_made) {
+            return;
+        }
+        let (bucket, probe) = (
+            payload.bucket.as_str(),
+            credential_check::job_probe_key(ctx.job().id),
+        );
+        if let Err(e) = delete_probes(s3, bucket, &probe).await {
+            tracing::warn!(error = %e, "the job's probe objects were not deleted");
         }
     }
 
@@ -1030,9 +1037,9 @@ impl Provisioner {
     }
 }
 
-/// Deletes the probe object `probe` and its read probe with `s3`, at once. The read probe
-/// may not exist (the check read back its own, or an earlier attempt's check was recorded):
-/// S3's delete of a missing object succeeds.
+/// Deletes the probe object `probe` and its read probe with `s3`, at once. Either may not
+/// exist (e.g. the check read back its own probe, or failed before its put): S3's delete of a
+/// missing object succeeds.
 async fn delete_probes(s3: &aws_sdk_s3::Client, bucket: &str, probe: &str) -> Result<(), JobError> {
     let read_probe = credential_check::read_probe_key(probe);
     let (probe, read_probe) = tokio::join!(

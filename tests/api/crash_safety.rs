@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use backup_provisioner::cloud::aws::CallCounter;
 use backup_provisioner::crypto::EncryptionKey;
 use backup_provisioner::jobs::{Job, Registry, WorkerConfig, WorkerPool, queue};
-use backup_provisioner::provision::{access_key, group, policy, sealed, user};
+use backup_provisioner::provision::{access_key, credential_check, group, policy, sealed, user};
 use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -261,13 +261,7 @@ async fn crash_and_recover(step: &'static str, kills: i32) {
         "sealed material must be wiped once the Secret holds it"
     );
     // The probes a killed attempt wrote have the job's names: the rescuer deleted them.
-    let listed = s.env.admin.s3_for_region(&s.env.region).list_objects_v2();
-    let listed = listed
-        .bucket(&s.bucket)
-        .send()
-        .await
-        .expect("list the bucket");
-    let objects: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    let objects = s.objects().await;
     assert!(objects.is_empty(), "the bucket holds {objects:?}");
 
     eprintln!(
@@ -453,6 +447,9 @@ impl Scenario {
                     self.sealed_kinds().await,
                     vec!["access-key".to_owned(), "cipher-pass".to_owned()]
                 );
+                let probe = credential_check::job_probe_key(self.job_id);
+                let read_probe = credential_check::read_probe_key(&probe);
+                assert_eq!(self.objects().await, vec![probe, read_probe]);
             }
             "secret" => {
                 assert!(
@@ -476,6 +473,15 @@ impl Scenario {
             other => panic!("unknown step {other}"),
         }
         None
+    }
+
+    /// The keys of the objects in the bucket, in S3's (lexicographic) order.
+    async fn objects(&self) -> Vec<String> {
+        let listed = self.env.admin.s3_for_region(&self.env.region);
+        let listed = listed.list_objects_v2().bucket(&self.bucket).send().await;
+        let listed = listed.expect("list the bucket");
+        let keys = listed.contents().iter().filter_map(|o| o.key());
+        keys.map(str::to_owned).collect()
     }
 
     async fn sealed_kinds(&self) -> Vec<String> {
