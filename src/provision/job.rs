@@ -391,7 +391,9 @@ impl Provisioner {
         existing: Option<&ExistingSecret>,
         progress: &Progress,
     ) {
-        let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
+        let Some(probe) = probe_of_new_key(ctx, existing) else {
+            return progress.miss(READ_PROBE);
+        };
         let ready = async {
             let (bucket, cipher_pass) = tokio::join!(
                 progress.reached(BUCKET_EXISTS),
@@ -399,10 +401,10 @@ impl Provisioner {
             );
             bucket.is_some() && cipher_pass.is_some()
         };
-        if !key_to_make || !ready.await {
+        if !ready.await {
             return progress.miss(READ_PROBE);
         }
-        let key = credential_check::read_probe_key(&credential_check::job_probe_key(ctx.job().id));
+        let key = credential_check::read_probe_key(&probe);
         let written = credential_check::put_read_probe(s3, payload.bucket.as_str(), &key).await;
         if let Err(e) = written {
             tracing::warn!(error = %e, "no read probe: the new key's check reads its own back");
@@ -424,16 +426,15 @@ impl Provisioner {
         existing: Option<&ExistingSecret>,
         progress: &Progress,
     ) {
-        let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
+        let Some(probe) = probe_of_new_key(ctx, existing) else {
+            return;
+        };
         let read_probe = progress.reached(READ_PROBE).await.is_some();
         let key_made = progress.succeeded([Step::AccessKey.name()]).await;
-        if !key_to_make || !(read_probe || key_made) {
+        if !(read_probe || key_made) {
             return;
         }
-        let (bucket, probe) = (
-            payload.bucket.as_str(),
-            credential_check::job_probe_key(ctx.job().id),
-        );
+        let bucket = payload.bucket.as_str();
         if let Err(e) = delete_probes(s3, bucket, &probe).await {
             tracing::warn!(error = %e, "the job's probe objects were not deleted");
         }
@@ -1035,6 +1036,13 @@ impl Provisioner {
         })
         .await
     }
+}
+
+/// The job's probe object when a key is to be made (no Secret holds one), else `None`: only
+/// then does a check put probes (a key from the Secret is checked read-only).
+fn probe_of_new_key(ctx: &JobContext, existing: Option<&ExistingSecret>) -> Option<String> {
+    let key_to_make = existing.and_then(|s| s.conf.as_ref()).is_none();
+    key_to_make.then(|| credential_check::job_probe_key(ctx.job().id))
 }
 
 /// Deletes the probe object `probe` and its read probe with `s3`, at once. Either may not
